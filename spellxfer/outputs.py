@@ -1,0 +1,73 @@
+"""All-or-nothing output directories: work in a hidden sibling, rename into place at the end.
+
+A crash, a Ctrl-C or a bad input halfway through leaves the target exactly as it was — never a
+directory that looks finished but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from spellxfer.errors import SpellxferError
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Validate ``out`` before any expensive work starts; returns it as a Path."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SpellxferError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SpellxferError(f"output directory {out} is not empty; pass --overwrite true to replace it")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SpellxferError(f"output directory {out} is not writable (no write permission on {probe})")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out`` only if the block finishes without error."""
+    out = check_output_dir(out, overwrite)
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        raise SpellxferError(f"cannot create output directory {out}: {e.strerror}") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_jsonl(path: Path, rows) -> int:
+    """Write one JSON object per line; returns the row count. Same rows → same bytes."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")

@@ -1,0 +1,212 @@
+"""Qwen3 specifics: the offline tokenizer, the non-thinking chat template, prompt formatting.
+
+Qwen3 shares Qwen2's byte-level BPE: 151,643 ranks (shipped as ``qwen.tiktoken`` inside the
+``dashscope`` wheel, see :mod:`spellxfer.assets`), Qwen2's pre-tokenizer regex, NFC normalisation
+and 26 added tokens at ids 151643–151668. Rebuilding it from those parts reproduces the hub
+tokenizer without touching a model hub; the result is cached as a transformers fast tokenizer.
+
+Non-thinking policy: every prompt spellxfer renders for a Qwen3 model ends in an *empty* think
+block, exactly as Qwen3's official template renders ``enable_thinking=False``. Our template below
+has no way to leave it out — there is no switch to flip.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from pathlib import Path
+
+from spellxfer.assets import cache_dir, ensure_asset
+
+# Qwen2/Qwen3 pre-tokenizer: like GPT-4's but digits are split one by one (\p{N}, not \p{N}{1,3}).
+QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+N_RANKS = 151_643
+VOCAB_SIZE = 151_936  # Qwen3-4B's embedding rows: the 151,669 tokens padded to a multiple of 128
+
+# (token, special) in id order from 151643. special=False tokens survive skip_special_tokens,
+# which is why a decoded Qwen3 reply can still carry <think>…</think> (see docs/qwen3_guide.md).
+ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", True),
+    ("<|fim_middle|>", True),
+    ("<|fim_suffix|>", True),
+    ("<|fim_pad|>", True),
+    ("<|repo_name|>", True),
+    ("<|file_sep|>", True),
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+)
+IM_END_ID = 151645
+ENDOFTEXT_ID = 151643
+THINK_ID, END_THINK_ID = 151667, 151668
+
+# Our own template. For one user turn it renders byte-for-byte what Qwen3's official template
+# renders with enable_thinking=False; assistant turns in the history are rendered without their
+# reasoning, as the official template does. The empty think block is unconditional.
+NON_THINKING_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
+    "{{ '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif -%}"
+)
+
+GENERATION_PROMPT_SUFFIX = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def _load_ranks(path: Path) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    if len(ranks) != N_RANKS:
+        raise ValueError(f"{path}: expected {N_RANKS} BPE ranks, read {len(ranks)}")
+    return ranks
+
+
+def _build_backend(ranks: dict[bytes, int]):
+    """A `tokenizers.Tokenizer` equivalent to Qwen3's tokenizer.json, from the raw BPE ranks."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_encoder = bytes_to_unicode()
+
+    def as_str(b: bytes) -> str:
+        return "".join(byte_encoder[c] for c in b)
+
+    vocab = {as_str(tok): rank for tok, rank in ranks.items()}
+    # Ranks are merge order. The merge that creates a token is the last step of BPE run on the
+    # token's own bytes with every lower rank: that split is the entry Qwen's merges list holds
+    # (151,387 of them = 151,643 ranks − 256 single bytes).
+    merges = []
+    for tok, rank in ranks.items():
+        if len(tok) < 2:
+            continue
+        parts = [tok[i : i + 1] for i in range(len(tok))]
+        while len(parts) > 2:
+            best_i, best_r = -1, rank
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < best_r:
+                    best_i, best_r = i, r
+            if best_i < 0:
+                break
+            parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        if len(parts) == 2:
+            merges.append((rank, as_str(parts[0]), as_str(parts[1])))
+    merges.sort()
+    tk = Tokenizer(BPE(vocab, [(a, b) for _, a, b in merges], fuse_unk=False, byte_fallback=False))
+    tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tk.decoder = decoders.ByteLevel()
+    tk.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in ADDED_TOKENS])
+    return tk
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """Directory holding the cached offline Qwen3 tokenizer (built on first use)."""
+    out = cache_dir() / "tokenizers" / "qwen3"
+    if (out / "tokenizer.json").is_file():
+        return out
+    from transformers import PreTrainedTokenizerFast
+
+    backend = _build_backend(_load_ranks(ensure_asset("qwen-tiktoken")))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=40_960,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+        chat_template=NON_THINKING_TEMPLATE,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".qwen3-"))
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)  # atomic: a concurrent builder that lost the race keeps its own copy
+    except OSError:
+        if not (out / "tokenizer.json").is_file():
+            raise
+    return out
+
+
+def load_qwen3_tokenizer():
+    """The offline Qwen3 tokenizer as a transformers fast tokenizer (no hub access)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    tok.chat_template = NON_THINKING_TEMPLATE
+    return tok
+
+
+def is_qwen3(tokenizer) -> bool:
+    """True for any tokenizer with Qwen3's think tokens (hub Qwen3 or our offline build)."""
+    vocab = tokenizer.get_vocab()
+    return vocab.get("<think>") == THINK_ID and vocab.get("</think>") == END_THINK_ID
+
+
+def format_prompt(tokenizer, question: str, system: str | None = None) -> str:
+    """Render one user question as the text a model continues from.
+
+    Qwen3 (hub or offline) always gets our non-thinking template, even when the tokenizer came
+    with the official one: it renders the same string with ``enable_thinking=False`` and cannot
+    render anything else. Other models use their own chat template.
+    """
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}
+    ]
+    if is_qwen3(tokenizer):
+        return tokenizer.apply_chat_template(
+            messages, chat_template=NON_THINKING_TEMPLATE, tokenize=False, add_generation_prompt=True
+        )
+    if not tokenizer.chat_template:
+        raise ValueError(f"{type(tokenizer).__name__} has no chat template; spellxfer needs an instruct model")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn (generation stops at any of them)."""
+    ids = []
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i >= 0:
+            ids.append(i)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,227 @@
+"""The dataset rules, each recomputed from the written rows (not from the builder's own state)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl
+
+EVAL_FILES = ("position_val.jsonl", "position_test.jsonl", "count_val.jsonl", "count_test.jsonl")
+POS_COUNT_RE = re.compile(r"\b(how many|count|position|letters? (?:is|comes)|length|first appear)\b", re.I)
+
+
+def eval_words(d: Path) -> dict[str, set[str]]:
+    out = {"val": set(), "test": set()}
+    for f in EVAL_FILES:
+        out[f.split("_")[1].split(".")[0]] |= {r["word"].lower() for r in read_jsonl(d / f)}
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["demo_data", "full_data"])
+def test_every_answer_is_right(fixture, request):
+    d = request.getfixturevalue(fixture)
+    for f in EVAL_FILES:
+        for r in read_jsonl(d / f):
+            w = r["word"]
+            assert f"'{w}'" in r["question"], r
+            if r["subtask"] == "nth_letter":
+                p = r["position"]
+                assert p != 0 and abs(p) <= len(w)
+                assert r["answer"] == (w[p - 1] if p > 0 else w[p]), r
+            elif r["subtask"] == "letter_index":
+                assert r["answer"] == str(w.index(r["letter"]) + 1), r
+            elif r["subtask"] == "word_length":
+                assert r["answer"] == str(len(w)), r
+            elif r["subtask"] == "letter_count":
+                assert r["answer"] == str(w.lower().count(r["letter"].lower())), r
+            else:
+                pytest.fail(f"unexpected subtask {r['subtask']}")
+            assert r["task"] == ("position" if f.startswith("position") else "count")
+    for r in read_jsonl(d / "spelling_train.jsonl"):
+        letters = re.sub(r"[^a-z]", "", r["answer"].lower())
+        w = r["word"]
+        expected = {"spell": w, "spell_numbered": w, "spell_reversed": w[::-1], "inverse": w}[r["subtask"]]
+        assert letters == expected, r
+        if r["subtask"] == "inverse":
+            assert re.sub(r"[^a-z]", "", r["question"].split(" ", 3)[-1].lower()).endswith(w) or w in re.sub(
+                r"[^a-z]", "", r["question"].lower()
+            )
+
+
+@pytest.mark.parametrize("fixture", ["demo_data", "full_data"])
+def test_no_evaluation_word_reaches_training(fixture, request):
+    d = request.getfixturevalue(fixture)
+    ev = eval_words(d)
+    banned = ev["val"] | ev["test"]
+    train = read_jsonl(d / "spelling_train.jsonl")
+    for r in train:
+        text = f"{r['question']} {r['answer']}"
+        # as a word in any case, with or without a leading space, quoted or not
+        assert not {t.lower() for t in re.findall(r"[A-Za-z]+", text)} & banned, r
+        # spelled out: the letters of the answer (forward or reversed), whatever the separator
+        letters = re.sub(r"[^a-z]", "", r["answer"].lower())
+        assert letters not in banned and letters[::-1] not in banned, r
+        # spelled out inside the question (inverse rows give the letters, not the word)
+        spelled = re.findall(r"(?:\b[A-Za-z]\b(?:\s*(?:->|[,.\-])?\s*)){2,}", r["question"])
+        for s in spelled:
+            assert re.sub(r"[^a-z]", "", s.lower()) not in banned, r
+        assert r["word"] not in banned
+        # no position or count question in training
+        template_text = r["question"].replace(f"'{r['word']}'", "")  # the spelled word may be "position"
+        assert r["task"] == "spelling" and not POS_COUNT_RE.search(template_text), r
+    eval_questions = {r["question"] for f in EVAL_FILES for r in read_jsonl(d / f)}
+    assert not eval_questions & {r["question"] for r in train}
+
+
+@pytest.mark.parametrize("fixture", ["demo_data", "full_data"])
+def test_val_and_test_words_are_disjoint(fixture, request):
+    ev = eval_words(request.getfixturevalue(fixture))
+    assert ev["val"] and ev["test"] and not ev["val"] & ev["test"]
+
+
+@pytest.mark.parametrize("fixture", ["demo_data", "full_data"])
+def test_no_majority_answer_above_40_percent(fixture, request):
+    d = request.getfixturevalue(fixture)
+    for f in EVAL_FILES:
+        rows = read_jsonl(d / f)
+        groups = {"(file)": rows} | {s: [r for r in rows if r["subtask"] == s] for s in {r["subtask"] for r in rows}}
+        for name, g in groups.items():
+            top, n = Counter(r["answer"] for r in g).most_common(1)[0]
+            assert n / len(g) <= 0.40, f"{f} {name}: answer {top!r} is {n}/{len(g)}"
+        lc = Counter(r["answer"] for r in rows if r["subtask"] == "letter_count")
+        if lc:
+            three_plus = sum(v for k, v in lc.items() if int(k) >= 3)
+            for share in (lc["0"], lc["1"], lc["2"], three_plus):
+                assert share / sum(lc.values()) >= 0.10, (f, lc)
+
+
+@pytest.mark.parametrize("fixture", ["demo_data", "full_data"])
+def test_evaluation_words_span_lengths_tokens_and_kinds(fixture, request, qwen_tok):
+    d = request.getfixturevalue(fixture)
+    for f in EVAL_FILES:
+        rows = read_jsonl(d / f)
+        lengths = [len(r["word"]) for r in rows]
+        assert min(lengths) <= 3 and max(lengths) >= 15, f
+        toks = Counter(min(r["n_tokens"], 4) for r in rows)
+        assert all(toks[k] > 0 for k in (1, 2, 3, 4)), (f, toks)
+        kinds = Counter(r["word_kind"] for r in rows)
+        assert kinds["nonce"] / len(rows) >= 0.10, (f, kinds)
+    # n_tokens recomputed from the question text with the real tokenizer's offsets
+    for r in read_jsonl(d / "position_val.jsonl")[:200]:
+        enc = qwen_tok(r["question"], add_special_tokens=False, return_offsets_mapping=True)
+        start = r["question"].index(f"'{r['word']}'") + 1
+        end = start + len(r["word"])
+        assert r["n_tokens"] == sum(1 for s, e in enc["offset_mapping"] if s < end and e > start), r
+
+
+def test_full_profile_sizes_and_build_time(full_data):
+    train = read_jsonl(full_data / "spelling_train.jsonl")
+    assert len(train) >= 50_000 and len({r["word"] for r in train}) >= 10_000
+    assert set(Counter(r["subtask"] for r in train)) == {"spell", "spell_reversed", "spell_numbered", "inverse"}
+    for task in ("position", "count"):
+        assert len(read_jsonl(full_data / f"{task}_val.jsonl")) >= 1_000
+        assert len(read_jsonl(full_data / f"{task}_test.jsonl")) >= 5_000
+
+
+def test_full_build_is_fast_and_byte_identical(tmp_path, full_data):
+    from spellxfer.data.build import build
+
+    t0 = time.perf_counter()
+    build(str(tmp_path / "again"), profile="full", seed=0)
+    assert time.perf_counter() - t0 <= 60
+    for f in sorted(p.name for p in full_data.iterdir()):
+        assert (tmp_path / "again" / f).read_bytes() == (full_data / f).read_bytes(), f
+
+
+def test_other_seed_gives_other_data(tmp_path, demo_data):
+    from spellxfer.data.build import build
+
+    build(str(tmp_path / "s1"), profile="demo", seed=1)
+    assert (tmp_path / "s1" / "count_test.jsonl").read_bytes() != (demo_data / "count_test.jsonl").read_bytes()
+
+
+def test_manifest_matches_files(demo_data):
+    m = json.loads((demo_data / "manifest.json").read_text())
+    assert m["profile"] == "demo" and m["seed"] == 0
+    for name, digest in m["sha256"].items():
+        assert hashlib.sha256((demo_data / name).read_bytes()).hexdigest() == digest
+    for name, counts in m["rows"].items():
+        rows = read_jsonl(demo_data / name)
+        assert counts["total"] == len(rows)
+        assert {k: v for k, v in counts.items() if k != "total"} == dict(Counter(r["subtask"] for r in rows))
+
+
+def test_english_token_subset_artifact(demo_data, qwen_tok):
+    art = json.loads((demo_data / "qwen3_english_tokens.json").read_text())
+    assert art["n_words"] >= 10_000 and art["n_entries"] == len(art["entries"])
+    assert sum(art["counts_by_length"].values()) == art["n_words"]
+    by_token = {e[1]: e for e in art["entries"]}
+    assert by_token["Ġstrawberry"][0] == 72600 and by_token["Ġstrawberry"][2] == "strawberry"
+    for tid, tok, word, space in art["entries"][:2000]:
+        assert qwen_tok.convert_ids_to_tokens(tid) == tok
+        assert tok.startswith("Ġ") == space and tok.lstrip("Ġ").lower() == word and word.isalpha()
+    assert "HTTP" not in {e[1] for e in art["entries"]}  # all-caps entries are not words
+
+
+def test_files_load_with_datasets(demo_data):
+    from datasets import load_dataset
+
+    ds = load_dataset("json", data_files={f.split(".")[0]: str(demo_data / f) for f in EVAL_FILES})
+    assert ds["position_val"].num_rows == len(read_jsonl(demo_data / "position_val.jsonl"))
+    assert {"id", "task", "subtask", "question", "answer", "word", "word_kind", "n_tokens"} <= set(
+        ds["count_test"].column_names
+    )
+    train = load_dataset("json", data_files=str(demo_data / "spelling_train.jsonl"))["train"]
+    assert set(train["task"]) == {"spelling"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True)
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
+    out = tmp_path / "d"
+    p = _cli("data", "build", "--out", str(out), "--profile", "huge")
+    assert p.returncode == 2 and "profile" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    p = _cli("data", "build", "--out", str(out))
+    assert p.returncode == 2 and "not empty" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert [f.name for f in out.iterdir()] == ["keep.txt"]
+
+    (tmp_path / "file").write_text("x")
+    p = _cli("data", "build", "--out", str(tmp_path / "file"))
+    assert p.returncode == 2 and "not a directory" in p.stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["d", "file"]  # no temp dirs left behind
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    from spellxfer.data import build as B
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(B, "write_json", boom)
+    with pytest.raises(RuntimeError):
+        B.build(str(tmp_path / "out"), profile="demo")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_atomically(tmp_path, demo_data):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    p = _cli("data", "build", "--out", str(out), "--overwrite", "true")
+    assert p.returncode == 0, p.stderr
+    assert not (out / "stale.txt").exists()
+    assert (out / "count_val.jsonl").read_bytes() == (demo_data / "count_val.jsonl").read_bytes()
