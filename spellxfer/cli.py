@@ -8,6 +8,7 @@ turns signatures into flags (and ``--config`` files) and docstrings into ``--hel
 
 from __future__ import annotations
 
+import json
 import sys
 from argparse import ArgumentError
 
@@ -58,10 +59,14 @@ def _yn(ok: bool) -> str:
 def _commands() -> dict:
     from spellxfer.data.build import build
     from spellxfer.doctor import doctor
+    from spellxfer.evaluation.compare import compare
+    from spellxfer.evaluation.evaluate import evaluate
     from spellxfer.policy import check
 
     return {
         "data": {"_help": "Build the spelling / position / count datasets.", "build": build},
+        "evaluate": evaluate,
+        "compare": compare,
         "check": check,
         "doctor": doctor,
         "assets": {
@@ -72,11 +77,38 @@ def _commands() -> dict:
     }
 
 
+# Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
+# jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
+MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs")
+
+
+def fold_multi_value_flags(argv: list[str]) -> list[str]:
+    """``--questions a b`` → ``--questions=["a", "b"]``; a value already given as a list is kept."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in MULTI_VALUE_FLAGS:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            values = argv[i + 1 : j]
+            if len(values) == 1 and values[0].lstrip().startswith("["):
+                out += [arg, values[0]]
+            else:
+                out.append(f"{arg}={json.dumps(values)}")
+            i = j
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
     from jsonargparse import auto_cli
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = fold_multi_value_flags(sys.argv[1:] if argv is None else argv)
     try:
         rc = auto_cli(_commands(), args=argv, as_positional=False, prog="python -m spellxfer",
                       description=DESCRIPTION, exit_on_error=False)  # fmt: skip

@@ -1,0 +1,36 @@
+# Two commands for a fresh machine (see README.md):
+#   make demo   set up, then run the main job on the embedded model
+#   make test   set up, then run the policy check and the test suite
+#
+# TORCH pins the CPU wheel here; on a GPU box pass your CUDA build, e.g. TORCH=torch==2.11.0.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY      = $(VENV)/bin/python
+DEMO   ?= results/demo
+
+.PHONY: setup demo test lint clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# The main job on the embedded default (SmolLM2-135M-Instruct, CPU): data → baseline evaluation.
+# Trained on spelling, evaluated on position and count only.
+demo: setup
+	$(PY) -m spellxfer assets fetch
+	$(PY) -m spellxfer data build --out $(DEMO)/data --profile demo --seed 0 --overwrite true
+	$(PY) -m spellxfer evaluate --model smollm2-135m --decoding greedy --overwrite true \
+		--questions $(DEMO)/data/position_val.jsonl $(DEMO)/data/count_val.jsonl --out $(DEMO)/baseline
+
+test: setup
+	$(PY) -m spellxfer check
+	$(PY) -m pytest -q --timeout 900
+
+lint: setup
+	$(VENV)/bin/ruff check spellxfer tests

@@ -1,0 +1,284 @@
+"""``python -m spellxfer evaluate``: generation-scored position / count accuracy with 95% intervals.
+
+Lifecycle: validate inputs (question files, output dir, model name) → load model (+ adapter) →
+generate replies with the shared engine → parse and score every reply → aggregate with the same
+torchmetrics metric Lightning validation uses → intervals and breakdowns → write
+``predictions.jsonl`` and ``metrics.json`` atomically → summary table (→ optional paired
+comparison against another run).
+
+Evaluation is position and count only; the model was (at most) trained on spelling.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from spellxfer import __version__
+from spellxfer.data.words import length_bucket, token_bucket
+from spellxfer.evaluation.generation import GenerationEngine, default_sampling, sampling_record, timed_generate
+from spellxfer.evaluation.questions import Item, load_questions
+from spellxfer.evaluation.stats import accuracy_summary
+from spellxfer.models.metrics import TransferAccuracy, score
+from spellxfer.evaluation.compare import compare_predictions, print_comparison, read_predictions
+from spellxfer.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
+
+console = Console()
+TASKS = ("position", "count")
+
+
+def evaluate(
+    model: str,
+    questions: list[str],
+    out: str,
+    adapter: str | None = None,
+    limit: int | None = None,
+    decoding: Literal["sampled", "greedy"] | None = None,
+    samples: int | None = None,
+    batch_size: int = 32,
+    task: Literal["position", "count"] | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    seed: int | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    device: str = "auto",
+    compare_to: str | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Score a model on position / count questions by generation and answer parsing.
+
+    Writes DIR/predictions.jsonl (one row per item and sample, with the raw reply) and
+    DIR/metrics.json (accuracies with 95% intervals, per subtask, per file, breakdowns, majority
+    baselines). Sampling defaults come from configs/models/qwen3_config.yaml (T 0.6, top-p 0.95,
+    top-k 20, min-p 0).
+
+    Args:
+        model: smollm2-135m, tiny-qwen3, qwen3-4b-shape, a hub id or a local model directory.
+        questions: JSONL / CSV / TSV question files (ours, or any with question and answer columns).
+        out: Output directory (must be empty or absent unless --overwrite true).
+        adapter: A PEFT LoRA adapter directory to apply on top of the model.
+        limit: Use at most this many items from each file.
+        decoding: ``sampled`` (the configured defaults) or ``greedy``.
+        samples: Replies per question (K); K > 1 gives item-level bootstrap intervals.
+        batch_size: Prompts per generation batch.
+        task: Task for files without a task column (position or count).
+        question_field: Name of the question column in the files.
+        answer_field: Name of the answer column in the files.
+        seed: Sampling seed (same seed, inputs and batch size → same replies).
+        max_new_tokens: Cap on reply length in tokens.
+        temperature: Override the configured temperature.
+        top_p: Override the configured top-p.
+        top_k: Override the configured top-k.
+        min_p: Override the configured min-p.
+        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda[:N]``.
+        compare_to: Another evaluate output directory; writes DIR/compare.json with paired differences.
+        overwrite: Replace a non-empty output directory.
+    """
+    from spellxfer.models.registry import check_model_name
+
+    # Everything a user can get wrong is checked before the model loads.
+    check_output_dir(out, overwrite)
+    items = load_questions(questions, task=task, question_field=question_field, answer_field=answer_field,
+                           limit=limit)  # fmt: skip
+    sampling = default_sampling(decoding=decoding, samples=samples, seed=seed, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)  # fmt: skip
+    check_model_name(model)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        from spellxfer.errors import SpellxferError
+
+        raise SpellxferError(f"adapter {adapter}: no adapter_config.json there (expected a PEFT adapter directory)")
+    if compare_to is not None:
+        read_predictions(Path(compare_to))  # fail now, not after an hour of generation
+
+    lm, tokenizer = load_for_generation(model, adapter, device)
+    engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size)
+    replies, seconds = timed_generate(engine, [it.question for it in items], label=f"evaluating {model}")
+
+    predictions = list(score_items(items, replies))
+    metrics = summarise(items, predictions)
+    metrics["run"] = {
+        "model": model,
+        "adapter": adapter,
+        "sampling": sampling_record(sampling),
+        "batch_size": batch_size,
+        "questions": list(questions),
+        "limit": limit,
+        "n_items": len(items),
+        "seconds": round(seconds, 2),
+        "items_per_second": round(len(items) / seconds, 2) if seconds else None,
+        "device": str(next(lm.parameters()).device),
+        "versions": _versions(),
+        "policy": "trained on spelling only; evaluated on position and count only",
+    }
+    comparison = None
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_jsonl(tmp / "predictions.jsonl", predictions)
+        write_json(tmp / "metrics.json", metrics)
+        if compare_to is not None:
+            comparison = compare_predictions(read_predictions(Path(compare_to)), predictions,
+                                             base_name=str(compare_to), other_name=str(out))  # fmt: skip
+            write_json(tmp / "compare.json", comparison)
+    print_summary(metrics, Path(out))
+    if comparison is not None:
+        print_comparison(comparison)
+    return 0
+
+
+def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
+    """Model (+ optional LoRA adapter) and tokenizer, on the requested device, ready to generate."""
+    from spellxfer.models.registry import load_model, load_tokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    with console.status(f"loading {model}" + (f" + adapter {adapter}" if adapter else "")):
+        tokenizer = load_tokenizer(model)
+        lm = load_model(model, dtype=dtype, device=device)
+        if adapter is not None:
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, adapter).eval()
+    return lm, tokenizer
+
+
+def score_items(items: list[Item], replies: list[list[str]]):
+    """One prediction row per item and sample: the raw reply, what it parses to, and whether it's right."""
+    for it, outs in zip(items, replies):
+        for k, output in enumerate(outs):
+            parsed, correct = score(output, it.answer)
+            yield {
+                "id": it.id,
+                "file": it.file,
+                "sample": k,
+                "task": it.task,
+                "subtask": it.subtask,
+                "question": it.question,
+                "answer": it.answer,
+                "output": output,
+                "parsed": parsed,
+                "correct": correct,
+                **{k2: it.meta[k2] for k2 in ("word", "letter", "position", "word_kind", "n_tokens") if k2 in it.meta},
+            }
+
+
+def summarise(items: list[Item], predictions: list[dict]) -> dict:
+    """metrics.json from scored predictions: point estimates come from the same torchmetrics
+    metric the Lightning validation step logs; intervals are Wilson (K = 1) or an item bootstrap."""
+    subtasks = sorted({it.subtask for it in items if it.subtask})
+    pos_subs = tuple(s for s in subtasks if any(i.subtask == s and i.task == "position" for i in items))
+    cnt_subs = tuple(s for s in subtasks if any(i.subtask == s and i.task == "count" for i in items))
+    metric = TransferAccuracy(position_subtasks=pos_subs or ("nth_letter",), count_subtasks=cnt_subs or ("word_length",))
+    metric.update([p["task"] for p in predictions], [p["subtask"] for p in predictions], [p["correct"] for p in predictions])
+    point = {k: float(v) for k, v in metric.compute().items()}
+
+    by_item: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    for p in predictions:
+        by_item[(p["file"], p["id"])].append(p["correct"])
+    k_max = max((len(v) for v in by_item.values()), default=1)
+
+    def summary(selected: list[Item]) -> dict:
+        s = accuracy_summary([by_item[(it.file, it.id)] for it in selected])
+        return {"accuracy": s["accuracy"], "ci_low": s["ci_low"], "ci_high": s["ci_high"], "n": s["n"]}
+
+    metrics: dict = {"ci_method": "wilson" if k_max == 1 else "item_bootstrap", "confidence": 0.95}
+    for t in TASKS:
+        sel = [it for it in items if it.task == t]
+        if not sel:
+            continue
+        s = summary(sel)
+        metrics[f"{t}_accuracy"] = point[f"{t}_accuracy"]
+        metrics[f"{t}_accuracy_ci_low"] = s["ci_low"]
+        metrics[f"{t}_accuracy_ci_high"] = s["ci_high"]
+        metrics[f"{t}_accuracy_n"] = s["n"]
+    if "transfer_score" in point:
+        metrics["transfer_score"] = point["transfer_score"]
+
+    metrics["subtasks"] = {}
+    for t in TASKS:
+        for sub in sorted({it.subtask for it in items if it.task == t and it.subtask}):
+            sel = [it for it in items if it.task == t and it.subtask == sub]
+            answer, n_major = Counter(it.answer for it in sel).most_common(1)[0]
+            metrics["subtasks"][f"{t}/{sub}"] = summary(sel) | {
+                "majority_answer": answer,
+                "majority_baseline": n_major / len(sel),
+            }
+    metrics["files"] = {
+        f: {t: summary(sel) for t in TASKS if (sel := [it for it in items if it.file == f and it.task == t])}
+        for f in dict.fromkeys(it.file for it in items)
+    }
+    metrics["breakdowns"] = _breakdowns(items, summary)
+    return metrics
+
+
+def _position_bucket(p: int) -> str:
+    if p < 0:
+        return {-1: "last", -2: "2nd-to-last"}.get(p, "3rd-to-last")
+    return str(p) if p <= 3 else ("4-6" if p <= 6 else "7+")
+
+
+BREAKDOWNS = {
+    "word_length": lambda m: length_bucket(len(m["word"])) if m.get("word") else None,
+    "n_tokens": lambda m: token_bucket(int(m["n_tokens"])) if m.get("n_tokens") not in (None, "") else None,
+    "word_kind": lambda m: m.get("word_kind") or None,
+    "letter_position": lambda m: _position_bucket(int(m["position"])) if m.get("position") not in (None, "") else None,
+}
+
+
+def _breakdowns(items: list[Item], summary) -> dict:
+    """Accuracy per task within each bucket, for every breakdown the rows carry."""
+    out: dict = {}
+    for name, key in BREAKDOWNS.items():
+        groups: dict[tuple[str, str], list[Item]] = defaultdict(list)
+        for it in items:
+            b = key(it.meta)
+            if b is not None:
+                groups[(it.task, b)].append(it)
+        if groups:
+            out[name] = {t: {b: summary(g) for (tt, b), g in sorted(groups.items()) if tt == t} for t in TASKS}
+            out[name] = {t: v for t, v in out[name].items() if v}
+    return out
+
+
+def print_summary(metrics: dict, out: Path) -> None:
+    run = metrics["run"]
+    s = run["sampling"]
+    dec = "greedy" if s["decoding"] == "greedy" else f"sampled T={s['temperature']} p={s['top_p']} k={s['top_k']}"
+    table = Table(title=f"{run['model']}{' + ' + run['adapter'] if run['adapter'] else ''} · {dec} · "
+                        f"{run['n_items']} items in {run['seconds']:.0f} s ({run['items_per_second']} items/s)")  # fmt: skip
+    for col in ("metric", "accuracy", "95% CI", "n", "majority baseline"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for t in TASKS:
+        if f"{t}_accuracy" in metrics:
+            table.add_row(f"[bold]{t}", f"{metrics[f'{t}_accuracy']:.3f}",
+                          _ci(metrics[f"{t}_accuracy_ci_low"], metrics[f"{t}_accuracy_ci_high"]),
+                          str(metrics[f"{t}_accuracy_n"]), "")  # fmt: skip
+            for key, v in metrics["subtasks"].items():
+                if key.startswith(t + "/"):
+                    table.add_row(f"  {key}", f"{v['accuracy']:.3f}", _ci(v["ci_low"], v["ci_high"]), str(v["n"]),
+                                  f"{v['majority_baseline']:.3f} ({v['majority_answer']!r})")  # fmt: skip
+    if "transfer_score" in metrics:
+        table.add_row("[bold]transfer_score", f"{metrics['transfer_score']:.3f}", "", "", "")
+    console.print(table)
+    console.print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'} ({metrics['ci_method']} intervals)")
+
+
+def _ci(lo: float, hi: float) -> str:
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    return {"spellxfer": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}  # fmt: skip
+

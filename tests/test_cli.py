@@ -1,0 +1,68 @@
+"""The command line as a newcomer meets it: --help, the README's commands, the error contract."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from spellxfer.cli import fold_multi_value_flags, main
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_help_lists_every_command_with_a_description():
+    p = _cli("--help")
+    assert p.returncode == 0
+    for cmd in ("data", "evaluate", "compare", "check", "doctor", "assets"):
+        line = next((ln for ln in p.stdout.splitlines() if re.match(rf"\s+{cmd}\s+\S", ln)), None)
+        assert line is not None, f"{cmd} has no one-line description in --help:\n{p.stdout}"
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `python -m spellxfer …` command the README shows, as its subcommand path."""
+    text = (REPO / "README.md").read_text()
+    cmds = []
+    for m in re.finditer(r"python -m spellxfer ((?:[a-z]+(?:\|[a-z]+)*)(?: [a-z]+(?:\|[a-z]+)*)?)", text):
+        words = m.group(1).split()
+        # "assets fetch|status" → both; keep only words that are subcommands, not flag values
+        heads = words[0].split("|")
+        tails = words[1].split("|") if len(words) > 1 else [None]
+        for h in heads:
+            for t in tails:
+                cmds.append([h] + ([t] if t else []))
+    return cmds
+
+
+@pytest.mark.parametrize("cmd", readme_commands(), ids=lambda c: " ".join(c))
+def test_readme_commands_exist(cmd):
+    p = _cli(*cmd, "--help")
+    if p.returncode != 0 and len(cmd) == 2:  # second word was a flag value, not a subcommand
+        p = _cli(cmd[0], "--help")
+    assert p.returncode == 0, p.stderr
+
+
+def test_makefile_targets_named_in_readme_exist():
+    makefile = (REPO / "Makefile").read_text()
+    for target in re.findall(r"^make (\w+)", (REPO / "README.md").read_text(), re.M):
+        assert re.search(rf"^{target}:", makefile, re.M), target
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_multi_value_flags_fold_into_one_list():
+    assert fold_multi_value_flags(["evaluate", "--questions", "a.jsonl", "b.csv", "--limit", "3"]) == [
+        "evaluate", '--questions=["a.jsonl", "b.csv"]', "--limit", "3"]  # fmt: skip
+    assert fold_multi_value_flags(["--questions", "[a, b]"]) == ["--questions", "[a, b]"]
+
+
+def test_unknown_command_and_bad_flag_are_one_line_exit_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert main(["data", "build", "--out", "/tmp/x", "--seed", "many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error:") for line in err)
+    assert "seed" in err[1]

@@ -1,0 +1,180 @@
+"""`evaluate` end to end with the real embedded model, plus the engine, the CLI errors and `compare`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, read_jsonl
+
+from spellxfer.cli import main
+from spellxfer.evaluation.compare import compare_predictions
+from spellxfer.evaluation.generation import GenerationEngine, Sampling, default_sampling
+from spellxfer.evaluation.stats import wilson_interval
+from spellxfer.models.metrics import score
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from spellxfer.models.registry import load_model, load_tokenizer
+
+    return load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(demo_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "base"
+    rc = main(["evaluate", "--model", "smollm2-135m", "--questions", str(demo_data / "position_val.jsonl"),
+               str(demo_data / "count_val.jsonl"), "--limit", "30", "--decoding", "greedy", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def test_predictions_rescore_to_the_reported_accuracy(smollm2_run, demo_data):
+    preds = read_jsonl(smollm2_run / "predictions.jsonl")
+    metrics = json.loads((smollm2_run / "metrics.json").read_text())
+    assert len(preds) == 60 and {p["task"] for p in preds} == {"position", "count"}
+    gold = {r["id"]: r for f in ("position_val.jsonl", "count_val.jsonl") for r in read_jsonl(demo_data / f)}
+    for task in ("position", "count"):
+        rows = [p for p in preds if p["task"] == task]
+        # re-score from the raw reply alone, by the documented rule, against the question file's gold
+        correct = sum(score(p["output"], gold[p["id"]]["answer"])[1] for p in rows)
+        assert metrics[f"{task}_accuracy"] == pytest.approx(correct / len(rows))
+        assert metrics[f"{task}_accuracy_n"] == len(rows) == 30
+        lo, hi = wilson_interval(correct, len(rows))
+        assert (metrics[f"{task}_accuracy_ci_low"], metrics[f"{task}_accuracy_ci_high"]) == pytest.approx((lo, hi))
+    assert metrics["transfer_score"] == pytest.approx((metrics["position_accuracy"] + metrics["count_accuracy"]) / 2)
+    assert metrics["ci_method"] == "wilson"
+    # raw replies: real text from the real model, end-of-turn marker kept, prompt not included
+    assert all(p["output"].endswith("<|im_end|>") for p in preds if len(p["output"]) < 200)
+    assert not any("<|im_start|>" in p["output"] for p in preds)
+
+
+def test_metrics_carry_subtasks_breakdowns_baselines_and_run_info(smollm2_run):
+    m = json.loads((smollm2_run / "metrics.json").read_text())
+    assert set(m["subtasks"]) == {"position/nth_letter", "position/letter_index", "count/word_length",
+                                  "count/letter_count"}  # fmt: skip
+    for v in m["subtasks"].values():
+        assert 0 <= v["ci_low"] <= v["accuracy"] <= v["ci_high"] <= 1 and 0 < v["majority_baseline"] < 1
+    assert set(m["breakdowns"]) == {"word_length", "n_tokens", "word_kind", "letter_position"}
+    assert sum(b["n"] for b in m["breakdowns"]["word_kind"]["count"].values()) == 30
+    assert set(m["breakdowns"]["letter_position"]) == {"position"}  # only nth_letter rows carry a position
+    run = m["run"]
+    assert run["model"] == "smollm2-135m" and run["sampling"]["decoding"] == "greedy"
+    # speed bar from the issue: 200 items with greedy decoding in <= 120 s on the 2-core CPU
+    assert run["items_per_second"] >= 200 / 120
+    # only position / count metrics: no key anywhere mentions spelling
+    assert "spell" not in json.dumps({k: v for k, v in m.items() if k != "run"})
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(smollm2, demo_data):
+    model, tok = smollm2
+    qs = [r["question"] for r in read_jsonl(demo_data / "count_val.jsonl")[:6]]
+    greedy = default_sampling(decoding="greedy", max_new_tokens=16)
+    batched = GenerationEngine(model, tok, greedy, batch_size=6).generate(qs)
+    single = GenerationEngine(model, tok, greedy, batch_size=1).generate(qs)
+    assert batched == single
+
+
+def test_sampling_is_seeded_and_k_samples_use_item_bootstrap(demo_data, tmp_path):
+    out = tmp_path / "k2"
+    args = ["evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "count_val.jsonl"), "--limit", "8",
+            "--samples", "2", "--max_new_tokens", "4", "--seed", "7"]  # fmt: skip
+    assert main([*args, "--out", str(out)]) == 0
+    preds = read_jsonl(out / "predictions.jsonl")
+    assert len(preds) == 16 and sorted({p["sample"] for p in preds}) == [0, 1]
+    assert json.loads((out / "metrics.json").read_text())["ci_method"] == "item_bootstrap"
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    assert [p["output"] for p in read_jsonl(tmp_path / "again" / "predictions.jsonl")] == [p["output"] for p in preds]
+
+
+def test_csv_with_other_column_names(tmp_path):
+    csv = tmp_path / "mine.csv"
+    csv.write_text("prompt,gold,note\nHow many letters are in 'cat'?,3,x\nHow many r's in 'strawberry'?,3,y\n")
+    out = tmp_path / "out"
+    rc = main(["evaluate", "--model", "tiny-qwen3", "--questions", str(csv), "--task", "count", "--question_field",
+               "prompt", "--answer_field", "gold", "--decoding", "greedy", "--max_new_tokens", "3", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    preds = read_jsonl(out / "predictions.jsonl")
+    assert [(p["task"], p["answer"], p["question"][:9]) for p in preds] == [("count", "3", "How many ")] * 2
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["count_accuracy_n"] == 2 and "position_accuracy" not in m
+    assert m["files"] == {str(csv): {"count": m["files"][str(csv)]["count"]}}
+
+
+def _rows(correct: list[bool], task="count", sub="word_length") -> list[dict]:
+    return [{"file": "/x/count_val.jsonl", "id": f"i{i}", "task": task, "subtask": sub, "correct": c}
+            for i, c in enumerate(correct)]  # fmt: skip
+
+
+def test_compare_reports_known_difference(tmp_path):
+    base = _rows([True] * 10 + [False] * 30)
+    tuned = _rows([True] * 10 + [True] * 20 + [False] * 10)
+    c = compare_predictions(base, tuned)
+    g = c["groups"]["count"]
+    assert (g["acc_a"], g["acc_b"], g["diff"], g["b_only"], g["a_only"]) == (0.25, 0.75, 0.5, 20, 0)
+    assert g["mcnemar_p"] == pytest.approx(2 * 0.5**20) and 0 < g["ci_low"] < 0.5 < g["ci_high"]
+    assert c["groups"]["count/word_length"]["diff"] == 0.5 and c["n_common_items"] == 40
+    # the CLI command reads two evaluate directories and writes the same numbers
+    for name, rows in (("a", base), ("b", tuned)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["compare", "--base", str(tmp_path / "a"), "--other", str(tmp_path / "b"),
+                 "--out", str(tmp_path / "c.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "c.json").read_text())["groups"]["count"]["diff"] == 0.5
+
+
+def test_compare_to_in_evaluate(smollm2_run, demo_data, tmp_path):
+    out = tmp_path / "tiny"
+    assert main(["evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "position_val.jsonl"),
+                 str(demo_data / "count_val.jsonl"), "--limit", "30", "--decoding", "greedy", "--max_new_tokens", "4",
+                 "--out", str(out), "--compare_to", str(smollm2_run)]) == 0  # fmt: skip
+    c = json.loads((out / "compare.json").read_text())
+    assert c["n_common_items"] == 60 and set(c["groups"]) >= {"position", "count"}
+    base = json.loads((smollm2_run / "metrics.json").read_text())
+    assert c["groups"]["position"]["acc_a"] == pytest.approx(base["position_accuracy"])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "no such file"),
+        ("", "empty"),
+        ('{"task": "count", "question": "How many letters in \'cat\'?", "answer": "three"}\n', ":1: count answer"),
+        ('{"task": "count", "question": "Q?", "answer": "3"}\n{"task": "count", "question": "Q2?"}\n', ":2:"),
+    ],
+)
+def test_bad_question_file_is_one_line_exit_2_no_output(tmp_path, content, expected):
+    f = tmp_path / "q.jsonl"
+    if content is not None:
+        f.write_text(content)
+    p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(f), "--out", str(tmp_path / "out"))
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and expected in p.stderr.lower()
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_fails_before_loading(tmp_path, demo_data):
+    p = _cli("evaluate", "--model", "no-such-model", "--questions", str(demo_data / "count_val.jsonl"),
+             "--out", str(tmp_path / "o"))  # fmt: skip
+    assert p.returncode == 2 and "unknown model 'no-such-model'" in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_sampling_defaults_are_the_users_and_the_yaml_says_so():
+    s = default_sampling()
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.decoding) == (0.6, 0.95, 20, 0.0, "sampled")
+    yaml_block = yaml.safe_load((REPO / "configs/models/qwen3_config.yaml").read_text())["sampling"]
+    assert yaml_block == asdict(Sampling())  # the dataclass fallback and the YAML cannot drift apart
+    text = (REPO / "configs/models/qwen3_config.yaml").read_text()
+    assert "0.7" in text and "0.8" in text  # Qwen's own recommendation is documented beside ours
+    with pytest.raises(Exception, match="top_p"):
+        Sampling(top_p=1.5)
