@@ -13,6 +13,7 @@ import sys
 from argparse import ArgumentError
 
 from rich.console import Console
+from rich.markup import escape
 
 from spellxfer.errors import SpellxferError
 
@@ -83,11 +84,16 @@ MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs")
 
 
 def fold_multi_value_flags(argv: list[str]) -> list[str]:
-    """``--questions a b`` → ``--questions=["a", "b"]``; a value already given as a list is kept."""
+    """``--questions a b`` → ``--questions=["a", "b"]`` (a value already given as a list is kept);
+    ``--batch-size`` → ``--batch_size``."""
     out: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg.startswith("--") and "-" in arg[2:].split("=", 1)[0]:
+            # --question-field and --question_field both work (jsonargparse itself knows only `_`)
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
         if arg in MULTI_VALUE_FLAGS:
             j = i + 1
             while j < len(argv) and not argv[j].startswith("--"):
@@ -114,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                       description=DESCRIPTION, exit_on_error=False)  # fmt: skip
     except ArgumentError as e:
         msg = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
-        err.print(f"[bold red]error:[/] {msg} (see --help)", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(msg)} (see --help)", soft_wrap=True)
         return 2
     except SpellxferError as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]")

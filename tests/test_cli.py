@@ -58,6 +58,8 @@ def test_multi_value_flags_fold_into_one_list():
     assert fold_multi_value_flags(["evaluate", "--questions", "a.jsonl", "b.csv", "--limit", "3"]) == [
         "evaluate", '--questions=["a.jsonl", "b.csv"]', "--limit", "3"]  # fmt: skip
     assert fold_multi_value_flags(["--questions", "[a, b]"]) == ["--questions", "[a, b]"]
+    assert fold_multi_value_flags(["--question-field=a-b", "--batch-size", "4"]) == [
+        "--question_field=a-b", "--batch_size", "4"]  # fmt: skip
 
 
 def test_unknown_command_and_bad_flag_are_one_line_exit_2(capsys):

@@ -14,6 +14,7 @@ anything else        a hub id (``Qwen/Qwen3-4B`` where a hub is reachable) or a 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -58,7 +59,8 @@ TINY_QWEN3 = dict(
 
 def check_model_name(name: str) -> None:
     """Fail early (before any loading) on a name that is neither embedded, a path, nor a hub id."""
-    if name in EMBEDDED or Path(name).exists():
+    # `name and`: Path("") is the current directory, and an empty --model is a mistake, not ".".
+    if name in EMBEDDED or (name and Path(name).exists()):
         return
     parts = name.split("/")
     if len(parts) == 2 and all(parts):
@@ -124,7 +126,7 @@ def _gguf_kwargs(name: str) -> dict:
 def _smollm2_dir() -> Path:
     """The SmolLM2 GGUF converted to a safetensors model directory, built once and cached."""
     out = cache_dir() / "models" / "smollm2-135m"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _is_converted(out):
         return out
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,6 +140,11 @@ def _smollm2_dir() -> Path:
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
         model.config.name_or_path = "smollm2-135m"
+        # transformers' GGUF tokenizer converter stores the bos token as eos (`<|im_start|>`). The
+        # GGUF metadata, which the model config is read from, says eos = pad = `<|im_end|>`: a
+        # collator appending eos must teach the model to end its turn, not to open a new one.
+        tok.eos_token = tok.convert_ids_to_tokens(model.config.eos_token_id)
+        tok.pad_token = tok.convert_ids_to_tokens(model.config.pad_token_id)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
         model.save_pretrained(tmp, safe_serialization=True)
@@ -146,3 +153,17 @@ def _smollm2_dir() -> Path:
             shutil.rmtree(out)
         os.replace(tmp, out)
     return out
+
+
+def _is_converted(out: Path) -> bool:
+    """A complete conversion whose tokenizer agrees with the model on eos.
+
+    Directories converted before the eos fix above say eos_token_id 1 (`<|im_start|>`) and are
+    converted again, once. A tokenizer_config without the key (another transformers) is trusted.
+    """
+    try:
+        model_eos = json.loads((out / "config.json").read_text())["eos_token_id"]
+        tok_eos = json.loads((out / "tokenizer_config.json").read_text()).get("eos_token_id", model_eos)
+    except (OSError, ValueError, KeyError):
+        return False
+    return (out / "model.safetensors").is_file() and tok_eos == model_eos
