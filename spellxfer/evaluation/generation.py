@@ -1,7 +1,7 @@
 """The one generation engine: batches of chat prompts → raw replies.
 
-Used by ``evaluate``, by the Lightning validation step and by the API, so one code path produces
-every reply that spellxfer scores. Prompts come from :func:`~spellxfer.training.qwen3_utils.format_prompt`
+Used by ``evaluate`` and by the Lightning validation / test steps (and by the API once it lands),
+so one code path produces every reply that spellxfer scores. Prompts come from :func:`~spellxfer.training.qwen3_utils.format_prompt`
 (Qwen3: always non-thinking). Batches are left-padded and bucketed by prompt length (sorted, so a
 batch holds prompts of similar length and pads little); generation stops at the end of the turn.
 """
