@@ -21,11 +21,16 @@ from rich.table import Table
 
 from spellxfer import __version__
 from spellxfer.data.words import length_bucket, token_bucket
-from spellxfer.evaluation.generation import GenerationEngine, default_sampling, sampling_record, timed_generate
+from spellxfer.evaluation.compare import compare_predictions, print_comparison, read_predictions
+from spellxfer.evaluation.generation import (
+    GenerationEngine,
+    default_sampling,
+    sampling_record,
+    timed_generate,
+)
 from spellxfer.evaluation.questions import Item, load_questions
 from spellxfer.evaluation.stats import accuracy_summary
 from spellxfer.models.metrics import TransferAccuracy, score
-from spellxfer.evaluation.compare import compare_predictions, print_comparison, read_predictions
 from spellxfer.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
 
 console = Console()
