@@ -78,6 +78,24 @@ def _commands() -> dict:
     }
 
 
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _run_lightning(argv: list[str]) -> int:
+    """fit / validate / test / predict belong to LightningCLI (same error contract as ours)."""
+    try:
+        from spellxfer.training.lightning_cli import run_lightning_cli
+
+        return run_lightning_cli(argv)
+    except ArgumentError as e:
+        msg = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+        err.print(f"[bold red]error:[/] {escape(msg)} (see {argv[0]} --help)", soft_wrap=True)
+        return 2
+    except SpellxferError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        return e.exit_code
+
+
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
 # jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
 MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs")
@@ -114,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
     from jsonargparse import auto_cli
 
-    argv = fold_multi_value_flags(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        return _run_lightning(argv)
+    argv = fold_multi_value_flags(argv)
     try:
         rc = auto_cli(_commands(), args=argv, as_positional=False, prog="python -m spellxfer",
                       description=DESCRIPTION, exit_on_error=False)  # fmt: skip

@@ -121,12 +121,13 @@ def _optional_row(name: str) -> tuple[str, str, str]:
     return (name, version, "ok")
 
 
-def _wandb_row() -> tuple[str, str, str]:
+def wandb_mode_and_reason() -> tuple[str, str]:
+    """("online" | "offline" | WANDB_MODE's value, why). Shared by doctor and the W&B logger."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
-        return ("wandb", f"{mode} (WANDB_MODE)", "ok")
+        return mode, "WANDB_MODE"
     if os.environ.get("WANDB_API_KEY"):
-        return ("wandb", "online (WANDB_API_KEY)", "ok")
+        return "online", "WANDB_API_KEY"
     # `wandb login` stores the key in ~/.netrc under the API host.
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
     path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
@@ -135,8 +136,17 @@ def _wandb_row() -> tuple[str, str, str]:
     except (netrc.NetrcParseError, OSError):
         has_key = False  # wandb cannot read it either
     if has_key:
-        return ("wandb", f"online ({path} has {host})", "ok")
-    return ("wandb", "offline (no credentials; `wandb sync` later)", "warn")
+        return "online", f"{path} has {host}"
+    return "offline", "no credentials; `wandb sync` later"
+
+
+def wandb_mode() -> str:
+    return wandb_mode_and_reason()[0]
+
+
+def _wandb_row() -> tuple[str, str, str]:
+    mode, why = wandb_mode_and_reason()
+    return ("wandb", f"{mode} ({why})", "warn" if mode == "offline" and "credentials" in why else "ok")
 
 
 def _cache_row() -> tuple[str, str, str]:

@@ -102,7 +102,6 @@ class GenerationEngine:
 
         ``progress`` is an optional callable ``(n_questions_done) -> None`` for progress bars.
         """
-        s = self.sampling
         prompts = [format_prompt(self.tokenizer, q) for q in questions]
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
@@ -110,29 +109,34 @@ class GenerationEngine:
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
+        # Sampling seeds its own RNG stream per batch; forking leaves the caller's RNG where it
+        # was, so validation in the middle of a training run does not change the training run.
         try:
-            for b, start in enumerate(range(0, len(order), self.batch_size)):
-                idx = order[start : start + self.batch_size]
-                enc = self.tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                                     add_special_tokens=False).to(device)  # fmt: skip
-                # One seed per batch: same inputs, seed and batch size → same replies.
-                torch.manual_seed(s.seed * 1_000_003 + b)
-                out = self.model.generate(
-                    **enc,
-                    max_new_tokens=s.max_new_tokens,
-                    num_return_sequences=s.samples,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=self.pad_id,
-                    **s.generate_kwargs(),
-                )
-                new = out[:, enc["input_ids"].shape[1] :].tolist()
-                for j, tokens in enumerate(new):
-                    replies[idx[j // s.samples]].append(self._decode(tokens))
-                if progress is not None:
-                    progress(len(idx))
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                for b, start in enumerate(range(0, len(order), self.batch_size)):
+                    idx = order[start : start + self.batch_size]
+                    for j, text in enumerate(self._generate_batch([prompts[i] for i in idx], b, device)):
+                        replies[idx[j // self.sampling.samples]].append(text)
+                    if progress is not None:
+                        progress(len(idx))
         finally:
             self.model.train(was_training)
         return replies
+
+    def _generate_batch(self, prompts: list[str], batch_index: int, device) -> list[str]:
+        s = self.sampling
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        # One seed per batch: same inputs, seed and batch size → same replies.
+        torch.manual_seed(s.seed * 1_000_003 + batch_index)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=s.max_new_tokens,
+            num_return_sequences=s.samples,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            **s.generate_kwargs(),
+        )
+        return [self._decode(tokens) for tokens in out[:, enc["input_ids"].shape[1] :].tolist()]
 
     def _decode(self, tokens: list[int]) -> str:
         """Raw reply text: everything generated up to and including the first end-of-turn token."""

@@ -177,8 +177,10 @@ def load_qwen3_tokenizer():
 
 def is_qwen3(tokenizer) -> bool:
     """True for any tokenizer with Qwen3's think tokens (hub Qwen3 or our offline build)."""
-    vocab = tokenizer.get_vocab()
-    return vocab.get("<think>") == THINK_ID and vocab.get("</think>") == END_THINK_ID
+    # convert_tokens_to_ids is a dict lookup; get_vocab() would rebuild 151k entries per call.
+    return tokenizer.convert_tokens_to_ids("<think>") == THINK_ID and (
+        tokenizer.convert_tokens_to_ids("</think>") == END_THINK_ID
+    )
 
 
 def format_prompt(tokenizer, question: str, system: str | None = None) -> str:

@@ -1,0 +1,242 @@
+"""The LightningModule: a base LM with LoRA, trained on spelling, validated on position and count.
+
+Lifecycle (one hook, one job):
+
+- ``__init__`` validates every hyperparameter (a bad config fails before any model loads);
+- ``configure_model`` loads the base model through a backend switch and wraps it in LoRA —
+  ``unsloth`` (FastLanguageModel on CUDA, optional 4-bit), ``hf`` (transformers + PEFT; optional
+  bitsandbytes 4-bit on CUDA; fp32 on CPU, bf16 on CUDA) or ``auto`` (Unsloth when CUDA and the
+  package are present, else ``hf``);
+- ``training_step``: completion-only cross-entropy on spelling examples;
+- ``validation_step`` / ``test_step``: generate replies to position and count questions with the
+  shared engine, parse them, update the torchmetrics exact-match metric;
+- ``on_validation_epoch_end``: log ``val/position_accuracy``, ``val/count_accuracy``,
+  ``val/transfer_score`` and per-subtask values.
+
+Trained on spelling, evaluated on position and count only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import lightning as L
+import torch
+
+from spellxfer.errors import SpellxferError
+from spellxfer.models.metrics import TransferAccuracy, score
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class SpellingLoRAModule(L.LightningModule):
+    """LoRA fine-tuning of a causal LM on spelling, scored by generation on position / count.
+
+    Args:
+        model: smollm2-135m, tiny-qwen3, qwen3-4b-shape, a hub id (Qwen/Qwen3-4B) or a local directory.
+        backend: auto (Unsloth on CUDA when installed, else hf), hf (transformers + PEFT) or unsloth.
+        lora_r: LoRA rank; higher rank adapts more, costs more memory. Must be ≥ 1.
+        lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        lora_dropout: Dropout on the LoRA input, in [0, 1).
+        target_modules: Linear layers that get LoRA adapters (all seven by default).
+        load_in_4bit: Quantise the frozen base to 4-bit (CUDA only; needs bitsandbytes).
+        gradient_checkpointing: Trade compute for memory (recompute activations in backward).
+        learning_rate: Peak AdamW learning rate (> 0).
+        weight_decay: AdamW weight decay on LoRA weights.
+        optimizer: adamw, or adamw_8bit (bitsandbytes, CUDA only).
+        scheduler: Learning-rate decay after warmup: linear, cosine or constant.
+        warmup_steps: Linear warmup from 0 over this many optimizer steps.
+        val_decoding: Decoding for validation generation: greedy (default, low variance) or sampled.
+        val_max_new_tokens: Reply length cap during validation.
+        seed: Seed for random-weight models and validation sampling.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny-qwen3",
+        backend: Literal["auto", "hf", "unsloth"] = "auto",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] = list(ALL_LINEAR),  # noqa: B006  (jsonargparse needs a literal default)
+        load_in_4bit: bool = False,
+        gradient_checkpointing: bool = False,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
+        scheduler: Literal["linear", "cosine", "constant"] = "linear",
+        warmup_steps: int = 10,
+        val_decoding: Literal["greedy", "sampled"] = "greedy",
+        val_max_new_tokens: int = 16,
+        seed: int = 0,
+    ):
+        super().__init__()
+        from spellxfer.models.registry import check_model_name
+
+        check_model_name(model)
+        _require(lora_r >= 1, "model.lora_r", f"must be ≥ 1, got {lora_r}")
+        _require(lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {lora_alpha}")
+        _require(0 <= lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {lora_dropout}")
+        _require(learning_rate > 0, "model.learning_rate", f"must be > 0, got {learning_rate}")
+        _require(warmup_steps >= 0, "model.warmup_steps", f"must be ≥ 0, got {warmup_steps}")
+        _require(bool(target_modules), "model.target_modules", "must name at least one layer")
+        cuda = torch.cuda.is_available()
+        if backend == "unsloth":
+            _require(cuda, "model.backend", "unsloth needs a CUDA GPU; use backend: hf on this machine")
+            _require(importlib.util.find_spec("unsloth") is not None, "model.backend",
+                     "unsloth is not installed (pip install 'spellxfer[gpu]')")  # fmt: skip
+        if load_in_4bit or optimizer == "adamw_8bit":
+            _require(cuda, "model.load_in_4bit/optimizer", "4-bit weights and 8-bit AdamW need CUDA")
+        self.save_hyperparameters()
+        self.lm = None
+        self.tokenizer = None
+        self.val_metric = TransferAccuracy()
+        self.test_metric = TransferAccuracy()
+        # Checkpoints hold only the trainable (LoRA) weights; the frozen base comes from `model`.
+        self.strict_loading = False
+
+    # ---- model ------------------------------------------------------------------------------------
+    @property
+    def resolved_backend(self) -> str:
+        b = self.hparams.backend
+        if b == "auto":
+            return "unsloth" if torch.cuda.is_available() and importlib.util.find_spec("unsloth") else "hf"
+        return b
+
+    def configure_model(self) -> None:
+        if self.lm is not None:
+            return
+        from spellxfer.models.registry import load_tokenizer
+
+        hp = self.hparams
+        if self.resolved_backend == "unsloth":
+            self.lm, self.tokenizer = _load_unsloth(hp)
+        else:
+            self.lm = _load_hf(hp, self.device)
+            self.tokenizer = load_tokenizer(hp.model)
+        self.lm.train()  # the registry hands out eval-mode models (for generation)
+        if hp.gradient_checkpointing:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.lm.enable_input_require_grads()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+
+    # ---- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        from spellxfer.models.losses import completion_only_loss
+
+        loss = completion_only_loss(self.lm, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/real_tokens", float(batch["n_real_tokens"]), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            opt = bnb.optim.AdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = _schedule(opt, hp.scheduler, hp.warmup_steps, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- validation / test: generation, parsing, exact match -----------------------------------
+    def _engine(self):
+        from spellxfer.evaluation.generation import GenerationEngine, default_sampling
+
+        hp = self.hparams
+        sampling = default_sampling(decoding=hp.val_decoding, max_new_tokens=hp.val_max_new_tokens, seed=hp.seed)
+        # the dataloader's batch is the generation batch (data.eval_batch_size)
+        return GenerationEngine(self.lm, self.tokenizer, sampling, batch_size=1 << 30)
+
+    def _score_batch(self, items: list, metric: TransferAccuracy) -> None:
+        replies = self._engine().generate([it.question for it in items])
+        correct = [score(r[0], it.answer)[1] for r, it in zip(replies, items)]
+        metric.update([it.task for it in items], [it.subtask for it in items], correct)
+
+    def validation_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._score_batch(batch, self.val_metric)
+
+    def test_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._score_batch(batch, self.test_metric)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metric(self.val_metric, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metric(self.test_metric, "test")
+
+    def _log_metric(self, metric: TransferAccuracy, prefix: str) -> None:
+        values = metric.compute()  # synced across ranks (sum states)
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=False)
+        metric.reset()
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise SpellxferError(f"{key}: {message}")
+
+
+def _schedule(opt, kind: str, warmup: int, total: int):
+    import math
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _lora_config(hp):
+    from peft import LoraConfig
+
+    return LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+                      target_modules=list(hp.target_modules), task_type="CAUSAL_LM", bias="none")  # fmt: skip
+
+
+def _load_hf(hp, device):
+    from peft import get_peft_model
+
+    from spellxfer.models.registry import load_model
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if hp.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                               bnb_4bit_use_double_quant=True)  # fmt: skip
+        base = AutoModelForCausalLM.from_pretrained(hp.model, quantization_config=q, dtype=dtype)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=hp.gradient_checkpointing)
+    else:
+        base = load_model(hp.model, dtype=dtype, device="cuda" if cuda else "cpu", seed=hp.seed)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return get_peft_model(base, _lora_config(hp))
+
+
+def _load_unsloth(hp):
+    from unsloth import FastLanguageModel
+
+    lm, tok = FastLanguageModel.from_pretrained(model_name=hp.model, load_in_4bit=hp.load_in_4bit, dtype=None)
+    lm = FastLanguageModel.get_peft_model(
+        lm, r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+        target_modules=list(hp.target_modules), bias="none",
+        use_gradient_checkpointing="unsloth" if hp.gradient_checkpointing else False, random_state=hp.seed,
+    )  # fmt: skip
+    tok.padding_side = "left"
+    return lm, tok
