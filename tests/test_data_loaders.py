@@ -205,7 +205,7 @@ def test_fit_setup_gives_token_batches_and_position_then_count_items(demo_module
         items = [item for b in loader for item in b]
         assert all(isinstance(i, Item) and i.task == task for i in items)
         assert items[0].file.endswith(f"{task}_val.jsonl")
-        assert len(next(iter(loader))) == 8
+        assert len(next(iter(loader))) == 32  # data.eval_batch_size, not the training batch size
 
 
 def test_test_stage_reads_the_test_files_in_full(demo_data):
