@@ -79,6 +79,27 @@ def _commands() -> dict:
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_HELP = (
+    "LightningCLI subcommands (each takes --config configs/….yaml; see `python -m spellxfer fit --help`):\n"
+    "    fit                 Fine-tune LoRA on spelling; validate by generation on position and count.\n"
+    "    validate            Score a checkpoint (--ckpt_path) on the position / count validation sets.\n"
+    "    test                Score a checkpoint on the position / count test sets.\n"
+    "    predict             Run the model's predict step (Lightning's standard subcommand)."
+)
+
+
+def _help_formatter():
+    from argparse import RawDescriptionHelpFormatter
+
+    from jsonargparse import DefaultHelpFormatter
+
+    class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+        """jsonargparse's formatter, keeping the epilog's line breaks (the Lightning command list)."""
+
+    return HelpFormatter
+
+
+_HelpFormatter = _help_formatter()
 
 
 def _run_lightning(argv: list[str]) -> int:
@@ -138,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = fold_multi_value_flags(argv)
     try:
         rc = auto_cli(_commands(), args=argv, as_positional=False, prog="python -m spellxfer",
-                      description=DESCRIPTION, exit_on_error=False)  # fmt: skip
+                      description=DESCRIPTION, epilog=LIGHTNING_HELP, exit_on_error=False,
+                      formatter_class=_HelpFormatter)  # fmt: skip
     except ArgumentError as e:
         msg = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
         err.print(f"[bold red]error:[/] {escape(msg)} (see --help)", soft_wrap=True)

@@ -136,6 +136,9 @@ def test_compare_to_in_evaluate(smollm2_run, demo_data, tmp_path):
                  "--out", str(out), "--compare_to", str(smollm2_run)]) == 0  # fmt: skip
     c = json.loads((out / "compare.json").read_text())
     assert c["n_common_items"] == 60 and set(c["groups"]) >= {"position", "count"}
+    report = (out / "compare.md").read_text()
+    assert "evaluated on position and count only" in report
+    assert f"| position | {c['groups']['position']['acc_a']:.3f} |" in report
     base = json.loads((smollm2_run / "metrics.json").read_text())
     assert c["groups"]["position"]["acc_a"] == pytest.approx(base["position_accuracy"])
 

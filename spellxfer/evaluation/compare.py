@@ -57,6 +57,23 @@ def compare_predictions(base: list[dict], other: list[dict], base_name: str = "b
     return out
 
 
+def comparison_markdown(c: dict) -> str:
+    """The comparison as a short Markdown report (what `make demo` leaves beside its numbers)."""
+    lines = [
+        f"# {c['other']} vs {c['base']}",
+        "",
+        "Trained on spelling only; evaluated on position and count only. "
+        f"{c['n_common_items']} items in both runs; {c['method']}.",
+        "",
+        "| group | base | other | Δ (other − base) | 95% CI of Δ | McNemar p | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, g in c["groups"].items():
+        lines.append(f"| {name} | {g['acc_a']:.3f} | {g['acc_b']:.3f} | {g['diff']:+.3f} | "
+                     f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] | {g['mcnemar_p']:.3g} | {g['n']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def print_comparison(c: dict) -> None:
     table = Table(title=f"paired comparison: {c['other']} − {c['base']} ({c['n_common_items']} common items)")
     for col in ("group", "base", "other", "Δ", "95% CI of Δ", "McNemar p", "n"):

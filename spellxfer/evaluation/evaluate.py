@@ -21,7 +21,12 @@ from rich.table import Table
 
 from spellxfer import __version__
 from spellxfer.data.words import length_bucket, token_bucket
-from spellxfer.evaluation.compare import compare_predictions, print_comparison, read_predictions
+from spellxfer.evaluation.compare import (
+    compare_predictions,
+    comparison_markdown,
+    print_comparison,
+    read_predictions,
+)
 from spellxfer.evaluation.generation import (
     GenerationEngine,
     default_sampling,
@@ -85,7 +90,8 @@ def evaluate(
         top_k: Override the configured top-k.
         min_p: Override the configured min-p.
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda[:N]``.
-        compare_to: Another evaluate output directory; writes DIR/compare.json with paired differences.
+        compare_to: Another evaluate output directory; writes DIR/compare.json and DIR/compare.md
+            with paired differences (this run − that run).
         overwrite: Replace a non-empty output directory.
     """
     from spellxfer.models.registry import check_model_name
@@ -132,6 +138,7 @@ def evaluate(
             comparison = compare_predictions(read_predictions(Path(compare_to)), predictions,
                                              base_name=str(compare_to), other_name=str(out))  # fmt: skip
             write_json(tmp / "compare.json", comparison)
+            (tmp / "compare.md").write_text(comparison_markdown(comparison), encoding="utf-8")
     print_summary(metrics, Path(out))
     if comparison is not None:
         print_comparison(comparison)

@@ -81,7 +81,8 @@ def load_tokenizer(name: str):
 
         tok = load_qwen3_tokenizer()
     elif name == "smollm2-135m":
-        tok = AutoTokenizer.from_pretrained(_smollm2_dir())
+        # BPE: clean-up of tokenization spaces would corrupt decoded replies (and warns on load)
+        tok = AutoTokenizer.from_pretrained(_smollm2_dir(), clean_up_tokenization_spaces=False)
     else:
         tok = AutoTokenizer.from_pretrained(name, **_gguf_kwargs(name))
     tok.padding_side = "left"

@@ -11,7 +11,9 @@ Lifecycle (one hook, one job):
 - ``validation_step`` / ``test_step``: generate replies to position and count questions with the
   shared engine, parse them, update the torchmetrics exact-match metric;
 - ``on_validation_epoch_end``: log ``val/position_accuracy``, ``val/count_accuracy``,
-  ``val/transfer_score`` and per-subtask values.
+  ``val/transfer_score`` and per-subtask values;
+- ``predict_step``: the raw replies to the test questions, parsed and scored (``predict``
+  writes them to ``<default_root_dir>/predictions.jsonl``).
 
 Trained on spelling, evaluated on position and count only.
 """
@@ -19,10 +21,12 @@ Trained on spelling, evaluated on position and count only.
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from spellxfer.errors import SpellxferError
 from spellxfer.models.metrics import TransferAccuracy, score
@@ -95,6 +99,8 @@ class SpellingLoRAModule(L.LightningModule):
         self.test_metric = TransferAccuracy()
         # Checkpoints hold only the trainable (LoRA) weights; the frozen base comes from `model`.
         self.strict_loading = False
+        self._last_step_time: float | None = None
+        self._last_step_tokens = 0
 
     # ---- model ------------------------------------------------------------------------------------
     @property
@@ -134,7 +140,19 @@ class SpellingLoRAModule(L.LightningModule):
         loss = completion_only_loss(self.lm, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/real_tokens", float(batch["n_real_tokens"]), reduce_fx="sum", batch_size=1)
+        # Throughput between consecutive steps (data, forward, backward, optimizer: all of it),
+        # counting real tokens only — padding is not work we wanted done.
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            rate = self._last_step_tokens / (now - self._last_step_time)
+            self.log("train/tokens_per_second", rate, prog_bar=True, batch_size=1)
+        self._last_step_time, self._last_step_tokens = now, batch["n_real_tokens"]
         return loss
+
+    def on_train_end(self) -> None:
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            rank_zero_info(f"peak GPU memory allocated: {peak:.1f} GiB ({torch.cuda.get_device_name()})")
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -162,6 +180,17 @@ class SpellingLoRAModule(L.LightningModule):
         replies = self._engine().generate([it.question for it in items])
         correct = [score(r[0], it.answer)[1] for r, it in zip(replies, items)]
         metric.update([it.task for it in items], [it.subtask for it in items], correct)
+
+    def predict_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """Raw reply, parsed answer and correctness per test item (written by PredictionsWriter)."""
+        replies = self._engine().generate([it.question for it in batch])
+        rows = []
+        for r, it in zip(replies, batch):
+            parsed, correct = score(r[0], it.answer)
+            rows.append({"id": it.id, "file": it.file, "task": it.task, "subtask": it.subtask,
+                         "question": it.question, "answer": it.answer, "output": r[0],
+                         "parsed": parsed, "correct": correct})  # fmt: skip
+        return rows
 
     def validation_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._score_batch(batch, self.val_metric)

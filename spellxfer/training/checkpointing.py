@@ -87,6 +87,26 @@ class ResumeState(L.Callback):
             self._rng = None
 
 
+class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):
+    """``predict`` → ``<default_root_dir>/predictions.jsonl`` (one row per test question)."""
+
+    def __init__(self):
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        batches = predictions
+        if batches and batches[0] and isinstance(batches[0][0], list):
+            batches = [b for loader in batches for b in loader]  # several loaders: [loader][batch][row]
+        rows = [row for batch in batches for row in batch]
+        out = Path(trainer.default_root_dir) / "predictions.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+
+
 class RunManifest(L.Callback):
     """manifest.json beside the checkpoints, and the best adapter as a PEFT directory."""
 

@@ -330,13 +330,14 @@ class SpellingDataModule(L.LightningDataModule):
         build(str(self.data_dir), profile=self.build_profile, seed=self.seed)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load what ``stage`` needs (``fit``: train + val; ``validate``: val; ``test``: test; None: all)."""
+        """Load what ``stage`` needs (``fit``: train + val; ``validate``: val; ``test`` and
+        ``predict``: test; None: all)."""
         missing = self._missing_files()
         if missing:
             raise self._missing_error(missing)
         if stage in ("fit", None) and self.train_examples is None:
             self.train_examples = self._load_train()
-        for split, stages in (("val", ("fit", "validate", None)), ("test", ("test", None))):
+        for split, stages in (("val", ("fit", "validate", None)), ("test", ("test", "predict", None))):
             if stage in stages and split not in self.eval_items:
                 self.eval_items[split] = self._load_eval(split)
 
@@ -374,12 +375,20 @@ class SpellingDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def predict_dataloader(self) -> list[DataLoader]:
+        """The test questions (``predict`` writes raw replies for them)."""
+        return self._eval_loaders("test", stage="predict")
+
     def state_dict(self) -> dict:
         """Saved in every checkpoint: the epoch and how many of its batches this run trained on."""
         trainer = self.trainer
-        if trainer is None or not trainer.training:
+        # All of fit, not only `trainer.training`: a ModelCheckpoint watching a val metric saves
+        # from on_validation_end (mid-epoch, while trainer.validating), and that checkpoint must
+        # resume at the right batch too.
+        if trainer is None or trainer.state.fn != "fit":
             return {}
-        # `processed` includes the batch whose on_train_batch_end is writing the checkpoint.
+        # `processed` includes the batch whose on_train_batch_end is writing the checkpoint (and,
+        # after a mid-epoch validation, every batch trained on so far).
         return {"epoch": trainer.current_epoch,
                 "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}  # fmt: skip
 
@@ -452,8 +461,8 @@ class SpellingDataModule(L.LightningDataModule):
                     )
         return items
 
-    def _eval_loaders(self, split: str) -> list[DataLoader]:
-        stage = "fit" if split == "val" else "test"
+    def _eval_loaders(self, split: str, stage: str | None = None) -> list[DataLoader]:
+        stage = stage or ("fit" if split == "val" else "test")
         items = self._loaded(self.eval_items.get(split), stage)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return [

@@ -24,6 +24,7 @@ Trained on spelling, validated on position and count only.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import warnings
@@ -34,7 +35,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from spellxfer.errors import SpellxferError
 from spellxfer.models.spelling_model import SpellingLoRAModule
-from spellxfer.training.checkpointing import AtomicCheckpointIO, ResumeState, RunManifest
+from spellxfer.training.checkpointing import AtomicCheckpointIO, PredictionsWriter, ResumeState, RunManifest
 from spellxfer.training.data_loaders import SpellingDataModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -68,12 +69,21 @@ class SpellxferCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.keep_last_k < 0:
             raise SpellxferError(f"keep_last_k must be ≥ 0, got {cfg.keep_last_k}")
-        ckpt = cfg.get("ckpt_path")
-        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).is_file():
-            raise SpellxferError(f"--ckpt_path {ckpt}: no such checkpoint file")
         experiment, trainer = cfg.experiment, cfg.trainer
         explicit_root = trainer.default_root_dir is not None
         root = Path(trainer.default_root_dir) if explicit_root else Path("checkpoints") / experiment
+        ckpt = cfg.get("ckpt_path")
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).is_file():
+            raise SpellxferError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        last = Path(cfg.checkpoint.dirpath or root) / "last.ckpt"
+        if ckpt == "last" and not last.is_file():
+            # Lightning would warn and train from scratch; a resume that silently restarts is worse.
+            raise SpellxferError(f"--ckpt_path last: no checkpoint {last} to resume from; "
+                                 "drop --ckpt_path to start a fresh run")  # fmt: skip
+        if cfg.data.build_profile is None:
+            # Without a build profile prepare_data only checks the files: fail before the Trainer
+            # prints its banner and before any model loads.
+            SpellingDataModule(cfg.data.data_dir, cfg.model.model, build_profile=None).prepare_data()
         trainer.default_root_dir = str(root)
         cfg.checkpoint.dirpath = cfg.checkpoint.dirpath or str(root)
         if trainer.logger is None or trainer.logger is True:
@@ -92,7 +102,7 @@ class SpellxferCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         run = self._run
-        extra = [ResumeState(), RunManifest(config=run["config"])]
+        extra = [ResumeState(), RunManifest(config=run["config"]), PredictionsWriter()]
         if run["keep"] and run["every"]:
             # Lightning's idiom for "keep the last K": monitor the step counter, keep the top K.
             extra.append(ModelCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step",
@@ -108,6 +118,9 @@ def run_lightning_cli(argv: list[str]) -> int:
     # The DataModule restores its in-epoch position itself (state_dict / load_state_dict), which
     # Lightning's generic check for a resumable *dataloader* does not see.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    # "Seed set to N" (an info line; the seed is in the saved config) would otherwise come before
+    # the one `error: …` line of a config mistake caught after seeding.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     saved = sys.argv
     sys.argv = [saved[0], *argv]  # LightningCLI reads sys.argv; `args=` beside it only warns
     try:
