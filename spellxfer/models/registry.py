@@ -115,6 +115,30 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     return model.to(device).eval()
 
 
+def materialize(name: str, seed: int = 0) -> str:
+    """A path or hub id that ``from_pretrained``-style loaders (Unsloth) can open.
+
+    Embedded random-weight names are saved once (bf16 safetensors + the Qwen3 tokenizer) under
+    the cache; smollm2-135m is its converted directory; anything else is returned unchanged.
+    """
+    check_model_name(name)
+    if name == "smollm2-135m":
+        return str(_smollm2_dir())
+    if name not in ("tiny-qwen3", "qwen3-4b-shape"):
+        return name
+    out = cache_dir() / "models" / f"{name}-seed{seed}"
+    if not (out / "config.json").is_file():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(name, dtype=torch.bfloat16, device=device, seed=seed)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(name).save_pretrained(tmp)
+        del model
+        os.replace(tmp, out)
+    return str(out)
+
+
 def _gguf_kwargs(name: str) -> dict:
     p = Path(name)
     if p.is_dir():

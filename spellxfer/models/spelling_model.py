@@ -122,7 +122,7 @@ class SpellingLoRAModule(L.LightningModule):
             self.lm = _load_hf(hp, self.device)
             self.tokenizer = load_tokenizer(hp.model)
         self.lm.train()  # the registry hands out eval-mode models (for generation)
-        if hp.gradient_checkpointing:
+        if hp.gradient_checkpointing and self.resolved_backend == "hf":  # Unsloth sets up its own
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.lm.enable_input_require_grads()
 
@@ -261,7 +261,11 @@ def _load_hf(hp, device):
 def _load_unsloth(hp):
     from unsloth import FastLanguageModel
 
-    lm, tok = FastLanguageModel.from_pretrained(model_name=hp.model, load_in_4bit=hp.load_in_4bit, dtype=None)
+    from spellxfer.models.registry import materialize
+
+    # Unsloth opens models by path or hub id: embedded names are saved to the cache once.
+    lm, tok = FastLanguageModel.from_pretrained(model_name=materialize(hp.model, seed=hp.seed),
+                                                load_in_4bit=hp.load_in_4bit, dtype=None)  # fmt: skip
     lm = FastLanguageModel.get_peft_model(
         lm, r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
         target_modules=list(hp.target_modules), bias="none",

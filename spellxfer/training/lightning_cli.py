@@ -103,14 +103,23 @@ class SpellxferCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         run = self._run
         extra = [ResumeState(), RunManifest(config=run["config"]), PredictionsWriter()]
+        step_ckpt = None
         if run["keep"] and run["every"]:
             # Lightning's idiom for "keep the last K": monitor the step counter, keep the top K.
-            extra.append(ModelCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step",
-                                         mode="max", save_top_k=run["keep"], every_n_train_steps=run["every"],
-                                         auto_insert_metric_name=False))  # fmt: skip
+            step_ckpt = ModelCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step",
+                                        mode="max", save_top_k=run["keep"], every_n_train_steps=run["every"],
+                                        auto_insert_metric_name=False)  # fmt: skip
+            extra.append(step_ckpt)
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), *extra]
         kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if step_ckpt is not None:
+            # `trainer.checkpoint_callback` is the first ModelCheckpoint, and its best_model_path is
+            # what best_adapter/ exports and `--ckpt_path best` loads: it must be the one watching
+            # the val metric (--checkpoint.*), not this one (whose "best" is the latest step).
+            trainer.callbacks.remove(step_ckpt)
+            trainer.callbacks.append(step_ckpt)
+        return trainer
 
 
 def run_lightning_cli(argv: list[str]) -> int:
