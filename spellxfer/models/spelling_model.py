@@ -78,7 +78,10 @@ class SpellingLoRAModule(L.LightningModule):
         super().__init__()
         from spellxfer.models.registry import check_model_name
 
-        check_model_name(model)
+        try:
+            check_model_name(model)
+        except SpellxferError as e:
+            raise SpellxferError(f"model.model: {e}") from None
         _require(lora_r >= 1, "model.lora_r", f"must be ≥ 1, got {lora_r}")
         _require(lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {lora_alpha}")
         _require(0 <= lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {lora_dropout}")
@@ -205,8 +208,10 @@ class SpellingLoRAModule(L.LightningModule):
         self._log_metric(self.test_metric, "test")
 
     def _log_metric(self, metric: TransferAccuracy, prefix: str) -> None:
-        values = metric.compute()  # synced across ranks (sum states)
-        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=False)
+        values = metric.compute()  # summed across ranks by torchmetrics: every rank holds the total
+        # sync_dist averages identical values (a no-op on the numbers); it tells Lightning the
+        # epoch-level value is global, which keeps its multi-device warning quiet.
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
         metric.reset()
 
 

@@ -8,8 +8,10 @@ What it adds to Lightning's own CLI:
   ``results/metrics/<experiment>.jsonl``; ``--trainer.default_root_dir DIR`` moves all of them
   under DIR.
 - a ``ModelCheckpoint`` (``--checkpoint.*``) and an ``EarlyStopping`` (``--early_stopping.*``)
-  watching ``val/position_accuracy`` (generation-scored) by default; ``save_last`` makes
-  ``last.ckpt`` the resume point; a second checkpoint callback keeps the last K step checkpoints;
+  watching ``val/position_accuracy`` (generation-scored) by default — the scored checkpoint is
+  written right after each validation, as ``best-step{N}.ckpt`` (top k); a second checkpoint
+  callback writes ``step{N}.ckpt`` every ``--checkpoint.every_n_train_steps`` steps, keeps the
+  last K (``--keep_last_k``) and owns ``last.ckpt``, the resume point;
 - atomic checkpoint writes, RNG + in-epoch resume state, the run manifest and the best adapter
   (:mod:`spellxfer.training.checkpointing`);
 - loggers that refuse any metric outside the whitelist (:mod:`spellxfer.training.transfer_metrics`):
@@ -46,13 +48,13 @@ class SpellxferCLI(LightningCLI):
         parser.add_argument("--experiment", type=str, default="default",
                             help="Run name: output folders and the W&B group.")  # fmt: skip
         parser.add_argument("--keep_last_k", type=int, default=3,
-                            help="Step checkpoints kept besides last.ckpt and the best ones.")  # fmt: skip
+                            help="Step checkpoints kept (every --checkpoint.every_n_train_steps), "
+                                 "besides last.ckpt and the best ones.")  # fmt: skip
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/position_accuracy",  # the seed's choice; any val/ metric works
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,  # last.ckpt is the resume point
                 "checkpoint.save_top_k": 2,
                 "checkpoint.filename": "best-step{step}",
                 "checkpoint.auto_insert_metric_name": False,
@@ -67,8 +69,8 @@ class SpellxferCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        if cfg.keep_last_k < 0:
-            raise SpellxferError(f"keep_last_k must be ≥ 0, got {cfg.keep_last_k}")
+        if cfg.keep_last_k < 1:
+            raise SpellxferError(f"keep_last_k must be ≥ 1 (it holds the resume point), got {cfg.keep_last_k}")
         experiment, trainer = cfg.experiment, cfg.trainer
         explicit_root = trainer.default_root_dir is not None
         root = Path(trainer.default_root_dir) if explicit_root else Path("checkpoints") / experiment
@@ -97,28 +99,31 @@ class SpellxferCLI(LightningCLI):
                                 "init_args": {"project": "spellxfer", "group": experiment, "name": experiment,
                                               "save_dir": str(root)}})  # fmt: skip
             trainer.logger = loggers
-        self._run = {"root": root, "keep": cfg.keep_last_k, "every": cfg.checkpoint.every_n_train_steps,
-                     "config": cfg.as_dict()}  # fmt: skip
+        # Two checkpoint callbacks with one job each. The scored one (--checkpoint.*) saves right
+        # after each validation, so a checkpoint is ranked by its own step's score (saving every N
+        # training steps would rank it by the previous validation's). The step one saves every
+        # N steps, keeps the last K and owns last.ckpt, the resume point.
+        every = cfg.checkpoint.every_n_train_steps
+        cfg.checkpoint.every_n_train_steps = None
+        cfg.checkpoint.save_last = False
+        self._run = {"root": root, "keep": cfg.keep_last_k, "every": every, "config": cfg.as_dict()}
 
     def instantiate_trainer(self, **kwargs):
         run = self._run
         extra = [ResumeState(), RunManifest(config=run["config"]), PredictionsWriter()]
-        step_ckpt = None
-        if run["keep"] and run["every"]:
-            # Lightning's idiom for "keep the last K": monitor the step counter, keep the top K.
-            step_ckpt = ModelCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step",
-                                        mode="max", save_top_k=run["keep"], every_n_train_steps=run["every"],
-                                        auto_insert_metric_name=False)  # fmt: skip
-            extra.append(step_ckpt)
+        # Lightning's idiom for "keep the last K": monitor the step counter, keep the top K.
+        step_ckpt = ModelCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step", mode="max",
+                                    save_top_k=run["keep"], every_n_train_steps=run["every"], save_last=True,
+                                    auto_insert_metric_name=False)  # fmt: skip
+        extra.append(step_ckpt)
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), *extra]
         kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
-        if step_ckpt is not None:
-            # `trainer.checkpoint_callback` is the first ModelCheckpoint, and its best_model_path is
-            # what best_adapter/ exports and `--ckpt_path best` loads: it must be the one watching
-            # the val metric (--checkpoint.*), not this one (whose "best" is the latest step).
-            trainer.callbacks.remove(step_ckpt)
-            trainer.callbacks.append(step_ckpt)
+        # `trainer.checkpoint_callback` is the first ModelCheckpoint, and its best_model_path is
+        # what best_adapter/ exports and `--ckpt_path best` loads: it must be the one watching the
+        # val metric (--checkpoint.*), not this one (whose "best" is the latest step).
+        trainer.callbacks.remove(step_ckpt)
+        trainer.callbacks.append(step_ckpt)
         return trainer
 
 

@@ -1,0 +1,428 @@
+"""Training end to end on tiny-qwen3 (``python -m spellxfer fit --config configs/tiny.yaml``).
+
+What a run promises: it finishes in seconds on a CPU; its checkpoints hold only the LoRA weights
+(plus optimizer, loop and RNG state) and load with ``weights_only=True``; ``best_adapter/`` is
+the best checkpoint as a PEFT directory; a run killed at any moment resumes with
+``--ckpt_path last`` to the very weights of an uninterrupted run, and a kill during a save never
+leaves a corrupt ``last.ckpt``; config mistakes fail before any model loads with one ``error:``
+line; only position / count / transfer and training-loop metrics ever reach disk or W&B.
+
+Trained on spelling, validated on position and count only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, read_jsonl
+
+from spellxfer.errors import SpellxferError
+from spellxfer.models.spelling_model import ALL_LINEAR, SpellingLoRAModule
+from spellxfer.training.transfer_metrics import WhitelistedCSVLogger, check_metric_name
+
+STEPS = 30  # configs/tiny.yaml: trainer.max_steps; a checkpoint every 10 steps
+# The name the policy forbids, built so that this file itself stays clean for `spellxfer check`.
+FORBIDDEN_METRIC = "val/spelling" + "_accuracy"
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    """The test process's environment with W&B off (only the W&B test turns it on)."""
+    return {**os.environ, "WANDB_MODE": "disabled", **extra}
+
+
+def fit_argv(root: Path, data: Path, *extra: str, command: str = "fit") -> list[str]:
+    return [sys.executable, "-m", "spellxfer", command, "--config", "configs/tiny.yaml",
+            "--trainer.default_root_dir", str(root), "--data.data_dir", str(data), *extra]  # fmt: skip
+
+
+def run_fit(
+    root: Path, data: Path, *extra: str, command: str = "fit", env=None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(fit_argv(root, data, *extra, command=command), cwd=REPO, capture_output=True,
+                          text=True, env=env or quiet_env(), timeout=300)  # fmt: skip
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_lora(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+@dataclass
+class Run:
+    root: Path
+    seconds: float  # wall time of the whole `python -m spellxfer fit` process
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory, demo_data) -> Run:
+    """One uninterrupted `fit` on tiny.yaml: the reference every other run is compared with."""
+    root = tmp_path_factory.mktemp("training") / "ref"
+    start = time.perf_counter()
+    p = run_fit(root, demo_data)
+    seconds = time.perf_counter() - start
+    assert p.returncode == 0, p.stderr
+    return Run(root, seconds)
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    from spellxfer.models.registry import load_model
+
+    return load_model("tiny-qwen3")
+
+
+# ---- a run and its outputs -----------------------------------------------------------------------
+def test_fit_on_tiny_takes_under_a_minute_and_writes_checkpoint_manifest_and_metrics(ref, demo_data):
+    assert ref.seconds < 60, f"fit took {ref.seconds:.1f} s"
+    assert load_ckpt(ref.root / "last.ckpt")["global_step"] == STEPS
+
+    m = json.loads((ref.root / "manifest.json").read_text())
+    assert m["hyperparameters"]["model"] == "tiny-qwen3" and m["hyperparameters"]["lora_r"] == 4
+    assert m["data_manifest_sha256"] == hashlib.sha256((demo_data / "manifest.json").read_bytes()).hexdigest()
+    assert {"torch", "lightning", "peft", "transformers"} <= m["versions"].keys()
+    assert "git_commit" in m  # None outside a git checkout, the commit hash inside one
+
+    rows = read_jsonl(ref.root / "metrics.jsonl")
+    keys = {k for row in rows for k in row}
+    assert {"train/loss", "val/position_accuracy", "val/count_accuracy", "val/transfer_score"} <= keys
+    subtasks = {k for k in keys if re.fullmatch(r"val/(position|count)/\w+_accuracy", k)}
+    assert {"val/position/nth_letter_accuracy", "val/count/letter_count_accuracy"} <= subtasks
+    # three validations (every 10 of 30 batches), each with every position/count metric
+    assert sum("val/position_accuracy" in row for row in rows) == 3
+    csv_header = (ref.root / "training_logs" / "metrics.csv").read_text().splitlines()[0]
+    assert not [k for k in [*keys, *csv_header.split(",")] if "spell" in k.lower()]
+
+
+def test_checkpoints_hold_only_the_lora_weights_and_load_weights_only(ref, base_model):
+    layers = base_model.config.num_hidden_layers  # tiny-qwen3: 2
+    n_lora = 2 * layers * len(ALL_LINEAR)  # A and B per adapted linear layer: 2 × 2 × 7 = 28
+    ckpts = sorted(ref.root.glob("*.ckpt"))
+    # last, two best (save_top_k 2) and the step checkpoints 10, 20, 30 (keep_last_k 3)
+    assert {p.name for p in ckpts} == {"last.ckpt", "best-step10.ckpt", "best-step20.ckpt",
+                                       "step10.ckpt", "step20.ckpt", "step30.ckpt"}  # fmt: skip
+    for path in ckpts:
+        ckpt = load_ckpt(path)  # weights_only: tensors and plain values, no pickled objects
+        state = ckpt["state_dict"]
+        assert len(state) == n_lora and all("lora_" in k for k in state), path.name
+        assert path.stat().st_size < 1_000_000, f"{path.name}: {path.stat().st_size} bytes"
+        assert ckpt["optimizer_states"] and ckpt["lr_schedulers"] and "spellxfer_rng" in ckpt
+
+
+def test_best_adapter_is_the_best_checkpoint_as_a_peft_directory(ref, base_model):
+    from peft import PeftModel
+
+    last = load_ckpt(ref.root / "last.ckpt")
+    # The checkpoint callback that watches the validation metric records which file is best.
+    (best_state,) = [s for name, s in last["callbacks"].items()
+                     if name.startswith("ModelCheckpoint{'monitor': 'val/position_accuracy'")]  # fmt: skip
+    best = Path(best_state["best_model_path"])
+    assert best.parent == ref.root and best.name.startswith("best-step")
+
+    model = PeftModel.from_pretrained(base_model, ref.root / "best_adapter")
+    adapter = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    expected = {k.removeprefix("lm."): v for k, v in load_ckpt(best)["state_dict"].items()}
+    assert adapter.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(adapter[key], expected[key]), key
+    if best.name != f"best-step{STEPS}.ckpt":  # the adapter is the best weights, not the final ones
+        final = last["state_dict"]
+        assert any(not torch.equal(adapter[k.removeprefix("lm.")], v) for k, v in final.items())
+
+
+# ---- kill and resume -----------------------------------------------------------------------------
+def start_fit(root: Path, data: Path, log: Path) -> subprocess.Popen:
+    """`fit` in its own process group (so SIGKILL reaches every child), output to files: a pipe
+    nobody reads would fill up and stall the run."""
+    with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
+        return subprocess.Popen(fit_argv(root, data), cwd=REPO, env=quiet_env(), stdout=out, stderr=err,
+                                start_new_session=True)  # fmt: skip
+
+
+def kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait_for_checkpoint(
+    proc: subprocess.Popen, last: Path, step: int, log: Path, timeout: float = 120
+) -> int:
+    """Poll until ``last`` holds at least ``step`` optimizer steps; returns its global_step.
+
+    No retry around torch.load: the atomic writer promises that any last.ckpt a reader can open
+    is complete, and a load error here is exactly the bug that promise excludes."""
+    deadline, seen = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"fit exited ({proc.returncode}) before step {step}:\n{log.with_suffix('.err').read_text()}"
+            )
+        if last.is_file() and (mtime := last.stat().st_mtime_ns) != seen:
+            seen = mtime
+            if (got := load_ckpt(last)["global_step"]) >= step:
+                return got
+        time.sleep(0.05)
+    kill(proc)
+    pytest.fail(f"no checkpoint at step {step} after {timeout} s")
+
+
+def resume_and_compare(root: Path, data: Path, ref: Run, resumed_from: int) -> None:
+    logged_before = len(read_jsonl(root / "metrics.jsonl")) if (root / "metrics.jsonl").is_file() else 0
+    p = run_fit(root, data, "--ckpt_path", "last")
+    assert p.returncode == 0, p.stderr
+    final = load_ckpt(root / "last.ckpt")
+    assert final["global_step"] == STEPS
+    assert_same_lora(final["state_dict"], load_ckpt(ref.root / "last.ckpt")["state_dict"])
+    # A fresh start would reproduce the weights too (same seed): the resumed run must also have
+    # logged nothing from before its checkpoint. (metrics.jsonl's step is global_step - 1.)
+    resumed_rows = read_jsonl(root / "metrics.jsonl")[logged_before:]
+    if resumed_from < STEPS:  # a run killed after its last step has nothing left to train
+        assert resumed_rows and min(r["step"] for r in resumed_rows) >= resumed_from
+
+
+@pytest.mark.parametrize("kill_after", [10, 20], ids=["after-first-checkpoint", "after-second-checkpoint"])
+def test_a_killed_fit_resumes_to_exactly_the_uninterrupted_weights(kill_after, ref, demo_data, tmp_path):
+    root = tmp_path / "run"
+    proc = start_fit(root, demo_data, tmp_path / "killed")
+    wait_for_checkpoint(proc, root / "last.ckpt", kill_after, tmp_path / "killed")
+    kill(proc)
+    resumed_from = load_ckpt(root / "last.ckpt")["global_step"]
+    assert kill_after <= resumed_from < STEPS, "the kill came too late to test a resume"
+    resume_and_compare(root, demo_data, ref, resumed_from)
+
+
+def test_a_kill_at_a_random_moment_resumes_or_asks_for_a_fresh_run(ref, demo_data, tmp_path):
+    root, delay = tmp_path / "run", random.uniform(1.0, 10.0)
+    proc = start_fit(root, demo_data, tmp_path / "killed")
+    time.sleep(delay)
+    kill(proc)
+    last = root / "last.ckpt"
+    if last.is_file():  # killed after the first checkpoint: resume
+        resume_and_compare(root, demo_data, ref, load_ckpt(last)["global_step"])
+        return
+    p = run_fit(root, demo_data, "--ckpt_path", "last")
+    assert p.returncode == 2, f"killed after {delay:.1f} s:\n{p.stderr}"
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(last) in lines[0], p.stderr
+    p = run_fit(root, demo_data, "--trainer.max_steps", "10")  # what the error tells you to do
+    assert p.returncode == 0, p.stderr
+    assert load_ckpt(last)["global_step"] == 10
+
+
+SAVE_LOOP = """
+import sys, torch
+from pathlib import Path
+from spellxfer.training.checkpointing import AtomicCheckpointIO
+io, path, step = AtomicCheckpointIO(), Path(sys.argv[1]), int(sys.argv[2])
+while True:
+    # 50 MB and 25 MB payloads in turn, each filled with its step: a torn file passes for neither
+    n = 12_500_000 if step % 2 == 0 else 6_250_000
+    io.save_checkpoint({"step": step, "payload": torch.full((n,), float(step))}, path)
+    print(step, flush=True)
+    step += 1
+"""
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_newest_complete_last_ckpt(tmp_path):
+    last, temp_glob = tmp_path / "last.ckpt", ".last.ckpt.*.tmp"
+    leftovers: set[Path] = set()
+    for attempt in range(4):
+        out = tmp_path / f"saved{attempt}.txt"
+        with open(out, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(last), str(1000 * attempt)],
+                                    stdout=f, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not out.read_text().strip():  # one complete save by this writer first
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(random.uniform(0, 0.3))
+        while not set(tmp_path.glob(temp_glob)) - leftovers:  # then kill while a save is under way
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        kill(proc)
+        leftovers |= set(tmp_path.glob(temp_glob))
+        reported = int(out.read_text().split()[-1])
+
+        ckpt = load_ckpt(last)
+        step, payload = ckpt["step"], ckpt["payload"]
+        # the last save reported done, or the one in flight if it got renamed before the kill
+        assert step in (reported, reported + 1)
+        assert payload.numel() == (12_500_000 if step % 2 == 0 else 6_250_000)
+        assert torch.equal(payload, torch.full_like(payload, float(step)))
+    # A writer killed mid-save cannot delete its temp file, and later saves leave it alone (it
+    # could be another live writer's). It is hidden and not a *.ckpt: no checkpoint glob and no
+    # `--ckpt_path last` lookup ever picks it up.
+    assert leftovers, "no kill landed inside a save"
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]
+    assert all(p.name.startswith(".last.ckpt.") and p.suffix == ".tmp" for p in leftovers)
+
+
+# ---- config mistakes -----------------------------------------------------------------------------
+BAD_CONFIGS = {
+    "unknown-key": (["--model.lora_rank", "8"], ["lora_rank"]),
+    "wrong-type": (["--model.lora_r", "eight"], ["lora_r", "eight"]),
+    "rank-zero": (["--model.lora_r", "0"], ["lora_r"]),
+    "zero-learning-rate": (["--model.learning_rate", "0"], ["learning_rate"]),
+    "negative-learning-rate": (["--model.learning_rate=-1e-3"], ["learning_rate"]),
+    "missing-data-dir": (["--data.data_dir", "{tmp}/no-data", "--data.build_profile", "null"],
+                         ["{tmp}/no-data", "build_profile"]),
+    "unknown-model": (["--model.model", "no-such-model"], ["model", "no-such-model"]),
+    "no-such-checkpoint": (["--ckpt_path", "{tmp}/nope.ckpt"], ["ckpt_path", "{tmp}/nope.ckpt"]),
+    "resume-without-a-checkpoint": (["--ckpt_path", "last"], ["ckpt_path", "last.ckpt"]),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tmp_path_factory, demo_data) -> dict[str, tuple[subprocess.CompletedProcess, Path, str]]:
+    """All bad-config runs at once (each is mostly interpreter start-up; they overlap well)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    procs = {}
+    for case, (args, _) in BAD_CONFIGS.items():
+        root = tmp / case
+        argv = fit_argv(root, demo_data, *(a.replace("{tmp}", str(tmp)) for a in args))
+        procs[case] = (subprocess.Popen(argv, cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True), root)  # fmt: skip
+    runs = {}
+    for case, (proc, root) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        runs[case] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), root, str(tmp))
+    return runs
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_a_config_mistake_is_one_error_line_naming_the_key_before_any_output(case, bad_config_runs):
+    p, root, tmp = bad_config_runs[case]
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    for word in BAD_CONFIGS[case][1]:
+        assert word.replace("{tmp}", tmp) in lines[0]
+    assert not root.exists(), "a failed config created the run directory"
+
+
+# ---- the metric whitelist ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["train/loss", "val/position_accuracy", "val/count/letter_count_accuracy",
+                                  "val/transfer_score", "lr-AdamW", "epoch",
+                                  "val/position_accuracy/dataloader_idx_0"])  # fmt: skip
+def test_training_loop_and_position_count_transfer_metrics_are_allowed(name):
+    check_metric_name(name)
+
+
+@pytest.mark.parametrize("name", [FORBIDDEN_METRIC, "val/rouge", "train/perplexity"])
+def test_any_other_metric_is_refused(name):
+    with pytest.raises(SpellxferError, match=re.escape(repr(name))):
+        check_metric_name(name)
+
+
+def files_mentioning_the_forbidden_metric(root: Path) -> list[Path]:
+    name = FORBIDDEN_METRIC.removeprefix("val/")
+    return [p for p in root.rglob("*") if p.is_file() and name in p.read_text(errors="replace")]
+
+
+def test_the_csv_logger_refuses_a_metric_before_writing_anything(tmp_path):
+    logger = WhitelistedCSVLogger(
+        save_dir=tmp_path, name="", version="", jsonl_path=str(tmp_path / "m.jsonl")
+    )
+    with pytest.raises(SpellxferError):
+        logger.log_metrics({FORBIDDEN_METRIC: 1.0, "train/loss": 2.0}, step=0)
+    logger.log_metrics({"train/loss": 2.0}, step=1)
+    logger.save()
+    assert "train/loss" in (tmp_path / "metrics.csv").read_text()
+    assert read_jsonl(tmp_path / "m.jsonl") == [{"step": 1, "train/loss": 2.0}]
+    assert files_mentioning_the_forbidden_metric(tmp_path) == []
+
+
+class LeakyModule(SpellingLoRAModule):
+    """The real module, plus one forbidden metric in training_step."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log(FORBIDDEN_METRIC, 1.0, batch_size=1)
+        return loss
+
+
+def test_fit_fails_when_a_module_logs_a_forbidden_metric(demo_data, tmp_path, monkeypatch):
+    import lightning as L
+
+    from spellxfer.training.data_loaders import SpellingDataModule
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = WhitelistedCSVLogger(
+        save_dir=tmp_path, name="", version="", jsonl_path=str(tmp_path / "m.jsonl")
+    )
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=logger, log_every_n_steps=1,
+                        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    dm = SpellingDataModule(str(demo_data), "tiny-qwen3", build_profile=None, batch_size=2, train_limit=8)
+    with pytest.raises(SpellxferError, match=re.escape(FORBIDDEN_METRIC)):
+        trainer.fit(LeakyModule(model="tiny-qwen3", backend="hf", lora_r=2), datamodule=dm)
+    assert trainer.global_step == 1  # refused at the first logging step, not at the end of the run
+    assert files_mentioning_the_forbidden_metric(tmp_path) == []
+
+
+# ---- validate, and W&B -------------------------------------------------------------------------
+def test_validate_on_a_checkpoint_reproduces_the_runs_last_validation(ref, demo_data, tmp_path):
+    p = run_fit(tmp_path / "v", demo_data, "--ckpt_path", str(ref.root / "last.ckpt"), command="validate")
+    assert p.returncode == 0, p.stderr
+    assert "val/position_accuracy" in p.stdout
+    (row,) = read_jsonl(tmp_path / "v" / "metrics.jsonl")
+    last_val = [r for r in read_jsonl(ref.root / "metrics.jsonl") if "val/position_accuracy" in r][-1]
+    # greedy generation with the step-30 weights: the fit's validation after its 30th step
+    assert {k: v for k, v in row.items() if k.startswith("val/")} == {
+        k: v for k, v in last_val.items() if k.startswith("val/")}  # fmt: skip
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a ``run-*.wandb`` file: a 7-byte W&B header, then LevelDB log
+    framing (32 KiB blocks; each chunk: crc32c 4 bytes, length 2, type 1 — full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, buf, records = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if (left := 32768 - pos % 32768) < 7:  # block trailer too short for a header: padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # full or last chunk: a record is complete
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            records.append(record)
+            buf = b""
+    return records
+
+
+def test_without_credentials_wandb_writes_an_offline_run_grouped_by_experiment(demo_data, tmp_path):
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "NETRC")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.netrc, no wandb settings
+    root = tmp_path / "run"
+    p = run_fit(root, demo_data, "--trainer.max_steps", "10", "--experiment", "wb-test", env=env)
+    assert p.returncode == 0, p.stderr
+    (run_dir,) = (root / "wandb").glob("offline-run-*")
+    records = wandb_records(next(run_dir.glob("run-*.wandb")))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.run_group, run.display_name) == ("spellxfer", "wb-test", "wb-test")
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    logged = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
+    assert {"train/loss", "val/position_accuracy", "val/transfer_score"} <= logged
+    assert not [k for k in logged if "spell" in k.lower()]
