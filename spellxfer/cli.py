@@ -104,17 +104,25 @@ _HelpFormatter = _help_formatter()
 
 def _run_lightning(argv: list[str]) -> int:
     """fit / validate / test / predict belong to LightningCLI (same error contract as ours)."""
-    try:
-        from spellxfer.training.lightning_cli import run_lightning_cli
+    from spellxfer.training.lightning_cli import run_lightning_cli
 
-        return run_lightning_cli(argv)
+    return run_lightning_cli(argv)
+
+
+def _one_line_errors(run, help_hint: str) -> int:
+    """Run a command; user mistakes become one `error: …` line on stderr and exit code 2."""
+    try:
+        return run()
     except ArgumentError as e:
         msg = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
-        err.print(f"[bold red]error:[/] {escape(msg)} (see {argv[0]} --help)", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(msg)} (see {help_hint})", soft_wrap=True)
         return 2
     except SpellxferError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         return e.exit_code
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]")
+        return 130
 
 
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
@@ -155,20 +163,13 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        return _run_lightning(argv)
+        return _one_line_errors(lambda: _run_lightning(argv), f"{argv[0]} --help")
     argv = fold_multi_value_flags(argv)
-    try:
+
+    def run() -> int:
         rc = auto_cli(_commands(), args=argv, as_positional=False, prog="python -m spellxfer",
                       description=DESCRIPTION, epilog=LIGHTNING_HELP, exit_on_error=False,
                       formatter_class=_HelpFormatter)  # fmt: skip
-    except ArgumentError as e:
-        msg = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
-        err.print(f"[bold red]error:[/] {escape(msg)} (see --help)", soft_wrap=True)
-        return 2
-    except SpellxferError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]")
-        return 130
-    return int(rc or 0)
+        return int(rc or 0)
+
+    return _one_line_errors(run, "--help")
