@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, read_jsonl
 
 from spellxfer.errors import SpellxferError
@@ -426,3 +427,20 @@ def test_without_credentials_wandb_writes_an_offline_run_grouped_by_experiment(d
     logged = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
     assert {"train/loss", "val/position_accuracy", "val/transfer_score"} <= logged
     assert not [k for k in logged if "spell" in k.lower()]
+
+
+def test_optimizer_and_scheduler_defaults_come_from_configs_training(tmp_path, monkeypatch, capsys):
+    from spellxfer.cli import main
+    from spellxfer.training import lightning_cli
+
+    assert [Path(p).name for p in lightning_cli.DEFAULT_CONFIGS] == ["optimizer.yaml", "scheduler.yaml"]
+    extra = tmp_path / "optimizer.yaml"
+    extra.write_text("model:\n  weight_decay: 0.125\n  warmup_steps: 7\n")
+    monkeypatch.setattr(lightning_cli, "DEFAULT_CONFIGS", [*lightning_cli.DEFAULT_CONFIGS, str(extra)])
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["weight_decay"] == 0.125  # from the defaults file
+    assert printed["model"]["learning_rate"] == 1.0e-3  # tiny.yaml overrides the defaults files
+    assert "optimizer" not in printed  # no second way (LightningCLI's --optimizer) to set it

@@ -41,6 +41,13 @@ from spellxfer.training.checkpointing import AtomicCheckpointIO, PredictionsWrit
 from spellxfer.training.data_loaders import SpellingDataModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Project-wide defaults, loaded before the user's --config files (which override any key). They
+# live in the checkout; an installed package without them falls back to the class defaults.
+DEFAULT_CONFIGS = [
+    str(p)
+    for p in (Path(__file__).resolve().parents[2] / "configs" / "training" / f for f in ("optimizer.yaml", "scheduler.yaml"))
+    if p.is_file()
+]
 
 
 class SpellxferCLI(LightningCLI):
@@ -143,7 +150,14 @@ def run_lightning_cli(argv: list[str]) -> int:
             SpellingDataModule,
             trainer_defaults={"callbacks": [RichProgressBar()], "use_distributed_sampler": False},
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "python -m spellxfer", "exit_on_error": False},
+            # optimizer and schedule are model.* keys (configure_optimizers), not LightningCLI's
+            # --optimizer / --lr_scheduler, so there is one way to set them
+            auto_configure_optimizers=False,
+            parser_kwargs={
+                "prog": "python -m spellxfer",
+                "exit_on_error": False,
+                **{cmd: {"default_config_files": DEFAULT_CONFIGS} for cmd in SUBCOMMANDS},
+            },
         )
     finally:
         sys.argv = saved
