@@ -41,6 +41,7 @@ from spellxfer.data.words import (
     nonce_word,
     token_bucket,
 )
+from spellxfer.errors import SpellxferError
 from spellxfer.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
 
 console = Console(stderr=True)
@@ -78,8 +79,6 @@ def build(out: str, profile: Literal["demo", "full"] = "demo", seed: int = 0, ov
         overwrite: Replace a non-empty output directory (``--overwrite true``).
     """
     if profile not in PROFILES:
-        from spellxfer.errors import SpellxferError
-
         raise SpellxferError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     check_output_dir(out, overwrite)
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from spellxfer import __version__
 from spellxfer.data.words import length_bucket, token_bucket
+from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.compare import (
     compare_predictions,
     comparison_markdown,
@@ -104,8 +105,6 @@ def evaluate(
                                 temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)  # fmt: skip
     check_model_name(model)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        from spellxfer.errors import SpellxferError
-
         raise SpellxferError(f"adapter {adapter}: no adapter_config.json there (expected a PEFT adapter directory)")
     if compare_to is not None:
         read_predictions(Path(compare_to))  # fail now, not after an hour of generation
