@@ -12,6 +12,7 @@ Evaluation is position and count only; the model was (at most) trained on spelli
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +20,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from spellxfer import __version__
 from spellxfer.data.words import length_bucket, token_bucket
 from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.compare import (
@@ -31,13 +31,12 @@ from spellxfer.evaluation.compare import (
 from spellxfer.evaluation.generation import (
     GenerationEngine,
     default_sampling,
-    sampling_record,
     timed_generate,
 )
 from spellxfer.evaluation.questions import Item, load_questions
 from spellxfer.evaluation.stats import accuracy_summary
 from spellxfer.models.metrics import TransferAccuracy, score
-from spellxfer.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
+from spellxfer.outputs import atomic_output_dir, check_output_dir, package_versions, write_json, write_jsonl
 
 console = Console()
 TASKS = ("position", "count")
@@ -118,7 +117,7 @@ def evaluate(
     metrics["run"] = {
         "model": model,
         "adapter": adapter,
-        "sampling": sampling_record(sampling),
+        "sampling": asdict(sampling),
         "batch_size": batch_size,
         "questions": list(questions),
         "limit": limit,
@@ -126,7 +125,7 @@ def evaluate(
         "seconds": round(seconds, 2),
         "items_per_second": round(len(items) / seconds, 2) if seconds else None,
         "device": str(next(lm.parameters()).device),
-        "versions": _versions(),
+        "versions": package_versions(),
         "policy": "trained on spelling only; evaluated on position and count only",
     }
     comparison = None
@@ -284,12 +283,3 @@ def print_summary(metrics: dict, out: Path) -> None:
 
 def _ci(lo: float, hi: float) -> str:
     return f"[{lo:.3f}, {hi:.3f}]"
-
-
-def _versions() -> dict:
-    import peft
-    import transformers
-
-    return {"spellxfer": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}  # fmt: skip
-

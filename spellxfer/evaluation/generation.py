@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -164,6 +164,3 @@ def timed_generate(engine: GenerationEngine, questions: Sequence[str], label: st
         seconds = time.perf_counter() - t0
     return replies, seconds
 
-
-def sampling_record(s: Sampling) -> dict:
-    return asdict(s)

@@ -15,15 +15,13 @@ anything else        a hub id (``Qwen/Qwen3-4B`` where a hub is reachable) or a 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from spellxfer.assets import cache_dir, ensure_asset
 from spellxfer.errors import SpellxferError
+from spellxfer.outputs import atomic_output_dir
 
 EMBEDDED = ("smollm2-135m", "tiny-qwen3", "qwen3-4b-shape")
 
@@ -130,12 +128,10 @@ def materialize(name: str, seed: int = 0) -> str:
     if not (out / "config.json").is_file():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(name, dtype=torch.bfloat16, device=device, seed=seed)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
-        model.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(name).save_pretrained(tmp)
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            load_tokenizer(name).save_pretrained(tmp)
         del model
-        os.replace(tmp, out)
     return str(out)
 
 
@@ -170,13 +166,9 @@ def _smollm2_dir() -> Path:
         # collator appending eos must teach the model to end its turn, not to open a new one.
         tok.eos_token = tok.convert_ids_to_tokens(model.config.eos_token_id)
         tok.pad_token = tok.convert_ids_to_tokens(model.config.pad_token_id)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     return out
 
 

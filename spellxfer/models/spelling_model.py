@@ -102,6 +102,7 @@ class SpellingLoRAModule(L.LightningModule):
         self.test_metric = TransferAccuracy()
         # Checkpoints hold only the trainable (LoRA) weights; the frozen base comes from `model`.
         self.strict_loading = False
+        self._generation_engine = None
         self._last_step_time: float | None = None
         self._last_step_tokens = 0
 
@@ -172,12 +173,16 @@ class SpellingLoRAModule(L.LightningModule):
 
     # ---- validation / test: generation, parsing, exact match -----------------------------------
     def _engine(self):
-        from spellxfer.evaluation.generation import GenerationEngine, default_sampling
+        """The shared generation engine, built once (it reads the sampling YAML) per loaded model."""
+        if self._generation_engine is None:
+            from spellxfer.evaluation.generation import GenerationEngine, default_sampling
 
-        hp = self.hparams
-        sampling = default_sampling(decoding=hp.val_decoding, max_new_tokens=hp.val_max_new_tokens, seed=hp.seed)
-        # the dataloader's batch is the generation batch (data.eval_batch_size)
-        return GenerationEngine(self.lm, self.tokenizer, sampling, batch_size=1 << 30)
+            hp = self.hparams
+            sampling = default_sampling(decoding=hp.val_decoding, max_new_tokens=hp.val_max_new_tokens,
+                                        seed=hp.seed)  # fmt: skip
+            # the dataloader's batch is the generation batch (data.eval_batch_size)
+            self._generation_engine = GenerationEngine(self.lm, self.tokenizer, sampling, batch_size=1 << 30)
+        return self._generation_engine
 
     def _score_batch(self, items: list, metric: TransferAccuracy) -> None:
         replies = self._engine().generate([it.question for it in items])

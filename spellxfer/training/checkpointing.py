@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +25,15 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from spellxfer.outputs import atomic_file, atomic_output_dir, git_commit, package_versions
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save into a temp file beside the target, fsync, os.replace (atomic on POSIX)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "wb") as f:
+            torch.save(checkpoint, f)
 
 
 def _rng_state() -> dict:
@@ -98,13 +87,9 @@ class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):
         if batches and batches[0] and isinstance(batches[0][0], list):
             batches = [b for loader in batches for b in loader]  # several loaders: [loader][batch][row]
         rows = [row for batch in batches for row in batch]
-        out = Path(trainer.default_root_dir) / "predictions.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_file(Path(trainer.default_root_dir) / "predictions.jsonl") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
 
 
 class RunManifest(L.Callback):
@@ -127,11 +112,13 @@ class RunManifest(L.Callback):
             "data_manifest_sha256": hashlib.sha256(data_manifest.read_bytes()).hexdigest()
             if data_manifest is not None and data_manifest.is_file()
             else None,
-            "git_commit": _git_commit(),
-            "versions": _versions(),
+            "git_commit": git_commit(),
+            "versions": package_versions(),
             "config": self.config,
         }
-        _write_json_atomic(out / "manifest.json", manifest)
+        with atomic_file(out / "manifest.json") as f:
+            json.dump(manifest, f, indent=2, default=str)
+            f.write("\n")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.global_rank != 0:
@@ -151,41 +138,8 @@ def export_adapter(pl_module, out: Path, ckpt_path: str | None = None) -> Path:
         current = {k: v.detach().clone() for k, v in pl_module.trainable_state_dict().items()}
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
         pl_module.load_state_dict(state, strict=False)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    lm.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        lm.save_pretrained(tmp)
     if current is not None:
         pl_module.load_state_dict(current, strict=False)
-    return out
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("spellxfer", "torch", "transformers", "peft", "lightning", "torchmetrics", "unsloth", "bitsandbytes"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
     return out
