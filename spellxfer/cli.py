@@ -62,7 +62,9 @@ def _commands() -> dict:
     from spellxfer.doctor import doctor
     from spellxfer.evaluation.compare import compare
     from spellxfer.evaluation.evaluate import evaluate
+    from spellxfer.evaluation.speed import bench_eval
     from spellxfer.policy import check
+    from spellxfer.training.speed import bench_train
 
     return {
         "data": {"_help": "Build the spelling / position / count datasets.", "build": build},
@@ -70,6 +72,11 @@ def _commands() -> dict:
         "compare": compare,
         "check": check,
         "doctor": doctor,
+        "bench": {
+            "_help": "Measure training / evaluation speed beside a plain transformers reference.",
+            "train": bench_train,
+            "eval": bench_eval,
+        },
         "assets": {
             "_help": "Fetch or inspect the embedded model and tokenizer assets.",
             "fetch": assets_fetch,
@@ -127,7 +134,7 @@ def _one_line_errors(run, help_hint: str) -> int:
 
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
 # jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
-MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs")
+MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs", "--variants")
 
 
 def fold_multi_value_flags(argv: list[str]) -> list[str]:

@@ -161,3 +161,33 @@ def test_refuses_an_output_layer_it_would_silently_skip(batch):
     model = get_peft_model(load_model("tiny-qwen3", seed=0), LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(ValueError, match="bias-free nn.Linear"):
         completion_only_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+def test_length_grouped_batch_without_mask_equals_each_example_alone(tiny, demo_data):
+    """The training fast path: a length-grouped, right-padded batch run *without* an attention
+    mask (so SDPA may use its fused causal kernel) gives the loss and gradients of running every
+    example alone, unpadded — the pads after a row cannot reach its real tokens."""
+    from spellxfer.training.data_loaders import LengthGroupedBatchSampler
+
+    tok = load_tokenizer("tiny-qwen3")
+    rows = read_jsonl(demo_data / "spelling_train.jsonl")[:64]
+    examples = tokenize_examples(tok, [r["question"] for r in rows], [r["answer"] for r in rows])
+    sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], batch_size=16, seed=0)
+    idx = next(iter(sampler))
+    group = [examples[i] for i in idx]
+    b = SpellingCollator(tok.pad_token_id)(group)
+    assert (b["attention_mask"] == 0).any(), "the group should still hold some padding"
+    batched = completion_only_loss(tiny, b["input_ids"], None, b["labels"])
+    batched_grads = param_grads(tiny, batched)
+
+    total, n_supervised = 0.0, 0
+    for e in group:
+        ids, labels = torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        total = total + completion_only_loss(tiny, ids, None, labels) * n
+        n_supervised += n
+    alone = total / n_supervised
+    alone_grads = param_grads(tiny, alone)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    for name, g in alone_grads.items():
+        torch.testing.assert_close(batched_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)

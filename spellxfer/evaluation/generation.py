@@ -84,17 +84,83 @@ def default_sampling(**overrides) -> Sampling:
     return Sampling(**{k: v for k, v in overrides.items() if v is not None})
 
 
-class GenerationEngine:
-    """Generate ``samples`` replies for each question with a causal LM and its tokenizer."""
+def next_token_probs(logits: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling distribution over each row's candidate tokens: ``(probs, token_ids)``.
 
-    def __init__(self, model, tokenizer, sampling: Sampling | None = None, batch_size: int = 32):
+    Same distribution as transformers' warpers in their order (temperature → top-k → top-p →
+    min-p), computed on the top-k candidates only: ``topk`` picks ``k`` of the 151,936 logits
+    without sorting the vocabulary, temperature is monotonic so it commutes with the selection,
+    and top-p / min-p then work on ``k`` sorted values instead of a full-vocabulary sort per step.
+    A token is kept by top-p when the probability mass strictly before it (in descending order)
+    is below ``top_p`` — transformers' rule "drop while the ascending tail mass ≤ 1 − top_p",
+    restated — so the most likely token always survives. Ties at the k-th logit: transformers
+    keeps every tied token, this keeps exactly ``k`` (measure-zero with real logits).
+
+    Args:
+        logits: ``[batch, vocab]`` next-token logits (any float dtype; computed in float32).
+        s: sampled decoding settings.
+
+    Returns:
+        ``probs`` ``[batch, k]`` (rows sum to 1, zeros for dropped candidates) and the candidates'
+        vocabulary ids ``[batch, k]``, most likely first.
+    """
+    k = s.top_k if 0 < s.top_k < logits.shape[-1] else logits.shape[-1]
+    values, ids = logits.float().topk(k, dim=-1)  # sorted, descending
+    probs = (values / s.temperature).softmax(-1)
+    if s.top_p < 1.0:
+        mass_before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(mass_before >= s.top_p, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if s.min_p > 0:
+        probs = probs.masked_fill(probs < s.min_p * probs[:, :1], 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs, ids
+
+
+def pick_next_tokens(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """One token per row: argmax for greedy decoding, else a draw from :func:`next_token_probs`
+    (with the global torch RNG, which :class:`GenerationEngine` seeds per batch)."""
+    if s.decoding == "greedy":
+        return logits.argmax(-1)
+    probs, ids = next_token_probs(logits, s)
+    return ids.gather(-1, torch.multinomial(probs, 1)).squeeze(-1)
+
+
+class GenerationEngine:
+    """Generate ``samples`` replies for each question with a causal LM and its tokenizer.
+
+    Two implementations of one decoding, chosen by ``reference``:
+
+    * ``False`` (default, the fast path): a decode loop written here — prefill with only the last
+      position's logits, a KV cache, :func:`pick_next_tokens` (top-k before top-p, so no
+      full-vocabulary sort per step), and a check for "every row has ended" only every
+      :attr:`EXIT_CHECK_EVERY` steps, so the GPU is not stalled by a host sync each token.
+    * ``True``: ``model.generate`` from transformers, kept as the reference the fast path is
+      tested against (greedy replies identical; sampled distributions equal) and benchmarked
+      against (``spellxfer bench eval``).
+
+    Both left-pad, feed the same position ids (``cumsum(mask) − 1``) and stop a row at its first
+    end-of-turn token.
+    """
+
+    EXIT_CHECK_EVERY = 4
+    """Decode steps between checks whether all rows have ended (each check syncs with the GPU)."""
+
+    def __init__(self, model, tokenizer, sampling: Sampling | None = None, batch_size: int = 32,
+                 reference: bool = False):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = sampling or default_sampling()
         self.batch_size = batch_size
+        self.reference = reference
         self.stop_ids = end_of_turn_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         tokenizer.padding_side = "left"
+        self.new_tokens = 0
+        """Tokens generated so far, padding after a row's end excluded (for throughput reports)."""
+        self.timings: dict[str, float] | None = None
+        """Set to ``{}`` to collect seconds spent in ``prompts`` (formatting, tokenizing),
+        ``prefill`` and ``decode`` (synchronising the GPU at each boundary: for benchmarks only)."""
 
     @torch.inference_mode()
     def generate(self, questions: Sequence[str], progress=None) -> list[list[str]]:
@@ -124,19 +190,73 @@ class GenerationEngine:
         return replies
 
     def _generate_batch(self, prompts: list[str], batch_index: int, device) -> list[str]:
-        s = self.sampling
+        self._lap(None)
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        self._lap("prompts")
         # One seed per batch: same inputs, seed and batch size → same replies.
-        torch.manual_seed(s.seed * 1_000_003 + batch_index)
+        torch.manual_seed(self.sampling.seed * 1_000_003 + batch_index)
+        run = self._transformers_generate if self.reference else self._decode_loop
+        out = run(enc["input_ids"], enc["attention_mask"])
+        is_stop = torch.isin(out, torch.tensor(self.stop_ids, device=out.device))
+        self.new_tokens += int((is_stop.cumsum(1) - is_stop.long() == 0).sum())  # up to each row's end
+        texts = [self._decode(tokens) for tokens in out.tolist()]
+        self._lap("decode" if self.reference else "finish")
+        return texts
+
+    def _lap(self, name: str | None) -> None:
+        """Benchmark timing (see :attr:`timings`): charge the time since the last lap to ``name``."""
+        if self.timings is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if name is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + now - self._t
+        self._t = now
+
+    def _transformers_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        s = self.sampling
         out = self.model.generate(
-            **enc,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             max_new_tokens=s.max_new_tokens,
             num_return_sequences=s.samples,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             **s.generate_kwargs(),
         )
-        return [self._decode(tokens) for tokens in out[:, enc["input_ids"].shape[1] :].tolist()]
+        return out[:, input_ids.shape[1] :]
+
+    def _decode_loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """New tokens ``[rows × samples, ≤ max_new_tokens]``, pad after each row's end of turn."""
+        from transformers import DynamicCache
+
+        s = self.sampling
+        if s.samples > 1:  # rows i*K … i*K+K-1 are question i's samples, as num_return_sequences
+            input_ids = input_ids.repeat_interleave(s.samples, 0)
+            attention_mask = attention_mask.repeat_interleave(s.samples, 0)
+        # Left padding: real tokens are numbered from 0 (pads get 0 and are masked out anyway).
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        stop = torch.tensor(self.stop_ids, device=input_ids.device)
+        ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        cache = DynamicCache(config=self.model.config)
+        ids, new = input_ids, []
+        for step in range(s.max_new_tokens):
+            logits = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+            if step == 0:
+                self._lap("prefill")
+            token = pick_next_tokens(logits, s).masked_fill(ended, self.pad_id)
+            new.append(token)
+            ended |= torch.isin(token, stop)
+            if (step + 1) % self.EXIT_CHECK_EVERY == 0 and bool(ended.all()):
+                break
+            ids = token[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((ids.shape[0], 1))], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+        out = torch.stack(new, dim=1)
+        self._lap("decode")
+        return out
 
     def _decode(self, tokens: list[int]) -> str:
         """Raw reply text: everything generated up to and including the first end-of-turn token."""

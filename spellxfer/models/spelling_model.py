@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -46,6 +47,11 @@ class SpellingLoRAModule(L.LightningModule):
         target_modules: Linear layers that get LoRA adapters (all seven by default).
         load_in_4bit: Quantise the frozen base to 4-bit (CUDA only; needs bitsandbytes).
         gradient_checkpointing: Trade compute for memory (recompute activations in backward).
+        kernels: Fused Triton kernels for the hf backend on CUDA: ``liger`` (Liger-Kernel's
+            RMSNorm, SwiGLU and RoPE for Qwen3 / Llama-family models), ``none``, or ``auto``
+            (Liger when installed and the architecture is supported). See docs/performance.md.
+        compile: ``torch.compile`` each decoder layer (hf backend; the first steps pay the compile
+            time, and a new sequence length may recompile once with dynamic shapes).
         learning_rate: Peak AdamW learning rate (> 0).
         weight_decay: AdamW weight decay on LoRA weights.
         optimizer: adamw, or adamw_8bit (bitsandbytes, CUDA only).
@@ -55,6 +61,13 @@ class SpellingLoRAModule(L.LightningModule):
         val_max_new_tokens: Reply length cap during validation.
         seed: Seed for random-weight models and validation sampling.
     """
+
+    use_attention_mask = False
+    """Ablation switch for ``spellxfer bench train``: pass the padding mask to the training
+    forward, as the plain loop does (the default leaves it out; see ``training_step``)."""
+    keep_peft_input_cast = False
+    """Ablation switch for ``spellxfer bench train``: keep PEFT's float32 input copies (see
+    ``_mixed_precision``)."""
 
     def __init__(
         self,
@@ -66,6 +79,8 @@ class SpellingLoRAModule(L.LightningModule):
         target_modules: list[str] = list(ALL_LINEAR),  # noqa: B006  (jsonargparse needs a literal default)
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
+        kernels: Literal["auto", "liger", "none"] = "auto",
+        compile: bool = False,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
@@ -93,6 +108,9 @@ class SpellingLoRAModule(L.LightningModule):
             _require(cuda, "model.backend", "unsloth needs a CUDA GPU; use backend: hf on this machine")
             _require(importlib.util.find_spec("unsloth") is not None, "model.backend",
                      "unsloth is not installed (pip install 'spellxfer[gpu]')")  # fmt: skip
+        if kernels == "liger":
+            _require(cuda and importlib.util.find_spec("liger_kernel") is not None, "model.kernels",
+                     "liger needs CUDA and the liger-kernel package (pip install liger-kernel)")  # fmt: skip
         if load_in_4bit or optimizer == "adamw_8bit":
             _require(cuda, "model.load_in_4bit/optimizer", "4-bit weights and 8-bit AdamW need CUDA")
         self.save_hyperparameters()
@@ -105,6 +123,9 @@ class SpellingLoRAModule(L.LightningModule):
         self._generation_engine = None
         self._last_step_time: float | None = None
         self._last_step_tokens = 0
+        self._lora_layers: list = []
+        self.kernels_applied = "none"
+        """Fused kernels actually in use after ``configure_model`` (``liger`` or ``none``)."""
 
     # ---- model ------------------------------------------------------------------------------------
     @property
@@ -126,9 +147,19 @@ class SpellingLoRAModule(L.LightningModule):
             self.lm = _load_hf(hp, self.device)
             self.tokenizer = load_tokenizer(hp.model)
         self.lm.train()  # the registry hands out eval-mode models (for generation)
-        if hp.gradient_checkpointing and self.resolved_backend == "hf":  # Unsloth sets up its own
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.lm.enable_input_require_grads()
+        if self.resolved_backend == "hf":  # Unsloth brings its own kernels and checkpointing
+            if hp.gradient_checkpointing:
+                self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self.lm.enable_input_require_grads()
+            self.kernels_applied = _apply_kernels(self.lm, hp.kernels)
+            if hp.compile:
+                # One compiled graph serves all layers: parameters are graph inputs
+                # (inline_inbuilt_nn_modules), so 36 identical layers compile once.
+                for layer in self.lm.get_decoder().layers:
+                    layer.compile(dynamic=True)
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._lora_layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -141,7 +172,12 @@ class SpellingLoRAModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         from spellxfer.models.losses import completion_only_loss
 
-        loss = completion_only_loss(self.lm, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        # attention_mask=None: the collator pads on the right, and causal attention never lets a
+        # real token see the pads after it, so the mask changes nothing for supervised positions —
+        # but without one, SDPA can run its fused causal (flash) kernel. Pinned by a test.
+        with self._mixed_precision():
+            mask = batch["attention_mask"] if self.use_attention_mask else None
+            loss = completion_only_loss(self.lm, batch["input_ids"], mask, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/real_tokens", float(batch["n_real_tokens"]), reduce_fx="sum", batch_size=1)
         # Throughput between consecutive steps (data, forward, backward, optimizer: all of it),
@@ -152,6 +188,30 @@ class SpellingLoRAModule(L.LightningModule):
             self.log("train/tokens_per_second", rate, prog_bar=True, batch_size=1)
         self._last_step_time, self._last_step_tokens = now, batch["n_real_tokens"]
         return loss
+
+    @contextmanager
+    def _mixed_precision(self):
+        """bf16 autocast with fp32 LoRA weights, as Lightning's ``bf16-mixed`` does — plus one fix.
+
+        PEFT keeps adapter weights in float32 and, before each LoRA product, casts the layer's
+        *input* to float32: a full-size float32 copy of every activation entering the seven
+        adapted layers, saved for backward (≈105 KB per token per Qwen3-4B layer, 40% of the
+        activation memory; see docs/performance.md). Under autocast the cast is pointless — the
+        product runs in bf16 anyway — so it is switched off for the step and the adapter's tiny
+        weight is cast instead. CPU and float32 models are untouched.
+        """
+        bf16 = self.lm is not None and self.lm.dtype == torch.bfloat16 and self.device.type == "cuda"
+        if not bf16 or self.keep_peft_input_cast:
+            yield
+            return
+        for m in self._lora_layers:
+            m.cast_input_dtype_enabled = False
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yield
+        finally:
+            for m in self._lora_layers:
+                m.cast_input_dtype_enabled = True
 
     def on_train_end(self) -> None:
         if torch.cuda.is_available():
@@ -237,6 +297,26 @@ def _schedule(opt, kind: str, warmup: int, total: int):
         return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _apply_kernels(lm, kernels: str) -> str:
+    """Swap in Liger-Kernel's fused RMSNorm, SwiGLU and RoPE where asked and possible; returns
+    what was applied (``liger`` or ``none``). LoRA wrappers stay in place: Liger's SwiGLU module
+    calls the (adapted) gate / up / down projections and fuses only the activation."""
+    if kernels == "none" or not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+        return "none"
+    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen3
+
+    patch = {"qwen3": apply_liger_kernel_to_qwen3, "llama": apply_liger_kernel_to_llama}.get(lm.config.model_type)
+    if patch is None:
+        if kernels == "liger":
+            raise SpellxferError(f"model.kernels: liger supports qwen3 and llama models, not {lm.config.model_type}")
+        return "none"
+    # fused_linear_cross_entropy stays off: the completion-only chunked loss already never
+    # builds full logits (spellxfer/models/losses.py).
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+          model=lm.get_base_model())  # fmt: skip
+    return "liger"
 
 
 def _lora_config(hp):
