@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from spellxfer.errors import SpellxferError
+from spellxfer.evaluation.attention import grouped_decode_attention
 from spellxfer.training.qwen3_utils import end_of_turn_ids, format_prompt
 
 QWEN3_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "qwen3_config.yaml"
@@ -240,7 +241,15 @@ class GenerationEngine:
         stop = torch.tensor(self.stop_ids, device=input_ids.device)
         ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         cache = DynamicCache(config=self.model.config)
-        ids, new = input_ids, []
+        with grouped_decode_attention(self.model):
+            new = self._steps(input_ids, attention_mask, position_ids, cache, ended, stop)
+        out = torch.stack(new, dim=1)
+        self._lap("decode")
+        return out
+
+    def _steps(self, ids, attention_mask, position_ids, cache, ended, stop) -> list[torch.Tensor]:
+        """Prefill, then one token per step until ``max_new_tokens`` or every row has ended."""
+        s, new = self.sampling, []
         for step in range(s.max_new_tokens):
             logits = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
@@ -254,9 +263,7 @@ class GenerationEngine:
             ids = token[:, None]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((ids.shape[0], 1))], dim=-1)
             position_ids = position_ids[:, -1:] + 1
-        out = torch.stack(new, dim=1)
-        self._lap("decode")
-        return out
+        return new
 
     def _decode(self, tokens: list[int]) -> str:
         """Raw reply text: everything generated up to and including the first end-of-turn token."""

@@ -50,8 +50,6 @@ class SpellingLoRAModule(L.LightningModule):
         kernels: Fused Triton kernels for the hf backend on CUDA: ``liger`` (Liger-Kernel's
             RMSNorm, SwiGLU and RoPE for Qwen3 / Llama-family models), ``none``, or ``auto``
             (Liger when installed and the architecture is supported). See docs/performance.md.
-        compile: ``torch.compile`` each decoder layer (hf backend; the first steps pay the compile
-            time, and a new sequence length may recompile once with dynamic shapes).
         learning_rate: Peak AdamW learning rate (> 0).
         weight_decay: AdamW weight decay on LoRA weights.
         optimizer: adamw, or adamw_8bit (bitsandbytes, CUDA only).
@@ -68,6 +66,11 @@ class SpellingLoRAModule(L.LightningModule):
     keep_peft_input_cast = False
     """Ablation switch for ``spellxfer bench train``: keep PEFT's float32 input copies (see
     ``_mixed_precision``)."""
+    cudnn_attention = False
+    """Ablation switch for ``spellxfer bench train``: let SDPA pick cuDNN attention for training.
+    Off by default: cuDNN builds an execution plan per new sequence length (milliseconds of host
+    time per layer), and length-grouped batches bring a new length most steps; the flash and
+    memory-efficient kernels need no plan (docs/performance.md)."""
 
     def __init__(
         self,
@@ -80,7 +83,6 @@ class SpellingLoRAModule(L.LightningModule):
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
         kernels: Literal["auto", "liger", "none"] = "auto",
-        compile: bool = False,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
@@ -152,11 +154,6 @@ class SpellingLoRAModule(L.LightningModule):
                 self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 self.lm.enable_input_require_grads()
             self.kernels_applied = _apply_kernels(self.lm, hp.kernels)
-            if hp.compile:
-                # One compiled graph serves all layers: parameters are graph inputs
-                # (inline_inbuilt_nn_modules), so 36 identical layers compile once.
-                for layer in self.lm.get_decoder().layers:
-                    layer.compile(dynamic=True)
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             self._lora_layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
@@ -175,7 +172,7 @@ class SpellingLoRAModule(L.LightningModule):
         # attention_mask=None: the collator pads on the right, and causal attention never lets a
         # real token see the pads after it, so the mask changes nothing for supervised positions —
         # but without one, SDPA can run its fused causal (flash) kernel. Pinned by a test.
-        with self._mixed_precision():
+        with self._mixed_precision(), self._attention_kernels():
             mask = batch["attention_mask"] if self.use_attention_mask else None
             loss = completion_only_loss(self.lm, batch["input_ids"], mask, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -188,6 +185,14 @@ class SpellingLoRAModule(L.LightningModule):
             self.log("train/tokens_per_second", rate, prog_bar=True, batch_size=1)
         self._last_step_time, self._last_step_tokens = now, batch["n_real_tokens"]
         return loss
+
+    def _attention_kernels(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        if self.cudnn_attention:
+            backends.insert(0, SDPBackend.CUDNN_ATTENTION)
+        return sdpa_kernel(backends)
 
     @contextmanager
     def _mixed_precision(self):

@@ -12,8 +12,8 @@ One process, one card, the same spelling rows (the ``full`` build's length mix) 
 
 A variant can carry overrides, ``NAME:key=value,key=value`` — ``batch_size``, ``kernels``,
 ``gradient_checkpointing``, ``backend``, ``load_in_4bit`` for ``spellxfer``, plus the ablation
-switches ``attention_mask=true`` (pass the padding mask as before) and ``peft_input_cast=true``
-(leave PEFT's float32 input cast on), which is how docs/performance.md measures what each
+switches ``attention_mask=true`` (pass the padding mask as before), ``peft_input_cast=true``
+(leave PEFT's float32 input cast on) and ``cudnn_attention=true`` (let SDPA use cuDNN), which is how docs/performance.md measures what each
 optimisation buys, one at a time.
 
 Throughput counts real (non-pad) tokens only, over ``steps`` optimizer steps after ``warmup``
@@ -38,7 +38,7 @@ from spellxfer.errors import SpellxferError
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (NVIDIA datasheet)
 SPELLXFER_KEYS = {"batch_size", "kernels", "gradient_checkpointing", "backend", "load_in_4bit", "attention_mask",
-                  "peft_input_cast", "lora_r", "compile"}  # fmt: skip
+                  "peft_input_cast", "lora_r", "cudnn_attention"}  # fmt: skip
 REFERENCE_KEYS = {"batch_size", "gradient_checkpointing", "lora_r"}
 
 
@@ -173,11 +173,13 @@ def run_spellxfer(model: str, data_dir: Path, n_rows: int, steps: int, warmup: i
 
     attention_mask = overrides.pop("attention_mask", False)
     peft_input_cast = overrides.pop("peft_input_cast", False)
+    cudnn_attention = overrides.pop("cudnn_attention", False)
     lora_r = overrides.pop("lora_r", 16)
     module = SpellingLoRAModule(model=model, lora_r=lora_r, lora_alpha=2 * lora_r, warmup_steps=0, seed=seed,
                                 **overrides)  # fmt: skip
     module.use_attention_mask = attention_mask
     module.keep_peft_input_cast = peft_input_cast
+    module.cudnn_attention = cudnn_attention
     data = SpellingDataModule(str(data_dir), model, build_profile=None, seed=seed, batch_size=batch_size,
                               train_limit=n_rows, val_limit=1)  # fmt: skip
     timer = _StepTimer(warmup, steps, device, profile)
@@ -257,7 +259,7 @@ def run_variant(spec: str, model: str, data_dir: Path, examples: list[dict], ste
                               profile=profile, **overrides)  # fmt: skip
     except torch.OutOfMemoryError as e:  # a finding, not a crash: the table says which setting does not fit
         r = {"failed": "out of memory: " + str(e).splitlines()[0], "config": None}
-    except Exception as e:  # e.g. a compile failure: record it, measure the other variants
+    except Exception as e:  # e.g. a kernel that fails to build: record it, measure the other variants
         import traceback
 
         traceback.print_exc()
@@ -277,7 +279,7 @@ def bench_train(
     batch_size: int = 128,
     reference_batch_size: int = 64,
     steps: int = 10,
-    warmup: int = 3,
+    warmup: int = 5,
     seed: int = 0,
     profile: bool = False,
     out: str | None = None,
@@ -314,27 +316,17 @@ def bench_train(
     if not (data / "spelling_train.jsonl").is_file():
         build(str(data), profile="full", seed=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    biggest = max([batch_size, reference_batch_size, *(parse_variant(v)[1].get("batch_size", 0) for v in specs)])
-    examples = _examples(data, model, (warmup + steps) * biggest, seed)
-    supervised = sum(sum(t != -100 for t in e["labels"]) for e in examples) / sum(len(e["labels"]) for e in examples)
-    rate = matmul_rate(device)
-    results = []
-    for spec in specs:
-        print(f"bench train: {spec} …", flush=True)
-        r = run_variant(spec, model, data, examples, steps, warmup, batch_size, reference_batch_size, seed, device,
-                        profile)  # fmt: skip
-        config = r.pop("config")
-        if "failed" in r:
-            print(f"bench train: {spec} failed: {r['failed']}", flush=True)
-            r.update(tokens_per_second=0.0, padding_fraction=None, mfu_vs_matmul=0.0, mfu_vs_peak=0.0)
-            results.append(r)
-            continue
-        r["tokens_per_second"] = r["real_tokens"] / r["seconds"]
-        r["padding_fraction"] = 1 - r["real_tokens"] / r["padded_tokens"]
-        useful = r["tokens_per_second"] * flops_per_token(config, supervised)
-        r["mfu_vs_matmul"] = useful / rate
-        r["mfu_vs_peak"] = useful / H100_BF16_PEAK if device.type == "cuda" else None
-        results.append(r)
+    if len(specs) > 1:
+        # Each variant in a fresh process: kernel patches (Liger swaps module classes globally),
+        # cuDNN plan caches and allocator state cannot leak from one measurement into the next.
+        results, rate, supervised = [], None, None
+        for spec in specs:
+            one = _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile)
+            rate, supervised = one["matmul_flops_per_second"], one["supervised_fraction"]
+            results.append(one["results"][0])
+    else:
+        rate, supervised, results = _measure(specs[0], model, data, batch_size, reference_batch_size, steps, warmup,
+                                             seed, profile, device)  # fmt: skip
     base = results[0]["tokens_per_second"] or float("nan")
     for r in results:
         r["ratio_to_first"] = r["tokens_per_second"] / base
@@ -349,6 +341,45 @@ def bench_train(
         json.dump(report, f, indent=2, default=str)
     print(f"wrote {out_path}")
     return 0
+
+
+def _measure(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile, device):
+    """One variant in this process: (matmul FLOP/s, supervised fraction, [result])."""
+    bs = max(batch_size, reference_batch_size, parse_variant(spec)[1].get("batch_size", 0))
+    examples = _examples(data, model, (warmup + steps + 1) * bs, seed)
+    supervised = sum(sum(t != -100 for t in e["labels"]) for e in examples) / sum(len(e["labels"]) for e in examples)
+    rate = matmul_rate(device)
+    print(f"bench train: {spec} …", flush=True)
+    r = run_variant(spec, model, data, examples, steps, warmup, batch_size, reference_batch_size, seed, device, profile)
+    config = r.pop("config")
+    if "failed" in r:
+        print(f"bench train: {spec} failed: {r['failed']}", flush=True)
+        r.update(tokens_per_second=0.0, padding_fraction=None, mfu_vs_matmul=0.0, mfu_vs_peak=0.0)
+        return rate, supervised, [r]
+    r["tokens_per_second"] = r["real_tokens"] / r["seconds"]
+    r["padding_fraction"] = 1 - r["real_tokens"] / r["padded_tokens"]
+    useful = r["tokens_per_second"] * flops_per_token(config, supervised)
+    r["mfu_vs_matmul"] = useful / rate
+    r["mfu_vs_peak"] = useful / H100_BF16_PEAK if device.type == "cuda" else None
+    return rate, supervised, [r]
+
+
+def _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile) -> dict:
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "one.json"
+        cmd = [sys.executable, "-m", "spellxfer", "bench", "train", "--model", model, "--data_dir", str(data),
+               "--variants", spec, "--batch_size", str(batch_size), "--reference_batch_size",
+               str(reference_batch_size), "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed),
+               "--profile", str(profile).lower(), "--out", str(out)]  # fmt: skip
+        rc = subprocess.run(cmd).returncode
+        if rc != 0 or not out.is_file():
+            raise SpellxferError(f"bench train: variant {spec!r} exited with code {rc}")
+        return json.loads(out.read_text())
 
 
 def _device_name(device: torch.device) -> str:
@@ -371,4 +402,4 @@ def _print_table(report: dict, rate_label: str, key: str) -> None:
         table.add_row(r["variant"], str(r["batch_size"]), f"{r[key]:,.0f}", f"{r['ratio_to_first']:.2f}",
                       "–" if r["mfu_vs_peak"] is None else f"{r['mfu_vs_peak']:.1%}", f"{r['mfu_vs_matmul']:.1%}",
                       "–" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}")  # fmt: skip
-    Console().print(table)
+    Console(width=200).print(table)
