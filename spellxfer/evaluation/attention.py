@@ -6,11 +6,11 @@ always has one, so every layer first *copies* keys and values four times (``repe
 at batch 1,024 and ~48 cached positions that is 0.8 GB written per layer per generated token,
 the largest item after the matrix products in the H100 profile (docs/performance.md).
 
-A decode step has one query position, so the grouping can be expressed as a plain batched
-product instead: the 4 query heads of a group form the rows of one small matrix multiplied by
-that group's keys ``[batch, kv_heads, 4, dim] @ [batch, kv_heads, dim, L]``, reading the cache
-once. Prefill (several query positions) keeps transformers' SDPA path, whose fused kernels win
-there. Registered under the name ``spellxfer_gqa`` with transformers' attention and mask
+The grouping can be expressed as a plain batched product instead: the 4 query heads of a
+group (times the query positions: 1 per decode step, the prompt length at prefill) form the
+rows of one matrix multiplied by that group's keys, ``[batch, kv_heads, 4·T, dim] @ [batch,
+kv_heads, dim, L]``, reading the cache once. Prompts are short (~35 tokens), so the explicit
+``T × L`` scores cost less than the copies they replace. Registered under the name ``spellxfer_gqa`` with transformers' attention and mask
 registries; :func:`grouped_decode_attention` switches a model to it for a block.
 """
 
@@ -29,20 +29,30 @@ NAME = "spellxfer_gqa"
 def gqa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling: float | None = None, **kwargs):  # fmt: skip
     """transformers attention function: ``query [B, H, T, D]``, ``key``/``value [B, Hkv, L, D]``
-    → ``([B, T, H, D], None)``; the grouped product for T = 1, SDPA otherwise."""
+    → ``([B, T, H, D], None)``.
+
+    With a mask (left-padded batches: every decode step, and prefill), each group's query heads
+    are stacked as rows of one matrix against that group's keys; without one (no padding), the
+    prompt goes to SDPA's fused causal kernel, which handles the grouping itself.
+    """
     batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    if q_len != 1 or heads == kv_heads or dropout:
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    if heads == kv_heads or dropout or (attention_mask is None and q_len > 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
+    groups = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
-    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
-    if attention_mask is not None:  # [B, 1, 1, L]: bool (True = attend) or additive float
-        mask = attention_mask[:, :, -1:, -key.shape[2] :]
+    q = query.reshape(batch, kv_heads, groups * q_len, dim)  # head h = group h // G, row h % G
+    scores = (torch.matmul(q, key.transpose(-1, -2)).float() * scale).view(batch, kv_heads, groups, q_len, kv_len)
+    if attention_mask is not None:  # [B, 1, T, L]: bool (True = attend) or additive float
+        mask = attention_mask[:, :, -q_len:, -kv_len:].unsqueeze(2)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # [B, Hkv, G, D]
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+    # A left-pad query position may see no key at all: its softmax is 0/0. Zero it, so the pad's
+    # hidden state stays finite (a NaN there would leak into real rows as 0 × NaN in the next
+    # layer's value product); real tokens never attend to pads, whatever their values.
+    probs = scores.softmax(-1).nan_to_num_(0.0).to(value.dtype).view(batch, kv_heads, groups * q_len, kv_len)
+    out = torch.matmul(probs, value)  # [B, Hkv, G·T, D]
+    return out.view(batch, heads, q_len, dim).transpose(1, 2), None
 
 
 AttentionInterface.register(NAME, gqa_attention_forward)

@@ -145,7 +145,7 @@ def evaluate(
 
 def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
     """Model (+ optional LoRA adapter) and tokenizer, on the requested device, ready to generate."""
-    from spellxfer.models.registry import load_model, load_tokenizer
+    from spellxfer.models.registry import apply_fused_kernels, load_model, load_tokenizer
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,6 +157,7 @@ def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
             from peft import PeftModel
 
             lm = PeftModel.from_pretrained(lm, adapter).eval()
+        apply_fused_kernels(lm)  # Liger's RMSNorm / SwiGLU / RoPE on CUDA when installed
     return lm, tokenizer
 
 

@@ -75,7 +75,7 @@ def bench_eval(
     """
     from spellxfer.data.build import build
     from spellxfer.evaluation.generation import GenerationEngine, default_sampling
-    from spellxfer.models.registry import check_model_name, load_model, load_tokenizer
+    from spellxfer.models.registry import check_model_name
     from spellxfer.outputs import atomic_file, git_commit, package_versions
     from spellxfer.training.qwen3_utils import format_prompt
 
@@ -92,8 +92,13 @@ def bench_eval(
     if len(qs) < n_questions:
         raise SpellxferError(f"bench eval: {data} holds only {len(qs)} questions; lower --n_questions")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from spellxfer.models.registry import apply_fused_kernels, load_model, load_tokenizer
+
+    # Plain weights first: the reference runs unpatched; spellxfer variants get the fused kernels
+    # `evaluate` applies (Liger patches classes for good, so list the reference first).
     lm = load_model(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=str(device))
     tok = load_tokenizer(model)
+    kernels = "none"
     prompt_tokens = sum(len(ids) for ids in tok([format_prompt(tok, q) for q in qs], add_special_tokens=False)["input_ids"])
     rate = matmul_rate(device)
     cfg = lm.config
@@ -103,6 +108,8 @@ def bench_eval(
     results = []
     for spec, name, bs in specs:
         bs = bs or (reference_batch_size if name == "reference" else batch_size)
+        if name == "spellxfer" and kernels == "none":
+            kernels = apply_fused_kernels(lm)
         engine = GenerationEngine(lm, tok, sampling, batch_size=bs, reference=name == "reference")
         engine.generate(qs[: min(bs, 64)])  # warm-up: CUDA context, kernels, allocator
         engine.new_tokens = 0
@@ -133,7 +140,7 @@ def bench_eval(
             "mfu_vs_matmul": useful / seconds / rate,
             "mfu_vs_peak": useful / seconds / H100_BF16_PEAK if device.type == "cuda" else None,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            "one_batch_phases_seconds": phases,
+            "one_batch_phases_seconds": phases, "kernels": kernels,
         })  # fmt: skip
     base = results[0]["questions_per_second"]
     for r in results:

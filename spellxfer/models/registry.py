@@ -184,3 +184,32 @@ def _is_converted(out: Path) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     return (out / "model.safetensors").is_file() and tok_eos == model_eos
+
+
+def apply_fused_kernels(lm, kernels: str = "auto") -> str:
+    """Swap in Liger-Kernel's fused RMSNorm, SwiGLU and RoPE (Triton, CUDA) where asked and
+    possible; returns what was applied (``liger`` or ``none``). ``lm`` may be PEFT-wrapped: LoRA
+    layers stay in place, since Liger's SwiGLU module calls the (adapted) gate / up / down
+    projections and fuses only the activation. Training and generation both use it.
+
+    Args:
+        lm: a transformers causal LM, plain or PEFT-wrapped.
+        kernels: ``auto`` (Liger when on CUDA, installed and the architecture is supported),
+            ``liger`` (the same, but an unsupported architecture is an error) or ``none``.
+    """
+    import importlib.util
+
+    if kernels == "none" or not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+        return "none"
+    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen3
+
+    patch = {"qwen3": apply_liger_kernel_to_qwen3, "llama": apply_liger_kernel_to_llama}.get(lm.config.model_type)
+    if patch is None:
+        if kernels == "liger":
+            raise SpellxferError(f"model.kernels: liger supports qwen3 and llama models, not {lm.config.model_type}")
+        return "none"
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    # fused_linear_cross_entropy stays off: the completion-only chunked loss already never
+    # builds full logits (spellxfer/models/losses.py), and generation needs only the last position.
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=base)
+    return "liger"

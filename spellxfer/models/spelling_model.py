@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from typing import Literal
 
 import lightning as L
@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from spellxfer.errors import SpellxferError
 from spellxfer.models.metrics import TransferAccuracy, score
+from spellxfer.models.registry import apply_fused_kernels
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -125,7 +126,7 @@ class SpellingLoRAModule(L.LightningModule):
         self._generation_engine = None
         self._last_step_time: float | None = None
         self._last_step_tokens = 0
-        self._lora_layers: list = []
+        self._bf16_autocast = False
         self.kernels_applied = "none"
         """Fused kernels actually in use after ``configure_model`` (``liger`` or ``none``)."""
 
@@ -153,10 +154,14 @@ class SpellingLoRAModule(L.LightningModule):
             if hp.gradient_checkpointing:
                 self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 self.lm.enable_input_require_grads()
-            self.kernels_applied = _apply_kernels(self.lm, hp.kernels)
-            from peft.tuners.tuners_utils import BaseTunerLayer
+            self.kernels_applied = apply_fused_kernels(self.lm, hp.kernels)
+            if self.lm.dtype == torch.bfloat16 and self.lm.device.type == "cuda" and not self.keep_peft_input_cast:
+                from peft.tuners.tuners_utils import BaseTunerLayer
 
-            self._lora_layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+                for m in self.lm.modules():
+                    if isinstance(m, BaseTunerLayer):
+                        m.cast_input_dtype_enabled = False  # see _mixed_precision
+                self._bf16_autocast = True
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -194,29 +199,20 @@ class SpellingLoRAModule(L.LightningModule):
             backends.insert(0, SDPBackend.CUDNN_ATTENTION)
         return sdpa_kernel(backends)
 
-    @contextmanager
     def _mixed_precision(self):
-        """bf16 autocast with fp32 LoRA weights, as Lightning's ``bf16-mixed`` does — plus one fix.
+        """bf16 autocast with float32 LoRA weights, as Lightning's ``bf16-mixed`` does — plus one fix.
 
         PEFT keeps adapter weights in float32 and, before each LoRA product, casts the layer's
         *input* to float32: a full-size float32 copy of every activation entering the seven
-        adapted layers, saved for backward (≈105 KB per token per Qwen3-4B layer, 40% of the
-        activation memory; see docs/performance.md). Under autocast the cast is pointless — the
-        product runs in bf16 anyway — so it is switched off for the step and the adapter's tiny
-        weight is cast instead. CPU and float32 models are untouched.
+        adapted layers, kept for backward (≈105 KB per token per Qwen3-4B layer). Under autocast
+        the cast is pointless — the product runs in bf16 anyway — so ``configure_model`` turns it
+        off for bf16 CUDA models and every forward (training, validation, prediction) runs here.
+        The autocast state is what activation checkpointing restores when it recomputes, so
+        recomputed tensors match. CPU and float32 models are untouched.
         """
-        bf16 = self.lm is not None and self.lm.dtype == torch.bfloat16 and self.device.type == "cuda"
-        if not bf16 or self.keep_peft_input_cast:
-            yield
-            return
-        for m in self._lora_layers:
-            m.cast_input_dtype_enabled = False
-        try:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                yield
-        finally:
-            for m in self._lora_layers:
-                m.cast_input_dtype_enabled = True
+        if not self._bf16_autocast:
+            return nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16)
 
     def on_train_end(self) -> None:
         if torch.cuda.is_available():
@@ -250,13 +246,15 @@ class SpellingLoRAModule(L.LightningModule):
         return self._generation_engine
 
     def _score_batch(self, items: list, metric: TransferAccuracy) -> None:
-        replies = self._engine().generate([it.question for it in items])
+        with self._mixed_precision():
+            replies = self._engine().generate([it.question for it in items])
         correct = [score(r[0], it.answer)[1] for r, it in zip(replies, items)]
         metric.update([it.task for it in items], [it.subtask for it in items], correct)
 
     def predict_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         """Raw reply, parsed answer and correctness per test item (written by PredictionsWriter)."""
-        replies = self._engine().generate([it.question for it in batch])
+        with self._mixed_precision():
+            replies = self._engine().generate([it.question for it in batch])
         rows = []
         for r, it in zip(replies, batch):
             parsed, correct = score(r[0], it.answer)
@@ -302,26 +300,6 @@ def _schedule(opt, kind: str, warmup: int, total: int):
         return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _apply_kernels(lm, kernels: str) -> str:
-    """Swap in Liger-Kernel's fused RMSNorm, SwiGLU and RoPE where asked and possible; returns
-    what was applied (``liger`` or ``none``). LoRA wrappers stay in place: Liger's SwiGLU module
-    calls the (adapted) gate / up / down projections and fuses only the activation."""
-    if kernels == "none" or not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
-        return "none"
-    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen3
-
-    patch = {"qwen3": apply_liger_kernel_to_qwen3, "llama": apply_liger_kernel_to_llama}.get(lm.config.model_type)
-    if patch is None:
-        if kernels == "liger":
-            raise SpellxferError(f"model.kernels: liger supports qwen3 and llama models, not {lm.config.model_type}")
-        return "none"
-    # fused_linear_cross_entropy stays off: the completion-only chunked loss already never
-    # builds full logits (spellxfer/models/losses.py).
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
-          model=lm.get_base_model())  # fmt: skip
-    return "liger"
 
 
 def _lora_config(hp):
