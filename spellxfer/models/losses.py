@@ -154,7 +154,10 @@ def completion_only_loss(
         raise ValueError(
             "completion_only_loss cannot apply final_logit_softcapping; use completion_loss_from_logits"
         )
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # use_cache=False: a training forward has no use for a KV cache, and with activation
+    # checkpointing a cache would grow again during recomputation (keys of twice the length).
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return completion_loss_from_hidden(hidden, head.weight, labels, chunk_size)
 
 
