@@ -162,6 +162,9 @@ class SpellingLoRAModule(L.LightningModule):
                     if isinstance(m, BaseTunerLayer):
                         m.cast_input_dtype_enabled = False  # see _mixed_precision
                 self._bf16_autocast = True
+            # A process-wide switch, not a context manager: activation checkpointing recomputes
+            # in backward, outside training_step, and must pick the same kernel as the forward.
+            torch.backends.cuda.enable_cudnn_sdp(self.cudnn_attention)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -177,7 +180,7 @@ class SpellingLoRAModule(L.LightningModule):
         # attention_mask=None: the collator pads on the right, and causal attention never lets a
         # real token see the pads after it, so the mask changes nothing for supervised positions —
         # but without one, SDPA can run its fused causal (flash) kernel. Pinned by a test.
-        with self._mixed_precision(), self._attention_kernels():
+        with self._mixed_precision():
             mask = batch["attention_mask"] if self.use_attention_mask else None
             loss = completion_only_loss(self.lm, batch["input_ids"], mask, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -190,14 +193,6 @@ class SpellingLoRAModule(L.LightningModule):
             self.log("train/tokens_per_second", rate, prog_bar=True, batch_size=1)
         self._last_step_time, self._last_step_tokens = now, batch["n_real_tokens"]
         return loss
-
-    def _attention_kernels(self):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        if self.cudnn_attention:
-            backends.insert(0, SDPBackend.CUDNN_ATTENTION)
-        return sdpa_kernel(backends)
 
     def _mixed_precision(self):
         """bf16 autocast with float32 LoRA weights, as Lightning's ``bf16-mixed`` does — plus one fix.
