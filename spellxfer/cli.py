@@ -63,11 +63,13 @@ def _commands() -> dict:
     from spellxfer.evaluation.compare import compare
     from spellxfer.evaluation.evaluate import evaluate
     from spellxfer.policy import check
+    from spellxfer.training.sweep import sweep
 
     return {
         "data": {"_help": "Build the spelling / position / count datasets.", "build": build},
         "evaluate": evaluate,
         "compare": compare,
+        "sweep": sweep,
         "check": check,
         "doctor": doctor,
         "assets": {
