@@ -51,12 +51,13 @@ def sweep(
     results_dir: str = "results",
     heartbeat_s: int = 30,
 ) -> int:
-    """Search hyperparameters with Optuna: each trial is a real `fit` in its own process, then
-    `evaluate` on the position / count test sets against the base model.
+    """Search hyperparameters with Optuna over real `fit` runs (resumable, parallel, failure-tolerant).
 
-    Resumable (run the same command again), parallel (--workers, or the same command on several
-    machines with a PostgreSQL --storage), failure-tolerant. Writes RESULTS/sweeps/STUDY/trial-NNNN/
-    and RESULTS/metrics/STUDY.csv. Trained on spelling, evaluated on position and count only.
+    Each trial is a `fit` in its own process, then `evaluate` of its best adapter on the position /
+    count test sets against the base model. Run the same command again to continue after a
+    preemption; --workers, or the same command on several machines with a PostgreSQL --storage, to
+    run trials in parallel. Writes RESULTS/sweeps/STUDY/trial-NNNN/ and RESULTS/metrics/STUDY.csv.
+    Trained on spelling, evaluated on position and count only.
 
     Args:
         space: Space file (configs/sweeps/NAME.yaml): base fit config, hyperparameters, objective, budget.

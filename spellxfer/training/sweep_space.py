@@ -39,6 +39,10 @@ SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DECODINGS = ("sampled", "greedy")
 TOP_KEYS = ("base", "objective", "sampler", "pruner", "seed", "budget", "decodings", "evaluation", "fixed", "parameters")
+# Fit keys the sweep sets itself for every trial (outputs, loggers, what the checkpoints follow).
+RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logger", "checkpoint.monitor",
+            "checkpoint.mode", "checkpoint.filename", "checkpoint.every_n_train_steps", "early_stopping.monitor",
+            "early_stopping.mode")  # fmt: skip
 EVALUATION_KEYS = {"limit": int, "batch_size": int, "max_new_tokens": int, "samples": int, "seed": int}
 
 
@@ -159,6 +163,9 @@ def load_space(path: str | Path) -> SweepSpace:
     if not isinstance(fixed, dict):
         fail("fixed", "expected a mapping of fit keys (model.lora_dropout, data.val_limit, …) to values")
     for key in fixed:
+        if key in RESERVED:
+            fail(f"fixed.{key}", "set by the sweep itself for every trial (outputs, loggers, and the objective "
+                                 "as the monitored metric)")  # fmt: skip
         if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+|seed_everything", str(key)):
             fail(f"fixed.{key}", "expected a dotted fit key such as data.val_limit or trainer.val_check_interval")
 

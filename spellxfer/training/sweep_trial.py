@@ -176,6 +176,10 @@ def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, nu
              # the best checkpoint, early stopping and the pruner all follow the sweep's objective
              "--checkpoint.monitor", space.objective, "--checkpoint.mode", "max",
              "--checkpoint.filename", "best-step{step}",
+             # the resume point is written after each validation, not every N steps: a step
+             # checkpoint taken just before a validation resumes past it (Lightning fast-forwards
+             # the interrupted validation), and a trial killed there would lose that score
+             "--checkpoint.every_n_train_steps", "null",
              "--early_stopping.monitor", space.objective, "--early_stopping.mode", "max"]  # fmt: skip
     if resume is not None:
         argv += ["--ckpt_path", str(resume)]
