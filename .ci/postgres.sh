@@ -5,10 +5,10 @@
 #   .ci/postgres.sh [DIR]        start a server whose files live in DIR (default: a new temp dir)
 #   .ci/postgres.sh stop DIR     stop it (its files stay in DIR)
 #
-# Idempotent: installs Debian's `postgresql` with apt-get when initdb is missing (needs root);
-# a server already running in DIR is reused. It listens on 127.0.0.1 only, on a free port, with
-# trust authentication: for tests, never for a shared database. Run as root, the server runs as
-# the `postgres` user (PostgreSQL refuses to run as root).
+# Idempotent: installs Debian's `postgresql` with apt-get when initdb is missing (as root, or with
+# passwordless sudo as on CI runners); a server already running in DIR is reused. It listens on
+# 127.0.0.1 only, on a free port, with trust authentication: for tests, never for a shared
+# database. Run as root, the server runs as the `postgres` user (PostgreSQL refuses root).
 set -euo pipefail
 
 find_bin() {
@@ -22,13 +22,15 @@ as_owner() {  # run a PostgreSQL binary as the cluster's owner
 
 BIN=$(find_bin)
 if [ -z "$BIN" ] || [ ! -x "$BIN/initdb" ]; then
-    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-        echo "postgres.sh: PostgreSQL is not installed and cannot be installed here (needs root and apt-get)" >&2
+    SUDO=""
+    if [ "$(id -u)" != 0 ] && sudo -n true 2>/dev/null; then SUDO="sudo -n"; fi  # CI runners: passwordless sudo
+    if { [ "$(id -u)" != 0 ] && [ -z "$SUDO" ]; } || ! command -v apt-get >/dev/null 2>&1; then
+        echo "postgres.sh: PostgreSQL is not installed and cannot be installed here (needs apt-get as root)" >&2
         exit 1
     fi
     echo "postgres.sh: installing postgresql with apt-get …" >&2
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+    $SUDO apt-get update -qq >&2
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
     BIN=$(find_bin)
 fi
 

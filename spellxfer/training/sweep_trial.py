@@ -29,9 +29,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -62,8 +62,8 @@ class SweepContext:
     model: str
     test_files: list[Path]
     wandb: bool  # add the W&B logger to each fit (off when WANDB_MODE=disabled or wandb is missing)
-    over_budget: Any  # (trial) -> bool
-    progress: Any  # (worker, **fields) -> None
+    over_budget: Callable[[optuna.Trial], bool]
+    progress: Callable[..., None]  # (worker, trial=, phase=, step=, total=, value=, params=): the progress display
     stop: threading.Event = field(default_factory=threading.Event)
     gpus: list[str] = field(default_factory=list)
 
@@ -88,7 +88,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
     params = ctx.space.suggest(trial)
     if ctx.over_budget(trial):
         trial.set_user_attr("over_budget", True)
-        raise OverBudget(f"trial {trial.number} is beyond the budget of {ctx.space.trials} trials")
+        raise OverBudget(f"trial {trial.number} started after another worker took the budget's last trial")
     for key in ("error", "interrupted", "checkpoint"):  # a retry inherits the user attrs of its predecessor
         if trial.user_attrs.get(key) is not None:
             trial.set_user_attr(key, None)
@@ -244,6 +244,8 @@ def run_child(argv, log_path: Path, env, ctx: SweepContext, watch=None) -> int:
                 if watch is not None:
                     watch(finished=rc is not None)
                 if rc is not None:
+                    if rc != 0 and ctx.stop.is_set():  # Ctrl-C reached the child first: still an interruption
+                        raise Interrupted()
                     return rc
                 if ctx.stop.is_set():
                     raise Interrupted()
