@@ -65,11 +65,13 @@ def _commands() -> dict:
     from spellxfer.evaluation.speed import bench_eval
     from spellxfer.policy import check
     from spellxfer.training.speed import bench_train
+    from spellxfer.training.sweep import sweep
 
     return {
         "data": {"_help": "Build the spelling / position / count datasets.", "build": build},
         "evaluate": evaluate,
         "compare": compare,
+        "sweep": sweep,
         "check": check,
         "doctor": doctor,
         "bench": {
