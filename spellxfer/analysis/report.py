@@ -39,10 +39,10 @@ def report(
     wandb: bool = False,
     wandb_project: str = "spellxfer",
 ) -> int:
-    """Build one self-contained HTML report (figures embedded, tables, plain-language summary)
-    from an `analyze` output directory (trained on spelling, evaluated on position and count only).
+    """Build one self-contained HTML transfer report from an `analyze` output directory.
 
-    Writes OUT/transfer_report_NAME.html and copies the figures to FIGURES_OUT/NAME/.
+    Figures embedded, tables, and a plain-language summary of what transferred to position and
+    count and what did not (trained on spelling, evaluated on position and count only). Writes OUT/transfer_report_NAME.html and copies the figures to FIGURES_OUT/NAME/.
 
     Args:
         analysis: An `analyze` output directory (analysis.json, the CSV tables, figures/).

@@ -53,11 +53,11 @@ def analyze(
     seed: int = 0,
     overwrite: bool = False,
 ) -> int:
-    """Analyse a sweep: per-run deltas with intervals, position–count correlation, hyperparameter
-    effects, top configurations and where the gains are (trained on spelling, evaluated on
-    position and count only).
+    """Analyse a sweep: which training patterns transfer to position and count, with intervals.
 
-    Writes DIR/runs.csv, per_run_deltas.csv, metric_correlations.csv, top_transfer_configs.csv,
+    Per-run base → fine-tuned deltas (paired bootstrap, Holm-adjusted McNemar), position–count
+    correlation, hyperparameter effects, top configurations and where the gains are (trained on
+    spelling, evaluated on position and count only). Writes DIR/runs.csv, per_run_deltas.csv, metric_correlations.csv, top_transfer_configs.csv,
     hyperparameter_effects.csv, breakdowns.csv, figures/*.png and analysis.json.
 
     Args:
