@@ -48,14 +48,16 @@ def _items(n_per_task: int, rng: np.random.Generator) -> list[dict]:
     return rows
 
 
-def _predictions(items: list[dict], accuracy: dict[str, float], rng: np.random.Generator) -> list[dict]:
+def _predictions(items: list[dict], accuracy: dict[str, float], rng: np.random.Generator, samples: int = 1) -> list[dict]:
     out = []
     for it in items:
-        correct = bool(rng.random() < accuracy[it["task"]])
-        parsed = it["answer"] if correct else "?"
-        out.append({**{k: it[k] for k in ("id", "file")}, "sample": 0, **{k: it[k] for k in ("task", "subtask", "question", "answer")},
-                    "output": f"The answer is {parsed}.<|im_end|>", "parsed": parsed, "correct": correct,
-                    **{k: it[k] for k in ("word", "letter", "position", "word_kind", "n_tokens")}})  # fmt: skip
+        for sample in range(samples):
+            correct = bool(rng.random() < accuracy[it["task"]])
+            parsed = it["answer"] if correct else "?"
+            out.append({**{k: it[k] for k in ("id", "file")}, "sample": sample,
+                        **{k: it[k] for k in ("task", "subtask", "question", "answer")},
+                        "output": f"The answer is {parsed}.<|im_end|>", "parsed": parsed, "correct": correct,
+                        **{k: it[k] for k in ("word", "letter", "position", "word_kind", "n_tokens")}})  # fmt: skip
     return out
 
 
@@ -70,11 +72,14 @@ def _write_eval(d: Path, predictions: list[dict]) -> None:
 
 
 def make_sweep(study_dir: Path, n_trials: int = 24, n_items: int = 300, seed: int = 7,
-               decoding: str = "sampled") -> dict:  # fmt: skip
-    """Write the sweep under ``study_dir`` and return what was planted (per-trial true accuracies)."""
+               decoding: str = "sampled", samples: int = 1) -> dict:  # fmt: skip
+    """Write the sweep under ``study_dir`` and return what was planted (per-trial true accuracies).
+
+    ``samples``: generations per item (K), as ``evaluate --samples K`` writes them.
+    """
     rng = np.random.default_rng(seed)
     items = _items(n_items, rng)
-    _write_eval(study_dir / "base" / decoding, _predictions(items, BASE, rng))
+    _write_eval(study_dir / "base" / decoding, _predictions(items, BASE, rng, samples))
     trials = []
     for number in range(n_trials):
         params = {"lora_r": [4, 8, 16, 32][number % 4], "lora_alpha": int(rng.choice([16, 32, 64])),
@@ -84,7 +89,7 @@ def make_sweep(study_dir: Path, n_trials: int = 24, n_items: int = 300, seed: in
         truth = {"position": 0.25 + SLOPE * math.log2(params["lora_r"] / 4) + 0.05 * z,
                  "count": 0.20 + 0.06 * (RHO * z + math.sqrt(1 - RHO**2) * e)}  # fmt: skip
         d = study_dir / f"trial-{number:04d}"
-        _write_eval(d / "eval" / decoding, _predictions(items, truth, rng))
+        _write_eval(d / "eval" / decoding, _predictions(items, truth, rng, samples))
         curve = _curve(params["max_steps"], truth, rng, forbidden=number == 0)
         with open(d / "metrics.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in curve)

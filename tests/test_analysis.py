@@ -220,3 +220,37 @@ def test_same_inputs_and_seed_give_the_same_numbers(synthetic_sweep, tmp_path):
     for name in TABLES:
         assert (tmp_path / "a" / f"{name}.csv").read_text() == (tmp_path / "b" / f"{name}.csv").read_text(), name
     assert not math.isnan(_csv(tmp_path / "a", "metric_correlations")["ci_low"].iloc[0])
+
+
+def test_one_run_still_gives_an_analysis_and_a_report(synthetic_sweep, tmp_path):
+    out = tmp_path / "one"
+    assert main(["analyze", "--runs", str(synthetic_sweep["study_dir"] / "trial-0003"), "--out", str(out), "--n_boot", "200"]) == 0
+    assert _csv(out, "metric_correlations")["estimate"].isna().all()  # nothing to correlate
+    assert _csv(out, "hyperparameter_effects").empty  # nothing varies
+    pooled = _csv(out, "breakdowns").query("run == 'all runs'")
+    assert pooled["delta_ci_low"].notna().all()  # one run: its own interval over items
+    assert main(["report", "--analysis", str(out), "--out", str(tmp_path / "r"), "--figures_out", str(tmp_path / "f")]) == 0
+    page = (tmp_path / "r" / "transfer_report_syn.html").read_text()
+    assert "not estimable with 1 run(s)" in page and "1 complete run(s) analysed" in page
+
+
+def test_several_samples_per_item_weigh_items_equally_and_bootstrap_items(tmp_path):
+    from synthetic_sweep import make_sweep
+
+    from spellxfer.evaluation.compare import read_predictions
+    from spellxfer.evaluation.stats import accuracy_summary
+
+    study = tmp_path / "sweeps" / "k3"
+    make_sweep(study, n_trials=4, n_items=60, samples=3, decoding="greedy")
+    out = tmp_path / "a"
+    assert main(["analyze", "--runs", str(study), "--decoding", "greedy", "--out", str(out), "--n_boot", "300"]) == 0
+    row = _csv(out, "runs").set_index("trial").loc[2]
+    rows = [r for r in read_predictions(study / "trial-0002" / "eval" / "greedy") if r["task"] == "count"]
+    by_item: dict = {}
+    for r in rows:
+        by_item.setdefault(r["id"], []).append(r["correct"])
+    assert {len(v) for v in by_item.values()} == {3} and row["count_accuracy_n"] == 60
+    expected = accuracy_summary(list(by_item.values()), n_boot=300, seed=0)
+    assert expected["ci_method"] == "item_bootstrap"
+    assert (row["count_accuracy"], row["count_accuracy_ci_low"], row["count_accuracy_ci_high"]) == pytest.approx(
+        (expected["accuracy"], expected["ci_low"], expected["ci_high"]), abs=1e-5)

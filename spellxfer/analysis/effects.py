@@ -27,6 +27,10 @@ import pandas as pd
 from scipy import stats
 
 METRICS = ("position_accuracy", "count_accuracy", "transfer_score")
+# hyperparameter_effects.csv: marginal means and importance rows share these columns (blank where n/a),
+# and keep them when a sweep has nothing to estimate (one run, or no hyperparameter that varies).
+COLUMNS = ["kind", "hyperparameter", "value", "metric", "scale", "estimate", "ci_low", "ci_high", "slope",
+           "slope_ci_low", "slope_ci_high", "rank", "n_runs", "method"]  # fmt: skip
 MAX_LEVELS = 6  # more distinct values than this → quartile bins
 
 
@@ -122,7 +126,7 @@ def marginal_means(runs: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
                 rows.append({"kind": "marginal_mean", "hyperparameter": col.removeprefix("params."), "value": level,
                              "metric": metric, "estimate": float(y.mean()), "ci_low": low, "ci_high": high,
                              "n_runs": len(y), "method": f"mean over runs; percentile bootstrap over runs ({n_boot})"})  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def _design(runs: pd.DataFrame) -> tuple[list[str], np.ndarray, list[str]]:
@@ -163,7 +167,7 @@ def importance(runs: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     """Regression importance ranking of the numeric hyperparameters, per metric (see module docstring)."""
     names, x, scales = _design(runs)
     if not names:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=COLUMNS)
     n, p = x.shape
     joint = n >= p + 3
     method = ("joint least-squares regression on all numeric hyperparameters" if joint
@@ -189,4 +193,4 @@ def importance(runs: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
                          "estimate": float(est[j] * sd[j]), "ci_low": float(lo * sd[j]), "ci_high": float(hi * sd[j]),
                          "slope": float(est[j]), "slope_ci_low": float(lo), "slope_ci_high": float(hi),
                          "rank": rank, "n_runs": n, "method": method})  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COLUMNS)

@@ -76,8 +76,11 @@ def position_vs_count(table: pd.DataFrame, result: dict, path: Path) -> str:
                 color="black", capsize=3, label="base model")  # fmt: skip
     ax.set_xlabel("position accuracy (95% CI)")
     ax.set_ylabel("count accuracy (95% CI)")
-    ax.set_title(f"Pearson r = {pearson['estimate']:.2f} [{pearson['ci_low']:.2f}, {pearson['ci_high']:.2f}], "
-                 f"n = {len(table)} runs", fontsize=10)  # fmt: skip
+    if np.isnan(pearson["ci_low"]):
+        ax.set_title(f"n = {len(table)} run(s): too few for a correlation", fontsize=10)
+    else:
+        ax.set_title(f"Pearson r = {pearson['estimate']:.2f} [{pearson['ci_low']:.2f}, {pearson['ci_high']:.2f}], "
+                     f"n = {len(table)} runs", fontsize=10)  # fmt: skip
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)

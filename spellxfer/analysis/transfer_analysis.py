@@ -107,8 +107,8 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10) 
         table[f"{task}_accuracy_p_adj"] = table["run"].map(p_adj)
     breakdowns = pd.DataFrame(breakdown_rows)
     breakdowns = pd.concat([breakdowns, _pooled_breakdowns(breakdowns, n_boot, seed)], ignore_index=True)
-    hp = pd.concat([effects.marginal_means(table, n_boot, seed), effects.importance(table, n_boot, seed)],
-                   ignore_index=True)  # fmt: skip
+    parts = [p for p in (effects.marginal_means(table, n_boot, seed), effects.importance(table, n_boot, seed)) if len(p)]
+    hp = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=effects.COLUMNS)
     objective_cols = [c for c in table.columns if c.startswith(("val/", "test/"))]
     top_cols = ["run", "trial", "transfer_score", "transfer_score_ci_low", "transfer_score_ci_high", *objective_cols,
                 *[f"{t}_accuracy{s}" for t in TASKS for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low",
@@ -133,7 +133,8 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10) 
             "transfer_score": "mean of position and count accuracy; interval by bootstrapping the items of each "
                               f"task independently ({n_boot} resamples)",
             "across_runs": f"percentile bootstrap over runs, {n_boot} resamples, seed {seed}",
-            "importance": "regression (not fANOVA): " + (hp["method"].iloc[-1] if len(hp) else "no numeric hyperparameter"),
+            "importance": "regression (not fANOVA): " + (hp["method"].iloc[-1] if (hp["kind"] == "importance").any()
+                                                         else "no numeric hyperparameter varies"),
             "breakdowns": "per run: paired bootstrap of the delta within each bucket; 'all runs': mean over runs "
                           "with a percentile bootstrap over runs",
         },
@@ -248,7 +249,10 @@ def _pooled_breakdowns(per_run: pd.DataFrame, n_boot: int, seed: int) -> pd.Data
         for col, prefix in (("tuned_accuracy", "tuned"), ("delta", "delta")):
             y = g[col].to_numpy(float)
             row[col] = float(y.mean())
-            row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = effects.bootstrap_ci(effects._mean, [y], n_boot, seed)
+            if len(g) == 1:  # one run: its own interval (over items) is the only one there is
+                row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = g[f"{prefix}_ci_low"].iloc[0], g[f"{prefix}_ci_high"].iloc[0]
+            else:
+                row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = effects.bootstrap_ci(effects._mean, [y], n_boot, seed)
         rows.append(row)
     return pd.DataFrame(rows)
 
