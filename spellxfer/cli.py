@@ -58,6 +58,8 @@ def _yn(ok: bool) -> str:
 
 
 def _commands() -> dict:
+    from spellxfer.analysis.report import report
+    from spellxfer.analysis.transfer_analysis import analyze
     from spellxfer.data.build import build
     from spellxfer.doctor import doctor
     from spellxfer.evaluation.compare import compare
@@ -72,6 +74,8 @@ def _commands() -> dict:
         "evaluate": evaluate,
         "compare": compare,
         "sweep": sweep,
+        "analyze": analyze,
+        "report": report,
         "check": check,
         "doctor": doctor,
         "bench": {

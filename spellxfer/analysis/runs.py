@@ -1,0 +1,196 @@
+"""Find and read the trial directories a sweep leaves (the layout is in docs/transfer_learning.md).
+
+A study directory holds ``base/<decoding>/`` (the base model's evaluation, computed once) and one
+``trial-NNNN/`` per Optuna trial with ``trial.json``, ``metrics.jsonl`` (the whitelisted Lightning
+log) and ``eval/<decoding>/predictions.jsonl``. Runs come either from directories on disk
+(``--runs``) or from the Optuna study itself (``--study`` / ``--storage``), where each trial's
+directory is its ``run_dir`` user attribute, else ``<results-dir>/sweeps/<study>/trial-NNNN``.
+
+Only ``complete`` trials are analysed; the others, and complete trials without an evaluation for
+the requested decoding, are counted and listed with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spellxfer.errors import SpellxferError
+from spellxfer.evaluation.compare import read_predictions
+
+# Optuna's TrialState names → the statuses trial.json uses.
+OPTUNA_STATUS = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running",
+                 "WAITING": "waiting"}  # fmt: skip
+
+
+@dataclass
+class Run:
+    """One complete trial: its identity, hyperparameters and evaluation rows (base and fine-tuned)."""
+
+    name: str
+    """``trial-0007``, or ``<study>/trial-0007`` when runs come from several studies."""
+    directory: Path
+    trial: dict
+    """``trial.json`` as written by the sweep."""
+    params: dict
+    predictions: list[dict]
+    """Fine-tuned model's ``eval/<decoding>/predictions.jsonl`` rows."""
+    base_predictions: list[dict]
+    """The study's base model ``base/<decoding>/predictions.jsonl`` rows (same items)."""
+    curve: list[dict] = field(default_factory=list)
+    """Validation rows of ``metrics.jsonl``: ``step`` plus whitelisted ``val/…`` metrics only."""
+
+
+@dataclass
+class Discovery:
+    runs: list[Run]
+    status_counts: dict[str, int]
+    """Every trial seen, by status (``complete`` counts only the analysed ones)."""
+    skipped: list[dict]
+    """``{"trial", "status", "reason"}`` for every trial that is not analysed."""
+    omitted_metric_entries: int = 0
+    """How many non-whitelisted metric entries (key in a logged row) were dropped from ``metrics.jsonl`` files."""
+
+
+def discover(runs: list[str] | None, study: str | None, storage: str | None, results_dir: str,
+             decoding: str) -> Discovery:  # fmt: skip
+    """Trial directories from ``--runs`` (trial or study directories) or from an Optuna study."""
+    if bool(runs) == bool(study):
+        raise SpellxferError("give either --runs DIR … or --study NAME --storage URL (exactly one of them)")
+    if study:
+        if not storage:
+            raise SpellxferError(f"--study {study} needs --storage URL (e.g. sqlite:///{results_dir}/sweeps/{study}.db)")
+        entries = _entries_from_study(study, storage, Path(results_dir))
+    else:
+        entries = [e for d in runs for e in _entries_from_dir(Path(d))]
+    return _load(entries, decoding)
+
+
+def _entries_from_dir(d: Path) -> list[tuple[Path, str | None]]:
+    """``(trial directory, status or None = read trial.json)`` for a trial or a study directory."""
+    if (d / "trial.json").is_file():
+        return [(d, None)]
+    trials = sorted(p for p in d.glob("trial-*") if p.is_dir()) if d.is_dir() else []
+    if not trials:
+        raise SpellxferError(f"--runs {d}: neither a trial directory (with trial.json) nor a study directory "
+                             "(with trial-NNNN/ subdirectories)")  # fmt: skip
+    return [(t, None) for t in trials]
+
+
+def _entries_from_study(study: str, storage: str, results_dir: Path) -> list[tuple[Path, str | None]]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        s = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        raise SpellxferError(f"--study {study}: no such study in --storage {storage}") from None
+    except Exception as e:  # SQLAlchemy / RDB errors: a bad URL or an unreadable database
+        raise SpellxferError(f"--storage {storage}: cannot open the Optuna storage ({type(e).__name__}: {e})") from None
+    entries = []
+    for t in s.get_trials(deepcopy=False):
+        run_dir = t.user_attrs.get("run_dir") or results_dir / "sweeps" / study / f"trial-{t.number:04d}"
+        entries.append((Path(run_dir), OPTUNA_STATUS.get(t.state.name, t.state.name.lower())))
+    if not entries:
+        raise SpellxferError(f"--study {study} in {storage} has no trials yet")
+    return entries
+
+
+def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
+    from rich.progress import track
+
+    trials = []
+    for d, status in entries:
+        trial = _read_trial(d) if status is None or status == "complete" else {"number": _number(d)}
+        trials.append((d, status or trial.get("status", "unknown"), trial))
+    several_studies = len({t.get("study") for _, s, t in trials if s == "complete"}) > 1
+    counts: Counter = Counter()
+    skipped, runs, omitted, bases = [], [], 0, {}
+    for d, status, trial in track(trials, description="reading trials", transient=True):
+        label = f"{trial.get('study')}/{d.name}" if several_studies else d.name
+        eval_dir = d / "eval" / decoding
+        if status == "complete" and not (eval_dir / "predictions.jsonl").is_file():
+            status, reason = "complete_without_eval", f"no {eval_dir}/predictions.jsonl"
+        else:
+            reason = trial.get("error") or f"status {status}"
+        counts[status] += 1
+        if status != "complete":
+            skipped.append({"trial": label, "status": status, "reason": reason})
+            continue
+        base_dir = d.parent / "base" / decoding
+        if base_dir not in bases:
+            if not (base_dir / "predictions.jsonl").is_file():
+                raise SpellxferError(f"{d}: the study has no base-model evaluation ({base_dir}/predictions.jsonl)")
+            bases[base_dir] = read_predictions(base_dir)
+        curve, n_omitted = read_curve(d / "metrics.jsonl")
+        omitted += n_omitted
+        runs.append(Run(name=label, directory=d, trial=trial, params=dict(trial.get("params") or {}),
+                        predictions=read_predictions(eval_dir), base_predictions=bases[base_dir], curve=curve))  # fmt: skip
+    if not runs:
+        raise SpellxferError(f"no complete trial with an eval/{decoding}/ evaluation among {len(trials)} trial(s) "
+                             f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})")  # fmt: skip
+    return Discovery(runs=runs, status_counts=dict(counts), skipped=skipped, omitted_metric_entries=omitted)
+
+
+def _number(d: Path) -> int | None:
+    tail = d.name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else None
+
+
+def _read_trial(d: Path) -> dict:
+    f = d / "trial.json"
+    if not f.is_file():
+        raise SpellxferError(f"{d}: no trial.json (expected a sweep trial directory)")
+    try:
+        trial = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SpellxferError(f"{f}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(trial, dict) or "status" not in trial:
+        raise SpellxferError(f"{f}: expected an object with a 'status' key (complete|failed|pruned|running)")
+    if not isinstance(trial.get("params", {}), dict):
+        raise SpellxferError(f"{f}: 'params' must be an object of hyperparameter values")
+    return trial
+
+
+def read_curve(path: Path) -> tuple[list[dict], int]:
+    """Validation rows of a ``metrics.jsonl``: ``{"step", "val/…": …}`` with whitelisted metrics only.
+
+    Returns the rows and how many metric keys were dropped because the whitelist
+    (:func:`~spellxfer.training.transfer_metrics.check_metric_name`) does not allow them.
+    A missing file gives no rows: a curve is a nice-to-have, not a reason to fail.
+    """
+    if not path.is_file():
+        return [], 0
+    rows, omitted = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SpellxferError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            kept = {}
+            for key, value in row.items():
+                if key == "step":
+                    continue
+                if not allowed_metric(key):
+                    omitted += 1
+                elif key.startswith("val/"):
+                    kept[key] = value
+            if kept and row.get("step") is not None:
+                rows.append({"step": int(row["step"]), **kept})
+    return rows, omitted
+
+
+def allowed_metric(name: str) -> bool:
+    """Whether the training whitelist allows ``name`` (a training-loop or position / count / transfer metric)."""
+    from spellxfer.training.transfer_metrics import check_metric_name  # imports lightning: only when used
+
+    try:
+        check_metric_name(name)
+    except SpellxferError:
+        return False
+    return True
