@@ -59,6 +59,10 @@ def _yn(ok: bool) -> str:
 
 def _commands() -> dict:
     from spellxfer.data.build import build
+    from spellxfer.deployment.api import serve
+    from spellxfer.deployment.benchmark import bench_serve
+    from spellxfer.deployment.lightning_studio import studio_status, studio_submit
+    from spellxfer.deployment.model_export import export
     from spellxfer.doctor import doctor
     from spellxfer.evaluation.compare import compare
     from spellxfer.evaluation.evaluate import evaluate
@@ -69,6 +73,14 @@ def _commands() -> dict:
         "evaluate": evaluate,
         "compare": compare,
         "check": check,
+        "export": export,
+        "serve": serve,
+        "bench": {"_help": "Load-test a running server (throughput, latency percentiles, errors).", "serve": bench_serve},
+        "studio": {
+            "_help": "Run fit, sweep or serve as Lightning Studio jobs (lightning-sdk).",
+            "submit": studio_submit,
+            "status": studio_status,
+        },
         "doctor": doctor,
         "assets": {
             "_help": "Fetch or inspect the embedded model and tokenizer assets.",
@@ -128,11 +140,14 @@ def _one_line_errors(run, help_hint: str) -> int:
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
 # jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
 MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs")
+# Switches that read naturally without a value (`export --merge`, `studio submit --dry-run`);
+# jsonargparse wants `--merge true`, so a bare one gets its `true` here (an explicit value is kept).
+BARE_SWITCHES = ("--merge", "--dry_run", "--deploy")
 
 
 def fold_multi_value_flags(argv: list[str]) -> list[str]:
     """``--questions a b`` → ``--questions=["a", "b"]`` (a value already given as a list is kept);
-    ``--batch-size`` → ``--batch_size``."""
+    ``--batch-size`` → ``--batch_size``; a bare ``--merge`` → ``--merge true``."""
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -141,7 +156,10 @@ def fold_multi_value_flags(argv: list[str]) -> list[str]:
             # --question-field and --question_field both work (jsonargparse itself knows only `_`)
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
-        if arg in MULTI_VALUE_FLAGS:
+        if arg in BARE_SWITCHES and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out += [arg, "true"]
+            i += 1
+        elif arg in MULTI_VALUE_FLAGS:
             j = i + 1
             while j < len(argv) and not argv[j].startswith("--"):
                 j += 1
