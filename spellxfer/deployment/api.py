@@ -263,7 +263,7 @@ def serve(
     max_batch_size: int | None = None,
     batch_timeout: float | None = None,
     workers_per_device: int | None = None,
-    config: str = str(DEFAULT_CONFIG),
+    deploy_config: str = str(DEFAULT_CONFIG),
 ) -> int:
     """Serve a model over HTTP (LitServe): OpenAI chat completions, /predict, /health, /metrics.
 
@@ -279,7 +279,7 @@ def serve(
         max_batch_size: Requests generated together (LitAPI max_batch_size).
         batch_timeout: Seconds the first request of a batch waits for others (LitAPI batch_timeout).
         workers_per_device: Model copies per device (LitServer workers_per_device).
-        config: Deployment config with the serving block and request limits.
+        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) with the serving block and request limits.
     """
     # SIGTERM (docker stop, Lightning scale-down, test teardown) takes LitServer's graceful
     # Ctrl-C path: workers stop, and the `finally` below removes the metrics directory.
@@ -297,7 +297,7 @@ def serve(
     if own_prom_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="spellxfer-metrics-")
     try:
-        settings = _settings(load_config(config), config, model=model, adapter=adapter, max_batch_size=max_batch_size,
+        settings = _settings(load_config(deploy_config), deploy_config, model=model, adapter=adapter, max_batch_size=max_batch_size,
                              batch_timeout=batch_timeout, workers_per_device=workers_per_device)  # fmt: skip
         api_key = api_key or os.environ.get("SPELLXFER_API_KEY") or None
         if host not in ("127.0.0.1", "0.0.0.0", "::"):

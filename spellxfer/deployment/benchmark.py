@@ -152,7 +152,7 @@ def bench_serve(
     api_key: str | None = None,
     timeout: float = 60.0,
     out: str = "results/deployment",
-    config: str | None = None,
+    deploy_config: str | None = None,
 ) -> int:
     """Load-test a running server: throughput, p50 / p95 / p99 latency and errors; CSV, plots, HTML.
 
@@ -168,7 +168,7 @@ def bench_serve(
         api_key: Bearer token, when the server was started with --api-key.
         timeout: Seconds one request may take before it counts as a transport error.
         out: Output root: data/ (CSV), figures/ (PNG) and the HTML summary go under it.
-        config: Deployment config whose benchmark.allowed_hosts may name non-loopback hosts.
+        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) whose benchmark.allowed_hosts may name non-loopback hosts.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -184,7 +184,7 @@ def bench_serve(
         raise SpellxferError(f"--duration: must be in (0, 3600] seconds, got {duration}")
     if requests is not None and not 1 <= requests <= 1_000_000:
         raise SpellxferError(f"--requests: must be in 1-1,000,000, got {requests}")
-    allowed = load_config(config or DEFAULT_CONFIG).benchmark.allowed_hosts
+    allowed = load_config(deploy_config or DEFAULT_CONFIG).benchmark.allowed_hosts
     url = check_target(url, allowed)
 
     console = Console(stderr=True)

@@ -81,7 +81,7 @@ def _require_credentials() -> None:
 
 def studio_submit(
     task: Task,
-    config: str = str(DEFAULT_CONFIG),
+    deploy_config: str = str(DEFAULT_CONFIG),
     name: str | None = None,
     machine: str | None = None,
     teamspace: str | None = None,
@@ -94,7 +94,7 @@ def studio_submit(
 
     Args:
         task: fit, sweep or serve.
-        config: Deployment config with the jobs (and deployment) blocks.
+        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) with the jobs (and deployment) blocks.
         name: Job name (default spellxfer-<task>-<UTC time>); unique within the teamspace.
         machine: Machine type (lightning_sdk name: L4, A10G, A100, H100, CPU …); default from the config.
         teamspace: Teamspace (owner/name or name); default from the config, then $LIGHTNING_TEAMSPACE.
@@ -103,7 +103,7 @@ def studio_submit(
         deploy: serve only: create an autoscaled Deployment (deployment block) instead of a job.
         dry_run: Print the exact specification and submit nothing.
     """
-    cfg = load_config(config)
+    cfg = load_config(deploy_config)
     if deploy and task != "serve":
         raise SpellxferError("--deploy: only the serve task can become a Deployment")
     if deploy:
@@ -124,28 +124,40 @@ def studio_submit(
     return 0
 
 
-def _start_deployment(spec: dict) -> None:
-    from lightning_sdk import Deployment, Machine
+def deployment_start_kwargs(spec: dict) -> dict:
+    """``Deployment.start`` keyword arguments: the plain specification as lightning_sdk objects."""
+    from lightning_sdk import Machine
     from lightning_sdk.deployment import AutoScaleConfig, Env, HttpHealthCheck, Secret
 
     a, h = spec["autoscale"], spec["health_check"]
-    env = [Env(k, v) for k, v in spec["env"].items()] + [Secret(name) for name in spec["secrets"]]
-    deployment = Deployment(name=spec["name"], teamspace=spec["teamspace"])
-    deployment.start(studio=spec["studio"], machine=getattr(Machine, spec["machine"]), command=spec["command"],
-                     ports=spec["ports"], spot=spec["spot"], env=env,
-                     autoscale=AutoScaleConfig(**a), health_check=HttpHealthCheck(path=h["path"], port=h["port"]))  # fmt: skip
+    return {
+        "studio": spec["studio"],
+        "machine": getattr(Machine, spec["machine"]),
+        "command": spec["command"],
+        "ports": spec["ports"],
+        "spot": spec["spot"],
+        "env": [Env(k, v) for k, v in spec["env"].items()] + [Secret(name) for name in spec["secrets"]],
+        "autoscale": AutoScaleConfig(**a),
+        "health_check": HttpHealthCheck(path=h["path"], port=h["port"]),
+    }
+
+
+def _start_deployment(spec: dict) -> None:
+    from lightning_sdk import Deployment
+
+    Deployment(name=spec["name"], teamspace=spec["teamspace"]).start(**deployment_start_kwargs(spec))
     print(f"deployment {spec['name']} starting")
 
 
-def studio_status(name: str, teamspace: str | None = None, config: str = str(DEFAULT_CONFIG)) -> int:
+def studio_status(name: str, teamspace: str | None = None, deploy_config: str = str(DEFAULT_CONFIG)) -> int:
     """Show a submitted job's status (Pending, Running, Completed, Failed …) and its link.
 
     Args:
         name: Job name, as printed by `studio submit`.
         teamspace: Teamspace; default from the config, then $LIGHTNING_TEAMSPACE.
-        config: Deployment config (for the default teamspace).
+        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) (for the default teamspace).
     """
-    teamspace = teamspace or load_config(config).jobs.teamspace or os.environ.get("LIGHTNING_TEAMSPACE")
+    teamspace = teamspace or load_config(deploy_config).jobs.teamspace or os.environ.get("LIGHTNING_TEAMSPACE")
     _require_credentials()
     from lightning_sdk import Job
 
