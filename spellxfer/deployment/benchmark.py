@@ -203,7 +203,7 @@ def bench_serve(
     png = plot_run(samples, summary, root / "figures" / f"bench-{label}.png")
     plot_summary(rows, root / "figures" / "bench_summary.png")
     html = write_html(summary, png, root / f"bench-{label}.html")
-    print_summary(console, summary)
+    print_summary(summary)
     console.print(f"requests → {root / 'data' / f'bench-{label}.csv'}\nsummary → {html}")
     return 1 if summary["errors_5xx"] or summary["transport_errors"] else 0
 
@@ -229,9 +229,14 @@ def append_summary(path: Path, summary: dict) -> list[dict]:
     return rows
 
 
-def print_summary(console, s: dict) -> None:
+def print_summary(s: dict) -> None:
+    """The run's numbers as a table on stdout (full width even when piped into a log)."""
+    import sys
+
+    from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table("route", "concurrency", "seconds", "requests", "ok", "4xx", "5xx", "no reply", "req/s",
                   "p50 ms", "p95 ms", "p99 ms", title=f"bench {s['url']}")  # fmt: skip
     table.add_row(s["route"], str(s["concurrency"]), str(s["seconds"]), str(s["requests"]), str(s["ok"]),
