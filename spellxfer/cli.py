@@ -61,6 +61,10 @@ def _commands() -> dict:
     from spellxfer.analysis.report import report
     from spellxfer.analysis.transfer_analysis import analyze
     from spellxfer.data.build import build
+    from spellxfer.deployment.api import serve
+    from spellxfer.deployment.benchmark import bench_serve
+    from spellxfer.deployment.lightning_studio import studio_status, studio_submit
+    from spellxfer.deployment.model_export import export
     from spellxfer.doctor import doctor
     from spellxfer.evaluation.compare import compare
     from spellxfer.evaluation.evaluate import evaluate
@@ -77,11 +81,19 @@ def _commands() -> dict:
         "analyze": analyze,
         "report": report,
         "check": check,
+        "export": export,
+        "serve": serve,
+        "studio": {
+            "_help": "Run fit, sweep or serve as Lightning Studio jobs (lightning-sdk).",
+            "submit": studio_submit,
+            "status": studio_status,
+        },
         "doctor": doctor,
         "bench": {
-            "_help": "Measure training / evaluation speed beside a plain transformers reference.",
+            "_help": "Measure speed: training / evaluation beside a plain transformers reference, or load-test a server.",
             "train": bench_train,
             "eval": bench_eval,
+            "serve": bench_serve,
         },
         "assets": {
             "_help": "Fetch or inspect the embedded model and tokenizer assets.",
@@ -141,11 +153,14 @@ def _one_line_errors(run, help_hint: str) -> int:
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
 # jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
 MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs", "--variants")
+# Switches that read naturally without a value (`export --merge`, `studio submit --dry-run`);
+# jsonargparse wants `--merge true`, so a bare one gets its `true` here (an explicit value is kept).
+BARE_SWITCHES = ("--merge", "--dry_run", "--deploy")
 
 
 def fold_multi_value_flags(argv: list[str]) -> list[str]:
     """``--questions a b`` → ``--questions=["a", "b"]`` (a value already given as a list is kept);
-    ``--batch-size`` → ``--batch_size``."""
+    ``--batch-size`` → ``--batch_size``; a bare ``--merge`` → ``--merge true``."""
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -154,7 +169,10 @@ def fold_multi_value_flags(argv: list[str]) -> list[str]:
             # --question-field and --question_field both work (jsonargparse itself knows only `_`)
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
-        if arg in MULTI_VALUE_FLAGS:
+        if arg in BARE_SWITCHES and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out += [arg, "true"]
+            i += 1
+        elif arg in MULTI_VALUE_FLAGS:
             j = i + 1
             while j < len(argv) and not argv[j].startswith("--"):
                 j += 1

@@ -1,8 +1,8 @@
 """The one generation engine: batches of chat prompts → raw replies.
 
-Used by ``evaluate`` and by the Lightning validation / test steps (and by the API once it lands),
-so one code path produces every reply that spellxfer scores. Prompts come from :func:`~spellxfer.training.qwen3_utils.format_prompt`
-(Qwen3: always non-thinking). Batches are left-padded and bucketed by prompt length (sorted, so a
+Used by ``evaluate``, by the Lightning validation / test steps and by the API server, so one code
+path produces every reply that spellxfer scores or serves. Prompts come from
+:func:`~spellxfer.training.qwen3_utils.format_prompt` / ``format_chat`` (Qwen3: always non-thinking). Batches are left-padded and bucketed by prompt length (sorted, so a
 batch holds prompts of similar length and pads little); generation stops at the end of the turn.
 """
 
@@ -19,7 +19,7 @@ import yaml
 
 from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.attention import grouped_decode_attention
-from spellxfer.training.qwen3_utils import end_of_turn_ids, format_prompt
+from spellxfer.training.qwen3_utils import end_of_turn_ids, format_chat, format_prompt
 
 QWEN3_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "qwen3_config.yaml"
 
@@ -169,7 +169,15 @@ class GenerationEngine:
 
         ``progress`` is an optional callable ``(n_questions_done) -> None`` for progress bars.
         """
-        prompts = [format_prompt(self.tokenizer, q) for q in questions]
+        return self.generate_prompts([format_prompt(self.tokenizer, q) for q in questions], progress)
+
+    def generate_chats(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[str]]:
+        """Replies to whole conversations (the API's chat requests), in input order."""
+        return self.generate_prompts([format_chat(self.tokenizer, c) for c in conversations])
+
+    @torch.inference_mode()
+    def generate_prompts(self, prompts: Sequence[str], progress=None) -> list[list[str]]:
+        """Replies to already rendered prompts (``samples`` each), in input order."""
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
         replies: list[list[str]] = [[] for _ in prompts]

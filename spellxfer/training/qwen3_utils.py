@@ -184,15 +184,21 @@ def is_qwen3(tokenizer) -> bool:
 
 
 def format_prompt(tokenizer, question: str, system: str | None = None) -> str:
-    """Render one user question as the text a model continues from.
+    """Render one user question as the text a model continues from (see :func:`format_chat`)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}
+    ]
+    return format_chat(tokenizer, messages)
+
+
+def format_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    """Render a conversation (``role`` / ``content`` dicts, ending with a user turn) as the text a
+    model continues from.
 
     Qwen3 (hub or offline) always gets our non-thinking template, even when the tokenizer came
     with the official one: it renders the same string with ``enable_thinking=False`` and cannot
     render anything else. Other models use their own chat template.
     """
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}
-    ]
     if is_qwen3(tokenizer):
         return tokenizer.apply_chat_template(
             messages, chat_template=NON_THINKING_TEMPLATE, tokenize=False, add_generation_prompt=True
