@@ -57,50 +57,80 @@ def _yn(ok: bool) -> str:
     return "[green]yes[/]" if ok else "[red]no[/]"
 
 
-def _commands() -> dict:
+UNAVAILABLE: dict[str, str] = {}
+"""Command groups whose packages are missing here (name → why), shown in ``--help``."""
+
+
+def _optional(group: str, extra: str, load):
+    """``load()``'s commands, or None when a package they need is not installed (a GPU box with
+    only the training stack, say): the other commands must keep working there."""
+    try:
+        return load()
+    except ModuleNotFoundError as e:
+        UNAVAILABLE[group] = f"needs {e.name} (pip install 'spellxfer[{extra}]')"
+        return None
+
+
+def _sweep_commands():
+    from spellxfer.training.sweep import sweep
+
+    return {"sweep": sweep}
+
+
+def _analysis_commands():
     from spellxfer.analysis.report import report
     from spellxfer.analysis.transfer_analysis import analyze
-    from spellxfer.data.build import build
+
+    return {"analyze": analyze, "report": report}
+
+
+def _deployment_commands():
     from spellxfer.deployment.api import serve
     from spellxfer.deployment.benchmark import bench_serve
     from spellxfer.deployment.lightning_studio import studio_status, studio_submit
     from spellxfer.deployment.model_export import export
+
+    studio = {"_help": "Run fit, sweep or serve as Lightning Studio jobs (lightning-sdk).",
+              "submit": studio_submit, "status": studio_status}  # fmt: skip
+    return {"export": export, "serve": serve, "studio": studio, "bench serve": bench_serve}
+
+
+def _commands() -> dict:
+    from spellxfer.data.build import build
     from spellxfer.doctor import doctor
     from spellxfer.evaluation.compare import compare
     from spellxfer.evaluation.evaluate import evaluate
     from spellxfer.evaluation.speed import bench_eval
     from spellxfer.policy import check
     from spellxfer.training.speed import bench_train
-    from spellxfer.training.sweep import sweep
 
-    return {
+    bench = {
+        "_help": "Measure speed: training / evaluation beside a plain transformers reference, or load-test a server.",
+        "train": bench_train,
+        "eval": bench_eval,
+    }
+    commands = {
         "data": {"_help": "Build the spelling / position / count datasets.", "build": build},
         "evaluate": evaluate,
         "compare": compare,
-        "sweep": sweep,
-        "analyze": analyze,
-        "report": report,
-        "check": check,
-        "export": export,
-        "serve": serve,
-        "studio": {
-            "_help": "Run fit, sweep or serve as Lightning Studio jobs (lightning-sdk).",
-            "submit": studio_submit,
-            "status": studio_status,
-        },
+    }
+    commands.update(_optional("sweep", "dev", _sweep_commands) or {})
+    commands.update(_optional("analyze, report", "dev", _analysis_commands) or {})
+    commands["check"] = check
+    deployment = _optional("export, serve, studio, bench serve", "serve", _deployment_commands) or {}
+    if deployment:
+        bench["serve"] = deployment.pop("bench serve")
+    commands.update(deployment)
+    commands.update({
         "doctor": doctor,
-        "bench": {
-            "_help": "Measure speed: training / evaluation beside a plain transformers reference, or load-test a server.",
-            "train": bench_train,
-            "eval": bench_eval,
-            "serve": bench_serve,
-        },
+        "bench": bench,
         "assets": {
             "_help": "Fetch or inspect the embedded model and tokenizer assets.",
             "fetch": assets_fetch,
             "status": assets_status,
         },
-    }
+    })  # fmt: skip
+    return commands
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -198,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = fold_multi_value_flags(argv)
 
     def run() -> int:
-        rc = auto_cli(_commands(), args=argv, as_positional=False, prog="python -m spellxfer",
-                      description=DESCRIPTION, epilog=LIGHTNING_HELP, exit_on_error=False,
+        commands = _commands()
+        epilog = LIGHTNING_HELP + "".join(f"\n  not available here: {g}: {why}" for g, why in UNAVAILABLE.items())
+        rc = auto_cli(commands, args=argv, as_positional=False, prog="python -m spellxfer",
+                      description=DESCRIPTION, epilog=epilog, exit_on_error=False,
                       formatter_class=_HelpFormatter)  # fmt: skip
         return int(rc or 0)
 

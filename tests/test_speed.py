@@ -1,0 +1,74 @@
+"""``bench train`` / ``bench eval`` run end to end on the CPU with tiny-qwen3 (as CI does briefly).
+
+The H100 numbers live in docs/performance.md; here the point is that both benchmarks measure
+what they claim: the same rows for both variants, real tokens only, one variant per process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spellxfer.cli import main
+from spellxfer.errors import SpellxferError
+from spellxfer.training.speed import flops_per_token, parse_variant
+
+
+def test_variant_specs_parse_and_bad_ones_are_one_line_errors(capsys):
+    assert parse_variant("spellxfer:kernels=none,batch_size=64,attention_mask=true") == (
+        "spellxfer", {"kernels": "none", "batch_size": 64, "attention_mask": True})  # fmt: skip
+    assert parse_variant("reference") == ("reference", {})
+    for bad in ("spellxfer:foo=1", "fastest", "reference:kernels=none", "spellxfer:batch_size"):
+        with pytest.raises(SpellxferError, match="--variants"):
+            parse_variant(bad)
+    assert main(["bench", "train", "--variants", "spellxfer:foo=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "foo=1" in err[0]
+
+
+def test_flop_count_matches_the_qwen3_4b_shape():
+    from transformers import Qwen3Config
+
+    from spellxfer.models.registry import QWEN3_4B_SHAPE
+
+    cfg = Qwen3Config(**QWEN3_4B_SHAPE)
+    # 36 layers × (q 2560·4096 + k,v 2·2560·1024 + o 4096·2560 + MLP 3·2560·9728) = 3.63e9 body weights
+    body = 36 * (2560 * 4096 + 2 * 2560 * 1024 + 4096 * 2560 + 3 * 2560 * 9728)
+    assert flops_per_token(cfg, 0.0) == 4 * body
+    assert flops_per_token(cfg, 0.5) == 4 * body + 4 * 151_936 * 2560 * 0.5
+
+
+@pytest.mark.slow
+def test_bench_train_reference_and_spellxfer_side_by_side(full_data, tmp_path):
+    out = tmp_path / "train.json"
+    rc = main(["bench", "train", "--model", "tiny-qwen3", "--data_dir", str(full_data), "--variants", "reference",
+               "spellxfer", "--batch_size", "16", "--reference_batch_size", "16", "--steps", "2", "--warmup", "1",
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    ref, ours = report["results"]
+    assert (ref["variant"], ours["variant"]) == ("reference", "spellxfer")
+    assert ref["tokens_per_second"] > 0 and ours["tokens_per_second"] > 0
+    # both timed exactly 2 steps of 16 rows; real tokens exclude padding
+    assert ref["real_tokens"] < ref["padded_tokens"] and ours["real_tokens"] <= ours["padded_tokens"]
+    # random batches pad heavily (long rows mixed with short); length grouping hardly at all
+    assert ours["padding_fraction"] < 0.5 * ref["padding_fraction"]
+    assert ours["ratio_to_first"] == pytest.approx(ours["tokens_per_second"] / ref["tokens_per_second"])
+    assert 0.2 < report["supervised_fraction"] < 0.5 and report["device"].startswith("CPU")
+    assert report["versions"]["torch"] and "git_commit" in report
+
+
+@pytest.mark.slow
+def test_bench_eval_counts_questions_tokens_and_phases(full_data, tmp_path):
+    out = tmp_path / "eval.json"
+    rc = main(["bench", "eval", "--model", "tiny-qwen3", "--data_dir", str(full_data), "--n_questions", "24",
+               "--batch_size", "12", "--reference_batch_size", "12", "--max_new_tokens", "4",
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    ref, ours = json.loads(out.read_text())["results"]
+    for r in (ref, ours):
+        assert r["questions"] == 24 and r["questions_per_second"] > 0
+        assert 0 < r["new_tokens"] <= 24 * 4
+    assert set(ours["one_batch_phases_seconds"]) >= {"prompts", "prefill", "decode"}
+    assert set(ref["one_batch_phases_seconds"]) >= {"prompts", "decode"}
