@@ -68,3 +68,25 @@ def test_unknown_command_and_bad_flag_are_one_line_exit_2(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error:") for line in err)
     assert "seed" in err[1]
+
+
+def test_commands_whose_extras_are_missing_are_listed_not_fatal(monkeypatch, capsys):
+    """A GPU box with only the training stack (no litserve): training, evaluation and bench still
+    work, and --help says which commands are unavailable and what to install."""
+    import sys
+
+    import spellxfer.cli as cli
+
+    for name in [m for m in sys.modules if m.startswith("spellxfer.deployment")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "litserve", None)  # `import litserve` → ModuleNotFoundError
+    monkeypatch.setattr(cli, "UNAVAILABLE", {})
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "not available here: export, serve, studio, bench serve: needs litserve" in out
+    assert "spellxfer[serve]" in out
+    commands = cli._commands()
+    assert "serve" not in commands and "export" not in commands and "serve" not in commands["bench"]
+    assert {"evaluate", "sweep", "analyze", "bench"} <= set(commands) and "train" in commands["bench"]

@@ -129,6 +129,13 @@ def marginal_means(runs: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+LOG_SCALE = {"learning_rate", "lora_r", "lora_alpha", "batch_size", "accumulate_grad_batches", "max_steps"}
+"""Hyperparameters searched on doubling grids: effects are reported per doubling, whatever the range."""
+MIN_RUNS_FOR_INTERVALS = 5
+"""Fewer complete runs than this: a bootstrap over runs cannot give a meaningful interval (with
+3 runs most resamples repeat one run), so importance intervals are left empty (nan)."""
+
+
 def _design(runs: pd.DataFrame) -> tuple[list[str], np.ndarray, list[str]]:
     """Numeric hyperparameters as regression columns: names, matrix (runs × params), scales."""
     names, cols, scales = [], [], []
@@ -140,7 +147,8 @@ def _design(runs: pd.DataFrame) -> tuple[list[str], np.ndarray, list[str]]:
         if x.isna().any():
             continue  # categorical or missing in some runs: marginal means only
         x = x.to_numpy(float)
-        if (x > 0).all() and x.max() / x.min() >= 4:
+        name = col.removeprefix("params.")
+        if (x > 0).all() and (x.max() / x.min() >= 4 or name in LOG_SCALE):
             names.append(col.removeprefix("params."))
             cols.append(np.log2(x))
             scales.append("log2")
@@ -188,7 +196,7 @@ def importance(runs: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
                 boot = np.column_stack([_slopes(x[idx][..., [j]], y[idx])[..., 0] for j in range(p)])
         order = np.argsort(-np.abs(est * sd))
         for rank, j in enumerate(order, 1):
-            lo, hi = np.nanquantile(boot[:, j], [0.025, 0.975])
+            lo, hi = np.nanquantile(boot[:, j], [0.025, 0.975]) if n >= MIN_RUNS_FOR_INTERVALS else (np.nan, np.nan)
             rows.append({"kind": "importance", "hyperparameter": names[j], "metric": metric, "scale": scales[j],
                          "estimate": float(est[j] * sd[j]), "ci_low": float(lo * sd[j]), "ci_high": float(hi * sd[j]),
                          "slope": float(est[j]), "slope_ci_low": float(lo), "slope_ci_high": float(hi),

@@ -23,6 +23,7 @@ import pandas as pd
 from rich.console import Console
 
 from spellxfer.analysis.columns import check_columns
+from spellxfer.analysis.effects import MIN_RUNS_FOR_INTERVALS
 from spellxfer.errors import SpellxferError
 from spellxfer.outputs import atomic_file, atomic_output_dir
 
@@ -148,6 +149,10 @@ def _hyperparameter_lines(hp: pd.DataFrame) -> list[str]:
             continue
         r = r.iloc[0]
         unit = "per doubling" if r["scale"] == "log2" else "per unit"
+        if pd.isna(r["slope_ci_low"]):
+            lines.append(f"{LABELS[metric]}: {int(r['n_runs'])} runs are too few to rank hyperparameters "
+                         f"(intervals need at least {MIN_RUNS_FOR_INTERVALS}).")
+            continue
         clear = r["slope_ci_low"] > 0 or r["slope_ci_high"] < 0
         lines.append(f"{LABELS[metric]}: the most important hyperparameter is {r['hyperparameter']} "
                      f"({r['slope']:+.3f} {unit} {_ci(r['slope_ci_low'], r['slope_ci_high'])}; "
