@@ -160,12 +160,19 @@ def _hyperparameter_lines(hp: pd.DataFrame) -> list[str]:
     return lines
 
 
+MIN_ITEMS_PER_BUCKET = 20
+"""Buckets with fewer items per run are left out of the summary's "largest / smallest gain"
+sentence: picking the extreme of many tiny buckets would report noise (the tables keep them)."""
+
+
 def _gain_lines(bd: pd.DataFrame) -> list[str]:
     pooled = bd[bd["run"] == "all runs"]
     lines = []
     for task in TASKS:
-        g = pooled[pooled["metric"] == f"{task}_accuracy"]
+        g = pooled[(pooled["metric"] == f"{task}_accuracy") & (pooled["n_items"] >= MIN_ITEMS_PER_BUCKET)]
         if g.empty:
+            lines.append(f"Where the {task} gains are: no bucket has {MIN_ITEMS_PER_BUCKET} or more items per run; "
+                         "see the breakdown table.")
             continue
         hi, lo = g.loc[g["delta"].idxmax()], g.loc[g["delta"].idxmin()]
         lines.append(f"Where the {task} gains are (mean over runs): largest for {hi['breakdown']} = {hi['bucket']} "
