@@ -98,7 +98,7 @@ def next_token_probs(logits: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, t
     keeps every tied token, this keeps exactly ``k`` (measure-zero with real logits).
 
     Args:
-        logits: ``[batch, vocab]`` next-token logits (any float dtype; computed in float32).
+        logits: ``[batch, vocab]`` next-token logits (any float dtype; probabilities in float32).
         s: sampled decoding settings.
 
     Returns:
@@ -106,8 +106,10 @@ def next_token_probs(logits: torch.Tensor, s: Sampling) -> tuple[torch.Tensor, t
         vocabulary ids ``[batch, k]``, most likely first.
     """
     k = s.top_k if 0 < s.top_k < logits.shape[-1] else logits.shape[-1]
-    values, ids = logits.float().topk(k, dim=-1)  # sorted, descending
-    probs = (values / s.temperature).softmax(-1)
+    # topk before the float32 upcast: bf16 logits upcast exactly, so the selection is the same
+    # and only k values per row are converted, not 151,936.
+    values, ids = logits.topk(k, dim=-1)  # sorted, descending
+    probs = (values.float() / s.temperature).softmax(-1)
     if s.top_p < 1.0:
         mass_before = probs.cumsum(-1) - probs
         probs = probs.masked_fill(mass_before >= s.top_p, 0.0)
