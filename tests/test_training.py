@@ -414,7 +414,9 @@ def wandb_records(path: Path) -> list:
 
 def test_without_credentials_wandb_writes_an_offline_run_grouped_by_experiment(demo_data, tmp_path):
     pytest.importorskip("wandb")
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "NETRC")}
+    # No WANDB_* at all: an in-process W&B run earlier in the suite (the report test) leaves
+    # WANDB_SERVICE pointing at its service, which a child fit would otherwise join.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
     env["HOME"] = str(tmp_path / "home")  # no ~/.netrc, no wandb settings
     root = tmp_path / "run"
     p = run_fit(root, demo_data, "--trainer.max_steps", "10", "--experiment", "wb-test", env=env)
