@@ -61,13 +61,15 @@ UNAVAILABLE: dict[str, str] = {}
 """Command groups whose packages are missing here (name → why), shown in ``--help``."""
 
 
-def _optional(group: str, extra: str, load):
+def _optional(group: str, extra: str | None, load):
     """``load()``'s commands, or None when a package they need is not installed (a GPU box with
-    only the training stack, say): the other commands must keep working there."""
+    only the training stack, say): the other commands must keep working there. ``extra``: the
+    pyproject extra that provides the packages, or None for core dependencies."""
     try:
         return load()
     except ModuleNotFoundError as e:
-        UNAVAILABLE[group] = f"needs {e.name} (pip install 'spellxfer[{extra}]')"
+        install = f"pip install 'spellxfer[{extra}]'" if extra else "a spellxfer dependency: pip install -e ."
+        UNAVAILABLE[group] = f"needs {e.name} ({install})"
         return None
 
 
@@ -114,8 +116,8 @@ def _commands() -> dict:
         "evaluate": evaluate,
         "compare": compare,
     }
-    commands.update(_optional("sweep", "dev", _sweep_commands) or {})
-    commands.update(_optional("analyze, report", "dev", _analysis_commands) or {})
+    commands.update(_optional("sweep", None, _sweep_commands) or {})
+    commands.update(_optional("analyze, report", None, _analysis_commands) or {})
     commands["check"] = check
     deployment = _optional("export, serve, studio, bench serve", "serve", _deployment_commands) or {}
     if deployment:

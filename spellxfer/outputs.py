@@ -98,6 +98,19 @@ def git_commit() -> str | None:
         return None
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed value)`` for each non-blank line of a JSONL file; a line that is not
+    JSON is a one-line user error naming ``file:line``. Callers check the values' shape."""
+    with open(path, encoding="utf-8") as f:
+        for line, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield line, json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise SpellxferError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
 def write_jsonl(path: Path, rows) -> int:
     """Write one JSON object per line; returns the row count. Same rows → same bytes."""
     n = 0

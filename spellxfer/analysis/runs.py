@@ -19,6 +19,7 @@ from pathlib import Path
 
 from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.compare import read_predictions
+from spellxfer.outputs import iter_jsonl
 
 # Optuna's TrialState names → the statuses trial.json uses.
 OPTUNA_STATUS = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running",
@@ -164,24 +165,17 @@ def read_curve(path: Path) -> tuple[list[dict], int]:
     if not path.is_file():
         return [], 0
     rows, omitted = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    for _, row in iter_jsonl(path):
+        kept = {}
+        for key, value in row.items():
+            if key == "step":
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SpellxferError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            kept = {}
-            for key, value in row.items():
-                if key == "step":
-                    continue
-                if not allowed_metric(key):
-                    omitted += 1
-                elif key.startswith("val/"):
-                    kept[key] = value
-            if kept and row.get("step") is not None:
-                rows.append({"step": int(row["step"]), **kept})
+            if not allowed_metric(key):
+                omitted += 1
+            elif key.startswith("val/"):
+                kept[key] = value
+        if kept and row.get("step") is not None:
+            rows.append({"step": int(row["step"]), **kept})
     return rows, omitted
 
 

@@ -7,7 +7,6 @@ interval over items, and an exact McNemar p-value on the discordant items. Items
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from rich.table import Table
 
 from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.stats import paired_comparison
-from spellxfer.outputs import write_json
+from spellxfer.outputs import iter_jsonl, write_json
 
 TASKS = ("position", "count")
 
@@ -106,12 +105,4 @@ def read_predictions(d: Path) -> list[dict]:
     f = d / "predictions.jsonl"
     if not f.is_file():
         raise SpellxferError(f"{d}: no predictions.jsonl (expected an evaluate output directory)")
-    rows = []
-    with open(f, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SpellxferError(f"{f}:{n}: invalid JSON ({e.msg})") from None
-    return rows
+    return [row for _, row in iter_jsonl(f)]

@@ -30,6 +30,7 @@ from spellxfer.training.speed import (
     _device_name,
     _print_table,
     _sync,
+    flops_per_token,
     matmul_rate,
     profile_table,
 )
@@ -102,9 +103,7 @@ def bench_eval(
     prompt_tokens = sum(len(ids) for ids in tok([format_prompt(tok, q) for q in qs], add_special_tokens=False)["input_ids"])
     rate = matmul_rate(device)
     cfg = lm.config
-    from spellxfer.training.speed import flops_per_token
-
-    body = (flops_per_token(cfg, 0.0) / 2)  # 2 × N_body: forward only
+    body = flops_per_token(cfg, 0.0) / 2  # 2 × N_body: forward only
     results = []
     for spec, name, bs in specs:
         bs = bs or (reference_batch_size if name == "reference" else batch_size)

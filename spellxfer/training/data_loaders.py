@@ -17,7 +17,6 @@ it on first use. Training rows must all be ``task: spelling`` and evaluation row
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,6 +35,7 @@ from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.questions import Item, load_questions
 from spellxfer.models.losses import IGNORE_INDEX
 from spellxfer.models.registry import load_tokenizer
+from spellxfer.outputs import iter_jsonl
 from spellxfer.training.qwen3_utils import end_of_turn_ids, format_prompt
 
 TRAIN_FILE = "spelling_train.jsonl"
@@ -487,25 +487,18 @@ def read_training_rows(path: Path, limit: int | None = None) -> list[dict]:
         SpellxferError: ``file:line: …`` for invalid JSON, a non-spelling task, or a missing field.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise SpellxferError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise SpellxferError(f"{path}:{line}: expected a JSON object per line")
-            if row.get("task") != "spelling":
-                raise SpellxferError(
-                    f"{path}:{line}: task {row.get('task')!r} in the training file; spellxfer trains on "
-                    "task 'spelling' only (position and count questions are for evaluation)"
-                )
-            for key in ("question", "answer"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise SpellxferError(f"{path}:{line}: {key!r} must be non-empty text")
-            rows.append(row)
+    for line, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise SpellxferError(f"{path}:{line}: expected a JSON object per line")
+        if row.get("task") != "spelling":
+            raise SpellxferError(
+                f"{path}:{line}: task {row.get('task')!r} in the training file; spellxfer trains on "
+                "task 'spelling' only (position and count questions are for evaluation)"
+            )
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise SpellxferError(f"{path}:{line}: {key!r} must be non-empty text")
+        rows.append(row)
     if not rows:
         raise SpellxferError(f"{path}: no training rows")
     return rows[:limit]

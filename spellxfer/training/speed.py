@@ -27,7 +27,11 @@ a large matmul reaches on it, measured here.
 from __future__ import annotations
 
 import gc
+import json
 import random
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,13 +112,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _examples(data_dir: Path, model: str, n: int, seed: int) -> list[dict]:
-    import json
-
     from spellxfer.models.registry import load_tokenizer
-    from spellxfer.training.data_loaders import TRAIN_FILE, tokenize_examples
+    from spellxfer.training.data_loaders import TRAIN_FILE, read_training_rows, tokenize_examples
 
-    with open(data_dir / TRAIN_FILE, encoding="utf-8") as f:
-        rows = [json.loads(line) for line, _ in zip(f, range(n))]
+    rows = read_training_rows(data_dir / TRAIN_FILE, limit=n)
     random.Random(seed).shuffle(rows)
     return tokenize_examples(load_tokenizer(model), [r["question"] for r in rows], [r["answer"] for r in rows])
 
@@ -310,7 +311,9 @@ def bench_train(
     check_model_name(model)
     if steps < 1 or warmup < 1 or batch_size < 1 or reference_batch_size < 1:
         raise SpellxferError("bench train: --steps, --warmup, --batch_size and --reference_batch_size must be ≥ 1")
-    specs = [parse_variant(v) and v for v in variants]  # validate every spec before any work
+    for spec in variants:  # validate every spec before any work
+        parse_variant(spec)
+    specs = list(variants)
     out_path = Path(out or f"results/bench/train-{model}.json")
     data = Path(data_dir)
     if not (data / "spelling_train.jsonl").is_file():
@@ -336,8 +339,6 @@ def bench_train(
     _print_table(report, "real tokens/s", "tokens_per_second")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_path) as f:
-        import json
-
         json.dump(report, f, indent=2, default=str)
     print(f"wrote {out_path}")
     return 0
@@ -365,11 +366,6 @@ def _measure(spec, model, data, batch_size, reference_batch_size, steps, warmup,
 
 
 def _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile) -> dict:
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "one.json"
         cmd = [sys.executable, "-m", "spellxfer", "bench", "train", "--model", model, "--data_dir", str(data),
