@@ -236,6 +236,9 @@ BAD_SPACES = {
                        "inverted"),
     "not-a-position-count-metric": ({"objective": "val/loss"}, "objective", "not a position / count metric"),
     "spelling-objective": ({"objective": "val/spelling_" + "accuracy"}, "objective", "not a position / count metric"),
+    "zero-validate-every": ({"validate_every_steps": 0}, "validate_every_steps", "integer ≥ 1"),
+    "validate-every-and-interval": ({"validate_every_steps": 5, "fixed": {"trainer.val_check_interval": 5}},
+                                    "fixed.trainer.val_check_interval", "keep one"),
 }  # fmt: skip
 
 
@@ -276,6 +279,29 @@ def test_the_grid_sampler_draws_trials_one_at_a_time_from_the_4096_point_seed_gr
     study.optimize(lambda t: len(space.suggest(t)), n_trials=5)
     assert len(study.trials) == 5  # nothing queued beyond the trials asked for
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 5
+
+
+def test_validate_every_steps_validates_each_trial_at_the_same_optimizer_steps_whatever_its_accumulation(
+    monkeypatch, tmp_path
+):
+    """Lightning counts val_check_interval in micro-batches: without the scaling, a trial with 8×
+    accumulation would validate 8× as often per optimizer step, and early-stop 8× sooner."""
+    from spellxfer.training.sweep_trial import SweepContext, fit_argv
+
+    monkeypatch.chdir(REPO)
+    space = load_space("configs/sweeps/smollm2_h100.yaml")
+    assert space.validate_every_steps == 25
+    ctx = SweepContext(space=space, study="s", sweep_dir=tmp_path, model="smollm2-135m", test_files=[],
+                       wandb=False, over_budget=lambda t: False, progress=lambda *a, **k: None)  # fmt: skip
+    for accumulate, interval in ((1, 25), (2, 50), (8, 200)):
+        params = {p.name: p.values[0] for p in space.parameters} | {"accumulate_grad_batches": accumulate}
+        argv = fit_argv(ctx, tmp_path / "trial-0000", params, None, 0)
+        assert argv[argv.index("--trainer.val_check_interval") + 1] == str(interval)
+        assert argv[argv.index("--trainer.accumulate_grad_batches") + 1] == str(accumulate)
+    # without accumulation among the parameters, the base config's value scales it
+    space = replace(space, parameters=tuple(p for p in space.parameters if p.name != "accumulate_grad_batches"))
+    assert space.val_check_interval({}) == 25  # configs/smollm2_h100.yaml: accumulate_grad_batches 1
+    assert replace(space, validate_every_steps=None).val_check_interval({"accumulate_grad_batches": 4}) is None
 
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])

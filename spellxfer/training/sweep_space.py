@@ -38,7 +38,8 @@ OBJECTIVE = re.compile(r"^val/(?:transfer_score|(?:position|count)_accuracy|(?:p
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DECODINGS = ("sampled", "greedy")
-TOP_KEYS = ("base", "objective", "sampler", "pruner", "seed", "budget", "decodings", "evaluation", "fixed", "parameters")
+TOP_KEYS = ("base", "objective", "sampler", "pruner", "seed", "budget", "decodings", "evaluation", "validate_every_steps",
+            "fixed", "parameters")  # fmt: skip
 # Fit keys the sweep sets itself for every trial (outputs, loggers, what the checkpoints follow).
 RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logger", "checkpoint.monitor",
             "checkpoint.mode", "checkpoint.filename", "checkpoint.every_n_train_steps", "early_stopping.monitor",
@@ -81,6 +82,19 @@ class SweepSpace:
     evaluation: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
     parameters: tuple[Parameter, ...] = ()
+    validate_every_steps: int | None = None
+
+    def val_check_interval(self, params: dict) -> int | None:
+        """Lightning counts ``val_check_interval`` in micro-batches; ``validate_every_steps`` counts
+        optimizer steps, so every trial validates (and early-stops, and reports to the pruner) at
+        the same optimizer steps whatever its gradient accumulation."""
+        if self.validate_every_steps is None:
+            return None
+        accumulate = params.get("accumulate_grad_batches", self.fixed.get("trainer.accumulate_grad_batches"))
+        if accumulate is None:
+            base = yaml.safe_load(self.base.read_text(encoding="utf-8")) or {}
+            accumulate = (base.get("trainer") or {}).get("accumulate_grad_batches") or 1
+        return self.validate_every_steps * int(accumulate)
 
     def suggest(self, trial) -> dict[str, Any]:
         """The trial's hyperparameters, drawn by the study's sampler (or fixed by a retry)."""
@@ -169,6 +183,14 @@ def load_space(path: str | Path) -> SweepSpace:
         if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+|seed_everything", str(key)):
             fail(f"fixed.{key}", "expected a dotted fit key such as data.val_limit or trainer.val_check_interval")
 
+    every = raw.get("validate_every_steps")
+    if every is not None:
+        if not _is_int(every) or every < 1:
+            fail("validate_every_steps", f"expected an integer ≥ 1 (optimizer steps), got {every!r}")
+        if "trainer.val_check_interval" in fixed:
+            fail("fixed.trainer.val_check_interval", "validate_every_steps sets it per trial (× the trial's "
+                                                     "accumulate_grad_batches); keep one")  # fmt: skip
+
     params = raw.get("parameters")
     if not isinstance(params, dict) or not params:
         fail("parameters", f"expected a mapping of hyperparameters ({', '.join(HYPERPARAMETERS)}) to values or ranges")
@@ -178,7 +200,8 @@ def load_space(path: str | Path) -> SweepSpace:
             fail(f"fixed.{p.flag}", f"also searched as parameters.{p.name}; keep one")
     space = SweepSpace(path=path, base=base, objective=objective, sampler=sampler, pruner=pruner, seed=seed,
                        trials=trials, hours=hours, decodings=tuple(dict.fromkeys(decodings)),
-                       evaluation=evaluation, fixed=fixed, parameters=parameters)  # fmt: skip
+                       evaluation=evaluation, fixed=fixed, parameters=parameters,
+                       validate_every_steps=every)  # fmt: skip
     if sampler == "grid":
         space.check_sampler("grid")
     return space

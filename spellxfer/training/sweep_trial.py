@@ -171,6 +171,8 @@ def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, nu
         argv += [f"--{key}", _flag_value(value)]
     for p in space.parameters:
         argv += [f"--{p.flag}", _flag_value(params[p.name])]
+    if (interval := space.val_check_interval(params)) is not None:
+        argv += ["--trainer.val_check_interval", str(interval)]
     argv += ["--experiment", ctx.study, "--trainer.default_root_dir", str(run / "checkpoints"),
              "--trainer.logger", json.dumps(loggers),
              # the best checkpoint, early stopping and the pruner all follow the sweep's objective
