@@ -113,6 +113,19 @@ def test_top_configs_are_ranked_by_transfer_score_with_intervals(transfer_analys
     assert {"params.lora_r", "val/transfer_score"} <= set(top.columns)
 
 
+def test_the_run_selected_by_validation_is_the_best_val_objective_with_its_test_numbers(transfer_analysis):
+    """The top of top_transfer_configs is picked on the test set; the validation pick is the honest one."""
+    info = json.loads((transfer_analysis / "analysis.json").read_text())
+    sel, runs = info["selected_by_validation"], _csv(transfer_analysis, "runs")
+    best = runs.sort_values(["val/transfer_score", "trial"], ascending=[False, True]).iloc[0]
+    assert sel["run"] == best["run"] and sel["objective"] == "val/transfer_score"
+    assert sel["objective_value"] == pytest.approx(best["val/transfer_score"])
+    assert sel["transfer_score"] == pytest.approx(best["transfer_score"])
+    assert sel["count_accuracy_delta"] == pytest.approx(best["count_accuracy_delta"])
+    assert sel["test_rank"] == 1 + int((runs["transfer_score"] > best["transfer_score"]).sum())
+    assert sel["tied_runs"] == int((runs["val/transfer_score"] == best["val/transfer_score"]).sum())
+
+
 def test_breakdowns_cover_the_four_dimensions_and_pool_over_runs(transfer_analysis, synthetic_sweep):
     bd = _csv(transfer_analysis, "breakdowns")
     assert set(bd["breakdown"]) == {"word_length", "n_tokens", "word_kind", "letter_position"}

@@ -100,32 +100,58 @@ def summary_lines(info: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
     others = {k: v for k, v in info["status_counts"].items() if k != "complete"}
     lines = [f"{n} complete run(s) analysed ({info['decoding']} decoding)"
              + (f"; not analysed: {', '.join(f'{v} {k}' for k, v in sorted(others.items()))}." if others else ".")]
-    deltas = tables["per_run_deltas"]
-    verdict = {}
-    for task in TASKS:
-        d = deltas[deltas["metric"] == f"{task}_accuracy"]
-        up, sig_up = int((d["delta"] > 0).sum()), int((d["significant"] & (d["delta"] > 0)).sum())
-        sig_down = int((d["significant"] & (d["delta"] < 0)).sum())
-        b = d.loc[d["delta"].idxmax()]
-        verdict[task] = sig_up > 0
-        lines.append(
-            f"{task.capitalize()} accuracy rose in {up} of {n} runs ({sig_up} significantly after Holm adjustment, "
-            f"{sig_down} fell significantly); the best run ({b['run']}) changed it by {b['delta']:+.3f} "
-            f"{_ci(b['delta_ci_low'], b['delta_ci_high'])} ({b['base_accuracy']:.3f} → {b['tuned_accuracy']:.3f}, "
-            f"McNemar p_adj={b['p_adj']:.2g}).")  # fmt: skip
-    moved = [t for t in TASKS if verdict[t]]
-    still = [t for t in TASKS if not verdict[t]]
-    lines.append(("Transferred: " + " and ".join(moved) + ". " if moved else "Nothing transferred significantly. ")
-                 + ("Did not transfer (no run significantly better than base): " + " and ".join(still) + "." if still else ""))
+    lines += verdict_lines(tables["per_run_deltas"], n)
     lines.append(_correlation_line(tables["metric_correlations"]))
     lines += _hyperparameter_lines(tables["hyperparameter_effects"])
     top = tables["top_transfer_configs"].iloc[0]
     params = ", ".join(f"{c.removeprefix('params.')}={top[c]:g}" if isinstance(top[c], float) else f"{c.removeprefix('params.')}={top[c]}"
                        for c in tables["top_transfer_configs"].columns if c.startswith("params."))  # fmt: skip
-    lines.append(f"Top configuration by transfer_score: {top['run']} ({params}) with transfer_score "
-                 f"{top['transfer_score']:.3f} {_ci(top['transfer_score_ci_low'], top['transfer_score_ci_high'], '')}.")
+    lines.append(f"Top configuration by test transfer_score: {top['run']} ({params}) with transfer_score "
+                 f"{top['transfer_score']:.3f} {_ci(top['transfer_score_ci_low'], top['transfer_score_ci_high'], '')} "
+                 "(chosen on the test set, so optimistic).")
+    if sel := info.get("selected_by_validation"):
+        lines.append(_selected_line(sel))
     lines += _gain_lines(tables["breakdowns"])
     return lines
+
+
+def verdict_lines(deltas: pd.DataFrame, n: int) -> list[str]:
+    """Per task, how many runs rose (significantly, after Holm) and fell, then the verdict. A task
+    transferred when some run is significantly better and no more runs are significantly worse;
+    significant gains in a few runs among more significant losses are "mostly hurt", not transfer."""
+    lines, verdict = [], {}
+    for task in TASKS:
+        d = deltas[deltas["metric"] == f"{task}_accuracy"]
+        up, sig_up = int((d["delta"] > 0).sum()), int((d["significant"] & (d["delta"] > 0)).sum())
+        sig_down = int((d["significant"] & (d["delta"] < 0)).sum())
+        b = d.loc[d["delta"].idxmax()]
+        verdict[task] = (sig_up, sig_down)
+        lines.append(
+            f"{task.capitalize()} accuracy rose in {up} of {n} runs ({sig_up} significantly after Holm adjustment, "
+            f"{sig_down} fell significantly); the best run ({b['run']}) changed it by {b['delta']:+.3f} "
+            f"{_ci(b['delta_ci_low'], b['delta_ci_high'])} ({b['base_accuracy']:.3f} → {b['tuned_accuracy']:.3f}, "
+            f"McNemar p_adj={b['p_adj']:.2g}).")  # fmt: skip
+    moved = [t for t in TASKS if 0 < verdict[t][0] and verdict[t][1] <= verdict[t][0]]
+    mixed = [t for t in TASKS if 0 < verdict[t][0] < verdict[t][1]]
+    still = [t for t in TASKS if verdict[t][0] == 0]
+    parts = ["Transferred: " + " and ".join(moved) + "."] if moved else []
+    parts += [f"Mostly hurt: {t} ({verdict[t][0]} of {n} runs significantly better, {verdict[t][1]} significantly "
+              "worse)." for t in mixed]  # fmt: skip
+    if still:
+        parts.append("Did not transfer (no run significantly better than base): " + " and ".join(still) + ".")
+    if not moved and not mixed:
+        parts.insert(0, "Nothing transferred significantly.")
+    return [*lines, " ".join(parts)]
+
+
+def _selected_line(sel: dict) -> str:
+    """The run the sweep's own objective picks: its test numbers are the unbiased ones."""
+    ties = f", tied with {sel['tied_runs'] - 1} other run(s), lowest trial number wins" if sel["tied_runs"] > 1 else ""
+    parts = [f"{t} {sel[f'{t}_accuracy']:.3f} (Δ {sel[f'{t}_accuracy_delta']:+.3f} "
+             f"{_ci(sel[f'{t}_accuracy_delta_ci_low'], sel[f'{t}_accuracy_delta_ci_high'])})"
+             for t in TASKS if f"{t}_accuracy_delta" in sel]  # fmt: skip
+    return (f"Selected by validation ({sel['objective']} {sel['objective_value']:.3f}{ties}): {sel['run']}, "
+            f"rank {sel['test_rank']} on the test set; test " + ", ".join(parts) + ".")
 
 
 def _correlation_line(corr: pd.DataFrame) -> str:

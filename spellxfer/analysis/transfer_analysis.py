@@ -139,9 +139,28 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10) 
                           "with a percentile bootstrap over runs",
         },
         "provenance": {"packages": package_versions(), "git_commit": git_commit()},
+        "selected_by_validation": selected_by_validation(table, objective_cols),
     }
     return {"runs": table, "per_run_deltas": per_run, "metric_correlations": effects.correlations(table, n_boot, seed),
             "top_transfer_configs": top_configs, "hyperparameter_effects": hp, "breakdowns": breakdowns, "info": info}  # fmt: skip
+
+
+def selected_by_validation(table: pd.DataFrame, objective_cols: list[str]) -> dict | None:
+    """The run a sweep would ship: the best validation objective (ties to the lower trial number,
+    as Optuna's ``best_trial``), with its test numbers. Its test accuracy is an honest estimate;
+    the top of ``top_transfer_configs`` is chosen on the test set itself and so is optimistic."""
+    col = next((c for c in objective_cols if c.startswith("val/")), None)
+    if col is None or table[col].isna().all():
+        return None
+    ranked = table.dropna(subset=[col]).sort_values([col, "trial"], ascending=[False, True], kind="stable")
+    best = ranked.iloc[0]
+    keys = ["transfer_score", "transfer_score_ci_low", "transfer_score_ci_high",
+            *[f"{t}_accuracy{s}" for t in TASKS for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low",
+                                                        "_delta_ci_high", "_p_adj")]]  # fmt: skip
+    return {"run": str(best["run"]), "objective": col, "objective_value": float(best[col]),
+            "tied_runs": int((table[col] == best[col]).sum()),
+            "test_rank": int((table["transfer_score"] > best["transfer_score"]).sum()) + 1,
+            **{k: float(best[k]) for k in keys if k in best and pd.notna(best[k])}}  # fmt: skip
 
 
 def item_scores(rows: list[dict]) -> dict[tuple[str, str], dict]:
@@ -277,7 +296,7 @@ def _jsonable(obj):
 
 def print_summary(result: dict, out: Path) -> None:
     info, table = result["info"], result["top_transfer_configs"]
-    t = Table(title=f"top configurations by transfer_score ({info['n_runs']} complete runs; "
+    t = Table(title=f"top configurations by test transfer_score ({info['n_runs']} complete runs; "
                     f"not analysed: {len(info['skipped'])})")  # fmt: skip
     for col in ("rank", "run", "transfer_score", "Δ position [95% CI]", "Δ count [95% CI]"):
         t.add_column(col, justify="left" if col == "run" else "right")
@@ -286,4 +305,7 @@ def print_summary(result: dict, out: Path) -> None:
                   *[f"{r[f'{k}_accuracy_delta']:+.3f} [{r[f'{k}_accuracy_delta_ci_low']:+.3f}, "
                     f"{r[f'{k}_accuracy_delta_ci_high']:+.3f}]" for k in TASKS])  # fmt: skip
     console.print(t)
+    if sel := info.get("selected_by_validation"):
+        console.print(f"selected by {sel['objective']} (the unbiased pick): {sel['run']}, test transfer_score "
+                      f"{sel['transfer_score']:.3f}, rank {sel['test_rank']} of {info['n_runs']} on the test set")
     console.print(f"wrote {', '.join(f'{n}.csv' for n in TABLES)}, figures/ and analysis.json to {out}")
