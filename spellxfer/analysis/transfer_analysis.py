@@ -37,6 +37,9 @@ from spellxfer.outputs import atomic_output_dir, check_output_dir, git_commit, p
 
 console = Console()
 TASKS = ("position", "count")
+# Per task: test accuracy with its interval, the paired change from base with its interval, Holm p.
+TASK_COLUMNS = [f"{t}_accuracy{s}" for t in TASKS
+                for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low", "_delta_ci_high", "_p_adj")]  # fmt: skip
 TABLES = ("runs", "per_run_deltas", "metric_correlations", "top_transfer_configs", "hyperparameter_effects",
           "breakdowns")  # fmt: skip
 
@@ -111,8 +114,7 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10) 
     hp = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=effects.COLUMNS)
     objective_cols = [c for c in table.columns if c.startswith(("val/", "test/"))]
     top_cols = ["run", "trial", "transfer_score", "transfer_score_ci_low", "transfer_score_ci_high", *objective_cols,
-                *[f"{t}_accuracy{s}" for t in TASKS for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low",
-                                                                "_delta_ci_high", "_p_adj")],
+                *TASK_COLUMNS,
                 *[c for c in table.columns if c.startswith("params.")], "run_dir"]  # fmt: skip
     top_configs = table.sort_values("transfer_score", ascending=False, kind="stable").head(top)[top_cols]
     top_configs.insert(0, "rank", range(1, len(top_configs) + 1))
@@ -154,9 +156,7 @@ def selected_by_validation(table: pd.DataFrame, objective_cols: list[str]) -> di
         return None
     ranked = table.dropna(subset=[col]).sort_values([col, "trial"], ascending=[False, True], kind="stable")
     best = ranked.iloc[0]
-    keys = ["transfer_score", "transfer_score_ci_low", "transfer_score_ci_high",
-            *[f"{t}_accuracy{s}" for t in TASKS for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low",
-                                                        "_delta_ci_high", "_p_adj")]]  # fmt: skip
+    keys = ["transfer_score", "transfer_score_ci_low", "transfer_score_ci_high", *TASK_COLUMNS]
     return {"run": str(best["run"]), "objective": col, "objective_value": float(best[col]),
             "tied_runs": int((table[col] == best[col]).sum()),
             "test_rank": int((table["transfer_score"] > best["transfer_score"]).sum()) + 1,

@@ -83,6 +83,7 @@ class SweepSpace:
     fixed: dict = field(default_factory=dict)
     parameters: tuple[Parameter, ...] = ()
     validate_every_steps: int | None = None
+    accumulate_grad_batches: int = 1  # the fixed or base config's value, for trials that don't search it
 
     def val_check_interval(self, params: dict) -> int | None:
         """Lightning counts ``val_check_interval`` in micro-batches; ``validate_every_steps`` counts
@@ -90,11 +91,7 @@ class SweepSpace:
         the same optimizer steps whatever its gradient accumulation."""
         if self.validate_every_steps is None:
             return None
-        accumulate = params.get("accumulate_grad_batches", self.fixed.get("trainer.accumulate_grad_batches"))
-        if accumulate is None:
-            base = yaml.safe_load(self.base.read_text(encoding="utf-8")) or {}
-            accumulate = (base.get("trainer") or {}).get("accumulate_grad_batches") or 1
-        return self.validate_every_steps * int(accumulate)
+        return self.validate_every_steps * int(params.get("accumulate_grad_batches", self.accumulate_grad_batches))
 
     def suggest(self, trial) -> dict[str, Any]:
         """The trial's hyperparameters, drawn by the study's sampler (or fixed by a retry)."""
@@ -190,6 +187,10 @@ def load_space(path: str | Path) -> SweepSpace:
         if "trainer.val_check_interval" in fixed:
             fail("fixed.trainer.val_check_interval", "validate_every_steps sets it per trial (× the trial's "
                                                      "accumulate_grad_batches); keep one")  # fmt: skip
+    accumulate = fixed.get("trainer.accumulate_grad_batches")
+    if every is not None and accumulate is None:
+        base_cfg = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
+        accumulate = (base_cfg.get("trainer") or {}).get("accumulate_grad_batches")
 
     params = raw.get("parameters")
     if not isinstance(params, dict) or not params:
@@ -201,7 +202,7 @@ def load_space(path: str | Path) -> SweepSpace:
     space = SweepSpace(path=path, base=base, objective=objective, sampler=sampler, pruner=pruner, seed=seed,
                        trials=trials, hours=hours, decodings=tuple(dict.fromkeys(decodings)),
                        evaluation=evaluation, fixed=fixed, parameters=parameters,
-                       validate_every_steps=every)  # fmt: skip
+                       validate_every_steps=every, accumulate_grad_batches=int(accumulate or 1))  # fmt: skip
     if sampler == "grid":
         space.check_sampler("grid")
     return space
