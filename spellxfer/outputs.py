@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -17,6 +18,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from spellxfer.errors import SpellxferError
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_run_name(name: str, flag: str) -> str:
+    """Refuse a run / study name that could leave its folder: it names directories and files
+    (``checkpoints/NAME/``, ``results/metrics/NAME.jsonl``), so letters, digits, ``_ . -`` only,
+    starting with a letter or digit, no ``..``, at most 100 characters."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name:
+        raise SpellxferError(
+            f"{flag} {name!r}: use 1-100 letters, digits, '_', '.' and '-', starting with a letter or digit "
+            "and without '..' (it names folders and files)"
+        )
+    return name
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:

@@ -317,3 +317,32 @@ def test_random_and_tpe_draws_depend_only_on_the_study_seed_and_trial_number(sam
     assert draws(0) == draws(0)
     assert draws(0) != draws(1)
     assert len({tuple(sorted(p.items())) for p in draws(0)}) > 1  # consecutive trials differ
+
+
+@pytest.mark.parametrize("study", ["../outside", "a/b", "..", ""])
+def test_a_study_name_that_could_leave_its_folder_is_refused(study, tmp_path, capsys):
+    rc = main(["sweep", "--space", str(REPO / "configs/sweeps/tiny.yaml"), "--study", study,
+               "--results_dir", str(tmp_path / "results")])  # fmt: skip
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --study") and repr(study) in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_metrics_reader_follows_a_rewritten_log_from_its_start(tmp_path):
+    """A resumed fit rewrites metrics.jsonl without the rows past its resume point (a new file
+    renamed into place); the sweep's reader must start that file again, not seek into its middle."""
+    from spellxfer.outputs import atomic_file
+    from spellxfer.training.sweep_trial import read_rows
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "train/loss": float(s)} for s in (4, 9, 14, 19)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 2')  # a line still being written
+    offset, got = read_rows(path, None)
+    assert got == rows
+    with atomic_file(path) as f:  # what WhitelistedCSVLogger.discard_from(10) does
+        f.writelines(json.dumps(r) + "\n" for r in rows[:2])
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 14, "train/loss": 1.5}) + "\n")
+    offset, got = read_rows(path, offset)
+    assert got == [*rows[:2], {"step": 14, "train/loss": 1.5}]
+    assert read_rows(path, offset)[1] == []

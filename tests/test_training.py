@@ -12,6 +12,7 @@ Trained on spelling, validated on position and count only.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, read_jsonl
+from safetensors.torch import load_file
 
 from spellxfer.errors import SpellxferError
 from spellxfer.models.spelling_model import ALL_LINEAR, SpellingLoRAModule
@@ -184,18 +186,42 @@ def wait_for_checkpoint(
     pytest.fail(f"no checkpoint at step {step} after {timeout} s")
 
 
-def resume_and_compare(root: Path, data: Path, ref: Run, resumed_from: int) -> None:
-    logged_before = len(read_jsonl(root / "metrics.jsonl")) if (root / "metrics.jsonl").is_file() else 0
+def scored_state(root: Path) -> dict:
+    """The state of the checkpoint callback that ranks by the validation metric, from last.ckpt."""
+    (state,) = [s for name, s in load_ckpt(root / "last.ckpt")["callbacks"].items()
+                if name.startswith("ModelCheckpoint{'monitor': 'val/") or name.startswith("ModelCheckpoint{'monitor': 'train/")]  # fmt: skip
+    return state
+
+
+def logged_rows(root: Path) -> list[dict]:
+    """metrics.jsonl without throughput, the one value that depends on the wall clock."""
+    return [{k: v for k, v in row.items() if k != "train/tokens_per_second"} for row in read_jsonl(root / "metrics.jsonl")]
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    """A resumed run ends exactly where the uninterrupted one did: the same rows logged (once
+    each), the same validations, the same checkpoint files, the same best checkpoint and top-k,
+    best_adapter/ tensor for tensor, and the same final weights."""
+    rows, ref_rows = logged_rows(run), logged_rows(ref)
+    assert rows == ref_rows, "metrics.jsonl differs from the uninterrupted run's"
+    assert len({(r["step"], tuple(sorted(r))) for r in rows}) == len(rows), "a row was logged twice"
+    assert sorted(p.name for p in run.glob("*.ckpt")) == sorted(p.name for p in ref.glob("*.ckpt"))
+    got, want = scored_state(run), scored_state(ref)
+    assert Path(got["best_model_path"]).name == Path(want["best_model_path"]).name
+    assert sorted(Path(k).name for k in got["best_k_models"]) == sorted(Path(k).name for k in want["best_k_models"])
+    adapter = load_file(run / "best_adapter" / "adapter_model.safetensors")
+    ref_adapter = load_file(ref / "best_adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == ref_adapter.keys()
+    assert all(torch.equal(adapter[k], ref_adapter[k]) for k in ref_adapter), "best_adapter differs"
+    final, ref_final = load_ckpt(run / "last.ckpt"), load_ckpt(ref / "last.ckpt")
+    assert final["global_step"] == ref_final["global_step"]
+    assert_same_lora(final["state_dict"], ref_final["state_dict"])
+
+
+def resume_and_compare(root: Path, data: Path, ref: Run) -> None:
     p = run_fit(root, data, "--ckpt_path", "last")
     assert p.returncode == 0, p.stderr
-    final = load_ckpt(root / "last.ckpt")
-    assert final["global_step"] == STEPS
-    assert_same_lora(final["state_dict"], load_ckpt(ref.root / "last.ckpt")["state_dict"])
-    # A fresh start would reproduce the weights too (same seed): the resumed run must also have
-    # logged nothing from before its checkpoint. (metrics.jsonl's step is global_step - 1.)
-    resumed_rows = read_jsonl(root / "metrics.jsonl")[logged_before:]
-    if resumed_from < STEPS:  # a run killed after its last step has nothing left to train
-        assert resumed_rows and min(r["step"] for r in resumed_rows) >= resumed_from
+    assert_same_run(root, ref.root)
 
 
 @pytest.mark.parametrize("kill_after", [10, 20], ids=["after-first-checkpoint", "after-second-checkpoint"])
@@ -206,7 +232,48 @@ def test_a_killed_fit_resumes_to_exactly_the_uninterrupted_weights(kill_after, r
     kill(proc)
     resumed_from = load_ckpt(root / "last.ckpt")["global_step"]
     assert kill_after <= resumed_from < STEPS, "the kill came too late to test a resume"
-    resume_and_compare(root, demo_data, ref, resumed_from)
+    resume_and_compare(root, demo_data, ref)
+
+
+# Where the resume test kills `fit` (SPELLXFER_TEST_KILL_AT, spellxfer.training.checkpointing.
+# kill_point), in order, each run resuming the one before, and the resume point each leaves.
+KILL_CHAIN = [
+    ("validation_start@20", 10),       # step 20 trained, its checkpoint due, its validation not run
+    ("saved:best-step20.ckpt@20", 10),  # the scored checkpoint written, the resume point not yet
+    ("saved:step20.ckpt@20", 10),       # between the step checkpoint and last.ckpt
+    ("saved:last.ckpt@20", 20),         # the resume point written
+    ("train_batch@25", 20),             # between checkpoints
+    ("validation_batch@30", 20),        # mid-validation (after its first batch)
+    ("fit_end@30", 30),                 # all trained and saved, best_adapter/ not yet written
+]  # fmt: skip
+# Random tiny-qwen3 scores 0 at every validation, so ranking by it ties; the training loss at the
+# three validation steps differs, so each validation's checkpoint decision shows in the top-k and
+# best_adapter/ (any distinct scores do: the comparison is with an uninterrupted run).
+RANKED = ("--checkpoint.monitor", "train/loss", "--checkpoint.mode", "max")
+
+
+@pytest.fixture(scope="module")
+def ranked_ref(tmp_path_factory, demo_data) -> Path:
+    root = tmp_path_factory.mktemp("training") / "ranked"
+    p = run_fit(root, demo_data, *RANKED)
+    assert p.returncode == 0, p.stderr
+    scores = [v.item() for v in scored_state(root)["best_k_models"].values()]
+    assert len(set(scores)) == len(scores), "the ranking needs distinct scores to show a lost validation"
+    return root
+
+
+def test_a_fit_killed_at_every_point_of_a_save_and_a_validation_resumes_to_the_uninterrupted_run(
+    ranked_ref, demo_data, tmp_path
+):
+    root = tmp_path / "run"
+    for i, (point, resume_point) in enumerate(KILL_CHAIN):
+        extra = RANKED if i == 0 else (*RANKED, "--ckpt_path", "last")
+        p = run_fit(root, demo_data, *extra, env=quiet_env(SPELLXFER_TEST_KILL_AT=point))
+        assert p.returncode == -signal.SIGKILL, f"not killed at {point}: rc {p.returncode}\n{p.stderr}"
+        assert load_ckpt(root / "last.ckpt")["global_step"] == resume_point, point
+    p = run_fit(root, demo_data, *RANKED, "--ckpt_path", "last")
+    assert p.returncode == 0, p.stderr
+    assert_same_run(root, ranked_ref)
 
 
 def test_a_kill_at_a_random_moment_resumes_or_asks_for_a_fresh_run(ref, demo_data, tmp_path):
@@ -216,7 +283,7 @@ def test_a_kill_at_a_random_moment_resumes_or_asks_for_a_fresh_run(ref, demo_dat
     kill(proc)
     last = root / "last.ckpt"
     if last.is_file():  # killed after the first checkpoint: resume
-        resume_and_compare(root, demo_data, ref, load_ckpt(last)["global_step"])
+        resume_and_compare(root, demo_data, ref)
         return
     p = run_fit(root, demo_data, "--ckpt_path", "last")
     assert p.returncode == 2, f"killed after {delay:.1f} s:\n{p.stderr}"
@@ -348,6 +415,22 @@ def test_the_csv_logger_refuses_a_metric_before_writing_anything(tmp_path):
     assert "train/loss" in (tmp_path / "metrics.csv").read_text()
     assert read_jsonl(tmp_path / "m.jsonl") == [{"step": 1, "train/loss": 2.0}]
     assert files_mentioning_the_forbidden_metric(tmp_path) == []
+
+
+def test_a_resumed_logger_drops_the_rows_logged_past_the_resume_point(tmp_path):
+    jsonl, logs = tmp_path / "m.jsonl", tmp_path / "logs"
+    killed = WhitelistedCSVLogger(save_dir=logs, name="", version="", jsonl_path=str(jsonl))
+    for step in (4, 9, 14):  # killed after step 15, resumed from its checkpoint at step 10
+        killed.log_metrics({"train/loss": float(step)}, step=step)
+    killed.save()
+    resumed = WhitelistedCSVLogger(save_dir=logs, name="", version="", jsonl_path=str(jsonl))
+    resumed.discard_from(10)
+    resumed.log_metrics({"train/loss": 14.5}, step=14)
+    resumed.save()
+    assert read_jsonl(jsonl) == [{"step": 4, "train/loss": 4.0}, {"step": 9, "train/loss": 9.0},
+                                 {"step": 14, "train/loss": 14.5}]  # fmt: skip
+    with open(logs / "metrics.csv", newline="") as f:  # Lightning restarts the CSV; the kept rows go back in
+        assert [(r["step"], r["train/loss"]) for r in csv.DictReader(f)] == [("4", "4.0"), ("9", "9.0"), ("14", "14.5")]
 
 
 class LeakyModule(SpellingLoRAModule):

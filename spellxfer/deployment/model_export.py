@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 
 from spellxfer.errors import SpellxferError
+from spellxfer.models.registry import check_lora_layout
 from spellxfer.outputs import atomic_output_dir, check_output_dir, git_commit, package_versions, write_json
 
 DEFAULT_ROOT = Path("results/deployment/models")
@@ -67,7 +68,7 @@ def export(
 
     console = Console(stderr=True)
     with console.status(f"exporting {ckpt_path} ({hparams['model']} + LoRA r={hparams.get('lora_r')})"):
-        module = _lora_module(hparams, state)
+        module = _lora_module(hparams, state, ckpt_path)
         with atomic_output_dir(out_dir, overwrite) as tmp:
             module.lm.save_pretrained(tmp / "adapter")
             if merge:
@@ -88,31 +89,36 @@ def export(
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The LoRA weights and the module's hyper-parameters of a ``fit`` checkpoint."""
-    if not path.is_file():
-        raise SpellxferError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a file that is not a checkpoint
-        raise SpellxferError(f"checkpoint {path}: cannot be read as a torch checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise SpellxferError(f"checkpoint {path}: no state_dict / hyper_parameters (not written by `fit`?)")
+    """The LoRA weights and the module's hyper-parameters of a ``fit`` checkpoint (read with
+    ``weights_only=True``: a file that is not one is a one-line error naming it)."""
+    from spellxfer.training.checkpointing import load_fit_checkpoint
+
+    ckpt = load_fit_checkpoint(path)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    if not any("lora_" in k for k in ckpt["state_dict"]):
-        raise SpellxferError(f"checkpoint {path}: holds no LoRA weights")
+    if not isinstance(hparams.get("model"), str):
+        raise SpellxferError(f"checkpoint {path}: hyper_parameters name no model (not written by `fit`?)")
+    check_lora_layout(ckpt["state_dict"], hparams.get("lora_r"), hparams.get("target_modules") or (), f"checkpoint {path}")
     return ckpt["state_dict"], hparams
 
 
-def _lora_module(hparams: dict, state: dict[str, torch.Tensor]):
-    """The LoRA module rebuilt from the checkpoint: transformers + PEFT, CPU, fp32 (exact merge)."""
+def _lora_module(hparams: dict, state: dict[str, torch.Tensor], path: Path):
+    """The LoRA module rebuilt from the checkpoint: transformers + PEFT, CPU, fp32 (exact merge).
+
+    The checkpoint must hold every LoRA tensor its own hyper-parameters call for, in their shapes:
+    a partial one would export an adapter that is partly untrained."""
+    from spellxfer.models.registry import check_lora_state
     from spellxfer.models.spelling_model import SpellingLoRAModule
 
     # Quantised or Unsloth training still exports through plain PEFT: the adapter is the same.
-    module = SpellingLoRAModule(**{**hparams, "backend": "hf", "load_in_4bit": False})
+    try:
+        module = SpellingLoRAModule(**{**hparams, "backend": "hf", "load_in_4bit": False})
+    except TypeError as e:  # hyper-parameters this module does not take
+        raise SpellxferError(f"checkpoint {path}: hyper_parameters do not fit spellxfer's module ({e})") from None
+    except SpellxferError as e:
+        raise SpellxferError(f"checkpoint {path}: hyper_parameters: {e}") from None
     module.configure_model()
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if unexpected:
-        raise SpellxferError(f"checkpoint weights do not fit {hparams['model']}: e.g. {unexpected[0]}")
+    check_lora_state(state, module.trainable_state_dict(), f"checkpoint {path}")
+    module.load_state_dict(state, strict=False)
     return module.eval()
 
 

@@ -149,19 +149,28 @@ def evaluate(
 
 
 def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
-    """Model (+ optional LoRA adapter) and tokenizer, on the requested device, ready to generate."""
-    from spellxfer.models.registry import apply_fused_kernels, load_model, load_tokenizer
+    """Model (+ optional LoRA adapter) and tokenizer, on the requested device, ready to generate.
+
+    A damaged or mismatched adapter is a one-line error naming its file (checked before the base
+    model loads where it can be: config and safetensors; shapes once the model is there)."""
+    from spellxfer.models.registry import (
+        apply_fused_kernels,
+        check_adapter_dir,
+        load_adapter,
+        load_model,
+        load_tokenizer,
+    )
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if adapter is not None:
+        check_adapter_dir(adapter)
     with console.status(f"loading {model}" + (f" + adapter {adapter}" if adapter else "")):
         tokenizer = load_tokenizer(model)
         lm = load_model(model, dtype=dtype, device=device)
         if adapter is not None:
-            from peft import PeftModel
-
-            lm = PeftModel.from_pretrained(lm, adapter).eval()
+            lm = load_adapter(lm, adapter)
         apply_fused_kernels(lm)  # Liger's RMSNorm / SwiGLU / RoPE on CUDA when installed
     return lm, tokenizer
 

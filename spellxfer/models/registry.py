@@ -15,6 +15,8 @@ anything else        a hub id (``Qwen/Qwen3-4B`` where a hub is reachable) or a 
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -184,6 +186,153 @@ def _is_converted(out: Path) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     return (out / "model.safetensors").is_file() and tok_eos == model_eos
+
+
+def check_lora_state(state: dict, expected: dict[str, torch.Tensor], source: str) -> None:
+    """Raise unless ``state`` holds exactly the LoRA tensors of ``expected`` (same names, shapes).
+
+    ``load_state_dict(strict=False)`` — needed because checkpoints omit the frozen base — would
+    silently keep the initial value of any missing tensor, and raise a multi-line error for a
+    shape mismatch; ``source`` names the file in the one-line error instead.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        detail = f"missing e.g. {missing[0]}" if missing else f"unknown e.g. {unexpected[0]}"
+        raise SpellxferError(
+            f"{source}: holds {len(expected) - len(missing)} of the {len(expected)} LoRA tensors this model and "
+            f"adapter config have ({detail}; written for another model, rank or target_modules?)"
+        )
+    for k, want in expected.items():
+        got = state[k]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise SpellxferError(
+                f"{source}: tensor {k} has shape {shape}, this model expects {tuple(want.shape)} "
+                "(written for another model or LoRA rank?)"
+            )
+
+
+def check_lora_layout(state: dict, r: int, target_modules, source: str) -> None:
+    """Check LoRA tensors against the rank and target modules they claim, without the model.
+
+    PEFT names each adapted linear ``…layers.<i>.<block>.<module>.lora_A|lora_B…``; ``lora_A`` is
+    ``[r, in]`` and ``lora_B`` ``[out, r]``. Every layer present must adapt every target module
+    with both halves. A cheap early check (before any model loads); :func:`check_lora_state`
+    against the built model is the exact one.
+    """
+    import re
+
+    found: dict[tuple[str, str], set[str]] = {}
+    for key, value in state.items():
+        m = re.search(r"\.layers\.(\d+)\.(?:.+\.)?(\w+)\.lora_([AB])\.", key)
+        if m is None:
+            continue
+        layer, module, half = m.groups()
+        if module not in target_modules:
+            raise SpellxferError(f"{source}: LoRA tensor {key} adapts {module}, not one of target_modules {sorted(target_modules)}")
+        rank_dim = 0 if half == "A" else 1
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[rank_dim] != r:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise SpellxferError(f"{source}: tensor {key} has shape {shape}, not rank {r} (written for another LoRA rank?)")
+        found.setdefault((layer, module), set()).add(half)
+    if not found:
+        raise SpellxferError(f"{source}: holds no LoRA tensors")
+    layers = sorted({int(layer) for layer, _ in found})
+    if layers != list(range(layers[-1] + 1)):
+        gap = min(set(range(layers[-1] + 1)) - set(layers))
+        raise SpellxferError(f"{source}: incomplete LoRA weights: layer {gap} has none (layers 0-{layers[-1]} adapted)")
+    for layer in layers:
+        for module in sorted(set(target_modules)):
+            missing = {"A", "B"} - found.get((str(layer), module), set())
+            if missing:
+                have = sum(len(h) for h in found.values())
+                raise SpellxferError(
+                    f"{source}: incomplete LoRA weights: layer {layer} {module} has no lora_{min(missing)} ({have} "
+                    f"tensors; a complete adapter has lora_A and lora_B for each of the {len(set(target_modules))} "
+                    "target modules in every layer)"
+                )
+
+
+@contextmanager
+def quiet_peft_wrap():
+    """Silence the one deprecation notice PEFT triggers in transformers 5 when it wraps a model
+    (``is_gradient_checkpointing``): a stderr line on every fit, export and adapter load — and
+    in front of the one ``error:`` line of a refused input."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_dir(path: str | Path) -> dict:
+    """Check a PEFT LoRA adapter directory before any model loads; returns its config.
+
+    ``adapter_config.json`` must be a JSON object for a LoRA adapter and the weights a readable
+    ``adapter_model.safetensors`` (an ``adapter_model.bin`` is a pickle and never read). Anything
+    else is a one-line :class:`~spellxfer.errors.SpellxferError` naming the file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    d = Path(path)
+    if not d.is_dir():
+        raise SpellxferError(f"adapter {d}: not a directory (expected a PEFT adapter directory: export's "
+                             "OUT/adapter or a run's best_adapter/)")  # fmt: skip
+    config_path, weights = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise SpellxferError(f"adapter {d}: no {ADAPTER_CONFIG} (expected a PEFT adapter directory)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpellxferError(f"{config_path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise SpellxferError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise SpellxferError(f"{config_path}: not a LoRA adapter config (peft_type {found!r}, expected 'LORA')")
+    if not isinstance(config.get("r"), int) or isinstance(config["r"], bool) or config["r"] < 1:
+        raise SpellxferError(f"{config_path}: r must be a positive integer, got {config.get('r')!r}")
+    if not weights.is_file():
+        pickle_note = " (adapter_model.bin is a pickle: spellxfer reads safetensors only)" if (d / "adapter_model.bin").exists() else ""
+        raise SpellxferError(f"adapter {d}: no {ADAPTER_WEIGHTS}{pickle_note}")
+    try:
+        with safe_open(weights, "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise SpellxferError(f"{weights}: not a readable safetensors file ({str(e).strip()[:200]})") from None
+    return config
+
+
+def load_adapter(lm, path: str | Path):
+    """``lm`` with the LoRA adapter at ``path`` applied, for inference (a ``PeftModel``).
+
+    What ``PeftModel.from_pretrained`` does, plus a strict check: the file must hold exactly the
+    LoRA tensors its config calls for on this model, in their shapes — PEFT itself only warns
+    about missing ones (keeping their initial values) and raises a many-line error for a shape
+    mismatch. Weights come from safetensors only.
+    """
+    from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    check_adapter_dir(d)
+    try:
+        config = PeftConfig.from_pretrained(str(d))
+    except (TypeError, ValueError, KeyError) as e:
+        raise SpellxferError(f"{d / ADAPTER_CONFIG}: not a valid LoRA config ({e})") from None
+    config.inference_mode = True
+    try:
+        with quiet_peft_wrap():
+            model = PeftModel(lm, config)
+    except ValueError as e:  # e.g. target modules this model does not have
+        raise SpellxferError(f"adapter {d}: does not fit this model ({str(e).strip().splitlines()[0][:200]})") from None
+    tensors = load_file(d / ADAPTER_WEIGHTS, device="cpu")
+    check_lora_state(tensors, get_peft_model_state_dict(model), f"adapter {d / ADAPTER_WEIGHTS}")
+    set_peft_model_state_dict(model, tensors)
+    return model.eval()
 
 
 def apply_fused_kernels(lm, kernels: str = "auto") -> str:

@@ -31,8 +31,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from spellxfer.errors import SpellxferError
 from spellxfer.models.metrics import TransferAccuracy, score
-from spellxfer.models.registry import apply_fused_kernels
+from spellxfer.models.registry import apply_fused_kernels, check_lora_state, quiet_peft_wrap
 
+# Wider than any layer a LoRA rank would sensibly adapt (Qwen3-4B's hidden size is 2560); the
+# bound keeps a typo such as 1e30 from reaching PEFT's allocation.
+MAX_LORA_RANK = 4096
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -42,7 +45,8 @@ class SpellingLoRAModule(L.LightningModule):
     Args:
         model: smollm2-135m, tiny-qwen3, qwen3-4b-shape, a hub id (Qwen/Qwen3-4B) or a local directory.
         backend: auto (Unsloth on CUDA when installed, else hf), hf (transformers + PEFT) or unsloth.
-        lora_r: LoRA rank; higher rank adapts more, costs more memory. Must be ≥ 1.
+        lora_r: LoRA rank; higher rank adapts more, costs more memory. 1 to 4096 (a rank beyond the
+            layer width adds nothing).
         lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
         lora_dropout: Dropout on the LoRA input, in [0, 1).
         target_modules: Linear layers that get LoRA adapters (all seven by default).
@@ -57,7 +61,7 @@ class SpellingLoRAModule(L.LightningModule):
         scheduler: Learning-rate decay after warmup: linear, cosine or constant.
         warmup_steps: Linear warmup from 0 over this many optimizer steps.
         val_decoding: Decoding for validation generation: greedy (default, low variance) or sampled.
-        val_max_new_tokens: Reply length cap during validation.
+        val_max_new_tokens: Reply length cap during validation (≥ 1).
         seed: Seed for random-weight models and validation sampling.
     """
 
@@ -99,8 +103,9 @@ class SpellingLoRAModule(L.LightningModule):
         try:
             check_model_name(model)
         except SpellxferError as e:
-            raise SpellxferError(f"model.model: {e}") from None
-        _require(lora_r >= 1, "model.lora_r", f"must be ≥ 1, got {lora_r}")
+            raise SpellxferError(f"model.model: {e}", key="model.model") from None
+        _require(1 <= lora_r <= MAX_LORA_RANK, "model.lora_r", f"must be in [1, {MAX_LORA_RANK}], got {lora_r}")
+        _require(val_max_new_tokens >= 1, "model.val_max_new_tokens", f"must be ≥ 1, got {val_max_new_tokens}")
         _require(lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {lora_alpha}")
         _require(0 <= lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {lora_dropout}")
         _require(learning_rate > 0, "model.learning_rate", f"must be > 0, got {learning_rate}")
@@ -172,6 +177,14 @@ class SpellingLoRAModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning loads the state next with strict=False (the frozen base is not in it), which
+        # would keep any missing LoRA tensor at its initial value: check the set and shapes first.
+        if self.lm is None:
+            return
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        check_lora_state(checkpoint.get("state_dict", {}), self.trainable_state_dict(), f"checkpoint {path}")
 
     # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -280,7 +293,7 @@ class SpellingLoRAModule(L.LightningModule):
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise SpellxferError(f"{key}: {message}")
+        raise SpellxferError(f"{key}: {message}", key=key)
 
 
 def _schedule(opt, kind: str, warmup: int, total: int):
@@ -323,7 +336,8 @@ def _load_hf(hp, device):
         base = load_model(hp.model, dtype=dtype, device="cuda" if cuda else "cpu", seed=hp.seed)
     for p in base.parameters():
         p.requires_grad_(False)
-    return get_peft_model(base, _lora_config(hp))
+    with quiet_peft_wrap():
+        return get_peft_model(base, _lora_config(hp))
 
 
 def _load_unsloth(hp):

@@ -290,9 +290,10 @@ class SpellingDataModule(L.LightningDataModule):
                                 ("num_workers", num_workers, 0), ("train_limit", train_limit, 1),
                                 ("val_limit", val_limit, 1), ("test_limit", test_limit, 1)):  # fmt: skip
             if value is not None and value < low:
-                raise SpellxferError(f"--data.{key} must be ≥ {low}, got {value}")
+                raise SpellxferError(f"--data.{key} must be ≥ {low}, got {value}", key=f"data.{key}")
         if build_profile not in ("demo", "full", None):
-            raise SpellxferError(f"--data.build_profile must be demo, full or null, got {build_profile!r}")
+            raise SpellxferError(f"--data.build_profile must be demo, full or null, got {build_profile!r}",
+                                 key="data.build_profile")  # fmt: skip
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.model_name = model

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from spellxfer.errors import SpellxferError
+from spellxfer.outputs import check_run_name
 
 MAX_RETRIES = 10  # retries of one trial whose worker keeps dying (a preemption loop, not a bug in the trial)
 
@@ -80,8 +81,7 @@ def sweep(
     from spellxfer.training.sweep_trial import SweepContext, run_trial
 
     spec = load_space(space)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study):
-        raise SpellxferError(f"--study {study!r}: use letters, digits, '_', '.' and '-' (it names files)")
+    check_run_name(study, "--study")
     for name, value in (("trials", trials), ("workers", workers), ("heartbeat_s", heartbeat_s)):
         if value is not None and value < 1:
             raise SpellxferError(f"--{name} must be ≥ 1, got {value}")

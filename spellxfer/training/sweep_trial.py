@@ -196,7 +196,7 @@ def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, re
     """Run the fit child, reporting each validation to Optuna; returns (best objective, its checkpoint)."""
     objective, max_steps = ctx.space.objective, params.get("max_steps")
     ctx.progress(worker, trial=trial.number, phase="fit", step=0, total=max_steps, params=params)
-    metrics, offset, reported = run / "metrics.jsonl", 0, set()
+    metrics, offset, reported = run / "metrics.jsonl", None, set()
 
     def watch(finished: bool) -> None:
         nonlocal offset
@@ -258,25 +258,34 @@ def run_child(argv, log_path: Path, env, ctx: SweepContext, watch=None) -> int:
                 proc.wait()
 
 
-def read_rows(path: Path, offset: int) -> tuple[int, list[dict]]:
-    """Complete JSON lines appended to ``path`` since byte ``offset``; returns (new offset, rows)."""
-    if not path.is_file():
+def read_rows(path: Path, offset: tuple[int, int] | None) -> tuple[tuple[int, int] | None, list[dict]]:
+    """Complete JSON lines appended to ``path`` since ``offset`` (the file's inode and a byte
+    position; None: from the start); returns (new offset, rows).
+
+    A resumed fit rewrites the file without the rows logged past its resume point (a new file,
+    renamed into place): a new inode means reading it again from the start.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
         return offset, []
-    with open(path, "rb") as f:
-        f.seek(offset)
+    with f:
+        inode = os.fstat(f.fileno()).st_ino
+        start = offset[1] if offset is not None and offset[0] == inode else 0
+        f.seek(start)
         data = f.read()
     end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
     rows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-    return offset + end, rows
+    return (inode, start + end), rows
 
 
 def best_checkpoint(ckpt_dir: Path, objective: str) -> tuple[float, Path] | None:
     """(best objective value, its checkpoint) from the newest scored checkpoint's callback state."""
-    import torch
+    from spellxfer.training.checkpointing import load_checkpoint
 
     newest = None
     for path in ckpt_dir.glob("best-step*.ckpt"):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_checkpoint(path, mmap=True)
         if newest is None or ckpt["global_step"] > newest[0]:
             newest = (ckpt["global_step"], ckpt)
     if newest is None:
