@@ -198,6 +198,7 @@ CASES.update({
     "devices-negative": (fit("--trainer.devices=-5"), ["devices"]),
     "save-top-k-below-minus-one": (fit("--checkpoint.save_top_k=-5"), ["save_top_k"]),
     "checkpoint-every-negative": (fit("--checkpoint.every_n_train_steps=-1"), ["checkpoint.every_n_train_steps"]),
+    "limit-train-batches-negative": (fit("--trainer.limit_train_batches=-1"), ["trainer.limit_train_batches"]),
     "gradient-clip-negative": (fit("--trainer.gradient_clip_val=-1"), ["trainer.gradient_clip_val"]),
     "sanity-val-steps-below-minus-one": (fit("--trainer.num_sanity_val_steps=-5"), ["trainer.num_sanity_val_steps"]),
     "early-stopping-patience-negative": (fit("--early_stopping.patience=-1"), ["early_stopping.patience"]),

@@ -177,7 +177,8 @@ def test_a_trial_that_raises_is_recorded_as_failed_and_the_sweep_goes_on(tmp_pat
 
     rows = {float(r["learning_rate"]): r for r in csv_rows(results, "fails")}
     bad, good = rows[-1.0], rows[1.0e-3]
-    assert bad["status"] == "failed" and bad["error"] == "model.learning_rate: must be > 0, got -1.0"
+    assert bad["status"] == "failed"
+    assert bad["error"] == "model.learning_rate: must be > 0, got -1.0 (set by --model.learning_rate)"
     assert bad["sampled_position_accuracy"] == "" and bad["checkpoint"] == ""
     record = json.loads((Path(bad["run_dir"]) / "trial.json").read_text())
     assert (record["status"], record["error"]) == ("failed", bad["error"])

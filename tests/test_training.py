@@ -1,6 +1,6 @@
 """Training end to end on tiny-qwen3 (``python -m spellxfer fit --config configs/tiny.yaml``).
 
-What a run promises: it finishes in seconds on a CPU; its checkpoints hold only the LoRA weights
+What a run promises: its checkpoints hold only the LoRA weights
 (plus optimizer, loop and RNG state) and load with ``weights_only=True``; ``best_adapter/`` is
 the best checkpoint as a PEFT directory; a run killed at any moment resumes with
 ``--ckpt_path last`` to the very weights of an uninterrupted run, and a kill during a save never
@@ -71,18 +71,16 @@ def assert_same_lora(actual: dict[str, torch.Tensor], expected: dict[str, torch.
 @dataclass
 class Run:
     root: Path
-    seconds: float  # wall time of the whole `python -m spellxfer fit` process
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory, demo_data) -> Run:
-    """One uninterrupted `fit` on tiny.yaml: the reference every other run is compared with."""
+    """One uninterrupted `fit` on tiny.yaml: the reference every other run is compared with.
+    (How long it takes is a benchmark's business, not a test's: `spellxfer bench train`.)"""
     root = tmp_path_factory.mktemp("training") / "ref"
-    start = time.perf_counter()
     p = run_fit(root, demo_data)
-    seconds = time.perf_counter() - start
     assert p.returncode == 0, p.stderr
-    return Run(root, seconds)
+    return Run(root)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +91,7 @@ def base_model():
 
 
 # ---- a run and its outputs -----------------------------------------------------------------------
-def test_fit_on_tiny_takes_under_a_minute_and_writes_checkpoint_manifest_and_metrics(ref, demo_data):
-    assert ref.seconds < 60, f"fit took {ref.seconds:.1f} s"
+def test_fit_on_tiny_writes_checkpoint_manifest_and_metrics(ref, demo_data):
     assert load_ckpt(ref.root / "last.ckpt")["global_step"] == STEPS
 
     m = json.loads((ref.root / "manifest.json").read_text())
@@ -340,6 +337,27 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_newest_complete_last_ckpt(tm
     assert leftovers, "no kill landed inside a save"
     assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]
     assert all(p.name.startswith(".last.ckpt.") and p.suffix == ".tmp" for p in leftovers)
+
+
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling runs os.system
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_lightnings_own_checkpoint_loading_never_unpickles_code_whatever_it_asks_for(tmp_path):
+    from spellxfer.training.checkpointing import AtomicCheckpointIO
+
+    marker, path = tmp_path / "payload-ran", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "extra": Payload(marker)}, path)
+    # what Lightning's restore calls (`fit --ckpt_path`, `validate --ckpt_path`); False is what
+    # `--weights_only false` or a remote checkpoint would make it ask for
+    for weights_only in (None, False):
+        with pytest.raises(SpellxferError, match=r"pickled Python object \(posix\.system\)"):
+            AtomicCheckpointIO().load_checkpoint(path, weights_only=weights_only)
+    assert not marker.exists()
 
 
 # ---- config mistakes -----------------------------------------------------------------------------

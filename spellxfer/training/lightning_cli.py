@@ -207,6 +207,11 @@ class SpellxferCLI(LightningCLI):
             raise self._error("trainer.num_sanity_val_steps", f"must be ≥ 0, or -1 for all, got {t.num_sanity_val_steps}")
         if cfg.early_stopping.patience < 0:
             raise self._error("early_stopping.patience", f"must be ≥ 0, got {cfg.early_stopping.patience}")
+        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+            value = t.get(key)
+            if isinstance(value, (int, float)) and (value < 0 or (isinstance(value, float) and value > 1)):
+                # Lightning checks these too, but only after printing its device banner
+                raise self._error(f"trainer.{key}", f"must be a batch count ≥ 0 or a fraction in [0, 1], got {value}")
         vci = t.val_check_interval
         if isinstance(vci, (int, float)) and (vci <= 0 or (isinstance(vci, float) and vci > 1)):
             raise self._error("trainer.val_check_interval",
@@ -261,7 +266,8 @@ class SpellxferCLI(LightningCLI):
             for state in loaded["callbacks"].values():
                 best = state.get("best_model_path") if isinstance(state, dict) else None
                 if best and Path(best).is_file() and Path(best).resolve() != path.resolve():
-                    load_fit_checkpoint(best, mmap=True)
+                    check_lora_layout(load_fit_checkpoint(best, mmap=True)["state_dict"], saved.get("lora_r"),
+                                      saved.get("target_modules") or (), f"checkpoint {best}")  # fmt: skip
 
     def _error(self, key: str, message: str) -> SpellxferError:
         """A one-line error for config key ``key``, naming the config file or flag that set it."""
