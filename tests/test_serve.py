@@ -379,6 +379,28 @@ def test_a_request_that_fails_to_generate_fails_alone_in_its_batch():
     assert all(isinstance(outputs[i]["answer"], str) and outputs[i]["prompt_tokens"] > 10 for i in (0, 2, 4))
 
 
+def test_a_reply_marked_failed_becomes_that_requests_own_500():
+    # The HTTP side of the isolation above: the worker's {"error": …} reply for one request turns
+    # into an HTTP 500 for that request's stream; a normal reply passes through untouched.
+    from fastapi import HTTPException
+    from litserve.utils import LitAPIStatus
+
+    from spellxfer.deployment.api import SpellxferSpec
+
+    async def stream(*items):
+        for item in items:
+            yield item
+
+    async def collect(*items):
+        return [x async for x in SpellxferSpec._own_errors(stream(*items))]
+
+    ok = ('{"answer": "r", "parsed": "r"}\n', LitAPIStatus.OK)
+    assert asyncio.run(collect(ok, ("", LitAPIStatus.FINISH_STREAMING))) == [ok, ("", LitAPIStatus.FINISH_STREAMING)]
+    ((err, status),) = asyncio.run(collect(('{"error": "RuntimeError: nan"}\n', LitAPIStatus.OK)))
+    assert status == LitAPIStatus.ERROR and isinstance(err, HTTPException) and err.status_code == 500
+    assert "nan" not in err.detail  # the cause stays in the server log
+
+
 def test_metrics_count_requests_errors_tokens_and_batches(server):
     post(server, "/predict", {"question": QUESTION, "max_tokens": 3})
     post(server, "/predict", "{broken")
@@ -424,7 +446,7 @@ def test_bench_refuses_hosts_that_are_not_the_projects_own(tmp_path):
 def test_serve_refuses_to_listen_beyond_loopback_without_a_key(host):
     p = run_cli("serve", "--model", "tiny-qwen3", "--host", host, env=env_without_key())
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
-    assert p.stderr.startswith(f"error: --host {host}:") and "API key" in p.stderr
+    assert p.stderr.startswith(f"error: --host {host} listens beyond this machine") and "API key" in p.stderr
 
 
 @pytest.mark.parametrize(

@@ -377,7 +377,7 @@ def serve(
         if host not in ("127.0.0.1", "0.0.0.0", "::"):
             raise SpellxferError(f"--host: LitServe listens on 127.0.0.1, 0.0.0.0 or ::, got {host!r}")
         if host not in LOOPBACK and api_key is None:
-            raise SpellxferError(f"--host {host}: listening beyond this machine needs an API key; set "
+            raise SpellxferError(f"--host {host} listens beyond this machine and needs an API key: set "
                                  "$SPELLXFER_API_KEY or --api-key-file FILE (or use --host 127.0.0.1)")  # fmt: skip
         if not 1024 <= port <= 65535:
             raise SpellxferError(f"--port: must be in 1024-65535, got {port}")
