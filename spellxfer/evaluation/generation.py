@@ -2,7 +2,9 @@
 
 Used by ``evaluate``, by the Lightning validation / test steps and by the API server, so one code
 path produces every reply that spellxfer scores or serves. Prompts come from
-:func:`~spellxfer.training.qwen3_utils.format_prompt` / ``format_chat`` (Qwen3: always non-thinking). Batches are left-padded and bucketed by prompt length (sorted, so a
+:func:`~spellxfer.training.qwen3_utils.format_prompt` / ``format_chat`` (Qwen3: always non-thinking),
+tokenized by :func:`~spellxfer.training.qwen3_utils.chat_token_ids` (message content as plain
+text, never control tokens). Batches are left-padded and bucketed by prompt length (sorted, so a
 batch holds prompts of similar length and pads little); generation stops at the end of the turn.
 """
 
@@ -19,7 +21,7 @@ import yaml
 
 from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.attention import grouped_decode_attention
-from spellxfer.training.qwen3_utils import end_of_turn_ids, format_chat, format_prompt
+from spellxfer.training.qwen3_utils import chat_token_ids, end_of_turn_ids
 
 QWEN3_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "qwen3_config.yaml"
 
@@ -171,17 +173,24 @@ class GenerationEngine:
 
         ``progress`` is an optional callable ``(n_questions_done) -> None`` for progress bars.
         """
-        return self.generate_prompts([format_prompt(self.tokenizer, q) for q in questions], progress)
+        self._lap(None)
+        ids = chat_token_ids(self.tokenizer, [[{"role": "user", "content": q}] for q in questions])
+        self._lap("prompts")
+        return self.generate_ids(ids, progress)
 
     def generate_chats(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[str]]:
         """Replies to whole conversations (the API's chat requests), in input order."""
-        return self.generate_prompts([format_chat(self.tokenizer, c) for c in conversations])
+        return self.generate_ids(chat_token_ids(self.tokenizer, conversations))
+
+    def generate_prompts(self, prompts: Sequence[str], progress=None) -> list[list[str]]:
+        """Replies to already rendered prompts (``samples`` each), in input order. The text is
+        trusted: control tokens in it are control tokens (use :meth:`generate_chats` for content)."""
+        return self.generate_ids(self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"], progress)
 
     @torch.inference_mode()
-    def generate_prompts(self, prompts: Sequence[str], progress=None) -> list[list[str]]:
-        """Replies to already rendered prompts (``samples`` each), in input order."""
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    def generate_ids(self, prompts: Sequence[list[int]], progress=None) -> list[list[str]]:
+        """Replies to tokenized prompts (``samples`` each), in input order."""
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         replies: list[list[str]] = [[] for _ in prompts]
         device = next(self.model.parameters()).device
         was_training = self.model.training
@@ -200,9 +209,9 @@ class GenerationEngine:
             self.model.train(was_training)
         return replies
 
-    def _generate_batch(self, prompts: list[str], batch_index: int, device) -> list[str]:
+    def _generate_batch(self, prompts: list[list[int]], batch_index: int, device) -> list[str]:
         self._lap(None)
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
         self._lap("prompts")
         # One seed per batch: same inputs, seed and batch size → same replies.
         torch.manual_seed(self.sampling.seed * 1_000_003 + batch_index)
