@@ -245,7 +245,6 @@ def test_64_concurrent_clients_get_no_5xx_then_malformed_requests_get_4xx_and_he
                                             max_tokens=4, api_key=API_KEY, timeout=120))  # fmt: skip
     s = summarise(samples, seconds)
     assert s["ok"] > 0 and s["errors_5xx"] == 0 and s["transport_errors"] == 0 and s["errors_4xx"] == 0, s
-    assert seconds < 8 + 120  # bounded: the duration plus at most one request timeout
 
     for path, body in MALFORMED:
         r = post(server, path, body)

@@ -91,8 +91,7 @@ def base_model():
 
 
 # ---- a run and its outputs -----------------------------------------------------------------------
-def test_fit_on_tiny_takes_under_a_minute_and_writes_checkpoint_manifest_and_metrics(ref, demo_data):
-    assert ref.seconds < 60, f"fit took {ref.seconds:.1f} s"
+def test_fit_on_tiny_writes_checkpoint_manifest_and_metrics(ref, demo_data):
     assert load_ckpt(ref.root / "last.ckpt")["global_step"] == STEPS
 
     m = json.loads((ref.root / "manifest.json").read_text())
