@@ -90,12 +90,13 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    """The checkout's HEAD commit, or None outside a git checkout."""
+    """The checkout's HEAD commit; outside a git checkout (a copied tree on a GPU box, say)
+    ``$SPELLXFER_GIT_COMMIT`` if set, else None."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("SPELLXFER_GIT_COMMIT") or None
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
