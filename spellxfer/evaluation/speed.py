@@ -316,6 +316,7 @@ class _EvalBench:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         module._generation_engine.new_tokens = 0
+        module._generation_engine.paths.clear()
         trainer.validate(module, datamodule=dm, verbose=False)
         engine = module._generation_engine
         qs = [it.question for task in ("position", "count") for it in dm.eval_items["val"][task]]
