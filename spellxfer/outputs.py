@@ -90,13 +90,15 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    """The checkout's HEAD commit; outside a git checkout (a copied tree on a GPU box, say)
-    ``$SPELLXFER_GIT_COMMIT`` if set, else None."""
+    """``$SPELLXFER_GIT_COMMIT`` when set (a tree copied to a GPU box, perhaps inside another
+    checkout whose HEAD is not the code that runs), else the checkout's HEAD, else None."""
+    if os.environ.get("SPELLXFER_GIT_COMMIT"):
+        return os.environ["SPELLXFER_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SPELLXFER_GIT_COMMIT") or None
+        return None
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:

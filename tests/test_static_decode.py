@@ -111,6 +111,24 @@ def test_prefill_and_steps_match_full_forwards(tiny, demo_data):
             torch.testing.assert_close(stepped[i], full[-1], atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_in_chunks_of_rows_equals_one_call(tiny, demo_data):
+    """Long batches are prefilled in runs of rows padded to their own longest prompt: same logits,
+    same greedy replies as one prefill over the whole padded batch."""
+    model, tok = tiny
+    qs = _questions(demo_data, 12)
+    greedy = default_sampling(decoding="greedy", max_new_tokens=6)
+    decoder = static_decoder(model)
+    whole = GenerationEngine(model, tok, greedy, batch_size=12, decoder="static").generate(qs)
+    chunks_before = decoder.prefill_chunks
+    decoder.prefill_chunk_tokens = 100  # ~3 rows of ~35 tokens per prefill call
+    try:
+        chunked = GenerationEngine(model, tok, greedy, batch_size=12, decoder="static").generate(qs)
+    finally:
+        decoder.prefill_chunk_tokens = decoder.PREFILL_CHUNK_TOKENS
+    assert decoder.prefill_chunks - chunks_before >= 4
+    assert chunked == whole
+
+
 def test_unsupported_models_fall_back_to_the_eager_loop(tiny, demo_data):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

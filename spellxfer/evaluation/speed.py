@@ -140,6 +140,8 @@ def bench_eval(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rate = matmul_rate(device)
     bench = _EvalBench(model, device, qs, decoding, max_new_tokens, batch_size, reference_batch_size, profile, rate)
+    environment = run_environment(device)
+    out_path = Path(out) if out else bench_dir(device) / f"eval-{model}.json"
     results = []
     for spec, name, o in specs:
         print(f"bench eval: {spec} …", flush=True)
@@ -159,21 +161,28 @@ def bench_eval(
             r.update(questions_per_second=0.0, mfu_vs_matmul=0.0, mfu_vs_peak=None, peak_gib=None,
                      batch_size=o.get("batch_size"))  # fmt: skip
         results.append({"variant": spec, **r})
-    base = results[0]["questions_per_second"] or float("nan")
-    for r in results:
-        r["ratio_to_first"] = r["questions_per_second"] / base
-    report = {"kind": "eval", "model": model, "date": time.strftime("%Y-%m-%d"), **run_environment(device),
-              "command": command, "sampling": vars(bench.sampling()), "matmul_flops_per_second": rate,
-              "results": results}  # fmt: skip
+        base = results[0]["questions_per_second"] or float("nan")
+        for r in results:
+            r["ratio_to_first"] = r["questions_per_second"] / base
+        r = results[-1]
+        print(f"bench eval: {spec}: {r['questions_per_second']:,.1f} questions/s at batch {r.get('batch_size')}, "
+              f"phases {r.get('one_batch_phases_seconds')}", flush=True)  # fmt: skip
+        # after every variant, so a run cut short (a time limit on a lent GPU) keeps what it measured
+        report = {"kind": "eval", "model": model, "date": time.strftime("%Y-%m-%d"), **environment,
+                  "command": command, "sampling": vars(bench.sampling()), "matmul_flops_per_second": rate,
+                  "complete": len(results) == len(specs), "results": results}  # fmt: skip
+        _write_json(out_path, report)
     _print_table(report, "questions/s", "questions_per_second")
-    out_path = Path(out) if out else bench_dir(device) / f"eval-{model}.json"
-    from spellxfer.outputs import atomic_file
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out_path) as f:
-        json.dump(report, f, indent=2, default=str)
     print(f"wrote {out_path}")
     return 0
+
+
+def _write_json(path: Path, report: dict) -> None:
+    from spellxfer.outputs import atomic_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        json.dump(report, f, indent=2, default=str)
 
 
 def _validation_config(path: str) -> dict:

@@ -15,6 +15,8 @@ Here instead:
 * **Prefill in one fused call per layer.** With right padding a real token never sees a pad
   (they all come after it), so the prompt needs no mask: SDPA's causal flash kernel, with grouped
   query heads and no copies of the keys. The logits are taken at each row's last real token only.
+  Long batches are prefilled in runs of rows padded to their own longest prompt
+  (:attr:`StaticDecoder.PREFILL_CHUNK_TOKENS`), which takes most padding out of the prefill.
 * **A captured decode step.** One step — embed the fed token, every layer's attention over the
   static cache, write the new keys, project the last hidden state to the vocabulary, advance each
   row's slot — is recorded once per (rows, length) bucket into a CUDA graph and replayed: one
@@ -114,8 +116,8 @@ class StaticKVCache:
     position): each row's key goes to its own slot ``slot[b]`` and the whole buffer is returned.
     """
 
-    def __init__(self, bucket: _Bucket):
-        self.bucket = bucket
+    def __init__(self, bucket: _Bucket, first_row: int = 0):
+        self.bucket, self.first_row = bucket, first_row  # a prefill chunk's rows start at first_row
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         b = self.bucket
@@ -123,9 +125,9 @@ class StaticKVCache:
             b.decoder._bind(b, key.dtype, value.dtype)
         keys, values = b.keys[layer_idx], b.values[layer_idx]
         if key.shape[2] > 1:
-            n, _, length, _ = key.shape
-            keys[:n, :, :length].copy_(key)
-            values[:n, :, :length].copy_(value)
+            rows = slice(self.first_row, self.first_row + key.shape[0])
+            keys[rows, :, : key.shape[2]].copy_(key)
+            values[rows, :, : key.shape[2]].copy_(value)
             return key, value
         index = b.slot.view(-1, 1, 1, 1).expand(-1, key.shape[1], 1, key.shape[3])
         keys.scatter_(2, index, key)
@@ -187,6 +189,12 @@ class StaticDecoder:
     WARMUP_STEPS = 2
     """Eager steps on a side stream before a capture (cuBLAS handles, Triton autotuning)."""
 
+    PREFILL_CHUNK_TOKENS = 32_768
+    """Padded prompt tokens per prefill call. A batch is cut into runs of consecutive rows, each
+    padded only to its own longest prompt: the engine sorts rows by length, so at 2,048 rows of the
+    bench's questions (28–48 tokens) padding falls from 19% of the prefill to ~4%; 32k tokens keep
+    every matrix product large enough to run at full rate."""
+
     def __init__(self, model):
         base = _base(model)
         self.model, self.base = model, base
@@ -200,7 +208,8 @@ class StaticDecoder:
         # transformers ≥ 5.2x calls it `cache`, earlier 5.x `past_key_values`
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.reserved = 0
-        self.prefills = self.captures = self.replays = self.eager_steps = 0
+        self.prefills = self.prefill_chunks = self.captures = self.replays = self.eager_steps = 0
+        self.prefill_chunk_tokens = self.PREFILL_CHUNK_TOKENS
         self._store: tuple[torch.Tensor, torch.Tensor] | None = None  # [layers, capacity] keys, values
         self._buckets: dict[tuple, _Bucket] = {}
         self._pool = None
@@ -283,16 +292,33 @@ class StaticDecoder:
             self._check_unchanged()
         n, width = input_ids.shape
         b = self._bucket(bucket_rows(n), bucket_length(width + max_new_tokens), device)
+        logits = []
         with attention_implementation(self.base, STATIC_NAME):
-            # positions 0 … P − 1 in every row: right padding puts each row's real tokens first
-            hidden = self.body(input_ids=input_ids, position_ids=torch.arange(width, device=device)[None],
-                               use_cache=True, **{self.cache_kwarg: StaticKVCache(b)}).last_hidden_state  # fmt: skip
-        logits = self.head(hidden[torch.arange(n, device=device), lengths - 1])
+            for start, stop, chunk_width in self._chunks(lengths.tolist()):
+                # positions 0 … P − 1 in every row: right padding puts each row's real tokens first
+                hidden = self.body(input_ids=input_ids[start:stop, :chunk_width], use_cache=True,
+                                   position_ids=torch.arange(chunk_width, device=device)[None],
+                                   **{self.cache_kwarg: StaticKVCache(b, start)}).last_hidden_state  # fmt: skip
+                last = lengths[start:stop] - 1
+                logits.append(self.head(hidden[torch.arange(stop - start, device=device), last]))
+                self.prefill_chunks += 1
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         b.slot[:n].copy_(lengths)
         b.slot[n:].zero_()  # filler rows: attend to slot 0 only, results dropped
         b.ids.zero_()
         self.prefills += 1
         return DecodeState(b, n, logits, graphs)
+
+    def _chunks(self, lengths: list[int]):
+        """``(start, stop, width)`` runs of consecutive rows with ``rows × width`` at most
+        :attr:`prefill_chunk_tokens` (one row at least), ``width`` the run's longest prompt."""
+        start, widest = 0, 0
+        for i, n in enumerate(lengths):
+            if i > start and (i - start + 1) * max(widest, n) > self.prefill_chunk_tokens:
+                yield start, i, widest
+                start, widest = i, 0
+            widest = max(widest, n)
+        yield start, len(lengths), widest
 
     def _step(self, b: _Bucket) -> torch.Tensor:
         """One decode step over the whole bucket: what a graph records. Returns ``[rows, vocab]``."""
