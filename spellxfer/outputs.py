@@ -110,7 +110,10 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    """The checkout's HEAD commit, or None outside a git checkout."""
+    """``$SPELLXFER_GIT_COMMIT`` when set (a tree copied to a GPU box, perhaps inside another
+    checkout whose HEAD is not the code that runs), else the checkout's HEAD, else None."""
+    if os.environ.get("SPELLXFER_GIT_COMMIT"):
+        return os.environ["SPELLXFER_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()  # fmt: skip

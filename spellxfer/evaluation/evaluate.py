@@ -89,8 +89,9 @@ def evaluate(
         limit: Use at most this many items from each file.
         decoding: ``sampled`` (the configured defaults) or ``greedy``.
         samples: Replies per question (K); K > 1 gives item-level bootstrap intervals.
-        batch_size: Prompts per generation batch; default 1,024 on a GPU (docs/performance.md: 3.3× `generate`
-            on an H100 at 18 GiB), 32 on a CPU.
+        batch_size: Prompts per generation batch; default: sized from free GPU memory (at most 2,048,
+            docs/performance.md), 32 on a CPU. The size used is recorded in metrics.json; pass it
+            to repeat a sampled run exactly (each batch has its own seed).
         task: Task for files without a task column (position or count).
         question_field: Name of the question column in the files.
         answer_field: Name of the answer column in the files.
@@ -125,9 +126,7 @@ def evaluate(
     device = resolve_device(device)
 
     lm, tokenizer = load_for_generation(model, adapter, device)
-    if batch_size is None:
-        batch_size = 1024 if next(lm.parameters()).device.type == "cuda" else 32
-    engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size)
+    engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size or "auto")
     replies, seconds = timed_generate(engine, [it.question for it in items], label=f"evaluating {model}")
 
     predictions = list(score_items(items, replies))
@@ -136,7 +135,8 @@ def evaluate(
         "model": model,
         "adapter": adapter,
         "sampling": asdict(sampling),
-        "batch_size": batch_size,
+        "batch_size": engine.last_batch_size,
+        "decoder": engine.resolve_path(next(lm.parameters()).device),
         "questions": list(questions),
         "limit": limit,
         "n_items": len(items),
