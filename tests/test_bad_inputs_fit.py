@@ -5,7 +5,9 @@ and what is wrong (no traceback, and never the advice to load with ``weights_onl
 file left behind — and no checkpoint or adapter ever runs code: every pickle here carries a
 payload that would create a marker file, and the marker never appears.
 
-Checkpoints and adapters are damaged copies of a real 10-step tiny-qwen3 run.
+Checkpoints and adapters are damaged copies of a real 10-step tiny-qwen3 run. (The adapter
+loader is ``spellxfer.evaluation.evaluate``'s; its cases sit here beside the checkpoint ones
+because a damaged adapter and a damaged checkpoint are the same attack.)
 """
 
 from __future__ import annotations
@@ -179,13 +181,13 @@ CASES.update({
                                           "--model.lora_r", "8", root=False), ["model.lora_r", "--model.lora_r", "{run_copy}/last.ckpt"]),
     "adapter-no-config": (evaluate("adapter_no_config"), ["{adapter_no_config}", "no adapter_config.json"]),
     "adapter-bad-json": (evaluate("adapter_bad_json"), ["{adapter_bad_json}/adapter_config.json", "invalid JSON"]),
-    "adapter-config-not-an-object": (evaluate("adapter_config_list"), ["{adapter_config_list}/adapter_config.json", "not a LoRA adapter config"]),
+    "adapter-config-not-an-object": (evaluate("adapter_config_list"), ["{adapter_config_list}/adapter_config.json", "expected a PEFT LoRA config"]),
     "adapter-no-weights": (evaluate("adapter_no_weights"), ["{adapter_no_weights}", "no adapter_model.safetensors"]),
-    "adapter-corrupt-weights": (evaluate("adapter_bad_weights"), ["{adapter_bad_weights}/adapter_model.safetensors", "not a readable safetensors"]),
-    "adapter-truncated-weights": (evaluate("adapter_truncated"), ["{adapter_truncated}/adapter_model.safetensors", "not a readable safetensors"]),
-    "adapter-other-rank": (evaluate("adapter_other_rank"), ["{adapter_other_rank}/adapter_model.safetensors", "shape"]),
-    "adapter-pickle-bin-only": (evaluate("adapter_bin_pickle"), ["{adapter_bin_pickle}", "adapter_model.bin is a pickle"]),
-    "adapter-one-of-28-tensors": (evaluate("adapter_one_tensor"), ["{adapter_one_tensor}/adapter_model.safetensors", "1 of the 28"]),
+    "adapter-corrupt-weights": (evaluate("adapter_bad_weights"), ["{adapter_bad_weights}", "SafetensorError"]),
+    "adapter-truncated-weights": (evaluate("adapter_truncated"), ["{adapter_truncated}", "SafetensorError"]),
+    "adapter-other-rank": (evaluate("adapter_other_rank"), ["{adapter_other_rank}", "size mismatch"]),
+    "adapter-pickle-bin-only": (evaluate("adapter_bin_pickle"), ["{adapter_bin_pickle}", "adapter_model.bin (a pickle, not read)"]),
+    "adapter-one-of-28-tensors": (evaluate("adapter_one_tensor"), ["{adapter_one_tensor}", "holds 1 of the 28"]),
     "adapter-is-a-file": (evaluate("adapter_file"), ["{adapter_file}", "adapter_config.json"]),
     "accelerator-gpu-without-one": (fit("--trainer.accelerator", "gpu"), ["trainer.accelerator", "no CUDA GPU", "--trainer.accelerator"]),
     "max-steps-negative": (fit("--trainer.max_steps=-5"), ["trainer.max_steps", "-5"]),

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -131,12 +130,10 @@ def test_full_profile_sizes_and_build_time(full_data):
         assert len(read_jsonl(full_data / f"{task}_test.jsonl")) >= 5_000
 
 
-def test_full_build_is_fast_and_byte_identical(tmp_path, full_data):
+def test_full_build_is_byte_identical(tmp_path, full_data):
     from spellxfer.data.build import build
 
-    t0 = time.perf_counter()
     build(str(tmp_path / "again"), profile="full", seed=0)
-    assert time.perf_counter() - t0 <= 60
     for f in sorted(p.name for p in full_data.iterdir()):
         assert (tmp_path / "again" / f).read_bytes() == (full_data / f).read_bytes(), f
 

@@ -205,7 +205,19 @@ def test_fit_setup_gives_token_batches_and_position_then_count_items(demo_module
         items = [item for b in loader for item in b]
         assert all(isinstance(i, Item) and i.task == task for i in items)
         assert items[0].file.endswith(f"{task}_val.jsonl")
-        assert len(next(iter(loader))) == 32  # data.eval_batch_size, not the training batch size
+        # data.eval_batch_size auto (the default): the whole shard in one batch, which the
+        # generation engine sorts by length and cuts into batches that fit the device's memory
+        assert len(next(iter(loader))) == 64
+
+
+def test_an_integer_eval_batch_size_caps_the_loader_batches(demo_data):
+    dm = SpellingDataModule(str(demo_data), "tiny-qwen3", build_profile=None, eval_batch_size=24, val_limit=50)
+    dm.setup("validate")
+    for loader in dm.val_dataloader():
+        assert [len(b) for b in loader] == [24, 24, 2]
+    for bad in (0, "big", 2.5, True):
+        with pytest.raises(SpellxferError, match="eval_batch_size"):
+            SpellingDataModule(str(demo_data), "tiny-qwen3", build_profile=None, eval_batch_size=bad)
 
 
 def test_test_stage_reads_the_test_files_in_full(demo_data):

@@ -17,6 +17,7 @@ from spellxfer.deployment.lightning_studio import (
     build_deployment_spec,
     build_job_spec,
     deployment_start_kwargs,
+    serve_command,
 )
 from spellxfer.deployment.protocol import answer_kind
 from spellxfer.deployment.scaling_config import DEFAULT_CONFIG, load_config
@@ -87,6 +88,41 @@ def test_job_specs_fit_the_real_lightning_sdk_signatures():
     inspect.signature(Deployment.start).bind(None, **kwargs)
     assert kwargs["autoscale"].min_replicas == 0 and kwargs["health_check"].path == "/health"
     assert dep["secrets"] == ["SPELLXFER_API_KEY"]
+
+
+def test_a_serve_job_binds_loopback_unless_an_api_key_is_set():
+    cfg = load_config()
+    assert build_job_spec("serve", cfg, env={})["command"].endswith("--host 127.0.0.1")
+    assert build_job_spec("serve", cfg, env={"SPELLXFER_API_KEY": "k"})["command"].endswith("--host 0.0.0.0")
+    assert "k" not in json.dumps(build_job_spec("serve", cfg, env={"SPELLXFER_API_KEY": "k"})["env"])
+    # A Deployment carries the key as a secret, so its replicas listen on every interface.
+    assert build_deployment_spec(cfg, env={})["command"].endswith("--host 0.0.0.0")
+    # Other tasks are left alone.
+    assert "--host" not in build_job_spec("fit", cfg, env={})["command"]
+
+
+@pytest.mark.parametrize(
+    "command, has_key, error",
+    [
+        ("python -m spellxfer serve --host 0.0.0.0", False, "--host 0.0.0.0 without an API key"),
+        ("python -m spellxfer serve --host=::", False, "--host :: without an API key"),
+        ("python -m spellxfer serve --api-key s3cret", True, "do not put the API key in the command"),
+        ("python -m spellxfer serve --api_key=s3cret", True, "do not put the API key in the command"),
+    ],
+)
+def test_serve_commands_that_would_expose_the_model_or_the_key_are_refused(command, has_key, error):
+    with pytest.raises(SpellxferError, match=error):
+        serve_command(command, has_key=has_key, where="--command")
+    with pytest.raises(SpellxferError, match="^--command: "):
+        build_job_spec("serve", load_config(), command=command, env={"SPELLXFER_API_KEY": "k"} if has_key else {})
+
+
+def test_serve_commands_that_are_safe_pass_unchanged():
+    assert serve_command("python -m spellxfer serve --host 127.0.0.1", has_key=False) == (
+        "python -m spellxfer serve --host 127.0.0.1")
+    assert serve_command("python -m spellxfer serve --host 0.0.0.0", has_key=True).endswith("--host 0.0.0.0")
+    keyfile = "python -m spellxfer serve --api-key-file /teamspace/key"  # a key file counts as a key
+    assert serve_command(keyfile, has_key=False) == keyfile + " --host 0.0.0.0"
 
 
 def cli(*args, env=None):

@@ -12,6 +12,7 @@ import pytest
 
 from spellxfer.cli import main
 from spellxfer.errors import SpellxferError
+from spellxfer.evaluation.speed import parse_eval_variant
 from spellxfer.training.speed import flops_per_token, parse_variant
 
 
@@ -59,16 +60,44 @@ def test_bench_train_reference_and_spellxfer_side_by_side(full_data, tmp_path):
     assert report["versions"]["torch"] and "git_commit" in report
 
 
+def test_eval_variant_specs_parse_and_bad_ones_are_one_line_errors(capsys):
+    assert parse_eval_variant("spellxfer:engine=graph,batch_size=2048") == ("spellxfer", {"engine": "graph",
+                                                                                       "batch_size": 2048})  # fmt: skip
+    assert parse_eval_variant("spellxfer:batch_size=auto,decoding=greedy,max_new_tokens=32") == (
+        "spellxfer", {"batch_size": "auto", "decoding": "greedy", "max_new_tokens": 32})  # fmt: skip
+    assert parse_eval_variant("validation:config=configs/r16.yaml") == ("validation", {"config": "configs/r16.yaml"})
+    for bad in ("spellxfer:engine=turbo", "spellxfer:batch_size=0", "reference:engine=graph", "fastest",
+                "validation:decoding=greedy", "spellxfer:batch_size"):  # fmt: skip
+        with pytest.raises(SpellxferError, match="--variants"):
+            parse_eval_variant(bad)
+    assert main(["bench", "eval", "--variants", "spellxfer:engine=turbo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "engine=turbo" in err[0]
+
+
 @pytest.mark.slow
-def test_bench_eval_counts_questions_tokens_and_phases(full_data, tmp_path):
+def test_bench_eval_compares_engines_in_one_run(full_data, tmp_path):
     out = tmp_path / "eval.json"
     rc = main(["bench", "eval", "--model", "tiny-qwen3", "--data_dir", str(full_data), "--n_questions", "24",
-               "--batch_size", "12", "--reference_batch_size", "12", "--max_new_tokens", "4",
+               "--batch_size", "12", "--reference_batch_size", "12", "--max_new_tokens", "4", "--variants",
+               "reference", "spellxfer:engine=eager", "spellxfer:engine=graph",
+               "spellxfer:batch_size=auto,decoding=greedy,max_new_tokens=6", "validation:val_limit=6",
                "--out", str(out)])  # fmt: skip
     assert rc == 0
-    ref, ours = json.loads(out.read_text())["results"]
-    for r in (ref, ours):
+    report = json.loads(out.read_text())
+    ref, eager, graph, auto, val = report["results"]
+    for r in (ref, eager, graph, auto):
         assert r["questions"] == 24 and r["questions_per_second"] > 0
-        assert 0 < r["new_tokens"] <= 24 * 4
-    assert set(ours["one_batch_phases_seconds"]) >= {"prompts", "prefill", "decode"}
+        assert 0 < r["new_tokens"] <= 24 * r["sampling"]["max_new_tokens"]
+    # on a CPU a graph variant runs the static cache op by op; the eager one keeps the old loop
+    assert (ref["engine"], eager["engine"], graph["engine"], auto["engine"]) == ("reference", "eager", "static", "static")
+    assert auto["batch_size"] == 24 and auto["sampling"]["decoding"] == "greedy"  # auto: min(32 on a CPU, 24 asked)
+    assert set(graph["one_batch_phases_seconds"]) >= {"prompts", "prefill", "decode", "finish"}
     assert set(ref["one_batch_phases_seconds"]) >= {"prompts", "decode"}
+    # validation at r16.yaml's settings (greedy, its reply cap), on 6 + 6 questions
+    assert val["questions"] == 12 and val["config"] == "configs/r16.yaml" and val["engine"] == {"static": 2}
+    assert val["sampling"]["decoding"] == "greedy" and val["sampling"]["max_new_tokens"] == 32
+    # what it takes to compare this run with another
+    assert report["card"]["name"].startswith("CPU") and report["versions"]["torch"] and "git_commit" in report
+    assert report["command"].startswith("python -m spellxfer bench eval --model tiny-qwen3")
+    assert "validation:val_limit=6" in report["command"]

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 
 from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.effects import MIN_RUNS_FOR_INTERVALS
 from spellxfer.errors import SpellxferError
-from spellxfer.outputs import atomic_file, atomic_output_dir
+from spellxfer.outputs import atomic_file, atomic_output_dir, check_output_dir, read_json, snippet
 
 console = Console()
 TASKS = ("position", "count")
@@ -55,15 +55,20 @@ def report(
     src = Path(analysis)
     info, tables = load_analysis(src)
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(info.get("name") or "runs"))
-    page = render(info, tables, src)
     path = Path(out) / f"transfer_report_{name}.html"
-    with atomic_file(path) as f:
-        f.write(page)
-    path.chmod(0o644)  # a page to share or serve: readable like any web file (the temp file was 0600)
+    check_output_dir(out, overwrite=True)  # a directory of reports: others in it are kept
+    check_output_dir(Path(figures_out) / name, overwrite=True)
+    if path.is_dir():
+        raise SpellxferError(f"--out {out}: {path.name} there is a directory, not a report")
+    page = render(info, tables, src)
+    # Figures first, the page last: a failure at either step leaves neither behind.
     with atomic_output_dir(Path(figures_out) / name, overwrite=True) as tmp:
         tmp.chmod(0o755)
         for fig in info["figures"]:
             shutil.copy2(src / fig["file"], tmp / Path(fig["file"]).name)
+        with atomic_file(path) as f:
+            f.write(page)
+        path.chmod(0o644)  # a page to share or serve: readable like any web file (the temp file was 0600)
     console.print(f"wrote {path} ({len(page) / 1e6:.1f} MB, {len(info['figures'])} figures embedded) "
                   f"and {Path(figures_out) / name}/")  # fmt: skip
     for line in summary_lines(info, tables):
@@ -73,21 +78,83 @@ def report(
     return 0
 
 
+# Columns the summary and the page read from each table (analyze writes them all), and which of
+# them must be numeric; checked on load so a hand-edited or foreign CSV is one error line.
+REQUIRED_COLUMNS = {
+    "top_transfer_configs": ("run", "transfer_score", "transfer_score_ci_low", "transfer_score_ci_high"),
+    "per_run_deltas": ("run", "metric", "delta", "delta_ci_low", "delta_ci_high", "base_accuracy", "tuned_accuracy",
+                       "p_adj", "significant"),
+    "metric_correlations": ("quantity", "method", "estimate", "ci_low", "ci_high", "n_runs"),
+    "hyperparameter_effects": ("kind", "metric", "hyperparameter", "rank", "scale", "slope", "slope_ci_low",
+                               "slope_ci_high", "n_runs"),
+    "breakdowns": ("run", "breakdown", "bucket", "metric", "n_items", "delta", "delta_ci_low", "delta_ci_high"),
+    "runs": ("run",),
+}  # fmt: skip
+TEXT_COLUMNS = ("run", "metric", "quantity", "method", "kind", "hyperparameter", "scale", "breakdown", "bucket")
+INFO_KEYS = {"n_runs": int, "status_counts": dict, "decoding": str, "figures": list, "methods": dict, "skipped": list,
+             "n_boot": int, "seed": int}  # fmt: skip
+
+
 def load_analysis(src: Path) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """``analysis.json`` and the tables of an ``analyze`` directory; a missing piece is a one-line error."""
+    """``analysis.json`` and the tables of an ``analyze`` directory, checked for what the report
+    reads; a missing or malformed piece is a one-line error naming the file."""
     if not (src / "analysis.json").is_file():
         raise SpellxferError(f"--analysis {src}: no analysis.json (run `python -m spellxfer analyze --out {src}` first)")
-    info = json.loads((src / "analysis.json").read_text(encoding="utf-8"))
-    tables = {}
-    for name in TABLES:
-        f = src / f"{name}.csv"
-        if not f.is_file():
-            raise SpellxferError(f"--analysis {src}: missing {f.name}")
-        tables[name] = check_columns(pd.read_csv(f), f"{f}")
-    for fig in info.get("figures", []):
-        if not (src / fig["file"]).is_file():
+    info = read_json(src / "analysis.json")
+    where = src / "analysis.json"
+    if not isinstance(info, dict):
+        raise SpellxferError(f"{where}: expected an object (as `analyze` writes)")
+    for key, kind in INFO_KEYS.items():
+        if key not in info:
+            raise SpellxferError(f"{where}: no {key!r} key (as `analyze` writes)")
+        if not isinstance(info[key], kind) or isinstance(info[key], bool):
+            raise SpellxferError(f"{where}: {key} {snippet(info[key])} is not {_KIND_NAMES[kind]}")
+    tables = {name: _read_table(src / f"{name}.csv", name, src) for name in TABLES}
+    if tables["top_transfer_configs"].empty:
+        raise SpellxferError(f"{src / 'top_transfer_configs.csv'}: no rows (a report needs at least one run)")
+    root = src.resolve()
+    for i, fig in enumerate(info["figures"]):
+        if not isinstance(fig, dict) or not all(isinstance(fig.get(k), str) for k in ("file", "title", "caption")):
+            raise SpellxferError(f"{where}: figures[{i}] is not an object with text file, title and caption")
+        file = Path(fig["file"])
+        # The page embeds these bytes and the report copies them: only PNGs inside the analysis.
+        if file.is_absolute() or ".." in file.parts or file.suffix.lower() != ".png" or not \
+                (src / file).resolve().is_relative_to(root):  # fmt: skip
+            raise SpellxferError(f"{where}: figures[{i}].file {fig['file']!r} is not a .png inside {src}")
+        if not (src / file).is_file():
             raise SpellxferError(f"--analysis {src}: missing figure {fig['file']}")
     return info, tables
+
+
+_KIND_NAMES = {int: "an integer", dict: "an object", str: "text", list: "a list"}
+
+
+def _read_table(f: Path, name: str, src: Path) -> pd.DataFrame:
+    if not f.is_file():
+        raise SpellxferError(f"--analysis {src}: missing {f.name}")
+    try:
+        table = pd.read_csv(f)
+    except pd.errors.EmptyDataError:
+        raise SpellxferError(f"{f}: empty (no header row)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise SpellxferError(f"{f}: not a readable CSV table ({' '.join(str(e).split())[:200]})") from None
+    missing = [c for c in REQUIRED_COLUMNS[name] if c not in table.columns]
+    if missing:
+        raise SpellxferError(f"{f}: no column {missing[0]!r} (as `analyze` writes it)")
+    for col in REQUIRED_COLUMNS[name]:
+        values = table[col].dropna()
+        if values.empty:
+            continue
+        if col == "significant":
+            ok = values.map(lambda v: isinstance(v, bool | np.bool_)).all()
+        elif col in TEXT_COLUMNS:
+            ok = True
+        else:
+            ok = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        if not ok:
+            raise SpellxferError(f"{f}: column {col!r} holds a value that is not "
+                                 f"{'true/false' if col == 'significant' else 'a number'}")  # fmt: skip
+    return check_columns(table, f"{f}")
 
 
 def _ci(lo, hi, sign: str = "+") -> str:
@@ -121,7 +188,10 @@ def verdict_lines(deltas: pd.DataFrame, n: int) -> list[str]:
     significant gains in a few runs among more significant losses are "mostly hurt", not transfer."""
     lines, verdict = [], {}
     for task in TASKS:
-        d = deltas[deltas["metric"] == f"{task}_accuracy"]
+        d = deltas[(deltas["metric"] == f"{task}_accuracy") & deltas["delta"].notna()]
+        if d.empty:  # runs evaluated on one task only
+            lines.append(f"{task.capitalize()} accuracy: no {task} items in these runs.")
+            continue
         up, sig_up = int((d["delta"] > 0).sum()), int((d["significant"] & (d["delta"] > 0)).sum())
         sig_down = int((d["significant"] & (d["delta"] < 0)).sum())
         b = d.loc[d["delta"].idxmax()]
@@ -131,9 +201,9 @@ def verdict_lines(deltas: pd.DataFrame, n: int) -> list[str]:
             f"{sig_down} fell significantly); the best run ({b['run']}) changed it by {b['delta']:+.3f} "
             f"{_ci(b['delta_ci_low'], b['delta_ci_high'])} ({b['base_accuracy']:.3f} → {b['tuned_accuracy']:.3f}, "
             f"McNemar p_adj={b['p_adj']:.2g}).")  # fmt: skip
-    moved = [t for t in TASKS if 0 < verdict[t][0] and verdict[t][1] <= verdict[t][0]]
-    mixed = [t for t in TASKS if 0 < verdict[t][0] < verdict[t][1]]
-    still = [t for t in TASKS if verdict[t][0] == 0]
+    moved = [t for t in verdict if 0 < verdict[t][0] and verdict[t][1] <= verdict[t][0]]
+    mixed = [t for t in verdict if 0 < verdict[t][0] < verdict[t][1]]
+    still = [t for t in verdict if verdict[t][0] == 0]
     parts = ["Transferred: " + " and ".join(moved) + "."] if moved else []
     parts += [f"Mostly hurt: {t} ({verdict[t][0]} of {n} runs significantly better, {verdict[t][1]} significantly "
               "worse)." for t in mixed]  # fmt: skip

@@ -12,14 +12,14 @@ the requested decoding, are counted and listed with the reason.
 
 from __future__ import annotations
 
-import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.compare import read_predictions
-from spellxfer.outputs import iter_jsonl
+from spellxfer.outputs import iter_jsonl, read_json, snippet
 
 # Optuna's TrialState names → the statuses trial.json uses.
 OPTUNA_STATUS = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running",
@@ -144,14 +144,17 @@ def _read_trial(d: Path) -> dict:
     f = d / "trial.json"
     if not f.is_file():
         raise SpellxferError(f"{d}: no trial.json (expected a sweep trial directory)")
-    try:
-        trial = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SpellxferError(f"{f}:{e.lineno}: invalid JSON ({e.msg})") from None
+    # allow_nan: the sweep's own writer stores a diverged objective as NaN
+    trial = read_json(f, allow_nan=True)
     if not isinstance(trial, dict) or "status" not in trial:
         raise SpellxferError(f"{f}: expected an object with a 'status' key (complete|failed|pruned|running)")
-    if not isinstance(trial.get("params", {}), dict):
-        raise SpellxferError(f"{f}: 'params' must be an object of hyperparameter values")
+    for key, ok, expected in _TRIAL_FIELDS:
+        if trial.get(key) is not None and not ok(trial[key]):
+            raise SpellxferError(f"{f}: {key} {snippet(trial[key])} is not {expected}")
+    for name, value in (trial.get("params") or {}).items():
+        if not _is_param_value(value):
+            raise SpellxferError(f"{f}: params.{name} {snippet(value)} is not a hyperparameter value "
+                                 "(text, true/false, or a finite number)")  # fmt: skip
     return trial
 
 
@@ -160,23 +163,59 @@ def read_curve(path: Path) -> tuple[list[dict], int]:
 
     Returns the rows and how many metric keys were dropped because the whitelist
     (:func:`~spellxfer.training.transfer_metrics.check_metric_name`) does not allow them.
-    A missing file gives no rows: a curve is a nice-to-have, not a reason to fail.
+    A missing file gives no rows: a curve is a nice-to-have, not a reason to fail. A file that is
+    there must be what the training logger writes: objects with an integer ``step`` (or null) and
+    numeric values (NaN allowed: a diverged loss is logged as NaN).
     """
     if not path.is_file():
         return [], 0
     rows, omitted = [], 0
-    for _, row in iter_jsonl(path):
+    for line, row in iter_jsonl(path, allow_nan=True):
+        if not isinstance(row, dict):
+            raise SpellxferError(f"{path}:{line}: expected a JSON object per line (a logged metrics row)")
+        step = row.get("step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise SpellxferError(f"{path}:{line}: step {snippet(step)} is not an integer ≥ 0")
         kept = {}
         for key, value in row.items():
             if key == "step":
                 continue
             if not allowed_metric(key):
                 omitted += 1
-            elif key.startswith("val/"):
+                continue
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise SpellxferError(f"{path}:{line}: {key} {snippet(value)} is not a number")
+            if key.startswith("val/"):
                 kept[key] = value
-        if kept and row.get("step") is not None:
-            rows.append({"step": int(row["step"]), **kept})
+        if kept and step is not None:
+            rows.append({"step": step, **kept})
     return rows, omitted
+
+
+def _is_param_value(value) -> bool:
+    if value is None or isinstance(value, str | bool):
+        return True
+    if isinstance(value, int | float):
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:  # an integer beyond float range
+            return False
+    return False
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_TRIAL_FIELDS = (
+    ("status", lambda v: isinstance(v, str), "text (complete|failed|pruned|running)"),
+    ("number", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer ≥ 0"),
+    ("study", lambda v: isinstance(v, str), "text"),
+    ("params", lambda v: isinstance(v, dict), "an object of hyperparameter values"),
+    ("objective_name", lambda v: isinstance(v, str), "text"),
+    ("objective", _is_number, "a number"),
+    ("error", lambda v: isinstance(v, str), "text"),
+)
 
 
 def allowed_metric(name: str) -> bool:

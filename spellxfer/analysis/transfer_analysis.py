@@ -31,6 +31,7 @@ from rich.table import Table
 from spellxfer.analysis import effects
 from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.runs import Discovery, Run, allowed_metric, discover
+from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.compare import compare_predictions
 from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
 from spellxfer.outputs import atomic_output_dir, check_output_dir, git_commit, package_versions, write_json
@@ -76,6 +77,9 @@ def analyze(
         seed: Seed of every bootstrap (same inputs and seed, same numbers).
         overwrite: Replace a non-empty output directory.
     """
+    for flag, value, low in (("top", top, 1), ("n_boot", n_boot, 1), ("seed", seed, 0)):
+        if value < low:
+            raise SpellxferError(f"--{flag} must be ≥ {low}, got {value}")
     check_output_dir(out, overwrite)
     found = discover(runs, study, storage, results_dir, decoding)
     result = analyse(found, n_boot=n_boot, seed=seed, top=top)

@@ -34,10 +34,15 @@ MAX_EVAL_LEN = 20
 
 
 def length_bucket(n: int) -> str:
+    """The length bucket of an ``n``-letter word (``n`` ≥ 1). The last bucket is open-ended, and a
+    one-letter word — never an evaluation word of ours, but possible in a user's question file —
+    gets a bucket of its own, ``"1"``."""
+    if n < 1:
+        raise ValueError(f"no length bucket for {n} letters")
     for name, lo, hi in LENGTH_BUCKETS:
         if lo <= n <= hi:
             return name
-    raise ValueError(f"no length bucket for {n}")
+    return LENGTH_BUCKETS[-1][0] if n > LENGTH_BUCKETS[-1][2] else str(n)
 
 
 def token_bucket(n: int) -> str:

@@ -8,7 +8,8 @@ Routes (all on one LitServe server, one request queue, one set of inference work
 - ``POST /predict`` — ``{"question": …, "task": "position"|"count"}`` →
   ``{"answer": <raw reply>, "parsed": <letter, number or null>, "latency_ms": …}``; ``parsed`` uses
   the same answer parser as ``evaluate``.
-- ``GET /health`` (200 once the model is loaded), ``GET /metrics`` (Prometheus, see monitoring.py).
+- ``GET /health`` (200 once the model is loaded), ``GET /metrics`` (Prometheus, see monitoring.py),
+  ``GET /openapi.json``, ``/docs``, ``/redoc`` (the schema and its viewers, behind the same key).
 
 Lifecycle of a request (LitAPI's, one hook per step):
 
@@ -19,6 +20,16 @@ Lifecycle of a request (LitAPI's, one hook per step):
    into a conversation and its sampling settings; ``predict`` generates a whole batch (up to
    ``max_batch_size`` requests collected within ``batch_timeout``) with the shared
    :class:`~spellxfer.evaluation.generation.GenerationEngine`; ``encode_response`` shapes replies.
+   A request whose generation fails gets its own 500; the rest of its batch is served (``predict``
+   retries a failed group one request at a time, so only the culprit fails).
+
+Message content is tokenized as plain text (:func:`~spellxfer.training.qwen3_utils.chat_token_ids`):
+``<|im_end|>`` or ``<think>`` typed by a client are characters, never control tokens, so a
+message cannot close its turn, fake an assistant turn or open a think block.
+
+Exposure: ``serve`` listens on 127.0.0.1 unless told otherwise, and refuses to listen anywhere
+else without an API key (``$SPELLXFER_API_KEY`` or ``--api-key-file``; ``--api-key`` works but
+shows in ``ps``).
 
 Non-thinking is enforced twice: requests that ask for thinking are refused with a 400, and every
 Qwen3 prompt is rendered with spellxfer's template, whose empty think block has no off switch.
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -53,11 +65,14 @@ from spellxfer.deployment.protocol import (
     message_text,
     parse_chat,
     parse_predict,
+    resolve_api_key,
 )
 from spellxfer.deployment.scaling_config import DEFAULT_CONFIG, ServingSettings, load_config
 from spellxfer.errors import SpellxferError
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+GENERATION_FAILED = "generation failed for this request (the server log has the cause); the other requests of its batch were served"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,7 @@ class Job:
     messages: tuple[tuple[str, str], ...]  # (role, content)
     sampling: object  # spellxfer.evaluation.generation.Sampling (hashable: requests batch by it)
     answer_kind: str | None = None  # predict only: "letter" or "integer"
+    error: str | None = None  # set when decoding the request failed: predict skips it
 
 
 class SpellxferSpec(OpenAISpec):
@@ -89,7 +105,16 @@ class SpellxferSpec(OpenAISpec):
         q, event = deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=q, event=event)
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
-        return self.data_streamer(q, event, send_status=True)
+        return self._own_errors(self.data_streamer(q, event, send_status=True))
+
+    @staticmethod
+    async def _own_errors(stream):
+        """The reply stream, with a failure ``predict`` reported for this request alone (an
+        ``{"error": …}`` reply, while its batch succeeded) turned into this request's 500."""
+        async for data, status in stream:
+            if status == LitAPIStatus.OK and json.loads(data).get("error") is not None:
+                data, status = HTTPException(500, GENERATION_FAILED), LitAPIStatus.ERROR
+            yield data, status
 
     async def _parse(self, parser, request: Request):
         try:
@@ -103,7 +128,7 @@ class SpellxferSpec(OpenAISpec):
 
     async def chat_completion(self, request: Request, background_tasks: BackgroundTasks):
         req = await self._parse(parse_chat, request)
-        uids = [uuid.uuid4() for _ in range(req.n or 1)]
+        uids = [uuid.uuid4() for _ in range(req.n)]
         pipes = [self._submit(uid, req.model_copy(update={"n": 1})) for uid in uids]
 
         def release():  # LitServe's own spec leaves these in the buffer
@@ -126,7 +151,7 @@ class SpellxferSpec(OpenAISpec):
         try:
             async for data, status in self._submit(uid, req):
                 if status == LitAPIStatus.ERROR:
-                    raise data if isinstance(data, HTTPException) else HTTPException(500, "generation failed")
+                    raise data if isinstance(data, HTTPException) else HTTPException(500, GENERATION_FAILED)
                 out = json.loads(data)
         finally:
             self.response_buffer.pop(uid, None)
@@ -160,49 +185,78 @@ class SpellxferAPI(ls.LitAPI):
         self.batches = 0
 
     def decode_request(self, request, **kwargs) -> Job:
+        # LitServe decodes a whole batch in one try block: a request that cannot be decoded is
+        # marked here and fails alone in predict, instead of taking its batch down.
+        try:
+            return self._job(request)
+        except Exception as e:
+            log.exception("decoding a request failed")
+            return Job("failed", (), self.defaults, error=f"{type(e).__name__}: {e}")
+
+    def _job(self, request) -> Job:
         if isinstance(request, PredictRequest):
             sampling = replace(self.defaults, max_new_tokens=request.max_tokens or self.defaults.max_new_tokens)
             kind = answer_kind(request.question, request.task, request.answer_kind)
             return Job("predict", (("user", request.question),), sampling, kind)
         s = self.defaults
-        max_tokens = request.max_completion_tokens or request.max_tokens
+        max_tokens = request.max_completion_tokens or request.max_tokens  # parse_chat refused 0
         s = replace(s, max_new_tokens=max_tokens or s.max_new_tokens)
         if "temperature" in request.model_fields_set and request.temperature is not None:
             s = replace(s, decoding="greedy") if request.temperature == 0 else replace(s, temperature=request.temperature)
         if "top_p" in request.model_fields_set and request.top_p is not None:
             s = replace(s, top_p=request.top_p)
+        if request.min_p is not None:
+            s = replace(s, min_p=request.min_p)
         messages = tuple((m.role, message_text(m.content, "content")) for m in request.messages)
         return Job("chat", messages, s)
 
     def predict(self, x, **kwargs):
-        from spellxfer.evaluation.generation import GenerationEngine
-
         batched = self.max_batch_size > 1
         jobs: list[Job] = x if batched else [x]
         start = time.perf_counter()
         groups: dict[object, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
-            groups[job.sampling].append(i)  # one generate call per distinct sampling setting
-        replies: list[str] = [""] * len(jobs)
+            if job.error is None:
+                groups[job.sampling].append(i)  # one generate call per distinct sampling setting
+        outputs: list[dict] = [{"error": job.error} for job in jobs]
         for sampling, idx in groups.items():
-            self.batches += 1  # a new seed per batch: the same question can get different samples
-            engine = GenerationEngine(self.model, self.tokenizer, replace(sampling, seed=self.batches),
-                                      batch_size=len(idx))  # fmt: skip
-            chats = [[{"role": r, "content": c} for r, c in jobs[i].messages] for i in idx]
-            for i, reply in zip(idx, engine.generate_chats(chats)):
-                replies[i] = reply[0]
-        outputs = [self._output(job, reply) for job, reply in zip(jobs, replies)]
+            try:
+                results = self._generate(sampling, [jobs[i] for i in idx])
+            except Exception:
+                # Something in this group cannot be generated. Retry each request on its own, so
+                # that only the culprit fails and its neighbours are still served.
+                log.exception("a generation batch failed; retrying its %d requests one by one", len(idx))
+                results = [self._generate_alone(sampling, jobs[i]) for i in idx]
+            for i, result in zip(idx, results):
+                outputs[i] = result
+        served = [o for o in outputs if "error" not in o]
         self.monitoring.record_batch(len(jobs), time.perf_counter() - start,
-                                     sum(o["prompt_tokens"] for o in outputs),
-                                     sum(o["completion_tokens"] for o in outputs))  # fmt: skip
+                                     sum(o["prompt_tokens"] for o in served),
+                                     sum(o["completion_tokens"] for o in served))  # fmt: skip
         yield outputs if batched else outputs[0]
 
-    def _output(self, job: Job, reply: str) -> dict:
-        from spellxfer.models.metrics import parse_answer, strip_thinking
-        from spellxfer.training.qwen3_utils import format_chat
+    def _generate_alone(self, sampling, job: Job) -> dict:
+        try:
+            return self._generate(sampling, [job])[0]
+        except Exception as e:
+            log.exception("generation failed for one request")
+            return {"error": f"{type(e).__name__}: {e}"}
 
-        chat = [{"role": r, "content": c} for r, c in job.messages]
-        prompt_tokens = len(self.tokenizer(format_chat(self.tokenizer, chat), add_special_tokens=False)["input_ids"])
+    def _generate(self, sampling, jobs: list[Job]) -> list[dict]:
+        """Replies (shaped by :meth:`_output`) to jobs that share one sampling setting."""
+        from spellxfer.evaluation.generation import GenerationEngine
+        from spellxfer.training.qwen3_utils import chat_token_ids
+
+        self.batches += 1  # a new seed per batch: the same question can get different samples
+        engine = GenerationEngine(self.model, self.tokenizer, replace(sampling, seed=self.batches),
+                                  batch_size=len(jobs))  # fmt: skip
+        ids = chat_token_ids(self.tokenizer, [[{"role": r, "content": c} for r, c in job.messages] for job in jobs])
+        replies = engine.generate_ids(ids)
+        return [self._output(job, reply[0], len(prompt)) for job, reply, prompt in zip(jobs, replies, ids)]
+
+    def _output(self, job: Job, reply: str, prompt_tokens: int) -> dict:
+        from spellxfer.models.metrics import parse_answer, strip_thinking
+
         completion_tokens = len(self.tokenizer(reply, add_special_tokens=False)["input_ids"])
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
@@ -230,23 +284,40 @@ def error_response(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 def build_server(settings: ServingSettings, api_key: str | None = None) -> ls.LitServer:
-    """The LitServer: our API, the metrics middleware and route, OpenAI-shaped errors."""
+    """The LitServer: our API, the metrics middleware and route, the API docs behind the same
+    auth, OpenAI-shaped errors."""
     from fastapi import Depends
     from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from spellxfer.deployment import monitoring
 
     api = SpellxferAPI(settings, api_key)
+    # FastAPI's own /openapi.json, /docs and /redoc take no dependencies; with them off, the same
+    # three are added below behind api.authorize (FastAPI's recipe for protected docs).
     server = ls.LitServer(api, middlewares=[monitoring.MetricsMiddleware], **settings.litserve_options()["server"],
+                          disable_openapi_url=True,
                           model_metadata={"model": settings.model, "adapter": settings.adapter,
                                           "thinking": "disabled (Qwen3 non-thinking mode only)"})  # fmt: skip
+    auth = [Depends(api.authorize)]
 
     async def metrics(request: Request) -> Response:
         body, content_type = monitoring.exposition()
         return Response(body, media_type=content_type)
 
-    server.app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=[Depends(api.authorize)])
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(server.app.openapi())
+
+    async def docs(request: Request):
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="spellxfer API")
+
+    async def redoc(request: Request):
+        return get_redoc_html(openapi_url="/openapi.json", title="spellxfer API")
+
+    server.app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=auth)
+    for path, endpoint in (("/openapi.json", openapi), ("/docs", docs), ("/redoc", redoc)):
+        server.app.add_api_route(path, endpoint, methods=["GET"], dependencies=auth, include_in_schema=False)
     server.app.add_exception_handler(StarletteHTTPException, error_response)
     server.app.add_exception_handler(
         RequestValidationError, lambda r, e: error_response(r, HTTPException(422, str(e.errors()[0]["msg"])))
@@ -260,6 +331,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    api_key_file: str | None = None,
     max_batch_size: int | None = None,
     batch_timeout: float | None = None,
     workers_per_device: int | None = None,
@@ -268,14 +340,16 @@ def serve(
     """Serve a model over HTTP (LitServe): OpenAI chat completions, /predict, /health, /metrics.
 
     Qwen3 is served in non-thinking mode only: requests asking for thinking get a 400. Settings
-    not given as flags come from the config's serving block.
+    not given as flags come from the config's serving block. Listening beyond this machine
+    (0.0.0.0 or ::) needs an API key; without one, serve refuses to start.
 
     Args:
         model: Model name (tiny-qwen3, smollm2-135m, Qwen/Qwen3-4B) or a directory (export's OUT/merged).
         adapter: PEFT adapter directory (export's OUT/adapter) applied on top of the model.
-        host: Interface to listen on: 127.0.0.1 (default, this machine only), 0.0.0.0 or ::.
+        host: Interface to listen on: 127.0.0.1 (default, this machine only), 0.0.0.0 or :: (need an API key).
         port: TCP port (1024-65535).
-        api_key: Require 'Authorization: Bearer KEY' on every route but /health (default: $SPELLXFER_API_KEY).
+        api_key: Require 'Authorization: Bearer KEY' on every route but /health. Visible in ps: prefer $SPELLXFER_API_KEY or --api-key-file.
+        api_key_file: File holding the API key (one line); default $SPELLXFER_API_KEY.
         max_batch_size: Requests generated together (LitAPI max_batch_size).
         batch_timeout: Seconds the first request of a batch waits for others (LitAPI batch_timeout).
         workers_per_device: Model copies per device (LitServer workers_per_device).
@@ -299,17 +373,17 @@ def serve(
     try:
         settings = _settings(load_config(deploy_config), deploy_config, model=model, adapter=adapter, max_batch_size=max_batch_size,
                              batch_timeout=batch_timeout, workers_per_device=workers_per_device)  # fmt: skip
-        api_key = api_key or os.environ.get("SPELLXFER_API_KEY") or None
+        api_key = resolve_api_key(api_key, api_key_file)
         if host not in ("127.0.0.1", "0.0.0.0", "::"):
             raise SpellxferError(f"--host: LitServe listens on 127.0.0.1, 0.0.0.0 or ::, got {host!r}")
+        if host not in LOOPBACK and api_key is None:
+            raise SpellxferError(f"--host {host} listens beyond this machine and needs an API key: set "
+                                 "$SPELLXFER_API_KEY or --api-key-file FILE (or use --host 127.0.0.1)")  # fmt: skip
         if not 1024 <= port <= 65535:
             raise SpellxferError(f"--port: must be in 1024-65535, got {port}")
         from rich.console import Console
 
         console = Console(stderr=True)
-        if host != "127.0.0.1" and api_key is None:
-            console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach "
-                          "this machine can use the model")  # fmt: skip
         server = build_server(settings, api_key)
         console.print(f"serving {settings.model}" + (f" + {settings.adapter}" if settings.adapter else "")
                       + f" on http://{host}:{port} (non-thinking; /v1/chat/completions, /predict, /health, /metrics)")  # fmt: skip

@@ -12,12 +12,20 @@ The job specification comes from ``configs/deployment/lightning_config.yaml`` (`
 ``--dry-run`` prints exactly the arguments ``lightning_sdk.Job.run`` (or ``Deployment.start``)
 would receive and touches no network. Submitting needs Lightning credentials
 (``LIGHTNING_USER_ID`` + ``LIGHTNING_API_KEY``, or ``lightning login``).
+
+A serve job binds 127.0.0.1 unless an API key is set: the job's command gets ``--host 0.0.0.0``
+only when ``$SPELLXFER_API_KEY`` (``deployment.api_key_env``, a teamspace secret, which Lightning
+serves as an environment variable) is set where you submit, and a command that asks for another
+host without one is refused before anything is submitted. A Deployment always carries that secret,
+so it listens on 0.0.0.0; ``serve`` itself refuses to start there without a key, so a job that
+lacks the secret fails instead of serving openly. The key's value never enters a specification.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -40,10 +48,14 @@ def build_job_spec(task: Task, cfg: LightningConfig, name: str | None = None, ma
         except ValueError as e:
             raise SpellxferError(f"--machine: {e}") from None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    where = "--command" if command else f"jobs.commands.{task}"
+    command = command or jobs.commands[task]
+    if task == "serve":
+        command = serve_command(command, has_key=bool(env.get(cfg.deployment.api_key_env)), where=where)
     return {
         "name": name or f"spellxfer-{task}-{stamp}",
         "machine": machine or jobs.machines[task],
-        "command": command or jobs.commands[task],
+        "command": command,
         "studio": studio or jobs.studio or env.get("LIGHTNING_STUDIO"),
         "teamspace": teamspace or jobs.teamspace or env.get("LIGHTNING_TEAMSPACE"),
         "env": dict(jobs.env),
@@ -55,13 +67,39 @@ def build_job_spec(task: Task, cfg: LightningConfig, name: str | None = None, ma
 def build_deployment_spec(cfg: LightningConfig, command: str | None = None, env: dict[str, str] | None = None) -> dict:
     """The arguments for ``lightning_sdk.Deployment(name, teamspace).start(...)``, as plain values."""
     env = env if env is not None else os.environ
-    spec = cfg.deployment_options(command or cfg.jobs.commands["serve"])
+    where = "--command" if command else "jobs.commands.serve"
+    # The replica gets the key as Secret(api_key_env) below, so it may (and must) listen on 0.0.0.0.
+    spec = cfg.deployment_options(serve_command(command or cfg.jobs.commands["serve"], has_key=True, where=where))
     spec["studio"] = cfg.jobs.studio or env.get("LIGHTNING_STUDIO")
     spec["teamspace"] = cfg.jobs.teamspace or env.get("LIGHTNING_TEAMSPACE")
     spec["env"] = dict(cfg.jobs.env)
     # The bearer token stays a Lightning secret: only its name travels in the specification.
     spec["secrets"] = [cfg.deployment.api_key_env]
     return spec
+
+
+def serve_command(command: str, has_key: bool, where: str = "jobs.commands.serve") -> str:
+    """The serve job's command with its bind address made explicit: ``--host 0.0.0.0`` when an API
+    key is set, else ``--host 127.0.0.1``. A command that names another host without a key, or that
+    carries the key itself (it would show in the job's settings and in ``ps``), is refused."""
+    host = None
+    args = shlex.split(command)
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        flag = flag.replace("_", "-")  # the CLI takes --api-key and --api_key alike
+        if flag == "--api-key":
+            raise SpellxferError(f"{where}: do not put the API key in the command; keep it in the "
+                                 "SPELLXFER_API_KEY teamspace secret (or pass --api-key-file)")  # fmt: skip
+        if flag == "--api-key-file":
+            has_key = True
+        if flag == "--host":
+            host = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    if host is None:
+        return f"{command} --host {'0.0.0.0' if has_key else '127.0.0.1'}"
+    if host not in ("127.0.0.1", "localhost", "::1") and not has_key:
+        raise SpellxferError(f"{where}: --host {host} without an API key would serve anyone who can reach "
+                             "the machine; set the SPELLXFER_API_KEY secret, or drop --host (127.0.0.1)")  # fmt: skip
+    return command
 
 
 def has_credentials(env: dict[str, str] | None = None) -> bool:

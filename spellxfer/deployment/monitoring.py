@@ -33,7 +33,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _generate_latest
 
-ROUTES = ("/v1/chat/completions", "/predict", "/health", "/metrics", "/info", "/")
+ROUTES = ("/v1/chat/completions", "/predict", "/health", "/metrics", "/info", "/", "/openapi.json", "/docs", "/redoc")
 # Tiny CPU models answer in milliseconds, Qwen3-4B under load in seconds: cover both.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 

@@ -100,7 +100,7 @@ class JobSettings(_Block):
     commands: dict[Literal["fit", "sweep", "serve"], str] = {
         "fit": "python -m spellxfer fit --config configs/r16.yaml",
         "sweep": "python -m spellxfer sweep --config configs/sweep.yaml",
-        "serve": "python -m spellxfer serve --host 0.0.0.0 --port 8000",
+        "serve": "python -m spellxfer serve --port 8000",  # --host: added per key, see serve_command
     }
     interruptible: bool = False  # spot machines: cheaper, may be preempted (fit resumes from last.ckpt)
     max_runtime: int | None = Field(None, gt=0)  # seconds; DWS reservation for top-end GPUs

@@ -12,6 +12,12 @@ rows of one matrix multiplied by that group's keys, ``[batch, kv_heads, 4·T, di
 kv_heads, dim, L]``, reading the cache once. Prompts are short (~35 tokens), so the explicit
 ``T × L`` scores cost less than the copies they replace. Registered under the name ``spellxfer_gqa`` with transformers' attention and mask
 registries; :func:`grouped_decode_attention` switches a model to it for a block.
+
+The static-cache decoder (:mod:`spellxfer.evaluation.static_decode`) uses the same function under
+a second name, ``spellxfer_static``, registered for attention only: transformers builds no mask
+for an implementation its mask registry does not know, so a right-padded prefill reaches SDPA's
+fused causal kernel with no mask at all, and a decode step passes its own ready-made 4-D mask
+(which transformers hands through unchanged).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "spellxfer_gqa"
+STATIC_NAME = "spellxfer_static"
 
 
 def gqa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -57,19 +64,28 @@ def gqa_attention_forward(module, query, key, value, attention_mask, dropout: fl
 
 AttentionInterface.register(NAME, gqa_attention_forward)
 AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionInterface.register(STATIC_NAME, gqa_attention_forward)  # no mask function, on purpose (see above)
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Run the model with the registered attention implementation ``name`` inside the block
+    (``model.config`` is shared by every layer), restoring the previous one after."""
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 @contextmanager
 def grouped_decode_attention(model):
     """Use :func:`gqa_attention_forward` inside the block when the model runs SDPA attention
     (eager or other implementations are left alone); restores the previous setting after."""
-    config = model.config
-    previous = getattr(config, "_attn_implementation", None)
-    if previous != "sdpa":
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
         yield
         return
-    config._attn_implementation = NAME
-    try:
+    with attention_implementation(model, NAME):
         yield
-    finally:
-        config._attn_implementation = previous

@@ -7,6 +7,7 @@ interval over items, and an exact McNemar p-value on the discordant items. Items
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from spellxfer.errors import SpellxferError
+from spellxfer.evaluation.questions import check_breakdown_fields
 from spellxfer.evaluation.stats import paired_comparison
-from spellxfer.outputs import iter_jsonl, write_json
+from spellxfer.outputs import atomic_file, check_output_file, iter_jsonl, snippet
 
 TASKS = ("position", "count")
 
@@ -93,16 +95,64 @@ def compare(base: str, other: str, out: str | None = None) -> int:
         other: The evaluate output directory to compare against it (e.g. the fine-tuned model).
         out: Write the comparison as JSON to this file.
     """
+    if out:
+        check_output_file(Path(out))
     c = compare_predictions(read_predictions(Path(base)), read_predictions(Path(other)), base, other)
     print_comparison(c)
     if out:
-        write_json(Path(out), c)
+        with atomic_file(Path(out)) as f:
+            json.dump(c, f, indent=2, ensure_ascii=False)
+            f.write("\n")
     return 0
 
 
 def read_predictions(d: Path) -> list[dict]:
-    """Rows of ``d/predictions.jsonl``; a missing file or bad line is a one-line user error."""
+    """Rows of ``d/predictions.jsonl``, checked the way :func:`compare_predictions` and ``analyze``
+    use them; a missing file or a bad line is a one-line user error naming ``file:line``.
+
+    Each row is an object with text ``file``, a text or integer ``id``, ``task`` position or count,
+    ``subtask`` text or null, ``correct`` true or false, an optional ``sample`` (integer ≥ 0), and
+    the breakdown fields ``evaluate`` copies from the question (``word`` … ``n_tokens``), if any,
+    of the types a question file allows. One (file name, id, sample) appears once, and an item
+    keeps one task.
+    """
+    if not d.is_dir():
+        raise SpellxferError(f"{d}: no such directory (expected an evaluate output directory)")
     f = d / "predictions.jsonl"
     if not f.is_file():
         raise SpellxferError(f"{d}: no predictions.jsonl (expected an evaluate output directory)")
-    return [row for _, row in iter_jsonl(f)]
+    rows, seen, tasks = [], {}, {}
+    for line, row in iter_jsonl(f):
+        where = f"{f}:{line}"
+        if not isinstance(row, dict):
+            raise SpellxferError(f"{where}: expected a JSON object per line (an evaluate prediction row)")
+        for key, ok, expected in _PREDICTION_FIELDS:
+            if key not in row:
+                raise SpellxferError(f"{where}: no field {key!r} (an evaluate prediction row has {', '.join(k for k, _, _ in _PREDICTION_FIELDS)})")
+            if not ok(row[key]):
+                raise SpellxferError(f"{where}: {key} {snippet(row[key])} is not {expected}")
+        sample = row.get("sample", 0)
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+            raise SpellxferError(f"{where}: sample {snippet(sample)} is not an integer ≥ 0")
+        check_breakdown_fields(str(f), line, row)
+        item = (Path(row["file"]).name, row["id"])
+        if (*item, sample) in seen:
+            raise SpellxferError(f"{where}: duplicate prediction for id {row['id']!r} of {item[0]}, sample {sample} "
+                                 f"(first on line {seen[(*item, sample)]})")  # fmt: skip
+        seen[(*item, sample)] = line
+        if tasks.setdefault(item, row["task"]) != row["task"]:
+            raise SpellxferError(f"{where}: id {row['id']!r} of {item[0]} is a {row['task']} item here and a "
+                                 f"{tasks[item]} item on an earlier line")  # fmt: skip
+        rows.append(row)
+    if not rows:
+        raise SpellxferError(f"{f}: empty (no prediction rows)")
+    return rows
+
+
+_PREDICTION_FIELDS = (
+    ("file", lambda v: isinstance(v, str) and v != "", "a file name"),
+    ("id", lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)), "text or an integer"),
+    ("task", lambda v: v in TASKS, f"{' or '.join(TASKS)}"),
+    ("subtask", lambda v: v is None or isinstance(v, str), "text or null"),
+    ("correct", lambda v: isinstance(v, bool), "true or false"),
+)

@@ -11,6 +11,7 @@ Evaluation is position and count only; the model was (at most) trained on spelli
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -36,10 +37,19 @@ from spellxfer.evaluation.generation import (
 from spellxfer.evaluation.questions import Item, load_questions
 from spellxfer.evaluation.stats import accuracy_summary
 from spellxfer.models.metrics import TransferAccuracy, score
-from spellxfer.outputs import atomic_output_dir, check_output_dir, package_versions, write_json, write_jsonl
+from spellxfer.outputs import (
+    atomic_output_dir,
+    check_output_dir,
+    package_versions,
+    read_json,
+    snippet,
+    write_json,
+    write_jsonl,
+)
 
 console = Console()
 TASKS = ("position", "count")
+MAX_SEED = 2**32 - 1  # the engine derives per-batch torch seeds from it; this keeps them in range
 
 
 def evaluate(
@@ -79,8 +89,9 @@ def evaluate(
         limit: Use at most this many items from each file.
         decoding: ``sampled`` (the configured defaults) or ``greedy``.
         samples: Replies per question (K); K > 1 gives item-level bootstrap intervals.
-        batch_size: Prompts per generation batch; default 1,024 on a GPU (docs/performance.md: 3.3× `generate`
-            on an H100 at 18 GiB), 32 on a CPU.
+        batch_size: Prompts per generation batch; default: sized from free GPU memory (at most 2,048,
+            docs/performance.md), 32 on a CPU. The size used is recorded in metrics.json; pass it
+            to repeat a sampled run exactly (each batch has its own seed).
         task: Task for files without a task column (position or count).
         question_field: Name of the question column in the files.
         answer_field: Name of the answer column in the files.
@@ -103,18 +114,19 @@ def evaluate(
                            limit=limit)  # fmt: skip
     sampling = default_sampling(decoding=decoding, samples=samples, seed=seed, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)  # fmt: skip
+    if not 0 <= sampling.seed <= MAX_SEED:
+        raise SpellxferError(f"--seed must be an integer from 0 to {MAX_SEED}, got {sampling.seed}")
     check_model_name(model)
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise SpellxferError(f"adapter {adapter}: no adapter_config.json there (expected a PEFT adapter directory)")
+    if adapter is not None:
+        check_adapter_dir(Path(adapter))
     if compare_to is not None:
         read_predictions(Path(compare_to))  # fail now, not after an hour of generation
-
     if batch_size is not None and batch_size < 1:
         raise SpellxferError(f"--batch_size must be ≥ 1, got {batch_size}")
+    device = resolve_device(device)
+
     lm, tokenizer = load_for_generation(model, adapter, device)
-    if batch_size is None:
-        batch_size = 1024 if next(lm.parameters()).device.type == "cuda" else 32
-    engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size)
+    engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size or "auto")
     replies, seconds = timed_generate(engine, [it.question for it in items], label=f"evaluating {model}")
 
     predictions = list(score_items(items, replies))
@@ -123,7 +135,8 @@ def evaluate(
         "model": model,
         "adapter": adapter,
         "sampling": asdict(sampling),
-        "batch_size": batch_size,
+        "batch_size": engine.last_batch_size,
+        "decoder": engine.resolve_path(next(lm.parameters()).device),
         "questions": list(questions),
         "limit": limit,
         "n_items": len(items),
@@ -148,29 +161,95 @@ def evaluate(
     return 0
 
 
-def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
-    """Model (+ optional LoRA adapter) and tokenizer, on the requested device, ready to generate.
-
-    A damaged or mismatched adapter is a one-line error naming its file (checked before the base
-    model loads where it can be: config and safetensors; shapes once the model is there)."""
-    from spellxfer.models.registry import (
-        apply_fused_kernels,
-        check_adapter_dir,
-        load_adapter,
-        load_model,
-        load_tokenizer,
-    )
-
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; ``cpu`` / ``cuda[:N]`` are checked against
+    this machine, so a missing GPU is one error line before anything loads."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SpellxferError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise SpellxferError(f"--device {device}: no CUDA device on this machine; use --device cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise SpellxferError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return device
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_dir(adapter: Path) -> dict:
+    """The adapter directory's parsed ``adapter_config.json``, checked before the model loads: a
+    LoRA config (a JSON object) beside ``adapter_model.safetensors``. Only safetensors weights are
+    read (a pickled ``adapter_model.bin`` could run code when loaded)."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise SpellxferError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT adapter directory)")
+    config = read_json(adapter / "adapter_config.json")
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        got = f"peft_type {snippet(config.get('peft_type'))}" if isinstance(config, dict) else snippet(config)
+        raise SpellxferError(f"{adapter / 'adapter_config.json'}: expected a PEFT LoRA config (an object with "
+                             f'"peft_type": "LORA"), got {got}')  # fmt: skip
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        found = "adapter_model.bin (a pickle, not read)" if (adapter / "adapter_model.bin").exists() else "no weights"
+        raise SpellxferError(f"--adapter {adapter}: no {ADAPTER_WEIGHTS} there ({found})")
+    return config
+
+
+def load_adapter(lm, adapter: Path, model: str):
+    """``PeftModel.from_pretrained``, refusing an adapter that does not fit the model exactly.
+
+    PEFT only warns when the weights file lacks some of the LoRA tensors its config creates (they
+    stay at their initial values, so the "fine-tuned" model is partly or wholly the base model);
+    here the file must hold exactly the tensors the config asks for, with matching shapes."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
+            saved = set(f.keys())
+        with warnings.catch_warnings():
+            # missing keys are checked below, as an error; the deprecation is PEFT calling transformers
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
+            peft_model = PeftModel.from_pretrained(lm, str(adapter))
+    # Whatever PEFT, safetensors or torch raise here comes from the adapter's files (a truncated
+    # tensor file, a config value of the wrong type, shapes for another model): the user's input.
+    except Exception as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise SpellxferError(f"--adapter {adapter}: cannot load onto {model} ({type(e).__name__}: {msg[:300]})") from None
+    expected = set(get_peft_model_state_dict(peft_model))
+    if saved != expected:
+        missing, extra = sorted(expected - saved), sorted(saved - expected)
+        detail = "; ".join(p for p in (f"missing {len(missing)}, e.g. {missing[0]}" if missing else "",
+                                       f"{len(extra)} unknown, e.g. {extra[0]}" if extra else "") if p)  # fmt: skip
+        raise SpellxferError(f"--adapter {adapter}: {ADAPTER_WEIGHTS} holds {len(saved & expected)} of the "
+                             f"{len(expected)} LoRA tensors its config gives {model} ({detail})")  # fmt: skip
+    return peft_model.eval()
+
+
+def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
+    """Model (+ optional LoRA adapter) and tokenizer, on the requested device, ready to generate."""
+    from spellxfer.models.registry import EMBEDDED, apply_fused_kernels, load_model, load_tokenizer
+
+    device = resolve_device(device)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if adapter is not None:
-        check_adapter_dir(adapter)
     with console.status(f"loading {model}" + (f" + adapter {adapter}" if adapter else "")):
-        tokenizer = load_tokenizer(model)
-        lm = load_model(model, dtype=dtype, device=device)
+        try:
+            tokenizer = load_tokenizer(model)
+            lm = load_model(model, dtype=dtype, device=device)
+        except (OSError, ValueError) as e:
+            if model in EMBEDDED:
+                raise  # our own models: a failure here is a bug, not the user's input
+            msg = " ".join(str(e).split())
+            raise SpellxferError(f"--model {model}: cannot load a model there ({type(e).__name__}: {msg[:300]})") from None
         if adapter is not None:
-            lm = load_adapter(lm, adapter)
+            lm = load_adapter(lm, Path(adapter), model)
         apply_fused_kernels(lm)  # Liger's RMSNorm / SwiGLU / RoPE on CUDA when installed
     return lm, tokenizer
 

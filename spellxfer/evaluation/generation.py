@@ -2,13 +2,18 @@
 
 Used by ``evaluate``, by the Lightning validation / test steps and by the API server, so one code
 path produces every reply that spellxfer scores or serves. Prompts come from
-:func:`~spellxfer.training.qwen3_utils.format_prompt` / ``format_chat`` (Qwen3: always non-thinking). Batches are left-padded and bucketed by prompt length (sorted, so a
-batch holds prompts of similar length and pads little); generation stops at the end of the turn.
+:func:`~spellxfer.training.qwen3_utils.format_prompt` / ``format_chat`` (Qwen3: always non-thinking),
+tokenized by :func:`~spellxfer.training.qwen3_utils.chat_token_ids` (message content as plain
+text, never control tokens). Batches are bucketed by prompt length (sorted, so a batch holds
+prompts of similar length and pads little) and sized from free device memory by default;
+generation stops at the end of the turn. On CUDA the decode step is a replayed CUDA graph over a
+static KV cache (:mod:`spellxfer.evaluation.static_decode`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +24,7 @@ import yaml
 
 from spellxfer.errors import SpellxferError
 from spellxfer.evaluation.attention import grouped_decode_attention
-from spellxfer.training.qwen3_utils import end_of_turn_ids, format_chat, format_prompt
+from spellxfer.training.qwen3_utils import chat_token_ids, end_of_turn_ids
 
 QWEN3_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "qwen3_config.yaml"
 
@@ -129,41 +134,142 @@ def pick_next_tokens(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return ids.gather(-1, torch.multinomial(probs, 1)).squeeze(-1)
 
 
+Decoder = Literal["auto", "graph", "static", "eager"]
+
+CPU_BATCH_SIZE = 32
+"""Questions per batch when ``batch_size="auto"`` on a CPU (throughput there barely grows past it)."""
+
+AUTO_MAX_BATCH_SIZE = 2048
+"""The most rows an auto-sized batch holds (docs/performance.md: 2,048 is where the decode step on
+an H100 / H200 became compute-bound; larger batches only add memory)."""
+
+AUTO_MEMORY_FRACTION = 0.8
+"""Share of the free device memory an auto-sized batch may plan for (the rest: allocator
+fragmentation, the captured graphs' pools, whatever else the process holds)."""
+
+
+def generation_bytes_per_row(config, prompt_tokens: int, new_tokens: int, element_bytes: int = 2) -> int:
+    """Device memory one generated row needs at the peak, in bytes: its static KV cache over the
+    bucketed length, the largest prefill activations of one layer for its prompt tokens, and two
+    vocabulary-wide logit rows (prefill's and the decode step's).
+
+    Qwen3-4B, a 48-token prompt and 32 new tokens (a 96-slot cache): 14.2 MB of cache, 6.6 MB of
+    prefill activations, 0.6 MB of logits: ~21 MB a row, so ~4,000 rows in 80 GiB.
+    """
+    from spellxfer.evaluation.static_decode import bucket_length
+
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    slots = bucket_length(prompt_tokens + new_tokens)
+    cache = 2 * config.num_hidden_layers * kv * slots * element_bytes
+    # one layer at a time: residual, norm, q/k/v, attention and o outputs, MLP gate / up / product
+    # in the compute dtype, plus the float32 temporaries of RMSNorm
+    prefill = prompt_tokens * ((6 * h + 3 * i + 3 * q + 2 * kv) * element_bytes + 8 * h)
+    logits = 2 * config.vocab_size * element_bytes
+    return cache + prefill + logits
+
+
+def auto_batch_size(model, prompt_tokens: int, new_tokens: int, samples: int = 1,
+                    cap: int = AUTO_MAX_BATCH_SIZE) -> int:  # fmt: skip
+    """Questions per generation batch chosen from free device memory, at most ``cap`` rows.
+
+    On CUDA: :data:`AUTO_MEMORY_FRACTION` of the free memory (plus what PyTorch's allocator holds
+    unused) over :func:`generation_bytes_per_row` for the longest prompt, rounded down to a
+    captured batch shape (so a full batch pads no rows), divided by ``samples`` (each question's
+    samples are rows of one batch). On a CPU: :data:`CPU_BATCH_SIZE`.
+    """
+    from spellxfer.evaluation.static_decode import bucket_rows
+
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return max(1, min(CPU_BATCH_SIZE, cap) // samples)
+    free, _ = torch.cuda.mem_get_info(param.device)
+    free += torch.cuda.memory_reserved(param.device) - torch.cuda.memory_allocated(param.device)
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    element = 2 if param.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda") else 4
+    per_row = generation_bytes_per_row(config, prompt_tokens, new_tokens, element)
+    rows = min(cap, int(free * AUTO_MEMORY_FRACTION) // per_row)
+    if rows >= 1 and bucket_rows(rows) != rows:  # down to the largest captured shape that fits
+        rows = 1 << (rows.bit_length() - 1) if rows < 256 else rows // 256 * 256
+    return max(1, rows // samples)
+
+
 class GenerationEngine:
     """Generate ``samples`` replies for each question with a causal LM and its tokenizer.
 
-    Two implementations of one decoding, chosen by ``reference``:
+    Three implementations of one decoding:
 
-    * ``False`` (default, the fast path): a decode loop written here — prefill with only the last
-      position's logits, a KV cache, :func:`pick_next_tokens` (top-k before top-p, so no
-      full-vocabulary sort per step), and a check for "every row has ended" only every
-      :attr:`EXIT_CHECK_EVERY` steps, so the GPU is not stalled by a host sync each token.
-    * ``True``: ``model.generate`` from transformers, kept as the reference the fast path is
-      tested against (greedy replies identical; sampled distributions equal) and benchmarked
-      against (``spellxfer bench eval``).
+    * ``decoder="graph"`` (what ``auto`` picks on CUDA): a preallocated KV cache, prefill through
+      SDPA's fused causal kernel, and a decode step captured once per batch shape as a CUDA graph
+      and replayed per token (:mod:`spellxfer.evaluation.static_decode`);
+    * ``decoder="static"`` (``auto`` on a CPU, and ``graph`` where CUDA is missing): the same
+      cache and step, run op by op;
+    * ``decoder="eager"`` (``auto`` for models the static path does not support, e.g. Unsloth's
+      patched ones): the previous loop — left padding, a ``DynamicCache`` grown every step.
 
-    Both left-pad, feed the same position ids (``cumsum(mask) − 1``) and stop a row at its first
-    end-of-turn token.
+    All three share the rest: prefill keeps only the last position's logits,
+    :func:`pick_next_tokens` (top-k before top-p, so no full-vocabulary sort per step), one seed
+    per batch, and a check for "every row has ended" only every :attr:`EXIT_CHECK_EVERY` steps,
+    so the GPU is not stalled by a host sync each token. Greedy replies are identical across the
+    three and to ``generate`` (tests), and sampling consumes the RNG stream identically.
+
+    ``reference=True`` runs ``model.generate`` from transformers instead, kept as the reference the
+    fast paths are tested against and benchmarked against (``spellxfer bench eval``).
+
+    ``batch_size="auto"`` sizes batches from free device memory (:func:`auto_batch_size`, at most
+    ``max_batch_size``); an int fixes it. Batches hold prompts of similar length (sorted).
     """
 
     EXIT_CHECK_EVERY = 4
     """Decode steps between checks whether all rows have ended (each check syncs with the GPU)."""
 
-    def __init__(self, model, tokenizer, sampling: Sampling | None = None, batch_size: int = 32,
-                 reference: bool = False):  # fmt: skip
+    def __init__(self, model, tokenizer, sampling: Sampling | None = None, batch_size: int | str = "auto",
+                 reference: bool = False, decoder: Decoder = "auto",
+                 max_batch_size: int = AUTO_MAX_BATCH_SIZE):  # fmt: skip
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise SpellxferError(f"batch_size must be 'auto' or an integer ≥ 1, got {batch_size!r}")
+        if decoder not in ("auto", "graph", "static", "eager"):
+            raise SpellxferError(f"decoder must be auto, graph, static or eager, got {decoder!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = sampling or default_sampling()
         self.batch_size = batch_size
+        self.max_batch_size = max_batch_size
         self.reference = reference
+        self.decoder = decoder
         self.stop_ids = end_of_turn_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         tokenizer.padding_side = "left"
         self.new_tokens = 0
         """Tokens generated so far, padding after a row's end excluded (for throughput reports)."""
         self.timings: dict[str, float] | None = None
-        """Set to ``{}`` to collect seconds spent in ``prompts`` (formatting, tokenizing),
-        ``prefill`` and ``decode`` (synchronising the GPU at each boundary: for benchmarks only)."""
+        """Set to ``{}`` to collect seconds spent in ``prompts`` (padding, copying to the device),
+        ``prefill``, ``decode`` and ``finish`` (synchronising the GPU at each boundary: for
+        benchmarks only)."""
+        self.paths: Counter[str] = Counter()
+        """Batches generated per path: ``reference``, ``eager``, ``static`` or ``graph``."""
+        self.last_batch_size: int | None = None
+        """Questions per batch of the last call (what ``auto`` resolved to)."""
+
+    def resolve_path(self, device: torch.device) -> str:
+        """The path a batch takes here: ``reference``, ``graph``, ``static`` or ``eager``."""
+        if self.reference:
+            return "reference"
+        if self.decoder == "eager":
+            return "eager"
+        from spellxfer.evaluation.static_decode import static_decode_unsupported
+
+        if static_decode_unsupported(self.model) is not None:
+            return "eager"
+        return "graph" if device.type == "cuda" and self.decoder in ("auto", "graph") else "static"
+
+    def release(self) -> None:
+        """Free the static cache and captured graphs of this engine's model (kept between calls
+        otherwise, so a server or a repeated evaluation captures each shape once)."""
+        from spellxfer.evaluation.static_decode import release_static_decoder
+
+        release_static_decoder(self.model)
 
     @torch.inference_mode()
     def generate(self, questions: Sequence[str], progress=None) -> list[list[str]]:
@@ -171,48 +277,81 @@ class GenerationEngine:
 
         ``progress`` is an optional callable ``(n_questions_done) -> None`` for progress bars.
         """
-        return self.generate_prompts([format_prompt(self.tokenizer, q) for q in questions], progress)
+        self._lap(None)
+        ids = chat_token_ids(self.tokenizer, [[{"role": "user", "content": q}] for q in questions])
+        self._lap("prompts")
+        return self.generate_ids(ids, progress)
 
     def generate_chats(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[str]]:
         """Replies to whole conversations (the API's chat requests), in input order."""
-        return self.generate_prompts([format_chat(self.tokenizer, c) for c in conversations])
+        return self.generate_ids(chat_token_ids(self.tokenizer, conversations))
+
+    def generate_prompts(self, prompts: Sequence[str], progress=None) -> list[list[str]]:
+        """Replies to already rendered prompts (``samples`` each), in input order. The text is
+        trusted: control tokens in it are control tokens (use :meth:`generate_chats` for content)."""
+        return self.generate_ids(self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"], progress)
 
     @torch.inference_mode()
-    def generate_prompts(self, prompts: Sequence[str], progress=None) -> list[list[str]]:
-        """Replies to already rendered prompts (``samples`` each), in input order."""
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    def generate_ids(self, prompts: Sequence[list[int]], progress=None) -> list[list[str]]:
+        """Replies to tokenized prompts (``samples`` each), in input order."""
+        if not prompts:
+            return []
+        encoded = prompts
+        order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
         replies: list[list[str]] = [[] for _ in prompts]
         device = next(self.model.parameters()).device
+        path = self.resolve_path(device)
+        s = self.sampling
+        longest = len(encoded[order[-1]])
+        size = self.batch_size
+        if size == "auto":
+            size = min(len(prompts), auto_batch_size(self.model, longest, s.max_new_tokens, s.samples,
+                                                     self.max_batch_size))  # fmt: skip
+        self.last_batch_size = size
+        if path in ("graph", "static"):
+            from spellxfer.evaluation.static_decode import static_decoder
+
+            static_decoder(self.model).reserve(min(size, len(prompts)) * s.samples, longest + s.max_new_tokens)
         was_training = self.model.training
         self.model.eval()
         # Sampling seeds its own RNG stream per batch; forking leaves the caller's RNG where it
         # was, so validation in the middle of a training run does not change the training run.
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                for b, start in enumerate(range(0, len(order), self.batch_size)):
-                    idx = order[start : start + self.batch_size]
-                    for j, text in enumerate(self._generate_batch([prompts[i] for i in idx], b, device)):
-                        replies[idx[j // self.sampling.samples]].append(text)
+                for b, start in enumerate(range(0, len(order), size)):
+                    idx = order[start : start + size]
+                    texts = self._generate_batch([encoded[i] for i in idx], b, device, path)
+                    for j, text in enumerate(texts):
+                        replies[idx[j // s.samples]].append(text)
                     if progress is not None:
                         progress(len(idx))
         finally:
             self.model.train(was_training)
         return replies
 
-    def _generate_batch(self, prompts: list[str], batch_index: int, device) -> list[str]:
+    def _generate_batch(self, prompts: list[list[int]], batch_index: int, device, path: str) -> list[str]:
         self._lap(None)
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        self._lap("prompts")
         # One seed per batch: same inputs, seed and batch size → same replies.
         torch.manual_seed(self.sampling.seed * 1_000_003 + batch_index)
-        run = self._transformers_generate if self.reference else self._decode_loop
-        out = run(enc["input_ids"], enc["attention_mask"])
+        if path in ("graph", "static"):
+            out = self._static_loop(prompts, device, graphs=path == "graph")
+        else:
+            input_ids, attention_mask = self._left_padded(prompts, device)
+            self._lap("prompts")
+            out = (self._transformers_generate if path == "reference" else self._decode_loop)(input_ids, attention_mask)
+        self.paths[path] += 1
         is_stop = torch.isin(out, torch.tensor(self.stop_ids, device=out.device))
         self.new_tokens += int((is_stop.cumsum(1) - is_stop.long() == 0).sum())  # up to each row's end
-        texts = [self._decode(tokens) for tokens in out.tolist()]
-        self._lap("decode" if self.reference else "finish")
+        texts = self.tokenizer.batch_decode([self._reply_tokens(t) for t in out.tolist()], skip_special_tokens=False)
+        self._lap("decode" if path == "reference" else "finish")
         return texts
+
+    def _left_padded(self, prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` as the tokenizer pads them on the left."""
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        return ids.to(device), mask.to(device)
 
     def _lap(self, name: str | None) -> None:
         """Benchmark timing (see :attr:`timings`): charge the time since the last lap to ``name``."""
@@ -237,6 +376,34 @@ class GenerationEngine:
             **s.generate_kwargs(),
         )
         return out[:, input_ids.shape[1] :]
+
+    def _static_loop(self, prompts: list[list[int]], device, graphs: bool) -> torch.Tensor:
+        """New tokens ``[rows × samples, ≤ max_new_tokens]`` through the static cache (rows i*K …
+        i*K+K-1 are question i's samples, as ``num_return_sequences`` orders them)."""
+        from spellxfer.evaluation.static_decode import static_decoder
+
+        s = self.sampling
+        rows = [p for p in prompts for _ in range(s.samples)]
+        width = max(len(p) for p in rows)
+        input_ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in rows]).to(device)
+        lengths = torch.tensor([len(p) for p in rows]).to(device)
+        self._lap("prompts")
+        state = static_decoder(self.model).prefill(input_ids, lengths, s.max_new_tokens, graphs=graphs)
+        self._lap("prefill")
+        stop = torch.tensor(self.stop_ids, device=device)
+        ended = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        logits, new = state.logits, []
+        for step in range(s.max_new_tokens):
+            if step:
+                logits = state.step(new[-1])
+            token = pick_next_tokens(logits, s).masked_fill(ended, self.pad_id)
+            new.append(token)
+            ended |= torch.isin(token, stop)
+            if (step + 1) % self.EXIT_CHECK_EVERY == 0 and bool(ended.all()):
+                break
+        out = torch.stack(new, dim=1)
+        self._lap("decode")
+        return out
 
     def _decode_loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """New tokens ``[rows × samples, ≤ max_new_tokens]``, pad after each row's end of turn."""
@@ -275,13 +442,12 @@ class GenerationEngine:
             position_ids = position_ids[:, -1:] + 1
         return new
 
-    def _decode(self, tokens: list[int]) -> str:
-        """Raw reply text: everything generated up to and including the first end-of-turn token."""
+    def _reply_tokens(self, tokens: list[int]) -> list[int]:
+        """Everything generated up to and including the first end-of-turn token."""
         for k, t in enumerate(tokens):
             if t in self.stop_ids:
-                tokens = tokens[: k + 1]
-                break
-        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+                return tokens[: k + 1]
+        return tokens
 
 
 def timed_generate(engine: GenerationEngine, questions: Sequence[str], label: str = "generating"):

@@ -23,6 +23,12 @@ Rows
     → ``"3"``). A count answer must be a non-negative integer; a position answer is a letter
     (``nth_letter``) or a non-negative integer (``letter_index``).
 
+Limits
+    A question holds at most :data:`MAX_QUESTION_CHARS` characters (4,000; ours are ~100): the
+    cost of generation grows with the prompt, and an 8 MB question would otherwise run for
+    minutes at gigabytes of memory before anything is reported. Two files given to one run must
+    have different names, since runs are compared item by item on (file name, id).
+
 Every problem a user can cause is a :class:`~spellxfer.errors.SpellxferError` with a one-line
 message that starts ``file:line:`` (or ``file:`` for whole-file problems such as a missing column),
 so it is caught before any generation is spent.
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +46,17 @@ from typing import Any
 
 from spellxfer.errors import SpellxferError
 from spellxfer.models.metrics import TASKS, AnswerKind, answer_kind
+from spellxfer.outputs import parse_json
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 # Fields that become Item attributes rather than meta (besides the question and answer fields).
 _RESERVED = ("id", "task", "subtask")
+MAX_QUESTION_CHARS = 4000
+"""Longest question accepted, in characters (about 1,000 Qwen3 tokens); see docs/evaluation.md."""
+# Metadata fields the evaluation breaks accuracy down by (evaluate.BREAKDOWNS): checked when the
+# file is read, so a bad value fails before the model runs rather than after.
+_TEXT_META = ("word", "word_kind", "letter")
+_INTEGER_META = ("position", "n_tokens")
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,16 @@ def load_questions(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise SpellxferError(f"limit must be a positive number of rows per file, got {limit!r}")
 
+    seen: dict[str, str] = {}
+    for path in map(str, paths):
+        # Items are keyed by (file name, id) in metrics.json and in paired comparisons: the same
+        # name twice would merge two files' items (or count one file's items twice).
+        name = Path(path).name
+        if name in seen:
+            same = "is given twice" if Path(seen[name]).resolve() == Path(path).resolve() else f"has the same name as {seen[name]}"
+            raise _error(path, None, f"{same}; runs match items by file name and id, so each question file "
+                                     "needs its own name")  # fmt: skip
+        seen[name] = path
     items: list[Item] = []
     for path in paths:
         items.extend(_load_file(str(path), task, question_field, answer_field, limit))
@@ -145,6 +168,9 @@ def _load_file(
 
 
 def _read_text(name: str, path: Path) -> str:
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # a FIFO or a device (a link to /dev/zero, say) would be read forever
+        raise _error(name, None, "is not a regular file")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -171,12 +197,7 @@ def _jsonl_rows(name: str, text: str, question_field: str, answer_field: str) ->
     for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise _error(
-                name, line, f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
-            ) from None
+        row = parse_json(raw, f"{name}:{line}")
         if not isinstance(row, dict):
             raise _error(name, line, f"expected a JSON object per line, got {_json_type(row)}")
         for field_name, flag in ((question_field, "--question-field"), (answer_field, "--answer-field")):
@@ -236,6 +257,9 @@ def _make_item(
         raise _error(name, line, f"empty question ({question_field!r})")
     if not isinstance(question, str):
         raise _error(name, line, f"question ({question_field!r}) is {_json_type(question)}, expected text")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise _error(name, line, f"question ({question_field!r}) is {len(question):,} characters long; the limit is "
+                                 f"{MAX_QUESTION_CHARS:,} (docs/evaluation.md)")  # fmt: skip
 
     task = _task(name, line, row.get("task"), default_task)
     answer, kind = _answer(name, line, row.get(answer_field), answer_field, task)
@@ -254,6 +278,8 @@ def _make_item(
     if subtask is not None:
         # An empty CSV cell means "no subtask", like a missing column.
         subtask = subtask.strip() or None
+
+    check_breakdown_fields(name, line, row)
 
     skip = {question_field, answer_field, *_RESERVED}
     return Item(
@@ -307,6 +333,26 @@ def _answer(name: str, line: int, raw: Any, answer_field: str, task: str) -> tup
         )
     # The same normalisation the scorer applies to gold answers: "R" → "r", "03" → "3".
     return (text.lower() if kind == "letter" else text.lstrip("0") or "0"), kind
+
+
+def check_breakdown_fields(name: str, line: int, row: dict[str, Any]) -> None:
+    """Raise unless the fields accuracy is broken down by have usable values (a question row, or
+    a predictions row that copied them): ``word``, ``word_kind``, ``letter``: text; ``position`` (1-based, negative from the end) and
+    ``n_tokens``: integers, or integer text in a CSV cell. Null or an empty cell means absent."""
+    for key in _TEXT_META:
+        value = row.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _error(name, line, f"{key} is {_json_type(value)}, expected text")
+    for key in _INTEGER_META:
+        value = row.get(key)
+        if value is None or value == "":
+            continue
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,18}", value.strip()):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _error(name, line, f"{key} {value!r} is not an integer")
+        if key == "n_tokens" and value < 0:
+            raise _error(name, line, f"n_tokens {value} is negative")
 
 
 def _json_type(value: Any) -> str:

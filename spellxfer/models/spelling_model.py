@@ -71,6 +71,9 @@ class SpellingLoRAModule(L.LightningModule):
     keep_peft_input_cast = False
     """Ablation switch for ``spellxfer bench train``: keep PEFT's float32 input copies (see
     ``_mixed_precision``)."""
+    generation_decoder = "auto"
+    """Ablation switch for ``spellxfer bench eval``'s validation variant: the engine's decoder
+    (``auto``: CUDA-graph steps over a static cache on a GPU; ``eager``: the previous loop)."""
     cudnn_attention = False
     """Ablation switch for ``spellxfer bench train``: let SDPA pick cuDNN attention for training.
     Off by default: cuDNN builds an execution plan per new sequence length (milliseconds of host
@@ -249,9 +252,16 @@ class SpellingLoRAModule(L.LightningModule):
             hp = self.hparams
             sampling = default_sampling(decoding=hp.val_decoding, max_new_tokens=hp.val_max_new_tokens,
                                         seed=hp.seed)  # fmt: skip
-            # the dataloader's batch is the generation batch (data.eval_batch_size)
-            self._generation_engine = GenerationEngine(self.lm, self.tokenizer, sampling, batch_size=1 << 30)
+            # batches sized from free memory, at most the dataloader's batch (data.eval_batch_size)
+            self._generation_engine = GenerationEngine(self.lm, self.tokenizer, sampling, batch_size="auto",
+                                                       decoder=self.generation_decoder)  # fmt: skip
         return self._generation_engine
+
+    def _release_generation_memory(self) -> None:
+        """Hand the static KV cache and captured graphs back after an evaluation epoch, so the
+        training steps in between have that memory (the next validation captures again: ~1 s)."""
+        if self._generation_engine is not None:
+            self._generation_engine.release()
 
     def _score_batch(self, items: list, metric: TransferAccuracy) -> None:
         with self._mixed_precision():
@@ -279,9 +289,11 @@ class SpellingLoRAModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metric(self.val_metric, "val")
+        self._release_generation_memory()
 
     def on_test_epoch_end(self) -> None:
         self._log_metric(self.test_metric, "test")
+        self._release_generation_memory()
 
     def _log_metric(self, metric: TransferAccuracy, prefix: str) -> None:
         values = metric.compute()  # summed across ranks by torchmetrics: every rank holds the total

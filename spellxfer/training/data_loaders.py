@@ -260,7 +260,10 @@ class SpellingDataModule(L.LightningDataModule):
             a CPU; ``full``: the real experiment). None: never build; missing files are an error.
         seed: seed of the data build and of the per-epoch batch shuffle.
         batch_size: examples per training batch per device.
-        eval_batch_size: questions per validation / test generation batch.
+        eval_batch_size: questions per validation / test generation batch: ``auto`` (default)
+            hands the generation engine each task's whole shard, and the engine cuts it into
+            batches sized from free device memory (at most 2,048 questions; 32 on a CPU); an
+            integer N hands it N at a time (it still splits a batch that would not fit).
         max_length: longest training example in tokens (prompt + answer + end of turn); longer
             examples are dropped, not truncated, since a truncated answer teaches a wrong spelling.
         train_limit: read only the first N training rows (the builder shuffles them); None: all.
@@ -277,7 +280,7 @@ class SpellingDataModule(L.LightningDataModule):
         build_profile: Literal["demo", "full"] | None = "demo",
         seed: int = 0,
         batch_size: int = 8,
-        eval_batch_size: int = 32,
+        eval_batch_size: int | Literal["auto"] = "auto",
         max_length: int = 256,
         train_limit: int | None = None,
         val_limit: int | None = 64,
@@ -285,7 +288,10 @@ class SpellingDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+        if eval_batch_size != "auto" and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)):
+            raise SpellxferError(f"--data.eval_batch_size must be auto or an integer ≥ 1, got {eval_batch_size!r}")
+        for key, value, low in (("batch_size", batch_size, 1),
+                                ("eval_batch_size", None if eval_batch_size == "auto" else eval_batch_size, 1),
                                 ("max_length", max_length, 2),
                                 ("num_workers", num_workers, 0), ("train_limit", train_limit, 1),
                                 ("val_limit", val_limit, 1), ("test_limit", test_limit, 1)):  # fmt: skip
@@ -466,11 +472,14 @@ class SpellingDataModule(L.LightningDataModule):
         stage = stage or ("fit" if split == "val" else "test")
         items = self._loaded(self.eval_items.get(split), stage)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return [
-            DataLoader(items[task][rank::world], batch_size=self.eval_batch_size, shuffle=False,
-                       collate_fn=_keep_items)  # fmt: skip
-            for task in ("position", "count")
-        ]
+        loaders = []
+        for task in ("position", "count"):
+            shard = items[task][rank::world]
+            # auto: the whole shard in one batch; the engine sorts it by length and sizes its own
+            # batches from free memory (tighter padding than sorting within loader batches)
+            size = max(1, len(shard)) if self.eval_batch_size == "auto" else self.eval_batch_size
+            loaders.append(DataLoader(shard, batch_size=size, shuffle=False, collate_fn=_keep_items))
+        return loaders
 
 
 def read_training_rows(path: Path, limit: int | None = None) -> list[dict]:

@@ -13,8 +13,13 @@ has no way to leave it out — there is no switch to flip.
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
+import secrets
 import tempfile
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 from spellxfer.assets import cache_dir, ensure_asset
@@ -206,6 +211,77 @@ def format_chat(tokenizer, messages: list[dict[str, str]]) -> str:
     if not tokenizer.chat_template:
         raise ValueError(f"{type(tokenizer).__name__} has no chat template; spellxfer needs an instruct model")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_token_ids(tokenizer, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+    """Token ids of each conversation's prompt (the text :func:`format_chat` renders), in which only
+    the chat template makes control tokens.
+
+    Message content is tokenized as plain text: ``<|im_end|>``, ``<|im_start|>`` or ``<think>``
+    typed into a message become the characters they are made of, so content can never end its
+    turn, fake another one or open a think block. That is ``split_special_tokens`` semantics,
+    extended to every added token — ``split_special_tokens`` alone would still match Qwen3's
+    ``<think>``, which is an added token but not a "special" one.
+
+    A conversation whose content holds no added-token string (every evaluation prompt) is the
+    rendered prompt tokenized whole: the same ids as before this function existed. Any other is
+    tokenized piece by piece — the template's text with the tokenizer, each content with a copy
+    of the tokenizer that has no added tokens — so its ids may differ from whole-string
+    tokenization at a piece boundary (whitespace that opens a message), never in the text.
+    """
+    added, plain, added_ids = _added_tokens(tokenizer)
+    out: list[list[int] | None] = [None] * len(conversations)
+    whole = [i for i, conv in enumerate(conversations) if added is None or not any(added.search(m["content"]) for m in conv)]
+    if whole:
+        prompts = [format_chat(tokenizer, conversations[i]) for i in whole]
+        for i, ids in zip(whole, tokenizer(prompts, add_special_tokens=False)["input_ids"]):
+            out[i] = ids
+    for i, conv in enumerate(conversations):
+        if out[i] is None:
+            out[i] = _piecewise_ids(tokenizer, conv, plain, added_ids)
+    return out
+
+
+_ADDED_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _added_tokens(tokenizer):
+    """(a regex for any added-token string or None, a copy of the tokenizer without added tokens,
+    the added tokens' ids), built once per tokenizer."""
+    if tokenizer not in _ADDED_TOKENS:
+        from tokenizers import Tokenizer
+
+        vocab = tokenizer.get_added_vocab()  # special and not: <think> is an added, non-special token
+        pattern = re.compile("|".join(map(re.escape, sorted(vocab, key=len, reverse=True)))) if vocab else None
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec["added_tokens"] = []
+        _ADDED_TOKENS[tokenizer] = (pattern, Tokenizer.from_str(json.dumps(spec)), frozenset(vocab.values()))
+    return _ADDED_TOKENS[tokenizer]
+
+
+def _piecewise_ids(tokenizer, conv: list[dict[str, str]], plain, added_ids: frozenset[int]) -> list[int]:
+    if is_qwen3(tokenizer):
+        # The non-thinking template drops an assistant turn's reasoning; do it here, so that the
+        # content put back between the template's pieces is the text the template would render.
+        conv = [{**m, "content": m["content"].split("</think>")[-1].lstrip("\n")} if m["role"] == "assistant" else m
+                for m in conv]  # fmt: skip
+    marks = {f"\x00{secrets.token_hex(8)}\x00": m["content"] for m in conv}
+    skeleton = format_chat(tokenizer, [{**m, "content": mark} for m, mark in zip(conv, marks)])
+    pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", skeleton)
+    if sorted(p for p in pieces if p in marks) != sorted(marks):
+        raise ValueError(f"{type(tokenizer).__name__}'s chat template does not render each message's content once")
+    ids: list[int] = []
+    for piece in pieces:
+        if piece in marks:
+            content = plain.encode(marks[piece], add_special_tokens=False).ids
+            if added_ids.intersection(content):  # a vocabulary whose merges spell a control token
+                raise ValueError("message content tokenizes to a control token even as plain text")
+            ids += content
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    if "".join(marks.get(p, p) for p in pieces) != format_chat(tokenizer, conv):
+        raise ValueError(f"{type(tokenizer).__name__}'s chat template rewrites message content; cannot keep it plain text")
+    return ids
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

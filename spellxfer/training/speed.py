@@ -306,7 +306,7 @@ def bench_train(
     """
     from spellxfer.data.build import build
     from spellxfer.models.registry import check_model_name
-    from spellxfer.outputs import atomic_file, git_commit, package_versions
+    from spellxfer.outputs import atomic_file
 
     check_model_name(model)
     if steps < 1 or warmup < 1 or batch_size < 1 or reference_batch_size < 1:
@@ -314,11 +314,11 @@ def bench_train(
     for spec in variants:  # validate every spec before any work
         parse_variant(spec)
     specs = list(variants)
-    out_path = Path(out or f"results/bench/train-{model}.json")
     data = Path(data_dir)
     if not (data / "spelling_train.jsonl").is_file():
         build(str(data), profile="full", seed=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_path = Path(out) if out else bench_dir(device) / f"train-{model}.json"
     if len(specs) > 1:
         # Each variant in a fresh process: kernel patches (Liger swaps module classes globally),
         # cuDNN plan caches and allocator state cannot leak from one measurement into the next.
@@ -333,9 +333,12 @@ def bench_train(
     base = results[0]["tokens_per_second"] or float("nan")
     for r in results:
         r["ratio_to_first"] = r["tokens_per_second"] / base
-    report = {"kind": "train", "model": model, "device": _device_name(device), "date": time.strftime("%Y-%m-%d"),
-              "matmul_flops_per_second": rate, "supervised_fraction": supervised, "steps": steps, "warmup": warmup,
-              "data_dir": str(data), "results": results, "versions": package_versions(), "git_commit": git_commit()}  # fmt: skip
+    command = command_line(["bench", "train"], model=model, data_dir=data_dir, variants=variants, batch_size=batch_size,
+                           reference_batch_size=reference_batch_size, steps=steps, warmup=warmup, seed=seed,
+                           profile=profile, out=out)  # fmt: skip
+    report = {"kind": "train", "model": model, "date": time.strftime("%Y-%m-%d"), **run_environment(device),
+              "command": command, "matmul_flops_per_second": rate, "supervised_fraction": supervised, "steps": steps,
+              "warmup": warmup, "data_dir": str(data), "results": results}  # fmt: skip
     _print_table(report, "real tokens/s", "tokens_per_second")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_path) as f:
@@ -384,6 +387,58 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_environment(device: torch.device) -> dict:
+    """What a benchmark JSON needs to be compared with another: the card (name, memory, compute
+    capability, driver, CUDA runtime), the package versions and the git commit."""
+    import importlib.metadata as md
+
+    from spellxfer.outputs import git_commit, package_versions
+
+    card: dict = {"name": _device_name(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        card.update(memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
+                    multiprocessors=props.multi_processor_count, cuda=torch.version.cuda, driver=_driver_version())  # fmt: skip
+    versions = package_versions()
+    for pkg in ("triton", "liger-kernel", "accelerate"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return {"device": card["name"], "card": card, "versions": versions, "git_commit": git_commit()}
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def bench_dir(device: torch.device) -> Path:
+    """``results/bench/<card>-<date>/``: ``h200-2026-12-01``, ``cpu-2026-12-01``."""
+    import re
+
+    name = _device_name(device) if device.type == "cuda" else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().removeprefix("nvidia ")).strip("-")
+    return Path("results/bench") / f"{slug.split('-')[0] if device.type == 'cuda' else slug}-{time.strftime('%Y-%m-%d')}"
+
+
+def command_line(command: list[str], **args) -> str:
+    """The ``python -m spellxfer …`` line that repeats a run, every argument spelled out."""
+    import shlex
+
+    parts = ["python", "-m", "spellxfer", *command]
+    for key, value in args.items():
+        if value is None:
+            continue
+        parts.append(f"--{key}")
+        parts += [str(v) for v in value] if isinstance(value, list) else [str(value).lower() if isinstance(value, bool) else str(value)]
+    return shlex.join(parts)
 
 
 def _print_table(report: dict, rate_label: str, key: str) -> None:

@@ -96,10 +96,12 @@ def sweep(
     results = Path(results_dir)
     sweep_dir = results / "sweeps" / study
     url = storage or f"sqlite:///{(results / 'sweeps' / f'{study}.db').resolve()}"
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if storage is None:
+        (results / "sweeps").mkdir(parents=True, exist_ok=True)  # where the default SQLite file lives
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     main_study = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+    sweep_dir.mkdir(parents=True, exist_ok=True)  # only once the study opened: a bad --storage leaves nothing
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -259,16 +261,18 @@ def over_budget(study, number: int, n_trials: int) -> bool:
 
 def base_settings(spec) -> tuple[str, dict]:
     """The model and data settings every trial shares: the base config's, then the fixed overrides."""
-    import yaml
-
     from spellxfer.models.registry import check_model_name
+    from spellxfer.training.sweep_space import base_section
 
-    cfg = yaml.safe_load(spec.base.read_text(encoding="utf-8")) or {}
-    model = spec.fixed.get("model.model", (cfg.get("model") or {}).get("model", "tiny-qwen3"))
-    data = dict(cfg.get("data") or {})
+    model = spec.fixed.get("model.model", base_section(spec.base, "model").get("model", "tiny-qwen3"))
+    data = dict(base_section(spec.base, "data"))
     data.update({k.split(".", 1)[1]: v for k, v in spec.fixed.items() if k.startswith("data.")})
     if "data_dir" not in data:
         raise SpellxferError(f"{spec.base}: data.data_dir is not set (and no fixed data.data_dir in {spec.path})")
+    if not isinstance(data["data_dir"], str) or not data["data_dir"]:
+        raise SpellxferError(f"{spec.base}: data.data_dir: expected a directory path, got {data['data_dir']!r}")
+    if not isinstance(model, str):
+        raise SpellxferError(f"{spec.base}: model.model: expected a model name, got {model!r}")
     try:
         check_model_name(model)
     except SpellxferError as e:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
 from spellxfer.errors import SpellxferError
+from spellxfer.outputs import read_yaml
 
 # Space-file name → the `fit` flag it sets, and its type. The names are the CLI's own keys.
 HYPERPARAMETERS: dict[str, tuple[str, type]] = {
@@ -44,6 +44,7 @@ TOP_KEYS = ("base", "objective", "sampler", "pruner", "seed", "budget", "decodin
 RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logger", "checkpoint.monitor",
             "checkpoint.mode", "checkpoint.filename", "checkpoint.every_n_train_steps", "early_stopping.monitor",
             "early_stopping.mode")  # fmt: skip
+MAX_SEED = 2**32 - 1  # Optuna's samplers seed numpy's RandomState, which takes 0 ≤ seed < 2**32
 EVALUATION_KEYS = {"limit": int, "batch_size": int, "max_new_tokens": int, "samples": int, "seed": int}
 
 
@@ -113,14 +114,9 @@ class SweepSpace:
 def load_space(path: str | Path) -> SweepSpace:
     """Read and validate a space file; every mistake is one line naming the file and the key."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SpellxferError(f"space file {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SpellxferError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, "sweep space file")
 
     def fail(key: str, msg: str):
         raise SpellxferError(f"{path}: {key}: {msg}")
@@ -146,8 +142,8 @@ def load_space(path: str | Path) -> SweepSpace:
     if pruner not in PRUNERS:
         fail("pruner", f"{pruner!r}; one of {', '.join(PRUNERS)}")
     seed = raw.get("seed", 0)
-    if not _is_int(seed):
-        fail("seed", f"expected an integer, got {seed!r}")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        fail("seed", f"expected an integer from 0 to {MAX_SEED} (2**32 - 1, numpy's seed range), got {seed!r}")
 
     budget = raw.get("budget") or {}
     if not isinstance(budget, dict) or set(budget) - {"trials", "hours"}:
@@ -168,7 +164,12 @@ def load_space(path: str | Path) -> SweepSpace:
     for key, value in evaluation.items():
         if key not in EVALUATION_KEYS:
             fail(f"evaluation.{key}", f"unknown key; known: {', '.join(EVALUATION_KEYS)}")
-        if value is not None and (not _is_int(value) or value < (0 if key == "seed" else 1)):
+        if value is None:
+            continue
+        if key == "seed":
+            if not _is_int(value) or not 0 <= value <= MAX_SEED:
+                fail(f"evaluation.{key}", f"expected an integer from 0 to {MAX_SEED}, got {value!r}")
+        elif not _is_int(value) or value < 1:
             fail(f"evaluation.{key}", f"expected a positive integer, got {value!r}")
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
@@ -189,8 +190,11 @@ def load_space(path: str | Path) -> SweepSpace:
                                                      "accumulate_grad_batches); keep one")  # fmt: skip
     accumulate = fixed.get("trainer.accumulate_grad_batches")
     if every is not None and accumulate is None:
-        base_cfg = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
-        accumulate = (base_cfg.get("trainer") or {}).get("accumulate_grad_batches")
+        accumulate = base_section(base, "trainer").get("accumulate_grad_batches")
+    if accumulate is not None and (not _is_int(accumulate) or accumulate < 1):
+        if "trainer.accumulate_grad_batches" in fixed:
+            fail("fixed.trainer.accumulate_grad_batches", f"expected an integer ≥ 1, got {accumulate!r}")
+        raise SpellxferError(f"{base}: trainer.accumulate_grad_batches: expected an integer ≥ 1, got {accumulate!r}")
 
     params = raw.get("parameters")
     if not isinstance(params, dict) or not params:
@@ -206,6 +210,18 @@ def load_space(path: str | Path) -> SweepSpace:
     if sampler == "grid":
         space.check_sampler("grid")
     return space
+
+
+def base_section(base: Path, section: str) -> dict:
+    """One top-level section (``model``, ``data``, ``trainer``) of a base fit config, as a mapping
+    (absent → empty); a config that is not a mapping of mappings is one error line naming it."""
+    cfg = read_yaml(base, "fit config") or {}
+    if not isinstance(cfg, dict):
+        raise SpellxferError(f"{base}: expected a mapping of fit sections (model, data, trainer, …)")
+    value = cfg.get(section) or {}
+    if not isinstance(value, dict):
+        raise SpellxferError(f"{base}: {section}: expected a mapping of {section} settings, got {value!r}")
+    return value
 
 
 def _parameter(name: str, spec, fail: Callable[[str, str], None]) -> Parameter:
@@ -290,7 +306,8 @@ class PerTrialSeed(optuna.samplers.BaseSampler):
         self._inner = factory(seed=seed)
 
     def before_trial(self, study, trial) -> None:
-        self._inner = self._factory(seed=self._seed * 1_000_003 + trial.number)
+        # numpy seeds must stay below 2**32; below that (seed < 4295, few trials) this is the identity
+        self._inner = self._factory(seed=(self._seed * 1_000_003 + trial.number) % 2**32)
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
