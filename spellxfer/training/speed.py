@@ -42,7 +42,7 @@ from spellxfer.errors import SpellxferError
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (NVIDIA datasheet)
 SPELLXFER_KEYS = {"batch_size", "kernels", "gradient_checkpointing", "backend", "load_in_4bit", "attention_mask",
-                  "peft_input_cast", "lora_r", "cudnn_attention"}  # fmt: skip
+                  "peft_input_cast", "lora_r", "cudnn_attention", "compile_layers"}  # fmt: skip
 REFERENCE_KEYS = {"batch_size", "gradient_checkpointing", "lora_r"}
 
 
