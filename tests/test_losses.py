@@ -191,3 +191,40 @@ def test_length_grouped_batch_without_mask_equals_each_example_alone(tiny, demo_
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     for name, g in alone_grads.items():
         torch.testing.assert_close(batched_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_decoder_layers_give_the_plain_loss_and_gradients(batch):
+    """``model.compile_layers``: the regionally compiled training forward (dynamic shapes, so two
+    sequence lengths share one graph) computes the plain model's loss and LoRA gradients; in eval
+    mode the layers run their plain forward (generation never enters compiled code)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from spellxfer.models.registry import compile_decoder_layers
+
+    plain = get_peft_model(load_model("tiny-qwen3", seed=1), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    compiled = copy.deepcopy(plain)
+    assert compile_decoder_layers(compiled) == "compiled"
+    plain.train(), compiled.train()
+    ids, labels = batch["input_ids"], batch["labels"]
+    for cut in (ids.shape[1], ids.shape[1] - 3):  # a second length: no recompilation needed to be right
+        want = completion_only_loss(plain, ids[:, :cut], None, labels[:, :cut])
+        got = completion_only_loss(compiled, ids[:, :cut], None, labels[:, :cut])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        want_g, got_g = param_grads(plain, want), param_grads(compiled, got)
+        assert want_g.keys() == got_g.keys() and any("lora_B" in n for n in want_g)
+        for name, g in want_g.items():
+            torch.testing.assert_close(got_g[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    compiled.eval()
+    layer = next(m for m in compiled.modules() if type(m).__name__.endswith("DecoderLayer"))
+    calls = []
+    handle = layer.register_forward_pre_hook(lambda m, a: calls.append(torch.compiler.is_compiling()))
+    with torch.no_grad():
+        compiled(input_ids=ids[:, :4])
+    handle.remove()
+    assert calls == [False]

@@ -205,8 +205,13 @@ class GenerationEngine:
       and replayed per token (:mod:`spellxfer.evaluation.static_decode`);
     * ``decoder="static"`` (``auto`` on a CPU, and ``graph`` where CUDA is missing): the same
       cache and step, run op by op;
-    * ``decoder="eager"`` (``auto`` for models the static path does not support, e.g. Unsloth's
-      patched ones): the previous loop — left padding, a ``DynamicCache`` grown every step.
+    * ``decoder="eager"`` (``auto`` for models the static path does not support): the previous
+      loop — left padding, a ``DynamicCache`` grown every step.
+
+    Unsloth-patched models always generate through their own ``model.generate``: Unsloth swaps in
+    its inference kernels and KV cache there, and its patched attention cannot continue a
+    transformers ``DynamicCache`` in a hand-written loop (a shape error at the first decode step,
+    seen on an H200 on 2026-12-02, ``configs/r16.yaml``'s validation).
 
     All three share the rest: prefill keeps only the last position's logits,
     :func:`pick_next_tokens` (top-k before top-p, so no full-vocabulary sort per step), one seed
@@ -254,7 +259,7 @@ class GenerationEngine:
 
     def resolve_path(self, device: torch.device) -> str:
         """The path a batch takes here: ``reference``, ``graph``, ``static`` or ``eager``."""
-        if self.reference:
+        if self.reference or unsloth_patched(self.model):
             return "reference"
         if self.decoder == "eager":
             return "eager"
@@ -448,6 +453,14 @@ class GenerationEngine:
             if t in self.stop_ids:
                 return tokens[: k + 1]
         return tokens
+
+
+def unsloth_patched(model) -> bool:
+    """Whether Unsloth has replaced the model's attention (``FastLanguageModel`` does on load)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", base), "layers", None) or [None]
+    attn = getattr(layers[0], "self_attn", None)
+    return attn is not None and type(attn).forward.__module__.startswith("unsloth")
 
 
 def timed_generate(engine: GenerationEngine, questions: Sequence[str], label: str = "generating"):

@@ -264,6 +264,31 @@ def quiet_peft_wrap():
         yield
 
 
+def compile_decoder_layers(lm) -> str:
+    """Compile each decoder layer's *training* forward with ``torch.compile``; returns
+    ``compiled``. ``lm`` may be PEFT-wrapped: the LoRA layers are traced as part of each layer.
+
+    Regional, not whole-model: all layers share one code object, so inductor compiles one graph
+    (per dynamic-shape family) instead of 36 copies, and a failure points at one layer's code.
+    ``dynamic=True`` keeps length-grouped batches — a new sequence length most steps — from
+    recompiling. Layers not in training mode (generation under validation and test, whose
+    engine captures its own CUDA graphs) call the plain forward, so the compiled code never
+    meets the static KV cache.
+    """
+    layers = [m for m in lm.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise SpellxferError(f"model.compile_layers: no decoder layers found in {type(lm).__name__}")
+    for layer in layers:
+        plain = layer.forward
+        compiled = torch.compile(plain, dynamic=True)
+
+        def forward(*args, _layer=layer, _plain=plain, _compiled=compiled, **kwargs):
+            return (_compiled if _layer.training else _plain)(*args, **kwargs)
+
+        layer.forward = forward
+    return "compiled"
+
+
 def apply_fused_kernels(lm, kernels: str = "auto") -> str:
     """Swap in Liger-Kernel's fused RMSNorm, SwiGLU and RoPE (Triton, CUDA) where asked and
     possible; returns what was applied (``liger`` or ``none``). ``lm`` may be PEFT-wrapped: LoRA

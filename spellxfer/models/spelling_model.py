@@ -31,7 +31,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from spellxfer.errors import SpellxferError
 from spellxfer.models.metrics import TransferAccuracy, score
-from spellxfer.models.registry import apply_fused_kernels, check_lora_state, quiet_peft_wrap
+from spellxfer.models.registry import (
+    apply_fused_kernels,
+    check_lora_state,
+    compile_decoder_layers,
+    quiet_peft_wrap,
+)
 
 # Wider than any layer a LoRA rank would sensibly adapt (Qwen3-4B's hidden size is 2560); the
 # bound keeps a typo such as 1e30 from reaching PEFT's allocation.
@@ -55,6 +60,11 @@ class SpellingLoRAModule(L.LightningModule):
         kernels: Fused Triton kernels for the hf backend on CUDA: ``liger`` (Liger-Kernel's
             RMSNorm, SwiGLU and RoPE for Qwen3 / Llama-family models), ``none``, or ``auto``
             (Liger when installed and the architecture is supported). See docs/performance.md.
+        compile_layers: hf backend: compile each decoder layer's training forward with
+            ``torch.compile`` (dynamic shapes, so every sequence length reuses one graph), which
+            fuses RMSNorm, SwiGLU, RoPE and the LoRA adds the way Liger does, plus what lies
+            between them. Generation (validation, test) runs the layers uncompiled. Liger is not
+            applied with it (inductor cannot trace Liger's autograd functions).
         learning_rate: Peak AdamW learning rate (> 0).
         weight_decay: AdamW weight decay on LoRA weights.
         optimizer: adamw, or adamw_8bit (bitsandbytes, CUDA only).
@@ -91,6 +101,7 @@ class SpellingLoRAModule(L.LightningModule):
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
         kernels: Literal["auto", "liger", "none"] = "auto",
+        compile_layers: bool = False,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
@@ -122,6 +133,9 @@ class SpellingLoRAModule(L.LightningModule):
         if kernels == "liger":
             _require(cuda and importlib.util.find_spec("liger_kernel") is not None, "model.kernels",
                      "liger needs CUDA and the liger-kernel package (pip install liger-kernel)")  # fmt: skip
+        if compile_layers:
+            _require(backend != "unsloth", "model.compile_layers", "applies to the hf backend (Unsloth compiles its own)")
+            _require(kernels != "liger", "model.compile_layers", "replaces Liger's kernels; set model.kernels to auto or none")
         if load_in_4bit or optimizer == "adamw_8bit":
             _require(cuda, "model.load_in_4bit/optimizer", "4-bit weights and 8-bit AdamW need CUDA")
         self.save_hyperparameters()
@@ -136,7 +150,7 @@ class SpellingLoRAModule(L.LightningModule):
         self._last_step_tokens = 0
         self._bf16_autocast = False
         self.kernels_applied = "none"
-        """Fused kernels actually in use after ``configure_model`` (``liger`` or ``none``)."""
+        """Fused kernels actually in use after ``configure_model`` (``liger``, ``compiled`` or ``none``)."""
 
     # ---- model ------------------------------------------------------------------------------------
     @property
@@ -162,7 +176,10 @@ class SpellingLoRAModule(L.LightningModule):
             if hp.gradient_checkpointing:
                 self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 self.lm.enable_input_require_grads()
-            self.kernels_applied = apply_fused_kernels(self.lm, hp.kernels)
+            if hp.get("compile_layers"):
+                self.kernels_applied = compile_decoder_layers(self.lm)
+            else:
+                self.kernels_applied = apply_fused_kernels(self.lm, hp.kernels)
             if self.lm.dtype == torch.bfloat16 and self.lm.device.type == "cuda" and not self.keep_peft_input_cast:
                 from peft.tuners.tuners_utils import BaseTunerLayer
 

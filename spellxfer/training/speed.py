@@ -42,7 +42,7 @@ from spellxfer.errors import SpellxferError
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (NVIDIA datasheet)
 SPELLXFER_KEYS = {"batch_size", "kernels", "gradient_checkpointing", "backend", "load_in_4bit", "attention_mask",
-                  "peft_input_cast", "lora_r", "cudnn_attention"}  # fmt: skip
+                  "peft_input_cast", "lora_r", "cudnn_attention", "compile_layers"}  # fmt: skip
 REFERENCE_KEYS = {"batch_size", "gradient_checkpointing", "lora_r"}
 
 
@@ -319,30 +319,37 @@ def bench_train(
         build(str(data), profile="full", seed=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_path = Path(out) if out else bench_dir(device) / f"train-{model}.json"
-    if len(specs) > 1:
-        # Each variant in a fresh process: kernel patches (Liger swaps module classes globally),
-        # cuDNN plan caches and allocator state cannot leak from one measurement into the next.
-        results, rate, supervised = [], None, None
-        for spec in specs:
-            one = _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile)
-            rate, supervised = one["matmul_flops_per_second"], one["supervised_fraction"]
-            results.append(one["results"][0])
-    else:
-        rate, supervised, results = _measure(specs[0], model, data, batch_size, reference_batch_size, steps, warmup,
-                                             seed, profile, device)  # fmt: skip
-    base = results[0]["tokens_per_second"] or float("nan")
-    for r in results:
-        r["ratio_to_first"] = r["tokens_per_second"] / base
     command = command_line(["bench", "train"], model=model, data_dir=data_dir, variants=variants, batch_size=batch_size,
                            reference_batch_size=reference_batch_size, steps=steps, warmup=warmup, seed=seed,
                            profile=profile, out=out)  # fmt: skip
-    report = {"kind": "train", "model": model, "date": time.strftime("%Y-%m-%d"), **run_environment(device),
-              "command": command, "matmul_flops_per_second": rate, "supervised_fraction": supervised, "steps": steps,
-              "warmup": warmup, "data_dir": str(data), "results": results}  # fmt: skip
-    _print_table(report, "real tokens/s", "tokens_per_second")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out_path) as f:
-        json.dump(report, f, indent=2, default=str)
+
+    def write(results: list[dict], rate, supervised) -> dict:
+        """The report so far, rewritten after every variant: a run cut short keeps what it measured."""
+        base = results[0]["tokens_per_second"] or float("nan")
+        for r in results:
+            r["ratio_to_first"] = r["tokens_per_second"] / base
+        report = {"kind": "train", "model": model, "date": time.strftime("%Y-%m-%d"), **run_environment(device),
+                  "command": command, "matmul_flops_per_second": rate, "supervised_fraction": supervised,
+                  "steps": steps, "warmup": warmup, "data_dir": str(data), "results": results}  # fmt: skip
+        with atomic_file(out_path) as f:
+            json.dump(report, f, indent=2, default=str)
+        return report
+
+    if len(specs) > 1:
+        # Each variant in a fresh process: kernel patches (Liger swaps module classes globally),
+        # cuDNN plan caches and allocator state cannot leak from one measurement into the next.
+        results: list[dict] = []
+        for spec in specs:
+            one = _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile)
+            results.append(one["results"][0])
+            report = write(results, one["matmul_flops_per_second"], one["supervised_fraction"])
+            print(f"{spec}: {results[-1].get('tokens_per_second')} real tokens/s (written to {out_path})", flush=True)
+    else:
+        rate, supervised, results = _measure(specs[0], model, data, batch_size, reference_batch_size, steps, warmup,
+                                             seed, profile, device)  # fmt: skip
+        report = write(results, rate, supervised)
+    _print_table(report, "real tokens/s", "tokens_per_second")
     print(f"wrote {out_path}")
     return 0
 
