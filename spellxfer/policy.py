@@ -47,7 +47,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
 
 console = Console()
 

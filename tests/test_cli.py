@@ -77,7 +77,7 @@ def test_commands_whose_extras_are_missing_are_listed_not_fatal(monkeypatch, cap
 
     import spellxfer.cli as cli
 
-    for name in [m for m in sys.modules if m.startswith("spellxfer.deployment")]:
+    for name in [m for m in sys.modules if m.startswith("spellxfer.serving")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "litserve", None)  # `import litserve` → ModuleNotFoundError
     monkeypatch.setattr(cli, "UNAVAILABLE", {})

@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from spellxfer.evaluation.generation import (
+from spellxfer.models.generation import (
     GenerationEngine,
     Sampling,
     default_sampling,

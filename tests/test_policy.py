@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
 from spellxfer.policy import ALLOW_MARKER, check, scan, scan_text
 
 # `+`, not implicit concatenation, which a formatter would fold back into one literal.

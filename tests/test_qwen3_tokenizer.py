@@ -24,8 +24,8 @@ import tiktoken
 import tiktoken.load
 import wordfreq
 
-from spellxfer.assets import asset_path, ensure_asset
-from spellxfer.training.qwen3_utils import (
+from spellxfer.core.assets import asset_path, ensure_asset
+from spellxfer.tasks.chat import (
     ADDED_TOKENS,
     NON_THINKING_TEMPLATE,
     QWEN_PATTERN,
@@ -377,7 +377,7 @@ def test_clean_conversations_get_exactly_the_ids_of_the_whole_prompt(any_tok):
     # Evaluation prompts hold no control-token strings: their ids must be what they always were.
     import random
 
-    from spellxfer.data import templates as t
+    from spellxfer.tasks import templates as t
 
     rng = random.Random(0)
     qs = [q for word in ("strawberry", "banana", "rhythm") for q in (

@@ -31,10 +31,16 @@ from rich.table import Table
 from spellxfer.analysis import effects
 from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.runs import Discovery, Run, allowed_metric, discover
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import (
+    atomic_output_dir,
+    check_output_dir,
+    git_commit,
+    package_versions,
+    write_json,
+)
 from spellxfer.evaluation.compare import compare_predictions
 from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
-from spellxfer.outputs import atomic_output_dir, check_output_dir, git_commit, package_versions, write_json
 
 console = Console()
 TASKS = ("position", "count")

@@ -29,7 +29,8 @@ from rich.console import Console
 from rich.table import Table
 
 from spellxfer import __version__
-from spellxfer.data import templates as T
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
 from spellxfer.data.words import (
     LENGTH_BUCKETS,
     LENGTH_SHARES,
@@ -41,8 +42,7 @@ from spellxfer.data.words import (
     nonce_word,
     token_bucket,
 )
-from spellxfer.errors import SpellxferError
-from spellxfer.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
+from spellxfer.tasks import templates as T
 
 console = Console(stderr=True)
 
@@ -89,7 +89,7 @@ def build(out: str, profile: Literal["demo", "full"] = "demo", seed: int = 0, ov
 
 
 def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
-    from spellxfer.training.qwen3_utils import load_qwen3_tokenizer
+    from spellxfer.tasks.chat import load_qwen3_tokenizer
 
     with console.status("loading the Qwen3 tokenizer and word lists"):
         tok = load_qwen3_tokenizer()
