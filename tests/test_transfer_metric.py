@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from spellxfer.core.errors import SpellxferError
-from spellxfer.tasks.parsing import TransferAccuracy
+from spellxfer.evaluation.metrics import TransferAccuracy
 
 # Eight verdicts whose accuracies are easy to check by hand:
 #   position/nth_letter   1 of 2 -> 0.5      count/word_length   1 of 1 -> 1.0

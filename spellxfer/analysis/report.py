@@ -26,9 +26,9 @@ from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.effects import MIN_RUNS_FOR_INTERVALS
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, atomic_output_dir, check_output_dir, read_json, snippet
+from spellxfer.tasks.names import TASKS
 
 console = Console()
-TASKS = ("position", "count")
 LABELS = {"position_accuracy": "position accuracy", "count_accuracy": "count accuracy", "transfer_score": "transfer_score"}
 TABLES = ("top_transfer_configs", "per_run_deltas", "metric_correlations", "hyperparameter_effects", "breakdowns", "runs")
 

@@ -41,9 +41,9 @@ from spellxfer.core.outputs import (
 )
 from spellxfer.evaluation.compare import compare_predictions
 from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
+from spellxfer.tasks.names import TASKS
 
 console = Console()
-TASKS = ("position", "count")
 # Per task: test accuracy with its interval, the paired change from base with its interval, Holm p.
 TASK_COLUMNS = [f"{t}_accuracy{s}" for t in TASKS
                 for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low", "_delta_ci_high", "_p_adj")]  # fmt: skip

@@ -17,9 +17,8 @@ from rich.table import Table
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, check_output_file, iter_jsonl, snippet
 from spellxfer.evaluation.stats import paired_comparison
+from spellxfer.tasks.names import TASKS
 from spellxfer.tasks.questions import check_breakdown_fields
-
-TASKS = ("position", "count")
 
 
 def compare_predictions(base: list[dict], other: list[dict], base_name: str = "base", other_name: str = "other") -> dict:

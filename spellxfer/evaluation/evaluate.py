@@ -31,24 +31,25 @@ from spellxfer.core.outputs import (
     write_json,
     write_jsonl,
 )
-from spellxfer.data.words import length_bucket, token_bucket
 from spellxfer.evaluation.compare import (
     compare_predictions,
     comparison_markdown,
     print_comparison,
     read_predictions,
 )
+from spellxfer.evaluation.metrics import TransferAccuracy
 from spellxfer.evaluation.stats import accuracy_summary
 from spellxfer.models.generation import (
     GenerationEngine,
     default_sampling,
     timed_generate,
 )
-from spellxfer.tasks.parsing import TransferAccuracy, score
+from spellxfer.tasks.buckets import length_bucket, token_bucket
+from spellxfer.tasks.names import TASKS
+from spellxfer.tasks.parsing import score
 from spellxfer.tasks.questions import Item, load_questions
 
 console = Console()
-TASKS = ("position", "count")
 MAX_SEED = 2**32 - 1  # the engine derives per-batch torch seeds from it; this keeps them in range
 
 

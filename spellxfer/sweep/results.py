@@ -22,10 +22,10 @@ from rich.table import Table
 
 from spellxfer.core.outputs import atomic_file
 from spellxfer.sweep.trial import SweepContext, write_trial_json
+from spellxfer.tasks.names import TASKS
 
 STATUS = {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned",
           TrialState.RUNNING: "running"}  # fmt: skip
-TASKS = ("position", "count")
 
 
 def listed(t) -> bool:

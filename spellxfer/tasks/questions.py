@@ -46,7 +46,8 @@ from typing import Any
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import parse_json
-from spellxfer.tasks.parsing import TASKS, AnswerKind, answer_kind
+from spellxfer.tasks.names import TASKS
+from spellxfer.tasks.parsing import AnswerKind, answer_kind
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 # Fields that become Item attributes rather than meta (besides the question and answer fields).

@@ -45,7 +45,6 @@ INVERSE = (
     "Join these letters into one word: {spelled}",
     "What word do the letters {spelled} spell?",
 )
-TRAINING_SUBTASKS = ("spell", "spell_reversed", "spell_numbered", "inverse")
 
 
 def training_template_words() -> frozenset[str]:
@@ -98,7 +97,6 @@ LETTER_COUNT = (
     "How many times does the letter '{letter}' appear in the word '{word}'?",
     "Count the letter '{letter}' in the word '{word}'. How many are there?",
 )
-EVAL_SUBTASKS = {"position": ("nth_letter", "letter_index"), "count": ("word_length", "letter_count")}
 
 
 def ordinal(n: int) -> str:
