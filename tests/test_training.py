@@ -33,7 +33,8 @@ from conftest import REPO, read_jsonl
 from safetensors.torch import load_file
 
 from spellxfer.core.errors import SpellxferError
-from spellxfer.training.loggers import WhitelistedCSVLogger, check_metric_name
+from spellxfer.tasks.metric_names import check_metric_name
+from spellxfer.training.loggers import WhitelistedCSVLogger
 from spellxfer.training.module import ALL_LINEAR, SpellingLoRAModule
 
 STEPS = 30  # configs/tiny.yaml: trainer.max_steps; a checkpoint every 10 steps

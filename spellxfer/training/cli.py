@@ -48,6 +48,7 @@ from lightning.pytorch.cli import LightningCLI
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import check_run_name
 from spellxfer.models.registry import check_lora_layout
+from spellxfer.tasks.metric_names import check_metric_name
 from spellxfer.training.checkpointing import (
     AtomicCheckpointIO,
     PredictionsWriter,
@@ -57,7 +58,6 @@ from spellxfer.training.checkpointing import (
     load_fit_checkpoint,
 )
 from spellxfer.training.datamodule import SpellingDataModule
-from spellxfer.training.loggers import check_metric_name
 from spellxfer.training.module import SpellingLoRAModule
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -1,4 +1,4 @@
-"""The metric whitelist, and the loggers that enforce it.
+"""The loggers that enforce the metric whitelist (:mod:`spellxfer.tasks.metric_names`).
 
 Every metric spellxfer logs or saves is either a training-loop metric (loss, learning rate, grad
 norm, throughput, step, epoch) or a position / count / transfer metric. Anything else — a
@@ -9,40 +9,12 @@ W&B or disk: trained on spelling, evaluated on position and count only.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file
-
-_SPLIT = r"(?:train|val|test)"
-_SUBTASK = r"[a-z][a-z0-9_]*"
-ALLOWED = (
-    # training-loop metrics
-    re.compile(rf"^(?:{_SPLIT}/)?(?:loss|real_tokens|tokens_per_second|grad_norm|lr|learning_rate)(?:_step|_epoch)?$"),
-    re.compile(r"^(?:lr-[A-Za-z0-9_]+(?:/pg\d+)?(?:-momentum)?|step|epoch|global_step|trainer/global_step)$"),
-    # position / count / transfer metrics, overall and per subtask
-    re.compile(rf"^(?:{_SPLIT}/)?(?:position|count)_accuracy$"),
-    re.compile(rf"^(?:{_SPLIT}/)?(?:position|count)/{_SUBTASK}_accuracy$"),
-    re.compile(rf"^(?:{_SPLIT}/)?transfer_score$"),
-)
-
-
-def check_metric_name(name: str) -> None:
-    """Raise unless ``name`` is a training-loop or a position / count / transfer metric."""
-    base = re.sub(r"/dataloader_idx_\d+$", "", name)
-    if not any(p.match(base) for p in ALLOWED):
-        raise SpellxferError(
-            f"metric {name!r} is not allowed: spellxfer logs only training-loop metrics (loss, lr, "
-            "grad norm, throughput) and position / count / transfer metrics"
-        )
-
-
-def check_metrics(metrics: dict) -> None:
-    for name in metrics:
-        check_metric_name(name)
+from spellxfer.tasks.metric_names import check_metrics
 
 
 class WhitelistedCSVLogger(CSVLogger):
