@@ -36,8 +36,9 @@ demo: setup
 		--out $(DEMO)/tuned --compare_to $(DEMO)/base
 
 test: setup
-	$(PY) -m spellxfer check
+	$(PY) tools/policy_check.py
 	$(PY) -m pytest -q --timeout 900
 
 lint: setup
-	$(VENV)/bin/ruff check spellxfer tests
+	$(VENV)/bin/ruff check spellxfer tests tools
+	$(PY) tools/policy_check.py

@@ -104,7 +104,6 @@ def _commands() -> dict:
     from spellxfer.data.build import build
     from spellxfer.evaluation.compare import compare
     from spellxfer.evaluation.evaluate import evaluate
-    from spellxfer.policy import check
 
     bench = {
         "_help": "Measure speed: training / evaluation beside a plain transformers reference, or load-test a server.",
@@ -118,7 +117,6 @@ def _commands() -> dict:
     }
     commands.update(_optional("sweep", None, _sweep_commands) or {})
     commands.update(_optional("analyze, report", None, _analysis_commands) or {})
-    commands["check"] = check
     deployment = _optional("export, serve, studio, bench serve", "serve", _deployment_commands) or {}
     if deployment:
         bench["serve"] = deployment.pop("bench serve")
@@ -184,7 +182,7 @@ def _one_line_errors(run, help_hint: str) -> int:
 
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
 # jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
-MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs", "--variants")
+MULTI_VALUE_FLAGS = ("--questions", "--runs", "--variants")
 # Switches that read naturally without a value (`export --merge`, `studio submit --dry-run`);
 # jsonargparse wants `--merge true`, so a bare one gets its `true` here (an explicit value is kept).
 BARE_SWITCHES = ("--merge", "--dry_run", "--deploy")

@@ -6,9 +6,6 @@ for known strings, its 26 added tokens, and id-for-id equality with an independe
 (OpenAI's ``tiktoken`` reading the same ranks with Qwen's pre-tokenizer regex) on ~36k words and
 a few hundred awkward strings. Where the hub tokenizer is in the local Hugging Face cache, it is
 compared too; elsewhere that test skips.
-
-This file is scanned by ``spellxfer check``: the thinking kwarg name is assembled from pieces
-(``ET``) so that setting it to a true value, which the tests must do, never appears on one line.
 """
 
 from __future__ import annotations
@@ -38,9 +35,6 @@ from spellxfer.tasks.chat import (
     load_qwen3_tokenizer,
     qwen3_tokenizer_dir,
 )
-
-# `+`, not implicit concatenation, which a formatter would fold back into one literal.
-ET = "enable_" + "thinking"
 
 # What a user turn becomes: Qwen3's official template with the thinking flag off, byte for byte.
 SUFFIX = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -277,8 +271,8 @@ def test_format_prompt_uses_the_non_thinking_template_whatever_the_tokenizer_car
 
 def test_a_true_thinking_flag_changes_nothing(qwen_tok):
     messages = [{"role": "user", "content": "Spell 'cat'."}]
-    turn_on = {ET: True}
-    flagged = qwen_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **turn_on)
+    flagged = qwen_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=True)  # spellxfer-check: allow (the flag must do nothing)
     assert flagged == rendered("Spell 'cat'.")
 
 

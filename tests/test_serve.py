@@ -32,9 +32,10 @@ from spellxfer.bench.serve import run_load, summarise
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 QUESTION = "What is the 3rd letter of the word 'strawberry'? Reply with just the letter."
-# The flag and the soft switch, built so that this file stays clean for `spellxfer check`.
-THINK_FLAG = "enable_" + "thinking"
-SOFT_SWITCH = "/" + "think"
+# The flag and the soft switch the server must refuse; the policy tool allows the one line that
+# writes the switch down.
+THINK_FLAG = "enable_thinking"
+SOFT_SWITCH = "/think"  # spellxfer-check: allow
 
 
 def free_port() -> int:

@@ -38,8 +38,7 @@ from spellxfer.training.loggers import WhitelistedCSVLogger
 from spellxfer.training.module import ALL_LINEAR, SpellingLoRAModule
 
 STEPS = 30  # configs/tiny.yaml: trainer.max_steps; a checkpoint every 10 steps
-# The name the policy forbids, built so that this file itself stays clean for `spellxfer check`.
-FORBIDDEN_METRIC = "val/spelling" + "_accuracy"
+FORBIDDEN_METRIC = "val/spelling_accuracy"  # spellxfer-check: allow (the name the whitelist refuses)
 
 
 def quiet_env(**extra: str) -> dict[str, str]:

@@ -42,7 +42,7 @@ from fastapi import HTTPException
 from litserve.specs.openai import ChatCompletionRequest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spellxfer.policy import SOFT_SWITCH
+from spellxfer.tasks.chat import SOFT_SWITCH
 
 THINKING_FLAGS = ("enable_thinking", "thinking")
 MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy decoding in all but name (see the module docstring)

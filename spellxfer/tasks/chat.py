@@ -86,6 +86,12 @@ NON_THINKING_TEMPLATE = (
 
 GENERATION_PROMPT_SUFFIX = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
+# Qwen3's slash-think soft switch: typed into a turn, it turns thinking on for that turn, so the
+# server refuses any message holding it (and tools/policy_check.py flags it in the repository).
+# `[/]` keeps this source from matching itself. Not after a word, `/`, `<` (the `</think>` tag),
+# `\` (JSON-escaped `<\/think>`), `.` or `-` (paths, URLs); not before a word char, `>` or `-`.
+SOFT_SWITCH = re.compile(r"(?<![\w/<\\.-])[/]think(?![\w>-])")
+
 
 def _load_ranks(path: Path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}

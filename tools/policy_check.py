@@ -1,4 +1,10 @@
-"""The project's two hard policies, checked line by line over the repository (``spellxfer check``).
+"""The project's two hard policies, checked line by line over the repository.
+
+A developer tool, not part of the runtime package: ``python tools/policy_check.py`` (from the
+repository root, in the project's environment) checks the whole checkout; ``make test``, ``.ci/run``
+and the pre-commit hook run it. At run time the package enforces the same policies itself: the
+Qwen3 chat template has no thinking switch, the server rejects thinking requests, and the loggers
+refuse metrics outside the whitelist.
 
 1. **Qwen3 stays in non-thinking mode.** No code path may turn thinking on:
 
@@ -29,17 +35,22 @@ ignore (``git ls-files --cached --others --exclude-standard``), or, outside a gi
 that skips virtualenvs, caches and run outputs. Only code, config and doc files are read (see
 ``SUFFIXES``; ``.jsonl`` data files are not). A file named explicitly is scanned whatever its suffix.
 
-Escape hatch: a line that must *show* a forbidden example (a doc explaining this policy, a test
+Escape hatches: a line that must *show* a forbidden example (a doc explaining this policy, a test
 of a server that rejects thinking requests) may carry the marker ``spellxfer-check: allow``
-anywhere on it, usually in a trailing comment. That line, and only that line, is skipped. Every
-use is visible to ``git grep``; use it for examples, never for code that runs.
+anywhere on it, usually in a trailing comment. That line, and only that line, is skipped. A test
+file under ``tests/`` whose job is to write forbidden examples (the tests of this tool) may carry
+``spellxfer-check: allow-file`` in its first 10 lines instead; the whole file is then skipped.
+Only ``tests/`` has the file-wide form: code, configs and docs that ship are always read line by
+line. Every use is visible to ``git grep``; use them for examples, never for code that runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +59,14 @@ from rich.console import Console
 from rich.text import Text
 
 from spellxfer.core.errors import SpellxferError
+from spellxfer.tasks.chat import SOFT_SWITCH
 
 console = Console()
 
 ALLOW_MARKER = "spellxfer-check: allow"
+ALLOW_FILE_MARKER = "spellxfer-check: allow-file"
+ALLOW_FILE_DIR = "tests"  # the only top-level folder whose files may opt out wholesale
+ALLOW_FILE_LINES = 10  # the file marker must sit at the top, where a reader sees it
 
 SUFFIXES = frozenset(
     {".py", ".yaml", ".yml", ".toml", ".json", ".md", ".rst", ".txt", ".cfg", ".ini", ".jinja", ".j2",
@@ -84,9 +99,7 @@ FALSE_LITERAL = re.compile(r"(?:False|false|FALSE)\b(?!\s*(?:(?:or|and|if|else)\
 PY_ANNOTATION_PREFIX = re.compile(r"(?:^\s*(?:self\.)?|[(,]\s*)$")
 
 # --- thinking-soft-switch ----------------------------------------------------------------------
-# `[/]` keeps this source from matching itself. Not after a word, `/`, `<` (the `</think>` tag),
-# `\` (JSON-escaped `<\/think>`), `.` or `-` (paths, URLs); not before a word char, `>` or `-`.
-SOFT_SWITCH = re.compile(r"(?<![\w/<\\.-])[/]think(?![\w>-])")
+# SOFT_SWITCH comes from spellxfer.tasks.chat: the server rejects the same pattern in requests.
 
 # --- thinking-template -------------------------------------------------------------------------
 THINKING_KWARG = re.compile(
@@ -280,8 +293,19 @@ def scan(root: Path, paths: Sequence[Path] | None = None) -> list[Violation]:
         data = f.read_bytes()
         if b"\0" in data[:8192]:
             continue  # binary: nothing a policy line could live in
-        out += scan_text(data.decode("utf-8", errors="replace"), _display(f, root), f.suffix.lower())
+        text = data.decode("utf-8", errors="replace")
+        if allowed_file(_display(f, root), text):
+            continue
+        out += scan_text(text, _display(f, root), f.suffix.lower())
     return out
+
+
+def allowed_file(path: str, text: str) -> bool:
+    """Whether ``path`` (relative to the root, ``/`` separators) opts out of the scan: it is under
+    ``tests/`` and carries :data:`ALLOW_FILE_MARKER` in its first :data:`ALLOW_FILE_LINES` lines."""
+    if path.split("/", 1)[0] != ALLOW_FILE_DIR:
+        return False
+    return any(ALLOW_FILE_MARKER in line for line in text.split("\n", ALLOW_FILE_LINES)[:ALLOW_FILE_LINES])
 
 
 def check(paths: list[str] | None = None, root: str = ".") -> int:
@@ -324,6 +348,23 @@ def check(paths: list[str] | None = None, root: str = ".") -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python tools/policy_check.py [PATH ...] [--root DIR]``: 0 clean, 1 violations, 2 a bad path."""
+    parser = argparse.ArgumentParser(
+        prog="python tools/policy_check.py",
+        description="Check the repository against spellxfer's policies: Qwen3 never thinks, no "
+        "spelling accuracy is measured or reported.",
+    )
+    parser.add_argument("paths", nargs="*", help="files or directories to check (default: the whole root)")
+    parser.add_argument("--root", default=".", help="repository root; reported paths are relative to it")
+    args = parser.parse_args(argv)
+    try:
+        return check(args.paths or None, args.root)
+    except SpellxferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def _wanted(f: Path, root: Path) -> bool:
     suffix = f.suffix.lower()
     if suffix in SUFFIXES:
@@ -355,3 +396,7 @@ def _list_dir(directory: Path) -> list[Path]:
 
 def _display(f: Path, root: Path) -> str:
     return f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
