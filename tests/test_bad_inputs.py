@@ -145,13 +145,13 @@ def _compare_to(content: str | None) -> Callable[[Path], list]:
 
 
 EVALUATE = {
-    # the two tracebacks
+    # inputs that once ended in a traceback instead of an error line
     "5000-digit-integer": (question_file("q.jsonl", '{"question": "q?", "task": "count", "answer": ' + BIG_INT + "}\n"),
                            "q.jsonl:1: a number with more than 4300 digits"),
     "20000-deep-nesting": (question_file("q.jsonl", jsonl(GOOD, '{"question": "q?", "answer": 1, "x": ' + DEEP + "}")),
                            "q.jsonl:2: JSON nested too deeply"),
     "20000-deep-top-level": (question_file("q.jsonl", DEEP + "\n"), "q.jsonl:1: JSON nested too deeply"),
-    # the 8 MB question, and the limit in a CSV cell
+    # an 8 MB question, and the limit in a CSV cell
     "8-MB-question": (question_file("q.jsonl", jsonl(GOOD | {"question": "x" * 8_000_000})),
                       "q.jsonl:1: question ('question') is 8,000,000 characters long; the limit is 4,000"),
     "long-question-csv": (question_file("q.csv", "question,answer,task\n" + "y" * 4001 + ",3,count\n"),

@@ -121,7 +121,7 @@ class SpellxferCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/position_accuracy",  # the seed's choice; any val/ metric works
+                "checkpoint.monitor": "val/position_accuracy",  # the default; any val/ metric works
                 "checkpoint.mode": "max",
                 "checkpoint.save_top_k": 2,
                 "checkpoint.filename": "best-step{step}",
