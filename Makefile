@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (see README.md):
 #   make demo   set up, then run the main job on the embedded model
-#   make test   set up, then run the policy check and the test suite
+#   make test   set up, then check the import layers and the policies, then run the test suite
 #
 # TORCH pins the CPU wheel here; on a GPU box pass your CUDA build, e.g. TORCH=torch==2.11.0.
 PYTHON ?= python3
@@ -36,8 +36,11 @@ demo: setup
 		--out $(DEMO)/tuned --compare_to $(DEMO)/base
 
 test: setup
-	$(PY) -m spellxfer check
+	$(VENV)/bin/lint-imports
+	$(PY) tools/policy_check.py
 	$(PY) -m pytest -q --timeout 900
 
 lint: setup
-	$(VENV)/bin/ruff check spellxfer tests
+	$(VENV)/bin/ruff check spellxfer tests tools
+	$(VENV)/bin/lint-imports
+	$(PY) tools/policy_check.py

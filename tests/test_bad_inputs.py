@@ -145,13 +145,13 @@ def _compare_to(content: str | None) -> Callable[[Path], list]:
 
 
 EVALUATE = {
-    # the issue's two tracebacks
+    # inputs that once ended in a traceback instead of an error line
     "5000-digit-integer": (question_file("q.jsonl", '{"question": "q?", "task": "count", "answer": ' + BIG_INT + "}\n"),
                            "q.jsonl:1: a number with more than 4300 digits"),
     "20000-deep-nesting": (question_file("q.jsonl", jsonl(GOOD, '{"question": "q?", "answer": 1, "x": ' + DEEP + "}")),
                            "q.jsonl:2: JSON nested too deeply"),
     "20000-deep-top-level": (question_file("q.jsonl", DEEP + "\n"), "q.jsonl:1: JSON nested too deeply"),
-    # the issue's 8 MB question, and the limit in a CSV cell
+    # an 8 MB question, and the limit in a CSV cell
     "8-MB-question": (question_file("q.jsonl", jsonl(GOOD | {"question": "x" * 8_000_000})),
                       "q.jsonl:1: question ('question') is 8,000,000 characters long; the limit is 4,000"),
     "long-question-csv": (question_file("q.csv", "question,answer,task\n" + "y" * 4001 + ",3,count\n"),
@@ -616,8 +616,8 @@ def test_data_build_refuses_bad_input(case, tmp_path, capsys):
 )
 def test_the_training_data_reader_shares_the_jsonl_guards(tmp_path, content, expected):
     # `fit` reads spelling_train.jsonl through outputs.iter_jsonl, like every JSONL reader here
-    from spellxfer.errors import SpellxferError
-    from spellxfer.training.data_loaders import read_training_rows
+    from spellxfer.core.errors import SpellxferError
+    from spellxfer.training.datamodule import read_training_rows
 
     f = write(tmp_path / "spelling_train.jsonl", content)
     with pytest.raises(SpellxferError) as e:
@@ -626,8 +626,8 @@ def test_the_training_data_reader_shares_the_jsonl_guards(tmp_path, content, exp
 
 
 def test_a_jsonl_line_over_the_limit_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
-    from spellxfer import outputs
-    from spellxfer.errors import SpellxferError
+    from spellxfer.core import outputs
+    from spellxfer.core.errors import SpellxferError
 
     monkeypatch.setattr(outputs, "MAX_JSONL_LINE_BYTES", 1024)
     f = write(tmp_path / "p.jsonl", jsonl(ROW) + '{"x": "' + "a" * 5000 + '"}\n')
@@ -703,7 +703,7 @@ def test_a_space_seed_above_4294_still_seeds_every_trial(tmp_path):
     # (seed × 1,000,003 + trial) used to pass numpy's 2**32 seed limit and fail every trial
     import optuna
 
-    from spellxfer.training.sweep_space import load_space, make_sampler
+    from spellxfer.sweep.space import load_space, make_sampler
 
     space = load_space(space_file(tmp_path, {"seed": 2**32 - 1, "sampler": "random"}))
     study = optuna.create_study(direction="maximize", sampler=make_sampler(space, "random"))
@@ -724,7 +724,7 @@ def test_a_cache_path_that_is_a_file_is_one_error_line(cache, tmp_path, capsys):
 
 
 def test_a_cached_asset_that_is_a_directory_is_one_error_line(cache, tmp_path, capsys):
-    from spellxfer.assets import ASSETS, asset_path
+    from spellxfer.core.assets import ASSETS, asset_path
 
     asset_path(next(iter(ASSETS))).mkdir(parents=True)
     check_refused(tmp_path, ["assets", "fetch"], "is not a file; remove it", capsys)
@@ -733,13 +733,13 @@ def test_a_cached_asset_that_is_a_directory_is_one_error_line(cache, tmp_path, c
 @pytest.fixture(scope="module")
 def shared_gguf() -> Path:
     """The verified SmolLM2 GGUF in the default cache (module scope: resolved before ``cache`` moves it)."""
-    from spellxfer.assets import ensure_asset
+    from spellxfer.core.assets import ensure_asset
 
     return ensure_asset("smollm2-gguf")
 
 
 def test_a_wheel_without_the_asset_is_refused(shared_gguf, cache, tmp_path, monkeypatch, capsys):
-    from spellxfer.assets import ASSETS, asset_path
+    from spellxfer.core.assets import ASSETS, asset_path
 
     qwen = ASSETS["qwen-tiktoken"]
     asset_path("smollm2-gguf").parent.mkdir(parents=True)

@@ -19,7 +19,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_command_with_a_description():
     p = _cli("--help")
     assert p.returncode == 0
-    for cmd in ("data", "evaluate", "compare", "analyze", "report", "check", "doctor", "assets"):
+    for cmd in ("data", "evaluate", "compare", "analyze", "report", "doctor", "assets"):
         line = next((ln for ln in p.stdout.splitlines() if re.match(rf"\s+{cmd}\s+\S", ln)), None)
         assert line is not None, f"{cmd} has no one-line description in --help:\n{p.stdout}"
 
@@ -77,7 +77,7 @@ def test_commands_whose_extras_are_missing_are_listed_not_fatal(monkeypatch, cap
 
     import spellxfer.cli as cli
 
-    for name in [m for m in sys.modules if m.startswith("spellxfer.deployment")]:
+    for name in [m for m in sys.modules if m.startswith("spellxfer.serving")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "litserve", None)  # `import litserve` → ModuleNotFoundError
     monkeypatch.setattr(cli, "UNAVAILABLE", {})

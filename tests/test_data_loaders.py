@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import read_jsonl
 
-from spellxfer.errors import SpellxferError
-from spellxfer.evaluation.questions import Item
+from spellxfer.core.errors import SpellxferError
 from spellxfer.models.registry import load_tokenizer
-from spellxfer.training.data_loaders import (
+from spellxfer.tasks.chat import end_of_turn_ids, format_prompt
+from spellxfer.tasks.questions import Item
+from spellxfer.training.datamodule import (
     LengthGroupedBatchSampler,
     SpellingCollator,
     SpellingDataModule,
@@ -26,7 +27,6 @@ from spellxfer.training.data_loaders import (
     tokenize_example,
     tokenize_examples,
 )
-from spellxfer.training.qwen3_utils import end_of_turn_ids, format_prompt
 
 QUESTION = "Spell 'noisy' backwards, letter by letter, separated by dashes."
 ANSWER = "y-s-i-o-n"

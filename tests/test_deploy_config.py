@@ -13,15 +13,15 @@ import pytest
 import yaml
 from conftest import REPO
 
-from spellxfer.deployment.lightning_studio import (
+from spellxfer.core.errors import SpellxferError
+from spellxfer.serving.protocol import answer_kind
+from spellxfer.serving.scaling import DEFAULT_CONFIG, load_config
+from spellxfer.serving.studio import (
     build_deployment_spec,
     build_job_spec,
     deployment_start_kwargs,
     serve_command,
 )
-from spellxfer.deployment.protocol import answer_kind
-from spellxfer.deployment.scaling_config import DEFAULT_CONFIG, load_config
-from spellxfer.errors import SpellxferError
 
 
 def write_config(tmp_path, **blocks):
@@ -34,7 +34,7 @@ def write_config(tmp_path, **blocks):
 
 
 def test_default_config_maps_onto_litserve(tmp_path):
-    from spellxfer.deployment.api import build_server
+    from spellxfer.serving.api import build_server
 
     cfg = load_config()
     server = build_server(cfg.serving)  # a real LitServer; nothing starts until run()
@@ -145,7 +145,7 @@ def test_dry_run_prints_the_spec_and_submitting_without_credentials_is_one_error
 def test_predict_answer_kind_follows_the_evaluation_templates():
     import random
 
-    from spellxfer.data import templates as t
+    from spellxfer.tasks import templates as t
 
     rng = random.Random(0)
     for _ in range(20):

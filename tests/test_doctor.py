@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from spellxfer.assets import ASSETS, asset_path
-from spellxfer.doctor import collect, doctor
+from spellxfer.core.assets import ASSETS, asset_path
+from spellxfer.core.doctor import collect, doctor
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from conftest import REPO, read_jsonl
 
 from spellxfer.cli import main
 from spellxfer.evaluation.compare import compare_predictions
-from spellxfer.evaluation.generation import GenerationEngine, Sampling, default_sampling
 from spellxfer.evaluation.stats import wilson_interval
-from spellxfer.models.metrics import score
+from spellxfer.models.generation import GenerationEngine, Sampling, default_sampling
+from spellxfer.tasks.parsing import score
 
 
 @pytest.fixture(scope="module")

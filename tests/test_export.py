@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from spellxfer.evaluation.generation import default_sampling
-from spellxfer.training.qwen3_utils import GENERATION_PROMPT_SUFFIX
+from spellxfer.models.generation import default_sampling
+from spellxfer.tasks.chat import GENERATION_PROMPT_SUFFIX
 
 
 def spellxfer(*args: str) -> subprocess.CompletedProcess:

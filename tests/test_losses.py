@@ -16,7 +16,7 @@ from spellxfer.models.losses import (
     completion_only_loss,
 )
 from spellxfer.models.registry import load_model, load_tokenizer
-from spellxfer.training.data_loaders import SpellingCollator, tokenize_examples
+from spellxfer.training.datamodule import SpellingCollator, tokenize_examples
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_length_grouped_batch_without_mask_equals_each_example_alone(tiny, demo_
     """The training fast path: a length-grouped, right-padded batch run *without* an attention
     mask (so SDPA may use its fused causal kernel) gives the loss and gradients of running every
     example alone, unpadded — the pads after a row cannot reach its real tokens."""
-    from spellxfer.training.data_loaders import LengthGroupedBatchSampler
+    from spellxfer.training.datamodule import LengthGroupedBatchSampler
 
     tok = load_tokenizer("tiny-qwen3")
     rows = read_jsonl(demo_data / "spelling_train.jsonl")[:64]

@@ -1,7 +1,7 @@
 """The answer-parsing rule, pinned by replies of the kind small instruct models actually write.
 
 Each row is (reply, gold, expected parse). A row's expected parse is what a person applying the
-rule in ``spellxfer.models.metrics`` by hand would write down; ``score`` must then call the reply
+rule in ``spellxfer.tasks.parsing`` by hand would write down; ``score`` must then call the reply
 correct exactly when that parse equals the normalised gold answer.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from spellxfer.errors import SpellxferError
-from spellxfer.models.metrics import (
+from spellxfer.core.errors import SpellxferError
+from spellxfer.tasks.parsing import (
     answer_kind,
     parse_answer,
     parse_integer,

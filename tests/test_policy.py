@@ -1,26 +1,27 @@
-"""The policy scanner: what it flags, what it leaves alone, which files it reads.
+"""The policy tool (``tools/policy_check.py``): what it flags, what it leaves alone, which files it reads.
 
-This file is itself scanned by ``spellxfer check``. Forbidden examples are therefore assembled
-at import time from pieces (``ET``, ``TH``, ``SOFT``, ``SP``) so that no line of this source breaks the policy;
-the allowed forms are written out literally, which also shows they pass.
+spellxfer-check: allow-file. This file writes forbidden examples on purpose, so the tool skips it
+whole; the file-wide marker is honoured under tests/ only (see the marker's tests below).
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
+from policy_check import ALLOW_FILE_MARKER, ALLOW_MARKER, check, scan, scan_text
 
-from spellxfer.errors import SpellxferError
-from spellxfer.policy import ALLOW_MARKER, check, scan, scan_text
+from spellxfer.core.errors import SpellxferError
 
-# `+`, not implicit concatenation, which a formatter would fold back into one literal.
-ET = "enable_" + "thinking"
-TH = "think" + "ing"
-SOFT = "/" + "think"
-SP = "spell" + "ing"
+TOOL = REPO / "tools" / "policy_check.py"
+ET = "enable_thinking"
+TH = "thinking"
+SOFT = "/think"
+SP = "spelling"
 
 # A small project whose every line is allowed, including the look-alikes the rules must not flag.
 CLEAN_FILES = {
@@ -227,7 +228,42 @@ def test_check_names_a_missing_path(project, monkeypatch):
         check(root=str(project / "missing-root"))
 
 
+def test_a_file_marker_at_the_top_of_a_test_file_skips_that_file_only(project):
+    bad = f"out = f(msgs, {ET}=True)"
+    plant(project, "tests/test_guard.py", f"# {ALLOW_FILE_MARKER}: forbidden examples on purpose")
+    plant(project, "tests/test_guard.py", bad)
+    assert scan(project) == []
+    n = plant(project, "tests/test_other.py", bad)  # no marker: read as usual
+    assert found(project) == [("tests/test_other.py", n, "thinking-on")]
+
+
+def test_the_file_marker_counts_only_under_tests_and_only_in_the_first_ten_lines(project):
+    plant(project, "spellxfer/guard.py", f"# {ALLOW_FILE_MARKER}")
+    n = plant(project, "spellxfer/guard.py", f"out = f(msgs, {ET}=True)")
+    assert found(project) == [("spellxfer/guard.py", n, "thinking-on")]
+    for i in range(10):
+        plant(project, "tests/test_late.py", f"x{i} = {i}")
+    plant(project, "tests/test_late.py", f"# {ALLOW_FILE_MARKER}")  # line 11: too late
+    m = plant(project, "tests/test_late.py", f"{SP}_acc = 1.0")
+    assert ("tests/test_late.py", m, "spelling-metric") in found(project)
+
+
+def test_the_command_line_tool_exits_0_clean_1_on_a_violation_2_on_a_bad_path(project):
+    def tool(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=project)
+
+    clean = tool()
+    assert clean.returncode == 0 and "policy check: clean" in clean.stdout
+    n = plant(project, "configs/eval.yaml", f"{ET}: true")
+    bad = tool()
+    assert bad.returncode == 1 and f"configs/eval.yaml:{n}: [thinking-on] " in bad.stdout
+    assert tool("docs").returncode == 0  # only the named directory is read
+    missing = tool("configs/nope.yaml")
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == "error: no such file or directory: configs/nope.yaml"
+
+
 def test_the_repository_itself_is_clean():
-    """The guard that keeps main clean: the same scan `spellxfer check` and pre-commit run."""
+    """The guard that keeps main clean: the same scan `make test`, `.ci/run` and pre-commit run."""
     violations = scan(Path(__file__).parents[1])
     assert violations == [], "\n".join(f"{v}\n    {v.text}" for v in violations)

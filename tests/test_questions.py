@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import read_jsonl
 
-from spellxfer.errors import SpellxferError
-from spellxfer.evaluation.questions import Item, load_questions
-from spellxfer.models.metrics import score
+from spellxfer.core.errors import SpellxferError
+from spellxfer.tasks.parsing import score
+from spellxfer.tasks.questions import Item, load_questions
 
 # Rows exactly as `spellxfer data build` writes them (one per subtask).
 OUR_ROWS = [

@@ -6,9 +6,6 @@ for known strings, its 26 added tokens, and id-for-id equality with an independe
 (OpenAI's ``tiktoken`` reading the same ranks with Qwen's pre-tokenizer regex) on ~36k words and
 a few hundred awkward strings. Where the hub tokenizer is in the local Hugging Face cache, it is
 compared too; elsewhere that test skips.
-
-This file is scanned by ``spellxfer check``: the thinking kwarg name is assembled from pieces
-(``ET``) so that setting it to a true value, which the tests must do, never appears on one line.
 """
 
 from __future__ import annotations
@@ -24,8 +21,8 @@ import tiktoken
 import tiktoken.load
 import wordfreq
 
-from spellxfer.assets import asset_path, ensure_asset
-from spellxfer.training.qwen3_utils import (
+from spellxfer.core.assets import asset_path, ensure_asset
+from spellxfer.tasks.chat import (
     ADDED_TOKENS,
     NON_THINKING_TEMPLATE,
     QWEN_PATTERN,
@@ -38,9 +35,6 @@ from spellxfer.training.qwen3_utils import (
     load_qwen3_tokenizer,
     qwen3_tokenizer_dir,
 )
-
-# `+`, not implicit concatenation, which a formatter would fold back into one literal.
-ET = "enable_" + "thinking"
 
 # What a user turn becomes: Qwen3's official template with the thinking flag off, byte for byte.
 SUFFIX = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -277,8 +271,8 @@ def test_format_prompt_uses_the_non_thinking_template_whatever_the_tokenizer_car
 
 def test_a_true_thinking_flag_changes_nothing(qwen_tok):
     messages = [{"role": "user", "content": "Spell 'cat'."}]
-    turn_on = {ET: True}
-    flagged = qwen_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **turn_on)
+    flagged = qwen_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=True)  # spellxfer-check: allow (the flag must do nothing)
     assert flagged == rendered("Spell 'cat'.")
 
 
@@ -377,7 +371,7 @@ def test_clean_conversations_get_exactly_the_ids_of_the_whole_prompt(any_tok):
     # Evaluation prompts hold no control-token strings: their ids must be what they always were.
     import random
 
-    from spellxfer.data import templates as t
+    from spellxfer.tasks import templates as t
 
     rng = random.Random(0)
     qs = [q for word in ("strawberry", "banana", "rhythm") for q in (

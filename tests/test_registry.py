@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
 from spellxfer.models.registry import (
     EMBEDDED,
     QWEN3_4B_SHAPE,
@@ -24,7 +24,7 @@ from spellxfer.models.registry import (
     load_model,
     load_tokenizer,
 )
-from spellxfer.training.qwen3_utils import end_of_turn_ids, format_prompt, is_qwen3
+from spellxfer.tasks.chat import end_of_turn_ids, format_prompt, is_qwen3
 
 
 def n_params(model: torch.nn.Module) -> int:

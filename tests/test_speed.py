@@ -10,10 +10,10 @@ import json
 
 import pytest
 
+from spellxfer.bench.eval import parse_eval_variant
+from spellxfer.bench.train import flops_per_token, parse_variant
 from spellxfer.cli import main
-from spellxfer.errors import SpellxferError
-from spellxfer.evaluation.speed import parse_eval_variant
-from spellxfer.training.speed import flops_per_token, parse_variant
+from spellxfer.core.errors import SpellxferError
 
 
 def test_variant_specs_parse_and_bad_ones_are_one_line_errors(capsys):

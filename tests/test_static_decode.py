@@ -13,21 +13,21 @@ import pytest
 import torch
 from conftest import read_jsonl
 
-from spellxfer.evaluation.generation import (
+from spellxfer.models.generation import (
     CPU_BATCH_SIZE,
     GenerationEngine,
     auto_batch_size,
     default_sampling,
     generation_bytes_per_row,
 )
-from spellxfer.evaluation.static_decode import (
+from spellxfer.models.registry import load_model, load_tokenizer
+from spellxfer.models.static_decode import (
     bucket_rows,
     release_static_decoder,
     static_decode_unsupported,
     static_decoder,
 )
-from spellxfer.models.registry import load_model, load_tokenizer
-from spellxfer.training.qwen3_utils import format_prompt
+from spellxfer.tasks.chat import format_prompt
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def gpu_questions():
     so the GPU box needs no word-list package)."""
     import random
 
-    from spellxfer.data.templates import letter_count_question, nth_letter_question, word_length_question
+    from spellxfer.tasks.templates import letter_count_question, nth_letter_question, word_length_question
 
     rng = random.Random(0)
     words = ["cat", "banana", "strawberry", "instrumentalist", "dog", "polyelectrolyte", "techniques", "zebra"]

@@ -30,7 +30,7 @@ from conftest import REPO, read_jsonl
 from optuna.trial import TrialState
 
 from spellxfer.cli import main
-from spellxfer.training.sweep_space import load_space, make_sampler
+from spellxfer.sweep.space import load_space, make_sampler
 
 TINY_GRID = {(4, 1.0e-3), (4, 3.0e-3), (8, 1.0e-3), (8, 3.0e-3)}  # configs/sweeps/tiny.yaml
 
@@ -77,7 +77,7 @@ def base_eval(tmp_path_factory, demo_data) -> Path:
     into each test's study (as a study reuses it across runs), so the tests pay for it once."""
     from rich.console import Console
 
-    from spellxfer.training.sweep import base_settings, prepare_data_and_base
+    from spellxfer.sweep.run import base_settings, prepare_data_and_base
 
     out = tmp_path_factory.mktemp("base")
     space = load_space(tiny_space(out, demo_data))
@@ -236,7 +236,7 @@ BAD_SPACES = {
     "inverted-range": ({"parameters": {"learning_rate": {"low": 1.0e-3, "high": 1.0e-4}}}, "parameters.learning_rate",
                        "inverted"),
     "not-a-position-count-metric": ({"objective": "val/loss"}, "objective", "not a position / count metric"),
-    "spelling-objective": ({"objective": "val/spelling_" + "accuracy"}, "objective", "not a position / count metric"),
+    "spelling-objective": ({"objective": "val/spelling_accuracy"}, "objective", "not a position / count metric"),  # spellxfer-check: allow
     "zero-validate-every": ({"validate_every_steps": 0}, "validate_every_steps", "integer ≥ 1"),
     "validate-every-and-interval": ({"validate_every_steps": 5, "fixed": {"trainer.val_check_interval": 5}},
                                     "fixed.trainer.val_check_interval", "keep one"),
@@ -287,7 +287,7 @@ def test_validate_every_steps_validates_each_trial_at_the_same_optimizer_steps_w
 ):
     """Lightning counts val_check_interval in micro-batches: without the scaling, a trial with 8×
     accumulation would validate 8× as often per optimizer step, and early-stop 8× sooner."""
-    from spellxfer.training.sweep_trial import SweepContext, fit_argv
+    from spellxfer.sweep.trial import SweepContext, fit_argv
 
     monkeypatch.chdir(REPO)
     space = load_space("configs/sweeps/smollm2_h100.yaml")
@@ -332,8 +332,8 @@ def test_a_study_name_that_could_leave_its_folder_is_refused(study, tmp_path, ca
 def test_the_metrics_reader_follows_a_rewritten_log_from_its_start(tmp_path):
     """A resumed fit rewrites metrics.jsonl without the rows past its resume point (a new file
     renamed into place); the sweep's reader must start that file again, not seek into its middle."""
-    from spellxfer.outputs import atomic_file
-    from spellxfer.training.sweep_trial import read_rows
+    from spellxfer.core.outputs import atomic_file
+    from spellxfer.sweep.trial import read_rows
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "train/loss": float(s)} for s in (4, 9, 14, 19)]

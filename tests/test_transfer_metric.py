@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spellxfer.errors import SpellxferError
-from spellxfer.models.metrics import TransferAccuracy
+from spellxfer.core.errors import SpellxferError
+from spellxfer.evaluation.metrics import TransferAccuracy
 
 # Eight verdicts whose accuracies are easy to check by hand:
 #   position/nth_letter   1 of 2 -> 0.5      count/word_length   1 of 1 -> 1.0

@@ -6,9 +6,9 @@ Each column of a table is one of:
 - a generic statistic column (``estimate``, ``ci_low``, …) of the metric its row names in a
   ``metric`` / ``x_metric`` / ``y_metric`` column — whose *values* must then be allowed metrics;
 - a metric column, ``<metric>`` or ``<metric>_<statistic>`` (``position_accuracy_delta_ci_low``),
-  whose metric must pass :func:`~spellxfer.training.transfer_metrics.check_metric_name`.
+  whose metric must pass :func:`~spellxfer.tasks.metric_names.check_metric_name`.
 
-Anything else is refused with :class:`~spellxfer.errors.SpellxferError` before it is written or
+Anything else is refused with :class:`~spellxfer.core.errors.SpellxferError` before it is written or
 shown: only position, count and transfer metrics appear in an analysis or a report.
 """
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
+from spellxfer.tasks.metric_names import check_metric_name
 
 IDENTIFIERS = frozenset(
     {"rank", "run", "trial", "study", "run_dir", "status", "reason", "objective_name", "kind", "hyperparameter",
@@ -56,8 +57,6 @@ def metric_of_column(col: str) -> str:
 
 
 def _check(metric: str, where: str) -> None:
-    from spellxfer.training.transfer_metrics import check_metric_name  # imports lightning: only when used
-
     try:
         check_metric_name(metric)
     except SpellxferError as e:

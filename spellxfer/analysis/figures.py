@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from spellxfer.data.words import LENGTH_BUCKETS  # noqa: E402
+from spellxfer.tasks.buckets import LENGTH_BUCKETS  # noqa: E402
 
 COLORS = {"position_accuracy": "tab:blue", "count_accuracy": "tab:orange", "transfer_score": "tab:green"}
 LABELS = {"position_accuracy": "position accuracy", "count_accuracy": "count accuracy", "transfer_score": "transfer_score"}

@@ -5,7 +5,7 @@ Lifecycle: read ``analysis.json`` and the CSV tables (every column through the m
 transferred and what did not, with the numbers) → embed each figure as a ``data:image/png``
 URI, so the file opens anywhere with no network and no side files → write the HTML and a copy
 of the figures atomically → optionally log tables, figures and the page to W&B (offline unless
-credentials are configured: ``spellxfer.doctor.wandb_mode``).
+credentials are configured: ``spellxfer.core.doctor.wandb_mode``).
 
 Trained on spelling, evaluated on position and count only.
 """
@@ -24,11 +24,11 @@ from rich.console import Console
 
 from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.effects import MIN_RUNS_FOR_INTERVALS
-from spellxfer.errors import SpellxferError
-from spellxfer.outputs import atomic_file, atomic_output_dir, check_output_dir, read_json, snippet
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_file, atomic_output_dir, check_output_dir, read_json, snippet
+from spellxfer.tasks.names import TASKS
 
 console = Console()
-TASKS = ("position", "count")
 LABELS = {"position_accuracy": "position accuracy", "count_accuracy": "count accuracy", "transfer_score": "transfer_score"}
 TABLES = ("top_transfer_configs", "per_run_deltas", "metric_correlations", "hyperparameter_effects", "breakdowns", "runs")
 
@@ -340,7 +340,7 @@ def log_to_wandb(info: dict, tables: dict[str, pd.DataFrame], src: Path, page: P
     """Tables (whitelisted columns only), figures and the page as one W&B run; offline unless credentials exist."""
     import wandb as wb
 
-    from spellxfer.doctor import wandb_mode
+    from spellxfer.core.doctor import wandb_mode
 
     run = wb.init(project=project, name=f"transfer-report-{name}", job_type="transfer-report", mode=wandb_mode(),
                   config={"decoding": info["decoding"], "n_runs": info["n_runs"], "n_boot": info["n_boot"]})  # fmt: skip

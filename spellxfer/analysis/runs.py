@@ -17,9 +17,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import iter_jsonl, read_json, snippet
 from spellxfer.evaluation.compare import read_predictions
-from spellxfer.outputs import iter_jsonl, read_json, snippet
+from spellxfer.tasks.metric_names import check_metric_name
 
 # Optuna's TrialState names → the statuses trial.json uses.
 OPTUNA_STATUS = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running",
@@ -162,7 +163,7 @@ def read_curve(path: Path) -> tuple[list[dict], int]:
     """Validation rows of a ``metrics.jsonl``: ``{"step", "val/…": …}`` with whitelisted metrics only.
 
     Returns the rows and how many metric keys were dropped because the whitelist
-    (:func:`~spellxfer.training.transfer_metrics.check_metric_name`) does not allow them.
+    (:func:`~spellxfer.tasks.metric_names.check_metric_name`) does not allow them.
     A missing file gives no rows: a curve is a nice-to-have, not a reason to fail. A file that is
     there must be what the training logger writes: objects with an integer ``step`` (or null) and
     numeric values (NaN allowed: a diverged loss is logged as NaN).
@@ -220,8 +221,6 @@ _TRIAL_FIELDS = (
 
 def allowed_metric(name: str) -> bool:
     """Whether the training whitelist allows ``name`` (a training-loop or position / count / transfer metric)."""
-    from spellxfer.training.transfer_metrics import check_metric_name  # imports lightning: only when used
-
     try:
         check_metric_name(name)
     except SpellxferError:

@@ -31,13 +31,19 @@ from rich.table import Table
 from spellxfer.analysis import effects
 from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.runs import Discovery, Run, allowed_metric, discover
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import (
+    atomic_output_dir,
+    check_output_dir,
+    git_commit,
+    package_versions,
+    write_json,
+)
 from spellxfer.evaluation.compare import compare_predictions
 from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
-from spellxfer.outputs import atomic_output_dir, check_output_dir, git_commit, package_versions, write_json
+from spellxfer.tasks.names import TASKS
 
 console = Console()
-TASKS = ("position", "count")
 # Per task: test accuracy with its interval, the paired change from base with its interval, Holm p.
 TASK_COLUMNS = [f"{t}_accuracy{s}" for t in TASKS
                 for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low", "_delta_ci_high", "_p_adj")]  # fmt: skip

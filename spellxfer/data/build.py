@@ -29,20 +29,19 @@ from rich.console import Console
 from rich.table import Table
 
 from spellxfer import __version__
-from spellxfer.data import templates as T
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
 from spellxfer.data.words import (
-    LENGTH_BUCKETS,
     LENGTH_SHARES,
     NONCE_SHARE,
     english_token_subset,
     english_words,
     eval_candidates,
-    length_bucket,
     nonce_word,
-    token_bucket,
 )
-from spellxfer.errors import SpellxferError
-from spellxfer.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
+from spellxfer.tasks import templates as T
+from spellxfer.tasks.buckets import LENGTH_BUCKETS, length_bucket, token_bucket
+from spellxfer.tasks.names import TRAINING_SUBTASKS
 
 console = Console(stderr=True)
 
@@ -89,7 +88,7 @@ def build(out: str, profile: Literal["demo", "full"] = "demo", seed: int = 0, ov
 
 
 def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
-    from spellxfer.training.qwen3_utils import load_qwen3_tokenizer
+    from spellxfer.tasks.chat import load_qwen3_tokenizer
 
     with console.status("loading the Qwen3 tokenizer and word lists"):
         tok = load_qwen3_tokenizer()
@@ -218,7 +217,7 @@ def _choose_eval_words(rng: random.Random, tok, prof: Profile, banned: frozenset
 def _spelling_rows(rng: random.Random, words: list[str], per_word: int) -> list[dict]:
     rows = []
     for w in words:
-        subtasks = ["spell"] + rng.sample(T.TRAINING_SUBTASKS[1:], per_word - 1)
+        subtasks = ["spell"] + rng.sample(TRAINING_SUBTASKS[1:], per_word - 1)
         for sub in subtasks:
             q, a = T.spelling_row(rng, w, sub)
             rows.append({"task": "spelling", "subtask": sub, "question": q, "answer": a, "word": w})

@@ -17,36 +17,11 @@ ENGLISH_LIST_SIZE = 100_000
 EVAL_LIST_SIZE = 150_000
 SPACE_MARKER = "Ġ"  # byte-level BPE's rendering of a leading space
 
-# Word-length buckets used for stratified sampling and for evaluation breakdowns.
-LENGTH_BUCKETS: tuple[tuple[str, int, int], ...] = (
-    ("2-3", 2, 3),
-    ("4-6", 4, 6),
-    ("7-9", 7, 9),
-    ("10-12", 10, 12),
-    ("13-14", 13, 14),
-    ("15+", 15, 99),
-)
 # Share of evaluation words per length bucket: long words are over-sampled relative to English
 # because they are where tokenisation hides letters and where transfer is most interesting.
 LENGTH_SHARES = {"2-3": 0.10, "4-6": 0.24, "7-9": 0.24, "10-12": 0.20, "13-14": 0.11, "15+": 0.11}
 NONCE_SHARE = 0.15  # ≥ 10% of evaluation rows are nonce words, whatever the rounding
 MAX_EVAL_LEN = 20
-
-
-def length_bucket(n: int) -> str:
-    """The length bucket of an ``n``-letter word (``n`` ≥ 1). The last bucket is open-ended, and a
-    one-letter word — never an evaluation word of ours, but possible in a user's question file —
-    gets a bucket of its own, ``"1"``."""
-    if n < 1:
-        raise ValueError(f"no length bucket for {n} letters")
-    for name, lo, hi in LENGTH_BUCKETS:
-        if lo <= n <= hi:
-            return name
-    return LENGTH_BUCKETS[-1][0] if n > LENGTH_BUCKETS[-1][2] else str(n)
-
-
-def token_bucket(n: int) -> str:
-    return str(n) if n < 4 else "4+"
 
 
 @lru_cache(maxsize=4)

@@ -14,12 +14,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from spellxfer.errors import SpellxferError
-from spellxfer.evaluation.questions import check_breakdown_fields
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_file, check_output_file, iter_jsonl, snippet
 from spellxfer.evaluation.stats import paired_comparison
-from spellxfer.outputs import atomic_file, check_output_file, iter_jsonl, snippet
-
-TASKS = ("position", "count")
+from spellxfer.tasks.names import TASKS
+from spellxfer.tasks.questions import check_breakdown_fields
 
 
 def compare_predictions(base: list[dict], other: list[dict], base_name: str = "base", other_name: str = "other") -> dict:

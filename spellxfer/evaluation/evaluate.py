@@ -21,23 +21,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from spellxfer.data.words import length_bucket, token_bucket
-from spellxfer.errors import SpellxferError
-from spellxfer.evaluation.compare import (
-    compare_predictions,
-    comparison_markdown,
-    print_comparison,
-    read_predictions,
-)
-from spellxfer.evaluation.generation import (
-    GenerationEngine,
-    default_sampling,
-    timed_generate,
-)
-from spellxfer.evaluation.questions import Item, load_questions
-from spellxfer.evaluation.stats import accuracy_summary
-from spellxfer.models.metrics import TransferAccuracy, score
-from spellxfer.outputs import (
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import (
     atomic_output_dir,
     check_output_dir,
     package_versions,
@@ -46,9 +31,25 @@ from spellxfer.outputs import (
     write_json,
     write_jsonl,
 )
+from spellxfer.evaluation.compare import (
+    compare_predictions,
+    comparison_markdown,
+    print_comparison,
+    read_predictions,
+)
+from spellxfer.evaluation.metrics import TransferAccuracy
+from spellxfer.evaluation.stats import accuracy_summary
+from spellxfer.models.generation import (
+    GenerationEngine,
+    default_sampling,
+    timed_generate,
+)
+from spellxfer.tasks.buckets import length_bucket, token_bucket
+from spellxfer.tasks.names import TASKS
+from spellxfer.tasks.parsing import score
+from spellxfer.tasks.questions import Item, load_questions
 
 console = Console()
-TASKS = ("position", "count")
 MAX_SEED = 2**32 - 1  # the engine derives per-batch torch seeds from it; this keeps them in range
 
 

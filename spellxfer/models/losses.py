@@ -1,6 +1,6 @@
 """Completion-only cross-entropy for causal LMs, without full-vocabulary logits for prompt tokens.
 
-Label convention (Hugging Face's, and :class:`~spellxfer.training.data_loaders.SpellingCollator`'s):
+Label convention (Hugging Face's, and :class:`~spellxfer.training.datamodule.SpellingCollator`'s):
 ``labels`` has the shape of ``input_ids``; ``labels[b, t]`` is the token *at* position ``t``, or
 ``-100`` where nothing is supervised (prompt, padding). Every function here shifts inside — the
 prediction made at position ``t`` is scored against ``labels[b, t + 1]`` — so a collated batch goes

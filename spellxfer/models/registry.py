@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from spellxfer.assets import cache_dir, ensure_asset
-from spellxfer.errors import SpellxferError
-from spellxfer.outputs import atomic_output_dir
+from spellxfer.core.assets import cache_dir, ensure_asset
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_output_dir
 
 EMBEDDED = ("smollm2-135m", "tiny-qwen3", "qwen3-4b-shape")
 
@@ -77,7 +77,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     if name in ("tiny-qwen3", "qwen3-4b-shape"):
-        from spellxfer.training.qwen3_utils import load_qwen3_tokenizer
+        from spellxfer.tasks.chat import load_qwen3_tokenizer
 
         tok = load_qwen3_tokenizer()
     elif name == "smollm2-135m":

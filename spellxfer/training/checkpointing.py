@@ -41,9 +41,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from spellxfer.errors import SpellxferError
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_file, atomic_output_dir, git_commit, package_versions
 from spellxfer.models.registry import check_lora_state
-from spellxfer.outputs import atomic_file, atomic_output_dir, git_commit, package_versions
 
 KILL_ENV = "SPELLXFER_TEST_KILL_AT"
 
@@ -67,7 +67,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
 
     Only tensors and plain Python values can come out, so a tampered file never runs code. A file
     that is missing, empty, truncated, not a ``torch.save`` archive, or holds pickled objects is a
-    one-line :class:`~spellxfer.errors.SpellxferError` naming it. ``mmap``: map tensor storage
+    one-line :class:`~spellxfer.core.errors.SpellxferError` naming it. ``mmap``: map tensor storage
     instead of reading it (cheap when only the metadata is wanted).
     """
     path = Path(path)
@@ -220,7 +220,7 @@ class ResumeState(L.Callback):
             self._rng = None
         if self._resumed_step is not None and trainer.global_rank == 0:
             _drop_abandoned_checkpoints(trainer, self._resumed_step)
-            from spellxfer.training.transfer_metrics import WhitelistedCSVLogger
+            from spellxfer.training.loggers import WhitelistedCSVLogger
 
             for logger in trainer.loggers:
                 if isinstance(logger, WhitelistedCSVLogger):

@@ -1,0 +1,413 @@
+"""``python -m spellxfer serve``: the fine-tuned model behind an OpenAI-compatible LitServe API.
+
+Routes (all on one LitServe server, one request queue, one set of inference workers):
+
+- ``POST /v1/chat/completions`` — OpenAI chat completions (the ``openai`` client works against it;
+  ``stream: true`` too). ``temperature`` 0 means greedy; unset sampling fields take the configured
+  defaults (T 0.6, top-p 0.95, top-k 20, min-p 0).
+- ``POST /predict`` — ``{"question": …, "task": "position"|"count"}`` →
+  ``{"answer": <raw reply>, "parsed": <letter, number or null>, "latency_ms": …}``; ``parsed`` uses
+  the same answer parser as ``evaluate``.
+- ``GET /health`` (200 once the model is loaded), ``GET /metrics`` (Prometheus, see monitoring.py),
+  ``GET /openapi.json``, ``/docs``, ``/redoc`` (the schema and its viewers, behind the same key).
+
+Lifecycle of a request (LitAPI's, one hook per step):
+
+1. HTTP process — :class:`SpellxferSpec` parses the body and applies the limits and the
+   non-thinking policy (:mod:`spellxfer.serving.protocol`): a bad request is a 4xx here and
+   never reaches the model; bearer-token auth is :meth:`SpellxferAPI.authorize`;
+2. inference worker — ``setup`` loads the model once (+ adapter); ``decode_request`` turns a request
+   into a conversation and its sampling settings; ``predict`` generates a whole batch (up to
+   ``max_batch_size`` requests collected within ``batch_timeout``) with the shared
+   :class:`~spellxfer.models.generation.GenerationEngine`; ``encode_response`` shapes replies.
+   A request whose generation fails gets its own 500; the rest of its batch is served (``predict``
+   retries a failed group one request at a time, so only the culprit fails).
+
+Message content is tokenized as plain text (:func:`~spellxfer.tasks.chat.chat_token_ids`):
+``<|im_end|>`` or ``<think>`` typed by a client are characters, never control tokens, so a
+message cannot close its turn, fake an assistant turn or open a think block.
+
+Exposure: ``serve`` listens on 127.0.0.1 unless told otherwise, and refuses to listen anywhere
+else without an API key (``$SPELLXFER_API_KEY`` or ``--api-key-file``; ``--api-key`` works but
+shows in ``ps``).
+
+Non-thinking is enforced twice: requests that ask for thinking are refused with a 400, and every
+Qwen3 prompt is rendered with spellxfer's template, whose empty think block has no off switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections import defaultdict, deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import litserve as ls
+from fastapi import BackgroundTasks, HTTPException, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from litserve.specs.openai import OpenAISpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+
+from spellxfer.core.errors import SpellxferError
+from spellxfer.serving.protocol import (
+    ApiError,
+    Limits,
+    PredictRequest,
+    answer_kind,
+    message_text,
+    parse_chat,
+    parse_predict,
+    resolve_api_key,
+)
+from spellxfer.serving.scaling import DEFAULT_CONFIG, ServingSettings, load_config
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+GENERATION_FAILED = "generation failed for this request (the server log has the cause); the other requests of its batch were served"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request as the inference worker sees it."""
+
+    kind: str  # "chat" or "predict"
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    sampling: object  # spellxfer.models.generation.Sampling (hashable: requests batch by it)
+    answer_kind: str | None = None  # predict only: "letter" or "integer"
+    error: str | None = None  # set when decoding the request failed: predict skips it
+
+
+class SpellxferSpec(OpenAISpec):
+    """LitServe's OpenAI spec, plus ``/predict`` on the same queue, with validation before enqueueing."""
+
+    def __init__(self, limits: Limits):
+        super().__init__()
+        self.limits = limits
+
+    def pre_setup(self, lit_api):
+        super().pre_setup(lit_api)
+        self.add_endpoint("/predict", self.predict_route, ["POST"])
+
+    def populate_context(self, context, request):
+        pass  # the LitAPI reads everything it needs from the request itself
+
+    def _submit(self, uid, payload):
+        """Queue one request for the workers; returns its reply stream."""
+        q, event = deque(), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(response_queue=q, event=event)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
+        return self._own_errors(self.data_streamer(q, event, send_status=True))
+
+    @staticmethod
+    async def _own_errors(stream):
+        """The reply stream, with a failure ``predict`` reported for this request alone (an
+        ``{"error": …}`` reply, while its batch succeeded) turned into this request's 500."""
+        async for data, status in stream:
+            if status == LitAPIStatus.OK and json.loads(data).get("error") is not None:
+                data, status = HTTPException(500, GENERATION_FAILED), LitAPIStatus.ERROR
+            yield data, status
+
+    async def _parse(self, parser, request: Request):
+        try:
+            return parser(await request.body(), self.limits)
+        except ApiError as e:
+            if e.code == "thinking_not_allowed":
+                from spellxfer.serving.monitoring import THINKING_REJECTED
+
+                THINKING_REJECTED.inc()
+            raise
+
+    async def chat_completion(self, request: Request, background_tasks: BackgroundTasks):
+        req = await self._parse(parse_chat, request)
+        uids = [uuid.uuid4() for _ in range(req.n)]
+        pipes = [self._submit(uid, req.model_copy(update={"n": 1})) for uid in uids]
+
+        def release():  # LitServe's own spec leaves these in the buffer
+            for uid in uids:
+                self.response_buffer.pop(uid, None)
+
+        if req.stream:
+            background_tasks.add_task(release)
+            return StreamingResponse(self.streaming_completion(req, pipes), media_type="text/event-stream",
+                                     background=background_tasks)  # fmt: skip
+        try:
+            return await self.non_streaming_completion(req, pipes)
+        finally:
+            release()
+
+    async def predict_route(self, request: Request):
+        start = time.perf_counter()
+        req = await self._parse(parse_predict, request)
+        uid = uuid.uuid4()
+        try:
+            async for data, status in self._submit(uid, req):
+                if status == LitAPIStatus.ERROR:
+                    raise data if isinstance(data, HTTPException) else HTTPException(500, GENERATION_FAILED)
+                out = json.loads(data)
+        finally:
+            self.response_buffer.pop(uid, None)
+        return {"answer": out["answer"], "parsed": out["parsed"], "latency_ms": round((time.perf_counter() - start) * 1e3, 2)}
+
+
+class SpellxferAPI(ls.LitAPI):
+    """Loads the model once per worker and answers batches of chat / predict requests."""
+
+    def __init__(self, settings: ServingSettings, api_key: str | None = None):
+        super().__init__(spec=SpellxferSpec(settings.limits), **settings.litserve_options()["lit_api"])
+        self.settings = settings
+        self.api_key = api_key
+
+    def authorize(self, request: Request) -> None:
+        """Bearer-token check for every route but ``/health`` (load balancers probe it without one)."""
+        if self.api_key is None or request.url.path == "/health":
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+
+    def setup(self, device):
+        from spellxfer.evaluation.evaluate import load_for_generation
+        from spellxfer.models.generation import default_sampling
+        from spellxfer.serving import monitoring
+
+        self.monitoring = monitoring
+        self.model, self.tokenizer = load_for_generation(self.settings.model, self.settings.adapter, device)
+        self.defaults = default_sampling()
+        self.batches = 0
+
+    def decode_request(self, request, **kwargs) -> Job:
+        # LitServe decodes a whole batch in one try block: a request that cannot be decoded is
+        # marked here and fails alone in predict, instead of taking its batch down.
+        try:
+            return self._job(request)
+        except Exception as e:
+            log.exception("decoding a request failed")
+            return Job("failed", (), self.defaults, error=f"{type(e).__name__}: {e}")
+
+    def _job(self, request) -> Job:
+        if isinstance(request, PredictRequest):
+            sampling = replace(self.defaults, max_new_tokens=request.max_tokens or self.defaults.max_new_tokens)
+            kind = answer_kind(request.question, request.task, request.answer_kind)
+            return Job("predict", (("user", request.question),), sampling, kind)
+        s = self.defaults
+        max_tokens = request.max_completion_tokens or request.max_tokens  # parse_chat refused 0
+        s = replace(s, max_new_tokens=max_tokens or s.max_new_tokens)
+        if "temperature" in request.model_fields_set and request.temperature is not None:
+            s = replace(s, decoding="greedy") if request.temperature == 0 else replace(s, temperature=request.temperature)
+        if "top_p" in request.model_fields_set and request.top_p is not None:
+            s = replace(s, top_p=request.top_p)
+        if request.min_p is not None:
+            s = replace(s, min_p=request.min_p)
+        messages = tuple((m.role, message_text(m.content, "content")) for m in request.messages)
+        return Job("chat", messages, s)
+
+    def predict(self, x, **kwargs):
+        batched = self.max_batch_size > 1
+        jobs: list[Job] = x if batched else [x]
+        start = time.perf_counter()
+        groups: dict[object, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            if job.error is None:
+                groups[job.sampling].append(i)  # one generate call per distinct sampling setting
+        outputs: list[dict] = [{"error": job.error} for job in jobs]
+        for sampling, idx in groups.items():
+            try:
+                results = self._generate(sampling, [jobs[i] for i in idx])
+            except Exception:
+                # Something in this group cannot be generated. Retry each request on its own, so
+                # that only the culprit fails and its neighbours are still served.
+                log.exception("a generation batch failed; retrying its %d requests one by one", len(idx))
+                results = [self._generate_alone(sampling, jobs[i]) for i in idx]
+            for i, result in zip(idx, results):
+                outputs[i] = result
+        served = [o for o in outputs if "error" not in o]
+        self.monitoring.record_batch(len(jobs), time.perf_counter() - start,
+                                     sum(o["prompt_tokens"] for o in served),
+                                     sum(o["completion_tokens"] for o in served))  # fmt: skip
+        yield outputs if batched else outputs[0]
+
+    def _generate_alone(self, sampling, job: Job) -> dict:
+        try:
+            return self._generate(sampling, [job])[0]
+        except Exception as e:
+            log.exception("generation failed for one request")
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    def _generate(self, sampling, jobs: list[Job]) -> list[dict]:
+        """Replies (shaped by :meth:`_output`) to jobs that share one sampling setting."""
+        from spellxfer.models.generation import GenerationEngine
+        from spellxfer.tasks.chat import chat_token_ids
+
+        self.batches += 1  # a new seed per batch: the same question can get different samples
+        engine = GenerationEngine(self.model, self.tokenizer, replace(sampling, seed=self.batches),
+                                  batch_size=len(jobs))  # fmt: skip
+        ids = chat_token_ids(self.tokenizer, [[{"role": r, "content": c} for r, c in job.messages] for job in jobs])
+        replies = engine.generate_ids(ids)
+        return [self._output(job, reply[0], len(prompt)) for job, reply, prompt in zip(jobs, replies, ids)]
+
+    def _output(self, job: Job, reply: str, prompt_tokens: int) -> dict:
+        from spellxfer.tasks.parsing import parse_answer, strip_thinking
+
+        completion_tokens = len(self.tokenizer(reply, add_special_tokens=False)["input_ids"])
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        if job.kind == "predict":
+            parsed = parse_answer(reply, job.answer_kind)
+            if parsed is not None and job.answer_kind == "integer":
+                parsed = int(parsed)
+            return {"answer": reply, "parsed": parsed, **usage}
+        return {"role": "assistant", "content": strip_thinking(reply), **usage}
+
+    def encode_response(self, output, **kwargs):
+        # `output` streams what predict yielded: a list per batch (batched) or one dict.
+        yield from output
+
+
+def error_response(request: Request, exc: HTTPException) -> JSONResponse:
+    """Every HTTP error as OpenAI's error object, so clients show the message."""
+    status = exc.status_code
+    codes = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+             422: "invalid_request", 504: "timeout"}  # fmt: skip
+    code = getattr(exc, "code", None) or codes.get(status, "server_error" if status >= 500 else "invalid_request")
+    body = {"error": {"message": str(exc.detail), "type": "server_error" if status >= 500 else "invalid_request_error",
+                      "param": None, "code": code}}  # fmt: skip
+    return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
+
+
+def build_server(settings: ServingSettings, api_key: str | None = None) -> ls.LitServer:
+    """The LitServer: our API, the metrics middleware and route, the API docs behind the same
+    auth, OpenAI-shaped errors."""
+    from fastapi import Depends
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from spellxfer.serving import monitoring
+
+    api = SpellxferAPI(settings, api_key)
+    # FastAPI's own /openapi.json, /docs and /redoc take no dependencies; with them off, the same
+    # three are added below behind api.authorize (FastAPI's recipe for protected docs).
+    server = ls.LitServer(api, middlewares=[monitoring.MetricsMiddleware], **settings.litserve_options()["server"],
+                          disable_openapi_url=True,
+                          model_metadata={"model": settings.model, "adapter": settings.adapter,
+                                          "thinking": "disabled (Qwen3 non-thinking mode only)"})  # fmt: skip
+    auth = [Depends(api.authorize)]
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = monitoring.exposition()
+        return Response(body, media_type=content_type)
+
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(server.app.openapi())
+
+    async def docs(request: Request):
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="spellxfer API")
+
+    async def redoc(request: Request):
+        return get_redoc_html(openapi_url="/openapi.json", title="spellxfer API")
+
+    server.app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=auth)
+    for path, endpoint in (("/openapi.json", openapi), ("/docs", docs), ("/redoc", redoc)):
+        server.app.add_api_route(path, endpoint, methods=["GET"], dependencies=auth, include_in_schema=False)
+    server.app.add_exception_handler(StarletteHTTPException, error_response)
+    server.app.add_exception_handler(
+        RequestValidationError, lambda r, e: error_response(r, HTTPException(422, str(e.errors()[0]["msg"])))
+    )
+    return server
+
+
+def serve(
+    model: str | None = None,
+    adapter: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    api_key_file: str | None = None,
+    max_batch_size: int | None = None,
+    batch_timeout: float | None = None,
+    workers_per_device: int | None = None,
+    deploy_config: str = str(DEFAULT_CONFIG),
+) -> int:
+    """Serve a model over HTTP (LitServe): OpenAI chat completions, /predict, /health, /metrics.
+
+    Qwen3 is served in non-thinking mode only: requests asking for thinking get a 400. Settings
+    not given as flags come from the config's serving block. Listening beyond this machine
+    (0.0.0.0 or ::) needs an API key; without one, serve refuses to start.
+
+    Args:
+        model: Model name (tiny-qwen3, smollm2-135m, Qwen/Qwen3-4B) or a directory (export's OUT/merged).
+        adapter: PEFT adapter directory (export's OUT/adapter) applied on top of the model.
+        host: Interface to listen on: 127.0.0.1 (default, this machine only), 0.0.0.0 or :: (need an API key).
+        port: TCP port (1024-65535).
+        api_key: Require 'Authorization: Bearer KEY' on every route but /health. Visible in ps: prefer $SPELLXFER_API_KEY or --api-key-file.
+        api_key_file: File holding the API key (one line); default $SPELLXFER_API_KEY.
+        max_batch_size: Requests generated together (LitAPI max_batch_size).
+        batch_timeout: Seconds the first request of a batch waits for others (LitAPI batch_timeout).
+        workers_per_device: Model copies per device (LitServer workers_per_device).
+        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) with the serving block and request limits.
+    """
+    # SIGTERM (docker stop, Lightning scale-down, test teardown) takes LitServer's graceful
+    # Ctrl-C path: workers stop, and the `finally` below removes the metrics directory.
+    main_pid = os.getpid()
+
+    def _interrupt(signum, frame):
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)  # a forked HTTP server: die the default way
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    # prometheus_client picks single- or multi-process storage when it is first imported.
+    own_prom_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    if own_prom_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="spellxfer-metrics-")
+    try:
+        settings = _settings(load_config(deploy_config), deploy_config, model=model, adapter=adapter, max_batch_size=max_batch_size,
+                             batch_timeout=batch_timeout, workers_per_device=workers_per_device)  # fmt: skip
+        api_key = resolve_api_key(api_key, api_key_file)
+        if host not in ("127.0.0.1", "0.0.0.0", "::"):
+            raise SpellxferError(f"--host: LitServe listens on 127.0.0.1, 0.0.0.0 or ::, got {host!r}")
+        if host not in LOOPBACK and api_key is None:
+            raise SpellxferError(f"--host {host} listens beyond this machine and needs an API key: set "
+                                 "$SPELLXFER_API_KEY or --api-key-file FILE (or use --host 127.0.0.1)")  # fmt: skip
+        if not 1024 <= port <= 65535:
+            raise SpellxferError(f"--port: must be in 1024-65535, got {port}")
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        server = build_server(settings, api_key)
+        console.print(f"serving {settings.model}" + (f" + {settings.adapter}" if settings.adapter else "")
+                      + f" on http://{host}:{port} (non-thinking; /v1/chat/completions, /predict, /health, /metrics)")  # fmt: skip
+        server.run(host=host, port=port, generate_client_file=False, log_level="warning",
+                   **settings.litserve_options()["run"])  # fmt: skip
+    finally:
+        if own_prom_dir:
+            shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
+    return 0
+
+
+def _settings(cfg, config: str, **flags) -> ServingSettings:
+    """The config's serving block with the flags that were given, validated together."""
+    from pydantic import ValidationError
+
+    from spellxfer.models.registry import check_model_name
+    from spellxfer.serving.protocol import validation_message
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        settings = ServingSettings.model_validate({**cfg.serving.model_dump(), **given})
+    except ValidationError as e:
+        raise SpellxferError(f"serve: {validation_message(e)} (flag or {config}: serving)") from None
+    check_model_name(settings.model)
+    if settings.adapter is not None and not (Path(settings.adapter) / "adapter_config.json").is_file():
+        raise SpellxferError(f"--adapter {settings.adapter}: no adapter_config.json there (expected export's OUT/adapter)")
+    return settings

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps over ``fit`` (Optuna): the search space, one trial, the study and its table."""

@@ -1,0 +1,144 @@
+"""``<results>/metrics/<study>.csv``: one row per trial, rebuilt from the Optuna storage and the
+trial directories after every trial (and at the end), so it is current even while workers run.
+
+Columns: the hyperparameters; ``status`` (complete, failed, pruned, running); duration; the
+objective (best validation value); per decoding the trial's test position / count accuracies
+with their 95% intervals, the base model's on the same items, and the paired deltas (bootstrap
+95% interval, McNemar p) from ``compare.json``; the best checkpoint; the error of a failed trial.
+Position and count only: trained on spelling, evaluated on position and count only.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from pathlib import Path
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+from rich.table import Table
+
+from spellxfer.core.outputs import atomic_file
+from spellxfer.sweep.trial import SweepContext, write_trial_json
+from spellxfer.tasks.names import TASKS
+
+STATUS = {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned",
+          TrialState.RUNNING: "running"}  # fmt: skip
+
+
+def listed(t) -> bool:
+    """Trials the CSV shows: started ones, except those that found the budget already spent."""
+    return t.state in STATUS and not t.user_attrs.get("over_budget")
+
+
+def trial_rows(study: optuna.Study, ctx: SweepContext) -> list[dict]:
+    trials = [t for t in study.get_trials(deepcopy=False) if listed(t)]
+    retried_as = {RetryHeartbeatStaleTrialCallback.retry_history(t)[-1]: t.number
+                  for t in study.get_trials(deepcopy=False) if RetryHeartbeatStaleTrialCallback.retry_history(t)}  # fmt: skip
+    bases = {d: _read_json(ctx.base_dir(d) / "metrics.json") for d in ctx.space.decodings}
+    now = dt.datetime.now()
+    rows = []
+    for t in trials:
+        run = ctx.trial_dir(t.number)
+        error = t.user_attrs.get("error")
+        if t.state == TrialState.FAIL and not error:
+            # no error recorded: the worker itself stopped (killed, preempted) and its heartbeat went stale
+            error = "worker stopped mid-trial (no heartbeat)"
+        end = t.datetime_complete or now
+        row = {"study": ctx.study, "number": t.number, "status": STATUS[t.state]}
+        row |= {p.name: t.params.get(p.name) for p in ctx.space.parameters}
+        row |= {
+            "objective_name": ctx.space.objective,
+            "objective": t.value if t.state == TrialState.COMPLETE else None,
+            "duration_s": round((end - t.datetime_start).total_seconds(), 1) if t.datetime_start else None,
+        }
+        for d in ctx.space.decodings:
+            row |= _eval_columns(d, _read_json(run / "eval" / d / "metrics.json"), bases[d],
+                                 _read_json(run / "eval" / d / "compare.json"))  # fmt: skip
+        row |= {"checkpoint": t.user_attrs.get("checkpoint"), "run_dir": str(run),
+                "retry_of": (RetryHeartbeatStaleTrialCallback.retry_history(t) or [None])[-1],
+                "retried_as": retried_as.get(t.number), "error": error}  # fmt: skip
+        rows.append(row)
+        _sync_trial_json(run, row)
+    return rows
+
+
+def _eval_columns(d: str, metrics: dict | None, base: dict | None, compare: dict | None) -> dict:
+    out: dict = {}
+    for prefix, m in ((d, metrics), (f"{d}_base", base)):
+        for task in TASKS:
+            key = f"{task}_accuracy"
+            out[f"{prefix}_{key}"] = m.get(key) if m else None
+            out[f"{prefix}_{task}_ci_low"] = m.get(f"{key}_ci_low") if m else None
+            out[f"{prefix}_{task}_ci_high"] = m.get(f"{key}_ci_high") if m else None
+            out[f"{prefix}_{task}_n"] = m.get(f"{key}_n") if m else None
+        out[f"{prefix}_transfer_score"] = m.get("transfer_score") if m else None
+    for task in TASKS:
+        g = (compare or {}).get("groups", {}).get(task)
+        out[f"{d}_{task}_delta"] = g["diff"] if g else None
+        out[f"{d}_{task}_delta_ci_low"] = g["ci_low"] if g else None
+        out[f"{d}_{task}_delta_ci_high"] = g["ci_high"] if g else None
+        out[f"{d}_{task}_delta_mcnemar_p"] = g["mcnemar_p"] if g else None
+    return out
+
+
+def _sync_trial_json(run: Path, row: dict) -> None:
+    """A trial whose worker died still says "running" in its trial.json; the storage knows better."""
+    record = _read_json(run / "trial.json")
+    if record is None:
+        return
+    if record.get("status") == "running" and row["status"] == "failed":
+        record |= {"status": "failed", "error": row["error"], "duration_s": row["duration_s"]}
+    elif record.get("retried_as") == row["retried_as"]:
+        return
+    write_trial_json(run, record | {"retried_as": row["retried_as"]})
+
+
+def write_csv(study: optuna.Study, ctx: SweepContext, path: Path) -> list[dict]:
+    """Rewrite the study's CSV atomically; returns its rows."""
+    rows = trial_rows(study, ctx)
+    if rows:
+        with atomic_file(path) as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return rows
+
+
+def summary_table(rows: list[dict], ctx: SweepContext, top: int = 5) -> Table:
+    """The best complete trials by objective, with their test accuracies (first decoding)."""
+    d = ctx.space.decodings[0]
+    done = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: -(r["objective"] or 0))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("complete", "pruned", "failed", "running")}
+    table = Table(title=f"study {ctx.study}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+                  + f" · test accuracies {d}, Δ vs base with 95% CI")  # fmt: skip
+    for col in ("trial", *(p.name for p in ctx.space.parameters), ctx.space.objective, "position", "Δ position",
+                "count", "Δ count"):
+        table.add_column(col, justify="right")
+    for r in done[:top]:
+        cells = [str(r["number"]), *(_fmt(r[p.name]) for p in ctx.space.parameters), _fmt(r["objective"])]
+        for task in TASKS:
+            cells.append(_acc(r, f"{d}_{task}"))
+            delta = r[f"{d}_{task}_delta"]
+            cells.append("" if delta is None else
+                         f"{delta:+.3f} [{r[f'{d}_{task}_delta_ci_low']:+.3f}, {r[f'{d}_{task}_delta_ci_high']:+.3f}]")  # fmt: skip
+        table.add_row(*cells)
+    return table
+
+
+def _acc(r: dict, prefix: str) -> str:
+    acc = r[f"{prefix}_accuracy"]
+    return "" if acc is None else f"{acc:.3f} [{r[f'{prefix}_ci_low']:.3f}, {r[f'{prefix}_ci_high']:.3f}]"
+
+
+def _fmt(v) -> str:
+    return "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,336 @@
+"""``python -m spellxfer sweep``: hyperparameter search with Optuna over real ``fit`` runs.
+
+Lifecycle: validate the space file → open (or continue) the study in its storage → build the
+data and evaluate the base model once per study → W workers, each looping "ask a trial → run it
+(:mod:`spellxfer.sweep.trial`) → tell → rewrite the CSV" → summary table.
+
+- **Resumable.** The study lives in an RDB storage (SQLite under ``<results>/sweeps/`` by default,
+  any SQLAlchemy URL such as PostgreSQL for many machines). Each running trial sends a heartbeat;
+  a trial whose worker died (preempted session, SIGKILL) goes stale after 2 heartbeats, is marked
+  failed, and Optuna's ``RetryHeartbeatStaleTrialCallback`` queues a retry with the same
+  hyperparameters, which resumes from the dead trial's ``last.ckpt``. Running the same command
+  again continues the study until ``--trials`` trials have finished.
+- **Failure-tolerant.** A trial whose fit or evaluation fails (bad value, crash, out of memory) is
+  recorded as failed with its error line; the sweep goes on.
+- **Parallel.** ``--workers W`` threads share the storage, each running its trials as child
+  processes pinned to one GPU (round robin over the visible GPUs).
+- **Tracked.** Each trial's fit logs to W&B (project ``spellxfer``, group = study) through the
+  whitelisted logger, offline without credentials, off with ``WANDB_MODE=disabled``.
+
+Trained on spelling, evaluated on position and count only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import check_run_name
+
+MAX_RETRIES = 10  # retries of one trial whose worker keeps dying (a preemption loop, not a bug in the trial)
+
+
+def sweep(
+    space: str,
+    study: str,
+    sampler: Literal["grid", "random", "tpe"] | None = None,
+    trials: int | None = None,
+    storage: str | None = None,
+    workers: int = 1,
+    pruner: Literal["none", "median", "hyperband"] | None = None,
+    results_dir: str = "results",
+    heartbeat_s: int = 30,
+) -> int:
+    """Search hyperparameters with Optuna over real `fit` runs (resumable, parallel, failure-tolerant).
+
+    Each trial is a `fit` in its own process, then `evaluate` of its best adapter on the position /
+    count test sets against the base model. Run the same command again to continue after a
+    preemption; --workers, or the same command on several machines with a PostgreSQL --storage, to
+    run trials in parallel. Writes RESULTS/sweeps/STUDY/trial-NNNN/ and RESULTS/metrics/STUDY.csv.
+    Trained on spelling, evaluated on position and count only.
+
+    Args:
+        space: Space file (configs/sweeps/NAME.yaml): base fit config, hyperparameters, objective, budget.
+        study: Study name; the same name continues the same study.
+        sampler: grid, random or tpe (default: the space file's sampler).
+        trials: Trials to finish (complete, pruned or failed; a retried trial counts once);
+            default: the space file's budget.trials.
+        storage: Optuna storage URL, e.g. postgresql+psycopg2://user:pw@host/db
+            (default: sqlite:///RESULTS/sweeps/STUDY.db).
+        workers: Trials run at once by this process (one GPU each, round robin).
+        pruner: none, median or hyperband (default: the space file's pruner).
+        results_dir: Root of the outputs.
+        heartbeat_s: Seconds between a running trial's heartbeats; a trial silent for twice
+            that long is taken as dead and retried.
+    """
+    import optuna
+
+    from spellxfer.sweep.results import summary_table, write_csv
+    from spellxfer.sweep.space import load_space, make_pruner, make_sampler
+    from spellxfer.sweep.trial import SweepContext, run_trial
+
+    spec = load_space(space)
+    check_run_name(study, "--study")
+    for name, value in (("trials", trials), ("workers", workers), ("heartbeat_s", heartbeat_s)):
+        if value is not None and value < 1:
+            raise SpellxferError(f"--{name} must be ≥ 1, got {value}")
+    sampler = sampler or spec.sampler
+    spec.check_sampler(sampler)
+    pruner = pruner or spec.pruner
+    n_trials = trials or spec.trials
+    if sampler == "grid":
+        n_trials = min(n_trials, spec.grid_size())  # the grid has no more points to give
+    model, data = base_settings(spec)
+
+    results = Path(results_dir)
+    sweep_dir = results / "sweeps" / study
+    url = storage or f"sqlite:///{(results / 'sweeps' / f'{study}.db').resolve()}"
+    if storage is None:
+        (results / "sweeps").mkdir(parents=True, exist_ok=True)  # where the default SQLite file lives
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    main_study = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+    sweep_dir.mkdir(parents=True, exist_ok=True)  # only once the study opened: a bad --storage leaves nothing
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    test_files = prepare_data_and_base(spec, model, data, sweep_dir, console)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console)  # fmt: skip
+    overall = progress.add_task(f"study {study} ({sampler}, {pruner} pruner): trials finished", total=n_trials)
+    worker_tasks = [progress.add_task(f"  worker {i}: starting", total=None) for i in range(workers)]
+    shown: dict[int, dict] = {i: {} for i in range(workers)}
+
+    def show(worker: int, **fields) -> None:
+        s = shown[worker]
+        if "trial" in fields and fields["trial"] != s.get("trial"):
+            s.clear()
+        s.update(fields)
+        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.get("params", {}).items())
+        value = f" {spec.objective} {s['value']:.3f}" if "value" in s else ""
+        desc = f"  worker {worker}: trial {s.get('trial', '-')} {s.get('phase', '')}{value} {params}"
+        progress.update(worker_tasks[worker], description=desc, completed=s.get("step", 0), total=s.get("total"))
+
+    ctx = SweepContext(space=spec, study=study, sweep_dir=sweep_dir, model=model, test_files=test_files,
+                       wandb=wandb_enabled(), over_budget=lambda t: over_budget(t.study, t.number, n_trials),
+                       progress=show, gpus=visible_gpus())  # fmt: skip
+    csv_path = results / "metrics" / f"{study}.csv"
+    csv_lock = threading.Lock()
+
+    def after_trial(st, frozen) -> None:
+        if frozen.user_attrs.get("interrupted"):
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(st, frozen)
+        if not frozen.user_attrs.get("over_budget"):
+            state = {"COMPLETE": f"complete: {spec.objective} {frozen.value:.3f}" if frozen.value is not None else "",
+                     "PRUNED": "pruned", "FAIL": f"failed: {frozen.user_attrs.get('error')}"}[frozen.state.name]  # fmt: skip
+            console.print(f"trial {frozen.number} {state} ({', '.join(f'{k}={v}' for k, v in frozen.params.items())})",
+                          soft_wrap=True, highlight=False)  # fmt: skip
+        with csv_lock:
+            rows = write_csv(st, ctx, csv_path)
+        progress.update(overall, completed=sum(r["status"] != "running" and r["retried_as"] is None for r in rows))
+
+    deadline = time.monotonic() + spec.hours * 3600 if spec.hours else None
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            st = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+            while not ctx.stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                optuna.storages.fail_stale_trials(st)
+                step = plan(st, n_trials)
+                if step == "done":
+                    break
+                if step == "wait":  # another worker's trial is running; if it dies, its retry is ours
+                    show(index, phase="waiting for the other workers' trials")
+                    ctx.stop.wait(min(heartbeat_s, 5))
+                    continue
+                st.optimize(lambda t: run_trial(t, ctx, index), n_trials=1, catch=(Exception,), callbacks=[after_trial])
+            show(index, trial="-", phase="done")
+        except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
+            errors.append(e)
+            ctx.stop.set()
+
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # preemption usually starts with SIGTERM
+    threads = [threading.Thread(target=work, args=(i,), name=f"sweep-worker-{i}", daemon=True) for i in range(workers)]
+    try:
+        with progress:
+            with csv_lock:
+                write_csv(main_study, ctx, csv_path)
+            for t in threads:
+                t.start()
+            try:
+                while any(t.is_alive() for t in threads):
+                    for t in threads:
+                        t.join(0.5)
+            except KeyboardInterrupt:
+                ctx.stop.set()  # workers kill their children; interrupted trials are queued for retry
+                for t in threads:
+                    t.join(30)
+                raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        with csv_lock:
+            rows = write_csv(main_study, ctx, csv_path)
+    if errors:
+        raise errors[0]
+    console.print(summary_table(rows, ctx))
+    console.print(f"wrote {csv_path} ({len(rows)} trials) and {sweep_dir}/trial-*/")
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def open_study(url: str, name: str, objective: str, heartbeat_s: int, sampler, pruner):
+    """Create or load the study (maximising ``objective``) in an RDB storage with heartbeats."""
+    import optuna
+    import sqlalchemy.exc
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    last_error = None
+    for attempt in range(5):  # workers on several machines may create the tables at the same moment
+        try:
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+            )  # fmt: skip
+            st = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
+                                     pruner=pruner, load_if_exists=True)  # fmt: skip
+            break
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            last_error = e
+            time.sleep(0.5 + attempt)
+        except (sqlalchemy.exc.ArgumentError, ModuleNotFoundError, ValueError) as e:
+            raise SpellxferError(f"--storage {_redact(url)}: {str(e).splitlines()[0]}") from None
+    else:
+        raise SpellxferError(f"--storage {_redact(url)}: cannot open the database "
+                             f"({str(getattr(last_error, 'orig', last_error)).strip().splitlines()[0]})")  # fmt: skip
+    recorded = st.user_attrs.get("objective")
+    if recorded is None:
+        st.set_user_attr("objective", objective)
+    elif recorded != objective:
+        raise SpellxferError(f"study {name} maximises {recorded}, not {objective}; use another --study name")
+    return st
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+def counts_toward_budget(t) -> bool:
+    """A trial as the budget counts it: not a retry (the retried trial already counts), and not one
+    that found the budget spent."""
+    return "failed_trial" not in t.system_attrs and not t.user_attrs.get("over_budget")
+
+
+def plan(study, n_trials: int) -> str:
+    """``run`` a trial (a queued retry, or a new one within budget), ``wait`` for running ones, or ``done``."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return "run"
+    if sum(counts_toward_budget(t) for t in trials) < n_trials:
+        return "run"
+    return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
+
+
+def over_budget(study, number: int, n_trials: int) -> bool:
+    """True for a new trial numbered past the budget: two workers that both saw one trial left
+    both ask, and the storage gives them consecutive numbers; the later one gives way."""
+    trials = study.get_trials(deepcopy=False)
+    this = next(t for t in trials if t.number == number)
+    if not counts_toward_budget(this):
+        return False
+    return sum(counts_toward_budget(t) and t.number < number for t in trials) >= n_trials
+
+
+def base_settings(spec) -> tuple[str, dict]:
+    """The model and data settings every trial shares: the base config's, then the fixed overrides."""
+    from spellxfer.models.registry import check_model_name
+    from spellxfer.sweep.space import base_section
+
+    model = spec.fixed.get("model.model", base_section(spec.base, "model").get("model", "tiny-qwen3"))
+    data = dict(base_section(spec.base, "data"))
+    data.update({k.split(".", 1)[1]: v for k, v in spec.fixed.items() if k.startswith("data.")})
+    if "data_dir" not in data:
+        raise SpellxferError(f"{spec.base}: data.data_dir is not set (and no fixed data.data_dir in {spec.path})")
+    if not isinstance(data["data_dir"], str) or not data["data_dir"]:
+        raise SpellxferError(f"{spec.base}: data.data_dir: expected a directory path, got {data['data_dir']!r}")
+    if not isinstance(model, str):
+        raise SpellxferError(f"{spec.base}: model.model: expected a model name, got {model!r}")
+    try:
+        check_model_name(model)
+    except SpellxferError as e:
+        raise SpellxferError(f"{spec.base}: model.model: {e}") from None
+    return model, data
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (several sweep processes preparing the same study wait in turn)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_data_and_base(spec, model: str, data: dict, sweep_dir: Path, console) -> list[Path]:
+    """Build the data directory if missing, and evaluate the base model once per study and decoding."""
+    from spellxfer.training.datamodule import EVAL_FILES, SpellingDataModule
+
+    data_dir = Path(data["data_dir"])
+    test_files = [data_dir / EVAL_FILES["test"][task] for task in ("position", "count")]
+    with _locked(sweep_dir / ".prepare.lock"):
+        SpellingDataModule(str(data_dir), model, build_profile=data.get("build_profile", "demo"),
+                           seed=data.get("seed", 0)).prepare_data()  # fmt: skip
+        for decoding in spec.decodings:
+            out = sweep_dir / "base" / decoding
+            if (out / "metrics.json").is_file():
+                continue
+            console.print(f"evaluating the base model {model} ({decoding}) on {', '.join(map(str, test_files))} …")
+            flags = [a for k, v in spec.evaluation.items() if v is not None for a in (f"--{k}", str(v))]
+            argv = [sys.executable, "-m", "spellxfer", "evaluate", "--model", model, "--questions", *map(str, test_files),
+                    "--decoding", decoding, *flags, "--out", str(out), "--overwrite", "true"]  # fmt: skip
+            log = sweep_dir / "base" / f"{decoding}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w", encoding="utf-8") as f:
+                rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            if rc != 0:
+                from spellxfer.sweep.trial import last_error
+
+                raise SpellxferError(f"base model evaluation ({decoding}) failed: {last_error(log, rc)}")
+    return test_files
+
+
+def wandb_enabled() -> bool:
+    import importlib.util
+
+    return os.environ.get("WANDB_MODE") != "disabled" and importlib.util.find_spec("wandb") is not None
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs workers are pinned to: CUDA_VISIBLE_DEVICES if set, else every GPU torch sees."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+

@@ -1,0 +1,77 @@
+"""The loggers that enforce the metric whitelist (:mod:`spellxfer.tasks.metric_names`).
+
+Every metric spellxfer logs or saves is either a training-loop metric (loss, learning rate, grad
+norm, throughput, step, epoch) or a position / count / transfer metric. Anything else — a
+spelling accuracy, say — raises :class:`~spellxfer.core.errors.SpellxferError` *before* it reaches
+W&B or disk: trained on spelling, evaluated on position and count only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from spellxfer.core.outputs import atomic_file
+from spellxfer.tasks.metric_names import check_metrics
+
+
+class WhitelistedCSVLogger(CSVLogger):
+    """Lightning's CSV logger, refusing any metric outside the whitelist; also appends one JSON
+    object per logging call to ``jsonl_path`` (default: ``metrics.jsonl`` beside ``metrics.csv``).
+
+    On a resume, :meth:`discard_from` drops the rows the interrupted run logged past the resume
+    point (the resumed run logs them again), so the JSONL ends up row for row what an
+    uninterrupted run writes.
+    """
+
+    def __init__(self, *args, jsonl_path: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.jsonl_path = jsonl_path
+
+    @property
+    def _jsonl(self) -> Path:
+        return Path(self.jsonl_path) if self.jsonl_path else Path(self.log_dir) / "metrics.jsonl"
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        check_metrics(metrics)
+        super().log_metrics(metrics, step)
+        path = self._jsonl
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+    def discard_from(self, global_step: int) -> None:
+        """Keep only the rows logged before optimizer step ``global_step`` was reached (resume).
+
+        Lightning logs the metrics of the batch that makes optimizer step N (and of the validation
+        after it) with ``step`` N - 1, so a run resumed at step N logs ``step`` ≥ N from then on.
+        ``metrics.csv`` is restarted by Lightning's CSV writer on resume; the kept rows go back
+        into it too.
+        """
+        path = self._jsonl
+        if not path.is_file():
+            return
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("step") is None or r["step"] < global_step]
+        if len(kept) != len(rows):
+            with atomic_file(path) as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.experiment.metrics[:0] = [dict(r) for r in kept]
+
+
+class WhitelistedWandbLogger(WandbLogger):
+    """Lightning's W&B logger, refusing any metric outside the whitelist. Offline unless W&B
+    credentials are configured (``wandb sync`` uploads offline runs later)."""
+
+    def __init__(self, *args, offline: bool | None = None, **kwargs):
+        if offline is None:
+            from spellxfer.core.doctor import wandb_mode
+
+            offline = wandb_mode() != "online"
+        super().__init__(*args, offline=offline, **kwargs)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        check_metrics(metrics)
+        super().log_metrics(metrics, step)

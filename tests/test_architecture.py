@@ -1,0 +1,53 @@
+"""docs/architecture.md against the code: the command map names real modules and every command,
+and the import-linter layers contract names every subpackage in the documented order."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import REPO
+
+from spellxfer.cli import LIGHTNING_SUBCOMMANDS, _commands
+
+tomllib = pytest.importorskip("tomllib")
+
+DOC = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+PACKAGE = REPO / "spellxfer"
+
+
+def contract_layers() -> list[str]:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    return layers
+
+
+def test_every_module_the_command_map_names_exists():
+    table = DOC.split("## Where each command lives", 1)[1].split("## Layers", 1)[0]
+    named = set(re.findall(r"`([a-z_]+(?:/[a-z_]+)*\.py)`", table))
+    assert named, "the command map names no module"
+    missing = sorted(p for p in named if not (PACKAGE / p).is_file() and not (REPO / p).is_file())
+    assert missing == []
+
+
+def test_the_command_map_lists_every_command():
+    table = DOC.split("## Where each command lives", 1)[1].split("## Layers", 1)[0]
+    listed = {cell for row in re.findall(r"^\| (.+?) \|", table, re.MULTILINE) for cell in re.findall(r"`([^`]+)`", row)}
+    commands = []
+    for name, value in _commands().items():
+        subs = [k for k in value if not k.startswith("_")] if isinstance(value, dict) else [None]
+        commands += [f"{name} {s}" if s else name for s in subs]
+    commands += list(LIGHTNING_SUBCOMMANDS)
+    assert sorted(c for c in commands if c not in listed) == []
+
+
+def test_the_layers_contract_names_every_subpackage():
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert subpackages - set(contract_layers()) == set()
+
+
+def test_the_documented_layer_order_is_the_contracts():
+    diagram = DOC.split("```", 2)[1]
+    # Each line starts with its layer names ("__main__, cli"), then two or more spaces.
+    heads = [re.split(r"\s{2,}", line.strip())[0] for line in diagram.strip().splitlines()]
+    assert [name for head in heads for name in head.split(", ")] == contract_layers()
