@@ -31,7 +31,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.evaluation.metrics import TransferAccuracy
-from spellxfer.models.registry import apply_fused_kernels, check_lora_state, compile_decoder_layers, quiet_peft_wrap
+from spellxfer.models.registry import (
+    apply_fused_kernels,
+    check_lora_state,
+    compile_decoder_layers,
+    quiet_peft_wrap,
+)
 from spellxfer.tasks.parsing import score
 
 # Wider than any layer a LoRA rank would sensibly adapt (Qwen3-4B's hidden size is 2560); the
