@@ -99,6 +99,7 @@ def _deployment_commands():
 
 def _commands() -> dict:
     from spellxfer.data.build import build
+    from spellxfer.data.checks import check_data
     from spellxfer.doctor import doctor
     from spellxfer.evaluation.compare import compare
     from spellxfer.evaluation.evaluate import evaluate
@@ -112,7 +113,8 @@ def _commands() -> dict:
         "eval": bench_eval,
     }
     commands = {
-        "data": {"_help": "Build the spelling / position / count datasets.", "build": build},
+        "data": {"_help": "Build the spelling / position / count datasets, or check a built one's splits.",
+                 "build": build, "check": check_data},
         "evaluate": evaluate,
         "compare": compare,
     }
