@@ -80,7 +80,8 @@ def reply_format(reply: str, word: str | None = None, question: str | None = Non
         asked = _normalised(_HINT.sub("", question))
         if asked and asked in _normalised(visible):
             return "echoed"
-    if sum(1 for t in tokens if len(t) > 1 and t.isalpha()) >= 2:
+    words = [t for t in tokens if t.isalpha()]
+    if len(words) >= 2 and any(len(w) > 1 for w in words):
         return "sentence"
     return "other"
 
