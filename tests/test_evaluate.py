@@ -76,6 +76,7 @@ def test_metrics_carry_subtasks_breakdowns_baselines_and_run_info(smollm2_run):
         lk, best = v["likelihood"], v["best_trivial"]
         assert 0 <= lk["ci_low"] <= lk["accuracy"] <= lk["ci_high"] <= 1 and lk["n"] == v["n"]
         assert lk["gold_mean_rank"] >= 1 and lk["gold_mean_logprob"] < 0
+        assert lk["constant_answer"] == (lk["top_answers"][0][1] > 0.5) and sum(x for _, x in lk["top_answers"]) <= 1
         assert best["accuracy"] == max(v["trivial_baselines"].values()) >= v["majority_baseline"]
         assert v["beats_trivial"] == (v["ci_low"] > best["accuracy"]) and lk["beats_trivial"] == (lk["ci_low"] > best["accuracy"])
         d = v["diagnostics"]

@@ -116,7 +116,7 @@ def test_trivial_baselines_on_known_answers():
 def test_reply_formats():
     q = "What is the 3rd letter of the word 'strawberry'? Reply with just the letter."
     cases = {"R.<|im_end|>": "bare", "**3**": "bare", "The third letter is r.": "sentence",
-             "S-T-R-A-W-B-E-R-R-Y": "spelled", "1. s\n2. t\n3. r": "spelled", "'Strawberry'": "echoed",
+             "S-T-R-A-W-B-E-R-R-Y": "letter_by_letter", "1. s\n2. t\n3. r": "letter_by_letter", "'Strawberry'": "echoed",
              "What is the 3rd letter of the word 'strawberry'?": "echoed", "": "other", "3 3": "other"}  # fmt: skip
     assert {reply: reply_format(reply, None, q) for reply in cases} == cases
 
@@ -155,7 +155,7 @@ def test_evaluate_both_scorers_on_a_file_from_elsewhere(tmp_path):
         assert set(entry["trivial_baselines"]) == {"majority", "best_constant"}
         assert 0 <= entry["likelihood"]["accuracy"] <= 1 and entry["likelihood"]["n"] == 2
         assert entry["best_trivial"]["accuracy"] == max(entry["trivial_baselines"].values())
-        assert set(entry["diagnostics"]["formats"]) == {"bare", "sentence", "spelled", "echoed", "other"}
+        assert set(entry["diagnostics"]["formats"]) == {"bare", "sentence", "letter_by_letter", "echoed", "other"}
     # position mixes a letter and an integer answer: the best constant per answer type gets both
     assert m["files"][str(f)]["position"]["trivial_baselines"] == {"majority": 0.5, "best_constant": 1.0}
     preds = read_jsonl(out / "predictions.jsonl")
@@ -223,4 +223,4 @@ def test_diagnostics_count_every_sample():
     d = answer_diagnostics(rows)
     assert d["no_answer_rate"] == 0.25 and d["top_answers"] == [["3", 0.5], ["4", 0.25]]
     assert d["constant_answer"] is False  # exactly half is not more than half
-    assert d["formats"] == {"bare": 2, "sentence": 1, "spelled": 0, "echoed": 0, "other": 1}
+    assert d["formats"] == {"bare": 2, "sentence": 1, "letter_by_letter": 0, "echoed": 0, "other": 1}

@@ -15,8 +15,8 @@ instead of answering) rather than its knowledge; these make the habits visible p
 
     * ``bare``: only an answer — one letter or one number, with optional punctuation,
       quotes or markup (``R.``, ``**3**``);
-    * ``spelled``: the word spelled out, three or more single letters in a row whatever the
-      separators or numbering (``S-T-R-A-W``, ``s, t, r``, ``1. s 2. t 3. r``);
+    * ``letter_by_letter``: the word written out, three or more single letters in a row
+      whatever the separators or numbering (``S-T-R-A-W``, ``s, t, r``, ``1. s 2. t 3. r``);
     * ``echoed``: the word itself (its letters, any case or quoting) or the question repeated;
     * ``sentence``: prose with at least two words (``The answer is 3.``);
     * ``other``: anything else, an empty reply included.
@@ -30,7 +30,8 @@ from collections.abc import Iterable, Mapping
 
 from spellxfer.models.metrics import strip_thinking
 
-FORMATS = ("bare", "sentence", "spelled", "echoed", "other")
+FORMATS = ("bare", "sentence", "letter_by_letter", "echoed", "other")
+"""Reply format classes (named so that no metrics.json key mentions spelling: none is reported)."""
 CONSTANT_SHARE = 0.5
 """An answer given in more than this share of a group's replies makes it a constant-answer group."""
 TOP_ANSWERS = 5
@@ -70,7 +71,7 @@ def reply_format(reply: str, word: str | None = None, question: str | None = Non
         run = run + 1 if len(t) == 1 else 0
         longest = max(longest, run)
     if longest >= 3:
-        return "spelled"
+        return "letter_by_letter"
     if word is None and question:
         m = _QUOTED_WORD.findall(question)
         word = m[-1] if m else None

@@ -502,9 +502,11 @@ def print_summary(metrics: dict, out: Path) -> None:
         table.add_row("[bold]transfer_score", f"{metrics['transfer_score']:.3f}", *[""] * (len(columns) - 2))
     console.print(table)
     console.print("✗: the 95% interval does not lie above the best trivial baseline (docs/evaluation.md#trivial-baselines)")
-    constant = [name for name, v in metrics["subtasks"].items() if v.get("diagnostics", {}).get("constant_answer")]
-    if constant:
-        console.print(f"[yellow]constant answer[/] (one answer in > 50% of replies): {', '.join(constant)}")
+    for scorer, block in (("replies", "diagnostics"), ("probe answers", "likelihood")):
+        constant = [f"{name} ({v[block]['top_answers'][0][0]!r})" for name, v in metrics["subtasks"].items()
+                    if v.get(block, {}).get("constant_answer")]  # fmt: skip
+        if constant:
+            console.print(f"[yellow]constant answer[/] (one answer in > 50% of {scorer}): {', '.join(constant)}")
     how = f" ({metrics['ci_method']} intervals)" if "ci_method" in metrics else ""
     console.print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}{how}")
 

@@ -120,14 +120,22 @@ def rank_answers(kind: str, gold: str, logprobs: Sequence[float]) -> ProbeResult
 
 def probe_summary(results: Sequence[ProbeResult], best_trivial: Mapping | None = None) -> dict:
     """metrics.json's ``likelihood`` block for one group of items (one result per item): accuracy
-    with a Wilson 95% interval, the gold answer's mean rank and mean log-probability, and whether
-    the interval lies above ``best_trivial`` (when given)."""
+    with a Wilson 95% interval, the gold answer's mean rank and mean log-probability, the probe's
+    own answer distribution (``top_answers``, ``constant_answer``: the rule of
+    :mod:`~spellxfer.evaluation.diagnostics`), and whether the interval lies above
+    ``best_trivial`` (when given)."""
+    from collections import Counter
+
+    from spellxfer.evaluation.diagnostics import CONSTANT_SHARE, TOP_ANSWERS
     from spellxfer.evaluation.stats import accuracy_summary
 
+    n = len(results)
     s = accuracy_summary([[r.correct] for r in results])
+    top = [[a, c / n] for a, c in Counter(r.answer for r in results).most_common(TOP_ANSWERS)]
     out = {"accuracy": s["accuracy"], "ci_low": s["ci_low"], "ci_high": s["ci_high"], "n": s["n"],
-           "gold_mean_rank": sum(r.gold_rank for r in results) / len(results),
-           "gold_mean_logprob": sum(r.gold_logprob for r in results) / len(results)}  # fmt: skip
+           "gold_mean_rank": sum(r.gold_rank for r in results) / n,
+           "gold_mean_logprob": sum(r.gold_logprob for r in results) / n,
+           "top_answers": top, "constant_answer": bool(top and top[0][1] > CONSTANT_SHARE)}  # fmt: skip
     if best_trivial is not None:
         out["beats_trivial"] = bool(s["ci_low"] > best_trivial["accuracy"])
     return out
