@@ -102,6 +102,7 @@ def _commands() -> dict:
     from spellxfer.bench.train import bench_train
     from spellxfer.core.doctor import doctor
     from spellxfer.data.build import build
+    from spellxfer.data.checks import check_data
     from spellxfer.evaluation.compare import compare
     from spellxfer.evaluation.evaluate import evaluate
 
@@ -111,7 +112,8 @@ def _commands() -> dict:
         "eval": bench_eval,
     }
     commands = {
-        "data": {"_help": "Build the spelling / position / count datasets.", "build": build},
+        "data": {"_help": "Build the spelling / position / count datasets, or check a built one's splits.",
+                 "build": build, "check": check_data},
         "evaluate": evaluate,
         "compare": compare,
     }

@@ -134,6 +134,11 @@ def _model_dir_without_a_model(root: Path) -> list:
             "--out", root / "out"]  # fmt: skip
 
 
+def _pool(*rows: dict, shots: int = 1) -> Callable[[Path], list]:
+    return lambda root: evaluate(write(root / "q.jsonl", jsonl(GOOD)), root, "--shots", str(shots), "--shot_pool",
+                                 write(root / "pool.jsonl", jsonl(*rows)))  # fmt: skip
+
+
 def _compare_to(content: str | None) -> Callable[[Path], list]:
     def build(root: Path) -> list:
         (root / "base").mkdir()
@@ -198,6 +203,19 @@ EVALUATE = {
     "max-new-tokens-zero": (_flag("--max_new_tokens", "0"), "max_new_tokens and samples must be ≥ 1"),
     "temperature-nan": (_flag("--temperature", "nan"), "Parser key \"temperature\""),
     "temperature-negative": (_flag("--temperature", "-1"), "temperature must be > 0"),
+    "scoring-unknown": (_flag("--scoring", "vibes"), "Parser key \"scoring\""),
+    "shots-too-many": (_flag("--shots", "17", "--shot_pool", "pool.jsonl"), "--shots must be an integer from 0 to 16"),
+    "shots-negative": (_flag("--shots", "-1", "--shot_pool", "pool.jsonl"), "--shots must be an integer from 0 to 16"),
+    "shots-without-a-pool": (_flag("--shots", "2"), "--shots needs a few-shot pool"),
+    "shot-pool-without-shots": (_flag("--shot_pool", "pool.jsonl"), "--shot_pool is only read with --shots K"),
+    "shot-pool-missing": (_flag("--shots", "1", "--shot_pool", "no-such-pool.jsonl"), "no-such-pool.jsonl: no such file"),
+    "shot-pool-shares-the-word": (_pool(GOOD | {"word": "cat"}),
+                                  "pool.jsonl:1: few-shot example word 'cat' is also evaluated ("),
+    "shot-pool-too-small": (_pool(GOOD | {"question": "Q?", "word": "dog"}, shots=2),
+                            "q.jsonl:1: --shots 2 needs 2 examples of subtask word_length in"),
+    "answer-above-the-probe-limit": (lambda root: evaluate(write(root / "q.jsonl", jsonl(GOOD | {"answer": 1001})), root,
+                                                           "--scoring", "likelihood"),
+                                     "q.jsonl:1: answer 1001 is above the likelihood probe's limit of 1,000"),
     # where the model and the output come from
     "model-dir-without-a-model": (_model_dir_without_a_model, "cannot load a model there"),
     "out-is-a-file": (_out_is_a_file, "exists and is not a directory"),
@@ -208,6 +226,11 @@ EVALUATE = {
     "compare-to-row-without-correct": (_compare_to(jsonl({"file": "q.jsonl", "id": "1", "task": "count",
                                                           "subtask": None})), "predictions.jsonl:1: no field 'correct'"),
     "compare-to-deep-nesting": (_compare_to(DEEP + "\n"), "predictions.jsonl:1: JSON nested too deeply"),
+    "compare-to-correct-null": (_compare_to(jsonl({"file": "q.jsonl", "id": "1", "task": "count", "subtask": None,
+                                                   "correct": None})), "predictions.jsonl:1: correct null is not true or false"),
+    "compare-to-likelihood-not-bool": (_compare_to(jsonl({"file": "q.jsonl", "id": "1", "task": "count", "subtask": None,
+                                                          "correct": True, "likelihood_correct": "yes"})),
+                                       "predictions.jsonl:1: likelihood_correct \"yes\" is not true or false"),
 }  # fmt: skip
 
 

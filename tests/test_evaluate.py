@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -53,6 +54,15 @@ def test_predictions_rescore_to_the_reported_accuracy(smollm2_run, demo_data):
     # raw replies: real text from the real model, end-of-turn marker kept, prompt not included
     assert all(p["output"].endswith("<|im_end|>") for p in preds if len(p["output"]) < 200)
     assert not any("<|im_start|>" in p["output"] for p in preds)
+    # the exact prompt, and the probe's verdict re-derived from its own fields
+    for p in preds:
+        assert p["prompt"].endswith(p["question"] + "<|im_end|>\n<|im_start|>assistant\n")
+        assert p["likelihood_prompt"].startswith(p["prompt"]) and p["likelihood_prompt"].endswith('"')
+        assert p["likelihood_correct"] == (p["likelihood_answer"] == p["answer"])
+        assert p["gold_rank"] == 1 or not p["likelihood_correct"]
+    for task in ("position", "count"):
+        rows = [p for p in preds if p["task"] == task]
+        assert metrics[f"{task}_likelihood_accuracy"] == pytest.approx(sum(p["likelihood_correct"] for p in rows) / len(rows))
 
 
 def test_metrics_carry_subtasks_breakdowns_baselines_and_run_info(smollm2_run):
@@ -61,6 +71,18 @@ def test_metrics_carry_subtasks_breakdowns_baselines_and_run_info(smollm2_run):
                                   "count/letter_count"}  # fmt: skip
     for v in m["subtasks"].values():
         assert 0 <= v["ci_low"] <= v["accuracy"] <= v["ci_high"] <= 1 and 0 < v["majority_baseline"] < 1
+    assert m["scoring"] == "both"  # the default: generation and the likelihood probe
+    for v in m["subtasks"].values():
+        lk, best = v["likelihood"], v["best_trivial"]
+        assert 0 <= lk["ci_low"] <= lk["accuracy"] <= lk["ci_high"] <= 1 and lk["n"] == v["n"]
+        assert lk["gold_mean_rank"] >= 1 and lk["gold_mean_logprob"] < 0
+        assert lk["constant_answer"] == (lk["top_answers"][0][1] > 0.5) and sum(x for _, x in lk["top_answers"]) <= 1
+        assert best["accuracy"] == max(v["trivial_baselines"].values()) >= v["majority_baseline"]
+        assert v["beats_trivial"] == (v["ci_low"] > best["accuracy"]) and lk["beats_trivial"] == (lk["ci_low"] > best["accuracy"])
+        d = v["diagnostics"]
+        assert sum(d["formats"].values()) == v["n"] and 0 <= d["no_answer_rate"] <= 1
+    assert "first_letter" in m["subtasks"]["position/nth_letter"]["trivial_baselines"]
+    assert "always_1" in m["subtasks"]["position/letter_index"]["trivial_baselines"]
     assert set(m["breakdowns"]) == {"word_length", "n_tokens", "word_kind", "letter_position"}
     assert sum(b["n"] for b in m["breakdowns"]["word_kind"]["count"].values()) == 30
     assert set(m["breakdowns"]["letter_position"]) == {"position"}  # only nth_letter rows carry a position
@@ -138,7 +160,8 @@ def test_compare_to_in_evaluate(smollm2_run, demo_data, tmp_path):
     assert c["n_common_items"] == 60 and set(c["groups"]) >= {"position", "count"}
     report = (out / "compare.md").read_text()
     assert "evaluated on position and count only" in report
-    assert f"| position | {c['groups']['position']['acc_a']:.3f} |" in report
+    assert re.search(rf"\| position \| {c['groups']['position']['acc_a']:.3f}( ✗)? \|", report)
+    assert "## Likelihood probe" in report and c["likelihood_groups"]["count"]["n"] == 30
     base = json.loads((smollm2_run / "metrics.json").read_text())
     assert c["groups"]["position"]["acc_a"] == pytest.approx(base["position_accuracy"])
 

@@ -8,7 +8,18 @@ Order of work, which is what makes the splits leak-free:
 2. training words = the English-only Qwen3 token subset minus every evaluation word, minus any
    word whose reversal is an evaluation word (reversed spelling would spell it out);
 3. rows: spelling questions for training words only; position and count questions for evaluation
-   words only, with answers balanced so that no answer is more than 40% of a subtask.
+   words only, with ``letter_index`` and ``letter_count`` answers rebalanced (below);
+4. a few-shot pool (``fewshot_pool.jsonl``): solved position and count questions about words of
+   their own, drawn like evaluation words and disjoint from training, validation and test words,
+   for ``evaluate --shots K``.
+
+Answer balance: ``letter_index`` asks about a letter drawn uniformly from the word's distinct
+letters unless its answer already holds :data:`LETTER_INDEX_CAP` of the split's rows (then about
+another letter); ``letter_count`` picks the letter whose count is the least-used answer so far
+among those the word allows. No ``letter_index`` answer can exceed 15%; ``letter_count`` comes
+close to the lowest largest share its words allow: only words with a letter repeated 3+ times
+can have an answer above 2 (about a fifth of them), so one of 0, 1, 2 holds at least a third of
+the rest (≈ 25%; docs/data.md#answer-balance).
 
 Trained on spelling, evaluated on position and count only: no position or count question is ever
 written to the training file.
@@ -31,6 +42,7 @@ from rich.table import Table
 from spellxfer import __version__
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
+from spellxfer.data.checks import split_problems
 from spellxfer.data.words import (
     LENGTH_SHARES,
     NONCE_SHARE,
@@ -52,23 +64,28 @@ class Profile:
     test_words: int
     train_words: int | None  # None: every eligible word of the token subset
     rows_per_train_word: int  # `spell` plus this many − 1 other spelling subtasks
+    shot_words: int  # few-shot pool words, each with one solved question per subtask
 
 
 PROFILES = {
     # CPU demo: a few minutes of fit and evaluation with the embedded 135M model.
-    "demo": Profile(val_words=40, test_words=100, train_words=600, rows_per_train_word=2),
+    "demo": Profile(val_words=40, test_words=100, train_words=600, rows_per_train_word=2, shot_words=20),
     # The real experiment: ≥ 50k training rows, ≥ 1k validation and ≥ 5k test rows per task.
-    "full": Profile(val_words=600, test_words=2600, train_words=None, rows_per_train_word=3),
+    "full": Profile(val_words=600, test_words=2600, train_words=None, rows_per_train_word=3, shot_words=100),
 }
+FEWSHOT_FILE = "fewshot_pool.jsonl"
 FILES = ("spelling_train.jsonl", "position_val.jsonl", "position_test.jsonl", "count_val.jsonl", "count_test.jsonl")
-# letter_count answer mix: 0, 1, 2 and 3+ all well represented, none above 40%.
-COUNT_TARGET = {"0": 0.30, "1": 0.30, "2": 0.25, "3+": 0.15}
+"""What fit and evaluation need; the few-shot pool is written beside them (only ``--shots`` reads it)."""
+LETTER_INDEX_CAP = 0.15
+"""Most rows of a split one letter_index answer may hold (the natural share of "1" is ~18%, and
+always answering "1" would otherwise be a strong trivial baseline)."""
 
 
 def build(out: str, profile: Literal["demo", "full"] = "demo", seed: int = 0, overwrite: bool = False) -> int:
     """Build spelling training data and position / count evaluation sets.
 
     Writes spelling_train.jsonl, position_{val,test}.jsonl, count_{val,test}.jsonl,
+    fewshot_pool.jsonl (solved examples for ``evaluate --shots``, about words of their own),
     qwen3_english_tokens.json and manifest.json. The same seed gives byte-identical files.
 
     Args:
@@ -97,8 +114,9 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
 
     with console.status("choosing evaluation words"):
         rng = random.Random(f"spellxfer-eval-words-{seed}")
-        val_words, test_words = _choose_eval_words(rng, tok, prof, banned)
-        eval_set = set(val_words) | set(test_words)
+        val_words, test_words, shot_words = _choose_eval_words(rng, tok, prof, banned)
+        # the few-shot pool's words are shown to the model at evaluation: kept out of training too
+        eval_set = set(val_words) | set(test_words) | set(shot_words)
 
     train_pool = sorted(
         w for w in {e[2] for e in subset["entries"]} if w not in eval_set and w[::-1] not in eval_set
@@ -114,8 +132,14 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
         pos, cnt = _eval_rows(rng, words)
         files[f"position_{split}.jsonl"] = _with_ids(pos, f"position_{split}")
         files[f"count_{split}.jsonl"] = _with_ids(cnt, f"count_{split}")
+    rng = random.Random(f"spellxfer-shots-{seed}")
+    pos, cnt = _eval_rows(rng, shot_words)
+    files[FEWSHOT_FILE] = _with_ids(pos + cnt, FEWSHOT_FILE.removesuffix(".jsonl"))
     _add_n_tokens(tok, [r for name, rows in files.items() if name != "spelling_train.jsonl" for r in rows])
     _assert_leak_free(train_rows, eval_set)
+    problems = split_problems(files)
+    if problems:
+        raise RuntimeError(f"split overlap: {problems[0]}")
 
     manifest = {
         "spellxfer_version": __version__,
@@ -131,7 +155,7 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
         "distinct_words": {},
         "sha256": {},
     }
-    for name in FILES:
+    for name in (*FILES, FEWSHOT_FILE):
         rows = files[name]
         write_jsonl(tmp / name, rows)
         manifest["rows"][name] = {"total": len(rows), **dict(sorted(Counter(r["subtask"] for r in rows).items()))}
@@ -154,9 +178,11 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
     return manifest
 
 
-def _choose_eval_words(rng: random.Random, tok, prof: Profile, banned: frozenset[str]) -> tuple[list[str], list[str]]:
-    """Disjoint validation and test words, each split stratified by length, token count and kind."""
-    sizes = {"val": prof.val_words, "test": prof.test_words}
+def _choose_eval_words(rng: random.Random, tok, prof: Profile,
+                       banned: frozenset[str]) -> tuple[list[str], list[str], list[str]]:  # fmt: skip
+    """Disjoint validation, test and few-shot pool words, each stratified by length, token count
+    and kind. The pool is drawn last, so adding it left the validation and test words unchanged."""
+    sizes = {"val": prof.val_words, "test": prof.test_words, "shots": prof.shot_words}
     n_nonce = {k: max(2, -(-n * NONCE_SHARE // 1)) for k, n in sizes.items()}  # ceil, ≥ 10% of rows
     n_english = {k: int(n - n_nonce[k]) for k, n in sizes.items()}
     # Per length bucket, draw from the most frequent 4× quota candidates: common words, not the
@@ -177,7 +203,7 @@ def _choose_eval_words(rng: random.Random, tok, prof: Profile, banned: frozenset
     known = english_words(150_000)
     seen: set[str] = set()
     chosen: dict[str, list[str]] = {}
-    for split in ("val", "test"):
+    for split in ("val", "test", "shots"):
         words: list[str] = []
         for b, _, _ in LENGTH_BUCKETS:
             quota = round(n_english[split] * LENGTH_SHARES[b])
@@ -211,7 +237,7 @@ def _choose_eval_words(rng: random.Random, tok, prof: Profile, banned: frozenset
             words.append(w)
             seen.add(w)
         chosen[split] = sorted(words)
-    return chosen["val"], chosen["test"]
+    return chosen["val"], chosen["test"], chosen["shots"]
 
 
 def _spelling_rows(rng: random.Random, words: list[str], per_word: int) -> list[dict]:
@@ -229,6 +255,8 @@ def _eval_rows(rng: random.Random, words: list[str]) -> tuple[list[dict], list[d
     english = english_words(150_000)
     position, count = [], []
     count_seen: Counter = Counter()
+    index_seen: Counter = Counter()
+    index_cap = max(1, int(LETTER_INDEX_CAP * len(words)))
     for w in words:
         kind = "english" if w in english else "nonce"
         base = {"word": w, "word_kind": kind}
@@ -238,7 +266,7 @@ def _eval_rows(rng: random.Random, words: list[str]) -> tuple[list[dict], list[d
         position.append({"task": "position", "subtask": "nth_letter", "question": q, "answer": a,
                          **base, "letter": None, "position": pos})  # fmt: skip
 
-        letter = rng.choice(sorted(set(w)))
+        letter = _capped_index_letter(rng, w, index_seen, index_cap)
         q, a = T.letter_index_question(rng, w, letter)
         position.append({"task": "position", "subtask": "letter_index", "question": q, "answer": a,
                          **base, "letter": letter, "position": None})  # fmt: skip
@@ -256,16 +284,30 @@ def _eval_rows(rng: random.Random, words: list[str]) -> tuple[list[dict], list[d
     return position, count
 
 
+def _capped_index_letter(rng: random.Random, word: str, seen: Counter, cap: int) -> str:
+    """A letter of ``word`` drawn uniformly from those whose first position (the answer) is still
+    below ``cap`` rows; if every one is at the cap, one with the least-used answer."""
+    first = {c: word.index(c) + 1 for c in sorted(set(word))}
+    options = [c for c, p in first.items() if seen[p] < cap]
+    if not options:
+        least = min(seen[p] for p in first.values())
+        options = [c for c, p in first.items() if seen[p] == least]
+    letter = rng.choice(options)
+    seen[first[letter]] += 1
+    return letter
+
+
 def _balanced_count_letter(rng: random.Random, word: str, seen: Counter) -> str:
-    """Pick the letter whose count in ``word`` best fills the most under-represented answer class."""
+    """A letter whose count in ``word`` (0 for a letter it lacks) is the least-used answer so far
+    among those the word allows; ties go to the larger answer, the scarcer one (only words with a
+    repeated letter allow 2, 3, …), then to a random letter."""
     counts = Counter(word)
-    by_class: dict[str, list[str]] = {"0": sorted(set("abcdefghijklmnopqrstuvwxyz") - set(counts))}
-    for c, k in counts.items():
-        by_class.setdefault(str(k) if k < 3 else "3+", []).append(c)
-    total = sum(seen.values()) + 1
-    cls = max((c for c in COUNT_TARGET if by_class.get(c)), key=lambda c: COUNT_TARGET[c] - seen[c] / total)
-    seen[cls] += 1
-    return rng.choice(sorted(by_class[cls]))
+    by_answer: dict[int, list[str]] = {0: sorted(set("abcdefghijklmnopqrstuvwxyz") - set(counts))}
+    for c, k in sorted(counts.items()):
+        by_answer.setdefault(k, []).append(c)
+    answer = min(by_answer, key=lambda k: (seen[k], -k))
+    seen[answer] += 1
+    return rng.choice(by_answer[answer])
 
 
 def _with_ids(rows: list[dict], stem: str) -> list[dict]:

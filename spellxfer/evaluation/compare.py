@@ -1,8 +1,11 @@
 """Paired comparison of two evaluation runs on the same items (base vs fine-tuned).
 
 Per task and subtask: the accuracy difference (other − base) with a paired bootstrap 95%
-interval over items, and an exact McNemar p-value on the discordant items. Items are matched by
-(question file name, id); only items present in both runs are compared, and the count is reported.
+interval over items, and an exact McNemar p-value on the discordant items, for generation scoring
+and, where both runs have it, for the likelihood probe. Beside each accuracy: the best trivial
+baseline on the same items (:mod:`~spellxfer.evaluation.baselines`) and whether the accuracy's
+95% interval lies above it. Items are matched by (question file name, id); only items present in
+both runs are compared, and the count is reported.
 """
 
 from __future__ import annotations
@@ -16,20 +19,28 @@ from rich.table import Table
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, check_output_file, iter_jsonl, snippet
-from spellxfer.evaluation.stats import paired_comparison
+from spellxfer.evaluation.baselines import beats, best_trivial, trivial_baselines
+from spellxfer.evaluation.stats import accuracy_summary, paired_comparison
 from spellxfer.tasks.names import TASKS
 from spellxfer.tasks.questions import check_breakdown_fields
 
 
 def compare_predictions(base: list[dict], other: list[dict], base_name: str = "base", other_name: str = "other") -> dict:
-    """Paired differences between two predictions.jsonl row lists."""
+    """Paired differences between two predictions.jsonl row lists: ``groups`` for generation
+    scoring, ``likelihood_groups`` for the probe (when both runs ran it). Each group also carries
+    ``best_trivial`` and ``a_beats_trivial`` / ``b_beats_trivial`` (the base's and the other run's
+    95% interval above it)."""
 
     def per_item(rows: list[dict]) -> dict[tuple[str, str], dict]:
         acc: dict[tuple[str, str], dict] = {}
         for r in rows:
             key = (Path(r["file"]).name, r["id"])
-            e = acc.setdefault(key, {"task": r["task"], "subtask": r.get("subtask"), "scores": []})
-            e["scores"].append(1.0 if r["correct"] else 0.0)
+            e = acc.setdefault(key, {"task": r["task"], "subtask": r.get("subtask"), "answer": r.get("answer"),
+                                     "word": r.get("word"), "scores": [], "probe": None})  # fmt: skip
+            if r["correct"] is not None:
+                e["scores"].append(r["correct"])
+            if isinstance(r.get("likelihood_correct"), bool):
+                e["probe"] = r["likelihood_correct"]
         return acc
 
     a, b = per_item(base), per_item(other)
@@ -50,10 +61,25 @@ def compare_predictions(base: list[dict], other: list[dict], base_name: str = "b
         "method": "paired bootstrap 95% CI of (other − base) over items; exact McNemar test",
         "groups": {},
     }
-    for name in sorted(groups, key=lambda g: (g.split("/")[0] not in TASKS, TASKS.index(g.split("/")[0]), g)):
-        keys = groups[name]
-        mean = lambda e: sum(e["scores"]) / len(e["scores"])  # noqa: E731
-        out["groups"][name] = paired_comparison([mean(a[k]) for k in keys], [mean(b[k]) for k in keys])
+    order = sorted(groups, key=lambda g: (g.split("/")[0] not in TASKS, TASKS.index(g.split("/")[0]), g))
+
+    def compared(keys, verdicts) -> dict:
+        """paired_comparison of per-item verdict lists, with the trivial baseline beside each side."""
+        va, vb = [verdicts(a[k]) for k in keys], [verdicts(b[k]) for k in keys]
+        g = paired_comparison([sum(v) / len(v) for v in va], [sum(v) / len(v) for v in vb])
+        # baselines need the gold answers, which older prediction files may lack
+        if all(a[k]["answer"] is not None for k in keys):
+            best = best_trivial(trivial_baselines(a[k] for k in keys))
+            g |= {"best_trivial": best, "a_beats_trivial": beats(accuracy_summary(va)["ci_low"], best),
+                  "b_beats_trivial": beats(accuracy_summary(vb)["ci_low"], best)}  # fmt: skip
+        return g
+
+    for name in order:
+        keys = [k for k in groups[name] if a[k]["scores"] and b[k]["scores"]]
+        if keys:
+            out["groups"][name] = compared(keys, lambda e: e["scores"])
+    if all(a[k]["probe"] is not None and b[k]["probe"] is not None for k in common):
+        out["likelihood_groups"] = {name: compared(groups[name], lambda e: [e["probe"]]) for name in order}
     return out
 
 
@@ -63,26 +89,38 @@ def comparison_markdown(c: dict) -> str:
         f"# {c['other']} vs {c['base']}",
         "",
         "Trained on spelling only; evaluated on position and count only. "
-        f"{c['n_common_items']} items in both runs; {c['method']}.",
-        "",
-        "| group | base | other | Δ (other − base) | 95% CI of Δ | McNemar p | n |",
-        "|---|---|---|---|---|---|---|",
+        f"{c['n_common_items']} items in both runs; {c['method']}. "
+        "Best trivial: the best answer rule that never reads the word's letters, on the same items "
+        "(docs/evaluation.md#trivial-baselines); ✗ marks an accuracy whose 95% interval does not lie above it.",
     ]
-    for name, g in c["groups"].items():
-        lines.append(f"| {name} | {g['acc_a']:.3f} | {g['acc_b']:.3f} | {g['diff']:+.3f} | "
-                     f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] | {g['mcnemar_p']:.3g} | {g['n']} |")  # fmt: skip
+    for title, key in (("Generation (parsed replies)", "groups"), ("Likelihood probe", "likelihood_groups")):
+        if not c.get(key):
+            continue
+        lines += ["", f"## {title}", "",
+                  "| group | base | other | best trivial | Δ (other − base) | 95% CI of Δ | McNemar p | n |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, g in c[key].items():
+            flag = {side: " ✗" if g.get(f"{side}_beats_trivial") is False else "" for side in ("a", "b")}
+            best = f"{g['best_trivial']['accuracy']:.3f} ({g['best_trivial']['name']})" if "best_trivial" in g else "–"
+            lines.append(f"| {name} | {g['acc_a']:.3f}{flag['a']} | {g['acc_b']:.3f}{flag['b']} | {best} | {g['diff']:+.3f} | "
+                         f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] | {g['mcnemar_p']:.3g} | {g['n']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def print_comparison(c: dict) -> None:
-    table = Table(title=f"paired comparison: {c['other']} − {c['base']} ({c['n_common_items']} common items)")
-    for col in ("group", "base", "other", "Δ", "95% CI of Δ", "McNemar p", "n"):
-        table.add_column(col, justify="left" if col == "group" else "right")
-    for name, g in c["groups"].items():
-        table.add_row(("  " if "/" in name else "[bold]") + name, f"{g['acc_a']:.3f}", f"{g['acc_b']:.3f}",
-                      f"{g['diff']:+.3f}", f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]", f"{g['mcnemar_p']:.3g}",
-                      str(g["n"]))  # fmt: skip
-    Console().print(table)
+    for title, key in (("generation", "groups"), ("likelihood probe", "likelihood_groups")):
+        if not c.get(key):
+            continue
+        table = Table(title=f"paired comparison ({title}): {c['other']} − {c['base']} ({c['n_common_items']} common items)")
+        for col in ("group", "base", "other", "best trivial", "Δ", "95% CI of Δ", "McNemar p", "n"):
+            table.add_column(col, justify="left" if col == "group" else "right")
+        for name, g in c[key].items():
+            flag = {side: " [red]✗[/]" if g.get(f"{side}_beats_trivial") is False else "" for side in ("a", "b")}
+            best = f"{g['best_trivial']['accuracy']:.3f}" if "best_trivial" in g else ""
+            table.add_row(("  " if "/" in name else "[bold]") + name, f"{g['acc_a']:.3f}{flag['a']}",
+                          f"{g['acc_b']:.3f}{flag['b']}", best, f"{g['diff']:+.3f}",
+                          f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]", f"{g['mcnemar_p']:.3g}", str(g["n"]))  # fmt: skip
+        Console().print(table)
 
 
 def compare(base: str, other: str, out: str | None = None) -> int:
@@ -110,7 +148,8 @@ def read_predictions(d: Path) -> list[dict]:
     use them; a missing file or a bad line is a one-line user error naming ``file:line``.
 
     Each row is an object with text ``file``, a text or integer ``id``, ``task`` position or count,
-    ``subtask`` text or null, ``correct`` true or false, an optional ``sample`` (integer ≥ 0), and
+    ``subtask`` text or null, ``correct`` true or false (null in a ``--scoring likelihood`` run,
+    whose rows carry ``likelihood_correct`` true or false), an optional ``sample`` (integer ≥ 0), and
     the breakdown fields ``evaluate`` copies from the question (``word`` … ``n_tokens``), if any,
     of the types a question file allows. One (file name, id, sample) appears once, and an item
     keeps one task.
@@ -130,6 +169,10 @@ def read_predictions(d: Path) -> list[dict]:
                 raise SpellxferError(f"{where}: no field {key!r} (an evaluate prediction row has {', '.join(k for k, _, _ in _PREDICTION_FIELDS)})")
             if not ok(row[key]):
                 raise SpellxferError(f"{where}: {key} {snippet(row[key])} is not {expected}")
+        if "likelihood_correct" in row and not isinstance(row["likelihood_correct"], bool):
+            raise SpellxferError(f"{where}: likelihood_correct {snippet(row['likelihood_correct'])} is not true or false")
+        if row["correct"] is None and "likelihood_correct" not in row:
+            raise SpellxferError(f"{where}: correct null is not true or false (null only beside a likelihood_correct)")
         sample = row.get("sample", 0)
         if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
             raise SpellxferError(f"{where}: sample {snippet(sample)} is not an integer ≥ 0")
@@ -153,5 +196,5 @@ _PREDICTION_FIELDS = (
     ("id", lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)), "text or an integer"),
     ("task", lambda v: v in TASKS, f"{' or '.join(TASKS)}"),
     ("subtask", lambda v: v is None or isinstance(v, str), "text or null"),
-    ("correct", lambda v: isinstance(v, bool), "true or false"),
+    ("correct", lambda v: v is None or isinstance(v, bool), "true or false"),
 )

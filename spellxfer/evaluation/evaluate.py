@@ -1,10 +1,13 @@
-"""``python -m spellxfer evaluate``: generation-scored position / count accuracy with 95% intervals.
+"""``python -m spellxfer evaluate``: position / count accuracy with 95% intervals, by generation
+and by the likelihood probe, beside trivial baselines and answer diagnostics.
 
-Lifecycle: validate inputs (question files, output dir, model name) → load model (+ adapter) →
-generate replies with the shared engine → parse and score every reply → aggregate with the same
-torchmetrics metric Lightning validation uses → intervals and breakdowns → write
-``predictions.jsonl`` and ``metrics.json`` atomically → summary table (→ optional paired
-comparison against another run).
+Lifecycle: validate inputs (question files, output dir, model name, few-shot pool) → load model
+(+ adapter) → generate replies with the shared engine → parse and score every reply → rank the
+candidate answers with the likelihood probe (:mod:`~spellxfer.evaluation.likelihood`) →
+aggregate with the same torchmetrics metric Lightning validation uses → intervals, trivial
+baselines (:mod:`~spellxfer.evaluation.baselines`), diagnostics
+(:mod:`~spellxfer.evaluation.diagnostics`) and breakdowns → write ``predictions.jsonl`` and
+``metrics.json`` atomically → summary table (→ optional paired comparison against another run).
 
 Evaluation is position and count only; the model was (at most) trained on spelling.
 """
@@ -31,12 +34,16 @@ from spellxfer.core.outputs import (
     write_json,
     write_jsonl,
 )
+from spellxfer.evaluation import fewshot
+from spellxfer.evaluation.baselines import baseline_fields, beats
 from spellxfer.evaluation.compare import (
     compare_predictions,
     comparison_markdown,
     print_comparison,
     read_predictions,
 )
+from spellxfer.evaluation.diagnostics import answer_diagnostics
+from spellxfer.evaluation.likelihood import ProbeResult, probe_items, probe_summary, too_large_answer
 from spellxfer.evaluation.metrics import TransferAccuracy
 from spellxfer.evaluation.stats import accuracy_summary
 from spellxfer.models.generation import (
@@ -45,12 +52,14 @@ from spellxfer.models.generation import (
     timed_generate,
 )
 from spellxfer.tasks.buckets import length_bucket, token_bucket
+from spellxfer.tasks.chat import format_chat
 from spellxfer.tasks.names import TASKS
 from spellxfer.tasks.parsing import score
 from spellxfer.tasks.questions import Item, load_questions
 
 console = Console()
 MAX_SEED = 2**32 - 1  # the engine derives per-batch torch seeds from it; this keeps them in range
+Scoring = Literal["generation", "likelihood", "both"]
 
 
 def evaluate(
@@ -74,13 +83,17 @@ def evaluate(
     device: str = "auto",
     compare_to: str | None = None,
     overwrite: bool = False,
+    scoring: Scoring | None = None,
+    shots: int = 0,
+    shot_pool: str | None = None,
 ) -> int:
-    """Score a model on position / count questions by generation and answer parsing.
+    """Score a model on position / count questions by generation and answer parsing, and by the
+    likelihood probe (which answer the model finds most likely in a fixed answer frame).
 
-    Writes DIR/predictions.jsonl (one row per item and sample, with the raw reply) and
-    DIR/metrics.json (accuracies with 95% intervals, per subtask, per file, breakdowns, majority
-    baselines). Sampling defaults come from configs/models/qwen3_config.yaml (T 0.6, top-p 0.95,
-    top-k 20, min-p 0).
+    Writes DIR/predictions.jsonl (one row per item and sample, with the prompt, the raw reply and
+    the probe's answer) and DIR/metrics.json (accuracies with 95% intervals, per subtask, per
+    file, breakdowns, trivial baselines, answer diagnostics). Sampling defaults come from
+    configs/models/qwen3_config.yaml (T 0.6, top-p 0.95, top-k 20, min-p 0).
 
     Args:
         model: smollm2-135m, tiny-qwen3, qwen3-4b-shape, a hub id or a local model directory.
@@ -106,6 +119,13 @@ def evaluate(
         compare_to: Another evaluate output directory; writes DIR/compare.json and DIR/compare.md
             with paired differences (this run − that run).
         overwrite: Replace a non-empty output directory.
+        scoring: ``generation`` (parse generated replies), ``likelihood`` (the probe only) or
+            ``both``. Default: both, or generation alone when an integer answer is above the
+            probe's limit (1,000; it scores every integer up to the answer).
+        shots: Solved examples of the same subtask put before each question as earlier chat
+            turns (0 to 16; default 0, zero-shot).
+        shot_pool: The few-shot examples' question file; default: fewshot_pool.jsonl beside the
+            first question file (``data build`` writes it, disjoint from every split).
     """
     from spellxfer.models.registry import check_model_name
 
@@ -124,29 +144,53 @@ def evaluate(
         read_predictions(Path(compare_to))  # fail now, not after an hour of generation
     if batch_size is not None and batch_size < 1:
         raise SpellxferError(f"--batch_size must be ≥ 1, got {batch_size}")
+    scoring = resolve_scoring(scoring, items)
+    pool = None
+    if shots:
+        pool_path = fewshot.resolve_pool(shot_pool, list(questions))
+        pool = fewshot.load_pool(pool_path, items, shots)
+    elif shot_pool is not None:
+        raise SpellxferError("--shot_pool is only read with --shots K (K ≥ 1)")
+    conversations = [fewshot.conversation(it, pool, shots) for it in items]
     device = resolve_device(device)
 
     lm, tokenizer = load_for_generation(model, adapter, device)
-    engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size or "auto")
-    replies, seconds = timed_generate(engine, [it.question for it in items], label=f"evaluating {model}")
+    replies, seconds, engine = None, 0.0, None
+    if scoring != "likelihood":
+        engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size or "auto")
+        replies, seconds = timed_generate(engine, [it.question for it in items], label=f"evaluating {model}",
+                                          conversations=conversations)  # fmt: skip
+    probe, probe_prompts, probe_seconds, scorer = None, None, 0.0, None
+    if scoring != "generation":
+        probe, probe_prompts, probe_seconds, scorer = probe_items(lm, tokenizer, items, conversations,
+                                                                  batch_size=batch_size or "auto",
+                                                                  label=f"probing {model}")  # fmt: skip
 
-    predictions = list(score_items(items, replies))
-    metrics = summarise(items, predictions)
+    prompts = [format_chat(tokenizer, c) for c in conversations]
+    predictions = list(score_items(items, replies, prompts, probe, probe_prompts))
+    metrics = summarise(items, predictions, probe)
+    metrics["scoring"] = scoring
     metrics["run"] = {
         "model": model,
         "adapter": adapter,
+        "scoring": scoring,
+        "shots": shots,
+        "shot_pool": pool_path if shots else None,
         "sampling": asdict(sampling),
-        "batch_size": engine.last_batch_size,
-        "decoder": engine.resolve_path(next(lm.parameters()).device),
+        "batch_size": engine.last_batch_size if engine else None,
+        "decoder": engine.resolve_path(next(lm.parameters()).device) if engine else None,
         "questions": list(questions),
         "limit": limit,
         "n_items": len(items),
         "seconds": round(seconds, 2),
         "items_per_second": round(len(items) / seconds, 2) if seconds else None,
+        "likelihood": {"path": scorer.path, "batch_size": scorer.last_batch_size, "seconds": round(probe_seconds, 2),
+                       "items_per_second": round(len(items) / probe_seconds, 2) if probe_seconds else None}
+        if scorer else None,
         "device": str(next(lm.parameters()).device),
         "versions": package_versions(),
         "policy": "trained on spelling only; evaluated on position and count only",
-    }
+    }  # fmt: skip
     comparison = None
     with atomic_output_dir(out, overwrite) as tmp:
         write_jsonl(tmp / "predictions.jsonl", predictions)
@@ -160,6 +204,20 @@ def evaluate(
     if comparison is not None:
         print_comparison(comparison)
     return 0
+
+
+def resolve_scoring(scoring: str | None, items: list[Item]) -> str:
+    """``--scoring`` checked against the items: the default is ``both``, or ``generation`` where
+    an answer is beyond the probe's candidate limit (an explicit likelihood / both is then an error)."""
+    if scoring is not None and scoring not in ("generation", "likelihood", "both"):
+        raise SpellxferError(f"--scoring must be generation, likelihood or both, got {scoring!r}")
+    problem = too_large_answer(items) if scoring != "generation" else None
+    if problem is None:
+        return scoring or "both"
+    if scoring is None:
+        console.print(f"[yellow]scoring by generation only:[/] {problem}")
+        return "generation"
+    raise SpellxferError(f"{problem}; use --scoring generation")
 
 
 def resolve_device(device: str) -> str:
@@ -255,12 +313,16 @@ def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
     return lm, tokenizer
 
 
-def score_items(items: list[Item], replies: list[list[str]]):
-    """One prediction row per item and sample: the raw reply, what it parses to, and whether it's right."""
-    for it, outs in zip(items, replies):
+def score_items(items: list[Item], replies: list[list[str]] | None, prompts: list[str] | None = None,
+                probe: list[ProbeResult] | None = None, probe_prompts: list[str] | None = None):  # fmt: skip
+    """One prediction row per item and sample: the prompt, the raw reply, what it parses to, whether
+    it's right, and the probe's verdict (the same on every sample of an item). Without replies
+    (``--scoring likelihood``) one row per item whose ``output``, ``parsed`` and ``correct`` are null."""
+    for i, it in enumerate(items):
+        outs = replies[i] if replies is not None else [None]
         for k, output in enumerate(outs):
-            parsed, correct = score(output, it.answer)
-            yield {
+            parsed, correct = score(output, it.answer) if output is not None else (None, None)
+            row = {
                 "id": it.id,
                 "file": it.file,
                 "sample": k,
@@ -273,38 +335,74 @@ def score_items(items: list[Item], replies: list[list[str]]):
                 "correct": correct,
                 **{k2: it.meta[k2] for k2 in ("word", "letter", "position", "word_kind", "n_tokens") if k2 in it.meta},
             }
+            if prompts is not None:
+                row["prompt"] = prompts[i]
+            if probe is not None:
+                row |= {"likelihood_prompt": probe_prompts[i], "likelihood_answer": probe[i].answer,
+                        "likelihood_correct": probe[i].correct, "gold_logprob": probe[i].gold_logprob,
+                        "gold_rank": probe[i].gold_rank}  # fmt: skip
+            yield row
 
 
-def summarise(items: list[Item], predictions: list[dict]) -> dict:
-    """metrics.json from scored predictions: point estimates come from the same torchmetrics
-    metric the Lightning validation step logs; intervals are Wilson (K = 1) or an item bootstrap."""
-    subtasks = sorted({it.subtask for it in items if it.subtask})
-    pos_subs = tuple(s for s in subtasks if any(i.subtask == s and i.task == "position" for i in items))
-    cnt_subs = tuple(s for s in subtasks if any(i.subtask == s and i.task == "count" for i in items))
-    metric = TransferAccuracy(position_subtasks=pos_subs or ("nth_letter",), count_subtasks=cnt_subs or ("word_length",))
-    metric.update([p["task"] for p in predictions], [p["subtask"] for p in predictions], [p["correct"] for p in predictions])
-    point = {k: float(v) for k, v in metric.compute().items()}
+def summarise(items: list[Item], predictions: list[dict], probe: list[ProbeResult] | None = None) -> dict:
+    """metrics.json from scored predictions (and the probe's verdicts, one per item).
 
+    Generation point estimates come from the same torchmetrics metric the Lightning validation
+    step logs; intervals are Wilson (K = 1) or an item bootstrap. Every group (task, subtask,
+    file × task) also gets its trivial baselines, the probe's accuracy and the reply diagnostics.
+    """
+    generated = bool(predictions) and predictions[0]["correct"] is not None
+    metrics: dict = {}
     by_item: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    rows_of: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for p in predictions:
         by_item[(p["file"], p["id"])].append(p["correct"])
-    k_max = max((len(v) for v in by_item.values()), default=1)
+        rows_of[(p["file"], p["id"])].append(p)
+    verdict = {(it.file, it.id): r for it, r in zip(items, probe)} if probe is not None else {}
+    if generated:
+        subtasks = sorted({it.subtask for it in items if it.subtask})
+        pos_subs = tuple(s for s in subtasks if any(i.subtask == s and i.task == "position" for i in items))
+        cnt_subs = tuple(s for s in subtasks if any(i.subtask == s and i.task == "count" for i in items))
+        metric = TransferAccuracy(position_subtasks=pos_subs or ("nth_letter",), count_subtasks=cnt_subs or ("word_length",))
+        metric.update([p["task"] for p in predictions], [p["subtask"] for p in predictions], [p["correct"] for p in predictions])
+        point = {k: float(v) for k, v in metric.compute().items()}
+        k_max = max((len(v) for v in by_item.values()), default=1)
+        metrics |= {"ci_method": "wilson" if k_max == 1 else "item_bootstrap", "confidence": 0.95}
 
     def summary(selected: list[Item]) -> dict:
         s = accuracy_summary([by_item[(it.file, it.id)] for it in selected])
         return {"accuracy": s["accuracy"], "ci_low": s["ci_low"], "ci_high": s["ci_high"], "n": s["n"]}
 
-    metrics: dict = {"ci_method": "wilson" if k_max == 1 else "item_bootstrap", "confidence": 0.95}
+    def group(selected: list[Item]) -> dict:
+        """Generation accuracy, trivial baselines, probe and diagnostics of one group of items."""
+        entry = summary(selected) if generated else {}
+        entry |= baseline_fields({"answer": it.answer, "subtask": it.subtask, "word": it.meta.get("word")}
+                                 for it in selected)  # fmt: skip
+        if generated:
+            entry["beats_trivial"] = beats(entry["ci_low"], entry["best_trivial"])
+        if verdict:
+            entry["likelihood"] = probe_summary([verdict[(it.file, it.id)] for it in selected], entry["best_trivial"])
+        if generated:
+            entry["diagnostics"] = answer_diagnostics(p for it in selected for p in rows_of[(it.file, it.id)])
+        return entry
+
     for t in TASKS:
         sel = [it for it in items if it.task == t]
         if not sel:
             continue
-        s = summary(sel)
-        metrics[f"{t}_accuracy"] = point[f"{t}_accuracy"]
-        metrics[f"{t}_accuracy_ci_low"] = s["ci_low"]
-        metrics[f"{t}_accuracy_ci_high"] = s["ci_high"]
-        metrics[f"{t}_accuracy_n"] = s["n"]
-    if "transfer_score" in point:
+        if generated:
+            s = summary(sel)
+            metrics[f"{t}_accuracy"] = point[f"{t}_accuracy"]
+            metrics[f"{t}_accuracy_ci_low"] = s["ci_low"]
+            metrics[f"{t}_accuracy_ci_high"] = s["ci_high"]
+            metrics[f"{t}_accuracy_n"] = s["n"]
+        if verdict:
+            lk = probe_summary([verdict[(it.file, it.id)] for it in sel])
+            metrics[f"{t}_likelihood_accuracy"] = lk["accuracy"]
+            metrics[f"{t}_likelihood_accuracy_ci_low"] = lk["ci_low"]
+            metrics[f"{t}_likelihood_accuracy_ci_high"] = lk["ci_high"]
+            metrics[f"{t}_likelihood_accuracy_n"] = lk["n"]
+    if generated and "transfer_score" in point:
         metrics["transfer_score"] = point["transfer_score"]
 
     metrics["subtasks"] = {}
@@ -312,15 +410,15 @@ def summarise(items: list[Item], predictions: list[dict]) -> dict:
         for sub in sorted({it.subtask for it in items if it.task == t and it.subtask}):
             sel = [it for it in items if it.task == t and it.subtask == sub]
             answer, n_major = Counter(it.answer for it in sel).most_common(1)[0]
-            metrics["subtasks"][f"{t}/{sub}"] = summary(sel) | {
+            metrics["subtasks"][f"{t}/{sub}"] = group(sel) | {
                 "majority_answer": answer,
                 "majority_baseline": n_major / len(sel),
             }
     metrics["files"] = {
-        f: {t: summary(sel) for t in TASKS if (sel := [it for it in items if it.file == f and it.task == t])}
+        f: {t: group(sel) for t in TASKS if (sel := [it for it in items if it.file == f and it.task == t])}
         for f in dict.fromkeys(it.file for it in items)
     }
-    metrics["breakdowns"] = _breakdowns(items, summary)
+    metrics["breakdowns"] = _breakdowns(items, summary) if generated else {}
     return metrics
 
 
@@ -354,26 +452,64 @@ def _breakdowns(items: list[Item], summary) -> dict:
 
 
 def print_summary(metrics: dict, out: Path) -> None:
+    """The run as a table: per task and subtask, each scorer's accuracy and 95% interval beside the
+    best trivial baseline; an accuracy whose interval does not lie above it is marked ``✗``."""
     run = metrics["run"]
     s = run["sampling"]
+    scoring = metrics.get("scoring", "generation")
     dec = "greedy" if s["decoding"] == "greedy" else f"sampled T={s['temperature']} p={s['top_p']} k={s['top_k']}"
-    table = Table(title=f"{run['model']}{' + ' + run['adapter'] if run['adapter'] else ''} · {dec} · "
-                        f"{run['n_items']} items in {run['seconds']:.0f} s ({run['items_per_second']} items/s)")  # fmt: skip
-    for col in ("metric", "accuracy", "95% CI", "n", "majority baseline"):
+    timing = []
+    if scoring != "likelihood":
+        timing.append(f"{dec} {run['seconds']:.0f} s ({run['items_per_second']} items/s)")
+    if run.get("likelihood"):
+        timing.append(f"probe {run['likelihood']['seconds']:.0f} s")
+    shots = f" · {run['shots']}-shot" if run.get("shots") else ""
+    table = Table(title=f"{run['model']}{' + ' + run['adapter'] if run['adapter'] else ''}{shots} · {run['n_items']} items · "
+                        + " · ".join(timing))  # fmt: skip
+    columns = ["metric"] + (["generation [95% CI]"] if scoring != "likelihood" else [])
+    columns += ["probe [95% CI]", "gold rank"] if scoring != "generation" else []
+    columns += ["n", "best trivial"]
+    for col in columns:
         table.add_column(col, justify="right" if col != "metric" else "left")
+
+    def acc(v: dict | None) -> str:
+        if not v:
+            return ""
+        flag = " [red]✗[/]" if v.get("beats_trivial") is False else ""
+        return f"{v['accuracy']:.3f} {_ci(v['ci_low'], v['ci_high'])}{flag}"
+
+    def cells(gen: dict | None, lk: dict | None, n, best: dict | None) -> list[str]:
+        row = [acc(gen)] if scoring != "likelihood" else []
+        if scoring != "generation":
+            row += [acc(lk), f"{lk['gold_mean_rank']:.1f}" if lk and "gold_mean_rank" in lk else ""]
+        return row + [str(n), f"{best['accuracy']:.3f} {best['name']}" if best else ""]
+
+    def top(t: str, kind: str) -> dict | None:
+        key = f"{t}_{kind}accuracy"
+        return {"accuracy": metrics[key], "ci_low": metrics[f"{key}_ci_low"], "ci_high": metrics[f"{key}_ci_high"]} \
+            if key in metrics else None  # fmt: skip
+
     for t in TASKS:
-        if f"{t}_accuracy" in metrics:
-            table.add_row(f"[bold]{t}", f"{metrics[f'{t}_accuracy']:.3f}",
-                          _ci(metrics[f"{t}_accuracy_ci_low"], metrics[f"{t}_accuracy_ci_high"]),
-                          str(metrics[f"{t}_accuracy_n"]), "")  # fmt: skip
-            for key, v in metrics["subtasks"].items():
-                if key.startswith(t + "/"):
-                    table.add_row(f"  {key}", f"{v['accuracy']:.3f}", _ci(v["ci_low"], v["ci_high"]), str(v["n"]),
-                                  f"{v['majority_baseline']:.3f} ({v['majority_answer']!r})")  # fmt: skip
+        gen, lk = top(t, ""), top(t, "likelihood_")
+        if not gen and not lk:
+            continue
+        table.add_row(f"[bold]{t}", *cells(gen, lk, metrics.get(f"{t}_accuracy_n", metrics.get(f"{t}_likelihood_accuracy_n")), None))
+        for name, v in metrics["subtasks"].items():
+            if name.startswith(t + "/"):
+                table.add_row(f"  {name.split('/', 1)[1]}", *cells(v if "accuracy" in v else None, v.get("likelihood"),
+                                                                   v.get("n", v.get("likelihood", {}).get("n")),
+                                                                   v.get("best_trivial")))  # fmt: skip
     if "transfer_score" in metrics:
-        table.add_row("[bold]transfer_score", f"{metrics['transfer_score']:.3f}", "", "", "")
+        table.add_row("[bold]transfer_score", f"{metrics['transfer_score']:.3f}", *[""] * (len(columns) - 2))
     console.print(table)
-    console.print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'} ({metrics['ci_method']} intervals)")
+    console.print("✗: the 95% interval does not lie above the best trivial baseline (docs/evaluation.md#trivial-baselines)")
+    for scorer, block in (("replies", "diagnostics"), ("probe answers", "likelihood")):
+        constant = [f"{name} ({v[block]['top_answers'][0][0]!r})" for name, v in metrics["subtasks"].items()
+                    if v.get(block, {}).get("constant_answer")]  # fmt: skip
+        if constant:
+            console.print(f"[yellow]constant answer[/] (one answer in > 50% of {scorer}): {', '.join(constant)}")
+    how = f" ({metrics['ci_method']} intervals)" if "ci_method" in metrics else ""
+    console.print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}{how}")
 
 
 def _ci(lo: float, hi: float) -> str:

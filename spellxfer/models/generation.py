@@ -287,9 +287,9 @@ class GenerationEngine:
         self._lap("prompts")
         return self.generate_ids(ids, progress)
 
-    def generate_chats(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[str]]:
-        """Replies to whole conversations (the API's chat requests), in input order."""
-        return self.generate_ids(chat_token_ids(self.tokenizer, conversations))
+    def generate_chats(self, conversations: Sequence[list[dict[str, str]]], progress=None) -> list[list[str]]:
+        """Replies to whole conversations (the API's chat requests, few-shot prompts), in input order."""
+        return self.generate_ids(chat_token_ids(self.tokenizer, conversations), progress)
 
     def generate_prompts(self, prompts: Sequence[str], progress=None) -> list[list[str]]:
         """Replies to already rendered prompts (``samples`` each), in input order. The text is
@@ -463,8 +463,10 @@ def unsloth_patched(model) -> bool:
     return attn is not None and type(attn).forward.__module__.startswith("unsloth")
 
 
-def timed_generate(engine: GenerationEngine, questions: Sequence[str], label: str = "generating"):
-    """Run the engine under a rich progress bar (items/s); returns (replies, seconds)."""
+def timed_generate(engine: GenerationEngine, questions: Sequence[str], label: str = "generating",
+                   conversations: Sequence[list[dict[str, str]]] | None = None):  # fmt: skip
+    """Run the engine under a rich progress bar (items/s); returns (replies, seconds). With
+    ``conversations`` (one per question, e.g. few-shot turns before it) those are what is sent."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     class Rate(TextColumn):
@@ -476,7 +478,11 @@ def timed_generate(engine: GenerationEngine, questions: Sequence[str], label: st
                   Rate(""), TimeElapsedColumn(), transient=False) as bar:  # fmt: skip
         task = bar.add_task(label, total=len(questions))
         t0 = time.perf_counter()
-        replies = engine.generate(questions, progress=lambda n: bar.advance(task, n))
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        if conversations is None:
+            replies = engine.generate(questions, progress=advance)
+        else:
+            replies = engine.generate_chats(conversations, progress=advance)
         seconds = time.perf_counter() - t0
     return replies, seconds
 

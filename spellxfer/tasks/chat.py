@@ -248,6 +248,17 @@ def chat_token_ids(tokenizer, conversations: Sequence[list[dict[str, str]]]) -> 
     return out
 
 
+def plain_token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as plain text, the way :func:`chat_token_ids` tokenizes message
+    content: an added-token string in it (``<|im_end|>``) is just its characters. For text that
+    continues a rendered prompt (the likelihood probe's answer frame)."""
+    _, plain, added_ids = _added_tokens(tokenizer)
+    ids = plain.encode(text, add_special_tokens=False).ids
+    if added_ids.intersection(ids):  # a vocabulary whose merges spell a control token
+        raise ValueError("text tokenizes to a control token even as plain text")
+    return ids
+
+
 _ADDED_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
