@@ -24,10 +24,10 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
+from scipy import stats
 
 from spellxfer.analysis import configs, effects, tokens
 from spellxfer.analysis.columns import check_columns
@@ -239,7 +239,8 @@ def selected_by_validation(table: pd.DataFrame, objective_cols: list[str], confi
     one_seed = int(best_cfg["n_seeds"]) == 1
     values = {k: float(best[k]) for k in keys if k in best and pd.notna(best[k])} if one_seed else \
         {k: float(best_cfg[k]) for k in keys if k in best_cfg and pd.notna(best_cfg[k])}  # fmt: skip
-    return {"run": str(best["run"]), "config_id": int(best_cfg["config_id"]), "n_seeds": int(best_cfg["n_seeds"]),
+    return {"run": str(best["run"]) if one_seed else str(best_cfg["run"]), "config_id": int(best_cfg["config_id"]),
+            "n_seeds": int(best_cfg["n_seeds"]),
             "runs": str(best_cfg["runs"]).split(), "objective": col, "objective_value": float(best_cfg[col]),
             "tied_runs": int((cfg[col] == best_cfg[col]).sum()),
             "test_rank": int((cfg["transfer_score"] > best_cfg["transfer_score"]).sum()) + 1,
