@@ -153,3 +153,23 @@ def test_the_report_shows_baselines_flags_configurations_and_never_calls_a_loss_
     assert "Likelihood probe" in text
     eff = _csv(rep, "config_effects")
     assert np.isfinite(eff["delta_ci_low"]).all()
+
+
+def test_token_counts_use_the_evaluated_models_tokenizer(demo_data):
+    """Recounted with the Qwen3 tokenizer the counts are the data build's; with SmolLM2's BPE
+    some words split differently, and analysis.json says which tokenizer counted."""
+    from conftest import read_jsonl
+
+    from spellxfer.analysis.tokens import recount
+
+    rows = read_jsonl(demo_data / "position_test.jsonl") + read_jsonl(demo_data / "count_test.jsonl")
+    rows = [dict(r, file=str(demo_data / ("position_test.jsonl" if r["task"] == "position" else "count_test.jsonl")))
+            for r in rows]  # fmt: skip
+    qwen, info = recount("tiny-qwen3", rows)
+    assert info["agreement_with_file"] == 1.0 and len(qwen) == len(rows)
+    assert all(qwen[(r["file"].rsplit("/", 1)[1], r["id"])] == r["n_tokens"] for r in rows)
+    smol, info = recount("smollm2-135m", rows)
+    assert info["source"] == "recounted with the smollm2-135m tokenizer" and 0 < info["agreement_with_file"] < 1
+    assert any(smol[k] != qwen[k] for k in qwen)
+    none, info = recount(None, rows)
+    assert none == {} and "Qwen3" in info["source"]
