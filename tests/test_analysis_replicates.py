@@ -173,3 +173,15 @@ def test_token_counts_use_the_evaluated_models_tokenizer(demo_data):
     assert any(smol[k] != qwen[k] for k in qwen)
     none, info = recount(None, rows)
     assert none == {} and "Qwen3" in info["source"]
+
+
+def test_an_analysis_written_before_configurations_and_scorings_still_reports(tmp_path):
+    """The committed 32-trial study's analysis (no config_effects.csv, no scoring column) is
+    still a report: the page can be rebuilt from a clone."""
+    from conftest import REPO
+
+    src = REPO / "results" / "smollm2-h100" / "analysis" / "greedy"
+    assert not (src / "config_effects.csv").exists()
+    assert main(["report", "--analysis", str(src), "--out", str(tmp_path / "r"), "--figures_out", str(tmp_path / "f")]) == 0
+    text = (tmp_path / "r" / "transfer_report_smollm2-h100.html").read_text(encoding="utf-8")
+    assert "32 complete run(s) analysed (greedy decoding)." in text and "its own Holm family" not in text

@@ -257,13 +257,16 @@ def learning_curves(runs: list, result: dict, path: Path) -> str:
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         base = [row[metric] for r in runs for row in r.curve if row["step"] == 0 and metric in row]
+        labelled = False
         for r in runs:
             pts = sorted((row["step"], row[metric]) for row in r.curve if metric in row)
             if pts:
                 s, v = zip(*pts)
                 is_sel = r.name in chosen
-                ax.plot(s, v, color=SELECTED if is_sel else "grey", alpha=1 if is_sel else 0.35,
-                        lw=2 if is_sel else 1, label=f"validation-selected: {r.name}" if is_sel else None)  # fmt: skip
+                name = sel.get("run") if len(chosen) > 1 else r.name  # several seeds: one legend entry
+                ax.plot(s, v, color=SELECTED if is_sel else "grey", alpha=1 if is_sel else 0.35, lw=2 if is_sel else 1,
+                        label=f"validation-selected: {name}" if is_sel and not labelled else None)  # fmt: skip
+                labelled |= is_sel
                 ax.plot(s[-1], v[-1], "|", color=SELECTED if is_sel else "grey", markersize=8)
         if base:
             ax.axhline(float(np.mean(base)), color="black", ls="--", lw=1, label="base model (step 0)")

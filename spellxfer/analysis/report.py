@@ -93,6 +93,7 @@ REQUIRED_COLUMNS = {
                        "p_adj", "significant"),
     "runs": ("run",),
 }  # fmt: skip
+OPTIONAL_TABLES = ("config_effects",)
 TEXT_COLUMNS = ("run", "metric", "quantity", "method", "kind", "hyperparameter", "scale", "breakdown", "bucket", "scoring",
                 "endpoint", "family", "test")
 INFO_KEYS = {"n_runs": int, "status_counts": dict, "decoding": str, "figures": list, "methods": dict, "skipped": list,
@@ -113,7 +114,11 @@ def load_analysis(src: Path) -> tuple[dict, dict[str, pd.DataFrame]]:
             raise SpellxferError(f"{where}: no {key!r} key (as `analyze` writes)")
         if not isinstance(info[key], kind) or isinstance(info[key], bool):
             raise SpellxferError(f"{where}: {key} {snippet(info[key])} is not {_KIND_NAMES[kind]}")
-    tables = {name: _read_table(src / f"{name}.csv", name, src) for name in TABLES}
+    # config_effects.csv is newer than the other tables: an analysis written before it still reports
+    tables = {name: _read_table(src / f"{name}.csv", name, src) for name in TABLES
+              if name not in OPTIONAL_TABLES or (src / f"{name}.csv").is_file()}  # fmt: skip
+    for name in OPTIONAL_TABLES:
+        tables.setdefault(name, pd.DataFrame(columns=list(REQUIRED_COLUMNS[name])))
     if tables["top_transfer_configs"].empty:
         raise SpellxferError(f"{src / 'top_transfer_configs.csv'}: no rows (a report needs at least one run)")
     root = src.resolve()
@@ -314,8 +319,9 @@ def _selected_line(sel: dict) -> str:
         parts = [f"{t} {sel[f'{t}_accuracy']:.3f} (Δ {sel[f'{t}_accuracy_delta']:+.3f} "
                  f"{_ci(sel[f'{t}_accuracy_delta_ci_low'], sel[f'{t}_accuracy_delta_ci_high'])})"
                  for t in TASKS if f"{t}_accuracy_delta" in sel]  # fmt: skip
+    family = "its own Holm family: " if ends else "test "
     return (f"Selected by validation ({sel['objective']} {sel['objective_value']:.3f}{ties}): {sel['run']}{seeds}, "
-            f"rank {sel['test_rank']} on the test set; its own Holm family: " + ", ".join(parts) + ".")
+            f"rank {sel['test_rank']} on the test set; {family}" + ", ".join(parts) + ".")
 
 
 def _correlation_line(corr: pd.DataFrame, unit: str = "runs") -> str:
@@ -351,7 +357,8 @@ def _hyperparameter_lines(hp: pd.DataFrame) -> list[str]:
         clear = r["slope_ci_low"] > 0 or r["slope_ci_high"] < 0
         p_adj = r.get("p_adj")
         held = pd.notna(p_adj) and p_adj <= 0.05
-        verdict = ("its HC3 interval excludes 0" + (f" and it holds after Holm (p_adj={p_adj:.2g})" if held else
+        kind = "HC3 interval" if "HC3" in str(r.get("method", "")) else "interval"
+        verdict = (f"its {kind} excludes 0" + (f" and it holds after Holm (p_adj={p_adj:.2g})" if held else
                    f", but not after Holm across the slopes (p_adj={p_adj:.2g})" if pd.notna(p_adj) else "")
                    if clear else "but its interval includes 0, so no clear effect")  # fmt: skip
         lines.append(f"{LABELS[metric]}: the most important hyperparameter is {r['hyperparameter']} "

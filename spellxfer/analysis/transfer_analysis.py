@@ -1,16 +1,20 @@
 """``python -m spellxfer analyze``: which training patterns transfer to position and count.
 
-Lifecycle: find the complete trials (``runs.discover``) → per run, compare the fine-tuned model
-with the base model on the same items (``compare_predictions``: paired bootstrap interval of the
-delta, exact McNemar p) and adjust the p-values across runs (Holm) → across runs, correlate
-position with count and estimate hyperparameter effects (``effects``) → break the deltas down by
-word length, Qwen3 token count, word kind and letter position → write the tables, figures and
-``analysis.json`` atomically into ``--out``.
+Lifecycle: find the complete trials (``runs.discover``) → per run and scoring (generation, plus the
+likelihood probe when every prediction row carries its verdict), compare the fine-tuned model with
+the base model on the same items (paired bootstrap over words, exact McNemar p) → group the runs
+of one configuration (their seeds; ``configs``) and test each configuration across its seeds →
+across configurations, correlate position with count and estimate hyperparameter effects
+(``effects``: OLS with HC3 intervals) → break the deltas down by word length, token count (with
+the evaluated model's tokenizer, ``tokens``), word kind and letter position → write the tables,
+figures and ``analysis.json`` atomically into ``--out``.
 
-Multiple comparisons: Holm's step-down adjustment (family-wise error rate), over the 2 × n_runs
-task-level tests (position and count of every run); subtask rows form a second family. Holm
-needs no assumption about how the tests depend on each other — they do, since every run answers
-the same items.
+The plan is fixed before any number is seen (docs/transfer_learning.md, "Statistics"): primary
+endpoints are the subtasks, secondary the two task totals, transfer_score is reported and never
+tested; Holm families per decoding × scoring (primary, secondary), the validation-selected
+configuration as its own family, the hyperparameter slopes as one more; ``analysis.json``
+declares them. Holm needs no assumption about how the tests depend on each other — they do,
+since every run answers the same items.
 
 Trained on spelling, evaluated on position and count only.
 """
@@ -59,9 +63,11 @@ def analyze(
 ) -> int:
     """Analyse a sweep: which training patterns transfer to position and count, with intervals.
 
-    Per-run base → fine-tuned deltas (paired bootstrap, Holm-adjusted McNemar), position–count
-    correlation, hyperparameter effects, top configurations and where the gains are (trained on
-    spelling, evaluated on position and count only). Writes DIR/runs.csv, per_run_deltas.csv, metric_correlations.csv, top_transfer_configs.csv,
+    Per-run and per-configuration base → fine-tuned deltas (paired bootstrap over words; McNemar,
+    or a t-test across seeds; Holm within pre-specified families), position–count correlation,
+    hyperparameter effects (OLS, HC3), top runs and where accuracy changed (trained on spelling,
+    evaluated on position and count only). Writes DIR/runs.csv, per_run_deltas.csv,
+    config_effects.csv, metric_correlations.csv, top_transfer_configs.csv,
     hyperparameter_effects.csv, breakdowns.csv, figures/*.png and analysis.json.
 
     Args:
