@@ -185,3 +185,36 @@ def test_an_analysis_written_before_configurations_and_scorings_still_reports(tm
     assert main(["report", "--analysis", str(src), "--out", str(tmp_path / "r"), "--figures_out", str(tmp_path / "f")]) == 0
     text = (tmp_path / "r" / "transfer_report_smollm2-h100.html").read_text(encoding="utf-8")
     assert "32 complete run(s) analysed (greedy decoding)." in text and "its own Holm family" not in text
+
+
+def test_tables_have_readable_headers_and_fixed_decimals():
+    from spellxfer.analysis.report import _joined, readable
+
+    assert readable("position/nth_letter_accuracy_delta") == "nth letter Δ"
+    assert readable("count_accuracy_p_adj") == "count p (Holm)"
+    assert readable("position/letter_index_accuracy_constant_answer") == "letter index constant answer"
+    assert readable("params.learning_rate") == "learning rate" and readable("steps_trained") == "steps trained"
+    df = pd.DataFrame({"run": ["trial-0001"], "position_accuracy": [0.123456], "position_accuracy_ci_low": [0.1],
+                       "position_accuracy_ci_high": [0.15], "position_accuracy_delta": [-0.0412],
+                       "position_accuracy_p_adj": [0.000123], "steps_trained": [25.0], "params.learning_rate": [0.0005],
+                       "position/letter_index_accuracy_constant_answer": [True]})  # fmt: skip
+    row = _joined(df).iloc[0].to_dict()
+    assert row == {"run": "trial-0001", "position_accuracy": "0.123 [0.100, 0.150]", "position_accuracy_delta": "-0.041",
+                   "position_accuracy_p_adj": "0.00012", "steps_trained": "25", "params.learning_rate": "0.0005",
+                   "position/letter_index_accuracy_constant_answer": "yes"}  # fmt: skip
+
+
+def test_a_dominant_bucket_does_not_squash_the_breakdown_figure():
+    """One bucket with most items, one tiny bucket with a huge interval: the axis follows the
+    estimates, so the others stay readable (the tiny one's bar runs past the edge)."""
+    import matplotlib.pyplot as plt
+
+    from spellxfer.analysis.figures import _readable_ylim
+
+    fig, ax = plt.subplots()
+    estimates = np.array([0.02, 0.03, 0.05])  # the tiny bucket's interval would be [-0.9, 0.95]
+    ax.errorbar([0, 1, 2], estimates, yerr=[[0.01, 0.01, 0.95], [0.01, 0.01, 0.9]])
+    _readable_ylim(ax, estimates)
+    low, high = ax.get_ylim()
+    plt.close(fig)
+    assert low <= 0.02 and high >= 0.05 and high - low < 0.3

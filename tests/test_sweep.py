@@ -146,8 +146,9 @@ def test_a_sweep_killed_three_times_mid_trial_finishes_every_trial_exactly_once(
         fit_log = (sweep_dir / f"trial-{retry.number:04d}" / "fit.log").read_text()
         assert "Restoring states from the checkpoint path" in fit_log
         rows = read_jsonl(sweep_dir / f"trial-{retry.number:04d}" / "metrics.jsonl")
-        val_steps = [r["step"] for r in rows if "val/transfer_score" in r]
-        assert val_steps[0] == 9, "the retry's metrics log starts with the killed trial's validations"
+        val_steps = [r["global_step"] for r in rows if "val/transfer_score" in r]
+        # the base model's validation at step 0, then the killed trial's at step 10
+        assert val_steps[:2] == [0, 10], "the retry's metrics log starts with the killed trial's validations"
         assert f"trial-{t.number:04d}" in killed_at
         assert json.loads((sweep_dir / f"trial-{t.number:04d}" / "trial.json").read_text())["status"] == "failed"
 
