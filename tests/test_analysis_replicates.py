@@ -218,3 +218,11 @@ def test_a_dominant_bucket_does_not_squash_the_breakdown_figure():
     low, high = ax.get_ylim()
     plt.close(fig)
     assert low <= 0.02 and high >= 0.05 and high - low < 0.3
+
+
+def test_scoring_both_without_probe_verdicts_is_one_error_line(synthetic_sweep, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["analyze", "--runs", str(synthetic_sweep["study_dir"] / "trial-0001"), "--scoring", "both",
+                 "--out", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("error: --scoring both: some prediction rows have no likelihood_correct") and not out.exists()

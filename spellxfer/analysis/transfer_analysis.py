@@ -55,6 +55,7 @@ def analyze(
     storage: str | None = None,
     out: str = "results/transfer_analysis",
     decoding: Literal["sampled", "greedy"] = "sampled",
+    scoring: Literal["auto", "generation", "both"] = "auto",
     results_dir: str = "results",
     top: int = 10,
     n_boot: int = 2000,
@@ -77,6 +78,9 @@ def analyze(
         storage: Optuna storage URL, e.g. sqlite:///results/sweeps/STUDY.db.
         out: Output directory (must be empty or absent unless --overwrite true).
         decoding: Which evaluation to analyse: eval/sampled or eval/greedy.
+        scoring: generation (the parsed reply, always the primary score), both (with the likelihood
+            probe beside it; every prediction row needs its verdict), or auto (default: both when
+            every row has one, else generation).
         results_dir: Where sweeps live, for trials without a run_dir attribute.
         top: How many configurations top_transfer_configs.csv lists.
         n_boot: Bootstrap resamples for every interval computed here.
@@ -88,7 +92,7 @@ def analyze(
             raise SpellxferError(f"--{flag} must be ≥ {low}, got {value}")
     check_output_dir(out, overwrite)
     found = discover(runs, study, storage, results_dir, decoding)
-    result = analyse(found, n_boot=n_boot, seed=seed, top=top, decoding=decoding)
+    result = analyse(found, n_boot=n_boot, seed=seed, top=top, decoding=decoding, scoring=scoring)
     result["info"] |= {"source": {"runs": runs, "study": study, "storage": storage}, "decoding": decoding,
                        "name": study or _common_name(found.runs)}  # fmt: skip
     from spellxfer.analysis import figures  # matplotlib: imported only when drawing
@@ -114,9 +118,14 @@ def scorings_of(found: Discovery) -> list[str]:
                              else [])  # fmt: skip
 
 
-def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, decoding: str = "sampled") -> dict:
+def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, decoding: str = "sampled",
+            scoring: str = "auto") -> dict:  # fmt: skip
     """Every table of the analysis (pandas DataFrames) plus ``info`` (methods, families, counts, base accuracy)."""
-    scorings = scorings_of(found)
+    available = scorings_of(found)
+    if scoring == "both" and "likelihood" not in available:
+        raise SpellxferError(f"--scoring {scoring}: some prediction rows have no likelihood_correct (evaluate them "
+                             "with --scoring both or likelihood), so only generation can be analysed")  # fmt: skip
+    scorings = ["generation"] if scoring == "generation" else available
     model = next((r.trial.get("model") for r in found.runs if r.trial.get("model")), None)
     token_counts, token_info = tokens.recount(model, [row for r in found.runs[:1] for row in r.base_predictions])
     run_rows, delta_rows, breakdown_rows = [], [], []
