@@ -127,7 +127,8 @@ def test_a_sweep_killed_three_times_mid_trial_finishes_every_trial_exactly_once(
             proc.wait()
         killed_at.append(run.name)
 
-    p = run_sweep(*argv)  # the same command again runs the study to its end
+    # the same command again runs the study to its end: four trials of fit + four validations + evaluate
+    p = run_sweep(*argv, timeout=900)  # a hang guard, not a timing: a loaded 2-core box needs minutes
     assert p.returncode == 0, p.stdout + p.stderr
 
     trials = load(results, "kill").get_trials()
