@@ -124,3 +124,139 @@ def _curve(max_steps: int, truth: dict, rng: np.random.Generator, forbidden: boo
 def _write_trial(d: Path, trial: dict) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "trial.json").write_text(json.dumps(trial, indent=2))
+
+
+# ---- a sweep with replicates (several seeds per configuration), shared words and probe fields ----
+REP_SUBTASKS = (("position", "nth_letter"), ("position", "letter_index"), ("count", "word_length"),
+                ("count", "letter_count"))  # fmt: skip
+REP_BASE = {"position/nth_letter": 0.16, "position/letter_index": 0.15, "count/word_length": 0.05,
+            "count/letter_count": 0.19}  # fmt: skip
+SEED_SD = 0.03  # between-seed spread of a configuration's true accuracy (the training noise)
+
+
+def _rep_items(n_words: int, rng: np.random.Generator) -> list[dict]:
+    """Each word gets one question of every subtask: four items share a word (a cluster)."""
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    rows = []
+    for w in range(n_words):
+        word = "".join(rng.choice(letters, int(rng.integers(4, 12))))
+        letter = word[int(rng.integers(0, len(word)))]
+        for task, sub in REP_SUBTASKS:
+            position = int(rng.choice([0, 1, 2, -1])) if sub == "nth_letter" else None
+            answer = {"nth_letter": word[position] if position is not None else "", "letter_index": str(word.index(letter) + 1),
+                      "word_length": str(len(word)), "letter_count": str(word.count(letter))}[sub]  # fmt: skip
+            rows.append({"id": f"{task}_test-{sub}-{w:06d}", "file": f"/data/{task}_test.jsonl", "task": task,
+                         "subtask": sub, "question": f"A {sub} question about '{word}'?", "answer": answer,
+                         "word": word, "letter": letter if sub in ("letter_index", "letter_count") else None,
+                         "position": position, "word_kind": "english", "n_tokens": 1 + len(word) // 4})  # fmt: skip
+    return rows
+
+
+def _rep_predictions(items: list[dict], truth: dict, rng: np.random.Generator, likelihood: dict | None,
+                     constant: str | None = None) -> list[dict]:  # fmt: skip
+    out = []
+    for it in items:
+        key = f"{it['task']}/{it['subtask']}"
+        if constant is not None and key == "position/letter_index":
+            parsed = constant  # a run that answers the same thing to every question
+        else:
+            parsed = it["answer"] if rng.random() < truth[key] else "?"
+        row = {k: it[k] for k in ("id", "file")} | {"sample": 0} | {k: it[k] for k in ("task", "subtask", "question", "answer")}
+        row |= {"output": f"{parsed}<|im_end|>", "parsed": parsed, "correct": parsed == it["answer"],
+                **{k: it[k] for k in ("word", "letter", "position", "word_kind", "n_tokens")}}  # fmt: skip
+        if likelihood is not None:
+            right = bool(rng.random() < likelihood[key])
+            row |= {"prompt": it["question"], "likelihood_prompt": it["question"] + ' The answer is "',
+                    "likelihood_answer": it["answer"] if right else "x", "likelihood_correct": right,
+                    "gold_logprob": -1.0 if right else -4.0}  # fmt: skip
+        out.append(row)
+    return out
+
+
+def _schema_metrics(predictions: list[dict], items: list[dict], scoring: str) -> dict:
+    """metrics.json with the probe contract's fields (docs: the probe branch's SCHEMA), from the rows."""
+    from collections import Counter
+
+    def acc(rows, field="correct"):
+        return float(np.mean([r[field] for r in rows])) if rows else float("nan")
+
+    m: dict = {"scoring": scoring, "subtasks": {}}
+    for task in ("position", "count"):
+        rows = [r for r in predictions if r["task"] == task]
+        m[f"{task}_accuracy"] = acc(rows)
+        m[f"{task}_accuracy_n"] = len(rows)
+        if scoring != "generation":
+            m[f"{task}_likelihood_accuracy"] = acc(rows, "likelihood_correct")
+    m["transfer_score"] = (m["position_accuracy"] + m["count_accuracy"]) / 2
+    for task, sub in REP_SUBTASKS:
+        rows = [r for r in predictions if r["subtask"] == sub]
+        answers = Counter(it["answer"] for it in items if it["subtask"] == sub)
+        best_answer, n_best = answers.most_common(1)[0]
+        trivial = {"majority": n_best / len(rows), "best_constant": n_best / len(rows)}
+        if sub == "letter_index":
+            trivial["always_1"] = answers["1"] / len(rows)
+        name = max(trivial, key=trivial.get)
+        replies = Counter(r["parsed"] for r in rows)
+        answered = Counter({a: n for a, n in replies.items() if a != "?"})  # "?": no answer parsed
+        top = [[a, n / len(rows)] for a, n in answered.most_common(5)] or [["", 0.0]]
+        a = acc(rows)
+        entry = {"accuracy": a, "ci_low": max(0.0, a - 0.05), "ci_high": min(1.0, a + 0.05), "n": len(rows),
+                 "majority_answer": best_answer, "majority_baseline": n_best / len(rows), "trivial_baselines": trivial,
+                 "best_trivial": {"name": name, "accuracy": trivial[name]}, "beats_trivial": a - 0.05 > trivial[name],
+                 "diagnostics": {"no_answer_rate": replies["?"] / len(rows), "top_answers": top,
+                                 "constant_answer": top[0][1] > 0.5,
+                                 "formats": {"bare": len(rows), "sentence": 0, "spelled": 0, "echoed": 0, "other": 0}}}  # fmt: skip
+        if scoring != "generation":
+            la = acc(rows, "likelihood_correct")
+            entry["likelihood"] = {"accuracy": la, "ci_low": max(0.0, la - 0.05), "ci_high": min(1.0, la + 0.05),
+                                   "n": len(rows), "gold_mean_rank": 2.0, "gold_mean_logprob": -2.0,
+                                   "beats_trivial": la - 0.05 > trivial[name]}  # fmt: skip
+        m["subtasks"][f"{task}/{sub}"] = entry
+    return m
+
+
+def make_replicate_sweep(study_dir: Path, n_configs: int = 8, seeds: int = 3, n_words: int = 150, seed: int = 11,
+                         decoding: str = "greedy", probe: bool = False, constant_config: int | None = None) -> dict:  # fmt: skip
+    """A sweep of ``n_configs`` configurations × ``seeds`` seeds. Configuration c's true accuracy on
+    every subtask is the base's plus ``effect[c]`` (``lora_r`` doubles with c // 2: +0.04 per
+    doubling), and each seed adds N(0, SEED_SD) to it; verdicts are Bernoulli draws. With ``probe``
+    the rows carry likelihood verdicts and metrics.json the probe contract's fields;
+    ``constant_config`` answers "1" to every letter_index question in all its seeds."""
+    rng = np.random.default_rng(seed)
+    items = _rep_items(n_words, rng)
+    like_base = {k: v + 0.1 for k, v in REP_BASE.items()}
+    base_rows = _rep_predictions(items, REP_BASE, rng, like_base if probe else None)
+    _write_rep_eval(study_dir / "base" / decoding, base_rows, items, probe)
+    configs, number = [], 0
+    for c in range(n_configs):
+        lora_r = [4, 8, 16, 32][(c // 2) % 4]
+        params = {"lora_r": lora_r, "learning_rate": [1e-4, 1e-3][c % 2]}
+        effect = 0.04 * math.log2(lora_r / 4)
+        truth = {k: v + effect for k, v in REP_BASE.items()}
+        runs = []
+        for r in range(seeds):
+            noise = rng.normal(0, SEED_SD)
+            seeded = {k: float(np.clip(v + noise, 0, 1)) for k, v in truth.items()}
+            rows = _rep_predictions(items, seeded, rng, {k: v + 0.1 for k, v in seeded.items()} if probe else None,
+                                    constant="1" if c == constant_config else None)  # fmt: skip
+            d = study_dir / f"trial-{number:04d}"
+            _write_rep_eval(d / "eval" / decoding, rows, items, probe)
+            val = float(np.mean(list(seeded.values())))
+            curve = [{"step": 0, "global_step": 0, "val/transfer_score": float(np.mean(list(REP_BASE.values())))},
+                     {"step": 9, "train/loss": 1.0}, {"step": 9, "global_step": 10, "val/transfer_score": val}]  # fmt: skip
+            (d / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in curve))
+            _write_trial(d, {"study": study_dir.name, "number": number, "status": "complete", "params": params,
+                             "config_id": c * seeds, "replicate": r, "seed": r, "objective_name": "val/transfer_score",
+                             "objective": val, "model": "tiny-qwen3"})  # fmt: skip
+            runs.append({"number": number, "seeded_truth": seeded})
+            number += 1
+        configs.append({"config_id": c * seeds, "params": params, "effect": effect, "truth": truth, "runs": runs})
+    return {"configs": configs, "items": items, "base": REP_BASE, "seeds": seeds}
+
+
+def _write_rep_eval(d: Path, predictions: list[dict], items: list[dict], probe: bool) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+    (d / "metrics.json").write_text(json.dumps(_schema_metrics(predictions, items, "both" if probe else "generation"), indent=2))

@@ -21,7 +21,8 @@ from spellxfer.cli import main
 from spellxfer.core.errors import SpellxferError
 from spellxfer.evaluation.stats import holm
 
-TABLES = ("runs", "per_run_deltas", "metric_correlations", "top_transfer_configs", "hyperparameter_effects", "breakdowns")
+TABLES = ("runs", "per_run_deltas", "config_effects", "metric_correlations", "top_transfer_configs",
+          "hyperparameter_effects", "breakdowns")  # fmt: skip
 
 
 def _csv(out, name) -> pd.DataFrame:
@@ -34,9 +35,9 @@ def test_writes_every_table_and_figure(transfer_analysis):
     info = json.loads((transfer_analysis / "analysis.json").read_text())
     files = {f["file"] for f in info["figures"]}
     hps = {"lora_r", "lora_alpha", "learning_rate", "batch_size", "accumulate_grad_batches", "max_steps"}
-    assert files == {"figures/position_vs_count.png", "figures/run_deltas.png", "figures/learning_curves.png",
-                     "figures/accuracy_by_token_count.png", "figures/gains_by_breakdown.png",
-                     *{f"figures/effect_{h}.png" for h in hps}}  # fmt: skip
+    assert files == {"figures/subtask_accuracy.png", "figures/position_vs_count.png", "figures/run_deltas.png",
+                     "figures/learning_curves.png", "figures/steps_trained.png", "figures/accuracy_by_token_count.png",
+                     "figures/change_by_breakdown.png", *{f"figures/effect_{h}.png" for h in hps}}  # fmt: skip
     for f in files:
         assert (transfer_analysis / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Holm" in info["methods"]["multiple_comparisons"] and "regression" in info["methods"]["importance"]

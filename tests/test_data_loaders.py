@@ -200,14 +200,14 @@ def test_fit_setup_gives_token_batches_and_position_then_count_items(demo_module
     assert len(demo_module.train_examples) == 1200 and demo_module.n_dropped == 0
 
     position, count = demo_module.val_dataloader()
-    assert len(position.dataset) == len(count.dataset) == 64  # val_limit per file (the files hold 80)
+    assert len(position.dataset) == len(count.dataset) == 80  # val_limit null (the default): every row of each file
     for loader, task in ((position, "position"), (count, "count")):
         items = [item for b in loader for item in b]
         assert all(isinstance(i, Item) and i.task == task for i in items)
         assert items[0].file.endswith(f"{task}_val.jsonl")
         # data.eval_batch_size auto (the default): the whole shard in one batch, which the
         # generation engine sorts by length and cuts into batches that fit the device's memory
-        assert len(next(iter(loader))) == 64
+        assert len(next(iter(loader))) == 80
 
 
 def test_an_integer_eval_batch_size_caps_the_loader_batches(demo_data):
@@ -290,7 +290,7 @@ def test_prepare_data_builds_an_absent_directory_once(tmp_path):
     dm.prepare_data()  # complete data is left alone
     assert (out / "spelling_train.jsonl").stat().st_mtime_ns == built
     dm.setup("validate")
-    assert len(dm.val_dataloader()[0].dataset) == 64
+    assert len(dm.val_dataloader()[0].dataset) == 80  # every validation row (val_limit null)
 
 
 def test_bad_arguments_name_the_cli_key():

@@ -76,7 +76,7 @@ def test_report_is_self_contained_and_every_image_decodes(report_page):
     page.feed(report_page["html"].read_text(encoding="utf-8"))
     assert page.external == [] and page.scripts == 0
     figures = report_page["info"]["figures"]
-    assert [img["alt"] for img in page.images] == [f["title"] for f in figures] and len(figures) == 11
+    assert [img["alt"] for img in page.images] == [f["title"] for f in figures] and len(figures) == 13
     for img, fig in zip(page.images, figures):
         head, _, data = img["src"].partition(",")
         assert head == "data:image/png;base64"
@@ -167,4 +167,4 @@ def test_wandb_logging_is_offline_by_default(report_page, transfer_analysis, tmp
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     media = runs[0] / "files" / "media"
     assert len(list((media / "images").rglob("*.png"))) == len(report_page["info"]["figures"])
-    assert len(list((media / "table").rglob("*.json"))) == 6  # the six CSV tables, whitelisted columns only
+    assert len(list((media / "table").rglob("*.json"))) == 7  # the seven CSV tables, whitelisted columns only

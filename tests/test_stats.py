@@ -241,3 +241,34 @@ def test_adjustments_clip_to_one_and_handle_edge_cases():
     assert holm([0.03]) == [0.03] and benjamini_hochberg([0.03]) == [0.03]
     with pytest.raises(ValueError, match="p-value 1 is nan"):
         holm([0.1, float("nan")])
+
+
+# --- word clusters (analyze resamples words, not items) ------------------------------------
+
+
+def test_one_item_per_cluster_is_the_item_bootstrap_exactly():
+    rng = np.random.default_rng(5)
+    a, b = rng.random(120), rng.random(120)
+    labels = [f"w{i:04d}" for i in range(120)]  # sorted like the items: the same resamples
+    assert paired_comparison(a, b, clusters=labels)["ci_low"] == paired_comparison(a, b)["ci_low"]
+    outcomes = (rng.random(120) < 0.4).tolist()
+    items = accuracy_summary([[o] for o in outcomes], clusters=labels)
+    assert items["ci_method"] == "cluster_bootstrap" and items["accuracy"] == pytest.approx(np.mean(outcomes))
+
+
+def test_clusters_of_identical_items_widen_the_interval_by_about_the_square_root_of_their_size():
+    rng = np.random.default_rng(9)
+    per_word = (rng.random(150) < 0.3).astype(float)
+    items = np.repeat(per_word, 4)  # four questions per word, all answered alike
+    words = np.repeat(np.arange(150), 4)
+    naive = accuracy_summary(items[:, None], n_boot=4000)  # Wilson, as if 600 independent items
+    clustered = accuracy_summary([[v] for v in items], n_boot=4000, clusters=words)
+    ratio = (clustered["ci_high"] - clustered["ci_low"]) / (naive["ci_high"] - naive["ci_low"])
+    assert 1.6 < ratio < 2.4  # sqrt(4) = 2: 150 independent words, not 600 items
+    d = paired_comparison(np.zeros(600), items, n_boot=4000, clusters=words)
+    assert d["ci_method"] == "paired_cluster_bootstrap" and d["ci_low"] < d["diff"] < d["ci_high"]
+
+
+def test_clusters_must_label_every_item():
+    with pytest.raises(ValueError, match="one label per item"):
+        paired_comparison([0, 1, 1], [1, 1, 0], clusters=["a", "b"])

@@ -127,7 +127,8 @@ def test_a_sweep_killed_three_times_mid_trial_finishes_every_trial_exactly_once(
             proc.wait()
         killed_at.append(run.name)
 
-    p = run_sweep(*argv)  # the same command again runs the study to its end
+    # the same command again runs the study to its end: four trials of fit + four validations + evaluate
+    p = run_sweep(*argv, timeout=900)  # a hang guard, not a timing: a loaded 2-core box needs minutes
     assert p.returncode == 0, p.stdout + p.stderr
 
     trials = load(results, "kill").get_trials()
@@ -146,8 +147,9 @@ def test_a_sweep_killed_three_times_mid_trial_finishes_every_trial_exactly_once(
         fit_log = (sweep_dir / f"trial-{retry.number:04d}" / "fit.log").read_text()
         assert "Restoring states from the checkpoint path" in fit_log
         rows = read_jsonl(sweep_dir / f"trial-{retry.number:04d}" / "metrics.jsonl")
-        val_steps = [r["step"] for r in rows if "val/transfer_score" in r]
-        assert val_steps[0] == 9, "the retry's metrics log starts with the killed trial's validations"
+        val_steps = [r["global_step"] for r in rows if "val/transfer_score" in r]
+        # the base model's validation at step 0, then the killed trial's at step 10
+        assert val_steps[:2] == [0, 10], "the retry's metrics log starts with the killed trial's validations"
         assert f"trial-{t.number:04d}" in killed_at
         assert json.loads((sweep_dir / f"trial-{t.number:04d}" / "trial.json").read_text())["status"] == "failed"
 

@@ -105,8 +105,9 @@ def test_fit_on_tiny_writes_checkpoint_manifest_and_metrics(ref, demo_data):
     assert {"train/loss", "val/position_accuracy", "val/count_accuracy", "val/transfer_score"} <= keys
     subtasks = {k for k in keys if re.fullmatch(r"val/(position|count)/\w+_accuracy", k)}
     assert {"val/position/nth_letter_accuracy", "val/count/letter_count_accuracy"} <= subtasks
-    # three validations (every 10 of 30 batches), each with every position/count metric
-    assert sum("val/position_accuracy" in row for row in rows) == 3
+    # four validations (the base model at step 0, then every 10 of 30 batches), each with every
+    # position/count metric
+    assert sum("val/position_accuracy" in row for row in rows) == 4
     csv_header = (ref.root / "training_logs" / "metrics.csv").read_text().splitlines()[0]
     assert not [k for k in [*keys, *csv_header.split(",")] if "spell" in k.lower()]
 
@@ -115,8 +116,9 @@ def test_checkpoints_hold_only_the_lora_weights_and_load_weights_only(ref, base_
     layers = base_model.config.num_hidden_layers  # tiny-qwen3: 2
     n_lora = 2 * layers * len(ALL_LINEAR)  # A and B per adapted linear layer: 2 × 2 × 7 = 28
     ckpts = sorted(ref.root.glob("*.ckpt"))
-    # last, two best (save_top_k 2) and the step checkpoints 10, 20, 30 (keep_last_k 3)
-    assert {p.name for p in ckpts} == {"last.ckpt", "best-step10.ckpt", "best-step20.ckpt",
+    # last, two best (save_top_k 2; random tiny-qwen3 scores 0 everywhere, so the ties keep the
+    # first two: the base model at step 0, then step 10) and the step checkpoints 10, 20, 30 (keep_last_k 3)
+    assert {p.name for p in ckpts} == {"last.ckpt", "best-step0.ckpt", "best-step10.ckpt",
                                        "step10.ckpt", "step20.ckpt", "step30.ckpt"}  # fmt: skip
     for path in ckpts:
         ckpt = load_ckpt(path)  # weights_only: tensors and plain values, no pickled objects
@@ -145,6 +147,36 @@ def test_best_adapter_is_the_best_checkpoint_as_a_peft_directory(ref, base_model
     if best.name != f"best-step{STEPS}.ckpt":  # the adapter is the best weights, not the final ones
         final = last["state_dict"]
         assert any(not torch.equal(adapter[k.removeprefix("lm.")], v) for k, v in final.items())
+
+
+def test_a_fits_validation_starts_at_step_0_with_the_base_model(ref):
+    """The first validation scores the model before any optimizer step (LoRA B = 0: the base
+    model); its row says global_step 0, and the later ones the optimizer steps done."""
+    val = [row for row in read_jsonl(ref.root / "metrics.jsonl") if "val/position_accuracy" in row]
+    assert [row["global_step"] for row in val] == [0, 10, 20, 30]
+    assert val[0]["step"] == 0 and min(row["step"] for row in read_jsonl(ref.root / "metrics.jsonl")) == 0
+    assert not any("train/loss" in row and row["step"] < 0 for row in read_jsonl(ref.root / "metrics.jsonl"))
+
+
+def test_the_step_0_checkpoint_is_the_base_model_and_can_be_the_best_adapter(ref):
+    """Checkpoint selection includes step 0: with every score tied (random tiny-qwen3 scores 0),
+    the first, the base model, stays best, and best_adapter/ then gives the base model's logits."""
+    from peft import PeftModel
+
+    from spellxfer.models.registry import load_model
+
+    base_model = load_model("tiny-qwen3")  # a fresh copy: PEFT wraps the model it is given in place
+    step0 = load_ckpt(ref.root / "best-step0.ckpt")
+    assert step0["global_step"] == 0
+    b = {k: v for k, v in step0["state_dict"].items() if "lora_B" in k}
+    assert b and all(torch.count_nonzero(v) == 0 for v in b.values())  # LoRA at initialisation
+    assert Path(scored_state(ref.root)["best_model_path"]).name == "best-step0.ckpt"
+    ids = torch.tensor([[151644, 872, 198, 9707, 151645]])  # <|im_start|>user\nHello<|im_end|>
+    with torch.no_grad():
+        want = base_model(ids).logits
+        tuned = PeftModel.from_pretrained(base_model, ref.root / "best_adapter").eval()
+        got = tuned(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 # ---- kill and resume -----------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from spellxfer.tasks.names import TASKS
 
 console = Console()
 LABELS = {"position_accuracy": "position accuracy", "count_accuracy": "count accuracy", "transfer_score": "transfer_score"}
-TABLES = ("top_transfer_configs", "per_run_deltas", "metric_correlations", "hyperparameter_effects", "breakdowns", "runs")
+TABLES = ("top_transfer_configs", "per_run_deltas", "config_effects", "metric_correlations", "hyperparameter_effects",
+          "breakdowns", "runs")  # fmt: skip
 
 
 def report(
@@ -88,9 +89,13 @@ REQUIRED_COLUMNS = {
     "hyperparameter_effects": ("kind", "metric", "hyperparameter", "rank", "scale", "slope", "slope_ci_low",
                                "slope_ci_high", "n_runs"),
     "breakdowns": ("run", "breakdown", "bucket", "metric", "n_items", "delta", "delta_ci_low", "delta_ci_high"),
+    "config_effects": ("scoring", "config_id", "metric", "endpoint", "n_seeds", "delta", "delta_ci_low", "delta_ci_high",
+                       "p_adj", "significant"),
     "runs": ("run",),
 }  # fmt: skip
-TEXT_COLUMNS = ("run", "metric", "quantity", "method", "kind", "hyperparameter", "scale", "breakdown", "bucket")
+OPTIONAL_TABLES = ("config_effects",)
+TEXT_COLUMNS = ("run", "metric", "quantity", "method", "kind", "hyperparameter", "scale", "breakdown", "bucket", "scoring",
+                "endpoint", "family", "test")
 INFO_KEYS = {"n_runs": int, "status_counts": dict, "decoding": str, "figures": list, "methods": dict, "skipped": list,
              "n_boot": int, "seed": int}  # fmt: skip
 
@@ -109,7 +114,11 @@ def load_analysis(src: Path) -> tuple[dict, dict[str, pd.DataFrame]]:
             raise SpellxferError(f"{where}: no {key!r} key (as `analyze` writes)")
         if not isinstance(info[key], kind) or isinstance(info[key], bool):
             raise SpellxferError(f"{where}: {key} {snippet(info[key])} is not {_KIND_NAMES[kind]}")
-    tables = {name: _read_table(src / f"{name}.csv", name, src) for name in TABLES}
+    # config_effects.csv is newer than the other tables: an analysis written before it still reports
+    tables = {name: _read_table(src / f"{name}.csv", name, src) for name in TABLES
+              if name not in OPTIONAL_TABLES or (src / f"{name}.csv").is_file()}  # fmt: skip
+    for name in OPTIONAL_TABLES:
+        tables.setdefault(name, pd.DataFrame(columns=list(REQUIRED_COLUMNS[name])))
     if tables["top_transfer_configs"].empty:
         raise SpellxferError(f"{src / 'top_transfer_configs.csv'}: no rows (a report needs at least one run)")
     root = src.resolve()
@@ -161,83 +170,179 @@ def _ci(lo, hi, sign: str = "+") -> str:
     return f"[{lo:{sign}.3f}, {hi:{sign}.3f}]"
 
 
+def _one_seed(info: dict) -> bool:
+    return info.get("seeds_per_config", [1]) in ([1], [])
+
+
+def _unit(info: dict) -> str:
+    return "runs" if _one_seed(info) else "configurations"
+
+
 def summary_lines(info: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
     """What transferred and what did not, in sentences with the numbers (the report's first section)."""
     n = info["n_runs"]
     others = {k: v for k, v in info["status_counts"].items() if k != "complete"}
-    lines = [f"{n} complete run(s) analysed ({info['decoding']} decoding)"
+    seeds = info.get("seeds_per_config") or [1]
+    design = "" if _one_seed(info) else (f"; {info.get('n_configs')} configurations × "
+                                         f"{'/'.join(map(str, seeds))} seeds")  # fmt: skip
+    lines = [f"{n} complete run(s) analysed ({info['decoding']} decoding{design})"
              + (f"; not analysed: {', '.join(f'{v} {k}' for k, v in sorted(others.items()))}." if others else ".")]
-    lines += verdict_lines(tables["per_run_deltas"], n)
-    lines.append(_correlation_line(tables["metric_correlations"]))
+    lines += _endpoint_lines(info)
+    lines += _trivial_lines(info, tables)
+    eff = tables["config_effects"]
+    gen = eff[eff["scoring"] == "generation"] if len(eff) else eff
+    units = info.get("n_configs") or n
+    if len(gen) and not _one_seed(info):
+        primary = gen[gen["endpoint"] == "primary"].rename(columns={"run": "run"})
+        lines += verdict_lines(primary, units, unit="configurations", best_word="configuration")
+        lines += verdict_lines(gen[gen["endpoint"] == "secondary"], units, unit="configurations", best_word="configuration")
+    else:
+        deltas = tables["per_run_deltas"]
+        deltas = deltas[deltas["scoring"] == "generation"] if "scoring" in deltas else deltas
+        if "endpoint" in deltas:
+            lines += verdict_lines(deltas[deltas["endpoint"] == "primary"], n)
+            lines += verdict_lines(deltas[deltas["endpoint"] == "secondary"], n)
+        else:
+            lines += verdict_lines(deltas[~deltas["metric"].str.contains("/")], n)
+    lines += _probe_lines(info, tables)
+    lines.append(_correlation_line(tables["metric_correlations"], _unit(info)))
     lines += _hyperparameter_lines(tables["hyperparameter_effects"])
+    if sel := info.get("selected_by_validation"):
+        lines.append(_selected_line(sel))
     top = tables["top_transfer_configs"].iloc[0]
     params = ", ".join(f"{c.removeprefix('params.')}={top[c]:g}" if isinstance(top[c], float) else f"{c.removeprefix('params.')}={top[c]}"
                        for c in tables["top_transfer_configs"].columns if c.startswith("params."))  # fmt: skip
-    lines.append(f"Top configuration by test transfer_score: {top['run']} ({params}) with transfer_score "
+    lines.append(f"Top run by test transfer_score: {top['run']} ({params}) with transfer_score "
                  f"{top['transfer_score']:.3f} {_ci(top['transfer_score_ci_low'], top['transfer_score_ci_high'], '')} "
-                 "(chosen on the test set, so optimistic).")
-    if sel := info.get("selected_by_validation"):
-        lines.append(_selected_line(sel))
-    lines += _gain_lines(tables["breakdowns"])
+                 "(chosen on the test set, so optimistic; the validation-selected one above is the honest pick).")
+    lines += _change_lines(tables["breakdowns"])
     return lines
 
 
-def verdict_lines(deltas: pd.DataFrame, n: int) -> list[str]:
-    """Per task, how many runs rose (significantly, after Holm) and fell, then the verdict. A task
-    transferred when some run is significantly better and no more runs are significantly worse;
-    significant gains in a few runs among more significant losses are "mostly hurt", not transfer."""
-    lines, verdict = [], {}
+def _endpoint_lines(info: dict) -> list[str]:
+    ep = info.get("endpoints")
+    if not ep:
+        return []
+    families = info.get("families") or []
+    names = ", ".join(f"{f['name']} ({f['n_tests']} tests)" for f in families)
+    return [f"Pre-specified endpoints: primary {', '.join(e.removesuffix('_accuracy') for e in ep['primary'])}; "
+            f"secondary {', '.join(e.removesuffix('_accuracy') for e in ep['secondary'])}; transfer_score is "
+            f"reported, not tested. Holm families: {names}."]  # fmt: skip
+
+
+def _trivial_lines(info: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The base model against each subtask's best trivial baseline, and constant-answer runs."""
+    base = info.get("base") or {}
+    parts = [f"{k.removesuffix('_accuracy').split('/')[-1]} {v['accuracy']:.3f} vs {v['best_trivial']['name']} "
+             f"{v['best_trivial']['accuracy']:.3f}" for k, v in base.items()
+             if "/" in k and "(" not in k and isinstance(v.get("best_trivial"), dict)]  # fmt: skip
+    lines = []
+    if parts:
+        lines.append("Base model against the best trivial baseline of each subtask (a constant answer, or the word's "
+                     "first letter): " + "; ".join(parts) + ".")
+    runs = tables["runs"]
+    runs = runs[runs["scoring"] == "generation"] if "scoring" in runs else runs
+    flags = [c for c in runs.columns if c.endswith("_accuracy_constant_answer")]
+    const = [f"{c.removesuffix('_accuracy_constant_answer').split('/')[-1]} in {int(runs[c].fillna(False).astype(bool).sum())} of {len(runs)} runs"
+             for c in flags if runs[c].fillna(False).astype(bool).any()]  # fmt: skip
+    if const:
+        lines.append("Constant answer (one reply in more than half of a subtask's replies): " + "; ".join(const)
+                     + ". Those accuracies measure the constant, not transfer.")
+    beats = [c for c in runs.columns if c.endswith("_accuracy_beats_trivial")]
+    if beats:
+        lines.append("Runs whose accuracy interval lies above the best trivial baseline: " + "; ".join(
+            f"{c.removesuffix('_accuracy_beats_trivial').split('/')[-1]} {int(runs[c].fillna(False).astype(bool).sum())} "
+            f"of {len(runs)}" for c in beats) + ".")  # fmt: skip
+    return lines
+
+
+def _probe_lines(info: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
+    if "likelihood" not in info.get("scorings", []):
+        return []
+    runs = tables["runs"]
+    like = runs[runs["scoring"] == "likelihood"]
+    base = info.get("base") or {}
+    parts = []
     for task in TASKS:
-        d = deltas[(deltas["metric"] == f"{task}_accuracy") & deltas["delta"].notna()]
+        b = base.get(f"{task}_accuracy (likelihood)")
+        if b and f"{task}_accuracy" in like:
+            parts.append(f"{task} base {b['accuracy']:.3f}, runs {like[f'{task}_accuracy'].mean():.3f} on average")
+    return ["Likelihood probe (candidate answers ranked in a fixed answer frame, beside generation): "
+            + "; ".join(parts) + ". Its tests are their own Holm families."] if parts else []  # fmt: skip
+
+
+def verdict_lines(deltas: pd.DataFrame, n: int, unit: str = "runs", best_word: str = "run") -> list[str]:
+    """Per endpoint, how many runs (or configurations) rose (significantly, after Holm) and fell, then
+    the verdict. An endpoint transferred when some unit is significantly better and no more units are
+    significantly worse; significant rises in a few units among more significant losses are "mostly
+    hurt", not transfer."""
+    lines, verdict = [], {}
+    for metric in dict.fromkeys(deltas["metric"]):
+        name = metric.removesuffix("_accuracy")
+        d = deltas[(deltas["metric"] == metric) & deltas["delta"].notna()]
         if d.empty:  # runs evaluated on one task only
-            lines.append(f"{task.capitalize()} accuracy: no {task} items in these runs.")
+            lines.append(f"{name.capitalize()} accuracy: no {name} items in these {unit}.")
             continue
         up, sig_up = int((d["delta"] > 0).sum()), int((d["significant"] & (d["delta"] > 0)).sum())
         sig_down = int((d["significant"] & (d["delta"] < 0)).sum())
         b = d.loc[d["delta"].idxmax()]
-        verdict[task] = (sig_up, sig_down)
+        verdict[name] = (sig_up, sig_down)
         lines.append(
-            f"{task.capitalize()} accuracy rose in {up} of {n} runs ({sig_up} significantly after Holm adjustment, "
-            f"{sig_down} fell significantly); the best run ({b['run']}) changed it by {b['delta']:+.3f} "
+            f"{name.capitalize()} accuracy rose in {up} of {n} {unit} ({sig_up} significantly after Holm adjustment, "
+            f"{sig_down} fell significantly); the best {best_word} ({b['run']}) changed it by {b['delta']:+.3f} "
             f"{_ci(b['delta_ci_low'], b['delta_ci_high'])} ({b['base_accuracy']:.3f} → {b['tuned_accuracy']:.3f}, "
-            f"McNemar p_adj={b['p_adj']:.2g}).")  # fmt: skip
+            f"p_adj={b['p_adj']:.2g}).")  # fmt: skip
+    if not verdict:
+        return lines
     moved = [t for t in verdict if 0 < verdict[t][0] and verdict[t][1] <= verdict[t][0]]
     mixed = [t for t in verdict if 0 < verdict[t][0] < verdict[t][1]]
     still = [t for t in verdict if verdict[t][0] == 0]
     parts = ["Transferred: " + " and ".join(moved) + "."] if moved else []
-    parts += [f"Mostly hurt: {t} ({verdict[t][0]} of {n} runs significantly better, {verdict[t][1]} significantly "
+    parts += [f"Mostly hurt: {t} ({verdict[t][0]} of {n} {unit} significantly better, {verdict[t][1]} significantly "
               "worse)." for t in mixed]  # fmt: skip
     if still:
-        parts.append("Did not transfer (no run significantly better than base): " + " and ".join(still) + ".")
+        parts.append(f"Did not transfer (no {best_word} significantly better than base): " + " and ".join(still) + ".")
     if not moved and not mixed:
         parts.insert(0, "Nothing transferred significantly.")
     return [*lines, " ".join(parts)]
 
 
 def _selected_line(sel: dict) -> str:
-    """The run the sweep's own objective picks: its test numbers are the unbiased ones."""
-    ties = f", tied with {sel['tied_runs'] - 1} other run(s), lowest trial number wins" if sel["tied_runs"] > 1 else ""
-    parts = [f"{t} {sel[f'{t}_accuracy']:.3f} (Δ {sel[f'{t}_accuracy_delta']:+.3f} "
-             f"{_ci(sel[f'{t}_accuracy_delta_ci_low'], sel[f'{t}_accuracy_delta_ci_high'])})"
-             for t in TASKS if f"{t}_accuracy_delta" in sel]  # fmt: skip
-    return (f"Selected by validation ({sel['objective']} {sel['objective_value']:.3f}{ties}): {sel['run']}, "
-            f"rank {sel['test_rank']} on the test set; test " + ", ".join(parts) + ".")
+    """The configuration the sweep's own objective picks: its test numbers are the unbiased ones."""
+    ties = f", tied with {sel['tied_runs'] - 1} other(s), lowest id wins" if sel["tied_runs"] > 1 else ""
+    seeds = f" (mean of {sel['n_seeds']} seeds)" if sel.get("n_seeds", 1) > 1 else ""
+    ends = [e for e in sel.get("endpoints", []) if e["scoring"] == "generation"]
+    if ends:
+        parts = [f"{e['metric'].removesuffix('_accuracy')} {e['tuned_accuracy']:.3f} (Δ {e['delta']:+.3f} "
+                 f"{_ci(e['delta_ci_low'], e['delta_ci_high'])}, p_adj={e['p_adj']:.2g})" for e in ends]  # fmt: skip
+    else:
+        parts = [f"{t} {sel[f'{t}_accuracy']:.3f} (Δ {sel[f'{t}_accuracy_delta']:+.3f} "
+                 f"{_ci(sel[f'{t}_accuracy_delta_ci_low'], sel[f'{t}_accuracy_delta_ci_high'])})"
+                 for t in TASKS if f"{t}_accuracy_delta" in sel]  # fmt: skip
+    family = "its own Holm family: " if ends else "test "
+    return (f"Selected by validation ({sel['objective']} {sel['objective_value']:.3f}{ties}): {sel['run']}{seeds}, "
+            f"rank {sel['test_rank']} on the test set; {family}" + ", ".join(parts) + ".")
 
 
-def _correlation_line(corr: pd.DataFrame) -> str:
+def _correlation_line(corr: pd.DataFrame, unit: str = "runs") -> str:
+    if "scoring" in corr:
+        corr = corr[corr["scoring"] == "generation"]
     acc = corr[corr["quantity"] == "accuracy"].set_index("method")
     p, s = acc.loc["pearson"], acc.loc["spearman"]
+    n = int(p["n_configs"]) if "n_configs" in p and pd.notna(p.get("n_configs")) else int(p["n_runs"])
     if pd.isna(p["ci_low"]):
-        return f"Position–count correlation across runs: not estimable with {int(p['n_runs'])} run(s)."
+        return f"Position–count correlation across {unit}: not estimable with {n} run(s)."
     how = ("move together" if p["ci_low"] > 0 else "move in opposite directions" if p["ci_high"] < 0
            else "show no clear relation (the interval includes 0)")  # fmt: skip
-    return (f"Across runs, position and count accuracy {how}: Pearson r = {p['estimate']:.2f} "
+    return (f"Across {unit}, position and count accuracy {how}: Pearson r = {p['estimate']:.2f} "
             f"{_ci(p['ci_low'], p['ci_high'], '')}, Spearman ρ = {s['estimate']:.2f} {_ci(s['ci_low'], s['ci_high'], '')} "
-            f"(bootstrap over {int(p['n_runs'])} runs).")  # fmt: skip
+            f"(bootstrap over {n} {unit}).")  # fmt: skip
 
 
 def _hyperparameter_lines(hp: pd.DataFrame) -> list[str]:
     imp = hp[hp["kind"] == "importance"]
+    if "scoring" in imp:
+        imp = imp[imp["scoring"] == "generation"]
     lines = []
     for metric in ("position_accuracy", "count_accuracy", "transfer_score"):
         r = imp[(imp["metric"] == metric) & (imp["rank"] == 1)]
@@ -250,30 +355,46 @@ def _hyperparameter_lines(hp: pd.DataFrame) -> list[str]:
                          f"(intervals need at least {MIN_RUNS_FOR_INTERVALS}).")
             continue
         clear = r["slope_ci_low"] > 0 or r["slope_ci_high"] < 0
+        p_adj = r.get("p_adj")
+        held = pd.notna(p_adj) and p_adj <= 0.05
+        kind = "HC3 interval" if "HC3" in str(r.get("method", "")) else "interval"
+        verdict = (f"its {kind} excludes 0" + (f" and it holds after Holm (p_adj={p_adj:.2g})" if held else
+                   f", but not after Holm across the slopes (p_adj={p_adj:.2g})" if pd.notna(p_adj) else "")
+                   if clear else "but its interval includes 0, so no clear effect")  # fmt: skip
         lines.append(f"{LABELS[metric]}: the most important hyperparameter is {r['hyperparameter']} "
-                     f"({r['slope']:+.3f} {unit} {_ci(r['slope_ci_low'], r['slope_ci_high'])}; "
-                     + ("its interval excludes 0" if clear else "but its interval includes 0, so no clear effect") + ").")
+                     f"({r['slope']:+.3f} {unit} {_ci(r['slope_ci_low'], r['slope_ci_high'])}; {verdict}).")
     return lines
 
 
 MIN_ITEMS_PER_BUCKET = 20
-"""Buckets with fewer items per run are left out of the summary's "largest / smallest gain"
-sentence: picking the extreme of many tiny buckets would report noise (the tables keep them)."""
+"""Buckets with fewer items per run are left out of the summary's "largest rise / fall" sentence:
+picking the extreme of many tiny buckets would report noise (the tables keep them)."""
 
 
-def _gain_lines(bd: pd.DataFrame) -> list[str]:
+def _signed(name: str, row) -> str:
+    return f"{row['breakdown']} = {row['bucket']} ({row['delta']:+.3f} {_ci(row['delta_ci_low'], row['delta_ci_high'])})"
+
+
+def _change_lines(bd: pd.DataFrame) -> list[str]:
+    """Where accuracy changed most, by bucket: a rise is called a rise, a fall a fall — a negative
+    number is never a gain."""
     pooled = bd[bd["run"] == "all runs"]
     lines = []
     for task in TASKS:
         g = pooled[(pooled["metric"] == f"{task}_accuracy") & (pooled["n_items"] >= MIN_ITEMS_PER_BUCKET)]
         if g.empty:
-            lines.append(f"Where the {task} gains are: no bucket has {MIN_ITEMS_PER_BUCKET} or more items per run; "
+            lines.append(f"Where {task} accuracy changed: no bucket has {MIN_ITEMS_PER_BUCKET} or more items per run; "
                          "see the breakdown table.")
             continue
         hi, lo = g.loc[g["delta"].idxmax()], g.loc[g["delta"].idxmin()]
-        lines.append(f"Where the {task} gains are (mean over runs): largest for {hi['breakdown']} = {hi['bucket']} "
-                     f"({hi['delta']:+.3f} {_ci(hi['delta_ci_low'], hi['delta_ci_high'])}), smallest for "
-                     f"{lo['breakdown']} = {lo['bucket']} ({lo['delta']:+.3f} {_ci(lo['delta_ci_low'], lo['delta_ci_high'])}).")
+        parts = []
+        if hi["delta"] > 0:
+            parts.append(f"largest rise for {_signed(task, hi)}")
+        if lo["delta"] < 0:
+            parts.append(f"largest fall for {_signed(task, lo)}")
+        if not parts:
+            parts.append("no bucket changed")
+        lines.append(f"Where {task} accuracy changed (mean over runs, descriptive): " + "; ".join(parts) + ".")
     return lines
 
 
@@ -286,12 +407,85 @@ figcaption{font-size:.9rem;color:#424a53;max-width:900px}
 table{border-collapse:collapse;font-size:.8rem;margin:.5rem 0 1.5rem} th,td{border:1px solid #d0d7de;padding:.2rem .4rem}
 th{background:#f6f8fa;position:sticky;top:0} td{text-align:right;white-space:nowrap}
 .scroll{overflow:auto;max-height:30rem} dt{font-weight:600} dd{margin:0 0 .6rem 1rem}
+tr.selected td{background:#fff1f0;font-weight:600} .note{font-size:.85rem;color:#57606a}
 """
 
 
-def _table(df: pd.DataFrame, caption: str) -> str:
-    body = df.to_html(index=False, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
-    return f"<h3>{html.escape(caption)}</h3><div class=\"scroll\">{body}</div>"
+INTEGER_COLUMNS = {"rank", "trial", "config_id", "replicate", "seed", "n", "n_items", "n_runs", "n_configs", "n_seeds",
+                   "steps_trained"}  # fmt: skip
+NAMES = {"mcnemar_p": "McNemar p", "p_adj": "p (Holm)", "p_value": "p", "n_items": "items", "n_runs": "runs",
+         "n_configs": "configurations", "n_seeds": "seeds", "config_id": "configuration", "steps_trained": "steps trained",
+         "base_accuracy": "base", "tuned_accuracy": "fine-tuned", "delta": "Δ", "delta_seed_sd": "Δ seed SD",
+         "tuned_seed_sd": "seed SD", "transfer_score": "transfer score", "run_dir": "directory"}  # fmt: skip
+
+
+def readable(col: str) -> str:
+    """A column name a reader can parse: ``position/nth_letter_accuracy_delta`` → ``nth_letter Δ``."""
+    if col in NAMES:
+        return NAMES[col]
+    name = col.removeprefix("params.")
+    for suffix, words in (("_delta", " Δ"), ("_p_adj", " p (Holm)"), ("_mcnemar_p", " McNemar p"), ("_base", " base"),
+                          ("_best_trivial", " best trivial"), ("_beats_trivial", " beats trivial"),
+                          ("_constant_answer", " constant answer"), ("_no_answer_rate", " no-answer rate"),
+                          ("_seed_sd", " seed SD"), ("_n", " n")):  # fmt: skip
+        if name.endswith(suffix) and name != suffix.strip("_"):
+            return readable(name.removesuffix(suffix)) + words
+    name = name.removesuffix("_accuracy")
+    name = name.split("/", 1)[1] if name.startswith(("position/", "count/")) else name
+    return name.replace("_", " ")
+
+
+def _cell(col: str, v) -> str:
+    """Fixed decimals: accuracies and changes 3, p-values 2 significant digits, counts as integers."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    if isinstance(v, bool | np.bool_):
+        return "yes" if v else "no"
+    if isinstance(v, str):
+        return v
+    if col in INTEGER_COLUMNS or col.endswith("_n"):
+        return f"{int(v):,}"
+    if col.startswith("params."):
+        return f"{v:g}"
+    if col.endswith(("_p", "p_adj", "p_value")):
+        return f"{v:.2g}"
+    signed = "delta" in col or col.startswith("slope") or col == "estimate"
+    return f"{v:+.3f}" if signed else f"{v:.3f}"
+
+
+def _joined(df: pd.DataFrame) -> pd.DataFrame:
+    """Each ``X`` beside ``X_ci_low`` / ``X_ci_high`` as one cell ``x [low, high]``; the interval columns go."""
+    out = pd.DataFrame(index=df.index)
+    for col in df.columns:
+        if col.endswith(("_ci_low", "_ci_high")) and (col.rsplit("_ci_", 1)[0] in df or col.rsplit("_ci_", 1)[0] == ""):
+            continue
+        if col in ("ci_low", "ci_high") and "estimate" in df:
+            continue
+        lo_col, hi_col = (("ci_low", "ci_high") if col == "estimate" else (f"{col}_ci_low", f"{col}_ci_high"))
+        if col == "delta":
+            lo_col, hi_col = "delta_ci_low", "delta_ci_high"
+        if lo_col in df and hi_col in df:
+            out[col] = [f"{_cell(col, v)} [{_cell(col, lo)}, {_cell(col, hi)}]" if _cell(col, v) and _cell(col, lo) else _cell(col, v)
+                        for v, lo, hi in zip(df[col], df[lo_col], df[hi_col])]  # fmt: skip
+        else:
+            out[col] = [_cell(col, v) for v in df[col]]
+    return out
+
+
+def _table(df: pd.DataFrame, caption: str, highlight: set | None = None, note: str = "") -> str:
+    """A formatted HTML table: readable headers, fixed decimals, intervals in brackets, the
+    validation-selected run's rows highlighted."""
+    esc = html.escape
+    cells = _joined(df.reset_index(drop=True))
+    head = "".join(f"<th>{esc(readable(str(c)))}</th>" for c in cells.columns)
+    rows = []
+    for i, r in cells.iterrows():
+        chosen = highlight and str(df.iloc[i].get("run", "")) in highlight
+        tr = '<tr class="selected">' if chosen else "<tr>"
+        rows.append(tr + "".join(f"<td>{esc(str(v))}</td>" for v in r) + "</tr>")
+    note_html = f"<p class=\"note\">{esc(note)}</p>" if note else ""
+    return (f"<h3>{esc(caption)}</h3>{note_html}<div class=\"scroll\"><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _img(path: Path, alt: str) -> str:
@@ -307,23 +501,44 @@ def render(info: dict, tables: dict[str, pd.DataFrame], src: Path) -> str:
     figs = "".join(f"<figure>{_img(src / f['file'], f['title'])}<figcaption><b>{esc(f['title'])}.</b> "
                    f"{esc(f['caption'])}</figcaption></figure>" for f in info["figures"])  # fmt: skip
     deltas, hp, bd = tables["per_run_deltas"], tables["hyperparameter_effects"], tables["breakdowns"]
+    eff, runs = tables["config_effects"], tables["runs"]
+    sel = info.get("selected_by_validation") or {}
+    chosen = set(sel.get("runs") or []) | {str(sel.get("run"))} | ({f"config-{sel['config_id']:04d}"}
+                                                                    if sel.get("config_id") is not None else set())  # fmt: skip
+    gen_runs = runs[runs["scoring"] == "generation"] if "scoring" in runs else runs
+    subtask_cols = [c for c in gen_runs.columns if "/" in c and c.endswith(("_accuracy", "_accuracy_ci_low",
+                    "_accuracy_ci_high", "_accuracy_best_trivial", "_accuracy_beats_trivial",
+                    "_accuracy_constant_answer", "_accuracy_no_answer_rate")) and not c.startswith("val/")]  # fmt: skip
+    per_run_cols = [c for c in ("run", "config_id", "replicate", "steps_trained") if c in gen_runs] + subtask_cols
+    tested = eff[eff["endpoint"].isin(["primary", "secondary"])] if len(eff) else eff
+    keep = [c for c in ("scoring", "run", "metric", "n_seeds", "base_accuracy", "tuned_accuracy", "tuned_seed_sd", "delta",
+                        "delta_ci_low", "delta_ci_high", "delta_seed_sd", "test", "p_adj", "family") if c in tested]  # fmt: skip
     tabs = "".join([
-        _table(tables["top_transfer_configs"], "Top configurations by transfer_score"),
-        _table(deltas[~deltas["metric"].str.contains("/")], "Per run: fine-tuned − base (task level; p_adj is Holm)"),
-        _table(tables["metric_correlations"], "Position vs count across runs"),
-        _table(hp[hp["kind"] == "importance"].dropna(axis=1, how="all"), "Hyperparameter importance (regression)"),
+        _table(tables["top_transfer_configs"], "Top runs by test transfer_score (chosen on the test set: optimistic)",
+               chosen, "The validation-selected run is highlighted; it need not rank first here."),
+        _table(gen_runs[per_run_cols], "Per run and subtask: accuracy, best trivial baseline, answer diagnostics",
+               chosen, "constant answer: one reply in more than half of the subtask's replies; beats trivial: the "
+                       "accuracy's interval lies above the best trivial baseline (from evaluate's metrics.json)."),
+        _table(tested[keep], "Configurations against the base model (Holm within each family)", chosen,
+               "With several seeds the test is a one-sample t-test across seeds; with one, the run's exact McNemar test."),
+        _table(deltas[deltas["metric"].isin(["position_accuracy", "count_accuracy"])].drop(columns=["config_id"], errors="ignore"),
+               "Per run: fine-tuned − base (task totals; p (Holm) within scoring × endpoint)", chosen),
+        _table(tables["metric_correlations"], "Position vs count across configurations"),
+        _table(hp[hp["kind"] == "importance"].dropna(axis=1, how="all"),
+               "Hyperparameter importance (OLS, HC3 intervals, Holm across slopes)"),
         _table(hp[hp["kind"] == "marginal_mean"].dropna(axis=1, how="all"), "Marginal means per hyperparameter value"),
-        _table(bd[bd["run"] == "all runs"].dropna(axis=1, how="all"), "Where the gains are (mean over runs)"),
+        _table(bd[bd["run"] == "all runs"].dropna(axis=1, how="all"), "Where accuracy changed (mean over runs, descriptive)"),
     ])  # fmt: skip
     methods = "".join(f"<dt>{esc(k)}</dt><dd>{esc(str(v))}</dd>" for k, v in info["methods"].items())
     skipped = pd.DataFrame(info["skipped"], columns=["trial", "status", "reason"])
     prov = info.get("provenance", {})
+    design = "" if _one_seed(info) else f" ({info.get('n_configs')} configurations × {'/'.join(map(str, info['seeds_per_config']))} seeds)"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>spellxfer transfer report: {name}</title><style>{STYLE}</style></head>
 <body><main>
 <h1>Transfer report: {name}</h1>
-<p class="lede">Trained on spelling, evaluated on position and count only. {info['n_runs']} complete runs,
+<p class="lede">Trained on spelling, evaluated on position and count only. {info['n_runs']} complete runs{design},
 {esc(info['decoding'])} decoding, {info['n_boot']} bootstrap resamples (seed {info['seed']}). Every accuracy carries a 95% interval.</p>
 <section id="summary"><h2>Summary</h2><ul>{summary}</ul></section>
 <section id="figures"><h2>Figures</h2>{figs}</section>

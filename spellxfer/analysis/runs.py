@@ -42,7 +42,14 @@ class Run:
     base_predictions: list[dict]
     """The study's base model ``base/<decoding>/predictions.jsonl`` rows (same items)."""
     curve: list[dict] = field(default_factory=list)
-    """Validation rows of ``metrics.jsonl``: ``step`` plus whitelisted ``val/…`` metrics only."""
+    """Validation rows of ``metrics.jsonl``: ``step`` (optimizer steps done, 0 for the base model's
+    step-0 validation) plus whitelisted ``val/…`` metrics only."""
+    metrics: dict | None = None
+    """The fine-tuned model's ``eval/<decoding>/metrics.json`` (None if absent or unreadable)."""
+    base_metrics: dict | None = None
+    """The study's ``base/<decoding>/metrics.json``."""
+    steps_trained: int | None = None
+    """Optimizer steps the fit ran (after early stopping), from ``metrics.jsonl``."""
 
 
 @dataclass
@@ -103,6 +110,8 @@ def _entries_from_study(study: str, storage: str, results_dir: Path) -> list[tup
 def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
     from rich.progress import track
 
+    from spellxfer.training.loggers import steps_trained  # imports lightning: only when used
+
     trials = []
     for d, status in entries:
         trial = _read_trial(d) if status is None or status == "complete" else {"number": _number(d)}
@@ -125,15 +134,30 @@ def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
         if base_dir not in bases:
             if not (base_dir / "predictions.jsonl").is_file():
                 raise SpellxferError(f"{d}: the study has no base-model evaluation ({base_dir}/predictions.jsonl)")
-            bases[base_dir] = read_predictions(base_dir)
+            bases[base_dir] = (read_predictions(base_dir), _read_metrics(base_dir))
         curve, n_omitted = read_curve(d / "metrics.jsonl")
         omitted += n_omitted
         runs.append(Run(name=label, directory=d, trial=trial, params=dict(trial.get("params") or {}),
-                        predictions=read_predictions(eval_dir), base_predictions=bases[base_dir], curve=curve))  # fmt: skip
+                        predictions=read_predictions(eval_dir), base_predictions=bases[base_dir][0], curve=curve,
+                        metrics=_read_metrics(eval_dir), base_metrics=bases[base_dir][1],
+                        steps_trained=steps_trained(d / "metrics.jsonl")))  # fmt: skip
     if not runs:
         raise SpellxferError(f"no complete trial with an eval/{decoding}/ evaluation among {len(trials)} trial(s) "
                              f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})")  # fmt: skip
     return Discovery(runs=runs, status_counts=dict(counts), skipped=skipped, omitted_metric_entries=omitted)
+
+
+def _read_metrics(d: Path) -> dict | None:
+    """``d/metrics.json`` as ``evaluate`` writes it, or None: the analysis recomputes every accuracy
+    from the predictions and only reads the baselines and diagnostics from here, when present."""
+    f = d / "metrics.json"
+    if not f.is_file():
+        return None
+    try:
+        m = read_json(f, allow_nan=True)
+    except SpellxferError:
+        return None
+    return m if isinstance(m, dict) else None
 
 
 def _number(d: Path) -> int | None:
@@ -164,10 +188,14 @@ def read_curve(path: Path) -> tuple[list[dict], int]:
 
     Returns the rows and how many metric keys were dropped because the whitelist
     (:func:`~spellxfer.tasks.metric_names.check_metric_name`) does not allow them.
+    ``step`` is optimizer steps done (a row's ``global_step``, else Lightning's step + 1), so a
+    fit's step-0 validation of the base model is step 0.
     A missing file gives no rows: a curve is a nice-to-have, not a reason to fail. A file that is
     there must be what the training logger writes: objects with an integer ``step`` (or null) and
     numeric values (NaN allowed: a diverged loss is logged as NaN).
     """
+    from spellxfer.training.loggers import optimizer_step  # imports lightning: only when used
+
     if not path.is_file():
         return [], 0
     rows, omitted = [], 0
@@ -177,9 +205,12 @@ def read_curve(path: Path) -> tuple[list[dict], int]:
         step = row.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise SpellxferError(f"{path}:{line}: step {snippet(step)} is not an integer ≥ 0")
+        global_step = row.get("global_step")
+        if global_step is not None and (not _is_number(global_step) or global_step < 0):
+            raise SpellxferError(f"{path}:{line}: global_step {snippet(global_step)} is not a number ≥ 0")
         kept = {}
         for key, value in row.items():
-            if key == "step":
+            if key in ("step", "global_step"):
                 continue
             if not allowed_metric(key):
                 omitted += 1
@@ -189,7 +220,7 @@ def read_curve(path: Path) -> tuple[list[dict], int]:
             if key.startswith("val/"):
                 kept[key] = value
         if kept and step is not None:
-            rows.append({"step": step, **kept})
+            rows.append({"step": optimizer_step(row), **kept})
     return rows, omitted
 
 

@@ -1,16 +1,20 @@
 """``python -m spellxfer analyze``: which training patterns transfer to position and count.
 
-Lifecycle: find the complete trials (``runs.discover``) → per run, compare the fine-tuned model
-with the base model on the same items (``compare_predictions``: paired bootstrap interval of the
-delta, exact McNemar p) and adjust the p-values across runs (Holm) → across runs, correlate
-position with count and estimate hyperparameter effects (``effects``) → break the deltas down by
-word length, Qwen3 token count, word kind and letter position → write the tables, figures and
-``analysis.json`` atomically into ``--out``.
+Lifecycle: find the complete trials (``runs.discover``) → per run and scoring (generation, plus the
+likelihood probe when every prediction row carries its verdict), compare the fine-tuned model with
+the base model on the same items (paired bootstrap over words, exact McNemar p) → group the runs
+of one configuration (their seeds; ``configs``) and test each configuration across its seeds →
+across configurations, correlate position with count and estimate hyperparameter effects
+(``effects``: OLS with HC3 intervals) → break the deltas down by word length, token count (with
+the evaluated model's tokenizer, ``tokens``), word kind and letter position → write the tables,
+figures and ``analysis.json`` atomically into ``--out``.
 
-Multiple comparisons: Holm's step-down adjustment (family-wise error rate), over the 2 × n_runs
-task-level tests (position and count of every run); subtask rows form a second family. Holm
-needs no assumption about how the tests depend on each other — they do, since every run answers
-the same items.
+The plan is fixed before any number is seen (docs/transfer_learning.md, "Statistics"): primary
+endpoints are the subtasks, secondary the two task totals, transfer_score is reported and never
+tested; Holm families per decoding × scoring (primary, secondary), the validation-selected
+configuration as its own family, the hyperparameter slopes as one more; ``analysis.json``
+declares them. Holm needs no assumption about how the tests depend on each other — they do,
+since every run answers the same items.
 
 Trained on spelling, evaluated on position and count only.
 """
@@ -27,8 +31,9 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
+from scipy import stats
 
-from spellxfer.analysis import effects
+from spellxfer.analysis import configs, effects, tokens
 from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.runs import Discovery, Run, allowed_metric, discover
 from spellxfer.core.errors import SpellxferError
@@ -39,7 +44,6 @@ from spellxfer.core.outputs import (
     package_versions,
     write_json,
 )
-from spellxfer.evaluation.compare import compare_predictions
 from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
 from spellxfer.tasks.names import TASKS
 
@@ -47,8 +51,8 @@ console = Console()
 # Per task: test accuracy with its interval, the paired change from base with its interval, Holm p.
 TASK_COLUMNS = [f"{t}_accuracy{s}" for t in TASKS
                 for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low", "_delta_ci_high", "_p_adj")]  # fmt: skip
-TABLES = ("runs", "per_run_deltas", "metric_correlations", "top_transfer_configs", "hyperparameter_effects",
-          "breakdowns")  # fmt: skip
+TABLES = ("runs", "per_run_deltas", "config_effects", "metric_correlations", "top_transfer_configs",
+          "hyperparameter_effects", "breakdowns")  # fmt: skip
 
 
 def analyze(
@@ -57,6 +61,7 @@ def analyze(
     storage: str | None = None,
     out: str = "results/transfer_analysis",
     decoding: Literal["sampled", "greedy"] = "sampled",
+    scoring: Literal["auto", "generation", "both"] = "auto",
     results_dir: str = "results",
     top: int = 10,
     n_boot: int = 2000,
@@ -65,9 +70,11 @@ def analyze(
 ) -> int:
     """Analyse a sweep: which training patterns transfer to position and count, with intervals.
 
-    Per-run base → fine-tuned deltas (paired bootstrap, Holm-adjusted McNemar), position–count
-    correlation, hyperparameter effects, top configurations and where the gains are (trained on
-    spelling, evaluated on position and count only). Writes DIR/runs.csv, per_run_deltas.csv, metric_correlations.csv, top_transfer_configs.csv,
+    Per-run and per-configuration base → fine-tuned deltas (paired bootstrap over words; McNemar,
+    or a t-test across seeds; Holm within pre-specified families), position–count correlation,
+    hyperparameter effects (OLS, HC3), top runs and where accuracy changed (trained on spelling,
+    evaluated on position and count only). Writes DIR/runs.csv, per_run_deltas.csv,
+    config_effects.csv, metric_correlations.csv, top_transfer_configs.csv,
     hyperparameter_effects.csv, breakdowns.csv, figures/*.png and analysis.json.
 
     Args:
@@ -77,6 +84,9 @@ def analyze(
         storage: Optuna storage URL, e.g. sqlite:///results/sweeps/STUDY.db.
         out: Output directory (must be empty or absent unless --overwrite true).
         decoding: Which evaluation to analyse: eval/sampled or eval/greedy.
+        scoring: generation (the parsed reply, always the primary score), both (with the likelihood
+            probe beside it; every prediction row needs its verdict), or auto (default: both when
+            every row has one, else generation).
         results_dir: Where sweeps live, for trials without a run_dir attribute.
         top: How many configurations top_transfer_configs.csv lists.
         n_boot: Bootstrap resamples for every interval computed here.
@@ -88,7 +98,7 @@ def analyze(
             raise SpellxferError(f"--{flag} must be ≥ {low}, got {value}")
     check_output_dir(out, overwrite)
     found = discover(runs, study, storage, results_dir, decoding)
-    result = analyse(found, n_boot=n_boot, seed=seed, top=top)
+    result = analyse(found, n_boot=n_boot, seed=seed, top=top, decoding=decoding, scoring=scoring)
     result["info"] |= {"source": {"runs": runs, "study": study, "storage": storage}, "decoding": decoding,
                        "name": study or _common_name(found.runs)}  # fmt: skip
     from spellxfer.analysis import figures  # matplotlib: imported only when drawing
@@ -102,153 +112,300 @@ def analyze(
     return 0
 
 
-def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10) -> dict:
-    """Every table of the analysis (pandas DataFrames) plus ``info`` (methods, counts, base accuracy)."""
+SCORINGS = {"generation": "correct", "likelihood": "likelihood_correct"}
+"""Scoring → the verdict field of a predictions.jsonl row: generation (the reply, parsed) is the
+primary score; the likelihood probe is analysed beside it when every row carries its verdict."""
+
+
+def scorings_of(found: Discovery) -> list[str]:
+    """``generation``, plus ``likelihood`` when the base model's and every run's rows have its verdict."""
+    rows = [r for run in found.runs for r in (*run.predictions, *run.base_predictions)]
+    return ["generation"] + (["likelihood"] if rows and all(isinstance(r.get("likelihood_correct"), bool) for r in rows)
+                             else [])  # fmt: skip
+
+
+def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, decoding: str = "sampled",
+            scoring: str = "auto") -> dict:  # fmt: skip
+    """Every table of the analysis (pandas DataFrames) plus ``info`` (methods, families, counts, base accuracy)."""
+    available = scorings_of(found)
+    if scoring == "both" and "likelihood" not in available:
+        raise SpellxferError(f"--scoring {scoring}: some prediction rows have no likelihood_correct (evaluate them "
+                             "with --scoring both or likelihood), so only generation can be analysed")  # fmt: skip
+    scorings = ["generation"] if scoring == "generation" else available
+    model = next((r.trial.get("model") for r in found.runs if r.trial.get("model")), None)
+    token_counts, token_info = tokens.recount(model, [row for r in found.runs[:1] for row in r.base_predictions])
     run_rows, delta_rows, breakdown_rows = [], [], []
     for run in track(found.runs, description="comparing runs with the base model", transient=True):
-        row, deltas = _compare_run(run, n_boot, seed)
-        run_rows.append(row)
-        delta_rows += deltas
-        breakdown_rows += _breakdowns(run, n_boot, seed)
+        for scoring in scorings:
+            row, deltas = _compare_run(run, scoring, n_boot, seed)
+            run_rows.append(row)
+            delta_rows += deltas
+        breakdown_rows += _breakdowns(run, n_boot, seed, token_counts)
     per_run = pd.DataFrame(delta_rows)
-    for _, family in per_run.groupby(per_run["metric"].str.contains("/")):
+    # per-run tests, Holm within (scoring, endpoint) over the runs; with one seed per configuration
+    # these are exactly the pre-specified families of config_effects
+    for _, family in per_run.groupby(["scoring", "endpoint"]):
         per_run.loc[family.index, "p_adj"] = holm(family["mcnemar_p"].tolist())
-    per_run["significant"] = per_run["p_adj"] <= 0.05
+    per_run["significant"] = per_run["p_adj"] <= configs.ALPHA
     table = pd.DataFrame(run_rows)
-    for task in TASKS:
-        p_adj = per_run[per_run["metric"] == f"{task}_accuracy"].set_index("run")["p_adj"]
-        table[f"{task}_accuracy_p_adj"] = table["run"].map(p_adj)
+    for metric in effects.metrics_of(table):
+        if effects.endpoint_of(metric) == "summary":
+            continue
+        p_adj = per_run[per_run["metric"] == metric].set_index(["run", "scoring"])["p_adj"]
+        table[f"{metric}_p_adj"] = [p_adj.get((r, s), math.nan) for r, s in zip(table["run"], table["scoring"])]
+    config_rows = configs.config_table(table)
+    effect_rows = configs.config_effects(per_run, decoding)
     breakdowns = pd.DataFrame(breakdown_rows)
     breakdowns = pd.concat([breakdowns, _pooled_breakdowns(breakdowns, n_boot, seed)], ignore_index=True)
-    parts = [p for p in (effects.marginal_means(table, n_boot, seed), effects.importance(table, n_boot, seed)) if len(p)]
-    hp = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=effects.COLUMNS)
+    hp_parts, corr_parts = [], []
+    for scoring in scorings:
+        units = config_rows[config_rows["scoring"] == scoring]
+        hp_parts += [effects.marginal_means(units, n_boot, seed, scoring), effects.importance(units, scoring)]
+        corr_parts.append(effects.correlations(units, n_boot, seed).assign(scoring=scoring))
+    hp_parts = [h for h in hp_parts if len(h)]
+    hp = pd.concat(hp_parts, ignore_index=True) if hp_parts else pd.DataFrame(columns=effects.COLUMNS)
+    generation = table[table["scoring"] == "generation"]
     objective_cols = [c for c in table.columns if c.startswith(("val/", "test/"))]
-    top_cols = ["run", "trial", "transfer_score", "transfer_score_ci_low", "transfer_score_ci_high", *objective_cols,
-                *TASK_COLUMNS,
-                *[c for c in table.columns if c.startswith("params.")], "run_dir"]  # fmt: skip
-    top_configs = table.sort_values("transfer_score", ascending=False, kind="stable").head(top)[top_cols]
+    top_cols = ["run", "trial", "config_id", "replicate", "transfer_score", "transfer_score_ci_low",
+                "transfer_score_ci_high", *objective_cols, *TASK_COLUMNS,
+                *[c for c in table.columns if c.startswith("params.")], "steps_trained", "run_dir"]  # fmt: skip
+    top_configs = generation.sort_values("transfer_score", ascending=False, kind="stable").head(top)[top_cols]
     top_configs.insert(0, "rank", range(1, len(top_configs) + 1))
+    selected = selected_by_validation(generation, objective_cols, config_rows, effect_rows, decoding)
+    n_seeds = config_rows[config_rows["scoring"] == "generation"]["n_seeds"]
     info = {
         "n_runs": len(found.runs),
+        "n_configs": int(len(n_seeds)),
+        "seeds_per_config": sorted({int(n) for n in n_seeds}),
+        "scorings": scorings,
         "status_counts": found.status_counts,
         "skipped": found.skipped,
         "omitted_metric_entries": found.omitted_metric_entries,
-        "base": _base_summary(found.runs[0]),
+        "base": _base_summary(found.runs[0], scorings),
+        "endpoints": {"primary": [m for m in effects.metrics_of(table) if effects.endpoint_of(m) == "primary"],
+                      "secondary": [m for m in effects.SECONDARY if m in table],
+                      "summary (not tested)": list(effects.SUMMARY)},  # fmt: skip
+        "families": _families(effect_rows, hp, selected, decoding),
+        "token_counts": token_info,
         "n_boot": n_boot,
         "seed": seed,
         "methods": {
-            "accuracy_interval": "Wilson 95% (one sample per item) or item bootstrap (K samples per item)",
-            "delta": "fine-tuned − base on the same items; paired bootstrap 95% interval over items "
-                     "(spellxfer.evaluation.compare.compare_predictions, 5,000 resamples); exact McNemar test",
-            "multiple_comparisons": "Holm step-down (family-wise error rate 5%) over the 2 × n_runs task-level "
-                                    "tests (position and count per run); subtasks form a second Holm family",
-            "transfer_score": "mean of position and count accuracy; interval by bootstrapping the items of each "
-                              f"task independently ({n_boot} resamples)",
-            "across_runs": f"percentile bootstrap over runs, {n_boot} resamples, seed {seed}",
+            "accuracy_interval": "Wilson 95% (one sample per item) or item bootstrap (K samples per item); a "
+                                 "bootstrap over words instead when several questions share a word",
+            "delta": "fine-tuned − base on the same items; paired percentile bootstrap 95% interval resampling "
+                     f"words (scipy.stats.bootstrap, {n_boot} resamples); exact McNemar test",
+            "configurations": "runs sharing a config_id are the seeds of one configuration: means over seeds, "
+                              "between-seed SD; with ≥ 2 seeds a configuration's delta is tested with a one-sample "
+                              "t-test across its seeds (t interval), with one seed by its run's McNemar test",
+            "multiple_comparisons": "Holm step-down (statsmodels multipletests; family-wise error rate 5%) within "
+                                    "pre-specified families: per decoding × scoring, the primary endpoints (the "
+                                    "subtasks) of all configurations form one family and the secondary endpoints "
+                                    "(position and count totals) another; the validation-selected configuration "
+                                    "is its own family; hyperparameter slopes are one family per scoring",
+            "transfer_score": "mean of position and count accuracy (reported, not tested); interval by "
+                              f"bootstrapping words ({n_boot} resamples)",
+            "across_configurations": f"percentile bootstrap over configurations, {n_boot} resamples, seed {seed}",
             "importance": "regression (not fANOVA): " + (hp["method"].iloc[-1] if (hp["kind"] == "importance").any()
                                                          else "no numeric hyperparameter varies"),
-            "breakdowns": "per run: paired bootstrap of the delta within each bucket; 'all runs': mean over runs "
-                          "with a percentile bootstrap over runs",
+            "breakdowns": "per run: paired bootstrap over words of the delta within each bucket; 'all runs': mean "
+                          "over runs with a percentile bootstrap over runs; descriptive (not adjusted, not tested); "
+                          f"token counts: {token_info['source']}",
         },
         "provenance": {"packages": package_versions(), "git_commit": git_commit()},
-        "selected_by_validation": selected_by_validation(table, objective_cols),
+        "selected_by_validation": selected,
     }
-    return {"runs": table, "per_run_deltas": per_run, "metric_correlations": effects.correlations(table, n_boot, seed),
-            "top_transfer_configs": top_configs, "hyperparameter_effects": hp, "breakdowns": breakdowns, "info": info}  # fmt: skip
+    return {"runs": table, "per_run_deltas": per_run, "config_effects": effect_rows,
+            "metric_correlations": pd.concat(corr_parts, ignore_index=True), "top_transfer_configs": top_configs,
+            "hyperparameter_effects": hp, "breakdowns": breakdowns, "configs": config_rows, "info": info}  # fmt: skip
 
 
-def selected_by_validation(table: pd.DataFrame, objective_cols: list[str]) -> dict | None:
-    """The run a sweep would ship: the best validation objective (ties to the lower trial number,
-    as Optuna's ``best_trial``), with its test numbers. Its test accuracy is an honest estimate;
-    the top of ``top_transfer_configs`` is chosen on the test set itself and so is optimistic."""
+def _families(effect_rows: pd.DataFrame, hp: pd.DataFrame, selected: dict | None, decoding: str) -> list[dict]:
+    """The multiple-comparison families, declared in analysis.json: name, endpoints, size, method."""
+    out = []
+    if len(effect_rows):
+        for name, g in effect_rows.groupby("family", sort=False):
+            out.append({"name": name, "scoring": g["scoring"].iloc[0], "endpoint": g["endpoint"].iloc[0],
+                        "metrics": sorted(g["metric"].unique()), "n_tests": len(g), "method": "Holm",
+                        "unit": "configuration"})  # fmt: skip
+    if selected:
+        for e in selected["endpoints"]:
+            if not any(f["name"] == e["family"] for f in out):
+                n = sum(x["family"] == e["family"] for x in selected["endpoints"])
+                out.append({"name": e["family"], "scoring": e["scoring"], "endpoint": e["endpoint"],
+                            "metrics": sorted({x["metric"] for x in selected["endpoints"] if x["family"] == e["family"]}),
+                            "n_tests": n, "method": "Holm", "unit": "the validation-selected configuration"})  # fmt: skip
+    if len(hp) and "family" in hp and hp["family"].notna().any():
+        for name, g in hp[hp["family"].notna()].groupby("family", sort=False):
+            out.append({"name": f"{decoding}/{name}", "scoring": g["scoring"].iloc[0], "endpoint": "primary and secondary",
+                        "metrics": sorted(g["metric"].unique()), "n_tests": len(g), "method": "Holm",
+                        "unit": "hyperparameter slope"})  # fmt: skip
+    return out
+
+
+def selected_by_validation(table: pd.DataFrame, objective_cols: list[str], config_rows: pd.DataFrame,
+                           effect_rows: pd.DataFrame, decoding: str = "sampled") -> dict | None:  # fmt: skip
+    """The configuration a sweep would ship: the best validation objective (mean over its seeds; ties
+    to the lower configuration id, as Optuna's ``best_trial``), with its test numbers. Its test
+    results are an honest estimate, tested as their own Holm family; the top of
+    ``top_transfer_configs`` is chosen on the test set itself and so is optimistic."""
     col = next((c for c in objective_cols if c.startswith("val/")), None)
-    if col is None or table[col].isna().all():
+    cfg = config_rows[config_rows["scoring"] == "generation"]
+    if col is None or col not in cfg or cfg[col].isna().all():
         return None
-    ranked = table.dropna(subset=[col]).sort_values([col, "trial"], ascending=[False, True], kind="stable")
-    best = ranked.iloc[0]
+    ranked = cfg.dropna(subset=[col]).sort_values([col, "config_id"], ascending=[False, True], kind="stable")
+    best_cfg = ranked.iloc[0]
+    runs = table[table["config_id"] == best_cfg["config_id"]].sort_values("trial", kind="stable")
+    best = runs.iloc[0]
     keys = ["transfer_score", "transfer_score_ci_low", "transfer_score_ci_high", *TASK_COLUMNS]
-    return {"run": str(best["run"]), "objective": col, "objective_value": float(best[col]),
-            "tied_runs": int((table[col] == best[col]).sum()),
-            "test_rank": int((table["transfer_score"] > best["transfer_score"]).sum()) + 1,
-            **{k: float(best[k]) for k in keys if k in best and pd.notna(best[k])}}  # fmt: skip
+    one_seed = int(best_cfg["n_seeds"]) == 1
+    values = {k: float(best[k]) for k in keys if k in best and pd.notna(best[k])} if one_seed else \
+        {k: float(best_cfg[k]) for k in keys if k in best_cfg and pd.notna(best_cfg[k])}  # fmt: skip
+    return {"run": str(best["run"]) if one_seed else str(best_cfg["run"]), "config_id": int(best_cfg["config_id"]),
+            "n_seeds": int(best_cfg["n_seeds"]),
+            "runs": str(best_cfg["runs"]).split(), "objective": col, "objective_value": float(best_cfg[col]),
+            "tied_runs": int((cfg[col] == best_cfg[col]).sum()),
+            "test_rank": int((cfg["transfer_score"] > best_cfg["transfer_score"]).sum()) + 1,
+            "endpoints": configs.selected_family(effect_rows, int(best_cfg["config_id"]), decoding), **values}  # fmt: skip
 
 
-def item_scores(rows: list[dict]) -> dict[tuple[str, str], dict]:
+def item_scores(rows: list[dict], field: str = "correct") -> dict[tuple[str, str], dict]:
     """Per item, keyed like compare_predictions (question file name, id): its sample verdicts and row."""
     items: dict[tuple[str, str], dict] = {}
     for r in rows:
         e = items.setdefault((Path(r["file"]).name, r["id"]), {"row": r, "correct": []})
-        e["correct"].append(bool(r["correct"]))
+        e["correct"].append(bool(r[field]))
     return items
 
 
-def _task_items(items: dict, task: str) -> list[tuple[str, str]]:
-    return sorted(k for k, e in items.items() if e["row"]["task"] == task)
+def word_of(item: dict, key: tuple[str, str]) -> str:
+    """The cluster an item belongs to: its word (questions about one word share its difficulty), else itself."""
+    word = item["row"].get("word")
+    return f"word:{word}" if isinstance(word, str) and word else f"item:{key[0]}:{key[1]}"
 
 
-def _mean_of_two_ci(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    """Percentile interval of (mean x + mean y) / 2, resampling the items of x and of y independently."""
-    if not len(x) or not len(y):
+def _clusters(items: dict, keys: list) -> list[str] | None:
+    """Word labels for ``keys``, or None when every item has its own word (clustering changes nothing)."""
+    words = [word_of(items[k], k) for k in keys]
+    return words if len(set(words)) < len(words) else None
+
+
+def _groups(items: dict) -> dict[str, list]:
+    """task → items and task/subtask → items, tasks first, subtasks sorted."""
+    groups: dict[str, list] = defaultdict(list)
+    for key in sorted(items):
+        row = items[key]["row"]
+        groups[row["task"]].append(key)
+        if row.get("subtask"):
+            groups[f"{row['task']}/{row['subtask']}"].append(key)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0].split("/")[0] != "position", "/" in kv[0], kv[0])))
+
+
+def _transfer_ci(items: dict, pos: list, cnt: list, n_boot: int, seed: int, base: dict | None = None) -> tuple[float, float]:
+    """Percentile interval of (position accuracy + count accuracy) / 2 (or of its delta, with
+    ``base``) when words are resampled: a word's position and count questions move together."""
+    if not pos or not cnt:
         return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    mx = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
-    my = y[rng.integers(0, len(y), size=(n_boot, len(y)))].mean(axis=1)
-    low, high = np.quantile((mx + my) / 2, [0.025, 0.975])
-    return (float(low), float(high))
+    value = (lambda k: np.mean(items[k]["correct"])) if base is None else \
+        (lambda k: np.mean(items[k]["correct"]) - np.mean(base[k]["correct"]))  # fmt: skip
+    words = sorted({word_of(items[k], k) for k in (*pos, *cnt)})
+    index = {w: i for i, w in enumerate(words)}
+    arrays = np.zeros((4, len(words)))
+    for row, keys in ((0, pos), (2, cnt)):
+        for k in keys:
+            arrays[row, index[word_of(items[k], k)]] += value(k)
+            arrays[row + 1, index[word_of(items[k], k)]] += 1
+    if len(words) < 2:
+        return (math.nan, math.nan)
+    res = stats.bootstrap(tuple(arrays), lambda ps, pn, cs, cn, axis=-1: (ps.sum(axis) / pn.sum(axis) + cs.sum(axis) / cn.sum(axis)) / 2,
+                          paired=True, vectorized=True, n_resamples=n_boot, method="percentile",
+                          rng=np.random.default_rng(seed))  # fmt: skip
+    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
-def _compare_run(run: Run, n_boot: int, seed: int) -> tuple[dict, list[dict]]:
-    """One row of runs.csv (accuracies, deltas, params) and the run's per-group delta rows."""
-    c = compare_predictions(run.base_predictions, run.predictions, "base", run.name)
-    base, tuned = item_scores(run.base_predictions), item_scores(run.predictions)
-    row = {"run": run.name, "trial": run.trial.get("number"), "study": run.trial.get("study"),
-           "run_dir": str(run.directory)}  # fmt: skip
-    means, diffs = {}, {}
-    for task in TASKS:
-        keys = _task_items(tuned, task)
-        s = accuracy_summary([tuned[k]["correct"] for k in keys], n_boot=n_boot, seed=seed)
-        row |= {f"{task}_accuracy": s["accuracy"], f"{task}_accuracy_ci_low": s["ci_low"],
-                f"{task}_accuracy_ci_high": s["ci_high"], f"{task}_accuracy_n": s["n"]}  # fmt: skip
-        g = c["groups"].get(task)
-        row |= {f"{task}_accuracy_base": g["acc_a"] if g else math.nan, f"{task}_accuracy_delta": g["diff"] if g else math.nan,
-                f"{task}_accuracy_delta_ci_low": g["ci_low"] if g else math.nan,
-                f"{task}_accuracy_delta_ci_high": g["ci_high"] if g else math.nan,
-                f"{task}_accuracy_mcnemar_p": g["mcnemar_p"] if g else math.nan}  # fmt: skip
-        means[task] = np.array([np.mean(tuned[k]["correct"]) for k in keys])
+# metrics.json fields (the probe contract) copied per subtask into runs.csv when evaluate wrote them
+def _baseline_columns(run: Run, scoring: str, group: str) -> dict:
+    entry = ((run.metrics or {}).get("subtasks") or {}).get(group)
+    if not isinstance(entry, dict):
+        return {}
+    trivial = entry.get("best_trivial") if isinstance(entry.get("best_trivial"), dict) else {}
+    diag = entry.get("diagnostics") if isinstance(entry.get("diagnostics"), dict) else {}
+    scored = entry.get("likelihood") if scoring == "likelihood" else entry
+    scored = scored if isinstance(scored, dict) else {}
+    m = f"{group}_accuracy"
+    out = {f"{m}_best_trivial": trivial.get("accuracy"), f"{m}_beats_trivial": scored.get("beats_trivial")}
+    if scoring == "generation":
+        out |= {f"{m}_constant_answer": diag.get("constant_answer"), f"{m}_no_answer_rate": diag.get("no_answer_rate")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _compare_run(run: Run, scoring: str, n_boot: int, seed: int) -> tuple[dict, list[dict]]:
+    """One row of runs.csv for one scoring (accuracies, deltas, params) and the run's per-group delta rows."""
+    field = SCORINGS[scoring]
+    base, tuned = item_scores(run.base_predictions, field), item_scores(run.predictions, field)
+    row = {"run": run.name, "scoring": scoring, "trial": run.trial.get("number"), "study": run.trial.get("study"),
+           "config_id": run.trial.get("config_id", run.trial.get("number")), "replicate": run.trial.get("replicate", 0),
+           "seed": run.trial.get("seed"), "steps_trained": run.steps_trained, "run_dir": str(run.directory)}  # fmt: skip
+    deltas = []
+    groups = _groups(tuned)
+    for group, keys in groups.items():
+        m = f"{group}_accuracy"
+        s = accuracy_summary([tuned[k]["correct"] for k in keys], n_boot=n_boot, seed=seed, clusters=_clusters(tuned, keys))
         common = [k for k in keys if k in base]
-        diffs[task] = np.array([np.mean(tuned[k]["correct"]) - np.mean(base[k]["correct"]) for k in common])
-    row["transfer_score"] = (row["position_accuracy"] + row["count_accuracy"]) / 2
-    row["transfer_score_ci_low"], row["transfer_score_ci_high"] = _mean_of_two_ci(means["position"], means["count"], n_boot, seed)
-    row["transfer_score_delta"] = (row["position_accuracy_delta"] + row["count_accuracy_delta"]) / 2
-    row["transfer_score_delta_ci_low"], row["transfer_score_delta_ci_high"] = _mean_of_two_ci(
-        diffs["position"], diffs["count"], n_boot, seed)
+        d = paired_comparison([np.mean(base[k]["correct"]) for k in common], [np.mean(tuned[k]["correct"]) for k in common],
+                              n_boot=n_boot, seed=seed, clusters=_clusters(tuned, common)) if common else None  # fmt: skip
+        row |= {m: s["accuracy"], f"{m}_ci_low": s["ci_low"], f"{m}_ci_high": s["ci_high"], f"{m}_n": s["n"],
+                f"{m}_base": d["acc_a"] if d else math.nan, f"{m}_delta": d["diff"] if d else math.nan,
+                f"{m}_delta_ci_low": d["ci_low"] if d else math.nan, f"{m}_delta_ci_high": d["ci_high"] if d else math.nan,
+                f"{m}_mcnemar_p": d["mcnemar_p"] if d else math.nan} | _baseline_columns(run, scoring, group)  # fmt: skip
+        if d:
+            deltas.append({"run": run.name, "scoring": scoring, "config_id": row["config_id"], "metric": m,
+                           "endpoint": effects.endpoint_of(m), "base_accuracy": d["acc_a"], "tuned_accuracy": d["acc_b"],
+                           "delta": d["diff"], "delta_ci_low": d["ci_low"], "delta_ci_high": d["ci_high"],
+                           "mcnemar_p": d["mcnemar_p"], "n_items": d["n"]})  # fmt: skip
+    pos, cnt = groups.get("position", []), groups.get("count", [])
+    row["transfer_score"] = (row.get("position_accuracy", math.nan) + row.get("count_accuracy", math.nan)) / 2
+    row["transfer_score_ci_low"], row["transfer_score_ci_high"] = _transfer_ci(tuned, pos, cnt, n_boot, seed)
+    row["transfer_score_delta"] = (row.get("position_accuracy_delta", math.nan) + row.get("count_accuracy_delta", math.nan)) / 2
+    row["transfer_score_delta_ci_low"], row["transfer_score_delta_ci_high"] = _transfer_ci(
+        tuned, [k for k in pos if k in base], [k for k in cnt if k in base], n_boot, seed, base)
     name = run.trial.get("objective_name")
     if name and allowed_metric(name) and run.trial.get("objective") is not None:
         row[name] = run.trial["objective"]
     row |= {f"params.{k}": v for k, v in run.params.items()}
-    deltas = [{"run": run.name, "metric": f"{group}_accuracy", "base_accuracy": g["acc_a"], "tuned_accuracy": g["acc_b"],
-               "delta": g["diff"], "delta_ci_low": g["ci_low"], "delta_ci_high": g["ci_high"],
-               "mcnemar_p": g["mcnemar_p"], "n_items": g["n"]} for group, g in c["groups"].items()]  # fmt: skip
     return row, deltas
 
 
-def _base_summary(run: Run) -> dict:
-    items = item_scores(run.base_predictions)
-    out = {}
-    for task in TASKS:
-        s = accuracy_summary([items[k]["correct"] for k in _task_items(items, task)])
-        out[f"{task}_accuracy"] = {k: s[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+def _base_summary(run: Run, scorings: list[str] | None = None) -> dict:
+    """The base model's test accuracy per task and subtask (and probe accuracy), with the best trivial
+    baseline of each subtask when its metrics.json has one."""
+    out: dict = {}
+    subtasks = ((run.base_metrics or {}).get("subtasks") or {})
+    for scoring in scorings or ["generation"]:
+        items = item_scores(run.base_predictions, SCORINGS[scoring])
+        for group, keys in _groups(items).items():
+            s = accuracy_summary([items[k]["correct"] for k in keys])
+            key = f"{group}_accuracy" if scoring == "generation" else f"{group}_accuracy ({scoring})"
+            out[key] = {k: s[k] for k in ("accuracy", "ci_low", "ci_high", "n")}
+            entry = subtasks.get(group)
+            if isinstance(entry, dict) and isinstance(entry.get("best_trivial"), dict):
+                out[key]["best_trivial"] = entry["best_trivial"]
+            if scoring == "generation" and isinstance(entry, dict) and isinstance(entry.get("diagnostics"), dict):
+                out[key]["constant_answer"] = entry["diagnostics"].get("constant_answer")
+                out[key]["no_answer_rate"] = entry["diagnostics"].get("no_answer_rate")
     return out
 
 
-def _breakdowns(run: Run, n_boot: int, seed: int) -> list[dict]:
-    """Base vs fine-tuned accuracy and the paired delta in every bucket of every breakdown."""
+def _breakdowns(run: Run, n_boot: int, seed: int, token_counts: dict | None = None) -> list[dict]:
+    """Base vs fine-tuned accuracy (generation) and the paired delta in every bucket of every breakdown;
+    the token-count buckets count with the evaluated model's tokenizer (``token_counts``)."""
     from spellxfer.evaluation.evaluate import BREAKDOWNS  # the buckets `evaluate` reports
 
     base, tuned = item_scores(run.base_predictions), item_scores(run.predictions)
     groups: dict[tuple[str, str, str], list] = defaultdict(list)
     for key in sorted(set(base) & set(tuned)):
         row = base[key]["row"]
+        if token_counts and key in token_counts:
+            row = {**row, "n_tokens": token_counts[key]}
         for name, bucket_of in BREAKDOWNS.items():
             bucket = bucket_of(row)
             if bucket is not None:
@@ -258,7 +415,7 @@ def _breakdowns(run: Run, n_boot: int, seed: int) -> list[dict]:
         a = accuracy_summary([base[k]["correct"] for k in keys], n_boot=n_boot, seed=seed)
         b = accuracy_summary([tuned[k]["correct"] for k in keys], n_boot=n_boot, seed=seed)
         d = paired_comparison([np.mean(base[k]["correct"]) for k in keys], [np.mean(tuned[k]["correct"]) for k in keys],
-                              n_boot=n_boot, seed=seed)  # fmt: skip
+                              n_boot=n_boot, seed=seed, clusters=_clusters(base, keys))  # fmt: skip
         out.append({"run": run.name, "breakdown": name, "bucket": bucket, "metric": f"{task}_accuracy", "n_items": len(keys),
                     "base_accuracy": a["accuracy"], "base_ci_low": a["ci_low"], "base_ci_high": a["ci_high"],
                     "tuned_accuracy": b["accuracy"], "tuned_ci_low": b["ci_low"], "tuned_ci_high": b["ci_high"],

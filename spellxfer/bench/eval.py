@@ -311,7 +311,7 @@ class _EvalBench:
                                     val_max_new_tokens=m.get("val_max_new_tokens", 16), seed=cfg.get("seed_everything", 0))  # fmt: skip
         module.generation_decoder = o.get("engine", "auto")
         eval_batch_size = o.get("batch_size", d.get("eval_batch_size", "auto"))
-        val_limit = o.get("val_limit", d.get("val_limit", 64))
+        val_limit = o.get("val_limit", d.get("val_limit"))  # None: the DataModule's default, every question
         dm = SpellingDataModule(str(data), self.name, build_profile=None, eval_batch_size=eval_batch_size,
                                 val_limit=val_limit)  # fmt: skip
         cuda = self.device.type == "cuda"

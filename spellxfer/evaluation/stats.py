@@ -11,12 +11,15 @@ Every accuracy spellxfer reports is a mean of correct/incorrect verdicts, one or
 - Base and fine-tuned models answer the same items, so their comparison is paired:
   ``paired_comparison`` bootstraps per-item differences and runs an exact McNemar test on the
   discordant items, which is far more sensitive than comparing two unpaired intervals.
+- Questions about the same word share its difficulty. With ``clusters`` (the item's word) both
+  bootstraps resample whole words instead of items (``analyze`` does; ``evaluate`` keeps the
+  item-level intervals of its own files).
 
-``holm`` and ``benjamini_hochberg`` adjust the p-values of several such comparisons (one per task
-or per model) so that the family as a whole keeps its error rate.
-
-All resampling draws from ``np.random.default_rng(seed)``: the same inputs and seed give the same
-interval, bit for bit.
+Resampling is ``scipy.stats.bootstrap`` (percentile method), adjustment is statsmodels'
+``multipletests`` (``holm``) and scipy's ``false_discovery_control`` (``benjamini_hochberg``),
+for several such comparisons (one per task or per model) so that the family as a whole keeps its
+error rate. All resampling draws from ``np.random.default_rng(seed)``: the same inputs and seed
+give the same interval, bit for bit.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
-# Bootstrap resamples are drawn in blocks of at most this many item indices (8 bytes each, so
-# ~80 MB per block): 5000 resamples of a 50 000-item evaluation would otherwise need 2 GB at once.
+# scipy.stats.bootstrap draws its resamples in batches of at most this many item indices (8 bytes
+# each, so ~80 MB per batch): 5000 resamples of a 50 000-item evaluation would otherwise need 2 GB at once.
 _BOOTSTRAP_BLOCK_ELEMENTS = 10_000_000
 
 
@@ -59,6 +63,7 @@ def accuracy_summary(
     confidence: float = 0.95,
     n_boot: int = 2000,
     seed: int = 0,
+    clusters: Sequence | None = None,
 ) -> dict:
     """Accuracy over items with a confidence interval that respects repeated samples per item.
 
@@ -75,16 +80,23 @@ def accuracy_summary(
         confidence: two-sided confidence level in (0, 1).
         n_boot: bootstrap resamples (only used when some item has K > 1).
         seed: seed for ``np.random.default_rng``; same inputs and seed give the same interval.
+        clusters: one label per item (the item's word): resample whole clusters instead of items,
+            since questions about one word are not independent. Always a bootstrap.
 
     Returns:
         ``{"accuracy", "ci_low", "ci_high", "n", "n_samples", "ci_method"}`` where ``n`` counts
-        items, ``n_samples`` counts all samples, and ``ci_method`` is ``"wilson"`` or
-        ``"item_bootstrap"``. With no items, accuracy and interval are nan and the method is
+        items, ``n_samples`` counts all samples, and ``ci_method`` is ``"wilson"``,
+        ``"item_bootstrap"`` or ``"cluster_bootstrap"``. With no items, accuracy and interval are nan and the method is
         ``"wilson"`` (as ``wilson_interval(0, 0)``).
     """
     items = _as_items(correct_by_item)
     n_samples = sum(len(item) for item in items)
-    if all(len(item) == 1 for item in items):
+    if clusters is not None:
+        per_item = np.array([item.mean() for item in items])
+        accuracy = float(per_item.mean()) if items else math.nan
+        low, high = _percentile_bootstrap_mean(per_item, confidence, n_boot, seed, _as_clusters(clusters, len(items)))
+        method = "cluster_bootstrap"
+    elif all(len(item) == 1 for item in items):
         correct = int(sum(item[0] for item in items))
         low, high = wilson_interval(correct, len(items), confidence)
         accuracy = correct / len(items) if items else math.nan
@@ -110,6 +122,7 @@ def paired_comparison(
     confidence: float = 0.95,
     n_boot: int = 5000,
     seed: int = 0,
+    clusters: Sequence | None = None,
 ) -> dict:
     """Compare two systems scored on the same items: accuracy difference, its interval, McNemar p.
 
@@ -133,10 +146,12 @@ def paired_comparison(
         confidence: two-sided confidence level in (0, 1) for the interval on ``diff``.
         n_boot: bootstrap resamples.
         seed: seed for ``np.random.default_rng``; same inputs and seed give the same interval.
+        clusters: one label per item (its word): resample whole clusters, keeping each item's
+            (a, b) pair, since questions about one word are not independent.
 
     Returns:
         ``{"n", "acc_a", "acc_b", "diff", "ci_low", "ci_high", "b_only", "a_only", "mcnemar_p",
-        "ci_method": "paired_bootstrap", "test": "exact McNemar"}``. With no items the accuracies,
+        "ci_method": "paired_bootstrap" | "paired_cluster_bootstrap", "test": "exact McNemar"}``. With no items the accuracies,
         difference and interval are nan and ``mcnemar_p`` is 1.0.
 
     Raises:
@@ -151,7 +166,8 @@ def paired_comparison(
         )
     n = len(a_arr)
     differences = b_arr - a_arr
-    low, high = _percentile_bootstrap_mean(differences, confidence, n_boot, seed)
+    groups = None if clusters is None else _as_clusters(clusters, n)
+    low, high = _percentile_bootstrap_mean(differences, confidence, n_boot, seed, groups)
 
     a_right = a_arr >= 0.5
     b_right = b_arr >= 0.5
@@ -171,7 +187,7 @@ def paired_comparison(
         "b_only": b_only,
         "a_only": a_only,
         "mcnemar_p": p,
-        "ci_method": "paired_bootstrap",
+        "ci_method": "paired_bootstrap" if clusters is None else "paired_cluster_bootstrap",
         "test": "exact McNemar",
     }
 
@@ -179,20 +195,13 @@ def paired_comparison(
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm step-down adjusted p-values (family-wise error rate), in the input order.
 
-    Sorted ascending, the i-th smallest (1-based) becomes ``(m - i + 1) * p``, then a running
-    maximum keeps the adjusted values in the same order as the raw ones, and values are clipped
-    to 1. Reject at level alpha exactly where the adjusted p-value is <= alpha.
+    ``statsmodels.stats.multitest.multipletests(method="holm")``: reject at level alpha exactly
+    where the adjusted p-value is <= alpha.
     """
     p = _as_pvalues(pvalues)
-    m = len(p)
-    if m == 0:
+    if len(p) == 0:
         return []
-    order = np.argsort(p, kind="stable")
-    scaled = (m - np.arange(m)) * p[order]
-    adjusted_sorted = np.minimum(np.maximum.accumulate(scaled), 1.0)
-    adjusted = np.empty(m)
-    adjusted[order] = adjusted_sorted
-    return adjusted.tolist()
+    return multipletests(p, method="holm")[1].tolist()
 
 
 def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
@@ -209,26 +218,34 @@ def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
 
 
 def _percentile_bootstrap_mean(
-    values: np.ndarray, confidence: float, n_boot: int, seed: int
+    values: np.ndarray, confidence: float, n_boot: int, seed: int, clusters: np.ndarray | None = None
 ) -> tuple[float, float]:
-    """Percentile interval of the mean of ``values`` under resampling of its entries (items)."""
+    """Percentile interval of the mean of ``values`` when its entries (items) are resampled, or,
+    with ``clusters`` (one label per entry, e.g. the word), when whole clusters are resampled.
+
+    A cluster's entries move together (the questions about one word share its difficulty), so the
+    statistic is the ratio of resampled sums to resampled counts: the mean over entries again.
+    """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    n = len(values)
-    if n == 0:
+    if len(values) == 0:
         return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    block = max(1, _BOOTSTRAP_BLOCK_ELEMENTS // n)
-    for start in range(0, n_boot, block):
-        stop = min(start + block, n_boot)
-        indices = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = values[indices].mean(axis=1)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return (float(low), float(high))
+    if clusters is None:
+        sums, counts = values, np.ones(len(values))
+    else:
+        labels, index = np.unique(np.asarray(clusters), return_inverse=True)
+        sums = np.bincount(index, weights=values, minlength=len(labels))
+        counts = np.bincount(index, minlength=len(labels)).astype(float)
+    if len(sums) == 1:  # scipy needs two units to resample; one unit's mean is all there is
+        return (float(values.mean()), float(values.mean()))
+    result = stats.bootstrap(
+        (sums, counts), lambda s, c, axis=-1: s.sum(axis=axis) / c.sum(axis=axis), paired=True, vectorized=True,
+        n_resamples=n_boot, batch=max(1, _BOOTSTRAP_BLOCK_ELEMENTS // len(sums)), confidence_level=confidence,
+        method="percentile", rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
 def _as_items(correct_by_item: Sequence[Sequence[bool]] | np.ndarray) -> list[np.ndarray]:
@@ -256,6 +273,14 @@ def _as_items(correct_by_item: Sequence[Sequence[bool]] | np.ndarray) -> list[np
             raise ValueError(f"item {index}: outcomes must be 0/1 or bool, got {row!r}")
         items.append(outcomes)
     return items
+
+
+def _as_clusters(clusters: Sequence, n: int) -> np.ndarray:
+    """One cluster label per item, as text (labels may mix words and ids)."""
+    labels = np.asarray([str(c) for c in clusters])
+    if len(labels) != n:
+        raise ValueError(f"clusters: need one label per item, got {len(labels)} labels for {n} items")
+    return labels
 
 
 def _as_scores(scores: Sequence[float], name: str) -> np.ndarray:

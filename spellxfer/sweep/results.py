@@ -1,10 +1,15 @@
 """``<results>/metrics/<study>.csv``: one row per trial, rebuilt from the Optuna storage and the
 trial directories after every trial (and at the end), so it is current even while workers run.
 
-Columns: the hyperparameters; ``status`` (complete, failed, pruned, running); duration; the
-objective (best validation value); per decoding the trial's test position / count accuracies
-with their 95% intervals, the base model's on the same items, and the paired deltas (bootstrap
-95% interval, McNemar p) from ``compare.json``; the best checkpoint; the error of a failed trial.
+Columns: ``config_id`` / ``replicate`` / ``seed`` (the trials of one configuration share its
+``config_id``, one per seed); the hyperparameters; ``status`` (complete, failed, pruned, running);
+duration; the objective (best validation value); ``steps_trained`` (after early stopping); per
+decoding the trial's test position / count accuracies with their 95% intervals, the base model's
+on the same items, the paired deltas (bootstrap 95% interval, McNemar p) from ``compare.json``,
+and per subtask the accuracy, the likelihood-probe accuracy, the best trivial baseline (name and
+accuracy), whether the accuracy beats it, the constant-answer flag and the no-answer rate (these
+last ones empty for a ``metrics.json`` written before ``evaluate`` reported them); the best
+checkpoint; the error of a failed trial.
 Position and count only: trained on spelling, evaluated on position and count only.
 """
 
@@ -23,6 +28,7 @@ from rich.table import Table
 from spellxfer.core.outputs import atomic_file
 from spellxfer.sweep.trial import SweepContext, write_trial_json
 from spellxfer.tasks.names import TASKS
+from spellxfer.training.loggers import steps_trained
 
 STATUS = {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned",
           TrialState.RUNNING: "running"}  # fmt: skip
@@ -47,12 +53,15 @@ def trial_rows(study: optuna.Study, ctx: SweepContext) -> list[dict]:
             # no error recorded: the worker itself stopped (killed, preempted) and its heartbeat went stale
             error = "worker stopped mid-trial (no heartbeat)"
         end = t.datetime_complete or now
-        row = {"study": ctx.study, "number": t.number, "status": STATUS[t.state]}
+        row = {"study": ctx.study, "number": t.number, "status": STATUS[t.state],
+               "config_id": t.user_attrs.get("config_id", t.number), "replicate": t.user_attrs.get("replicate", 0),
+               "seed": ctx.space.replicate_seed(int(t.user_attrs.get("replicate", 0)))}  # fmt: skip
         row |= {p.name: t.params.get(p.name) for p in ctx.space.parameters}
         row |= {
             "objective_name": ctx.space.objective,
             "objective": t.value if t.state == TrialState.COMPLETE else None,
             "duration_s": round((end - t.datetime_start).total_seconds(), 1) if t.datetime_start else None,
+            "steps_trained": steps_trained(run / "metrics.jsonl"),
         }
         for d in ctx.space.decodings:
             row |= _eval_columns(d, _read_json(run / "eval" / d / "metrics.json"), bases[d],
@@ -66,6 +75,9 @@ def trial_rows(study: optuna.Study, ctx: SweepContext) -> list[dict]:
 
 
 def _eval_columns(d: str, metrics: dict | None, base: dict | None, compare: dict | None) -> dict:
+    """Per decoding: test accuracies (generation, and the likelihood probe when ``evaluate`` ran
+    it), the base model's, paired deltas, and per subtask the best trivial baseline and the answer
+    diagnostics (columns empty where an older metrics.json lacks them)."""
     out: dict = {}
     for prefix, m in ((d, metrics), (f"{d}_base", base)):
         for task in TASKS:
@@ -74,6 +86,7 @@ def _eval_columns(d: str, metrics: dict | None, base: dict | None, compare: dict
             out[f"{prefix}_{task}_ci_low"] = m.get(f"{key}_ci_low") if m else None
             out[f"{prefix}_{task}_ci_high"] = m.get(f"{key}_ci_high") if m else None
             out[f"{prefix}_{task}_n"] = m.get(f"{key}_n") if m else None
+            out[f"{prefix}_{task}_likelihood_accuracy"] = m.get(f"{task}_likelihood_accuracy") if m else None
         out[f"{prefix}_transfer_score"] = m.get("transfer_score") if m else None
     for task in TASKS:
         g = (compare or {}).get("groups", {}).get(task)
@@ -81,6 +94,14 @@ def _eval_columns(d: str, metrics: dict | None, base: dict | None, compare: dict
         out[f"{d}_{task}_delta_ci_low"] = g["ci_low"] if g else None
         out[f"{d}_{task}_delta_ci_high"] = g["ci_high"] if g else None
         out[f"{d}_{task}_delta_mcnemar_p"] = g["mcnemar_p"] if g else None
+    subtasks = {**((base or {}).get("subtasks") or {}), **((metrics or {}).get("subtasks") or {})}
+    for key in sorted(subtasks, key=lambda k: (TASKS.index(k.split("/")[0]) if k.split("/")[0] in TASKS else 9, k)):
+        s = ((metrics or {}).get("subtasks") or {}).get(key) or {}
+        lik, diag, trivial = s.get("likelihood") or {}, s.get("diagnostics") or {}, s.get("best_trivial") or {}
+        out |= {f"{d}_{key}_accuracy": s.get("accuracy"), f"{d}_{key}_likelihood_accuracy": lik.get("accuracy"),
+                f"{d}_{key}_best_trivial": trivial.get("accuracy"), f"{d}_{key}_best_trivial_name": trivial.get("name"),
+                f"{d}_{key}_beats_trivial": s.get("beats_trivial"), f"{d}_{key}_constant_answer": diag.get("constant_answer"),
+                f"{d}_{key}_no_answer_rate": diag.get("no_answer_rate")}  # fmt: skip
     return out
 
 
@@ -101,7 +122,8 @@ def write_csv(study: optuna.Study, ctx: SweepContext, path: Path) -> list[dict]:
     rows = trial_rows(study, ctx)
     if rows:
         with atomic_file(path) as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            # the union of the rows' columns: a running trial has no evaluation columns yet
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             w.writeheader()
             w.writerows(rows)
     return rows

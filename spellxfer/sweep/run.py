@@ -64,8 +64,9 @@ def sweep(
         space: Space file (configs/sweeps/NAME.yaml): base fit config, hyperparameters, objective, budget.
         study: Study name; the same name continues the same study.
         sampler: grid, random or tpe (default: the space file's sampler).
-        trials: Trials to finish (complete, pruned or failed; a retried trial counts once);
-            default: the space file's budget.trials.
+        trials: Configurations to finish (complete, pruned or failed; a retried trial counts once),
+            each trained with the space file's `replicates` seeds; default: the space file's
+            budget.trials.
         storage: Optuna storage URL, e.g. postgresql+psycopg2://user:pw@host/db
             (default: sqlite:///RESULTS/sweeps/STUDY.db).
         workers: Trials run at once by this process (one GPU each, round robin).
@@ -110,7 +111,8 @@ def sweep(
     test_files = prepare_data_and_base(spec, model, data, sweep_dir, console)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console)  # fmt: skip
-    overall = progress.add_task(f"study {study} ({sampler}, {pruner} pruner): trials finished", total=n_trials)
+    overall = progress.add_task(f"study {study} ({sampler}, {pruner} pruner): trials finished",
+                                total=n_trials * spec.replicates)  # fmt: skip
     worker_tasks = [progress.add_task(f"  worker {i}: starting", total=None) for i in range(workers)]
     shown: dict[int, dict] = {i: {} for i in range(workers)}
 
@@ -232,9 +234,11 @@ def _redact(url: str) -> str:
 
 
 def counts_toward_budget(t) -> bool:
-    """A trial as the budget counts it: not a retry (the retried trial already counts), and not one
+    """A trial as the budget counts it (one per configuration): not a retry (the retried trial
+    already counts), not a queued seed of a configuration (its replicate 0 counts), and not one
     that found the budget spent."""
-    return "failed_trial" not in t.system_attrs and not t.user_attrs.get("over_budget")
+    return ("failed_trial" not in t.system_attrs and not t.user_attrs.get("over_budget")
+            and not t.user_attrs.get("replicate"))  # fmt: skip
 
 
 def plan(study, n_trials: int) -> str:

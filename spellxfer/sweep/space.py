@@ -1,8 +1,9 @@
 """The search space of a sweep (``configs/sweeps/<name>.yaml``) and how Optuna searches it.
 
 A space file names the base ``fit`` config, the hyperparameters with their values or ranges, the
-objective (a ``val/`` position, count or transfer metric, maximised), a budget, the decodings the
-final test evaluation uses, and optional fixed overrides for every trial. :func:`load_space`
+objective (a ``val/`` position, count or transfer metric, maximised), a budget, how many seeds
+train each configuration (``replicates``), the decodings the final test evaluation uses, and
+optional fixed overrides for every trial. :func:`load_space`
 validates all of it before anything runs: a mistake is one :class:`SpellxferError` line naming
 the file and the key. Trained on spelling, evaluated on position and count only.
 """
@@ -38,8 +39,9 @@ OBJECTIVE = re.compile(r"^val/(?:transfer_score|(?:position|count)_accuracy|(?:p
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DECODINGS = ("sampled", "greedy")
-TOP_KEYS = ("base", "objective", "sampler", "pruner", "seed", "budget", "decodings", "evaluation", "validate_every_steps",
-            "fixed", "parameters")  # fmt: skip
+TOP_KEYS = ("base", "objective", "sampler", "pruner", "seed", "budget", "replicates", "decodings", "evaluation",
+            "validate_every_steps", "fixed", "parameters")  # fmt: skip
+MAX_REPLICATES = 100  # seeds per configuration; more is a typo, not a study
 # Fit keys the sweep sets itself for every trial (outputs, loggers, what the checkpoints follow).
 RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logger", "checkpoint.monitor",
             "checkpoint.mode", "checkpoint.filename", "checkpoint.every_n_train_steps", "early_stopping.monitor",
@@ -85,6 +87,14 @@ class SweepSpace:
     parameters: tuple[Parameter, ...] = ()
     validate_every_steps: int | None = None
     accumulate_grad_batches: int = 1  # the fixed or base config's value, for trials that don't search it
+    replicates: int = 1
+    """Seeds per sampled configuration: each configuration is trained ``replicates`` times, with
+    ``seed_everything`` = ``base_seed`` + 0, 1, …; ``budget.trials`` counts configurations."""
+    base_seed: int = 0  # seed_everything of the fixed overrides, else of the base config, else 0
+
+    def replicate_seed(self, replicate: int) -> int:
+        """``seed_everything`` of replicate ``replicate`` (0 is the base config's own seed)."""
+        return self.base_seed + replicate
 
     def val_check_interval(self, params: dict) -> int | None:
         """Lightning counts ``val_check_interval`` in micro-batches; ``validate_every_steps`` counts
@@ -196,6 +206,17 @@ def load_space(path: str | Path) -> SweepSpace:
             fail("fixed.trainer.accumulate_grad_batches", f"expected an integer ≥ 1, got {accumulate!r}")
         raise SpellxferError(f"{base}: trainer.accumulate_grad_batches: expected an integer ≥ 1, got {accumulate!r}")
 
+    replicates = raw.get("replicates", 1)
+    if not _is_int(replicates) or not 1 <= replicates <= MAX_REPLICATES:
+        fail("replicates", f"expected an integer from 1 to {MAX_REPLICATES} (seeds per configuration), got {replicates!r}")
+    base_cfg = read_yaml(base, "fit config")
+    base_seed = fixed.get("seed_everything", base_cfg.get("seed_everything", 0) if isinstance(base_cfg, dict) else 0)
+    if replicates == 1 and not _is_int(base_seed):
+        base_seed = 0  # one seed: the base config's own, whatever form Lightning accepts (true, null)
+    elif not _is_int(base_seed) or base_seed < 0 or base_seed + replicates - 1 > MAX_SEED:
+        where = "fixed.seed_everything" if "seed_everything" in fixed else f"{base}: seed_everything"
+        fail(where, f"expected an integer from 0 to {MAX_SEED - replicates + 1} (one seed per replicate), got {base_seed!r}")
+
     params = raw.get("parameters")
     if not isinstance(params, dict) or not params:
         fail("parameters", f"expected a mapping of hyperparameters ({', '.join(HYPERPARAMETERS)}) to values or ranges")
@@ -206,7 +227,8 @@ def load_space(path: str | Path) -> SweepSpace:
     space = SweepSpace(path=path, base=base, objective=objective, sampler=sampler, pruner=pruner, seed=seed,
                        trials=trials, hours=hours, decodings=tuple(dict.fromkeys(decodings)),
                        evaluation=evaluation, fixed=fixed, parameters=parameters,
-                       validate_every_steps=every, accumulate_grad_batches=int(accumulate or 1))  # fmt: skip
+                       validate_every_steps=every, accumulate_grad_batches=int(accumulate or 1),
+                       replicates=replicates, base_seed=base_seed)  # fmt: skip
     if sampler == "grid":
         space.check_sampler("grid")
     return space

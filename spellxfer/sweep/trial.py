@@ -83,12 +83,33 @@ class SweepContext:
         return env
 
 
+def link_replicates(trial: optuna.Trial, space: SweepSpace, params: dict) -> tuple[int, int, int]:
+    """``(config_id, replicate, seed)`` of a trial, queueing the other seeds of a new configuration.
+
+    A trial the sampler drew is replicate 0 of a new configuration whose id is its own number; it
+    enqueues ``replicates - 1`` trials with the same hyperparameters and replicate 1, 2, … in
+    their user attributes, which the workers run next (queued trials go first). A queued
+    replicate, and a retry (which inherits the user attributes), keeps the ids it has.
+    """
+    attrs = trial.user_attrs
+    if attrs.get("config_id") is None:
+        trial.set_user_attr("config_id", trial.number)
+        trial.set_user_attr("replicate", 0)
+    config_id, replicate = int(trial.user_attrs["config_id"]), int(trial.user_attrs["replicate"])
+    if replicate == 0 and space.replicates > 1 and not attrs.get("replicates_queued"):
+        for k in range(1, space.replicates):
+            trial.study.enqueue_trial(params, user_attrs={"config_id": config_id, "replicate": k}, skip_if_exists=False)
+        trial.set_user_attr("replicates_queued", True)  # a retry of this trial must not queue them again
+    return config_id, replicate, space.replicate_seed(replicate)
+
+
 def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
     """Fit, prune, evaluate one trial; returns the best validation value of the objective."""
     params = ctx.space.suggest(trial)
     if ctx.over_budget(trial):
         trial.set_user_attr("over_budget", True)
         raise OverBudget(f"trial {trial.number} started after another worker took the budget's last trial")
+    config_id, replicate, seed = link_replicates(trial, ctx.space, params)
     for key in ("error", "interrupted", "checkpoint"):  # a retry inherits the user attrs of its predecessor
         if trial.user_attrs.get(key) is not None:
             trial.set_user_attr(key, None)
@@ -102,6 +123,9 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
         "number": trial.number,
         "status": "running",
         "params": params,
+        "config_id": config_id,
+        "replicate": replicate,
+        "seed": seed,
         "objective_name": ctx.space.objective,
         "objective": None,
         "duration_s": None,
@@ -115,7 +139,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
     start, status, error = time.time(), "failed", None
     try:
         env = ctx.env(worker)
-        objective, checkpoint = fit_trial(trial, ctx, worker, run, params, resume, env)
+        objective, checkpoint = fit_trial(trial, ctx, worker, run, params, resume, env, seed)
         record.update(objective=objective, checkpoint=str(checkpoint))
         trial.set_user_attr("checkpoint", str(checkpoint))
         for decoding in ctx.space.decodings:
@@ -156,7 +180,8 @@ def prepare_run_dir(run: Path, previous: Path | None) -> Path | None:
     return last if last.is_file() else None
 
 
-def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, number: int) -> list[str]:
+def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, number: int,
+             seed: int | None = None) -> list[str]:  # fmt: skip
     """``python -m spellxfer fit --config <base> --…`` with this trial's values."""
     space = ctx.space
     loggers: list[dict] = [{"class_path": "spellxfer.training.loggers.WhitelistedCSVLogger",
@@ -171,6 +196,8 @@ def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, nu
         argv += [f"--{key}", _flag_value(value)]
     for p in space.parameters:
         argv += [f"--{p.flag}", _flag_value(params[p.name])]
+    if space.replicates > 1 and seed is not None:  # one seed: the base config's, as without replicates
+        argv += ["--seed_everything", str(seed)]
     if (interval := space.val_check_interval(params)) is not None:
         argv += ["--trainer.val_check_interval", str(interval)]
     argv += ["--experiment", ctx.study, "--trainer.default_root_dir", str(run / "checkpoints"),
@@ -192,7 +219,8 @@ def _flag_value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, resume: Path | None, env) -> tuple[float, Path]:
+def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, resume: Path | None, env,
+              seed: int | None = None) -> tuple[float, Path]:  # fmt: skip
     """Run the fit child, reporting each validation to Optuna; returns (best objective, its checkpoint)."""
     objective, max_steps = ctx.space.objective, params.get("max_steps")
     ctx.progress(worker, trial=trial.number, phase="fit", step=0, total=max_steps, params=params)
@@ -202,7 +230,9 @@ def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, re
         nonlocal offset
         offset, rows = read_rows(metrics, offset)
         for row in rows:
-            step = int(row["step"]) + 1  # the JSONL logs Lightning's step, one less than optimizer steps done
+            # optimizer steps done: a validation row says so (global_step; 0 for the base model's
+            # validation); older logs only have Lightning's step, one less for a validation
+            step = int(row["global_step"]) if "global_step" in row else int(row["step"]) + 1
             ctx.progress(worker, step=step)
             if objective not in row or step in reported:  # a resumed fit may log a step again
                 continue
@@ -213,7 +243,7 @@ def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, re
                 raise optuna.TrialPruned(f"{objective} {row[objective]:.3f} at step {step}")
 
     try:
-        rc = run_child(fit_argv(ctx, run, params, resume, trial.number), run / "fit.log", env, ctx, watch)
+        rc = run_child(fit_argv(ctx, run, params, resume, trial.number, seed), run / "fit.log", env, ctx, watch)
     finally:
         if (run / "training_logs" / "config.yaml").is_file():  # the exact config LightningCLI ran
             shutil.copyfile(run / "training_logs" / "config.yaml", run / "fit.yaml")

@@ -14,6 +14,9 @@ What it adds to Lightning's own CLI:
   last K (``--keep_last_k``) and owns ``last.ckpt``, the resume point;
 - atomic checkpoint writes, RNG + in-epoch resume state, the run manifest and the best adapter
   (:mod:`spellxfer.training.checkpointing`);
+- a validation of the base model (LoRA at initialisation) at step 0, ranked with the others by
+  the scored checkpoint and early stopping, so ``best_adapter/`` can be "no fine-tuning"
+  (:mod:`spellxfer.training.step_zero`);
 - loggers that refuse any metric outside the whitelist (:mod:`spellxfer.training.loggers`):
   CSV/JSONL always, W&B (offline unless credentials are configured; ``WANDB_MODE=disabled``
   turns it off), runs grouped by experiment;
@@ -59,6 +62,7 @@ from spellxfer.training.checkpointing import (
 )
 from spellxfer.training.datamodule import SpellingDataModule
 from spellxfer.training.module import SpellingLoRAModule
+from spellxfer.training.step_zero import StepZeroValidation
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Project-wide defaults, loaded before the user's --config files (which override any key). They
@@ -303,7 +307,7 @@ class SpellxferCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         run = self._run
-        extra = [ResumeState(), RunManifest(config=run["config"]), PredictionsWriter()]
+        extra = [ResumeState(), RunManifest(config=run["config"]), PredictionsWriter(), StepZeroValidation()]
         # Lightning's idiom for "keep the last K": monitor the step counter, keep the top K.
         step_ckpt = StepCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step", mode="max",
                                    save_top_k=run["keep"], every_n_train_steps=run["every"], save_last=True,

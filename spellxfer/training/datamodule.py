@@ -267,7 +267,8 @@ class SpellingDataModule(L.LightningDataModule):
         max_length: longest training example in tokens (prompt + answer + end of turn); longer
             examples are dropped, not truncated, since a truncated answer teaches a wrong spelling.
         train_limit: read only the first N training rows (the builder shuffles them); None: all.
-        val_limit: first N rows of each validation file; None: all.
+        val_limit: first N rows of each validation file; None (the default): all of them, so checkpoint
+            selection and early stopping see every validation question (docs/training.md gives the cost).
         test_limit: first N rows of each test file; None: all.
         num_workers: DataLoader worker processes for training batches (0: in the main process,
             enough for pre-tokenized rows).
@@ -283,7 +284,7 @@ class SpellingDataModule(L.LightningDataModule):
         eval_batch_size: int | Literal["auto"] = "auto",
         max_length: int = 256,
         train_limit: int | None = None,
-        val_limit: int | None = 64,
+        val_limit: int | None = None,
         test_limit: int | None = None,
         num_workers: int = 0,
     ) -> None:

@@ -75,3 +75,33 @@ class WhitelistedWandbLogger(WandbLogger):
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         check_metrics(metrics)
         super().log_metrics(metrics, step)
+
+
+def optimizer_step(row: dict) -> int | None:
+    """Optimizer steps done when a ``metrics.jsonl`` row was logged: a validation row's
+    ``global_step`` (0 for the step-0 validation of the base model), else Lightning's logging step
+    + 1 (Lightning logs a validation after N steps, and the training rows, at N − 1)."""
+    global_step, step = row.get("global_step"), row.get("step")
+    if isinstance(global_step, int | float) and not isinstance(global_step, bool):
+        return int(global_step)
+    if isinstance(step, int) and not isinstance(step, bool):
+        return step + 1
+    return None
+
+
+def steps_trained(path: Path) -> int | None:
+    """Optimizer steps a fit actually ran (early stopping ends it before ``max_steps``): the last
+    step its ``metrics.jsonl`` logged. None when the file is missing or holds no step."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    steps = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if isinstance(row, dict) and (step := optimizer_step(row)) is not None:
+            steps.append(step)
+    return max(steps, default=None)

@@ -318,6 +318,10 @@ class SpellingLoRAModule(L.LightningModule):
         # sync_dist averages identical values (a no-op on the numbers); it tells Lightning the
         # epoch-level value is global, which keeps its multi-device warning quiet.
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
+        if prefix == "val" and self._trainer is not None and self.trainer.state.fn == "fit":
+            # Lightning logs a mid-training validation at one less than the optimizer steps done
+            # (step 9 after 10 steps) and the step-0 validation at 0 too: global_step says which.
+            self.log("global_step", float(self.trainer.global_step), sync_dist=True)
         metric.reset()
 
 
@@ -327,17 +331,12 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def _schedule(opt, kind: str, warmup: int, total: int):
-    import math
+    """transformers' schedules: linear warmup from 0 over ``warmup`` optimizer steps, then linear
+    or cosine decay to 0 at ``total`` steps, or constant."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[kind]
+    return get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def _lora_config(hp):
