@@ -39,7 +39,7 @@ SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DECODINGS = ("sampled", "greedy")
 TOP_KEYS = ("base", "objective", "sampler", "pruner", "seed", "budget", "decodings", "evaluation", "validate_every_steps",
-            "fixed", "parameters")  # fmt: skip
+            "pack", "fixed", "parameters")  # fmt: skip
 # Fit keys the sweep sets itself for every trial (outputs, loggers, what the checkpoints follow).
 RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logger", "checkpoint.monitor",
             "checkpoint.mode", "checkpoint.filename", "checkpoint.every_n_train_steps", "early_stopping.monitor",
@@ -85,6 +85,7 @@ class SweepSpace:
     parameters: tuple[Parameter, ...] = ()
     validate_every_steps: int | None = None
     accumulate_grad_batches: int = 1  # the fixed or base config's value, for trials that don't search it
+    pack: int | None = None  # trials sharing one process and base model (sweep --pack); None: one per process
 
     def val_check_interval(self, params: dict) -> int | None:
         """Lightning counts ``val_check_interval`` in micro-batches; ``validate_every_steps`` counts
@@ -181,6 +182,9 @@ def load_space(path: str | Path) -> SweepSpace:
         if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+|seed_everything", str(key)):
             fail(f"fixed.{key}", "expected a dotted fit key such as data.val_limit or trainer.val_check_interval")
 
+    pack = raw.get("pack")
+    if pack is not None and (not _is_int(pack) or pack < 1):
+        fail("pack", f"expected an integer ≥ 1 (trials sharing one base model) or null, got {pack!r}")
     every = raw.get("validate_every_steps")
     if every is not None:
         if not _is_int(every) or every < 1:
@@ -206,7 +210,8 @@ def load_space(path: str | Path) -> SweepSpace:
     space = SweepSpace(path=path, base=base, objective=objective, sampler=sampler, pruner=pruner, seed=seed,
                        trials=trials, hours=hours, decodings=tuple(dict.fromkeys(decodings)),
                        evaluation=evaluation, fixed=fixed, parameters=parameters,
-                       validate_every_steps=every, accumulate_grad_batches=int(accumulate or 1))  # fmt: skip
+                       validate_every_steps=every, accumulate_grad_batches=int(accumulate or 1),
+                       pack=pack)  # fmt: skip
     if sampler == "grid":
         space.check_sampler("grid")
     return space
@@ -281,7 +286,7 @@ def make_sampler(space: SweepSpace, sampler: str) -> optuna.samplers.BaseSampler
     """
     space.check_sampler(sampler)
     if sampler == "grid":
-        return optuna.samplers.GridSampler({p.name: list(p.values) for p in space.parameters}, seed=space.seed)
+        return GridSampler({p.name: list(p.values) for p in space.parameters}, seed=space.seed)
     factory = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler}[sampler]
     return PerTrialSeed(factory, space.seed)
 
@@ -296,6 +301,15 @@ def make_pruner(pruner: str) -> optuna.pruners.BasePruner:
     if pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
     return optuna.pruners.NopPruner()
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()`` once the grid is used up: the sweep's
+    budget (capped at the grid size) ends the study, and a packed sweep tells trials outside an
+    optimize loop, where ``stop`` raises."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 class PerTrialSeed(optuna.samplers.BaseSampler):

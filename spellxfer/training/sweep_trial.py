@@ -85,33 +85,7 @@ class SweepContext:
 
 def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
     """Fit, prune, evaluate one trial; returns the best validation value of the objective."""
-    params = ctx.space.suggest(trial)
-    if ctx.over_budget(trial):
-        trial.set_user_attr("over_budget", True)
-        raise OverBudget(f"trial {trial.number} started after another worker took the budget's last trial")
-    for key in ("error", "interrupted", "checkpoint"):  # a retry inherits the user attrs of its predecessor
-        if trial.user_attrs.get(key) is not None:
-            trial.set_user_attr(key, None)
-    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
-    run = ctx.trial_dir(trial.number)
-    trial.set_user_attr("run_dir", str(run))
-    resume = prepare_run_dir(run, ctx.trial_dir(history[-1]) if history else None)
-    record = {
-        "study": ctx.study,
-        "number": trial.number,
-        "status": "running",
-        "params": params,
-        "objective_name": ctx.space.objective,
-        "objective": None,
-        "duration_s": None,
-        "model": ctx.model,
-        "checkpoint": None,
-        "retry_of": history[-1] if history else None,
-        "resumed_from": str(resume) if resume else None,
-        "worker": f"{socket.gethostname()}:{os.getpid()}/{worker}",
-    }
-    write_trial_json(run, record)
+    params, run, resume, record = begin_trial(trial, ctx, worker)
     start, status, error = time.time(), "failed", None
     try:
         env = ctx.env(worker)
@@ -140,6 +114,43 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
         if error:
             trial.set_user_attr("error", error)
         write_trial_json(run, record | {"status": status, "error": error, "duration_s": round(time.time() - start, 1)})
+
+
+def begin_trial(trial: optuna.Trial, ctx: SweepContext, worker: int | str) -> tuple[dict, Path, Path | None, dict]:
+    """Draw the trial's hyperparameters, make its directory and write its first ``trial.json``;
+    returns (params, run dir, ``last.ckpt`` to resume from or None, the record).
+
+    Raises:
+        OverBudget: another worker took the budget's last trial at the same moment.
+    """
+    params = ctx.space.suggest(trial)
+    if ctx.over_budget(trial):
+        trial.set_user_attr("over_budget", True)
+        raise OverBudget(f"trial {trial.number} started after another worker took the budget's last trial")
+    for key in ("error", "interrupted", "checkpoint"):  # a retry inherits the user attrs of its predecessor
+        if trial.user_attrs.get(key) is not None:
+            trial.set_user_attr(key, None)
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+    run = ctx.trial_dir(trial.number)
+    trial.set_user_attr("run_dir", str(run))
+    resume = prepare_run_dir(run, ctx.trial_dir(history[-1]) if history else None)
+    record = {
+        "study": ctx.study,
+        "number": trial.number,
+        "status": "running",
+        "params": params,
+        "objective_name": ctx.space.objective,
+        "objective": None,
+        "duration_s": None,
+        "model": ctx.model,
+        "checkpoint": None,
+        "retry_of": history[-1] if history else None,
+        "resumed_from": str(resume) if resume else None,
+        "worker": f"{socket.gethostname()}:{os.getpid()}/{worker}",
+    }
+    write_trial_json(run, record)
+    return params, run, resume, record
 
 
 def prepare_run_dir(run: Path, previous: Path | None) -> Path | None:
