@@ -81,6 +81,7 @@ def build_fit_cli(argv: list[str]):
     """``python -m spellxfer fit <argv>`` parsed and instantiated (module, data, trainer with its
     loggers and callbacks) but not run. A config mistake raises the fit's own one-line error."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import RichProgressBar
 
     from spellxfer.models.spelling_model import SpellingLoRAModule
     from spellxfer.training.data_loaders import SpellingDataModule
@@ -92,7 +93,8 @@ def build_fit_cli(argv: list[str]):
         try:
             return SpellxferCLI(
                 SpellingLoRAModule, SpellingDataModule, run=False,
-                trainer_defaults={"use_distributed_sampler": False, "enable_progress_bar": False},
+                # run_lightning_cli's defaults, so the saved config is the fit's to the line
+                trainer_defaults={"callbacks": [RichProgressBar()], "use_distributed_sampler": False},
                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
                 parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False,
                                "default_config_files": DEFAULT_CONFIGS},
@@ -219,6 +221,8 @@ class PackedTrial:
     def _write_config(self) -> None:
         """The exact config this trial runs, as fit saves it (training_logs/config.yaml → fit.yaml)."""
         text = self.cli.parser.dump(self.cli.config, skip_none=False)
+        # the fit subcommand's own two keys, which a parser without subcommands does not have
+        text += f"ckpt_path: {json.dumps(str(self.resume)) if self.resume else 'null'}\nweights_only: null\n"
         log_dir = Path(self.trainer.log_dir or self.run / "training_logs")
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "config.yaml").write_text(text, encoding="utf-8")
@@ -228,8 +232,8 @@ class PackedTrial:
         from spellxfer.training.checkpointing import load_fit_checkpoint
         from spellxfer.training.transfer_metrics import WhitelistedCSVLogger
 
-        self.log(f"Restoring states from the checkpoint path at {path}")
         ckpt = load_fit_checkpoint(path, resume=True)
+        self.log(f"Restoring states from the checkpoint path at {path} (step {ckpt['global_step']})")
         self.lora.load_state(self.name, ckpt["state_dict"], f"checkpoint {path}")
         self.optimizer.load_state_dict(ckpt["optimizer_states"][0])
         self.scheduler.load_state_dict(ckpt["lr_schedulers"][0])
@@ -335,7 +339,7 @@ class PackedTrial:
 
     def _log_metrics(self, metrics: dict) -> None:
         for logger in self.trainer.loggers:
-            logger.log_metrics({**metrics, "epoch": float(self.epoch)}, step=self.log_step)
+            logger.log_metrics({**metrics, "epoch": self.epoch}, step=self.log_step)
 
     @property
     def done(self) -> bool:

@@ -159,14 +159,13 @@ def sweep(
     deadline = time.monotonic() + spec.hours * 3600 if spec.hours else None
     errors: list[BaseException] = []
     kernel = pack_kernel if pack_kernel != "auto" else ("concat" if ctx.gpus else "loop")
-    packs: list = []
 
     def work_packed(index: int) -> None:
         from spellxfer.training.sweep_pack import run_pack
 
         try:
             st = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
-            packs.append(run_pack(ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel))
+            run_pack(ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel)
         except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
             errors.append(e)
             ctx.stop.set()

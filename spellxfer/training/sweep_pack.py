@@ -25,18 +25,22 @@ adapter leaves the pack and the step is redone without it, so its pack-mates' nu
 they would have been without it. An error of the shared forward (out of memory) fails the trials
 in it. Ctrl-C or SIGTERM stops the pack between steps and queues its trials for retry; a killed
 pack's trials go stale and are retried, each resuming from its own ``last.ckpt``.
-Trained on spelling, evaluated on position and count only.
+``<study>/pack-stats/<host>-<pid>-<worker>.json`` records each pack's steps, seconds per phase and
+peak device memory. Trained on spelling, evaluated on position and count only.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +49,7 @@ import torch
 from optuna.trial import TrialState
 
 from spellxfer.errors import SpellxferError
+from spellxfer.outputs import atomic_file
 from spellxfer.training.packed import PackedLoRA
 from spellxfer.training.packed_trial import PackedTrial, TrialError, command_line, fit_log
 from spellxfer.training.sweep_trial import OverBudget, SweepContext, begin_trial, fit_argv, write_trial_json
@@ -89,6 +94,16 @@ class Pack:
         self.data_cache: dict = {}
         self.steps = 0
         self.peak_memory = 0
+        self.seconds: Counter[str] = Counter()
+        """Wall seconds per phase: ``start`` (trial setup), ``train``, ``validate``, ``evaluate``."""
+
+    @contextmanager
+    def _phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
 
     # ---- slots ------------------------------------------------------------------------------------
     def start(self, trial: optuna.Trial) -> None:
@@ -107,9 +122,10 @@ class Pack:
         log(f"$ {command_line(argv)}  (packed: {self.slots} slots, worker {self.worker})")
         slot = None
         try:
-            packed = PackedTrial(f"t{trial.number:04d}", argv, run, resume, log)
-            slot = Slot(trial, packed, run, record)
-            self._admit(packed)
+            with self._phase("start"):
+                packed = PackedTrial(f"t{trial.number:04d}", argv, run, resume, log)
+                slot = Slot(trial, packed, run, record)
+                self._admit(packed)
             self.active.append(slot)
             self.ctx.progress(self.worker, trial=self._numbers(), phase="fit", params=params)
         except Exception as e:  # its fit refuses its config, or its data or checkpoint is bad
@@ -166,7 +182,8 @@ class Pack:
         if not live:
             return
         try:
-            live, values = self._train(live, batches)
+            with self._phase("train"):
+                live, values = self._train(live, batches)
         except torch.OutOfMemoryError as e:
             for s in live:
                 self.fail(s, f"out of memory in a packed step of {len(live)} trials ({_reason(e)})")
@@ -180,10 +197,12 @@ class Pack:
         live = [s for s in live if s in self.active]
         due = [s for s in live if s.packed.validate_now]
         if due:
-            self.validate(due)
+            with self._phase("validate"):
+                self.validate(due)
         done = [s for s in self.active if s.packed.done]
         if done:
-            self.finish(done)
+            with self._phase("evaluate"):
+                self.finish(done)
         if self.device.type == "cuda":
             self.peak_memory = max(self.peak_memory, torch.cuda.max_memory_allocated(self.device))
         steps = [s.packed.global_step for s in self.active]
@@ -288,32 +307,9 @@ class Pack:
             raise optuna.TrialPruned(f"{objective} {values[objective]:.3f} at step {s.packed.global_step}")
 
     def generate(self, names: list[str], questions: list[list[str]], sampling, batch_size):
-        """Replies to each adapter's questions, all in one engine pass with per-row adapters;
-        returns (replies per adapter, the engine that made them)."""
-        from spellxfer.evaluation.generation import GenerationEngine
-        from spellxfer.evaluation.static_decode import bucket_rows, static_decoder
-        from spellxfer.models.spelling_model import SpellingLoRAModule
-
-        flat = [q for qs in questions for q in qs]
-        owner = [i for i, qs in enumerate(questions) for _ in qs]
-        model = self.lora.model
-        engine = GenerationEngine(model, self.tokenizer, sampling, batch_size=batch_size,
-                                  decoder=SpellingLoRAModule.generation_decoder)  # fmt: skip
-        # The adapters follow rows by their place in the batch: a prefill cut into runs of rows
-        # would hand each layer a slice it cannot place, so each batch is prefilled in one call.
-        static_decoder(model).prefill_chunk_tokens = sys.maxsize
-        with self.lora.generation(names, bucket_rows(len(flat) * sampling.samples)) as set_rows:
-            engine.before_batch = lambda idx: set_rows([owner[i] for i in idx for _ in range(sampling.samples)])
-            try:
-                with self._mixed_precision():
-                    replies = engine.generate(flat)
-            finally:
-                engine.release()
-        out, start = [], 0
-        for qs in questions:
-            out.append(replies[start : start + len(qs)])
-            start += len(qs)
-        return out, engine
+        """:func:`generate_packed` on this pack's model."""
+        with self._mixed_precision():
+            return generate_packed(self.lora, self.tokenizer, names, questions, sampling, batch_size)
 
     # ---- the end of a trial -----------------------------------------------------------------------
     def finish(self, done: list[Slot]) -> None:
@@ -388,6 +384,12 @@ class Pack:
         with open(s.run / "eval.log", "a", encoding="utf-8") as f:
             f.write(f"packed evaluation ({decoding}) with {n_trials} trial(s) in {seconds:.1f} s: {summary} → {out}\n")
 
+    def stats(self) -> dict:
+        """What the pack did (for ``bench sweep``): steps, seconds per phase, peak device memory."""
+        return {"slots": self.slots, "kernel": self.kernel, "device": str(self.device), "steps": self.steps,
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+                "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None}  # fmt: skip
+
     def fail(self, s: Slot, error) -> None:
         """End trial ``s`` alone as failed (its pack-mates go on)."""
         if s in self.active:
@@ -451,7 +453,39 @@ def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, a
             pack.interrupt()
         beat.set()
         heart.join(5)
+        with atomic_file(ctx.sweep_dir / "pack-stats" / f"{socket.gethostname()}-{os.getpid()}-{worker}.json") as f:
+            json.dump(pack.stats(), f, indent=2)
     return pack
+
+
+def generate_packed(lora: PackedLoRA, tokenizer, names: list[str], questions: list[list[str]], sampling,
+                    batch_size: int | str = "auto"):  # fmt: skip
+    """Replies to each adapter's questions (``questions[i]`` through adapter ``names[i]``), all in
+    one engine pass: prompts of every adapter mixed in each batch, each row through its own
+    adapter. Returns (replies per adapter, in question order; the engine, for its settings)."""
+    from spellxfer.evaluation.generation import GenerationEngine
+    from spellxfer.evaluation.static_decode import bucket_rows, static_decoder
+    from spellxfer.models.spelling_model import SpellingLoRAModule
+
+    flat = [q for qs in questions for q in qs]
+    owner = [i for i, qs in enumerate(questions) for _ in qs]
+    model = lora.model
+    engine = GenerationEngine(model, tokenizer, sampling, batch_size=batch_size,
+                              decoder=SpellingLoRAModule.generation_decoder)  # fmt: skip
+    # The adapters follow rows by their place in the batch: a prefill cut into runs of rows
+    # would hand each layer a slice it cannot place, so each batch is prefilled in one call.
+    static_decoder(model).prefill_chunk_tokens = sys.maxsize
+    with lora.generation(names, bucket_rows(len(flat) * sampling.samples)) as set_rows:
+        engine.before_batch = lambda idx: set_rows([owner[i] for i in idx for _ in range(sampling.samples)])
+        try:
+            replies = engine.generate(flat)
+        finally:
+            engine.release()
+    out, start = [], 0
+    for qs in questions:
+        out.append(replies[start : start + len(qs)])
+        start += len(qs)
+    return out, engine
 
 
 def _heartbeat(study, pack: Pack, every: int, stop: threading.Event) -> None:
