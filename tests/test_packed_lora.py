@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from spellxfer.evaluation.generation import GenerationEngine, Sampling
 from spellxfer.models.losses import completion_loss_from_hidden
-from spellxfer.models.registry import load_model, load_tokenizer
+from spellxfer.models.registry import load_model, load_tokenizer, quiet_peft_wrap
 from spellxfer.models.spelling_model import ALL_LINEAR
 from spellxfer.training.packed import KERNELS, PackedLoRA
 from spellxfer.training.sweep_pack import generate_packed
@@ -57,7 +57,8 @@ def packed_model(kernel: str = "loop", scale: float = 0.5) -> PackedLoRA:
 def alone(packed: PackedLoRA, name: str, r: int, alpha: int, targets, seed: int):
     """A PEFT model with only this trial's adapter, holding the pack's weights for it."""
     torch.manual_seed(seed)
-    model = get_peft_model(frozen_base(), config(r, alpha, targets))
+    with quiet_peft_wrap():
+        model = get_peft_model(frozen_base(), config(r, alpha, targets))
     state = {k.removeprefix("lm."): v for k, v in packed.state(name).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and not [k for k in missing if "lora_" in k]
@@ -151,9 +152,51 @@ def test_a_trials_checkpoint_weights_and_adapter_directory_are_a_fits(tmp_path):
 
 def test_an_adapter_that_leaves_the_pack_takes_its_weights_and_rows_with_it():
     packed = packed_model()
+    packed.remove("t0000")  # the adapter the PEFT model was created with
     packed.remove("t0001")
-    assert packed.names == ["t0000", "t0002"]
-    assert not [k for k, _ in packed.lm.named_parameters() if ".t0001." in k]
+    assert packed.names == ["t0002"]
+    assert packed.lm.get_base_model() is packed.base  # PEFT still finds its way (generation needs it)
+    assert not [k for k, _ in packed.lm.named_parameters() if ".t0001." in k or ".t0000." in k]
     trainable = {k for k, p in packed.lm.named_parameters() if p.requires_grad}
     assert trainable == {k for k, _ in packed.lm.named_parameters() if ".lora_" in k}
     assert isinstance(packed.lm, PeftModel)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_a_trials_dropout_masks_are_its_own_whatever_its_pack_mates(checkpointing):
+    """Dropout draws from the trial's own generator at its own batch's width (and activation
+    checkpointing's recomputation draws the same masks again), so packing it with a trial of
+    longer rows changes neither its loss nor its gradient."""
+    torch.manual_seed(1)
+    own = torch.randint(0, 150_000, (3, 9))
+    other = torch.randint(0, 150_000, (2, 14))
+    labels = own.clone()
+    labels[:, :4] = -100
+    dropout = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=list(ALL_LINEAR), task_type="CAUSAL_LM")
+
+    def run(with_mate: bool):
+        base = frozen_base().train()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        packed = PackedLoRA(base)
+        if with_mate:
+            packed.add("mate", config(8, 16, ALL_LINEAR), seed=9)
+        packed.add("drop", dropout, seed=3)
+        ids, lab, groups = own, labels, [("drop", 3)]
+        if with_mate:
+            pad = torch.nn.functional.pad
+            ids = torch.cat([other, pad(own, (0, 5))])
+            lab = torch.cat([torch.full((2, 14), -100), pad(labels, (0, 5), value=-100)])
+            groups = [("mate", 2, 14), ("drop", 3, 9)]
+        model = packed.model
+        with packed.rows(groups):
+            hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            start = ids.shape[0] - 3
+            loss = completion_loss_from_hidden(hidden[start:], model.get_output_embeddings().weight, lab[start:])
+            loss.backward()
+        return loss.item(), [p.grad for p in packed.parameters("drop")]
+
+    (alone_loss, alone_grads), (packed_loss, packed_grads) = run(False), run(True)
+    assert packed_loss == pytest.approx(alone_loss, abs=1e-5)
+    assert all(torch.allclose(g, want, atol=1e-5) for g, want in zip(packed_grads, alone_grads))
+    assert any(g.abs().sum() > 0 for g in packed_grads)

@@ -55,6 +55,7 @@ class _Plan:
     """Which rows the current forward sends through which adapter."""
 
     segments: list[tuple[str, int, int]] | None = None  # training: (trial, first row, end row)
+    widths: dict[str, int] = field(default_factory=dict)  # training: each trial's own padded length
     row_owner: torch.Tensor | None = None  # generation: per row an index into `names`, -1 for none
     names: tuple[str, ...] = ()
     cache: dict = field(default_factory=dict)  # per-plan tensors shared by the layers (masks, offsets)
@@ -132,13 +133,17 @@ class PackedLoRA:
 
         if self.lm is None:
             return
+        names = self.names
+        if names and not set(self.lm.active_adapters) & set(names):
+            # PEFT answers get_base_model() and friends through its active adapter: keep one that exists
+            self.lm.set_adapter(names[0])
         for module in self.lm.modules():
             if isinstance(module, LoraLayer):
                 if id(module) not in self._hooked:
                     module.register_forward_hook(self._hook)
                     self._hooked.add(id(module))
                 module.enable_adapters(False)
-        for name in self.names:
+        for name in names:
             for p in self.parameters(name):
                 p.requires_grad_(True)
 
@@ -181,14 +186,18 @@ class PackedLoRA:
 
     # ---- row plans --------------------------------------------------------------------------------
     @contextmanager
-    def rows(self, groups: Sequence[tuple[str, int]]) -> Iterator[None]:
+    def rows(self, groups: Sequence[tuple]) -> Iterator[None]:
         """Forward (and backward: activation checkpointing recomputes inside it) with the batch's
-        rows grouped by trial: ``[(adapter, n_rows), …]`` in row order."""
-        segments, start = [], 0
-        for name, n in groups:
+        rows grouped by trial: ``[(adapter, n_rows), …]`` in row order, or ``(adapter, n_rows,
+        width)`` where a trial's own batch is narrower than the packed one (its dropout masks are
+        drawn at its own width, so they do not depend on its pack-mates)."""
+        segments, widths, start = [], {}, 0
+        for name, n, *width in groups:
             segments.append((name, start, start + n))
+            if width:
+                widths[name] = width[0]
             start += n
-        self._plan = _Plan(segments=segments, names=tuple(n for n, _ in groups))
+        self._plan = _Plan(segments=segments, widths=widths, names=tuple(g[0] for g in groups))
         try:
             yield
         finally:
@@ -237,23 +246,39 @@ class PackedLoRA:
         present = [s for s in plan.segments if s[0] in module.lora_A]
         if not present:
             return output
-        x = self._dropout(module, x, plan.segments)
+        x = self._dropout(module, x, plan)
         kernel = {"loop": self._loop, "concat": self._concat, "grouped": self._grouped}[self.kernel]
         return output + kernel(module, x, plan).to(output.dtype)
 
-    def _dropout(self, module, x: torch.Tensor, segments) -> torch.Tensor:
-        """Each trial's rows through its own LoRA dropout, drawn from its own generator."""
+    def _dropout(self, module, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Each trial's rows through its own LoRA dropout, drawn from its own generator at its own
+        batch's shape. A second call for the same layer in one plan is activation checkpointing
+        recomputing it: the generator is rewound so the masks are the ones the forward drew."""
         if not module.training:
             return x
-        ps = [_dropout_p(module, name) for name, _, _ in segments]
+        ps = [_dropout_p(module, name) for name, _, _ in plan.segments]
         if not any(ps):
             return x
         parts = []
-        for (name, start, stop), p in zip(segments, ps):
+        for (name, start, stop), p in zip(plan.segments, ps):
             xs = x[start:stop]
             if p:
-                keep = torch.empty_like(xs).bernoulli_(1 - p, generator=self._dropout_rng[name])
+                rng = self._dropout_rng[name]
+                key = ("dropout", id(module), name)
+                now = None
+                if key in plan.cache:
+                    now = rng.get_state()
+                    rng.set_state(plan.cache[key])
+                else:
+                    plan.cache[key] = rng.get_state()
+                width = plan.widths.get(name, xs.shape[1]) if xs.dim() == 3 else None
+                shape = (xs.shape[0], width, xs.shape[2]) if width is not None else xs.shape
+                keep = torch.empty(shape, dtype=xs.dtype, device=xs.device).bernoulli_(1 - p, generator=rng)
+                if width is not None and width < xs.shape[1]:  # the pack's extra padding: never read by real tokens
+                    keep = F.pad(keep, (0, 0, 0, xs.shape[1] - width), value=1.0)
                 xs = xs * keep / (1 - p)
+                if now is not None:
+                    rng.set_state(now)
             parts.append(xs)
         return torch.cat(parts)
 

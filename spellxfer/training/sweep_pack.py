@@ -221,7 +221,7 @@ class Pack:
             for s in live:  # a redo draws the same dropout masks as the first attempt
                 self.lora.set_dropout_state(s.packed.name, rng[s.number])
             ids, labels = _pad_and_stack([batches[s.number] for s in live], self.tokenizer.pad_token_id, self.device)
-            groups = [(s.packed.name, batches[s.number]["input_ids"].shape[0]) for s in live]
+            groups = [(s.packed.name, *batches[s.number]["input_ids"].shape) for s in live]  # (adapter, rows, width)
             model = self.lora.model
             decoder, head = decoder_and_head(model)
             with self.lora.rows(groups):
@@ -229,7 +229,7 @@ class Pack:
                     # attention_mask=None as in training_step: right padding, causal attention
                     hidden = decoder(input_ids=ids, attention_mask=None, use_cache=False).last_hidden_state
                     losses, failed, start = [], [], 0
-                    for s, (_, n) in zip(live, groups):
+                    for s, (_, n, _) in zip(live, groups):
                         try:
                             losses.append(completion_loss_from_hidden(hidden[start : start + n], head.weight,
                                                                       labels[start : start + n]))  # fmt: skip
