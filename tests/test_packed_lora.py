@@ -164,9 +164,9 @@ def test_an_adapter_that_leaves_the_pack_takes_its_weights_and_rows_with_it():
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
 def test_a_trials_dropout_masks_are_its_own_whatever_its_pack_mates(checkpointing):
-    """Dropout draws from the trial's own generator at its own batch's width (and activation
-    checkpointing's recomputation draws the same masks again), so packing it with a trial of
-    longer rows changes neither its loss nor its gradient."""
+    """A micro-batch's dropout masks are drawn at its own width from its own seed (and activation
+    checkpointing's recomputation draws them again), so packing it with a trial of longer rows
+    changes neither its loss nor its gradient."""
     torch.manual_seed(1)
     own = torch.randint(0, 150_000, (3, 9))
     other = torch.randint(0, 150_000, (2, 14))
@@ -182,12 +182,12 @@ def test_a_trials_dropout_masks_are_its_own_whatever_its_pack_mates(checkpointin
         if with_mate:
             packed.add("mate", config(8, 16, ALL_LINEAR), seed=9)
         packed.add("drop", dropout, seed=3)
-        ids, lab, groups = own, labels, [("drop", 3)]
+        ids, lab, groups = own, labels, [("drop", 3, 9, 7)]
         if with_mate:
             pad = torch.nn.functional.pad
             ids = torch.cat([other, pad(own, (0, 5))])
             lab = torch.cat([torch.full((2, 14), -100), pad(labels, (0, 5), value=-100)])
-            groups = [("mate", 2, 14), ("drop", 3, 9)]
+            groups = [("mate", 2, 14, 5), ("drop", 3, 9, 7)]
         model = packed.model
         with packed.rows(groups):
             hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state

@@ -171,11 +171,13 @@ def mixed(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:
         return tiny_space(tmp, demo_data, fixed={"trainer.max_steps": 12}, parameters=MIXED_SPACE, sampler="random",
                           validate_every_steps=4, budget={"trials": trials}, **GREEDY)  # fmt: skip
 
-    alone_tmp, pack_tmp = tmp_path_factory.mktemp("alone"), tmp_path_factory.mktemp("mixed")
+    alone_tmp, pack_tmp, window_tmp = (tmp_path_factory.mktemp(n) for n in ("alone", "mixed", "window"))
     return {
         "alone": packed_sweep(alone_tmp, "alone", space(alone_tmp, 2), greedy_base, "--pack", "1", enqueue=[A, B]),
         "packed": packed_sweep(pack_tmp, "mixed", space(pack_tmp, 4), greedy_base, "--pack", "3",
                                enqueue=[A, DIVERGES, B, REFUSED]),
+        "window": packed_sweep(window_tmp, "window", space(window_tmp, 2), greedy_base, "--pack", "2",
+                               "--pack_window", "true", enqueue=[A, B]),
     }  # fmt: skip
 
 
@@ -188,6 +190,17 @@ def test_trials_of_other_rank_batch_size_and_accumulation_train_in_one_pack_as_t
     assert b["global_step"] == 12 and b["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 36
     # B's 36 micro-batches (12 steps × 3) set the pack's length: A's 12 and the others rode along
     assert (pack_steps(mixed["packed"]), pack_steps(mixed["alone"])) == (36, 12 + 36)
+
+
+def test_a_pack_training_whole_accumulation_windows_per_step_ends_where_one_micro_batch_per_step_ends(mixed):
+    """With --pack_window each step holds every trial's next optimizer step (B's 3 micro-batches
+    beside A's one), so the pack takes 12 steps, not 36: the same batches, losses and updates."""
+    window, alone = trials_by_params(mixed["window"]), trials_by_params(mixed["alone"])
+    assert window.keys() == alone.keys()
+    for params, run in window.items():
+        assert_same_training(run, alone[params])
+        assert_rows_close(read_jsonl(run / "metrics.jsonl"), read_jsonl(alone[params] / "metrics.jsonl"))
+    assert pack_steps(mixed["window"]) == 12
 
 
 def test_a_failing_trial_ends_alone_with_its_error_and_its_pack_mates_finish(mixed):

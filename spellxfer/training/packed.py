@@ -27,13 +27,16 @@ the same numbers, and ``spellxfer bench sweep`` measures which is faster on a ca
 
 Generation always uses the ``concat`` form with a per-row owner mask (its rows are not grouped by
 trial), precomputed once per pass and read from buffers that a captured CUDA graph can replay.
-Dropout draws from a per-trial generator, so a trial's masks do not depend on its pack-mates (they
-are not the masks of an unpacked run, which draws from the process-wide RNG).
+LoRA dropout draws each micro-batch's masks from a generator seeded by (the trial's seed, the
+micro-batch's index, the layer), so a trial's masks do not depend on its pack-mates, and are the
+same when its micro-batches run one per step or a whole accumulation window at once (they are not
+the masks of an unpacked run, which draws from the process-wide RNG).
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,8 +57,9 @@ GROUPED_RANK_MULTIPLE = 8  # grouped GEMMs want 16-byte aligned matrix widths (8
 class _Plan:
     """Which rows the current forward sends through which adapter."""
 
-    segments: list[tuple[str, int, int]] | None = None  # training: (trial, first row, end row)
-    widths: dict[str, int] = field(default_factory=dict)  # training: each trial's own padded length
+    segments: list[tuple[str, int, int]] | None = None  # training: (trial, first row, end row), one per trial
+    batches: list[tuple[str, int, int, int | None, int | None]] = field(default_factory=list)
+    """Training: each micro-batch's (trial, first row, end row, own padded length, dropout seed)."""
     row_owner: torch.Tensor | None = None  # generation: per row an index into `names`, -1 for none
     names: tuple[str, ...] = ()
     cache: dict = field(default_factory=dict)  # per-plan tensors shared by the layers (masks, offsets)
@@ -82,7 +86,8 @@ class PackedLoRA:
         self.kernel = kernel
         self._plan: _Plan | None = None
         self._hooked: set[int] = set()
-        self._dropout_rng: dict[str, torch.Generator] = {}
+        self._layer_key: dict[int, int] = {}
+        self._rng: torch.Generator | None = None  # reseeded for every micro-batch and layer
         self._gen_stacks: dict[int, tuple | None] = {}
 
     @property
@@ -112,10 +117,6 @@ class PackedLoRA:
                 self.lm = get_peft_model(self.base, config, adapter_name=name)
             else:
                 self.lm.add_adapter(name, config)
-        device = next(self.base.parameters()).device
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
-        self._dropout_rng[name] = rng
         self._refresh()
         return self.parameters(name)
 
@@ -123,7 +124,6 @@ class PackedLoRA:
         """Drop adapter ``name`` (its memory and its rows' updates)."""
         if name in self.names:
             self.lm.delete_adapter(name)
-        self._dropout_rng.pop(name, None)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -137,11 +137,13 @@ class PackedLoRA:
         if names and not set(self.lm.active_adapters) & set(names):
             # PEFT answers get_base_model() and friends through its active adapter: keep one that exists
             self.lm.set_adapter(names[0])
-        for module in self.lm.modules():
+        for qualified, module in self.lm.named_modules():
             if isinstance(module, LoraLayer):
                 if id(module) not in self._hooked:
                     module.register_forward_hook(self._hook)
                     self._hooked.add(id(module))
+                    # dropout seeds mix in the layer's name: stable whatever adapters came before
+                    self._layer_key[id(module)] = zlib.crc32(qualified.removeprefix("base_model.model.").encode())
                 module.enable_adapters(False)
         for name in names:
             for p in self.parameters(name):
@@ -178,26 +180,29 @@ class PackedLoRA:
             (tmp / name).rmdir()
         return out
 
-    def dropout_state(self, name: str) -> torch.Tensor:
-        return self._dropout_rng[name].get_state()
-
-    def set_dropout_state(self, name: str, state: torch.Tensor) -> None:
-        self._dropout_rng[name].set_state(state)
-
     # ---- row plans --------------------------------------------------------------------------------
     @contextmanager
     def rows(self, groups: Sequence[tuple]) -> Iterator[None]:
         """Forward (and backward: activation checkpointing recomputes inside it) with the batch's
-        rows grouped by trial: ``[(adapter, n_rows), …]`` in row order, or ``(adapter, n_rows,
-        width)`` where a trial's own batch is narrower than the packed one (its dropout masks are
-        drawn at its own width, so they do not depend on its pack-mates)."""
-        segments, widths, start = [], {}, 0
-        for name, n, *width in groups:
-            segments.append((name, start, start + n))
-            if width:
-                widths[name] = width[0]
+        rows grouped by trial, one group per micro-batch in row order: ``(adapter, n_rows)``, or
+        ``(adapter, n_rows, width, dropout_seed)``. A trial's micro-batches are consecutive.
+
+        ``width``: the micro-batch's own padded length, where the packed batch is wider;
+        ``dropout_seed``: seeds its LoRA dropout masks (with the layer's name). Both make a trial's
+        masks its own: drawn at its own shape from its own seed, whatever its pack-mates.
+        """
+        segments, batches, start = [], [], 0
+        for name, n, *more in groups:
+            width, seed = (list(more) + [None, None])[:2]
+            batches.append((name, start, start + n, width, seed))
+            if segments and segments[-1][0] == name:
+                segments[-1] = (name, segments[-1][1], start + n)
+            else:
+                segments.append((name, start, start + n))
             start += n
-        self._plan = _Plan(segments=segments, widths=widths, names=tuple(g[0] for g in groups))
+        if len({n for n, _, _ in segments}) != len(segments):
+            raise ValueError("a trial's micro-batches must be consecutive rows")
+        self._plan = _Plan(segments=segments, batches=batches, names=tuple(n for n, _, _ in segments))
         try:
             yield
         finally:
@@ -251,34 +256,27 @@ class PackedLoRA:
         return output + kernel(module, x, plan).to(output.dtype)
 
     def _dropout(self, module, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        """Each trial's rows through its own LoRA dropout, drawn from its own generator at its own
-        batch's shape. A second call for the same layer in one plan is activation checkpointing
-        recomputing it: the generator is rewound so the masks are the ones the forward drew."""
+        """Each micro-batch's rows through its trial's LoRA dropout, the mask drawn at the
+        micro-batch's own shape from a generator seeded by (its seed, the layer): its pack-mates
+        cannot change it, and activation checkpointing's recomputation draws it again exactly."""
         if not module.training:
             return x
-        ps = [_dropout_p(module, name) for name, _, _ in plan.segments]
+        ps = [_dropout_p(module, b[0]) for b in plan.batches]
         if not any(ps):
             return x
+        if self._rng is None or self._rng.device != x.device:
+            self._rng = torch.Generator(device=x.device)
         parts = []
-        for (name, start, stop), p in zip(plan.segments, ps):
+        for (_, start, stop, width, seed), p in zip(plan.batches, ps):
             xs = x[start:stop]
             if p:
-                rng = self._dropout_rng[name]
-                key = ("dropout", id(module), name)
-                now = None
-                if key in plan.cache:
-                    now = rng.get_state()
-                    rng.set_state(plan.cache[key])
-                else:
-                    plan.cache[key] = rng.get_state()
-                width = plan.widths.get(name, xs.shape[1]) if xs.dim() == 3 else None
-                shape = (xs.shape[0], width, xs.shape[2]) if width is not None else xs.shape
-                keep = torch.empty(shape, dtype=xs.dtype, device=xs.device).bernoulli_(1 - p, generator=rng)
-                if width is not None and width < xs.shape[1]:  # the pack's extra padding: never read by real tokens
+                self._rng.manual_seed((int(seed or 0) * 1_000_003 + self._layer_key[id(module)]) % 2**63)
+                width = width or xs.shape[1]
+                keep = torch.empty((xs.shape[0], width, *xs.shape[2:]), dtype=xs.dtype, device=xs.device)
+                keep.bernoulli_(1 - p, generator=self._rng)
+                if width < xs.shape[1]:  # the pack's extra padding: never read by a real token
                     keep = F.pad(keep, (0, 0, 0, xs.shape[1] - width), value=1.0)
                 xs = xs * keep / (1 - p)
-                if now is not None:
-                    rng.set_state(now)
             parts.append(xs)
         return torch.cat(parts)
 

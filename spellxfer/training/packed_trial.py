@@ -38,6 +38,7 @@ import sys
 import threading
 from argparse import ArgumentError
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,6 +62,18 @@ _CLI_LOCK = threading.Lock()  # LightningCLI reads sys.argv and sets process-wid
 
 class TrialError(Exception):
     """This trial (and only this one) failed; the message is its one-line reason."""
+
+
+@dataclass(frozen=True)
+class _Micro:
+    """A micro-batch handed to the pack: where it stands in the trial's fit."""
+
+    index: int  # micro-batches the trial trained before it
+    batch_idx: int  # its index in its epoch
+    is_last: bool  # the epoch's last batch
+    steps: bool  # ends an accumulation window: the optimizer steps after it
+    validates: bool  # validation follows it
+    tokens: int  # real tokens
 
 
 @contextmanager
@@ -124,8 +137,8 @@ def check_packable(cli) -> None:
         bad.append("trainer.min_steps / min_epochs")
     if not isinstance(t.val_check_interval, int | float) or isinstance(t.val_check_interval, bool):
         bad.append(f"trainer.val_check_interval {t.val_check_interval!r} (time-based)")
-    if cli.model.resolved_backend != "hf":
-        bad.append(f"model.backend {cli.model.hparams.backend} (Unsloth patches the model for one adapter; use hf)")
+    if cli.model.hparams.backend == "unsloth":  # auto means hf in a pack: Unsloth is not an option there
+        bad.append("model.backend unsloth (Unsloth patches the model for one adapter; use hf)")
     if bad:
         raise SpellxferError(f"--pack: not supported in packed trials: {'; '.join(bad)}; run this sweep without --pack")
 
@@ -172,7 +185,8 @@ class PackedTrial:
         self.params: list[torch.nn.Parameter] = []
         self.optimizer = self.scheduler = None
         self._iterator = None
-        self._last = None  # (time, real tokens) of the previous micro-batch, for tokens/s
+        self._pending: list[_Micro] = []  # micro-batches handed to the pack, not yet backpropagated
+        self._last = None  # (time, real tokens) of the previous pack step, for tokens/s
 
     # ---- setup ------------------------------------------------------------------------------------
     def shared_settings(self) -> dict:
@@ -250,9 +264,6 @@ class PackedTrial:
             self._epoch_done = True
         elif position:
             self.dm.load_state_dict(position)
-        packed = ckpt.get("spellxfer_packed") or {}
-        if "dropout_rng" in packed:
-            self.lora.set_dropout_state(self.name, packed["dropout_rng"])
         for logger in self.trainer.loggers:
             if isinstance(logger, WhitelistedCSVLogger):
                 logger.discard_from(self.global_step)
@@ -268,62 +279,80 @@ class PackedTrial:
                     p.unlink()
                     self.log(f"resuming at step {self.global_step}: removed {p.name}, saved after it by the interrupted run")
 
-    # ---- a training micro-batch -------------------------------------------------------------------
-    def next_batch(self) -> dict:
-        """This trial's next micro-batch, exactly the one its fit would train on next."""
+    # ---- training micro-batches -------------------------------------------------------------------
+    def next_batches(self, window: bool = False) -> list[dict]:
+        """This trial's next micro-batch — or, with ``window``, every micro-batch up to the end of
+        its accumulation window (or a validation, or the epoch's end) — exactly the ones its fit
+        would train on next. ``after_backward`` takes their losses once they are backpropagated."""
         if self._epoch_done:
             self.epoch, self.in_epoch, self._iterator, self._epoch_done = self.epoch + 1, 0, None, False
         if self._iterator is None:
             loader = self.dm.train_dataloader()  # a resumed position applies to this first loader only
             loader.batch_sampler.set_epoch(self.epoch)
             self._iterator = iter(loader)
-        batch = next(self._iterator)
-        self._batch_idx = self.in_epoch  # index of this batch within the epoch
-        self._is_last = self._batch_idx + 1 == self.num_batches
-        self._tokens = int(batch["n_real_tokens"])
-        return batch
+        every = self.check_every_epochs
+        epoch_ok = every is None or (self.epoch + 1) % every == 0
+        batches: list[dict] = []
+        self._pending = []
+        while True:
+            batch = next(self._iterator)
+            k = len(batches)
+            idx = self.in_epoch + k  # the batch's index in its epoch
+            last = idx + 1 == self.num_batches
+            count = (self.total_batches + k + 1) if every is None else idx + 1
+            micro = _Micro(index=self.total_batches + k, batch_idx=idx, is_last=last,
+                           steps=(idx + 1) % self.accumulate == 0 or last,
+                           validates=epoch_ok and count % self.val_check_batch == 0,
+                           tokens=int(batch["n_real_tokens"]))  # fmt: skip
+            batches.append(batch)
+            self._pending.append(micro)
+            if not window or micro.steps or micro.validates or micro.is_last:
+                return batches
+
+    def dropout_seeds(self) -> list[int]:
+        """Each pending micro-batch's dropout seed: the trial's seed and the micro-batch's index."""
+        return [self.seed * 1_000_003 + m.index for m in self._pending]
 
     @property
     def steps_now(self) -> bool:
-        """Whether this micro-batch ends an accumulation window (the optimizer steps after it)."""
-        return (self._batch_idx + 1) % self.accumulate == 0 or self._is_last
+        """Whether the pending micro-batches end an accumulation window (the optimizer steps after them)."""
+        return self._pending[-1].steps
 
     @property
     def starts_window(self) -> bool:
-        """Whether this micro-batch opens an accumulation window (gradients zeroed before it)."""
-        return self._batch_idx % self.accumulate == 0
+        """Whether the pending micro-batches open an accumulation window (gradients zeroed before them)."""
+        return self._pending[0].batch_idx % self.accumulate == 0
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def after_backward(self, loss: float, now: float) -> None:
-        """Step at the end of the accumulation window, log, and decide on validation and stopping.
-
-        ``loss``: this micro-batch's loss (undivided, as fit logs it); ``now``: the step's time.
-        """
-        self.stepped = self.steps_now
-        self.in_epoch += 1
-        self.total_batches += 1
+    def after_backward(self, losses: list[float], now: float) -> None:
+        """Count the pending micro-batches, step at the end of the accumulation window, log, and
+        decide on validation. ``losses``: each one's loss (undivided, as fit logs it); ``now``: the
+        pack step's start, for tokens/s."""
+        tokens = sum(m.tokens for m in self._pending)
         rate = self._last[1] / (now - self._last[0]) if self._last is not None and now > self._last[0] else None
-        self._last = (now, self._tokens)
-        if self.stepped:
-            if self.clip_val:
-                clip = torch.nn.utils.clip_grad_norm_ if self.clip_algorithm == "norm" else torch.nn.utils.clip_grad_value_
-                clip(self.params, self.clip_val)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.global_step += 1
-            if self.global_step % self.log_every == 0:
-                row = {"train/loss": loss, "train/real_tokens": float(self._tokens)}
-                if rate is not None:
-                    row["train/tokens_per_second"] = rate
-                self._log_metrics(row)
-        kill_point("train_batch", self.global_step)
-        every = self.check_every_epochs
-        epoch_ok = every is None or (self.epoch + 1) % every == 0
-        count = self.total_batches if every is None else self.in_epoch
-        self.validate_now = epoch_ok and count % self.val_check_batch == 0
-        self._epoch_done = self._is_last
+        self._last = (now, tokens)
+        for micro, loss in zip(self._pending, losses):
+            self.stepped = micro.steps
+            self.in_epoch += 1
+            self.total_batches += 1
+            if self.stepped:
+                if self.clip_val:
+                    clip = torch.nn.utils.clip_grad_norm_ if self.clip_algorithm == "norm" else torch.nn.utils.clip_grad_value_
+                    clip(self.params, self.clip_val)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.global_step += 1
+                if self.global_step % self.log_every == 0:
+                    row = {"train/loss": loss, "train/real_tokens": float(micro.tokens)}
+                    if rate is not None:
+                        row["train/tokens_per_second"] = rate
+                    self._log_metrics(row)
+            kill_point("train_batch", self.global_step)
+            self.validate_now = micro.validates
+            self._epoch_done = micro.is_last
+        self._pending = []
 
     def grads_finite(self) -> torch.Tensor:
         """A 0-dim bool tensor: are this trial's gradients finite (checked before its optimizer step)."""
@@ -476,7 +505,6 @@ class PackedTrial:
             "datamodule_hyper_parameters": dict(self.dm.hparams),
             type(self.dm).__name__: {"epoch": epoch, "batches_done": self.in_epoch},
             "spellxfer_rng": _rng_state(),
-            "spellxfer_packed": {"dropout_rng": self.lora.dropout_state(self.name)},
         }
 
     # ---- the end ----------------------------------------------------------------------------------

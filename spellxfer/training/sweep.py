@@ -57,6 +57,7 @@ def sweep(
     heartbeat_s: int = 30,
     pack: int | None = None,
     pack_kernel: Literal["auto", "loop", "concat", "grouped"] = "auto",
+    pack_window: bool = False,
 ) -> int:
     """Search hyperparameters with Optuna over real `fit` runs (resumable, parallel, failure-tolerant).
 
@@ -84,6 +85,8 @@ def sweep(
         pack_kernel: How packed training computes each row's LoRA update: loop (per trial),
             concat (stacked adapters, two products per layer), grouped (torch._grouped_mm);
             auto: loop on a CPU, concat on CUDA (docs/performance.md).
+        pack_window: Each packed step trains a whole accumulation window of every trial (one
+            optimizer step) instead of one micro-batch, so trials of any accumulation keep pace.
     """
     import optuna
 
@@ -106,6 +109,14 @@ def sweep(
     if sampler == "grid":
         n_trials = min(n_trials, spec.grid_size())  # the grid has no more points to give
     model, data = base_settings(spec)
+    if pack:
+        from spellxfer.training.sweep_space import base_section
+
+        backend = spec.fixed.get("model.backend", base_section(spec.base, "model").get("backend", "auto"))
+        if backend == "unsloth":
+            raise SpellxferError(f"--pack: {spec.base} sets model.backend unsloth, which patches a model for one "
+                                 f"adapter; packed trials share an hf model: add `model.backend: hf` under fixed: "
+                                 f"in {spec.path}")  # fmt: skip
 
     results = Path(results_dir)
     sweep_dir = results / "sweeps" / study
@@ -165,7 +176,7 @@ def sweep(
 
         try:
             st = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
-            run_pack(ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel)
+            run_pack(ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel, pack_window)
         except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
             errors.append(e)
             ctx.stop.set()

@@ -9,8 +9,9 @@ does the same work in every mode — as a real ``python -m spellxfer sweep`` in 
 
 * ``serial``: one trial at a time (``--workers 1``): a ``fit`` process, then an ``evaluate`` process;
 * ``workers:W``: ``--workers W``, W such processes sharing the card at once;
-* ``pack:K`` (``pack:K:KERNEL``): ``--pack K``, K trials in one process on one base model
-  (:mod:`spellxfer.training.sweep_pack`), KERNEL the per-row LoRA product (loop, concat, grouped).
+* ``pack:K`` (``pack:K:KERNEL``, ``pack:K[:KERNEL]:window``): ``--pack K``, K trials in one process
+  on one base model (:mod:`spellxfer.training.sweep_pack`), KERNEL the per-row LoRA product (loop,
+  concat, grouped); ``window``: ``--pack_window true``, each step a whole accumulation window.
 
 A mode ``NAME@n`` runs only the first n trials and reports the makespan also scaled to N
 (trials of one mode run back to back, so a long serial run can be sampled).
@@ -51,23 +52,24 @@ import yaml
 from spellxfer.errors import SpellxferError
 from spellxfer.training.speed import bench_dir, command_line, run_environment
 
-MODE = re.compile(r"^(serial|workers:(\d+)|pack:(\d+)(?::(loop|concat|grouped))?)(?:@(\d+))?$")
+MODE = re.compile(r"^(serial|workers:(\d+)|pack:(\d+)(?::(loop|concat|grouped))?(:window)?)(?:@(\d+))?$")
 TARGETS = {"pack_vs_serial": 15.0, "pack_vs_best_workers": 3.0, "pack_peak_gib": 60.0}  # issue 18
 
 
 def parse_mode(spec: str) -> dict:
-    """``"pack:16:grouped@4"`` → ``{"mode": "pack", "workers": 1, "pack": 16, "kernel": "grouped", "trials": 4}``."""
+    """``"pack:16:grouped:window@4"`` → ``{"mode": "pack", "workers": 1, "pack": 16, "kernel": "grouped",
+    "window": True, "trials": 4}``."""
     m = MODE.match(spec)
     if m is None:
-        raise SpellxferError(f"--modes: {spec!r} is not serial, workers:W or pack:K[:loop|concat|grouped], "
+        raise SpellxferError(f"--modes: {spec!r} is not serial, workers:W or pack:K[:loop|concat|grouped][:window], "
                              "optionally followed by @n (the first n trials only)")  # fmt: skip
     name = spec.split(":")[0].split("@")[0]
     workers = int(m.group(2)) if m.group(2) else 1
     pack = int(m.group(3)) if m.group(3) else None
-    if workers < 1 or (pack is not None and pack < 1) or (m.group(5) and int(m.group(5)) < 1):
+    if workers < 1 or (pack is not None and pack < 1) or (m.group(6) and int(m.group(6)) < 1):
         raise SpellxferError(f"--modes: {spec!r}: counts must be ≥ 1")
     return {"spec": spec, "mode": name, "workers": workers, "pack": pack, "kernel": m.group(4) or "auto",
-            "trials": int(m.group(5)) if m.group(5) else None}  # fmt: skip
+            "window": bool(m.group(5)), "trials": int(m.group(6)) if m.group(6) else None}  # fmt: skip
 
 
 def bench_space(space: str, base: str, model: str, trials: int, max_steps: int, validate_every_steps: int,
@@ -136,7 +138,7 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
     argv = [sys.executable, "-m", "spellxfer", "sweep", "--space", str(space_path), "--study", "bench",
             "--results_dir", str(results), "--workers", str(mode["workers"])]  # fmt: skip
     if mode["pack"] is not None:
-        argv += ["--pack", str(mode["pack"]), "--pack_kernel", mode["kernel"]]
+        argv += ["--pack", str(mode["pack"]), "--pack_kernel", mode["kernel"], "--pack_window", str(mode["window"]).lower()]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     print(f"bench sweep: {mode['spec']} ({trials} trials) …", flush=True)
     log = work / f"{slug}.log"
@@ -146,7 +148,7 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
     makespan = time.perf_counter() - t0
     rows = _csv(results / "metrics" / "bench.csv")
     done = [r for r in rows if r["status"] == "complete"]
-    out = {**{k: mode[k] for k in ("spec", "mode", "workers", "pack", "kernel")}, "trials": trials, "exit_code": rc,
+    out = {**{k: mode[k] for k in ("spec", "mode", "workers", "pack", "kernel", "window")}, "trials": trials, "exit_code": rc,
            "makespan_s": round(makespan, 1), "complete": len(done),
            "failed": sum(r["status"] == "failed" for r in rows),
            "makespan_s_for_all": round(makespan * n_trials / trials, 1) if trials else None,
@@ -264,7 +266,7 @@ def bench_sweep(
         validate_every_steps: Validation interval in optimizer steps.
         val_limit: Position and count questions per validation (each).
         eval_limit: Position and count test questions per trial (each), greedy.
-        modes: serial, workers:W, pack:K or pack:K:loop|concat|grouped, each optionally @n (first n trials).
+        modes: serial, workers:W, pack:K[:loop|concat|grouped][:window], each optionally @n (first n trials).
         space: The space file whose hyperparameters are drawn (its max_steps is replaced by --max_steps).
         base: The fit config every trial starts from (default configs/r16.yaml on CUDA, configs/tiny.yaml on a CPU).
         data_dir: A data build directory (built with the full profile if absent).

@@ -80,10 +80,15 @@ class Pack:
         slots: Trials trained at once (K).
         kernel: How the per-row adapter update is computed in training (packed.KERNELS).
         after_trial: Called with (study, FrozenTrial) after each trial ends (prints, rewrites the CSV).
+        window: Each step trains a whole accumulation window of every trial (its next optimizer
+            step) instead of one micro-batch, so trials of any accumulation keep pace; a step's
+            rows are then every trial's effective batch.
     """
 
-    def __init__(self, ctx: SweepContext, study, worker: int, slots: int, kernel: str, after_trial: Callable):
+    def __init__(self, ctx: SweepContext, study, worker: int, slots: int, kernel: str, after_trial: Callable,
+                 window: bool = False):  # fmt: skip
         self.ctx, self.study, self.worker, self.slots, self.kernel = ctx, study, worker, slots, kernel
+        self.window = window
         self.after_trial = after_trial
         self.active: list[Slot] = []
         self.lora: PackedLoRA | None = None
@@ -114,12 +119,14 @@ class Pack:
             self._tell(trial, TrialState.FAIL)
             return
         _beat(self.study, trial)
-        record["pack"] = {"slots": self.slots, "kernel": self.kernel}
+        record["pack"] = {"slots": self.slots, "kernel": self.kernel, "window": self.window}
         write_trial_json(run, record)
         log = fit_log(run)
-        argv = fit_argv(self.ctx, run, params, resume, trial.number)[4:]  # without `python -m spellxfer fit`
-        argv = _wandb_beside_others(argv)
-        log(f"$ {command_line(argv)}  (packed: {self.slots} slots, worker {self.worker})")
+        # the unpacked sweep's fit command, without `python -m spellxfer fit` and --ckpt_path (the
+        # pack restores the checkpoint itself)
+        argv = _wandb_beside_others(fit_argv(self.ctx, run, params, None, trial.number)[4:])
+        log(f"$ {command_line(argv + (['--ckpt_path', str(resume)] if resume else []))}  "
+            f"(packed: {self.slots} slots, worker {self.worker})")
         slot = None
         try:
             with self._phase("start"):
@@ -170,12 +177,13 @@ class Pack:
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self) -> None:
-        """One micro-batch of every active trial, then their validations and endings."""
+        """One micro-batch (with ``window``: one accumulation window) of every active trial, then
+        their validations and endings."""
         now = time.perf_counter()
         batches = {}
         for s in list(self.active):
             try:
-                batches[s.number] = s.packed.next_batch()
+                batches[s.number] = s.packed.next_batches(self.window)
             except Exception as e:
                 self.fail(s, e)
         live = [s for s in self.active if s.number in batches]
@@ -188,9 +196,9 @@ class Pack:
             for s in live:
                 self.fail(s, f"out of memory in a packed step of {len(live)} trials ({_reason(e)})")
             return
-        for s, value in zip(live, values):
+        for s, losses in zip(live, values):
             try:
-                s.packed.after_backward(value, now)
+                s.packed.after_backward(losses, now)
             except Exception as e:
                 self.fail(s, e)
         self.steps += 1
@@ -210,39 +218,39 @@ class Pack:
             self.ctx.progress(self.worker, trial=self._numbers(), phase="fit", step=min(steps),
                               total=max(s.packed.max_steps for s in self.active))  # fmt: skip
 
-    def _train(self, live: list[Slot], batches: dict) -> tuple[list[Slot], list[float]]:
-        """Forward and backward of every live trial's micro-batch in one pass; a trial whose loss
-        or gradient is not finite (or whose loss raises) fails and the pass is redone without it.
-        Returns the trials that trained and their micro-batch losses."""
+    def _train(self, live: list[Slot], batches: dict) -> tuple[list[Slot], list[list[float]]]:
+        """Forward and backward of every live trial's micro-batches in one pass. A trial whose loss
+        is not finite (or raises) fails and the pass is redone without it, so no backward ever
+        runs through its rows; one whose gradient is not finite fails before its optimizer steps.
+        Returns the trials that trained and each one's micro-batch losses."""
         from spellxfer.models.losses import completion_loss_from_hidden, decoder_and_head
 
-        rng = {s.number: self.lora.dropout_state(s.packed.name) for s in live}
         while live:
-            for s in live:  # a redo draws the same dropout masks as the first attempt
-                self.lora.set_dropout_state(s.packed.name, rng[s.number])
-            ids, labels = _pad_and_stack([batches[s.number] for s in live], self.tokenizer.pad_token_id, self.device)
-            groups = [(s.packed.name, *batches[s.number]["input_ids"].shape) for s in live]  # (adapter, rows, width)
-            model = self.lora.model
-            decoder, head = decoder_and_head(model)
+            flat = [(s, b) for s in live for b in batches[s.number]]  # a trial's micro-batches side by side
+            ids, labels = _pad_and_stack([b for _, b in flat], self.tokenizer.pad_token_id, self.device)
+            seeds = [seed for s in live for seed in s.packed.dropout_seeds()]
+            groups = [(s.packed.name, *b["input_ids"].shape, seed) for (s, b), seed in zip(flat, seeds)]
+            decoder, head = decoder_and_head(self.lora.model)
             with self.lora.rows(groups):
                 with self._mixed_precision():
                     # attention_mask=None as in training_step: right padding, causal attention
                     hidden = decoder(input_ids=ids, attention_mask=None, use_cache=False).last_hidden_state
-                    losses, failed, start = [], [], 0
-                    for s, (_, n, _) in zip(live, groups):
+                    losses, failed, start = [], {}, 0
+                    for (s, _), (_, n, _, _) in zip(flat, groups):
                         try:
                             losses.append(completion_loss_from_hidden(hidden[start : start + n], head.weight,
                                                                       labels[start : start + n]))  # fmt: skip
                         except ValueError as e:
-                            failed.append((s, _reason(e)))
+                            failed.setdefault(s.number, (s, _reason(e)))
                         start += n
                 if not failed:
-                    values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for all trials
-                    failed = [(s, f"loss is {v} at step {s.packed.global_step + 1}")
-                              for s, v in zip(live, values) if not math.isfinite(v)]  # fmt: skip
+                    flat_values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for all
+                    for (s, _), v in zip(flat, flat_values):
+                        if not math.isfinite(v):
+                            failed.setdefault(s.number, (s, f"loss is {v} at step {s.packed.global_step + 1}"))
                 if failed:
                     del hidden, losses
-                    for s, why in failed:
+                    for s, why in failed.values():
                         self.fail(s, why)
                     live = [s for s in live if s in self.active]
                     continue
@@ -250,7 +258,7 @@ class Pack:
                     if s.packed.starts_window:
                         s.packed.zero_grad()
                 # Lightning divides each micro-batch's loss by the accumulation window before backward
-                total = sum(loss / s.packed.accumulate for loss, s in zip(losses, live))
+                total = sum(loss / s.packed.accumulate for loss, (s, _) in zip(losses, flat))
                 total.backward()
             stepping = [s for s in live if s.packed.steps_now]
             if stepping:
@@ -258,8 +266,11 @@ class Pack:
                 for s, ok in zip(stepping, finite):
                     if not ok:
                         self.fail(s, f"non-finite gradient at step {s.packed.global_step + 1}")
-            kept = [(s, v) for s, v in zip(live, values) if s in self.active]
-            return [s for s, _ in kept], [v for _, v in kept]
+            values = {s.number: [] for s in live}
+            for (s, _), v in zip(flat, flat_values):
+                values[s.number].append(v)
+            kept = [s for s in live if s in self.active]
+            return kept, [values[s.number] for s in kept]
         return [], []
 
     def _mixed_precision(self):
@@ -386,7 +397,7 @@ class Pack:
 
     def stats(self) -> dict:
         """What the pack did (for ``bench sweep``): steps, seconds per phase, peak device memory."""
-        return {"slots": self.slots, "kernel": self.kernel, "device": str(self.device), "steps": self.steps,
+        return {"slots": self.slots, "kernel": self.kernel, "window": self.window, "device": str(self.device), "steps": self.steps,
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
                 "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None}  # fmt: skip
 
@@ -409,12 +420,16 @@ class Pack:
             if self.lora is not None:
                 self.lora.remove(s.packed.name)
         log = log or (s.packed.log if s.packed is not None else fit_log(s.run))
-        if error:
-            log(f"error: {error}")
-            s.trial.set_user_attr("error", error)
         write_trial_json(s.run, s.record | {"status": status, "error": error, "duration_s": round(time.time() - s.start, 1)})
         state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}[status]
-        self._tell(s.trial, state, s.record.get("objective") if status == "complete" else None)
+        try:
+            if error:
+                log(f"error: {error}")
+                s.trial.set_user_attr("error", error)
+            self._tell(s.trial, state, s.record.get("objective") if status == "complete" else None)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # another worker found its heartbeat stale and failed it; its retry takes over
+            log("the study already ended this trial (its heartbeat went stale); its retry takes over")
 
     def _tell(self, trial, state, value=None) -> None:
         frozen = self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
@@ -422,19 +437,22 @@ class Pack:
 
 
 def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, after_trial: Callable,
-             deadline: float | None, heartbeat_s: int, kernel: str = "loop") -> Pack:  # fmt: skip
+             deadline: float | None, heartbeat_s: int, kernel: str = "loop", window: bool = False) -> Pack:  # fmt: skip
     """Run trials of ``study`` in one pack of ``slots`` until the budget is spent (see the module
     docstring); returns the pack (its step count and peak memory, for the bench)."""
     from spellxfer.training.sweep import plan
 
-    pack = Pack(ctx, study, worker, slots, kernel, after_trial)
+    pack = Pack(ctx, study, worker, slots, kernel, after_trial, window)
     beat = threading.Event()
     heart = threading.Thread(target=_heartbeat, args=(study, pack, heartbeat_s, beat), daemon=True,
                              name=f"pack-{worker}-heartbeat")  # fmt: skip
     heart.start()
     try:
         while not ctx.stop.is_set():
-            optuna.storages.fail_stale_trials(study)
+            if len(pack.active) < slots:
+                for s in list(pack.active):  # fresh beats first: the pack's own trials are alive
+                    _beat(study, s.trial)
+                optuna.storages.fail_stale_trials(study)
             while len(pack.active) < slots and not ctx.stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 if plan(study, n_trials) != "run":
                     break
