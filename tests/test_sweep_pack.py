@@ -25,6 +25,8 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 from test_sweep import TINY_GRID, csv_rows, grid_point, load, quiet_env, run_sweep, sweep_argv, tiny_space
 
+from spellxfer.cli import main
+
 GREEDY = {"decodings": ["greedy"]}  # deterministic test replies, comparable reply for reply
 # Trials that differ in every dimension a pack must keep apart (rank, alpha, dropout, LR, batch,
 # accumulation), one whose loss turns non-finite (a learning rate of 1e30 blows its weights up
@@ -263,3 +265,40 @@ def test_a_trainer_setting_the_pack_cannot_reproduce_fails_the_trial_with_the_re
     assert row["status"] == "failed"
     assert row["error"] == ("--pack: not supported in packed trials: trainer.limit_train_batches 0.5; "
                             "run this sweep without --pack")  # fmt: skip
+
+
+def test_a_pack_on_a_base_config_that_picks_unsloth_is_one_error_line_before_anything_runs(tmp_path, capsys):
+    space = tiny_space(tmp_path, tmp_path / "data", fixed={"model.backend": "unsloth"})
+    rc = main(["sweep", "--space", str(space), "--study", "u", "--results_dir", str(tmp_path / "results"), "--pack", "4"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: --pack:") and "model.backend: hf" in lines[0] and str(space) in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+# ---- bench sweep -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_how_long(tmp_path, demo_data):
+    out = tmp_path / "sweep.json"
+    args = ["bench", "sweep", "--model", "tiny-qwen3", "--trials", "2", "--max_steps", "4", "--validate_every_steps", "2",
+            "--val_limit", "4", "--eval_limit", "4", "--data_dir", str(demo_data), "--out", str(out)]  # fmt: skip
+    assert main([*args, "--modes", "serial", "pack:2", "--kernel_steps", "1", "--work_dir", str(tmp_path / "w1")]) == 0
+    report = json.loads(out.read_text())
+    modes = {m["spec"]: m for m in report["modes"]}
+    assert modes.keys() == {"serial", "pack:2"}
+    assert [m["complete"] for m in modes.values()] == [2, 2] and all(m["exit_code"] == 0 for m in modes.values())
+    assert all(m["makespan_s"] > 0 and m["trials_per_gpu_hour"] > 0 for m in modes.values())
+    (stats,) = modes["pack:2"]["pack_stats"]
+    assert stats["slots"] == 2 and stats["steps"] > 0 and stats["seconds"]["train"] > 0
+    assert len(report["trials"]) == 2 and {"lora_r", "batch_size", "accumulate_grad_batches"} <= report["trials"][0]["params"].keys()
+    assert report["command"].startswith("python -m spellxfer bench sweep") and report["versions"]["torch"]
+    assert "pack_vs_serial" in report["summary"]
+    kernels = {k["kernel"]: k for k in report["kernels"]}
+    assert kernels.keys() == {"loop", "concat", "grouped"}
+    assert all(k["ms_per_step"] > 0 and k["max_loss_diff_vs_loop"] < 1e-4 for k in kernels.values())
+    # another invocation appends its mode to the same JSON
+    assert main([*args, "--modes", "pack:2:concat:window", "--kernel_steps", "0", "--append", "true",
+                 "--work_dir", str(tmp_path / "w2")]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert [m["spec"] for m in report["modes"]] == ["serial", "pack:2", "pack:2:concat:window"]
+    assert report["modes"][-1]["complete"] == 2 and report["kernels"] == list(kernels.values())

@@ -203,7 +203,6 @@ class PackedTrial:
         if key in cache:
             dm.train_examples, dm.eval_items, dm.n_dropped = cache[key]
         dm.setup("fit")
-        dm.setup("test")
         cache[key] = (dm.train_examples, dm.eval_items, dm.n_dropped)
         self.num_batches = len(dm.train_dataloader())
         acc = self.accumulate
