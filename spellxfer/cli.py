@@ -74,9 +74,10 @@ def _optional(group: str, extra: str | None, load):
 
 
 def _sweep_commands():
+    from spellxfer.bench.sweep import bench_sweep
     from spellxfer.sweep.run import sweep
 
-    return {"sweep": sweep}
+    return {"sweep": sweep, "bench sweep": bench_sweep}
 
 
 def _analysis_commands():
@@ -107,7 +108,8 @@ def _commands() -> dict:
     from spellxfer.evaluation.evaluate import evaluate
 
     bench = {
-        "_help": "Measure speed: training / evaluation beside a plain transformers reference, or load-test a server.",
+        "_help": "Measure speed: training / evaluation beside a plain transformers reference, sweep makespan "
+                 "(one at a time, workers, packed), or load-test a server.",
         "train": bench_train,
         "eval": bench_eval,
     }
@@ -117,7 +119,10 @@ def _commands() -> dict:
         "evaluate": evaluate,
         "compare": compare,
     }
-    commands.update(_optional("sweep", None, _sweep_commands) or {})
+    sweeps = _optional("sweep", None, _sweep_commands) or {}
+    if sweeps:
+        bench["sweep"] = sweeps.pop("bench sweep")
+    commands.update(sweeps)
     commands.update(_optional("analyze, report", None, _analysis_commands) or {})
     deployment = _optional("export, serve, studio, bench serve", "serve", _deployment_commands) or {}
     if deployment:
@@ -184,7 +189,7 @@ def _one_line_errors(run, help_hint: str) -> int:
 
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
 # jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
-MULTI_VALUE_FLAGS = ("--questions", "--runs", "--variants")
+MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs", "--variants", "--modes")
 # Switches that read naturally without a value (`export --merge`, `studio submit --dry-run`);
 # jsonargparse wants `--merge true`, so a bare one gets its `true` here (an explicit value is kept).
 BARE_SWITCHES = ("--merge", "--dry_run", "--deploy")

@@ -242,6 +242,7 @@ BAD_SPACES = {
     "zero-validate-every": ({"validate_every_steps": 0}, "validate_every_steps", "integer ≥ 1"),
     "validate-every-and-interval": ({"validate_every_steps": 5, "fixed": {"trainer.val_check_interval": 5}},
                                     "fixed.trainer.val_check_interval", "keep one"),
+    "zero-pack": ({"pack": 0}, "pack", "integer ≥ 1"),
 }  # fmt: skip
 
 

@@ -256,6 +256,9 @@ class GenerationEngine:
         """Batches generated per path: ``reference``, ``eager``, ``static`` or ``graph``."""
         self.last_batch_size: int | None = None
         """Questions per batch of the last call (what ``auto`` resolved to)."""
+        self.before_batch = None
+        """Optional callable ``(indices) -> None``, called with the input indices of each batch, in
+        row order, before it is generated (packed sweep trials point each row at its trial's adapter)."""
 
     def resolve_path(self, device: torch.device) -> str:
         """The path a batch takes here: ``reference``, ``graph``, ``static`` or ``eager``."""
@@ -325,6 +328,8 @@ class GenerationEngine:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 for b, start in enumerate(range(0, len(order), size)):
                     idx = order[start : start + size]
+                    if self.before_batch is not None:
+                        self.before_batch(idx)
                     texts = self._generate_batch([encoded[i] for i in idx], b, device, path)
                     for j, text in enumerate(texts):
                         replies[idx[j // s.samples]].append(text)

@@ -142,6 +142,20 @@ def completion_only_loss(
     Raises:
         ValueError: for an output layer this path cannot reproduce, or a batch with no supervised token.
     """
+    decoder, head = decoder_and_head(model)
+    # use_cache=False: a training forward has no use for a KV cache, and with activation
+    # checkpointing a cache would grow again during recomputation (keys of twice the length).
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return completion_loss_from_hidden(hidden, head.weight, labels, chunk_size)
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The decoder body and the output layer of a causal LM (plain or PEFT-wrapped), refusing an
+    output layer that :func:`completion_loss_from_hidden` cannot reproduce from its ``weight``.
+
+    Raises:
+        ValueError: for an output layer that is not a bias-free ``nn.Linear``, or logit soft-capping.
+    """
     head = model.get_output_embeddings()
     # type(), not isinstance(): a wrapper (peft's LoRA layer, a subclass overriding forward) adds
     # something to `x @ weight.T` that using `.weight` alone would silently drop.
@@ -154,11 +168,7 @@ def completion_only_loss(
         raise ValueError(
             "completion_only_loss cannot apply final_logit_softcapping; use completion_loss_from_logits"
         )
-    # use_cache=False: a training forward has no use for a KV cache, and with activation
-    # checkpointing a cache would grow again during recomputation (keys of twice the length).
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return completion_loss_from_hidden(hidden, head.weight, labels, chunk_size)
+    return model.get_decoder(), head
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

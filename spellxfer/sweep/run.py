@@ -14,6 +14,10 @@ data and evaluate the base model once per study → W workers, each looping "ask
   recorded as failed with its error line; the sweep goes on.
 - **Parallel.** ``--workers W`` threads share the storage, each running its trials as child
   processes pinned to one GPU (round robin over the visible GPUs).
+- **Packed.** ``--pack K`` (or the space file's ``pack:``): each worker trains up to K trials at
+  once in this process on one frozen base model, every step one forward and backward for all of
+  them, each row through its own trial's LoRA (:mod:`spellxfer.sweep.pack`); the trial
+  directories are the same as unpacked.
 - **Tracked.** Each trial's fit logs to W&B (project ``spellxfer``, group = study) through the
   whitelisted logger, offline without credentials, off with ``WANDB_MODE=disabled``.
 
@@ -51,6 +55,9 @@ def sweep(
     pruner: Literal["none", "median", "hyperband"] | None = None,
     results_dir: str = "results",
     heartbeat_s: int = 30,
+    pack: int | None = None,
+    pack_kernel: Literal["auto", "loop", "concat", "grouped"] = "auto",
+    pack_window: bool = False,
 ) -> int:
     """Search hyperparameters with Optuna over real `fit` runs (resumable, parallel, failure-tolerant).
 
@@ -74,6 +81,13 @@ def sweep(
         results_dir: Root of the outputs.
         heartbeat_s: Seconds between a running trial's heartbeats; a trial silent for twice
             that long is taken as dead and retried.
+        pack: Trials each worker trains at once in this process, sharing one base model on its
+            device (default: the space file's pack; none: each trial is its own fit process).
+        pack_kernel: How packed training computes each row's LoRA update: loop (per trial),
+            concat (stacked adapters, two products per layer), grouped (torch._grouped_mm);
+            auto: loop on a CPU, concat on CUDA (docs/performance.md).
+        pack_window: Each packed step trains a whole accumulation window of every trial (one
+            optimizer step) instead of one micro-batch, so trials of any accumulation keep pace.
     """
     import optuna
 
@@ -83,16 +97,27 @@ def sweep(
 
     spec = load_space(space)
     check_run_name(study, "--study")
-    for name, value in (("trials", trials), ("workers", workers), ("heartbeat_s", heartbeat_s)):
+    for name, value in (("trials", trials), ("workers", workers), ("heartbeat_s", heartbeat_s), ("pack", pack)):
         if value is not None and value < 1:
             raise SpellxferError(f"--{name} must be ≥ 1, got {value}")
     sampler = sampler or spec.sampler
     spec.check_sampler(sampler)
     pruner = pruner or spec.pruner
+    pack = pack or spec.pack
+    if pack_kernel not in ("auto", "loop", "concat", "grouped"):
+        raise SpellxferError(f"--pack_kernel must be auto, loop, concat or grouped, got {pack_kernel!r}")
     n_trials = trials or spec.trials
     if sampler == "grid":
         n_trials = min(n_trials, spec.grid_size())  # the grid has no more points to give
     model, data = base_settings(spec)
+    if pack:
+        from spellxfer.sweep.space import base_section
+
+        backend = spec.fixed.get("model.backend", base_section(spec.base, "model").get("backend", "auto"))
+        if backend == "unsloth":
+            raise SpellxferError(f"--pack: {spec.base} sets model.backend unsloth, which patches a model for one "
+                                 f"adapter; packed trials share an hf model: add `model.backend: hf` under fixed: "
+                                 f"in {spec.path}")  # fmt: skip
 
     results = Path(results_dir)
     sweep_dir = results / "sweeps" / study
@@ -146,6 +171,17 @@ def sweep(
 
     deadline = time.monotonic() + spec.hours * 3600 if spec.hours else None
     errors: list[BaseException] = []
+    kernel = pack_kernel if pack_kernel != "auto" else ("concat" if ctx.gpus else "loop")
+
+    def work_packed(index: int) -> None:
+        from spellxfer.sweep.pack import run_pack
+
+        try:
+            st = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+            run_pack(ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel, pack_window)
+        except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
+            errors.append(e)
+            ctx.stop.set()
 
     def work(index: int) -> None:
         try:
@@ -166,7 +202,8 @@ def sweep(
             ctx.stop.set()
 
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # preemption usually starts with SIGTERM
-    threads = [threading.Thread(target=work, args=(i,), name=f"sweep-worker-{i}", daemon=True) for i in range(workers)]
+    target = work_packed if pack else work
+    threads = [threading.Thread(target=target, args=(i,), name=f"sweep-worker-{i}", daemon=True) for i in range(workers)]
     try:
         with progress:
             with csv_lock:

@@ -40,7 +40,7 @@ SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DECODINGS = ("sampled", "greedy")
 TOP_KEYS = ("base", "objective", "sampler", "pruner", "seed", "budget", "replicates", "decodings", "evaluation",
-            "validate_every_steps", "fixed", "parameters")  # fmt: skip
+            "validate_every_steps", "pack", "fixed", "parameters")  # fmt: skip
 MAX_REPLICATES = 100  # seeds per configuration; more is a typo, not a study
 # Fit keys the sweep sets itself for every trial (outputs, loggers, what the checkpoints follow).
 RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logger", "checkpoint.monitor",
@@ -95,6 +95,7 @@ class SweepSpace:
     def replicate_seed(self, replicate: int) -> int:
         """``seed_everything`` of replicate ``replicate`` (0 is the base config's own seed)."""
         return self.base_seed + replicate
+    pack: int | None = None  # trials sharing one process and base model (sweep --pack); None: one per process
 
     def val_check_interval(self, params: dict) -> int | None:
         """Lightning counts ``val_check_interval`` in micro-batches; ``validate_every_steps`` counts
@@ -191,6 +192,9 @@ def load_space(path: str | Path) -> SweepSpace:
         if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+|seed_everything", str(key)):
             fail(f"fixed.{key}", "expected a dotted fit key such as data.val_limit or trainer.val_check_interval")
 
+    pack = raw.get("pack")
+    if pack is not None and (not _is_int(pack) or pack < 1):
+        fail("pack", f"expected an integer ≥ 1 (trials sharing one base model) or null, got {pack!r}")
     every = raw.get("validate_every_steps")
     if every is not None:
         if not _is_int(every) or every < 1:
@@ -228,7 +232,7 @@ def load_space(path: str | Path) -> SweepSpace:
                        trials=trials, hours=hours, decodings=tuple(dict.fromkeys(decodings)),
                        evaluation=evaluation, fixed=fixed, parameters=parameters,
                        validate_every_steps=every, accumulate_grad_batches=int(accumulate or 1),
-                       replicates=replicates, base_seed=base_seed)  # fmt: skip
+                       replicates=replicates, base_seed=base_seed, pack=pack)  # fmt: skip
     if sampler == "grid":
         space.check_sampler("grid")
     return space
@@ -303,7 +307,7 @@ def make_sampler(space: SweepSpace, sampler: str) -> optuna.samplers.BaseSampler
     """
     space.check_sampler(sampler)
     if sampler == "grid":
-        return optuna.samplers.GridSampler({p.name: list(p.values) for p in space.parameters}, seed=space.seed)
+        return GridSampler({p.name: list(p.values) for p in space.parameters}, seed=space.seed)
     factory = {"random": optuna.samplers.RandomSampler, "tpe": optuna.samplers.TPESampler}[sampler]
     return PerTrialSeed(factory, space.seed)
 
@@ -318,6 +322,15 @@ def make_pruner(pruner: str) -> optuna.pruners.BasePruner:
     if pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
     return optuna.pruners.NopPruner()
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its ``study.stop()`` once the grid is used up: the sweep's
+    budget (capped at the grid size) ends the study, and a packed sweep tells trials outside an
+    optimize loop, where ``stop`` raises."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 class PerTrialSeed(optuna.samplers.BaseSampler):

@@ -105,6 +105,45 @@ def link_replicates(trial: optuna.Trial, space: SweepSpace, params: dict) -> tup
 
 def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
     """Fit, prune, evaluate one trial; returns the best validation value of the objective."""
+    params, run, resume, record = begin_trial(trial, ctx, worker)
+    seed = record["seed"]
+    start, status, error = time.time(), "failed", None
+    try:
+        env = ctx.env(worker)
+        objective, checkpoint = fit_trial(trial, ctx, worker, run, params, resume, env, seed)
+        record.update(objective=objective, checkpoint=str(checkpoint))
+        trial.set_user_attr("checkpoint", str(checkpoint))
+        for decoding in ctx.space.decodings:
+            ctx.progress(worker, trial=trial.number, phase=f"evaluate ({decoding})")
+            evaluate_trial(ctx, run, decoding, env)
+        status = "complete"
+        return objective
+    except optuna.TrialPruned:
+        status = "pruned"
+        raise
+    except Interrupted:
+        trial.set_user_attr("interrupted", True)
+        error = "interrupted (Ctrl-C or SIGTERM); retried on the next run"
+        raise
+    except TrialFailed as e:
+        error = str(e)
+        raise
+    except Exception as e:  # a bug in the sweep itself: the trial fails with it, the sweep goes on
+        error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if error:
+            trial.set_user_attr("error", error)
+        write_trial_json(run, record | {"status": status, "error": error, "duration_s": round(time.time() - start, 1)})
+
+
+def begin_trial(trial: optuna.Trial, ctx: SweepContext, worker: int | str) -> tuple[dict, Path, Path | None, dict]:
+    """Draw the trial's hyperparameters, make its directory and write its first ``trial.json``;
+    returns (params, run dir, ``last.ckpt`` to resume from or None, the record).
+
+    Raises:
+        OverBudget: another worker took the budget's last trial at the same moment.
+    """
     params = ctx.space.suggest(trial)
     if ctx.over_budget(trial):
         trial.set_user_attr("over_budget", True)
@@ -136,34 +175,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
         "worker": f"{socket.gethostname()}:{os.getpid()}/{worker}",
     }
     write_trial_json(run, record)
-    start, status, error = time.time(), "failed", None
-    try:
-        env = ctx.env(worker)
-        objective, checkpoint = fit_trial(trial, ctx, worker, run, params, resume, env, seed)
-        record.update(objective=objective, checkpoint=str(checkpoint))
-        trial.set_user_attr("checkpoint", str(checkpoint))
-        for decoding in ctx.space.decodings:
-            ctx.progress(worker, trial=trial.number, phase=f"evaluate ({decoding})")
-            evaluate_trial(ctx, run, decoding, env)
-        status = "complete"
-        return objective
-    except optuna.TrialPruned:
-        status = "pruned"
-        raise
-    except Interrupted:
-        trial.set_user_attr("interrupted", True)
-        error = "interrupted (Ctrl-C or SIGTERM); retried on the next run"
-        raise
-    except TrialFailed as e:
-        error = str(e)
-        raise
-    except Exception as e:  # a bug in the sweep itself: the trial fails with it, the sweep goes on
-        error = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        if error:
-            trial.set_user_attr("error", error)
-        write_trial_json(run, record | {"status": status, "error": error, "duration_s": round(time.time() - start, 1)})
+    return params, run, resume, record
 
 
 def prepare_run_dir(run: Path, previous: Path | None) -> Path | None:

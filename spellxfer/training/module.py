@@ -249,16 +249,8 @@ class SpellingLoRAModule(L.LightningModule):
             rank_zero_info(f"peak GPU memory allocated: {peak:.1f} GiB ({torch.cuda.get_device_name()})")
 
     def configure_optimizers(self):
-        hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer == "adamw_8bit":
-            import bitsandbytes as bnb
-
-            opt = bnb.optim.AdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = _schedule(opt, hp.scheduler, hp.warmup_steps, total)
+        opt, sched = build_optimizer(self.hparams, params, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- validation / test: generation, parsing, exact match -----------------------------------
@@ -330,6 +322,19 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise SpellxferError(f"{key}: {message}", key=key)
 
 
+def build_optimizer(hp, params: list, total_steps: int):
+    """The optimizer and per-step LR schedule of a fit (``hp``: the module's hyper-parameters):
+    AdamW (or bitsandbytes' 8-bit AdamW) over ``params``, linear warmup over ``warmup_steps``, then
+    ``scheduler`` decay to 0 at ``total_steps`` optimizer steps. Packed sweep trials build theirs here too."""
+    if hp.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    return opt, _schedule(opt, hp.scheduler, hp.warmup_steps, max(total_steps, 1))
+
+
 def _schedule(opt, kind: str, warmup: int, total: int):
     """transformers' schedules: linear warmup from 0 over ``warmup`` optimizer steps, then linear
     or cosine decay to 0 at ``total`` steps, or constant."""
@@ -339,7 +344,8 @@ def _schedule(opt, kind: str, warmup: int, total: int):
     return get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def _lora_config(hp):
+def lora_config(hp):
+    """The PEFT ``LoraConfig`` of the module's hyper-parameters ``hp`` (rank, alpha, dropout, targets)."""
     from peft import LoraConfig
 
     return LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
@@ -349,6 +355,14 @@ def _lora_config(hp):
 def _load_hf(hp, device):
     from peft import get_peft_model
 
+    base = load_base(hp)
+    with quiet_peft_wrap():
+        return get_peft_model(base, lora_config(hp))
+
+
+def load_base(hp):
+    """The frozen base model of the hf backend as ``fit`` trains on it: bf16 on CUDA (4-bit with
+    ``load_in_4bit``), float32 on a CPU, every weight with ``requires_grad`` off."""
     from spellxfer.models.registry import load_model
 
     cuda = torch.cuda.is_available()
@@ -365,8 +379,7 @@ def _load_hf(hp, device):
         base = load_model(hp.model, dtype=dtype, device="cuda" if cuda else "cpu", seed=hp.seed)
     for p in base.parameters():
         p.requires_grad_(False)
-    with quiet_peft_wrap():
-        return get_peft_model(base, _lora_config(hp))
+    return base
 
 
 def _load_unsloth(hp):

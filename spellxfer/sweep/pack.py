@@ -1,0 +1,554 @@
+"""``sweep --pack K``: up to K trials share one process, one device and one frozen base model.
+
+Lifecycle of a pack (one per sweep worker; each worker a device):
+
+1. **Fill the slots.** While a slot is free and the budget allows, ask Optuna for a trial (a queued
+   retry first), give it its directory and ``trial.json`` as the unpacked sweep does, and build its
+   fit from the same command line (:class:`~spellxfer.training.packed_trial.PackedTrial`). The first
+   trial loads the base model; every later one only adds its adapter.
+2. **Step.** Every active trial's next micro-batch goes through the shared base in one forward and
+   one backward, each row through its own trial's adapter (:mod:`spellxfer.training.packed`);
+   each trial's loss is its own mean over its own supervised tokens divided by its own
+   accumulation, so the summed backward gives each adapter exactly its own gradient. Each trial
+   then steps its own optimizer at its own accumulation boundary.
+3. **Validate.** Trials due for validation after this step are scored in one generation pass, their
+   prompts mixed in one batch with per-row adapters; each then logs, early-stops, writes its
+   checkpoints and reports to the pruner as its fit would.
+4. **Finish.** A trial at ``max_steps`` or stopped early exports its best adapter; the trials that
+   finish together are evaluated on the test sets in one pass per decoding, written as
+   ``evaluate`` writes them (``eval/<decoding>/``, paired against the base model), and told to
+   Optuna; their slots refill from step 1.
+
+A trial that fails — a config value its fit refuses, a non-finite loss or gradient, an exception in
+its own step, validation or evaluation — ends alone: it is recorded as failed with its error, its
+adapter leaves the pack and the step is redone without it, so its pack-mates' numbers are what
+they would have been without it. An error of the shared forward (out of memory) fails the trials
+in it. Ctrl-C or SIGTERM stops the pack between steps and queues its trials for retry; a killed
+pack's trials go stale and are retried, each resuming from its own ``last.ckpt``.
+``<study>/pack-stats/<host>-<pid>-<worker>.json`` records each pack's steps, seconds per phase and
+peak device memory. Trained on spelling, evaluated on position and count only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_file
+from spellxfer.sweep.trial import OverBudget, SweepContext, begin_trial, fit_argv, write_trial_json
+from spellxfer.training.packed import PackedLoRA
+from spellxfer.training.packed_trial import PackedTrial, TrialError, command_line, fit_log
+
+
+@dataclass
+class Slot:
+    """A trial occupying one of the pack's slots."""
+
+    trial: optuna.Trial
+    packed: PackedTrial
+    run: Path
+    record: dict
+    start: float = field(default_factory=time.time)
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+
+class Pack:
+    """The trials of one pack, their shared model, and one training step for all of them.
+
+    Args:
+        ctx: The sweep's shared context (space, directories, progress display, stop flag).
+        study: The Optuna study (its storage, for asks, tells and heartbeats).
+        worker: This pack's index (its progress line; its GPU is ``worker`` modulo the GPUs).
+        slots: Trials trained at once (K).
+        kernel: How the per-row adapter update is computed in training (packed.KERNELS).
+        after_trial: Called with (study, FrozenTrial) after each trial ends (prints, rewrites the CSV).
+        window: Each step trains a whole accumulation window of every trial (its next optimizer
+            step) instead of one micro-batch, so trials of any accumulation keep pace; a step's
+            rows are then every trial's effective batch.
+    """
+
+    def __init__(self, ctx: SweepContext, study, worker: int, slots: int, kernel: str, after_trial: Callable,
+                 window: bool = False):  # fmt: skip
+        self.ctx, self.study, self.worker, self.slots, self.kernel = ctx, study, worker, slots, kernel
+        self.window = window
+        self.after_trial = after_trial
+        self.active: list[Slot] = []
+        self.lora: PackedLoRA | None = None
+        self.shared: dict | None = None
+        self.device = torch.device("cpu")
+        self.autocast = False
+        self.tokenizer = None
+        self.data_cache: dict = {}
+        self.steps = 0
+        self.peak_memory = 0
+        self.seconds: Counter[str] = Counter()
+        """Wall seconds per phase: ``start`` (trial setup), ``train``, ``validate``, ``evaluate``."""
+
+    @contextmanager
+    def _phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    # ---- slots ------------------------------------------------------------------------------------
+    def start(self, trial: optuna.Trial) -> None:
+        """Give ``trial`` a slot: its directory, record, fit config and adapter (or end it at once)."""
+        try:
+            params, run, resume, record = begin_trial(trial, self.ctx, self.worker)
+        except OverBudget:
+            self._tell(trial, TrialState.FAIL)
+            return
+        _beat(self.study, trial)
+        record["pack"] = {"slots": self.slots, "kernel": self.kernel, "window": self.window}
+        write_trial_json(run, record)
+        log = fit_log(run)
+        # the unpacked sweep's fit command, without `python -m spellxfer fit` and --ckpt_path (the
+        # pack restores the checkpoint itself)
+        argv = _wandb_beside_others(fit_argv(self.ctx, run, params, None, trial.number)[4:])
+        log(f"$ {command_line(argv + (['--ckpt_path', str(resume)] if resume else []))}  "
+            f"(packed: {self.slots} slots, worker {self.worker})")
+        slot = None
+        try:
+            with self._phase("start"):
+                packed = PackedTrial(f"t{trial.number:04d}", argv, run, resume, log)
+                slot = Slot(trial, packed, run, record)
+                self._admit(packed)
+            self.active.append(slot)
+            self.ctx.progress(self.worker, trial=self._numbers(), phase="fit", params=params)
+        except Exception as e:  # its fit refuses its config, or its data or checkpoint is bad
+            self._end(slot or Slot(trial, None, run, record), "failed", _reason(e), log)
+
+    def _admit(self, packed: PackedTrial) -> None:
+        shared = packed.shared_settings()
+        if self.shared is None:
+            self._load_base(packed)
+            self.shared = shared
+        elif shared != self.shared:
+            diff = next(k for k in shared if shared[k] != self.shared.get(k))
+            raise TrialError(f"--pack: model.{diff} is {shared[diff]!r} here but {self.shared[diff]!r} for the pack's "
+                             "base model; packed trials share one base (search it without --pack)")  # fmt: skip
+        packed.setup_data(self.data_cache)
+        packed.attach(self.lora)
+
+    def _load_base(self, packed: PackedTrial) -> None:
+        """Load the frozen base once, as ``SpellingLoRAModule.configure_model`` prepares it."""
+        from spellxfer.models.registry import apply_fused_kernels, load_tokenizer
+        from spellxfer.training.module import SpellingLoRAModule, load_base
+
+        hp = packed.hp
+        if packed.trainer.strategy.root_device.type == "cuda":
+            self.device = torch.device("cuda", self.worker % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        base = load_base(hp)
+        base.train()
+        if hp.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        apply_fused_kernels(base, hp.kernels)
+        self.autocast = self.device.type == "cuda" and base.dtype == torch.bfloat16
+        if self.device.type == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(SpellingLoRAModule.cudnn_attention)
+        self.lora = PackedLoRA(base, kernel=self.kernel)
+        self.tokenizer = load_tokenizer(hp.model)
+
+    def _numbers(self) -> str:
+        return ",".join(str(s.number) for s in self.active) or "-"
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def step(self) -> None:
+        """One micro-batch (with ``window``: one accumulation window) of every active trial, then
+        their validations and endings."""
+        now = time.perf_counter()
+        batches = {}
+        for s in list(self.active):
+            try:
+                batches[s.number] = s.packed.next_batches(self.window)
+            except Exception as e:
+                self.fail(s, e)
+        live = [s for s in self.active if s.number in batches]
+        if not live:
+            return
+        try:
+            with self._phase("train"):
+                live, values = self._train(live, batches)
+        except torch.OutOfMemoryError as e:
+            for s in live:
+                self.fail(s, f"out of memory in a packed step of {len(live)} trials ({_reason(e)})")
+            return
+        for s, losses in zip(live, values):
+            try:
+                s.packed.after_backward(losses, now)
+            except Exception as e:
+                self.fail(s, e)
+        self.steps += 1
+        live = [s for s in live if s in self.active]
+        due = [s for s in live if s.packed.validate_now]
+        if due:
+            with self._phase("validate"):
+                self.validate(due)
+        done = [s for s in self.active if s.packed.done]
+        if done:
+            with self._phase("evaluate"):
+                self.finish(done)
+        if self.device.type == "cuda":
+            self.peak_memory = max(self.peak_memory, torch.cuda.max_memory_allocated(self.device))
+        steps = [s.packed.global_step for s in self.active]
+        if steps:
+            self.ctx.progress(self.worker, trial=self._numbers(), phase="fit", step=min(steps),
+                              total=max(s.packed.max_steps for s in self.active))  # fmt: skip
+
+    def _train(self, live: list[Slot], batches: dict) -> tuple[list[Slot], list[list[float]]]:
+        """Forward and backward of every live trial's micro-batches in one pass. A trial whose loss
+        is not finite (or raises) fails and the pass is redone without it, so no backward ever
+        runs through its rows; one whose gradient is not finite fails before its optimizer steps.
+        Returns the trials that trained and each one's micro-batch losses."""
+        from spellxfer.models.losses import completion_loss_from_hidden, decoder_and_head
+
+        while live:
+            flat = [(s, b) for s in live for b in batches[s.number]]  # a trial's micro-batches side by side
+            ids, labels = _pad_and_stack([b for _, b in flat], self.tokenizer.pad_token_id, self.device)
+            seeds = [seed for s in live for seed in s.packed.dropout_seeds()]
+            groups = [(s.packed.name, *b["input_ids"].shape, seed) for (s, b), seed in zip(flat, seeds)]
+            decoder, head = decoder_and_head(self.lora.model)
+            with self.lora.rows(groups):
+                with self._mixed_precision():
+                    # attention_mask=None as in training_step: right padding, causal attention
+                    hidden = decoder(input_ids=ids, attention_mask=None, use_cache=False).last_hidden_state
+                    losses, failed, start = [], {}, 0
+                    for (s, _), (_, n, _, _) in zip(flat, groups):
+                        try:
+                            losses.append(completion_loss_from_hidden(hidden[start : start + n], head.weight,
+                                                                      labels[start : start + n]))  # fmt: skip
+                        except ValueError as e:
+                            failed.setdefault(s.number, (s, _reason(e)))
+                        start += n
+                if not failed:
+                    flat_values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for all
+                    for (s, _), v in zip(flat, flat_values):
+                        if not math.isfinite(v):
+                            failed.setdefault(s.number, (s, f"loss is {v} at step {s.packed.global_step + 1}"))
+                if failed:
+                    del hidden, losses
+                    for s, why in failed.values():
+                        self.fail(s, why)
+                    live = [s for s in live if s in self.active]
+                    continue
+                for s in live:
+                    if s.packed.starts_window:
+                        s.packed.zero_grad()
+                # Lightning divides each micro-batch's loss by the accumulation window before backward
+                total = sum(loss / s.packed.accumulate for loss, (s, _) in zip(losses, flat))
+                total.backward()
+            stepping = [s for s in live if s.packed.steps_now]
+            if stepping:
+                finite = torch.stack([s.packed.grads_finite().to(self.device) for s in stepping]).tolist()
+                for s, ok in zip(stepping, finite):
+                    if not ok:
+                        self.fail(s, f"non-finite gradient at step {s.packed.global_step + 1}")
+            values = {s.number: [] for s in live}
+            for (s, _), v in zip(flat, flat_values):
+                values[s.number].append(v)
+            kept = [s for s in live if s in self.active]
+            return kept, [values[s.number] for s in kept]
+        return [], []
+
+    def _mixed_precision(self):
+        """bf16 autocast on CUDA, as ``SpellingLoRAModule._mixed_precision``; nothing on a CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+
+    # ---- validation -------------------------------------------------------------------------------
+    def validate(self, due: list[Slot]) -> None:
+        """Score the due trials' validations in one generation pass per decoding setting."""
+        from spellxfer.models.generation import default_sampling
+        from spellxfer.tasks.parsing import score
+        from spellxfer.training.checkpointing import kill_point
+
+        groups: dict[tuple, list[Slot]] = {}
+        for s in due:
+            hp = s.packed.hp
+            groups.setdefault((hp.val_decoding, hp.val_max_new_tokens, hp.seed), []).append(s)
+        for (decoding, max_new, seed), slots in groups.items():
+            for s in slots:
+                kill_point("validation_start", s.packed.global_step)
+            sampling = default_sampling(decoding=decoding, max_new_tokens=max_new, seed=seed)
+            items = [s.packed.val_items() for s in slots]
+            self.ctx.progress(self.worker, phase=f"validate {len(slots)} trials")
+            replies, _ = self.generate([s.packed.name for s in slots], [[it.question for it in its] for its in items],
+                                       sampling, "auto")  # fmt: skip
+            for s, its, outs in zip(slots, items, replies):
+                try:
+                    values = s.packed.after_validation(its, [score(r[0], it.answer)[1] for r, it in zip(outs, its)])
+                    s.packed.log(f"validation at step {s.packed.global_step}: "
+                                 + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k.count("/") == 1))  # fmt: skip
+                    self._report(s, values)
+                except optuna.TrialPruned as e:
+                    s.packed.log(f"pruned: {e}")
+                    self._end(s, "pruned")
+                except Exception as e:
+                    self.fail(s, e)
+
+    def _report(self, s: Slot, values: dict) -> None:
+        objective = self.ctx.space.objective
+        if objective not in values:
+            raise TrialError(f"objective {objective} is not a logged validation metric")
+        s.trial.report(values[objective], s.packed.global_step)
+        self.ctx.progress(self.worker, value=values[objective])
+        if not s.packed.done and s.trial.should_prune():
+            raise optuna.TrialPruned(f"{objective} {values[objective]:.3f} at step {s.packed.global_step}")
+
+    def generate(self, names: list[str], questions: list[list[str]], sampling, batch_size):
+        """:func:`generate_packed` on this pack's model."""
+        with self._mixed_precision():
+            return generate_packed(self.lora, self.tokenizer, names, questions, sampling, batch_size)
+
+    # ---- the end of a trial -----------------------------------------------------------------------
+    def finish(self, done: list[Slot]) -> None:
+        """Export each finished trial's best adapter, evaluate them together, tell Optuna."""
+        ready = []
+        for s in done:
+            try:
+                objective, checkpoint = s.packed.finish()
+                s.record.update(objective=objective, checkpoint=str(checkpoint))
+                s.trial.set_user_attr("checkpoint", str(checkpoint))
+                ready.append(s)
+            except Exception as e:
+                self.fail(s, e)
+        if ready:
+            self.evaluate(ready)
+        for s in ready:
+            if s in self.active:
+                self._end(s, "complete")
+
+    def evaluate(self, slots: list[Slot]) -> None:
+        """The test evaluation of finished trials (``evaluate --adapter`` of each), one pass per decoding."""
+        from spellxfer.models.generation import default_sampling
+        from spellxfer.tasks.questions import load_questions
+
+        flags = {k: v for k, v in self.ctx.space.evaluation.items() if v is not None}
+        items = load_questions(self.ctx.test_files, limit=flags.get("limit"))
+        for decoding in self.ctx.space.decodings:
+            slots = [s for s in slots if s in self.active]
+            if not slots:
+                return
+            self.ctx.progress(self.worker, phase=f"evaluate {len(slots)} trials ({decoding})")
+            sampling = default_sampling(decoding=decoding, samples=flags.get("samples"), seed=flags.get("seed"),
+                                        max_new_tokens=flags.get("max_new_tokens"))  # fmt: skip
+            t0 = time.perf_counter()
+            replies, engine = self.generate([s.packed.name for s in slots], [[it.question for it in items]] * len(slots),
+                                            sampling, flags.get("batch_size", "auto"))  # fmt: skip
+            seconds = time.perf_counter() - t0
+            for s, outs in zip(slots, replies):
+                try:
+                    self._write_evaluation(s, decoding, items, outs, engine, seconds, len(slots))
+                except Exception as e:
+                    self.fail(s, f"evaluate ({decoding}): {_reason(e)}")
+
+    def _write_evaluation(self, s: Slot, decoding: str, items, replies, engine, seconds: float, n_trials: int) -> None:
+        """``eval/<decoding>/`` as ``evaluate --compare_to <base>`` writes it."""
+        from dataclasses import asdict
+
+        from spellxfer.core.outputs import atomic_output_dir, package_versions, write_json, write_jsonl
+        from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
+        from spellxfer.evaluation.evaluate import score_items, summarise
+
+        out, base = s.run / "eval" / decoding, self.ctx.base_dir(decoding)
+        predictions = list(score_items(items, replies))
+        metrics = summarise(items, predictions)
+        metrics["run"] = {
+            "model": self.ctx.model, "adapter": str(s.run / "adapter"), "sampling": asdict(engine.sampling),
+            "batch_size": engine.last_batch_size, "decoder": engine.resolve_path(self.device),
+            "questions": [str(p) for p in self.ctx.test_files], "limit": self.ctx.space.evaluation.get("limit"),
+            "n_items": len(items), "seconds": round(seconds, 2),
+            "items_per_second": round(len(items) * n_trials / seconds, 2) if seconds else None,
+            "packed_trials": n_trials, "device": str(self.device), "versions": package_versions(),
+            "policy": "trained on spelling only; evaluated on position and count only",
+        }  # fmt: skip
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            write_jsonl(tmp / "predictions.jsonl", predictions)
+            write_json(tmp / "metrics.json", metrics)
+            comparison = compare_predictions(read_predictions(base), predictions, base_name=str(base), other_name=str(out))
+            write_json(tmp / "compare.json", comparison)
+            (tmp / "compare.md").write_text(comparison_markdown(comparison), encoding="utf-8")
+        summary = ", ".join(f"{t}_accuracy {metrics[f'{t}_accuracy']:.3f}" for t in ("position", "count")
+                            if f"{t}_accuracy" in metrics)  # fmt: skip
+        with open(s.run / "eval.log", "a", encoding="utf-8") as f:
+            f.write(f"packed evaluation ({decoding}) with {n_trials} trial(s) in {seconds:.1f} s: {summary} → {out}\n")
+
+    def stats(self) -> dict:
+        """What the pack did (for ``bench sweep``): steps, seconds per phase, peak device memory."""
+        return {"slots": self.slots, "kernel": self.kernel, "window": self.window, "device": str(self.device), "steps": self.steps,
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+                "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None}  # fmt: skip
+
+    def fail(self, s: Slot, error) -> None:
+        """End trial ``s`` alone as failed (its pack-mates go on)."""
+        if s in self.active:
+            self._end(s, "failed", _reason(error) if isinstance(error, BaseException) else str(error))
+
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM: every active trial is queued for retry, as the unpacked sweep does."""
+        for s in list(self.active):
+            s.trial.set_user_attr("interrupted", True)
+            self._end(s, "failed", "interrupted (Ctrl-C or SIGTERM); retried on the next run")
+
+    def _end(self, s: Slot, status: str, error: str | None = None, log=None) -> None:
+        if s in self.active:
+            self.active.remove(s)
+        if s.packed is not None:
+            s.packed.close("success" if status == "complete" else "failed")
+            if self.lora is not None:
+                self.lora.remove(s.packed.name)
+        log = log or (s.packed.log if s.packed is not None else fit_log(s.run))
+        write_trial_json(s.run, s.record | {"status": status, "error": error, "duration_s": round(time.time() - s.start, 1)})
+        state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}[status]
+        try:
+            if error:
+                log(f"error: {error}")
+                s.trial.set_user_attr("error", error)
+            self._tell(s.trial, state, s.record.get("objective") if status == "complete" else None)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # another worker found its heartbeat stale and failed it; its retry takes over
+            log("the study already ended this trial (its heartbeat went stale); its retry takes over")
+
+    def _tell(self, trial, state, value=None) -> None:
+        frozen = self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        self.after_trial(self.study, frozen)
+
+
+def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, after_trial: Callable,
+             deadline: float | None, heartbeat_s: int, kernel: str = "loop", window: bool = False) -> Pack:  # fmt: skip
+    """Run trials of ``study`` in one pack of ``slots`` until the budget is spent (see the module
+    docstring); returns the pack (its step count and peak memory, for the bench)."""
+    from spellxfer.sweep.run import plan
+
+    pack = Pack(ctx, study, worker, slots, kernel, after_trial, window)
+    beat = threading.Event()
+    heart = threading.Thread(target=_heartbeat, args=(study, pack, heartbeat_s, beat), daemon=True,
+                             name=f"pack-{worker}-heartbeat")  # fmt: skip
+    heart.start()
+    try:
+        while not ctx.stop.is_set():
+            if len(pack.active) < slots:
+                for s in list(pack.active):  # fresh beats first: the pack's own trials are alive
+                    _beat(study, s.trial)
+                optuna.storages.fail_stale_trials(study)
+            while len(pack.active) < slots and not ctx.stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                if plan(study, n_trials) != "run":
+                    break
+                pack.start(study.ask())
+            if pack.active:
+                pack.step()
+                continue
+            step = plan(study, n_trials)
+            if step == "done" or (deadline is not None and time.monotonic() >= deadline):
+                break
+            ctx.progress(worker, trial="-", phase="waiting for the other workers' trials")
+            ctx.stop.wait(min(heartbeat_s, 5))  # another worker's trial runs; if it dies, its retry is ours
+        ctx.progress(worker, trial="-", phase="done")
+    finally:
+        if pack.active:
+            pack.interrupt()
+        beat.set()
+        heart.join(5)
+        with atomic_file(ctx.sweep_dir / "pack-stats" / f"{socket.gethostname()}-{os.getpid()}-{worker}.json") as f:
+            json.dump(pack.stats(), f, indent=2)
+    return pack
+
+
+def generate_packed(lora: PackedLoRA, tokenizer, names: list[str], questions: list[list[str]], sampling,
+                    batch_size: int | str = "auto"):  # fmt: skip
+    """Replies to each adapter's questions (``questions[i]`` through adapter ``names[i]``), all in
+    one engine pass: prompts of every adapter mixed in each batch, each row through its own
+    adapter. Returns (replies per adapter, in question order; the engine, for its settings)."""
+    from spellxfer.models.generation import GenerationEngine
+    from spellxfer.models.static_decode import bucket_rows, static_decoder
+    from spellxfer.training.module import SpellingLoRAModule
+
+    flat = [q for qs in questions for q in qs]
+    owner = [i for i, qs in enumerate(questions) for _ in qs]
+    model = lora.model
+    engine = GenerationEngine(model, tokenizer, sampling, batch_size=batch_size,
+                              decoder=SpellingLoRAModule.generation_decoder)  # fmt: skip
+    # The adapters follow rows by their place in the batch: a prefill cut into runs of rows
+    # would hand each layer a slice it cannot place, so each batch is prefilled in one call.
+    static_decoder(model).prefill_chunk_tokens = sys.maxsize
+    with lora.generation(names, bucket_rows(len(flat) * sampling.samples)) as set_rows:
+        engine.before_batch = lambda idx: set_rows([owner[i] for i in idx for _ in range(sampling.samples)])
+        try:
+            replies = engine.generate(flat)
+        finally:
+            engine.release()
+    out, start = [], 0
+    for qs in questions:
+        out.append(replies[start : start + len(qs)])
+        start += len(qs)
+    return out, engine
+
+
+def _heartbeat(study, pack: Pack, every: int, stop: threading.Event) -> None:
+    """Keep the pack's running trials alive in the storage while the pack runs."""
+    while not stop.wait(every):
+        for s in list(pack.active):
+            _beat(study, s.trial)
+
+
+def _beat(study, trial) -> None:
+    """One heartbeat of ``trial``. Ask-and-tell has no heartbeat thread of its own (Optuna's
+    optimize loop runs one per trial, calling this same storage method)."""
+    try:
+        study._storage.record_heartbeat(trial._trial_id)
+    except Exception:  # a storage hiccup: the next beat retries; a long outage marks the trial stale
+        pass
+
+
+def _pad_and_stack(batches: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trials' micro-batches as one right-padded batch (rows in trial order). Extra right
+    padding changes nothing a causal model computes at real tokens, and its labels are ignored."""
+    from spellxfer.models.losses import IGNORE_INDEX
+
+    width = max(b["input_ids"].shape[1] for b in batches)
+    ids = torch.cat([torch.nn.functional.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id)
+                     for b in batches])  # fmt: skip
+    labels = torch.cat([torch.nn.functional.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE_INDEX)
+                        for b in batches])  # fmt: skip
+    return ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def _wandb_beside_others(argv: list[str]) -> list[str]:
+    """A W&B logger in a pack shares the process with its pack-mates' runs: ask W&B for a run of
+    its own (``reinit="create_new"``) instead of the process's current one."""
+    i = argv.index("--trainer.logger") + 1
+    loggers = json.loads(argv[i])
+    for lg in loggers:
+        if lg["class_path"].endswith("WandbLogger"):
+            lg["init_args"]["reinit"] = "create_new"
+    return [*argv[:i], json.dumps(loggers), *argv[i + 1 :]]
+
+
+def _reason(e: BaseException | str) -> str:
+    if isinstance(e, str):
+        return e
+    if isinstance(e, SpellxferError | TrialError):
+        return str(e)
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]

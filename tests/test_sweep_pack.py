@@ -1,0 +1,304 @@
+"""Packed sweeps end to end on tiny-qwen3 (``sweep --pack K``), float32 on a CPU.
+
+What packing promises: K trials trained together in one process on one base model end exactly
+where each ends trained alone — the same final LoRA weights, step counts, validation rows,
+checkpoints and test replies — whatever their ranks, batch sizes and accumulations; a trial that
+fails (a non-finite loss, a config value its fit refuses) ends alone and changes nothing for its
+pack-mates; a packed sweep SIGKILLed mid-pack and run again resumes each trial from its own last
+checkpoint and finishes each exactly once; and the trial directories are the unpacked sweep's.
+Trained on spelling, evaluated on position and count only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import REPO, read_jsonl
+from optuna.trial import TrialState
+from safetensors.torch import load_file
+from test_sweep import TINY_GRID, csv_rows, grid_point, load, quiet_env, run_sweep, sweep_argv, tiny_space
+
+from spellxfer.cli import main
+
+GREEDY = {"decodings": ["greedy"]}  # deterministic test replies, comparable reply for reply
+# Trials that differ in every dimension a pack must keep apart (rank, alpha, dropout, LR, batch,
+# accumulation), one whose loss turns non-finite (a learning rate of 1e30 blows its weights up
+# after one step) and one its fit refuses.
+MIXED_SPACE = {"lora_r": [4, 16], "lora_alpha": [8, 32], "lora_dropout": [0.0, 0.1],
+               "learning_rate": [-1.0, 1.0e-3, 3.0e-3, 1.0e30], "batch_size": [4, 8], "accumulate_grad_batches": [1, 3]}  # fmt: skip
+A = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3.0e-3, "batch_size": 8, "accumulate_grad_batches": 1}
+B = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "learning_rate": 1.0e-3, "batch_size": 4, "accumulate_grad_batches": 3}
+DIVERGES = A | {"learning_rate": 1.0e30}
+REFUSED = A | {"learning_rate": -1.0}
+
+
+@pytest.fixture(scope="module")
+def greedy_base(tmp_path_factory, demo_data) -> Path:
+    """The base model's greedy test evaluation, made once and copied into each study."""
+    from rich.console import Console
+
+    from spellxfer.sweep.run import base_settings, prepare_data_and_base
+    from spellxfer.sweep.space import load_space
+
+    out = tmp_path_factory.mktemp("base")
+    space = load_space(tiny_space(out, demo_data, **GREEDY))
+    model, data = base_settings(space)
+    prepare_data_and_base(space, model, data, out / "study", Console(quiet=True))
+    return out / "study" / "base"
+
+
+def packed_sweep(tmp: Path, study: str, space: Path, base: Path, *extra: str, env=None, enqueue=()) -> Path:
+    """Run ``sweep`` (with ``extra`` flags) to its end; returns the study directory."""
+    results = tmp / "results"
+    shutil.copytree(base, results / "sweeps" / study / "base")
+    if enqueue:  # exact trials instead of sampled ones, in this order
+        st = optuna.create_study(study_name=study, storage=f"sqlite:///{results / 'sweeps' / f'{study}.db'}",
+                                 direction="maximize")  # fmt: skip
+        for params in enqueue:
+            st.enqueue_trial(params)
+    p = run_sweep(*sweep_argv(space, study, results, *extra), env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return results / "sweeps" / study
+
+
+def trials_by_params(study_dir: Path) -> dict[tuple, Path]:
+    out = {}
+    for run in sorted(study_dir.glob("trial-*")):
+        record = json.loads((run / "trial.json").read_text())
+        if record["status"] == "complete":
+            out[tuple(sorted(record["params"].items()))] = run
+    return out
+
+
+def val_rows(run: Path) -> list[dict]:
+    return [r for r in read_jsonl(run / "metrics.jsonl") if any(k.startswith("val/") for k in r)]
+
+
+def pack_steps(study_dir: Path) -> int:
+    return sum(json.loads(p.read_text())["steps"] for p in (study_dir / "pack-stats").glob("*.json"))
+
+
+def assert_same_training(run: Path, ref: Path, tol: float = 1e-4) -> None:
+    """``run`` ended where ``ref`` ended: weights, steps, validations, checkpoints, test replies."""
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    want = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == want["global_step"] and ckpt["epoch"] == want["epoch"]
+    assert ckpt["state_dict"].keys() == want["state_dict"].keys()
+    for k, v in want["state_dict"].items():
+        assert torch.allclose(ckpt["state_dict"][k], v, atol=tol, rtol=0), k
+    adapter, want_adapter = load_file(run / "adapter" / "adapter_model.safetensors"), load_file(ref / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == want_adapter.keys()
+    assert all(torch.allclose(adapter[k], v, atol=tol, rtol=0) for k, v in want_adapter.items())
+    assert val_rows(run) == val_rows(ref) and val_rows(run)  # accuracies: exact fractions
+    names = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
+    assert names == {p.name for p in (ref / "checkpoints").glob("*.ckpt")}
+    record, want_record = json.loads((run / "trial.json").read_text()), json.loads((ref / "trial.json").read_text())
+    assert record["objective"] == pytest.approx(want_record["objective"])
+    assert Path(record["checkpoint"]).name == Path(want_record["checkpoint"]).name
+    outputs = [r["output"] for r in read_jsonl(run / "eval" / "greedy" / "predictions.jsonl")]
+    assert outputs == [r["output"] for r in read_jsonl(ref / "eval" / "greedy" / "predictions.jsonl")]
+
+
+def assert_rows_close(rows: list[dict], ref: list[dict]) -> None:
+    """The same metrics.jsonl rows (steps, keys; losses within float32 noise); throughput is the
+    wall clock's, not the run's."""
+    assert len(rows) == len(ref)
+    for row, want in zip(rows, ref):
+        assert row.keys() == want.keys()
+        for k, v in want.items():
+            if k != "train/tokens_per_second":
+                assert row[k] == pytest.approx(v, rel=1e-5), (k, row, want)
+
+
+# ---- the tiny grid: four at once against one at a time --------------------------------------------
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:
+    runs = {}
+    for pack in (4, 1):
+        tmp = tmp_path_factory.mktemp(f"pack{pack}")
+        space = tiny_space(tmp, demo_data, **GREEDY)
+        runs[pack] = packed_sweep(tmp, f"pack{pack}", space, greedy_base, "--pack", str(pack))
+    return runs
+
+
+def test_the_tiny_grid_packed_four_at_once_trains_each_trial_as_it_trains_one_at_a_time(grid):
+    four, one = trials_by_params(grid[4]), trials_by_params(grid[1])
+    assert sorted(grid_point(dict(k)) for k in four) == sorted(TINY_GRID) and four.keys() == one.keys()
+    # four trials of 30 micro-batches: 30 packed steps at once, 120 one at a time
+    assert (pack_steps(grid[4]), pack_steps(grid[1])) == (30, 120)
+    for params, run in four.items():
+        assert_same_training(run, one[params])
+        assert json.loads((run / "trial.json").read_text())["pack"]["slots"] == 4
+    rows = csv_rows(grid[4].parents[1], "pack4")
+    assert sorted(r["status"] for r in rows) == ["complete"] * 4
+    assert all(r["greedy_position_delta"] != "" and Path(r["checkpoint"]).is_file() for r in rows)
+
+
+@pytest.mark.slow
+def test_a_packed_trial_is_the_unpacked_sweeps_fit_to_the_weight_and_the_logged_row(tmp_path, demo_data, greedy_base, grid):
+    """The unpacked sweep runs each trial as its own `fit` process under Lightning's loop; the pack
+    reproduces that loop (batches, accumulation, schedule, validation, top-k, early-stopping state)."""
+    space = tiny_space(tmp_path, demo_data, **GREEDY)
+    unpacked = trials_by_params(packed_sweep(tmp_path, "unpacked", space, greedy_base))
+    for params, run in trials_by_params(grid[4]).items():
+        ref = unpacked[params]
+        assert_same_training(run, ref)
+        assert_rows_close(read_jsonl(run / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl"))
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        want = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["lr_schedulers"] == want["lr_schedulers"]
+        assert ckpt["loops"]["fit_loop"] == want["loops"]["fit_loop"]
+        assert ckpt["SpellingDataModule"] == want["SpellingDataModule"]
+        for key, state in want["callbacks"].items():  # same monitors, scores and top-k, other directory
+            got = ckpt["callbacks"][key]
+            assert {k: v for k, v in got.items() if "path" not in k and k not in ("dirpath", "best_k_models")} == \
+                   {k: v for k, v in state.items() if "path" not in k and k not in ("dirpath", "best_k_models")}  # fmt: skip
+            assert sorted(Path(p).name for p in got.get("best_k_models", {})) == sorted(Path(p).name for p in state.get("best_k_models", {}))
+        assert (run / "fit.yaml").read_text().replace(str(run), "RUN") == (ref / "fit.yaml").read_text().replace(str(ref), "RUN")
+
+
+# ---- mixed trials and failures in one pack -------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:
+    """A and B one at a time, and A, DIVERGES, B, REFUSED in packs of three (REFUSED refills the slot
+    that DIVERGES leaves)."""
+    def space(tmp: Path, trials: int) -> Path:
+        return tiny_space(tmp, demo_data, fixed={"trainer.max_steps": 12}, parameters=MIXED_SPACE, sampler="random",
+                          validate_every_steps=4, budget={"trials": trials}, **GREEDY)  # fmt: skip
+
+    alone_tmp, pack_tmp, window_tmp = (tmp_path_factory.mktemp(n) for n in ("alone", "mixed", "window"))
+    return {
+        "alone": packed_sweep(alone_tmp, "alone", space(alone_tmp, 2), greedy_base, "--pack", "1", enqueue=[A, B]),
+        "packed": packed_sweep(pack_tmp, "mixed", space(pack_tmp, 4), greedy_base, "--pack", "3",
+                               enqueue=[A, DIVERGES, B, REFUSED]),
+        "window": packed_sweep(window_tmp, "window", space(window_tmp, 2), greedy_base, "--pack", "2",
+                               "--pack_window", "true", enqueue=[A, B]),
+    }  # fmt: skip
+
+
+def test_trials_of_other_rank_batch_size_and_accumulation_train_in_one_pack_as_they_train_alone(mixed):
+    packed, alone = trials_by_params(mixed["packed"]), trials_by_params(mixed["alone"])
+    assert packed.keys() == alone.keys() == {tuple(sorted(A.items())), tuple(sorted(B.items()))}
+    for params, run in packed.items():
+        assert_same_training(run, alone[params])
+    b = torch.load(packed[tuple(sorted(B.items()))] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert b["global_step"] == 12 and b["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 36
+    # B's 36 micro-batches (12 steps × 3) set the pack's length: A's 12 and the others rode along
+    assert (pack_steps(mixed["packed"]), pack_steps(mixed["alone"])) == (36, 12 + 36)
+
+
+def test_a_pack_training_whole_accumulation_windows_per_step_ends_where_one_micro_batch_per_step_ends(mixed):
+    """With --pack_window each step holds every trial's next optimizer step (B's 3 micro-batches
+    beside A's one), so the pack takes 12 steps, not 36: the same batches, losses and updates."""
+    window, alone = trials_by_params(mixed["window"]), trials_by_params(mixed["alone"])
+    assert window.keys() == alone.keys()
+    for params, run in window.items():
+        assert_same_training(run, alone[params])
+        assert_rows_close(read_jsonl(run / "metrics.jsonl"), read_jsonl(alone[params] / "metrics.jsonl"))
+    assert pack_steps(mixed["window"]) == 12
+
+
+def test_a_failing_trial_ends_alone_with_its_error_and_its_pack_mates_finish(mixed):
+    rows = {(float(r["learning_rate"]), int(r["batch_size"])): r for r in csv_rows(mixed["packed"].parents[1], "mixed")}
+    diverged, refused = rows[(1.0e30, 8)], rows[(-1.0, 8)]
+    assert diverged["status"] == "failed" and re.fullmatch(r"loss is (nan|inf|-inf) at step \d+", diverged["error"])
+    assert refused["status"] == "failed"
+    assert refused["error"] == "model.learning_rate: must be > 0, got -1.0 (set by --model.learning_rate)"
+    assert [r["status"] for r in rows.values()].count("complete") == 2
+    for r in (diverged, refused):
+        record = json.loads((Path(r["run_dir"]) / "trial.json").read_text())
+        assert (record["status"], record["error"]) == ("failed", r["error"])
+        assert not (Path(r["run_dir"]) / "adapter").exists() and r["greedy_position_accuracy"] == ""
+        assert f"error: {r['error']}" in (Path(r["run_dir"]) / "fit.log").read_text()
+
+
+# ---- killed mid-pack, run again -------------------------------------------------------------------
+def test_a_packed_sweep_killed_mid_pack_resumes_each_trial_from_its_own_checkpoint_and_finishes_each_once(
+    tmp_path, demo_data, greedy_base, grid
+):
+    space, results = tiny_space(tmp_path, demo_data, **GREEDY), tmp_path / "results"
+    shutil.copytree(greedy_base, results / "sweeps" / "kill" / "base")
+    argv = sweep_argv(space, "kill", results, "--pack", "2")
+    # dies right after the first trial of the pack writes its step-20 last.ckpt: its pack-mate's
+    # newest checkpoint is still step 10's
+    p = subprocess.run(argv, cwd=REPO, env=quiet_env(SPELLXFER_TEST_KILL_AT="saved:last.ckpt@20"),
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
+    killed = [r for r in sorted((results / "sweeps" / "kill").glob("trial-*"))
+              if json.loads((r / "trial.json").read_text())["status"] == "running"]  # fmt: skip
+    assert len(killed) == 2
+
+    p = run_sweep(*argv)  # the same command again
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    trials = load(results, "kill").get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(grid_point(t.params) for t in complete) == sorted(TINY_GRID)  # each point once
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert sorted(t.number for t in failed) == sorted(int(r.name.split("-")[1]) for r in killed)
+    retried = {t.system_attrs["retry_history"][-1]: t for t in trials if t.system_attrs.get("retry_history")}
+    resumed_at = []
+    for t in failed:
+        run = results / "sweeps" / "kill" / f"trial-{retried[t.number].number:04d}"
+        record = json.loads((run / "trial.json").read_text())
+        assert record["retry_of"] == t.number and record["resumed_from"]
+        resumed_at += [int(s) for s in re.findall(r"Restoring states from the checkpoint path .* \(step (\d+)\)",
+                                                   (run / "fit.log").read_text())]  # fmt: skip
+        assert [r["step"] for r in val_rows(run)] == [9, 19, 29]  # each validation logged once
+    assert sorted(resumed_at) == [10, 20]
+    uninterrupted = trials_by_params(grid[4])
+    for params, run in trials_by_params(results / "sweeps" / "kill").items():
+        assert_same_training(run, uninterrupted[params])
+
+
+# ---- what a pack refuses ---------------------------------------------------------------------------
+def test_a_trainer_setting_the_pack_cannot_reproduce_fails_the_trial_with_the_reason(tmp_path, demo_data, greedy_base):
+    space = tiny_space(tmp_path, demo_data, fixed={"trainer.limit_train_batches": 0.5}, budget={"trials": 1}, **GREEDY)
+    study = packed_sweep(tmp_path, "refused", space, greedy_base, "--pack", "2")
+    (row,) = csv_rows(study.parents[1], "refused")
+    assert row["status"] == "failed"
+    assert row["error"] == ("--pack: not supported in packed trials: trainer.limit_train_batches 0.5; "
+                            "run this sweep without --pack")  # fmt: skip
+
+
+def test_a_pack_on_a_base_config_that_picks_unsloth_is_one_error_line_before_anything_runs(tmp_path, capsys):
+    space = tiny_space(tmp_path, tmp_path / "data", fixed={"model.backend": "unsloth"})
+    rc = main(["sweep", "--space", str(space), "--study", "u", "--results_dir", str(tmp_path / "results"), "--pack", "4"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: --pack:") and "model.backend: hf" in lines[0] and str(space) in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+# ---- bench sweep -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_how_long(tmp_path, demo_data):
+    out = tmp_path / "sweep.json"
+    args = ["bench", "sweep", "--model", "tiny-qwen3", "--trials", "2", "--max_steps", "4", "--validate_every_steps", "2",
+            "--val_limit", "4", "--eval_limit", "4", "--data_dir", str(demo_data), "--out", str(out)]  # fmt: skip
+    assert main([*args, "--modes", "serial", "pack:2", "--kernel_steps", "1", "--work_dir", str(tmp_path / "w1")]) == 0
+    report = json.loads(out.read_text())
+    modes = {m["spec"]: m for m in report["modes"]}
+    assert modes.keys() == {"serial", "pack:2"}
+    assert [m["complete"] for m in modes.values()] == [2, 2] and all(m["exit_code"] == 0 for m in modes.values())
+    assert all(m["makespan_s"] > 0 and m["trials_per_gpu_hour"] > 0 for m in modes.values())
+    (stats,) = modes["pack:2"]["pack_stats"]
+    assert stats["slots"] == 2 and stats["steps"] > 0 and stats["seconds"]["train"] > 0
+    assert len(report["trials"]) == 2 and {"lora_r", "batch_size", "accumulate_grad_batches"} <= report["trials"][0]["params"].keys()
+    assert report["command"].startswith("python -m spellxfer bench sweep") and report["versions"]["torch"]
+    assert "pack_vs_serial" in report["summary"]
+    kernels = {k["kernel"]: k for k in report["kernels"]}
+    assert kernels.keys() == {"loop", "concat", "grouped"}
+    assert all(k["ms_per_step"] > 0 and k["max_loss_diff_vs_loop"] < 1e-4 for k in kernels.values())
+    # another invocation appends its mode to the same JSON
+    assert main([*args, "--modes", "pack:2:concat:window", "--kernel_steps", "0", "--append", "true",
+                 "--work_dir", str(tmp_path / "w2")]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert [m["spec"] for m in report["modes"]] == ["serial", "pack:2", "pack:2:concat:window"]
+    assert report["modes"][-1]["complete"] == 2 and report["kernels"] == list(kernels.values())
