@@ -103,7 +103,8 @@ def evaluate(
         limit: Use at most this many items from each file.
         decoding: ``sampled`` (the configured defaults) or ``greedy``.
         samples: Replies per question (K); K > 1 gives item-level bootstrap intervals.
-        batch_size: Prompts per generation batch; default: sized from free GPU memory (at most 2,048,
+        batch_size: Prompts per generation batch (and per likelihood-probe batch); default: sized
+            from free GPU memory (at most 2,048 for generation, 512 for the probe,
             docs/performance.md), 32 on a CPU. The size used is recorded in metrics.json; pass it
             to repeat a sampled run exactly (each batch has its own seed).
         task: Task for files without a task column (position or count).
@@ -145,7 +146,7 @@ def evaluate(
     if batch_size is not None and batch_size < 1:
         raise SpellxferError(f"--batch_size must be ≥ 1, got {batch_size}")
     scoring = resolve_scoring(scoring, items)
-    pool = None
+    pool, pool_path = None, None
     if shots:
         pool_path = fewshot.resolve_pool(shot_pool, list(questions))
         pool = fewshot.load_pool(pool_path, items, shots)
@@ -175,7 +176,7 @@ def evaluate(
         "adapter": adapter,
         "scoring": scoring,
         "shots": shots,
-        "shot_pool": pool_path if shots else None,
+        "shot_pool": pool_path,
         "sampling": asdict(sampling),
         "batch_size": engine.last_batch_size if engine else None,
         "decoder": engine.resolve_path(next(lm.parameters()).device) if engine else None,
