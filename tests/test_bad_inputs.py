@@ -711,7 +711,7 @@ SWEEP = {
                              "trainer.accumulate_grad_batches: expected an integer ≥ 1"),
     "base-data-dir-a-number": (_base_config("trainer: {}\ndata: {data_dir: 5}\n"), "base.yaml: data.data_dir: expected a directory path"),
     "study-name-too-long": (lambda root: ["sweep", "--space", space_file(root), "--study", "s" * 300, "--results_dir",
-                                          root / "results"], "use up to 100 letters"),
+                                          root / "results"], "use 1-100 letters"),
     "storage-bad-url": (_sweep(None, None, "--storage", "nosuchdb://x"), "--storage nosuchdb://x"),
 }  # fmt: skip
 
