@@ -141,6 +141,14 @@ def test_the_official_openai_client_works_plain_and_streamed(server):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).chat.completions.create(
             model="tiny-qwen3", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
 
+    (listed,) = client.models.list().data  # GET /v1/models: the one model served
+    assert (listed.id, listed.object, listed.owned_by) == ("tiny-qwen3", "model", "spellxfer")
+    assert client.models.retrieve("tiny-qwen3").id == "tiny-qwen3"
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny-qwen3'"):
+        client.models.retrieve("gpt-4o")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+
 
 # ---- non-thinking, enforced at the server ----------------------------------------------------------
 @pytest.mark.parametrize(
@@ -200,7 +208,7 @@ def test_without_a_key_the_docs_are_as_open_as_the_api():
     from spellxfer.serving.scaling import load_config
 
     client = TestClient(build_server(load_config().serving, api_key=None).app)  # no lifespan: no workers
-    for path in ("/openapi.json", "/docs", "/redoc"):
+    for path in ("/openapi.json", "/docs", "/redoc", "/v1/models"):
         assert client.get(path).status_code == 200, path
 
 

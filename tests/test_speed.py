@@ -28,6 +28,19 @@ def test_variant_specs_parse_and_bad_ones_are_one_line_errors(capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "foo=1" in err[0]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+@pytest.mark.parametrize("command", ["train", "eval", "sweep"])
+def test_gpu_sized_benches_refuse_on_a_cpu_in_one_line_before_building_data(command, tmp_path, capsys):
+    """qwen3-4b-shape on a CPU used to build the full data, then die by the OOM killer minutes later."""
+    data = tmp_path / "data"
+    rc = main(["bench", command, "--model", "qwen3-4b-shape", "--data_dir", str(data), "--out", str(tmp_path / "b.json")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"error: bench {command}: --model qwen3-4b-shape needs a CUDA GPU and none is visible here; "
+                      "on a CPU use --model tiny-qwen3 (or smollm2-135m)")  # fmt: skip
+    assert not data.exists() and not (tmp_path / "b.json").exists()
+
+
 def test_flop_count_matches_the_qwen3_4b_shape():
     from transformers import Qwen3Config
 

@@ -47,6 +47,7 @@ from spellxfer.bench.train import (
     flops_per_token,
     matmul_rate,
     profile_table,
+    refuse_gpu_model_on_cpu,
     run_environment,
 )
 from spellxfer.core.errors import SpellxferError
@@ -119,6 +120,7 @@ def bench_eval(
     from spellxfer.models.registry import check_model_name
 
     check_model_name(model)
+    refuse_gpu_model_on_cpu("eval", model)
     specs = [(v, *parse_eval_variant(v)) for v in variants]
     if n_questions < 1 or batch_size < 1 or reference_batch_size < 1 or max_new_tokens < 1:
         raise SpellxferError("bench eval: --n_questions, --batch_size, --reference_batch_size, --max_new_tokens must be ≥ 1")

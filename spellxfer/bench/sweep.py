@@ -49,7 +49,7 @@ from typing import Literal
 import torch
 import yaml
 
-from spellxfer.bench.train import bench_dir, command_line, run_environment
+from spellxfer.bench.train import bench_dir, command_line, refuse_gpu_model_on_cpu, run_environment
 from spellxfer.core.errors import SpellxferError
 
 MODE = re.compile(r"^(serial|workers:(\d+)|pack:(\d+)(?::(loop|concat|grouped))?(:window)?)(?:@(\d+))?$")
@@ -285,6 +285,7 @@ def bench_sweep(
     from spellxfer.sweep.space import load_space, make_sampler
 
     check_model_name(model)
+    refuse_gpu_model_on_cpu("sweep", model)
     parsed = [parse_mode(m) for m in modes]
     for name, value in (("trials", trials), ("max_steps", max_steps), ("validate_every_steps", validate_every_steps),
                         ("val_limit", val_limit), ("eval_limit", eval_limit)):  # fmt: skip

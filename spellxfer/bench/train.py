@@ -309,6 +309,7 @@ def bench_train(
     from spellxfer.models.registry import check_model_name
 
     check_model_name(model)
+    refuse_gpu_model_on_cpu("train", model)
     if steps < 1 or warmup < 1 or batch_size < 1 or reference_batch_size < 1:
         raise SpellxferError("bench train: --steps, --warmup, --batch_size and --reference_batch_size must be ≥ 1")
     for spec in variants:  # validate every spec before any work
@@ -424,6 +425,19 @@ def _driver_version() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+# Models of Qwen3-4B's size (8 GB of bf16 weights, far more for training): a CPU run builds the full
+# data, then is killed by the out-of-memory killer minutes later (issue 17), so they refuse up front.
+GPU_ONLY_MODELS = ("qwen3-4b-shape", "Qwen/Qwen3-4B", "unsloth/Qwen3-4B")
+
+
+def refuse_gpu_model_on_cpu(command: str, model: str) -> None:
+    """One ``error:`` line, before any data is built or weights are loaded, when ``model`` is
+    GPU-sized and no CUDA device is visible."""
+    if model in GPU_ONLY_MODELS and not torch.cuda.is_available():
+        raise SpellxferError(f"bench {command}: --model {model} needs a CUDA GPU and none is visible here; "
+                             "on a CPU use --model tiny-qwen3 (or smollm2-135m)")  # fmt: skip
 
 
 def bench_dir(device: torch.device) -> Path:

@@ -8,6 +8,7 @@ Routes (all on one LitServe server, one request queue, one set of inference work
 - ``POST /predict`` — ``{"question": …, "task": "position"|"count"}`` →
   ``{"answer": <raw reply>, "parsed": <letter, number or null>, "latency_ms": …}``; ``parsed`` uses
   the same answer parser as ``evaluate``.
+- ``GET /v1/models`` and ``/v1/models/{id}`` — the one served model, as OpenAI lists models;
 - ``GET /health`` (200 once the model is loaded), ``GET /metrics`` (Prometheus, see monitoring.py),
   ``GET /openapi.json``, ``/docs``, ``/redoc`` (the schema and its viewers, behind the same key).
 
@@ -315,7 +316,24 @@ def build_server(settings: ServingSettings, api_key: str | None = None) -> ls.Li
     async def redoc(request: Request):
         return get_redoc_html(openapi_url="/openapi.json", title="spellxfer API")
 
+    created = int(time.time())
+
+    def model_card() -> dict:
+        """The one model this server serves, as an OpenAI ``Model`` object (``adapter``: ours)."""
+        return {"id": settings.model, "object": "model", "created": created, "owned_by": "spellxfer",
+                "adapter": settings.adapter}  # fmt: skip
+
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: Request, model_id: str) -> JSONResponse:
+        if model_id != settings.model:
+            raise HTTPException(404, f"model {model_id!r} is not served here; this server serves {settings.model!r}")
+        return JSONResponse(model_card())
+
     server.app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=auth)
+    server.app.add_api_route("/v1/models", models, methods=["GET"], dependencies=auth)
+    server.app.add_api_route("/v1/models/{model_id:path}", model, methods=["GET"], dependencies=auth)
     for path, endpoint in (("/openapi.json", openapi), ("/docs", docs), ("/redoc", redoc)):
         server.app.add_api_route(path, endpoint, methods=["GET"], dependencies=auth, include_in_schema=False)
     server.app.add_exception_handler(StarletteHTTPException, error_response)

@@ -11,7 +11,8 @@ Lifecycle of a pack (one per sweep worker; each worker a device):
    each trial's loss is its own mean over its own supervised tokens divided by its own
    accumulation, so the summed backward gives each adapter exactly its own gradient. Each trial
    then steps its own optimizer at its own accumulation boundary.
-3. **Validate.** Trials due for validation after this step are scored in one generation pass, their
+3. **Validate.** A new trial's base model is validated at step 0 before its first step, as its fit
+   does (:mod:`spellxfer.training.step_zero`). Trials due for validation after this step are scored in one generation pass, their
    prompts mixed in one batch with per-row adapters; each then logs, early-stops, writes its
    checkpoints and reports to the pruner as its fit would.
 4. **Finish.** A trial at ``max_steps`` or stopped early exports its best adapter; the trials that
@@ -179,6 +180,10 @@ class Pack:
     def step(self) -> None:
         """One micro-batch (with ``window``: one accumulation window) of every active trial, then
         their validations and endings."""
+        zero = [s for s in self.active if s.packed.validates_at_step_zero]
+        if zero:  # the base model's step-0 validation of newly started trials, as their fits run it
+            with self._phase("validate"):
+                self.validate(zero)
         now = time.perf_counter()
         batches = {}
         for s in list(self.active):

@@ -16,6 +16,9 @@ Lightning's rules:
   count is a multiple of ``val_check_interval``; training stops at ``max_steps`` or ``max_epochs``;
 - logging: the training row every ``log_every_n_steps`` optimizer steps, rows numbered with the
   optimizer steps done before the batch, as Lightning numbers them;
+- step 0: the base model (LoRA at initialisation) is validated once before the first batch, as
+  :class:`~spellxfer.training.step_zero.StepZeroValidation` does in a fit: logged, seen by early
+  stopping and ranked by the scored checkpoint (``best-step0.ckpt``), with no step checkpoint;
 - after each validation: early stopping, then the scored checkpoint (top k), then the step
   checkpoint (last K) and ``last.ckpt``, each a Lightning checkpoint (state dict under the module's
   names, optimizer, schedule, loop counters, data position, callback states) written atomically,
@@ -53,6 +56,7 @@ from spellxfer.training.checkpointing import (
     _saved_step,
     kill_point,
 )
+from spellxfer.training.step_zero import StepZeroValidation
 
 # Hyper-parameters that decide the shared base model: every trial of a pack must agree on them.
 SHARED_KEYS = ("model", "backend", "load_in_4bit", "gradient_checkpointing", "kernels")
@@ -172,6 +176,7 @@ class PackedTrial:
         self.es = t.early_stopping_callback
         self.scored = t.checkpoint_callback  # the one watching the objective (see instantiate_trainer)
         self.step_ckpt = next(cb for cb in t.checkpoint_callbacks if cb is not self.scored)
+        self.step_zero = next((cb for cb in t.callbacks if isinstance(cb, StepZeroValidation)), None)
         self.io = AtomicCheckpointIO()
         self.metric = TransferAccuracy()
         # loop counters, Lightning's meaning: epoch, batches of this epoch done, all batches done,
@@ -250,7 +255,7 @@ class PackedTrial:
         self.lora.load_state(self.name, ckpt["state_dict"], f"checkpoint {path}")
         self.optimizer.load_state_dict(ckpt["optimizer_states"][0])
         self.scheduler.load_state_dict(ckpt["lr_schedulers"][0])
-        for cb in (self.es, self.scored, self.step_ckpt):
+        for cb in self._stateful_callbacks():
             if cb.state_key in ckpt["callbacks"]:
                 cb.load_state_dict(ckpt["callbacks"][cb.state_key])
         self.global_step, self.epoch = int(ckpt["global_step"]), int(ckpt["epoch"])
@@ -382,6 +387,12 @@ class PackedTrial:
         return sum(math.ceil(len(v) / (len(v) if size == "auto" else size)) if v else 0
                    for v in self.dm.eval_items["val"].values())  # fmt: skip
 
+    @property
+    def validates_at_step_zero(self) -> bool:
+        """Whether the base model's step-0 validation is due (once per fit, before its first batch)."""
+        return (self.step_zero is not None and not self.step_zero.done and self.global_step == 0
+                and self.total_batches == 0 and self.val_batches_per_pass() > 0)
+
     def val_items(self) -> list:
         items = self.dm.eval_items["val"]
         return [*items["position"], *items["count"]]
@@ -390,42 +401,46 @@ class PackedTrial:
         """Score a validation, log it, apply early stopping and write the checkpoints; returns the
         logged metrics."""
         kill_point("validation_batch", self.global_step)
+        step_zero = self.validates_at_step_zero
+        if step_zero:
+            self.step_zero.done = True  # set first: the checkpoint this validation writes carries it
         self.metric.update([it.task for it in items], [it.subtask for it in items], correct)
         values = {f"val/{k}": v for k, v in self.metric.compute().items()}
         self.metric.reset()
-        self.validations += 1
-        self._log_metrics({k: float(v) for k, v in values.items()})
+        # A fit's checkpoints count the validation batches of later validations only, not the step-0
+        # one (run from on_train_start); test_sweep_pack compares the loop state with a fit's.
+        self.validations += 0 if step_zero else 1
+        # global_step as the module logs it after a fit's validation (Lightning's `step` is one less)
+        self._log_metrics({**{k: float(v) for k, v in values.items()}, "global_step": float(self.global_step)})
         self._early_stopping(values)
-        self._save_checkpoints(values)
+        self._save_checkpoints(values, step_zero)
         return {k: float(v) for k, v in values.items()}
 
     def _early_stopping(self, values: dict) -> None:
-        """Lightning's EarlyStopping rule (``_evaluate_stopping_criteria``) on its own state."""
+        """What ``EarlyStopping._run_early_stopping_check`` does after a validation, on this trial's
+        callback: Lightning's own criterion (``_evaluate_stopping_criteria``, private in 2.6) updates
+        its best score, patience and stopping reason, so the checkpointed state is the fit's."""
         es = self.es
         if es is None:
             return
         if es.monitor not in values:
             raise TrialError(f"early_stopping.monitor {es.monitor} is not a logged metric ({', '.join(values)})")
-        current = values[es.monitor].float()
-        if es.check_finite and not torch.isfinite(current):
-            stop = True
-        elif es.stopping_threshold is not None and es.monitor_op(current, es.stopping_threshold):
-            stop = True
-        elif es.divergence_threshold is not None and es.monitor_op(-current, -es.divergence_threshold):
-            stop = True
-        elif es.monitor_op(current - es.min_delta, es.best_score.to(current.device)):
-            es.best_score, es.wait_count, stop = current, 0, False
-        else:
-            es.wait_count += 1
-            stop = es.wait_count >= es.patience
+        stop, reason = es._evaluate_stopping_criteria(values[es.monitor].float().squeeze())
         if stop:
             es.stopped_epoch = self.epoch
+            es.stopping_reason_message = reason
             self.should_stop = True
-            self.log(f"early stopping at step {self.global_step}: {es.monitor} did not improve for {es.wait_count} validations")
+            self.log(f"early stopping at step {self.global_step}: {reason}")
 
-    def _save_checkpoints(self, values: dict) -> None:
-        """What the two checkpoint callbacks do after a validation, in Lightning's order."""
+    def _save_checkpoints(self, values: dict, step_zero: bool = False) -> None:
+        """What the two checkpoint callbacks do after a validation, in Lightning's order. At step
+        0 only a scored checkpoint ranking a validation metric saves (StepZeroValidation re-arms
+        it); the step checkpoint has nothing to save before the first optimizer step."""
         candidates = {**values, "step": torch.tensor(self.global_step), "epoch": torch.tensor(self.epoch)}
+        if step_zero:
+            if (self.scored.monitor or "").startswith("val/"):
+                self._save_top_k(self.scored, candidates.get(self.scored.monitor), candidates)
+            return
         self._save_top_k(self.scored, candidates.get(self.scored.monitor), candidates)
         self._save_top_k(self.step_ckpt, candidates["step"], candidates)
         last = self.step_ckpt.format_checkpoint_name(candidates, self.step_ckpt.CHECKPOINT_NAME_LAST)
@@ -459,6 +474,9 @@ class PackedTrial:
         if removed and removed != path and Path(removed).is_file():
             Path(removed).unlink()
 
+    def _stateful_callbacks(self) -> list:
+        return [cb for cb in (self.es, self.step_zero, self.scored, self.step_ckpt) if cb is not None]
+
     def _write(self, path: str) -> None:
         self.io.save_checkpoint(self.checkpoint(), path)
 
@@ -488,7 +506,8 @@ class PackedTrial:
         for scope, n in (("total", self.validations * per_pass), ("current", per_pass if self.validations else 0)):
             val[scope].update(ready=n, started=n, processed=n, completed=n)
         val["is_last_batch"] = self.validations > 0
-        callbacks = {cb.state_key: cb.state_dict() for cb in (self.es, self.scored, self.step_ckpt) if cb is not None}
+        # as Lightning stores them: only callbacks with a non-empty state
+        callbacks = {cb.state_key: state for cb in self._stateful_callbacks() if (state := cb.state_dict())}
         return {
             "epoch": epoch,
             "global_step": self.global_step,
