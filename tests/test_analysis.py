@@ -191,6 +191,30 @@ def test_study_from_optuna_storage_gives_the_same_runs(synthetic_sweep, transfer
     assert list(a["run"]) == list(b["run"]) and a["transfer_score"].to_numpy() == pytest.approx(b["transfer_score"].to_numpy())
 
 
+def test_a_study_whose_trial_directories_are_elsewhere_says_which_files_analyze_needs(synthetic_sweep, tmp_path, capsys):
+    """A study database on its own (as results/smollm2-h100/ commits it) is one error line naming
+    what to copy where; with the directories under --results_dir, study-relative run_dirs resolve."""
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'alone.db'}"
+    study = optuna.create_study(study_name="syn", storage=storage, direction="maximize")
+    dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8, 16, 32])}
+    for t in synthetic_sweep["trials"][:3]:
+        study.add_trial(optuna.trial.create_trial(params={"lora_r": t["params"]["lora_r"]}, distributions=dist,
+                                                  value=t["objective"], user_attrs={"run_dir": t["dir"].name}))  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    rc = main(["analyze", "--study", "syn", "--storage", storage, "--results_dir", str(elsewhere), "--out", str(tmp_path / "a")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --study syn: 3 complete trial(s) have no directory here")
+    assert str(elsewhere / "sweeps" / "syn" / "trial-0000") in err[0]
+    assert "trial.json, metrics.jsonl and eval/<decoding>/predictions.jsonl" in err[0]
+    assert not (tmp_path / "a").exists()
+    # the same database beside the study's directories: the relative run_dirs resolve
+    results = synthetic_sweep["results_dir"]
+    assert main(["analyze", "--study", "syn", "--storage", storage, "--results_dir", str(results), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "analysis.json").read_text())["status_counts"] == {"complete": 3}
+
+
 def test_single_trial_directories_are_accepted(synthetic_sweep, tmp_path):
     dirs = [str(synthetic_sweep["study_dir"] / f"trial-{i:04d}") for i in (0, 1, 2, 25)]
     out = tmp_path / "three"

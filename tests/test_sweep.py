@@ -189,6 +189,22 @@ def test_a_trial_that_raises_is_recorded_as_failed_and_the_sweep_goes_on(tmp_pat
     assert (Path(good["run_dir"]) / "eval" / "sampled" / "compare.json").is_file()
     assert (Path(good["run_dir"]) / "fit.yaml").is_file()
 
+    # the study itself says what ran and how it ended (Optuna's dashboard / trials_dataframe)
+    study = load(results, "fails")
+    assert study.metric_names == ["val/transfer_score"]
+    attrs = study.user_attrs
+    # budget: the 2-point grid caps the 4 trials of configs/sweeps/tiny.yaml
+    assert (attrs["sampler"], attrs["pruner"], attrs["budget_trials"], attrs["space_file"]) == ("grid", "none", 2, str(space))
+    assert attrs["space"]["parameters"] == {"lora_r": [4], "learning_rate": [-1.0, 1.0e-3]}
+    t_good = next(t for t in study.get_trials() if t.number == int(good["number"]))
+    assert t_good.user_attrs["run_dir"] == f"trial-{t_good.number:04d}"  # relative to the study directory
+    assert (results / "sweeps" / "fails" / t_good.user_attrs["checkpoint"]).is_file()
+    assert t_good.user_attrs["steps_trained"] == 10
+    metrics = json.loads((Path(good["run_dir"]) / "eval" / "sampled" / "metrics.json").read_text())
+    assert t_good.user_attrs["test_sampled"] == {k: metrics[k] for k in ("position_accuracy", "count_accuracy", "transfer_score")}
+    t_bad = next(t for t in study.get_trials() if t.number == int(bad["number"]))
+    assert "test_sampled" not in t_bad.user_attrs and "steps_trained" not in t_bad.user_attrs
+
     from test_training import wandb_records
 
     (run_dir,) = (Path(good["run_dir"]) / "wandb").glob("offline-run-*")
@@ -226,7 +242,8 @@ def test_two_workers_on_postgresql_split_the_trials_without_running_any_twice(
     trials = [t for t in load(results, "pg", postgres_url).get_trials() if not t.user_attrs.get("over_budget")]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert sorted(grid_point(t.params) for t in trials) == sorted(TINY_GRID)
-    workers = {json.loads((Path(t.user_attrs["run_dir"]) / "trial.json").read_text())["worker"] for t in trials}
+    sweep_dir = results / "sweeps" / "pg"  # run_dir is stored relative to it
+    workers = {json.loads((sweep_dir / t.user_attrs["run_dir"] / "trial.json").read_text())["worker"] for t in trials}
     assert len({w.split("/")[0] for w in workers}) == 2, f"one process ran every trial: {workers}"
     assert sorted(r["status"] for r in csv_rows(results, "pg")) == ["complete"] * 4
 

@@ -139,6 +139,11 @@ def test_the_tiny_grid_packed_four_at_once_trains_each_trial_as_it_trains_one_at
     rows = csv_rows(grid[4].parents[1], "pack4")
     assert sorted(r["status"] for r in rows) == ["complete"] * 4
     assert all(r["greedy_position_delta"] != "" and Path(r["checkpoint"]).is_file() for r in rows)
+    for t in load(grid[4].parents[1], "pack4").get_trials():  # what the pack tells the study: as unpacked
+        run = grid[4] / t.user_attrs["run_dir"]
+        assert t.user_attrs["steps_trained"] == 30 and (grid[4] / t.user_attrs["checkpoint"]).is_file()
+        metrics = json.loads((run / "eval" / "greedy" / "metrics.json").read_text())
+        assert t.user_attrs["test_greedy"]["position_accuracy"] == metrics["position_accuracy"]
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ A study directory holds ``base/<decoding>/`` (the base model's evaluation, compu
 ``trial-NNNN/`` per Optuna trial with ``trial.json``, ``metrics.jsonl`` (the whitelisted Lightning
 log) and ``eval/<decoding>/predictions.jsonl``. Runs come either from directories on disk
 (``--runs``) or from the Optuna study itself (``--study`` / ``--storage``), where each trial's
-directory is its ``run_dir`` user attribute, else ``<results-dir>/sweeps/<study>/trial-NNNN``.
+directory is its ``run_dir`` user attribute (relative to ``<results-dir>/sweeps/<study>/``, or as an
+older sweep stored it), else ``<results-dir>/sweeps/<study>/trial-NNNN``.
 
 Only ``complete`` trials are analysed; the others, and complete trials without an evaluation for
 the requested decoding, are counted and listed with the reason.
@@ -95,16 +96,40 @@ def _entries_from_study(study: str, storage: str, results_dir: Path) -> list[tup
     try:
         s = optuna.load_study(study_name=study, storage=storage)
     except KeyError:
-        raise SpellxferError(f"--study {study}: no such study in --storage {storage}") from None
+        raise SpellxferError(f"--study {study}: no such study in --storage {storage}; run "
+                             f"`spellxfer sweep --study {study}` first (or check the name)") from None
     except Exception as e:  # SQLAlchemy / RDB errors: a bad URL or an unreadable database
         raise SpellxferError(f"--storage {storage}: cannot open the Optuna storage ({type(e).__name__}: {e})") from None
-    entries = []
+    study_dir = results_dir / "sweeps" / study
+    entries, missing = [], []
     for t in s.get_trials(deepcopy=False):
-        run_dir = t.user_attrs.get("run_dir") or results_dir / "sweeps" / study / f"trial-{t.number:04d}"
-        entries.append((Path(run_dir), OPTUNA_STATUS.get(t.state.name, t.state.name.lower())))
+        status = OPTUNA_STATUS.get(t.state.name, t.state.name.lower())
+        run_dir = _trial_dir(t.user_attrs.get("run_dir"), study_dir, t.number)
+        if status == "complete" and not (run_dir / "trial.json").is_file():
+            missing.append(run_dir)
+        entries.append((run_dir, status))
     if not entries:
-        raise SpellxferError(f"--study {study} in {storage} has no trials yet")
+        raise SpellxferError(f"--study {study} in {storage} has no trials yet; run `spellxfer sweep --study {study}` first")
+    if missing:
+        raise SpellxferError(
+            f"--study {study}: {len(missing)} complete trial(s) have no directory here (first: {missing[0]}); "
+            f"analyze reads each one's trial.json, metrics.jsonl and eval/<decoding>/predictions.jsonl and the "
+            f"study's base/<decoding>/predictions.jsonl under {study_dir}: copy the sweep's directory there "
+            f"(or pass --results_dir), or use --runs DIR"
+        )  # fmt: skip
     return entries
+
+
+def _trial_dir(recorded: str | None, study_dir: Path, number: int) -> Path:
+    """A trial's directory: its ``run_dir`` attribute, stored relative to the study directory
+    (older studies stored it as the sweep saw it, absolute or relative to where it ran), the
+    first that exists; else ``<study_dir>/trial-NNNN``."""
+    default = study_dir / f"trial-{number:04d}"
+    if recorded:
+        for candidate in (study_dir / recorded, Path(recorded)):
+            if (candidate / "trial.json").is_file():
+                return candidate
+    return default
 
 
 def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:

@@ -51,7 +51,15 @@ from optuna.trial import TrialState
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file
-from spellxfer.sweep.trial import OverBudget, SweepContext, begin_trial, fit_argv, write_trial_json
+from spellxfer.sweep.trial import (
+    OverBudget,
+    SweepContext,
+    begin_trial,
+    fit_argv,
+    record_outcome,
+    study_relative,
+    write_trial_json,
+)
 from spellxfer.training.packed import PackedLoRA
 from spellxfer.training.packed_trial import PackedTrial, TrialError, command_line, fit_log
 
@@ -335,7 +343,7 @@ class Pack:
             try:
                 objective, checkpoint = s.packed.finish()
                 s.record.update(objective=objective, checkpoint=str(checkpoint))
-                s.trial.set_user_attr("checkpoint", str(checkpoint))
+                s.trial.set_user_attr("checkpoint", study_relative(self.ctx, checkpoint))
                 ready.append(s)
             except Exception as e:
                 self.fail(s, e)
@@ -343,6 +351,7 @@ class Pack:
             self.evaluate(ready)
         for s in ready:
             if s in self.active:
+                record_outcome(s.trial, self.ctx, s.run)
                 self._end(s, "complete")
 
     def evaluate(self, slots: list[Slot]) -> None:

@@ -66,7 +66,10 @@ def trial_rows(study: optuna.Study, ctx: SweepContext) -> list[dict]:
         for d in ctx.space.decodings:
             row |= _eval_columns(d, _read_json(run / "eval" / d / "metrics.json"), bases[d],
                                  _read_json(run / "eval" / d / "compare.json"))  # fmt: skip
-        row |= {"checkpoint": t.user_attrs.get("checkpoint"), "run_dir": str(run),
+        checkpoint = t.user_attrs.get("checkpoint")
+        if checkpoint and not Path(checkpoint).is_absolute():  # stored relative to the study directory
+            checkpoint = str(ctx.sweep_dir / checkpoint)
+        row |= {"checkpoint": checkpoint, "run_dir": str(run),
                 "retry_of": (RetryHeartbeatStaleTrialCallback.retry_history(t) or [None])[-1],
                 "retried_as": retried_as.get(t.number), "error": error}  # fmt: skip
         rows.append(row)

@@ -127,6 +127,7 @@ def sweep(
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     main_study = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+    record_study_settings(main_study, spec, sampler, pruner, n_trials)
     sweep_dir.mkdir(parents=True, exist_ok=True)  # only once the study opened: a bad --storage leaves nothing
 
     from rich.console import Console
@@ -263,7 +264,28 @@ def open_study(url: str, name: str, objective: str, heartbeat_s: int, sampler, p
         st.set_user_attr("objective", objective)
     elif recorded != objective:
         raise SpellxferError(f"study {name} maximises {recorded}, not {objective}; use another --study name")
+    if st.metric_names != [objective]:  # Optuna's dashboard and trials_dataframe name the value by it
+        st.set_metric_names([objective])
     return st
+
+
+def record_study_settings(study, spec, sampler: str, pruner: str, n_trials: int) -> None:
+    """The sweep's settings in the study itself, so a database read on its own says what ran: the
+    space file (path and parsed content), the sampler and pruner actually used (command-line
+    choices win over the file), its seed and the trial budget. Written by each run of the sweep
+    (a resumed study may be run with another budget: the latest run's settings are kept)."""
+    import yaml
+
+    try:
+        content = yaml.safe_load(Path(spec.path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):  # already parsed once by load_space; a race with an editor
+        content = None
+    settings = {"space_file": str(spec.path), "space": content, "sampler": sampler, "pruner": pruner,
+                "seed": spec.seed, "budget_trials": n_trials, "decodings": list(spec.decodings),
+                "policy": "trained on spelling only; evaluated on position and count only"}  # fmt: skip
+    for key, value in settings.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
 
 
 def _redact(url: str) -> str:

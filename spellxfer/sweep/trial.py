@@ -112,10 +112,11 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
         env = ctx.env(worker)
         objective, checkpoint = fit_trial(trial, ctx, worker, run, params, resume, env, seed)
         record.update(objective=objective, checkpoint=str(checkpoint))
-        trial.set_user_attr("checkpoint", str(checkpoint))
+        trial.set_user_attr("checkpoint", study_relative(ctx, checkpoint))
         for decoding in ctx.space.decodings:
             ctx.progress(worker, trial=trial.number, phase=f"evaluate ({decoding})")
             evaluate_trial(ctx, run, decoding, env)
+        record_outcome(trial, ctx, run)
         status = "complete"
         return objective
     except optuna.TrialPruned:
@@ -155,7 +156,7 @@ def begin_trial(trial: optuna.Trial, ctx: SweepContext, worker: int | str) -> tu
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
     history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
     run = ctx.trial_dir(trial.number)
-    trial.set_user_attr("run_dir", str(run))
+    trial.set_user_attr("run_dir", study_relative(ctx, run))
     resume = prepare_run_dir(run, ctx.trial_dir(history[-1]) if history else None)
     record = {
         "study": ctx.study,
@@ -176,6 +177,31 @@ def begin_trial(trial: optuna.Trial, ctx: SweepContext, worker: int | str) -> tu
     }
     write_trial_json(run, record)
     return params, run, resume, record
+
+
+def study_relative(ctx: SweepContext, path: Path) -> str:
+    """``path`` as the study stores it: relative to the study directory (``trial-0003/…``), so a
+    study database that is copied or committed with its directory still finds its files."""
+    try:
+        return Path(path).resolve().relative_to(ctx.sweep_dir.resolve()).as_posix()
+    except ValueError:  # not inside the study directory: kept as given
+        return str(path)
+
+
+def record_outcome(trial: optuna.Trial, ctx: SweepContext, run: Path) -> None:
+    """What a finished trial did, in the study itself (beside trial.json and the CSV): the
+    optimizer steps it trained (early stopping ends some before max_steps) and its test scores per
+    decoding — position and count accuracies and the transfer score — from ``eval/<decoding>/``."""
+    from spellxfer.training.loggers import steps_trained
+
+    trial.set_user_attr("steps_trained", steps_trained(run / "metrics.jsonl"))
+    for decoding in ctx.space.decodings:
+        try:
+            metrics = json.loads((run / "eval" / decoding / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        scores = {k: metrics.get(k) for k in ("position_accuracy", "count_accuracy", "transfer_score")}
+        trial.set_user_attr(f"test_{decoding}", {k: v for k, v in scores.items() if isinstance(v, int | float)})
 
 
 def prepare_run_dir(run: Path, previous: Path | None) -> Path | None:
