@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -516,11 +517,26 @@ def test_validate_on_a_checkpoint_reproduces_the_runs_last_validation(ref, demo_
     p = run_fit(tmp_path / "v", demo_data, "--ckpt_path", str(ref.root / "last.ckpt"), command="validate")
     assert p.returncode == 0, p.stderr
     assert "val/position_accuracy" in p.stdout
-    (row,) = read_jsonl(tmp_path / "v" / "metrics.jsonl")
+    (row,) = read_jsonl(tmp_path / "v" / "validate_metrics.jsonl")
     last_val = [r for r in read_jsonl(ref.root / "metrics.jsonl") if "val/position_accuracy" in r][-1]
     # greedy generation with the step-30 weights: the fit's validation after its 30th step
     assert {k: v for k, v in row.items() if k.startswith("val/")} == {
         k: v for k, v in last_val.items() if k.startswith("val/")}  # fmt: skip
+    assert (tmp_path / "v" / "training_logs" / "validate" / "metrics.csv").is_file()
+
+
+def test_validate_in_the_fits_own_directory_keeps_the_fits_logs(ref, demo_data, tmp_path):
+    """validate (or test) run where the fit ran used to restart its metrics.csv (one CSVLogger
+    version for both) and append to its metrics.jsonl; each subcommand now logs beside it."""
+    run = tmp_path / "fit"
+    shutil.copytree(ref.root, run)
+    logs = {f: (run / f).read_bytes() for f in ("metrics.jsonl", "training_logs/metrics.csv")}
+    p = run_fit(run, demo_data, "--ckpt_path", str(run / "last.ckpt"), command="validate")
+    assert p.returncode == 0, p.stderr
+    assert {f: (run / f).read_bytes() for f in logs} == logs
+    (row,) = read_jsonl(run / "validate_metrics.jsonl")
+    assert "val/position_accuracy" in row
+    assert "val/position_accuracy" in (run / "training_logs" / "validate" / "metrics.csv").read_text()
 
 
 def wandb_records(path: Path) -> list:

@@ -6,7 +6,8 @@ What it adds to Lightning's own CLI:
   ``manifest.json``, ``best_adapter/``, W&B files) with training logs in
   ``results/training_logs/<experiment>/`` and a JSONL metrics log in
   ``results/metrics/<experiment>.jsonl``; ``--trainer.default_root_dir DIR`` moves all of them
-  under DIR.
+  under DIR. ``validate`` / ``test`` / ``predict`` log to ``training_logs/<subcommand>/`` and
+  ``<subcommand>_metrics.jsonl`` (``<experiment>-<subcommand>.jsonl``), never into the fit's logs.
 - a ``ModelCheckpoint`` (``--checkpoint.*``) and an ``EarlyStopping`` (``--early_stopping.*``)
   watching ``val/position_accuracy`` (generation-scored) by default — the scored checkpoint is
   written right after each validation, as ``best-step{N}.ckpt`` (top k); a second checkpoint
@@ -164,6 +165,12 @@ class SpellxferCLI(LightningCLI):
         if trainer.logger is None or trainer.logger is True:
             log_dir = root / "training_logs" if explicit_root else Path("results/training_logs") / experiment
             jsonl = root / "metrics.jsonl" if explicit_root else Path("results/metrics") / f"{experiment}.jsonl"
+            if self.subcommand not in (None, "fit"):
+                # validate / test / predict beside a fit: their own CSV version and JSONL, so they
+                # neither restart the fit's metrics.csv nor append rows to its learning curve
+                log_dir = log_dir / self.subcommand
+                jsonl = jsonl.with_name(f"{self.subcommand}_{jsonl.name}" if explicit_root
+                                        else f"{experiment}-{self.subcommand}.jsonl")  # fmt: skip
             outputs += [log_dir, jsonl]
             loggers = [{"class_path": "spellxfer.training.loggers.WhitelistedCSVLogger",
                         "init_args": {"save_dir": str(log_dir), "name": "", "version": "",
