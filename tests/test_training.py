@@ -150,6 +150,24 @@ def test_best_adapter_is_the_best_checkpoint_as_a_peft_directory(ref, base_model
         assert any(not torch.equal(adapter[k.removeprefix("lm.")], v) for k, v in final.items())
 
 
+def test_hf_auto_peft_opens_best_adapter_on_the_base_it_was_trained_on(ref, monkeypatch):
+    """best_adapter/'s base_model_name_or_path is a directory AutoPeftModelForCausalLM can open
+    offline (for tiny-qwen3 its float32 weights from the fit's seed, saved in the cache): the same
+    logits as spellxfer's own base + adapter."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    from spellxfer.models.registry import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = json.loads((ref.root / "best_adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]).is_absolute()
+    auto = AutoPeftModelForCausalLM.from_pretrained(ref.root / "best_adapter").eval()
+    ours = PeftModel.from_pretrained(load_model("tiny-qwen3", seed=0), ref.root / "best_adapter").eval()
+    ids = torch.tensor([[151_644, 872, 198, 3838, 374, 279, 220, 18, 6498, 6524, 151_645]])
+    with torch.no_grad():
+        torch.testing.assert_close(auto(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
+
+
 def test_a_fits_validation_starts_at_step_0_with_the_base_model(ref):
     """The first validation scores the model before any optimizer step (LoRA B = 0: the base
     model); its row says global_step 0, and the later ones the optimizer steps done."""

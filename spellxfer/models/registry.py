@@ -115,26 +115,50 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     return model.to(device).eval()
 
 
-def materialize(name: str, seed: int = 0) -> str:
-    """A path or hub id that ``from_pretrained``-style loaders (Unsloth) can open.
+def materialize(name: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> str:
+    """A path or hub id that ``from_pretrained``-style loaders (Unsloth, PEFT's Auto classes) can open.
 
-    Embedded random-weight names are saved once (bf16 safetensors + the Qwen3 tokenizer) under
-    the cache; smollm2-135m is its converted directory; anything else is returned unchanged.
+    Embedded random-weight names are saved once (``dtype`` safetensors + the Qwen3 tokenizer)
+    under the cache; smollm2-135m is its converted directory; anything else is returned unchanged.
     """
     check_model_name(name)
     if name == "smollm2-135m":
         return str(_smollm2_dir())
     if name not in ("tiny-qwen3", "qwen3-4b-shape"):
         return name
-    out = cache_dir() / "models" / f"{name}-seed{seed}"
+    suffix = "" if dtype == torch.bfloat16 else f"-{str(dtype).removeprefix('torch.')}"
+    out = cache_dir() / "models" / f"{name}-seed{seed}{suffix}"
     if not (out / "config.json").is_file():
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(name, dtype=torch.bfloat16, device=device, seed=seed)
+        model = load_model(name, dtype=dtype, device=device, seed=seed)
         with atomic_output_dir(out, overwrite=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             load_tokenizer(name).save_pretrained(tmp)
         del model
     return str(out)
+
+
+def loadable_base(name: str, seed: int = 0) -> str:
+    """What an adapter's ``base_model_name_or_path`` says, so that
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` opens it: a hub id as given, a local
+    directory as an absolute path, and for the small embedded models the absolute path of their
+    saved directory in the cache (smollm2-135m converted from its GGUF; tiny-qwen3 saved in float32
+    with its seed, so the loaded base is the one trained on). qwen3-4b-shape, 8 GB of random
+    weights for speed work, keeps its name: ``materialize("qwen3-4b-shape", seed)`` saves it."""
+    if name in ("smollm2-135m", "tiny-qwen3"):
+        return str(Path(materialize(name, seed, dtype=torch.float32)).resolve())
+    if name not in EMBEDDED and Path(name).exists():
+        return str(Path(name).resolve())
+    return name
+
+
+def write_loadable_base(adapter_dir: Path, name: str, seed: int = 0) -> None:
+    """Point a saved adapter's ``adapter_config.json`` at :func:`loadable_base` (PEFT writes the
+    base's ``name_or_path``, which is empty for a model built from a config)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = loadable_base(name, seed)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _gguf_kwargs(name: str) -> dict:

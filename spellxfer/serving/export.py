@@ -39,7 +39,7 @@ from spellxfer.core.outputs import (
     package_versions,
     write_json,
 )
-from spellxfer.models.registry import check_lora_layout
+from spellxfer.models.registry import check_lora_layout, write_loadable_base
 
 DEFAULT_ROOT = Path("results/deployment/models")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -77,6 +77,7 @@ def export(
         module = _lora_module(hparams, state, ckpt_path)
         with atomic_output_dir(out_dir, overwrite) as tmp:
             module.lm.save_pretrained(tmp / "adapter")
+            write_loadable_base(tmp / "adapter", hparams["model"], hparams.get("seed", 0))
             if merge:
                 save_merged(module.lm, module.tokenizer, tmp / "merged", DTYPES[dtype])
             write_json(tmp / "export.json", {

@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, atomic_output_dir, git_commit, package_versions
-from spellxfer.models.registry import check_lora_state
+from spellxfer.models.registry import check_lora_state, write_loadable_base
 
 KILL_ENV = "SPELLXFER_TEST_KILL_AT"
 
@@ -330,6 +330,8 @@ def export_adapter(pl_module, out: Path, ckpt_path: str | None = None) -> Path:
         pl_module.load_state_dict(state, strict=False)
     with atomic_output_dir(out, overwrite=True) as tmp:
         lm.save_pretrained(tmp)
+        hp = pl_module.hparams
+        write_loadable_base(tmp, hp.model, hp.get("seed", 0))
     if current is not None:
         pl_module.load_state_dict(current, strict=False)
     return out

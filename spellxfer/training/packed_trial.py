@@ -529,6 +529,7 @@ class PackedTrial:
     def finish(self) -> tuple[float, Path]:
         """Export the best checkpoint's adapter (as fit does) into ``adapter/``, keep its weights in
         the pack for the test evaluation; returns (best objective, best checkpoint)."""
+        from spellxfer.models.registry import write_loadable_base
         from spellxfer.training.checkpointing import load_fit_checkpoint
 
         kill_point("fit_end", self.global_step)
@@ -544,6 +545,7 @@ class PackedTrial:
         if adapter.exists():
             shutil.rmtree(adapter)
         os.replace(exported, adapter)
+        write_loadable_base(adapter, self.hp.model, self.hp.seed)
         return float(self.scored.best_model_score), Path(best)
 
     def close(self, status: str = "failed") -> None:
