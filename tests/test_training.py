@@ -543,6 +543,21 @@ def test_validate_on_a_checkpoint_reproduces_the_runs_last_validation(ref, demo_
     assert (tmp_path / "v" / "training_logs" / "validate" / "metrics.csv").is_file()
 
 
+def test_model_and_data_seeds_may_differ_and_the_loggers_get_the_whole_config(demo_data, tmp_path):
+    """--model.seed (weights, sampling) and --data.seed (data order) are independent; Lightning
+    used to refuse to merge two different `seed` hparams. hparams.yaml (and W&B's run config)
+    hold the module's hparams, the data's under `data`, and the full resolved config."""
+    import yaml
+
+    p = run_fit(tmp_path, demo_data, "--model.seed", "1", "--data.seed", "0", "--trainer.max_steps", "2",
+                "--data.val_limit", "2")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    hparams = yaml.safe_load((tmp_path / "training_logs" / "hparams.yaml").read_text())
+    assert (hparams["seed"], hparams["data"]["seed"]) == (1, 0)
+    assert hparams["lora_r"] == hparams["config"]["model"]["lora_r"]
+    assert hparams["config"]["trainer"]["max_steps"] == 2 and hparams["config"]["data"]["val_limit"] == 2
+
+
 def test_validate_in_the_fits_own_directory_keeps_the_fits_logs(ref, demo_data, tmp_path):
     """validate (or test) run where the fit ran used to restart its metrics.csv (one CSVLogger
     version for both) and append to its metrics.jsonl; each subcommand now logs beside it."""
@@ -596,6 +611,10 @@ def test_without_credentials_wandb_writes_an_offline_run_grouped_by_experiment(d
     logged = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
     assert {"train/loss", "val/position_accuracy", "val/transfer_score"} <= logged
     assert not [k for k in logged if "spell" in k.lower()]
+    # the run config: the module's hparams, the data's and the full resolved config
+    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
+              for item in r.config.update}  # fmt: skip
+    assert config["lora_r"] == config["config"]["model"]["lora_r"] and config["data"]["data_dir"] == str(demo_data)
 
 
 def test_optimizer_and_scheduler_defaults_come_from_configs_training(tmp_path, monkeypatch, capsys):

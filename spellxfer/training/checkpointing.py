@@ -282,7 +282,8 @@ class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):
 
 
 class RunManifest(L.Callback):
-    """manifest.json beside the checkpoints, and the best adapter as a PEFT directory."""
+    """manifest.json beside the checkpoints, the data hparams and full config to the loggers, and
+    the best adapter as a PEFT directory."""
 
     def __init__(self, config: dict | None = None):
         self.config = config or {}
@@ -308,6 +309,12 @@ class RunManifest(L.Callback):
         with atomic_file(out / "manifest.json") as f:
             json.dump(manifest, f, indent=2, default=str)
             f.write("\n")
+        # Lightning logs the module's hparams (flat); the data's and the whole resolved config go
+        # beside them, nested, so W&B's run config and hparams.yaml hold everything the run used.
+        extra = json.loads(json.dumps({"data": dict(dm.hparams) if dm is not None else {}, "config": self.config},
+                                      default=str))  # fmt: skip
+        for logger in trainer.loggers:
+            logger.log_hyperparams(extra)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.global_rank != 0:

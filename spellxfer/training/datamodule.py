@@ -301,7 +301,10 @@ class SpellingDataModule(L.LightningDataModule):
         if build_profile not in ("demo", "full", None):
             raise SpellxferError(f"--data.build_profile must be demo, full or null, got {build_profile!r}",
                                  key="data.build_profile")  # fmt: skip
-        self.save_hyperparameters()
+        # logger=False: Lightning would merge these into the module's hparams and refuse a `seed`
+        # that differs from the model's (data order vs. weights and sampling: both are fine);
+        # RunManifest logs them nested under `data`, beside the full resolved config.
+        self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir)
         self.model_name = model
         self.build_profile, self.seed, self.batch_size = build_profile, seed, batch_size

@@ -227,12 +227,13 @@ class PackedTrial:
         self.lora = lora
         self.params = lora.add(self.name, lora_config(self.hp), self.seed)
         self.optimizer, self.scheduler = build_optimizer(self.hp, self.params, self.total_steps)
+        for logger in self.trainer.loggers:  # what Lightning logs: the module's hparams (the data's: below)
+            logger.log_hyperparams({k: v for k, v in self.module.hparams.items() if k != "_class_path"})
         manifest = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunManifest))
-        view = SimpleNamespace(global_rank=0, default_root_dir=self.trainer.default_root_dir, datamodule=self.dm)
+        view = SimpleNamespace(global_rank=0, default_root_dir=self.trainer.default_root_dir, datamodule=self.dm,
+                               loggers=self.trainer.loggers)  # fmt: skip
         manifest.on_fit_start(view, self.module)
         self._write_config()
-        for logger in self.trainer.loggers:
-            logger.log_hyperparams({**self.dm.hparams, **self.module.hparams})
         if self.resume is not None:
             self._restore(self.resume)
 
