@@ -168,6 +168,18 @@ def test_hf_auto_peft_opens_best_adapter_on_the_base_it_was_trained_on(ref, monk
         torch.testing.assert_close(auto(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_the_learning_rate_is_logged_every_log_every_n_steps(ref):
+    """LearningRateMonitor: `lr-AdamW` at the steps the training rows are logged (tiny.yaml: every
+    5), following the schedule (linear warmup, then decay: never above the peak)."""
+    rows = [r for r in read_jsonl(ref.root / "metrics.jsonl") if "lr-AdamW" in r]
+    train = [r["step"] for r in read_jsonl(ref.root / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in rows] == train and len(rows) == 6
+    config = yaml.safe_load((ref.root / "training_logs" / "config.yaml").read_text())
+    peak = config["model"]["learning_rate"]
+    assert all(0 < r["lr-AdamW"] <= peak for r in rows) and rows[-1]["lr-AdamW"] < max(r["lr-AdamW"] for r in rows)
+    assert "lr-AdamW" in (ref.root / "training_logs" / "metrics.csv").read_text().splitlines()[0]
+
+
 def test_a_fits_validation_starts_at_step_0_with_the_base_model(ref):
     """The first validation scores the model before any optimizer step (LoRA B = 0: the base
     model); its row says global_step 0, and the later ones the optimizer steps done."""

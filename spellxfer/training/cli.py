@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from spellxfer.core.errors import SpellxferError
@@ -315,6 +315,10 @@ class SpellxferCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         run = self._run
         extra = [ResumeState(), RunManifest(config=run["config"]), PredictionsWriter(), StepZeroValidation()]
+        logger = self._get(self.config_init, "trainer", default={}).get("logger")
+        if logger is not False and logger != []:  # (it refuses a Trainer without loggers)
+            # the learning rate (`lr-AdamW` rows) every log_every_n_steps optimizer steps
+            extra.append(LearningRateMonitor(logging_interval="step"))
         # Lightning's idiom for "keep the last K": monitor the step counter, keep the top K.
         step_ckpt = StepCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step", mode="max",
                                    save_top_k=run["keep"], every_n_train_steps=run["every"], save_last=True,

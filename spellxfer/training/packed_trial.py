@@ -15,7 +15,8 @@ Lightning's rules:
 - validation after the batch whose running count (``check_val_every_n_epoch: null``) or in-epoch
   count is a multiple of ``val_check_interval``; training stops at ``max_steps`` or ``max_epochs``;
 - logging: the training row every ``log_every_n_steps`` optimizer steps, rows numbered with the
-  optimizer steps done before the batch, as Lightning numbers them;
+  optimizer steps done before the batch, as Lightning numbers them, and the learning rate as
+  ``LearningRateMonitor`` logs it;
 - step 0: the base model (LoRA at initialisation) is validated once before the first batch, as
   :class:`~spellxfer.training.step_zero.StepZeroValidation` does in a fit: logged, seen by early
   stopping and ranked by the scored checkpoint (``best-step0.ckpt``), with no step checkpoint;
@@ -46,6 +47,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.evaluation.metrics import TransferAccuracy
@@ -177,6 +179,7 @@ class PackedTrial:
         self.scored = t.checkpoint_callback  # the one watching the objective (see instantiate_trainer)
         self.step_ckpt = next(cb for cb in t.checkpoint_callbacks if cb is not self.scored)
         self.step_zero = next((cb for cb in t.callbacks if isinstance(cb, StepZeroValidation)), None)
+        self.lr_monitor = any(isinstance(cb, LearningRateMonitor) for cb in t.callbacks)
         self.io = AtomicCheckpointIO()
         self.metric = TransferAccuracy()
         # loop counters, Lightning's meaning: epoch, batches of this epoch done, all batches done,
@@ -339,6 +342,8 @@ class PackedTrial:
         rate = self._last[1] / (now - self._last[0]) if self._last is not None and now > self._last[0] else None
         self._last = (now, tokens)
         for micro, loss in zip(self._pending, losses):
+            if self.lr_monitor and (self.global_step + 1) % self.log_every == 0:
+                self._log_learning_rate()
             self.stepped = micro.steps
             self.in_epoch += 1
             self.total_batches += 1
@@ -370,6 +375,14 @@ class PackedTrial:
     def log_step(self) -> int:
         """The ``step`` Lightning gives rows logged now: optimizer steps done before this batch."""
         return self.global_step - 1 if self.stepped else self.global_step
+
+    def _log_learning_rate(self) -> None:
+        """``LearningRateMonitor(logging_interval="step")`` at a micro-batch's start: the
+        optimizer's current learning rate as ``lr-<Optimizer>``, numbered with the steps done and
+        without an epoch, once per micro-batch of a window whose step is logged."""
+        row = {f"lr-{type(self.optimizer).__name__}": self.optimizer.param_groups[0]["lr"]}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(row, step=self.global_step)
 
     def _log_metrics(self, metrics: dict) -> None:
         for logger in self.trainer.loggers:
