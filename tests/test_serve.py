@@ -132,7 +132,9 @@ def test_the_official_openai_client_works_plain_and_streamed(server):
 
     chunks = list(client.chat.completions.create(model="tiny-qwen3", max_tokens=4, stream=True,
                                                  messages=[{"role": "user", "content": QUESTION}]))  # fmt: skip
-    assert chunks and chunks[-1].choices[0].finish_reason == "stop"
+    assert len(chunks) >= 2 and len({c.id for c in chunks}) == 1  # one id per stream
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
     with pytest.raises(openai.BadRequestError, match="non-thinking"):
         client.chat.completions.create(model="tiny-qwen3", max_tokens=4, messages=[{"role": "user", "content": "hi"}],
@@ -148,6 +150,67 @@ def test_the_official_openai_client_works_plain_and_streamed(server):
         client.models.retrieve("gpt-4o")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_openai_fields_are_honoured_or_refused_never_silently_dropped(server):
+    """finish_reason "length" at the cap, usage counted from the generated ids, the stream's
+    pieces spelling the same reply, `seed` and `stop` honoured, logprobs / response_format refused."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    ask = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6}
+    # random weights never end their turn within 6 tokens: the cap ends the reply
+    greedy = client.chat.completions.create(**ask, temperature=0)
+    assert greedy.choices[0].finish_reason == "length" and greedy.usage.completion_tokens == 6
+    assert greedy.usage.total_tokens == greedy.usage.prompt_tokens + 6
+
+    # seed: the same seed, the same sampled reply (seeded requests are generated alone)
+    seeded = {**ask, "temperature": 1.0, "seed": 1234}
+    reply = client.chat.completions.create(**seeded)
+    assert client.chat.completions.create(**seeded).choices[0].message.content == reply.choices[0].message.content
+    chunks = list(client.chat.completions.create(**seeded, stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
+
+    # stop: the reply ends before the first stop sequence, which is not returned
+    text = reply.choices[0].message.content
+    assert len(text) >= 3, text
+    stop = text[1:3]
+    cut = client.chat.completions.create(**seeded, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens <= 6
+
+    for extra, field in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.chat.completions.create(**ask, **extra)
+
+
+def test_replies_are_cut_at_the_end_of_turn_and_counted_in_generated_ids():
+    """The worker's reply shaping on the real Qwen3 tokenizer: /predict answers lose <|im_end|>,
+    an ended reply's finish_reason is "stop", and usage counts the generated ids."""
+    from spellxfer.models.generation import default_sampling
+    from spellxfer.models.registry import load_tokenizer
+    from spellxfer.serving.api import Job, SpellxferAPI
+    from spellxfer.serving.scaling import load_config
+    from spellxfer.tasks.chat import end_of_turn_ids
+
+    api = SpellxferAPI(load_config().serving)
+    api.tokenizer = load_tokenizer("tiny-qwen3")
+    stops = end_of_turn_ids(api.tokenizer)
+    ids = api.tokenizer("The letter is r.", add_special_tokens=False)["input_ids"] + [stops[0]]
+    reply = api.tokenizer.decode(ids)
+    assert reply.endswith("<|im_end|>")
+    out = api._output(Job("predict", (), default_sampling(), "letter"), reply, 20, ids, stops)
+    assert out["answer"] == "The letter is r." and out["parsed"] == "r" and out["completion_tokens"] == len(ids)
+    out = api._output(Job("chat", (), default_sampling()), reply, 20, ids, stops)
+    assert (out["content"], out["finish_reason"]) == ("The letter is r.", "stop")
+    assert "".join(out["pieces"]) == "The letter is r." and out["total_tokens"] == 20 + len(ids)
+    out = api._output(Job("chat", (), default_sampling(), stop=(" is",)), reply, 20, ids, stops)
+    assert (out["content"], out["finish_reason"]) == ("The letter", "stop") and out["completion_tokens"] < len(ids)
 
 
 # ---- non-thinking, enforced at the server ----------------------------------------------------------

@@ -259,6 +259,9 @@ class GenerationEngine:
         self.before_batch = None
         """Optional callable ``(indices) -> None``, called with the input indices of each batch, in
         row order, before it is generated (packed sweep trials point each row at its trial's adapter)."""
+        self.last_reply_ids: list[list[list[int]]] = []
+        """The token ids of the last call's replies, as its replies are ordered: everything generated
+        up to and including the end-of-turn token (no such token: the reply hit max_new_tokens)."""
 
     def resolve_path(self, device: torch.device) -> str:
         """The path a batch takes here: ``reference``, ``graph``, ``static`` or ``eager``."""
@@ -307,6 +310,7 @@ class GenerationEngine:
         encoded = prompts
         order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
         replies: list[list[str]] = [[] for _ in prompts]
+        reply_ids: list[list[list[int]]] = [[] for _ in prompts]
         device = next(self.model.parameters()).device
         path = self.resolve_path(device)
         s = self.sampling
@@ -330,16 +334,18 @@ class GenerationEngine:
                     idx = order[start : start + size]
                     if self.before_batch is not None:
                         self.before_batch(idx)
-                    texts = self._generate_batch([encoded[i] for i in idx], b, device, path)
-                    for j, text in enumerate(texts):
+                    texts, tokens = self._generate_batch([encoded[i] for i in idx], b, device, path)
+                    for j, (text, ids) in enumerate(zip(texts, tokens)):
                         replies[idx[j // s.samples]].append(text)
+                        reply_ids[idx[j // s.samples]].append(ids)
                     if progress is not None:
                         progress(len(idx))
         finally:
             self.model.train(was_training)
+        self.last_reply_ids = reply_ids
         return replies
 
-    def _generate_batch(self, prompts: list[list[int]], batch_index: int, device, path: str) -> list[str]:
+    def _generate_batch(self, prompts: list[list[int]], batch_index: int, device, path: str) -> tuple[list[str], list[list[int]]]:
         self._lap(None)
         # One seed per batch: same inputs, seed and batch size → same replies.
         torch.manual_seed(self.sampling.seed * 1_000_003 + batch_index)
@@ -352,9 +358,10 @@ class GenerationEngine:
         self.paths[path] += 1
         is_stop = torch.isin(out, torch.tensor(self.stop_ids, device=out.device))
         self.new_tokens += int((is_stop.cumsum(1) - is_stop.long() == 0).sum())  # up to each row's end
-        texts = self.tokenizer.batch_decode([self._reply_tokens(t) for t in out.tolist()], skip_special_tokens=False)
+        tokens = [self._reply_tokens(t) for t in out.tolist()]
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=False)
         self._lap("decode" if path == "reference" else "finish")
-        return texts
+        return texts, tokens
 
     def _left_padded(self, prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` as the tokenizer pads them on the left."""

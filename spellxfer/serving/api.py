@@ -3,10 +3,12 @@
 Routes (all on one LitServe server, one request queue, one set of inference workers):
 
 - ``POST /v1/chat/completions`` — OpenAI chat completions (the ``openai`` client works against it;
-  ``stream: true`` too). ``temperature`` 0 means greedy; unset sampling fields take the configured
-  defaults (T 0.6, top-p 0.95, top-k 20, min-p 0).
+  ``stream: true`` too, one chunk id per stream). ``temperature`` 0 means greedy; unset sampling
+  fields take the configured defaults (T 0.6, top-p 0.95, top-k 20, min-p 0); ``seed`` and
+  ``stop`` are honoured; ``finish_reason`` is ``length`` at the token cap; ``usage`` counts the
+  generated token ids.
 - ``POST /predict`` — ``{"question": …, "task": "position"|"count"}`` →
-  ``{"answer": <raw reply>, "parsed": <letter, number or null>, "latency_ms": …}``; ``parsed`` uses
+  ``{"answer": <reply up to end of turn>, "parsed": <letter, number or null>, "latency_ms": …}``; ``parsed`` uses
   the same answer parser as ``evaluate``.
 - ``GET /v1/models`` and ``/v1/models/{id}`` — the one served model, as OpenAI lists models;
 - ``GET /health`` (200 once the model is loaded), ``GET /metrics`` (Prometheus, see monitoring.py),
@@ -55,7 +57,16 @@ from pathlib import Path
 import litserve as ls
 from fastapi import BackgroundTasks, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from litserve.specs.openai import OpenAISpec
+from litserve.specs.openai import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamingChoice,
+    ChatMessage,
+    ChoiceDelta,
+    OpenAISpec,
+    UsageInfo,
+)
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from spellxfer.core.errors import SpellxferError
@@ -85,6 +96,8 @@ class Job:
     sampling: object  # spellxfer.models.generation.Sampling (hashable: requests batch by it)
     answer_kind: str | None = None  # predict only: "letter" or "integer"
     error: str | None = None  # set when decoding the request failed: predict skips it
+    stop: tuple[str, ...] = ()  # chat only: the reply ends before the first of these
+    seeded: bool = False  # the request gave `seed`: generated alone, with that seed (reproducible)
 
 
 class SpellxferSpec(OpenAISpec):
@@ -138,12 +151,60 @@ class SpellxferSpec(OpenAISpec):
 
         if req.stream:
             background_tasks.add_task(release)
-            return StreamingResponse(self.streaming_completion(req, pipes), media_type="text/event-stream",
+            return StreamingResponse(self._stream(req, pipes), media_type="text/event-stream",
                                      background=background_tasks)  # fmt: skip
         try:
-            return await self.non_streaming_completion(req, pipes)
+            return await self._complete(req, pipes)
         finally:
             release()
+
+    @staticmethod
+    async def _replies(pipes) -> list[dict]:
+        """Each choice's worker output (one per pipe), or the request's HTTP error."""
+        outs = []
+        for pipe in pipes:
+            async for data, status in pipe:
+                if status == LitAPIStatus.ERROR:
+                    raise data if isinstance(data, HTTPException) else HTTPException(500, GENERATION_FAILED)
+                outs.append(json.loads(data))
+        return outs
+
+    async def _complete(self, req, pipes) -> ChatCompletionResponse:
+        """The ``chat.completion`` object, each choice with its own ``finish_reason``."""
+        outs = await self._replies(pipes)
+        choices = [ChatCompletionResponseChoice(index=i, message=ChatMessage(role="assistant", content=o["content"]),
+                                                finish_reason=o["finish_reason"]) for i, o in enumerate(outs)]  # fmt: skip
+        return ChatCompletionResponse(model=req.model, choices=choices, usage=sum(UsageInfo(**o) for o in outs))
+
+    async def _stream(self, req, pipes):
+        """``chat.completion.chunk`` events under one id: the role, then the reply in the pieces
+        its tokens decode to, then each choice's ``finish_reason``, then (``stream_options:
+        {"include_usage": true}``, as OpenAI) the usage. The reply is
+        generated whole in a batch first (the engine decodes many requests at once), so the
+        first piece arrives when the whole reply is ready."""
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(choices, usage=None) -> str:
+            c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, usage=usage)
+            return f"data: {c.model_dump_json(by_alias=True)}\n\n"
+
+        try:
+            outs = await self._replies(pipes)
+            yield chunk([ChatCompletionStreamingChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))
+                         for i in range(len(outs))])  # fmt: skip
+            for i, o in enumerate(outs):
+                for piece in o["pieces"]:
+                    if piece:
+                        yield chunk([ChatCompletionStreamingChoice(index=i, delta=ChoiceDelta(content=piece))])
+            yield chunk([ChatCompletionStreamingChoice(index=i, delta=ChoiceDelta(), finish_reason=o["finish_reason"])
+                         for i, o in enumerate(outs)])  # fmt: skip
+            if (req.stream_options or {}).get("include_usage"):
+                yield chunk([], usage=sum(UsageInfo(**o) for o in outs))
+            yield "data: [DONE]\n\n"
+        except HTTPException as e:  # headers are sent: the error goes in the stream, as OpenAI's
+            body = {"error": {"message": str(e.detail), "type": "server_error" if e.status_code >= 500
+                              else "invalid_request_error", "code": e.status_code}}  # fmt: skip
+            yield f"data: {json.dumps(body)}\n\n"
 
     async def predict_route(self, request: Request):
         start = time.perf_counter()
@@ -208,8 +269,10 @@ class SpellxferAPI(ls.LitAPI):
             s = replace(s, top_p=request.top_p)
         if request.min_p is not None:
             s = replace(s, min_p=request.min_p)
+        if request.seed is not None:
+            s = replace(s, seed=request.seed)
         messages = tuple((m.role, message_text(m.content, "content")) for m in request.messages)
-        return Job("chat", messages, s)
+        return Job("chat", messages, s, stop=request.stop_sequences(), seeded=request.seed is not None)
 
     def predict(self, x, **kwargs):
         batched = self.max_batch_size > 1
@@ -218,9 +281,11 @@ class SpellxferAPI(ls.LitAPI):
         groups: dict[object, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             if job.error is None:
-                groups[job.sampling].append(i)  # one generate call per distinct sampling setting
+                # one generate call per distinct sampling setting; a seeded request alone, so that
+                # its reply depends on its seed and not on the requests it shares a batch with
+                groups[(job.sampling, i if job.seeded else None)].append(i)
         outputs: list[dict] = [{"error": job.error} for job in jobs]
-        for sampling, idx in groups.items():
+        for (sampling, _), idx in groups.items():
             try:
                 results = self._generate(sampling, [jobs[i] for i in idx])
             except Exception:
@@ -249,28 +314,71 @@ class SpellxferAPI(ls.LitAPI):
         from spellxfer.tasks.chat import chat_token_ids
 
         self.batches += 1  # a new seed per batch: the same question can get different samples
-        engine = GenerationEngine(self.model, self.tokenizer, replace(sampling, seed=self.batches),
-                                  batch_size=len(jobs))  # fmt: skip
+        seed = sampling.seed if jobs[0].seeded else self.batches
+        engine = GenerationEngine(self.model, self.tokenizer, replace(sampling, seed=seed), batch_size=len(jobs))
         ids = chat_token_ids(self.tokenizer, [[{"role": r, "content": c} for r, c in job.messages] for job in jobs])
         replies = engine.generate_ids(ids)
-        return [self._output(job, reply[0], len(prompt)) for job, reply, prompt in zip(jobs, replies, ids)]
+        return [self._output(job, reply[0], len(prompt), reply_ids[0], engine.stop_ids)
+                for job, reply, prompt, reply_ids in zip(jobs, replies, ids, engine.last_reply_ids)]  # fmt: skip
 
-    def _output(self, job: Job, reply: str, prompt_tokens: int) -> dict:
-        from spellxfer.tasks.parsing import parse_answer, strip_thinking
+    def _output(self, job: Job, reply: str, prompt_tokens: int, reply_ids: list[int], stop_ids) -> dict:
+        """One reply as the routes return it. ``completion_tokens`` counts the generated ids (up
+        to and including the end-of-turn token, or to the end of the first ``stop`` match);
+        ``finish_reason`` is ``length`` when the reply hit max_tokens without ending."""
+        from spellxfer.tasks.parsing import parse_answer, strip_end_of_turn, strip_thinking
 
-        completion_tokens = len(self.tokenizer(reply, add_special_tokens=False)["input_ids"])
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        ended = bool(reply_ids) and reply_ids[-1] in stop_ids
+        pieces = self._pieces(reply_ids)
         if job.kind == "predict":
-            parsed = parse_answer(reply, job.answer_kind)
+            answer = strip_end_of_turn(reply)
+            parsed = parse_answer(answer, job.answer_kind)
             if parsed is not None and job.answer_kind == "integer":
                 parsed = int(parsed)
-            return {"answer": reply, "parsed": parsed, **usage}
-        return {"role": "assistant", "content": strip_thinking(reply), **usage}
+            return {"answer": answer, "parsed": parsed, **_usage(prompt_tokens, len(reply_ids))}
+        content, used, cut = strip_thinking(reply), len(reply_ids), None
+        hits = [content.find(x) for x in job.stop if x in content]
+        if hits:  # OpenAI's `stop`: the reply ends before the sequence, which is not returned
+            cut = min(hits)
+            content = content[:cut]
+            used = next((k + 1 for k in range(len(pieces)) if len("".join(pieces[: k + 1]).lstrip()) >= cut), used)
+        finish = "stop" if ended or cut is not None else "length"
+        return {"role": "assistant", "content": content, "pieces": _spell(pieces, content), "finish_reason": finish,
+                **_usage(prompt_tokens, used)}  # fmt: skip
+
+    def _pieces(self, ids: list[int]) -> list[str]:
+        """The text each generated token adds (special tokens add none)."""
+        pieces, prev = [], ""
+        for k in range(len(ids)):
+            text = self.tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
+            pieces.append(text[len(prev):] if text.startswith(prev) else text)
+            prev = text
+        return pieces
 
     def encode_response(self, output, **kwargs):
         # `output` streams what predict yielded: a list per batch (batched) or one dict.
         yield from output
+
+
+def _spell(pieces: list[str], content: str) -> list[str]:
+    """``content`` in the pieces it was generated in (for the stream): the pieces cut to where
+    ``content`` stands in them (the reply shaping strips whitespace and ends at ``stop``); the
+    whole content as one piece where they do not spell it."""
+    joined = "".join(pieces)
+    start = joined.find(content)
+    if start < 0:
+        return [content]
+    out, pos, end = [], 0, start + len(content)
+    for p in pieces:
+        a, b = max(pos, start), min(pos + len(p), end)
+        if a < b:
+            out.append(p[a - pos : b - pos])
+        pos += len(p)
+    return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
 def error_response(request: Request, exc: HTTPException) -> JSONResponse:

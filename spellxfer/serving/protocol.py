@@ -11,7 +11,10 @@ Every rule here turns a bad request into a 4xx with a one-line JSON error
   server renders prompts with spellxfer's non-thinking template, so such a request could not get
   thinking anyway; refusing it says so instead of silently ignoring the client;
 - too many messages, a message over ``max_message_chars``, ``max_tokens`` over the cap, ``n`` over
-  ``max_n`` → 400; a body over ``max_payload_bytes`` → 413 (LitServer's size middleware);
+  ``max_n``, more than 4 ``stop`` sequences → 400; a body over ``max_payload_bytes`` → 413
+  (LitServer's size middleware);
+- what this server cannot return → 400 naming the field, never a silent drop: ``logprobs`` /
+  ``top_logprobs``, a ``response_format`` other than text, ``tools``;
 - JSON the server cannot hold safely → 400 naming the field: a string that is not valid UTF-8 (a
   lone surrogate such as ``"\ud800"``), an integer longer than ``max_int_digits`` digits (checked
   as the JSON is parsed, long before Python's own 4,300-digit ``int`` limit), nesting deeper than
@@ -100,10 +103,26 @@ class _NotANumber:
         self.literal = literal
 
 
+MAX_STOP = 4  # OpenAI's limit on `stop` sequences
+MAX_STOP_CHARS = 64
+
+
 class ChatRequest(ChatCompletionRequest):
-    """LitServe's OpenAI chat request, plus ``min_p`` (vLLM's extension; one of Qwen3's sampling knobs)."""
+    """LitServe's OpenAI chat request, plus ``min_p`` (vLLM's extension; one of Qwen3's sampling
+    knobs), and the OpenAI fields it would otherwise drop without a word: ``seed`` (honoured) and
+    ``logprobs`` / ``top_logprobs`` (refused: this server returns text only)."""
 
     min_p: float | None = None
+    seed: int | None = None
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        """``stop`` as a tuple (a string is one sequence)."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 def parse_json_object(body: bytes, limits: Limits) -> dict:
@@ -238,6 +257,15 @@ def parse_chat(body: bytes, limits: Limits):
         raise ApiError(400, "messages: the last message must come from the user")
     if req.tools:
         raise ApiError(400, "tools: tool calling is not supported by this server")
+    if req.logprobs or req.top_logprobs is not None:
+        field = "logprobs" if req.logprobs else "top_logprobs"
+        raise ApiError(400, f"{field}: log probabilities are not returned by this server (text only); leave it unset")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise ApiError(400, f"response_format: only {{\"type\": \"text\"}} is supported, got {req.response_format.type!r}")
+    stops = req.stop_sequences()
+    if len(stops) > MAX_STOP or any(not 0 < len(x) <= MAX_STOP_CHARS for x in stops):
+        raise ApiError(400, f"stop: up to {MAX_STOP} sequences of 1 to {MAX_STOP_CHARS} characters, got "
+                            f"{len(stops)} of lengths {[len(x) for x in stops]}")  # fmt: skip
     check_max_tokens(req.max_completion_tokens, limits, "max_completion_tokens")
     check_max_tokens(req.max_tokens, limits)
     if req.n is not None and not 1 <= req.n <= limits.max_n:

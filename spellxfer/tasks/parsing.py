@@ -69,6 +69,13 @@ _END_MARKER = re.compile(
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
+def strip_end_of_turn(text: str) -> str:
+    """``text`` up to the first chat end marker (``<|im_end|>`` and the others :func:`strip_thinking`
+    cuts at); the rest as generated."""
+    marker = _END_MARKER.search(text)
+    return text[: marker.start()] if marker else text
+
+
 def strip_thinking(text: str) -> str:
     """Return the visible answer part of a raw generation.
 
