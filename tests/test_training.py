@@ -555,6 +555,18 @@ def test_validate_on_a_checkpoint_reproduces_the_runs_last_validation(ref, demo_
     assert (tmp_path / "v" / "training_logs" / "validate" / "metrics.csv").is_file()
 
 
+def test_a_fit_writing_to_a_file_prints_plain_progress_lines(demo_data, tmp_path):
+    """stdout is a pipe here, as in a job's log: plain lines (steps out of the total, rate, ETA,
+    loss; each validation's accuracies), no ANSI codes."""
+    p = run_fit(tmp_path, demo_data, "--trainer.max_steps", "20", "--data.val_limit", "2",
+                env=quiet_env(SPELLXFER_PROGRESS_EVERY="0"))  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "\x1b[" not in p.stdout
+    steps = re.findall(r"^fit: (\d+)/20 steps .* loss [0-9.]+$", p.stdout, flags=re.M)
+    assert steps and steps[-1] == "20"
+    assert re.findall(r"^validation at step (\d+): val/position_accuracy", p.stdout, flags=re.M) == ["0", "10", "20"]
+
+
 def test_model_and_data_seeds_may_differ_and_the_loggers_get_the_whole_config(demo_data, tmp_path):
     """--model.seed (weights, sampling) and --data.seed (data order) are independent; Lightning
     used to refuse to merge two different `seed` hparams. hparams.yaml (and W&B's run config)

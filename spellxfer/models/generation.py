@@ -477,24 +477,31 @@ def unsloth_patched(model) -> bool:
 
 def timed_generate(engine: GenerationEngine, questions: Sequence[str], label: str = "generating",
                    conversations: Sequence[list[dict[str, str]]] | None = None):  # fmt: skip
-    """Run the engine under a rich progress bar (items/s); returns (replies, seconds). With
+    """Run the engine under a rich progress bar (items/s) — plain lines every 30 s when stdout
+    is not a terminal (:mod:`spellxfer.core.progress`); returns (replies, seconds). With
     ``conversations`` (one per question, e.g. few-shot turns before it) those are what is sent."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from spellxfer.core.progress import PlainProgress, is_terminal
 
     class Rate(TextColumn):
         def render(self, task):
             speed = task.finished_speed or task.speed
             return f"{speed:.1f} items/s" if speed else "– items/s"
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  Rate(""), TimeElapsedColumn(), transient=False) as bar:  # fmt: skip
-        task = bar.add_task(label, total=len(questions))
-        t0 = time.perf_counter()
-        advance = lambda n: bar.advance(task, n)  # noqa: E731
+    def run(advance):
         if conversations is None:
-            replies = engine.generate(questions, progress=advance)
-        else:
-            replies = engine.generate_chats(conversations, progress=advance)
-        seconds = time.perf_counter() - t0
-    return replies, seconds
+            return engine.generate(questions, progress=advance)
+        return engine.generate_chats(conversations, progress=advance)
 
+    t0 = time.perf_counter()
+    if not is_terminal():  # a log file: a live bar would show nothing until the end
+        plain = PlainProgress(label, len(questions), unit="items")
+        plain.update(0, force=True)
+        replies = run(lambda n: plain.update(plain.done + n))
+    else:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      Rate(""), TimeElapsedColumn(), transient=False) as bar:  # fmt: skip
+            task = bar.add_task(label, total=len(questions))
+            replies = run(lambda n: bar.advance(task, n))
+    return replies, time.perf_counter() - t0

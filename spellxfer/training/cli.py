@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from spellxfer.core.errors import SpellxferError
@@ -63,6 +63,7 @@ from spellxfer.training.checkpointing import (
 )
 from spellxfer.training.datamodule import SpellingDataModule
 from spellxfer.training.module import SpellingLoRAModule
+from spellxfer.training.progress import default_progress_bar
 from spellxfer.training.step_zero import StepZeroValidation
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -449,7 +450,8 @@ def run_lightning_cli(argv: list[str]) -> int:
         SpellxferCLI(
             SpellingLoRAModule,
             SpellingDataModule,
-            trainer_defaults={"callbacks": [RichProgressBar()], "use_distributed_sampler": False},
+            # Rich's live bar on a terminal; plain lines every 30 s in a log file (training/progress.py)
+            trainer_defaults={"callbacks": [default_progress_bar()], "use_distributed_sampler": False},
             save_config_kwargs={"overwrite": True},
             # optimizer and schedule are model.* keys (configure_optimizers), not LightningCLI's
             # --optimizer / --lr_scheduler, so there is one way to set them

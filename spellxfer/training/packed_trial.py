@@ -100,11 +100,11 @@ def build_fit_cli(argv: list[str]):
     """``python -m spellxfer fit <argv>`` parsed and instantiated (module, data, trainer with its
     loggers and callbacks) but not run. A config mistake raises the fit's own one-line error."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import RichProgressBar
 
     from spellxfer.training.cli import DEFAULT_CONFIGS, SpellxferCLI, _parse_error
     from spellxfer.training.datamodule import SpellingDataModule
     from spellxfer.training.module import SpellingLoRAModule
+    from spellxfer.training.progress import PlainProgressBar
 
     with _CLI_LOCK, _quiet_lightning():
         saved = sys.argv
@@ -113,7 +113,8 @@ def build_fit_cli(argv: list[str]):
             return SpellxferCLI(
                 SpellingLoRAModule, SpellingDataModule, run=False,
                 # run_lightning_cli's defaults, so the saved config is the fit's to the line
-                trainer_defaults={"callbacks": [RichProgressBar()], "use_distributed_sampler": False},
+                # the unpacked trial's fit writes to fit.log, not a terminal: its plain progress bar
+                trainer_defaults={"callbacks": [PlainProgressBar()], "use_distributed_sampler": False},
                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
                 parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False,
                                "default_config_files": DEFAULT_CONFIGS},
