@@ -513,6 +513,15 @@ def test_bench_refuses_hosts_that_are_not_the_projects_own(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_bench_against_a_port_where_nothing_listens_is_one_error_line(tmp_path):
+    """It used to record every request as "no reply" (p50 None) without saying why."""
+    url = f"http://127.0.0.1:{free_port()}"
+    p = run_cli("bench", "serve", "--url", url, "--concurrency", "4", "--duration", "5", "--out", str(tmp_path))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"error: bench serve: nothing answers at {url}") and "start the server first" in p.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 def test_serve_refuses_to_listen_beyond_loopback_without_a_key(host):
     p = run_cli("serve", "--model", "tiny-qwen3", "--host", host, env=env_without_key())

@@ -225,6 +225,7 @@ def bench_serve(
     allowed = load_config(deploy_config or DEFAULT_CONFIG).benchmark.allowed_hosts
     url = check_target(url, allowed)
     api_key = resolve_api_key(api_key, api_key_file)
+    check_reachable(url, timeout)
 
     console = Console(stderr=True)
     with Progress(TextColumn(f"[bold]bench {route} c={concurrency}"), BarColumn(), TextColumn("{task.completed} requests"),
@@ -246,6 +247,20 @@ def bench_serve(
     print_summary(summary)
     console.print(f"requests → {root / 'data' / f'bench-{label}.csv'}\nsummary → {html}")
     return 1 if summary["errors_5xx"] or summary["transport_errors"] else 0
+
+
+def check_reachable(url: str, timeout: float) -> None:
+    """One ``GET /health`` before the load: nothing listening is one error line that says so,
+    not a run of thousands of "no reply" samples with no latency."""
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=min(timeout, 10.0))
+    except httpx.ConnectError as e:
+        raise SpellxferError(f"bench serve: nothing answers at {url} ({' '.join(str(e).split()) or 'connection refused'}); "
+                             "start the server first (python -m spellxfer serve) or check --url") from None  # fmt: skip
+    except httpx.HTTPError:
+        pass  # it answered, slowly or oddly: the load test itself measures that
 
 
 def write_samples(path: Path, samples: list[Sample]) -> None:
