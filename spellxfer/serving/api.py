@@ -328,13 +328,13 @@ class SpellxferAPI(ls.LitAPI):
         from spellxfer.tasks.parsing import parse_answer, strip_end_of_turn, strip_thinking
 
         ended = bool(reply_ids) and reply_ids[-1] in stop_ids
-        pieces = self._pieces(reply_ids)
         if job.kind == "predict":
             answer = strip_end_of_turn(reply)
             parsed = parse_answer(answer, job.answer_kind)
             if parsed is not None and job.answer_kind == "integer":
                 parsed = int(parsed)
             return {"answer": answer, "parsed": parsed, **_usage(prompt_tokens, len(reply_ids))}
+        pieces = self._pieces(reply_ids)  # chat only: /predict has no stream
         content, used, cut = strip_thinking(reply), len(reply_ids), None
         hits = [content.find(x) for x in job.stop if x in content]
         if hits:  # OpenAI's `stop`: the reply ends before the sequence, which is not returned
