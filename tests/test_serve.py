@@ -206,7 +206,7 @@ def test_replies_are_cut_at_the_end_of_turn_and_counted_in_generated_ids():
     assert reply.endswith("<|im_end|>")
     out = api._output(Job("predict", (), default_sampling(), "letter"), reply, 20, ids, stops)
     assert out["answer"] == "The letter is r." and out["parsed"] == "r" and out["completion_tokens"] == len(ids)
-    out = api._output(Job("chat", (), default_sampling()), reply, 20, ids, stops)
+    out = api._output(Job("chat", (), default_sampling(), stream=True), reply, 20, ids, stops)
     assert (out["content"], out["finish_reason"]) == ("The letter is r.", "stop")
     assert "".join(out["pieces"]) == "The letter is r." and out["total_tokens"] == 20 + len(ids)
     out = api._output(Job("chat", (), default_sampling(), stop=(" is",)), reply, 20, ids, stops)

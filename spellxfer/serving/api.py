@@ -98,6 +98,7 @@ class Job:
     error: str | None = None  # set when decoding the request failed: predict skips it
     stop: tuple[str, ...] = ()  # chat only: the reply ends before the first of these
     seeded: bool = False  # the request gave `seed`: generated alone, with that seed (reproducible)
+    stream: bool = False  # chat only: the reply goes out as a stream, in its token pieces
 
 
 class SpellxferSpec(OpenAISpec):
@@ -272,7 +273,8 @@ class SpellxferAPI(ls.LitAPI):
         if request.seed is not None:
             s = replace(s, seed=request.seed)
         messages = tuple((m.role, message_text(m.content, "content")) for m in request.messages)
-        return Job("chat", messages, s, stop=request.stop_sequences(), seeded=request.seed is not None)
+        return Job("chat", messages, s, stop=request.stop_sequences(), seeded=request.seed is not None,
+                   stream=bool(request.stream))  # fmt: skip
 
     def predict(self, x, **kwargs):
         batched = self.max_batch_size > 1
@@ -334,16 +336,19 @@ class SpellxferAPI(ls.LitAPI):
             if parsed is not None and job.answer_kind == "integer":
                 parsed = int(parsed)
             return {"answer": answer, "parsed": parsed, **_usage(prompt_tokens, len(reply_ids))}
-        pieces = self._pieces(reply_ids)  # chat only: /predict has no stream
-        content, used, cut = strip_thinking(reply), len(reply_ids), None
+        content, used = strip_thinking(reply), len(reply_ids)
         hits = [content.find(x) for x in job.stop if x in content]
+        # the text each token adds: only where a stream sends it or a `stop` cut must be counted
+        pieces = self._pieces(reply_ids) if job.stream or hits else []
         if hits:  # OpenAI's `stop`: the reply ends before the sequence, which is not returned
             cut = min(hits)
             content = content[:cut]
-            used = next((k + 1 for k in range(len(pieces)) if len("".join(pieces[: k + 1]).lstrip()) >= cut), used)
-        finish = "stop" if ended or cut is not None else "length"
-        return {"role": "assistant", "content": content, "pieces": _spell(pieces, content), "finish_reason": finish,
-                **_usage(prompt_tokens, used)}  # fmt: skip
+            used = _tokens_spelling(pieces, cut, used)
+        out = {"role": "assistant", "content": content, "finish_reason": "stop" if ended or hits else "length",
+               **_usage(prompt_tokens, used)}  # fmt: skip
+        if job.stream:
+            out["pieces"] = _spell(pieces, content)
+        return out
 
     def _pieces(self, ids: list[int]) -> list[str]:
         """The text each generated token adds (special tokens add none)."""
@@ -357,6 +362,17 @@ class SpellxferAPI(ls.LitAPI):
     def encode_response(self, output, **kwargs):
         # `output` streams what predict yielded: a list per batch (batched) or one dict.
         yield from output
+
+
+def _tokens_spelling(pieces: list[str], chars: int, default: int) -> int:
+    """How many generated tokens it took to write the reply's first ``chars`` visible characters
+    (leading whitespace is not part of the reply); ``default`` when they never do."""
+    text = ""
+    for k, piece in enumerate(pieces):
+        text += piece
+        if len(text.lstrip()) >= chars:
+            return k + 1
+    return default
 
 
 def _spell(pieces: list[str], content: str) -> list[str]:

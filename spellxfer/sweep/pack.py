@@ -12,9 +12,9 @@ Lifecycle of a pack (one per sweep worker; each worker a device):
    accumulation, so the summed backward gives each adapter exactly its own gradient. Each trial
    then steps its own optimizer at its own accumulation boundary.
 3. **Validate.** A new trial's base model is validated at step 0 before its first step, as its fit
-   does (:mod:`spellxfer.training.step_zero`). Trials due for validation after this step are scored in one generation pass, their
-   prompts mixed in one batch with per-row adapters; each then logs, early-stops, writes its
-   checkpoints and reports to the pruner as its fit would.
+   does (:mod:`spellxfer.training.step_zero`). Trials due for validation after a step are scored
+   in one generation pass, their prompts mixed in one batch with per-row adapters; each then logs,
+   early-stops, writes its checkpoints and reports to the pruner as its fit would.
 4. **Finish.** A trial at ``max_steps`` or stopped early exports its best adapter; the trials that
    finish together are evaluated on the test sets in one pass per decoding, written as
    ``evaluate`` writes them (``eval/<decoding>/``, paired against the base model), and told to
