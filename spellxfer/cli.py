@@ -60,84 +60,130 @@ def _yn(ok: bool) -> str:
 UNAVAILABLE: dict[str, str] = {}
 """Command groups whose packages are missing here (name → why), shown in ``--help``."""
 
-
-def _optional(group: str, extra: str | None, load):
-    """``load()``'s commands, or None when a package they need is not installed (a GPU box with
-    only the training stack, say): the other commands must keep working there. ``extra``: the
-    pyproject extra that provides the packages, or None for core dependencies."""
-    try:
-        return load()
-    except ModuleNotFoundError as e:
-        install = f"pip install 'spellxfer[{extra}]'" if extra else "a spellxfer dependency: pip install -e ."
-        UNAVAILABLE[group] = f"needs {e.name} ({install})"
-        return None
-
-
-def _sweep_commands():
-    from spellxfer.bench.sweep import bench_sweep
-    from spellxfer.sweep.run import sweep
-
-    return {"sweep": sweep, "bench sweep": bench_sweep}
-
-
-def _analysis_commands():
-    from spellxfer.analysis.report import report
-    from spellxfer.analysis.transfer_analysis import analyze
-
-    return {"analyze": analyze, "report": report}
-
-
-def _deployment_commands():
-    from spellxfer.bench.serve import bench_serve
-    from spellxfer.serving.api import serve
-    from spellxfer.serving.export import export
-    from spellxfer.serving.studio import studio_status, studio_submit
-
-    studio = {"_help": "Run fit, sweep or serve as Lightning Studio jobs (lightning-sdk).",
-              "submit": studio_submit, "status": studio_status}  # fmt: skip
-    return {"export": export, "serve": serve, "studio": studio, "bench serve": bench_serve}
-
-
-def _commands() -> dict:
-    from spellxfer.bench.eval import bench_eval
-    from spellxfer.bench.train import bench_train
-    from spellxfer.core.doctor import doctor
-    from spellxfer.data.build import build
-    from spellxfer.data.checks import check_data
-    from spellxfer.evaluation.compare import compare
-    from spellxfer.evaluation.evaluate import evaluate
-
-    bench = {
+# Each command: "module:function". Only the command being run (or asked for --help) is imported;
+# the others stand in as placeholders carrying their docstring's summary (read from the source
+# with ast), so `--help`, `doctor` and `data check` start without torch, transformers or pandas.
+COMMANDS: dict = {
+    "data": {"_help": "Build the spelling / position / count datasets, or check a built one's splits.",
+             "build": "spellxfer.data.build:build", "check": "spellxfer.data.checks:check_data"},
+    "evaluate": "spellxfer.evaluation.evaluate:evaluate",
+    "compare": "spellxfer.evaluation.compare:compare",
+    "sweep": "spellxfer.sweep.run:sweep",
+    "analyze": "spellxfer.analysis.transfer_analysis:analyze",
+    "report": "spellxfer.analysis.report:report",
+    "export": "spellxfer.serving.export:export",
+    "serve": "spellxfer.serving.api:serve",
+    "studio": {"_help": "Run fit, sweep or serve as Lightning Studio jobs (lightning-sdk).",
+               "submit": "spellxfer.serving.studio:studio_submit", "status": "spellxfer.serving.studio:studio_status"},
+    "doctor": "spellxfer.core.doctor:doctor",
+    "bench": {
         "_help": "Measure speed: training / evaluation beside a plain transformers reference, sweep makespan "
                  "(one at a time, workers, packed), or load-test a server.",
-        "train": bench_train,
-        "eval": bench_eval,
-    }
-    commands = {
-        "data": {"_help": "Build the spelling / position / count datasets, or check a built one's splits.",
-                 "build": build, "check": check_data},
-        "evaluate": evaluate,
-        "compare": compare,
-    }
-    sweeps = _optional("sweep", None, _sweep_commands) or {}
-    if sweeps:
-        bench["sweep"] = sweeps.pop("bench sweep")
-    commands.update(sweeps)
-    commands.update(_optional("analyze, report", None, _analysis_commands) or {})
-    deployment = _optional("export, serve, studio, bench serve", "serve", _deployment_commands) or {}
-    if deployment:
-        bench["serve"] = deployment.pop("bench serve")
-    commands.update(deployment)
-    commands.update({
-        "doctor": doctor,
-        "bench": bench,
-        "assets": {
-            "_help": "Fetch or inspect the embedded model and tokenizer assets.",
-            "fetch": assets_fetch,
-            "status": assets_status,
-        },
-    })  # fmt: skip
-    return commands
+        "train": "spellxfer.bench.train:bench_train",
+        "eval": "spellxfer.bench.eval:bench_eval",
+        "sweep": "spellxfer.bench.sweep:bench_sweep",
+        "serve": "spellxfer.bench.serve:bench_serve",
+    },
+    "assets": {"_help": "Fetch or inspect the embedded model and tokenizer assets.",
+               "fetch": "spellxfer.cli:assets_fetch", "status": "spellxfer.cli:assets_status"},
+}  # fmt: skip
+
+# Command groups that need packages outside the core install: (commands, import names, extra).
+# A GPU box with only the training stack keeps every other command.
+OPTIONAL_GROUPS = (
+    (("sweep", "bench sweep"), ("optuna",), None),
+    (("analyze", "report"), ("pandas", "matplotlib"), None),
+    (
+        ("export", "serve", "studio", "bench serve"),
+        ("litserve", "fastapi", "prometheus_client", "httpx"),
+        "serve",
+    ),
+)
+
+
+def _missing(modules: tuple[str, ...]) -> str | None:
+    """The first of ``modules`` that cannot be imported here (found without importing it)."""
+    import importlib.util
+
+    for name in modules:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None
+
+
+def _summary(target: str) -> str:
+    """The first paragraph of a command's docstring, read from its module's source (no import)."""
+    import ast
+    import importlib.util
+
+    module, _, func = target.partition(":")
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
+    return (ast.get_docstring(node) or "").split("\n\n", 1)[0]
+
+
+def _placeholder(target: str):
+    def command() -> None:  # never run: main() swaps in the real command before parsing its flags
+        raise AssertionError(target)
+
+    command.__doc__ = _summary(target)
+    return command
+
+
+def _load(target: str):
+    import importlib
+
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _commands(selected: tuple[str, ...] = ()) -> dict:
+    """The command tree for jsonargparse: the command at path ``selected`` (e.g. ``("bench",
+    "sweep")``) is the real function, every other one a placeholder with its summary. Commands
+    whose packages are missing are left out and listed in ``UNAVAILABLE``."""
+    unavailable = set()
+    for names, modules, extra in OPTIONAL_GROUPS:
+        missing = _missing(modules)
+        if missing:
+            install = (
+                f"pip install 'spellxfer[{extra}]'" if extra else "a spellxfer dependency: pip install -e ."
+            )
+            UNAVAILABLE[", ".join(names)] = f"needs {missing} ({install})"
+            unavailable.update(names)
+
+    def build(tree: dict, path: tuple[str, ...]) -> dict:
+        out = {}
+        for name, value in tree.items():
+            here = path + (name,)
+            if name == "_help":
+                out[name] = value
+            elif " ".join(here) in unavailable:
+                continue
+            elif isinstance(value, dict):
+                out[name] = build(value, here)
+            else:
+                out[name] = _load(value) if selected[: len(here)] == here else _placeholder(value)
+        return out
+
+    return build(COMMANDS, ())
+
+
+def _selected(argv: list[str]) -> tuple[str, ...]:
+    """The command path that ``argv`` names (``["bench", "sweep", "--model", …]`` → ``("bench",
+    "sweep")``); options before a command (``--config x evaluate``) are stepped over."""
+    path: tuple[str, ...] = ()
+    tree = COMMANDS
+    for arg in argv:
+        if not isinstance(tree, dict):
+            break
+        if arg in tree and arg != "_help":
+            path += (arg,)
+            tree = tree[arg]
+    return path
 
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -261,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         check_config_files(argv)
-        commands = _commands()
-        epilog = LIGHTNING_HELP + "".join(f"\n  not available here: {g}: {why}" for g, why in UNAVAILABLE.items())
+        commands = _commands(_selected(argv))
+        epilog = LIGHTNING_HELP + "".join(
+            f"\n  not available here: {g}: {why}" for g, why in UNAVAILABLE.items()
+        )
         rc = auto_cli(commands, args=argv, as_positional=False, prog="python -m spellxfer",
                       description=DESCRIPTION, epilog=epilog, exit_on_error=False,
                       formatter_class=_HelpFormatter)  # fmt: skip

@@ -9,6 +9,7 @@ import sys
 import pytest
 from conftest import REPO
 
+import spellxfer.cli as cli
 from spellxfer.cli import fold_multi_value_flags, main
 
 
@@ -90,3 +91,28 @@ def test_commands_whose_extras_are_missing_are_listed_not_fatal(monkeypatch, cap
     commands = cli._commands()
     assert "serve" not in commands and "export" not in commands and "serve" not in commands["bench"]
     assert {"evaluate", "sweep", "analyze", "bench"} <= set(commands) and "train" in commands["bench"]
+
+
+HEAVY = ("torch", "transformers", "peft", "lightning", "pandas", "scipy", "litserve", "optuna", "datasets")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["data", "check", "--help"], ["sweep", "--help"]])
+def test_help_imports_none_of_the_heavy_stack(argv):
+    """Start-up: only the command being run is imported, so --help and light commands never load
+    torch, transformers, lightning, pandas … (what made every command take 7–15 s)."""
+    code = (
+        "import sys\nfrom spellxfer.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "LOADED []", out[-2000:]
+
+
+def test_the_command_being_run_is_the_real_function_and_the_others_placeholders():
+    from spellxfer.bench.sweep import bench_sweep
+
+    commands = cli._commands(("bench", "sweep"))
+    assert commands["bench"]["sweep"] is bench_sweep
+    assert commands["evaluate"].__doc__.startswith("Score a model on position / count questions")
+    assert cli._selected(["--config", "x.yaml", "bench", "sweep", "--model", "evaluate"]) == ("bench", "sweep")
