@@ -45,7 +45,7 @@ def test_predictions_rescore_to_the_reported_accuracy(smollm2_run, demo_data):
         rows = [p for p in preds if p["task"] == task]
         # re-score from the raw reply alone, by the documented rule, against the question file's gold
         correct = sum(score(p["output"], gold[p["id"]]["answer"])[1] for p in rows)
-        assert metrics[f"{task}_accuracy"] == pytest.approx(correct / len(rows))
+        assert metrics[f"{task}_accuracy"] == correct / len(rows)  # exact: no float32 noise (0.1000000015)
         assert metrics[f"{task}_accuracy_n"] == len(rows) == 30
         lo, hi = wilson_interval(correct, len(rows))
         assert (metrics[f"{task}_accuracy_ci_low"], metrics[f"{task}_accuracy_ci_high"]) == pytest.approx((lo, hi))
@@ -88,6 +88,8 @@ def test_metrics_carry_subtasks_breakdowns_baselines_and_run_info(smollm2_run):
     assert set(m["breakdowns"]["letter_position"]) == {"position"}  # only nth_letter rows carry a position
     run = m["run"]
     assert run["model"] == "smollm2-135m" and run["sampling"]["decoding"] == "greedy"
+    # greedy decoding records no sampling knobs it never used
+    assert not {"temperature", "top_p", "top_k", "min_p"} & set(run["sampling"])
     # timing is recorded, not judged: speed belongs to `bench eval`, not to a test on a shared machine
     assert run["seconds"] > 0 and run["items_per_second"] > 0 and run["n_items"] == 60
     # only position / count metrics: no key anywhere mentions spelling

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -177,7 +176,7 @@ def evaluate(
         "scoring": scoring,
         "shots": shots,
         "shot_pool": pool_path,
-        "sampling": asdict(sampling),
+        "sampling": sampling.record(),
         "batch_size": engine.last_batch_size if engine else None,
         "decoder": engine.resolve_path(next(lm.parameters()).device) if engine else None,
         "questions": list(questions),
@@ -366,7 +365,10 @@ def summarise(items: list[Item], predictions: list[dict], probe: list[ProbeResul
         cnt_subs = tuple(s for s in subtasks if any(i.subtask == s and i.task == "count" for i in items))
         metric = TransferAccuracy(position_subtasks=pos_subs or ("nth_letter",), count_subtasks=cnt_subs or ("word_length",))
         metric.update([p["task"] for p in predictions], [p["subtask"] for p in predictions], [p["correct"] for p in predictions])
-        point = {k: float(v) for k, v in metric.compute().items()}
+        # exact fractions from the metric's counts (its compute() is float32, for Lightning's loggers)
+        point = {k: correct / total for k, (correct, total) in metric.counts().items()}
+        if "position_accuracy" in point and "count_accuracy" in point:
+            point["transfer_score"] = (point["position_accuracy"] + point["count_accuracy"]) / 2
         k_max = max((len(v) for v in by_item.values()), default=1)
         metrics |= {"ci_method": "wilson" if k_max == 1 else "item_bootstrap", "confidence": 0.95}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -70,6 +70,15 @@ class Sampling:
         if unknown:
             raise SpellxferError(f"{path}: unknown sampling key(s) {sorted(unknown)}")
         return cls(**{**block, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def record(self) -> dict:
+        """The settings as written to metrics.json: greedy decoding lists no temperature, top-p,
+        top-k or min-p (they play no part in it)."""
+        out = asdict(self)
+        if self.decoding == "greedy":
+            for key in ("temperature", "top_p", "top_k", "min_p"):
+                del out[key]
+        return out
 
     def generate_kwargs(self) -> dict:
         if self.decoding == "greedy":

@@ -380,7 +380,6 @@ class Pack:
 
     def _write_evaluation(self, s: Slot, decoding: str, items, replies, engine, seconds: float, n_trials: int) -> None:
         """``eval/<decoding>/`` as ``evaluate --compare_to <base>`` writes it."""
-        from dataclasses import asdict
 
         from spellxfer.core.outputs import atomic_output_dir, package_versions, write_json, write_jsonl
         from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
@@ -390,7 +389,7 @@ class Pack:
         predictions = list(score_items(items, replies))
         metrics = summarise(items, predictions)
         metrics["run"] = {
-            "model": self.ctx.model, "adapter": str(s.run / "adapter"), "sampling": asdict(engine.sampling),
+            "model": self.ctx.model, "adapter": str(s.run / "adapter"), "sampling": engine.sampling.record(),
             "batch_size": engine.last_batch_size, "decoder": engine.resolve_path(self.device),
             "questions": [str(p) for p in self.ctx.test_files], "limit": self.ctx.space.evaluation.get("limit"),
             "n_items": len(items), "seconds": round(seconds, 2),
