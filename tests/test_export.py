@@ -107,3 +107,40 @@ def test_a_file_that_is_not_a_checkpoint_is_one_error_line_and_nothing_written(t
         assert p.returncode == 2 and p.stderr.startswith("error:") and p.stderr.count("\n") == 1, p.stderr
         assert str(ckpt) in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_model_cards_carry_base_data_training_and_the_evaluated_results(ckpt, demo_data, tmp_path):
+    """The fit's best_adapter/, the exported adapter and the merged model each get a real card
+    (not PEFT's empty template); with --eval, the position / count results with intervals."""
+    fit_card = (ckpt.parent / "best_adapter" / "README.md").read_text()
+    assert "base_model:" in fit_card and "library_name: peft" in fit_card
+    assert "trained on spelling only" in fit_card and "position and count questions only" in fit_card
+    assert "`spelling_train.jsonl`" in fit_card and "| lora_r | 4 |" in fit_card and "best-step" in fit_card
+    assert "| max_steps | 10 |" in fit_card and "| steps_trained | 10 |" in fit_card and "| batch_size |" in fit_card
+    assert "non-thinking" in fit_card and "Not evaluated" in fit_card
+
+    ev = tmp_path / "eval"
+    p = spellxfer("evaluate", "--model", "tiny-qwen3", "--adapter", str(ckpt.parent / "best_adapter"), "--questions",
+                  str(demo_data / "position_test.jsonl"), str(demo_data / "count_test.jsonl"), "--limit", "8",
+                  "--decoding", "greedy", "--out", str(ev))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "export"
+    p = spellxfer("export", "--ckpt", str(ckpt), "--out", str(out), "--merge", "--dtype", "fp32", "--eval", str(ev))
+    assert p.returncode == 0, p.stderr
+    metrics = json.loads((ev / "metrics.json").read_text())
+    for kind, library in (("adapter", "peft"), ("merged", "transformers")):
+        card = (out / kind / "README.md").read_text()
+        assert f"library_name: {library}" in card and "trained on spelling only" in card
+        for key, v in metrics["subtasks"].items():  # every subtask's accuracy with its interval and baseline
+            row = next(line for line in card.splitlines() if line.startswith(f"| {key} |"))
+            assert f"{v['accuracy']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" in row
+            assert f"{v['best_trivial']['accuracy']:.3f}" in row
+        assert "spell" not in " ".join(metrics["subtasks"])  # only position and count results
+
+
+def test_export_eval_that_is_not_an_evaluate_output_is_one_error_line(ckpt, tmp_path):
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "metrics.json").write_text("{}")
+    p = spellxfer("export", "--ckpt", str(ckpt), "--out", str(tmp_path / "x"), "--eval", str(tmp_path / "ev"))
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+    assert "metrics.json" in p.stderr and not (tmp_path / "x").exists()

@@ -25,6 +25,7 @@ package that does the conversion, so spellxfer does not wrap it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -37,9 +38,11 @@ from spellxfer.core.outputs import (
     check_output_dir,
     git_commit,
     package_versions,
+    read_json,
     write_json,
 )
 from spellxfer.models.registry import check_lora_layout, write_loadable_base
+from spellxfer.training.cards import write_card
 
 DEFAULT_ROOT = Path("results/deployment/models")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -50,6 +53,7 @@ def export(
     out: str | None = None,
     merge: bool = False,
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
+    eval: str | None = None,
     overwrite: bool = False,
 ) -> int:
     """Export a fine-tuned checkpoint for serving: a PEFT adapter, and with --merge a merged model.
@@ -63,12 +67,17 @@ def export(
         out: Output directory (default results/deployment/models/<run>-<checkpoint name>).
         merge: Also write the base model with the adapter folded in (no PEFT needed to load it).
         dtype: Weight dtype of the merged model: bf16 (GPUs), fp16 or fp32 (CPUs, exact).
+        eval: An ``evaluate`` output directory of this checkpoint's adapter (its metrics.json): the
+            model cards then carry its position / count results with intervals and baselines.
         overwrite: Replace a non-empty output directory.
     """
     ckpt_path = Path(ckpt)
     out_dir = Path(out) if out else DEFAULT_ROOT / f"{ckpt_path.parent.name}-{ckpt_path.stem}"
     check_output_dir(out_dir, overwrite)
     state, hparams = read_checkpoint(ckpt_path)
+    metrics = read_json(Path(eval) / "metrics.json") if eval is not None else None
+    if metrics is not None and not isinstance(metrics.get("subtasks"), dict):
+        raise SpellxferError(f"--eval {eval}: metrics.json has no 'subtasks' (not written by `evaluate`?)")
 
     from rich.console import Console
 
@@ -78,8 +87,13 @@ def export(
         with atomic_output_dir(out_dir, overwrite) as tmp:
             module.lm.save_pretrained(tmp / "adapter")
             write_loadable_base(tmp / "adapter", hparams["model"], hparams.get("seed", 0))
+            card = {"base_model": hparams["model"], "hparams": hparams, "data_dir": _data_dir(ckpt_path),
+                    "selection": f"Exported from `{ckpt_path.name}`.", "metrics": metrics,
+                    "metrics_source": str(Path(eval) / "metrics.json") if eval is not None else None}  # fmt: skip
+            write_card(tmp / "adapter", **card)
             if merge:
                 save_merged(module.lm, module.tokenizer, tmp / "merged", DTYPES[dtype])
+                write_card(tmp / "merged", **card, merged=True)
             write_json(tmp / "export.json", {
                 "checkpoint": str(ckpt_path.resolve()),
                 "base_model": hparams["model"],
@@ -93,6 +107,15 @@ def export(
             })  # fmt: skip
     console.print(f"adapter → {out_dir / 'adapter'}" + (f"\nmerged model → {out_dir / 'merged'}" if merge else ""))
     return 0
+
+
+def _data_dir(ckpt_path: Path) -> str | None:
+    """The data directory of the run that wrote the checkpoint (its manifest.json), if recorded."""
+    manifest = ckpt_path.parent / "manifest.json"
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("data_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -320,14 +320,36 @@ class RunManifest(L.Callback):
         if trainer.global_rank != 0:
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
-        export_adapter(pl_module, Path(trainer.default_root_dir) / "best_adapter", best or None)
+        dm = trainer.datamodule
+        facts = training_facts(dm.hparams if dm is not None else {}, trainer.accumulate_grad_batches,
+                               trainer.max_steps, trainer.global_step)  # fmt: skip
+        export_adapter(pl_module, Path(trainer.default_root_dir) / "best_adapter", best or None,
+                       data_dir=dm.hparams.get("data_dir") if dm is not None else None, facts=facts)  # fmt: skip
 
 
-def export_adapter(pl_module, out: Path, ckpt_path: str | None = None) -> Path:
-    """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+def training_facts(data_hparams, accumulate: int, max_steps: int, steps_trained: int) -> dict:
+    """What a model card adds to the module's hyperparameters: the data's batch size, the
+    trainer's accumulation and step budget, and the optimizer steps actually trained."""
+    return {"batch_size": data_hparams.get("batch_size"), "accumulate_grad_batches": int(accumulate),
+            "max_steps": int(max_steps), "steps_trained": int(steps_trained)}  # fmt: skip
+
+
+def selection_note(ckpt_path: str | None) -> str:
+    """How a fit's ``best_adapter/`` was chosen, for its model card."""
+    if not ckpt_path:
+        return "The weights are the module's at the end of training (no validation ran)."
+    return (f"The weights are those of `{Path(ckpt_path).name}`, the checkpoint with the best validation transfer "
+            "score (position and count validation questions; step 0, the base model, takes part).")  # fmt: skip
+
+
+def export_adapter(pl_module, out: Path, ckpt_path: str | None = None, data_dir: str | None = None,
+                   facts: dict | None = None) -> Path:  # fmt: skip
+    """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors + a model card).
 
     With ``ckpt_path``, the LoRA weights come from that checkpoint; otherwise the module's own.
     """
+    from spellxfer.training.cards import write_card
+
     lm = pl_module.lm
     current = None
     if ckpt_path:
@@ -339,6 +361,8 @@ def export_adapter(pl_module, out: Path, ckpt_path: str | None = None) -> Path:
         lm.save_pretrained(tmp)
         hp = pl_module.hparams
         write_loadable_base(tmp, hp.model, hp.get("seed", 0))
+        write_card(tmp, base_model=hp.model, hparams={**hp, **(facts or {})}, data_dir=data_dir,
+                   selection=selection_note(ckpt_path))  # fmt: skip
     if current is not None:
         pl_module.load_state_dict(current, strict=False)
     return out

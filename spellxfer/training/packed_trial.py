@@ -545,7 +545,8 @@ class PackedTrial:
         """Export the best checkpoint's adapter (as fit does) into ``adapter/``, keep its weights in
         the pack for the test evaluation; returns (best objective, best checkpoint)."""
         from spellxfer.models.registry import write_loadable_base
-        from spellxfer.training.checkpointing import load_fit_checkpoint
+        from spellxfer.training.cards import write_card
+        from spellxfer.training.checkpointing import load_fit_checkpoint, selection_note, training_facts
 
         kill_point("fit_end", self.global_step)
         for logger in self.trainer.loggers:
@@ -561,6 +562,9 @@ class PackedTrial:
             shutil.rmtree(adapter)
         os.replace(exported, adapter)
         write_loadable_base(adapter, self.hp.model, self.hp.seed)
+        facts = training_facts(self.dm.hparams, self.accumulate, self.max_steps, self.global_step)
+        write_card(adapter, base_model=self.hp.model, hparams={**self.hp, **facts},
+                   data_dir=self.dm.hparams.get("data_dir"), selection=selection_note(best))  # fmt: skip
         return float(self.scored.best_model_score), Path(best)
 
     def close(self, status: str = "failed") -> None:
