@@ -62,4 +62,4 @@ else
         -c "SELECT 1 FROM pg_database WHERE datname = 'spellxfer'" | grep -q 1 \
         || as_owner "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U spellxfer spellxfer
 fi
-echo "postgresql+psycopg2://spellxfer@127.0.0.1:$PORT/spellxfer"
+echo "postgresql+psycopg://spellxfer@127.0.0.1:$PORT/spellxfer"

@@ -93,11 +93,8 @@ COMMANDS: dict = {
 OPTIONAL_GROUPS = (
     (("sweep", "bench sweep"), ("optuna",), None),
     (("analyze", "report"), ("pandas", "matplotlib"), None),
-    (
-        ("export", "serve", "studio", "bench serve"),
-        ("litserve", "fastapi", "prometheus_client", "httpx"),
-        "serve",
-    ),
+    (("export", "serve", "bench serve"), ("litserve", "fastapi", "prometheus_client", "httpx"), "serve"),
+    (("studio",), ("lightning_sdk", "pydantic"), "studio"),
 )
 
 

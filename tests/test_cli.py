@@ -86,10 +86,11 @@ def test_commands_whose_extras_are_missing_are_listed_not_fatal(monkeypatch, cap
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "not available here: export, serve, studio, bench serve: needs litserve" in out
+    assert "not available here: export, serve, bench serve: needs litserve" in out
     assert "spellxfer[serve]" in out
     commands = cli._commands()
     assert "serve" not in commands and "export" not in commands and "serve" not in commands["bench"]
+    assert "studio" in commands  # its own extra (lightning-sdk), installed here
     assert {"evaluate", "sweep", "analyze", "bench"} <= set(commands) and "train" in commands["bench"]
 
 
@@ -116,3 +117,11 @@ def test_the_command_being_run_is_the_real_function_and_the_others_placeholders(
     assert commands["bench"]["sweep"] is bench_sweep
     assert commands["evaluate"].__doc__.startswith("Score a model on position / count questions")
     assert cli._selected(["--config", "x.yaml", "bench", "sweep", "--model", "evaluate"]) == ("bench", "sweep")
+
+
+def test_studio_without_its_extra_is_listed_with_the_extra_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lightning_sdk", None)
+    monkeypatch.setattr(cli, "UNAVAILABLE", {})
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "not available here: studio: needs lightning_sdk (pip install 'spellxfer[studio]')" in capsys.readouterr().out

@@ -175,9 +175,14 @@ def _smollm2_dir() -> Path:
     out = cache_dir() / "models" / "smollm2-135m"
     if _is_converted(out):
         return out
+    import importlib.util
+
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:
+        raise SpellxferError("smollm2-135m is read from a GGUF file, which needs the gguf package "
+                             "(pip install 'spellxfer[gguf]'); it is converted once and cached")  # fmt: skip
     gguf = ensure_asset("smollm2-gguf")
     with Console(stderr=True).status("converting SmolLM2 GGUF to safetensors (once, ~30 s)"):
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

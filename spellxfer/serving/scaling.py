@@ -138,8 +138,13 @@ class LightningConfig(_Block):
 
 
 def check_machine(name: str) -> str:
-    """A machine name lightning_sdk knows (``L4``, ``A100_X_8``, ``CPU`` …), upper-cased."""
-    from lightning_sdk import Machine
+    """A machine name lightning_sdk knows (``L4``, ``A100_X_8``, ``CPU`` …), upper-cased. Without
+    the studio extra (lightning-sdk) the name is only upper-cased: ``serve`` reads this config too,
+    and the ``studio`` commands, which need the extra, check it before anything is submitted."""
+    try:
+        from lightning_sdk import Machine
+    except ModuleNotFoundError:
+        return name.upper()
 
     key = name.upper()
     if not isinstance(getattr(Machine, key, None), Machine):

@@ -74,7 +74,7 @@ def sweep(
         trials: Configurations to finish (complete, pruned or failed; a retried trial counts once),
             each trained with the space file's `replicates` seeds; default: the space file's
             budget.trials.
-        storage: Optuna storage URL, e.g. postgresql+psycopg2://user:pw@host/db
+        storage: Optuna storage URL, e.g. postgresql+psycopg://user:pw@host/db (the postgres extra)
             (default: sqlite:///RESULTS/sweeps/STUDY.db).
         workers: Trials run at once by this process (one GPU each, round robin).
         pruner: none, median or hyperband (default: the space file's pruner).
@@ -121,7 +121,7 @@ def sweep(
 
     results = Path(results_dir)
     sweep_dir = results / "sweeps" / study
-    url = storage or f"sqlite:///{(results / 'sweeps' / f'{study}.db').resolve()}"
+    url = storage_url(storage) if storage else f"sqlite:///{(results / 'sweeps' / f'{study}.db').resolve()}"
     if storage is None:
         (results / "sweeps").mkdir(parents=True, exist_ok=True)  # where the default SQLite file lives
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened
@@ -286,6 +286,28 @@ def record_study_settings(study, spec, sampler: str, pruner: str, n_trials: int)
     for key, value in settings.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
+
+
+# PostgreSQL drivers SQLAlchemy can use for --storage; psycopg 3 is the `postgres` extra.
+POSTGRES_DRIVERS = {"postgresql+psycopg": ("psycopg", "pip install 'spellxfer[postgres]'"),
+                    "postgresql+psycopg2": ("psycopg2", "pip install psycopg2-binary, or use postgresql+psycopg:// "
+                                                        "with pip install 'spellxfer[postgres]'")}  # fmt: skip
+
+
+def storage_url(url: str) -> str:
+    """``--storage`` as SQLAlchemy opens it: a bare ``postgresql://`` means psycopg 3 (SQLAlchemy's
+    own default would be psycopg2); a PostgreSQL driver that is not installed is one error line
+    naming what to install."""
+    import importlib.util
+
+    scheme = url.split("://", 1)[0]
+    if scheme == "postgresql":
+        url, scheme = "postgresql+psycopg" + url[len("postgresql") :], "postgresql+psycopg"
+    if scheme in POSTGRES_DRIVERS:
+        module, install = POSTGRES_DRIVERS[scheme]
+        if importlib.util.find_spec(module) is None:
+            raise SpellxferError(f"--storage {_redact(url)}: the PostgreSQL driver {module} is not installed ({install})")
+    return url
 
 
 def _redact(url: str) -> str:
