@@ -293,11 +293,32 @@ def check_config_files(argv: list[str]) -> None:
             parse_yaml(value, "--config")
 
 
+# Flags that name a config file: `configs/…` that does not exist here is the shipped one.
+CONFIG_FLAGS = ("--config", "--space", "--base", "--deploy_config")
+
+
+def shipped_config_paths(argv: list[str]) -> list[str]:
+    """``--config configs/tiny.yaml`` (and ``--space``, ``--base``, ``--deploy_config``) run from any
+    directory: a ``configs/…`` path that does not exist here becomes the shipped file's path."""
+    from spellxfer.core.configs import config_path
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        name, eq, value = arg.partition("=")
+        if name.replace("-", "_").replace("__", "--", 1) not in CONFIG_FLAGS:
+            continue
+        if eq:
+            out[i] = f"{name}={config_path(value)}" if value.startswith("configs/") else arg
+        elif i + 1 < len(out) and out[i + 1].startswith("configs/"):
+            out[i + 1] = str(config_path(out[i + 1]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
     from jsonargparse import auto_cli
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = shipped_config_paths(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         return _one_line_errors(lambda: _run_lightning(argv), f"{argv[0]} --help")
     argv = fold_multi_value_flags(argv)

@@ -51,3 +51,10 @@ def test_the_documented_layer_order_is_the_contracts():
     # Each line starts with its layer names ("__main__, cli"), then two or more spaces.
     heads = [re.split(r"\s{2,}", line.strip())[0] for line in diagram.strip().splitlines()]
     assert [name for head in heads for name in head.split(", ")] == contract_layers()
+
+
+def test_the_packaged_subpackages_are_every_subpackage_plus_the_shipped_configs():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    subpackages = {f"spellxfer.{p.parent.name}" for p in PACKAGE.glob("*/__init__.py")}
+    assert set(config["packages"]) == {"spellxfer", "spellxfer.configs"} | subpackages
+    assert config["package-dir"] == {"spellxfer.configs": "configs"}

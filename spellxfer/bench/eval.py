@@ -190,9 +190,9 @@ def _write_json(path: Path, report: dict) -> None:
 def _validation_config(path: str) -> dict:
     import yaml
 
-    p = Path(path)
-    if not p.is_file() and not p.is_absolute():  # configs/… from outside a checkout's root
-        p = Path(__file__).resolve().parents[2] / path
+    from spellxfer.core.configs import config_path
+
+    p = config_path(path)  # configs/… is the shipped file where no such path exists here
     try:
         cfg = yaml.safe_load(p.read_text())
     except (OSError, yaml.YAMLError) as e:

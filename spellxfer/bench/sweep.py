@@ -50,6 +50,7 @@ import torch
 import yaml
 
 from spellxfer.bench.train import bench_dir, command_line, refuse_gpu_model_on_cpu, run_environment
+from spellxfer.core.configs import config_path
 from spellxfer.core.errors import SpellxferError
 
 MODE = re.compile(r"^(serial|workers:(\d+)|pack:(\d+)(?::(loop|concat|grouped))?(:window)?)(?:@(\d+))?$")
@@ -295,7 +296,8 @@ def bench_sweep(
         raise SpellxferError(f"bench sweep: --kernel_steps must be ≥ 0, got {kernel_steps}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    base = base or ("configs/r16.yaml" if cuda else "configs/tiny.yaml")
+    base = str(config_path(base or ("configs/r16.yaml" if cuda else "configs/tiny.yaml")))
+    space = str(config_path(space))
     gc = {"true": True, "false": False}.get(gradient_checkpointing, "auto")
     spec = bench_space(space, base, model, trials, max_steps, validate_every_steps, val_limit, eval_limit, data_dir,
                        gc, seed, cuda)  # fmt: skip

@@ -22,11 +22,12 @@ from typing import Literal
 import torch
 import yaml
 
+from spellxfer.core.configs import shipped
 from spellxfer.core.errors import SpellxferError
 from spellxfer.models.attention import grouped_decode_attention
 from spellxfer.tasks.chat import chat_token_ids, end_of_turn_ids
 
-QWEN3_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "qwen3_config.yaml"
+QWEN3_CONFIG = shipped("models/qwen3_config.yaml")
 
 
 @dataclass(frozen=True)

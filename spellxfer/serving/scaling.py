@@ -25,10 +25,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from spellxfer.core.configs import shipped
 from spellxfer.core.errors import SpellxferError
 from spellxfer.serving.protocol import Limits
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "deployment" / "lightning_config.yaml"
+DEFAULT_CONFIG = shipped("deployment/lightning_config.yaml")
 
 
 class _Block(BaseModel):

@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 
+from spellxfer.core.configs import config_path
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import read_yaml
 
@@ -139,9 +140,10 @@ def load_space(path: str | Path) -> SweepSpace:
             fail(str(key), f"unknown key; known: {', '.join(TOP_KEYS)}")
     if "base" not in raw:
         fail("base", "missing: the fit config every trial starts from (e.g. configs/tiny.yaml)")
-    base = Path(str(raw["base"]))
+    base = config_path(str(raw["base"]))
     if not base.is_file():
-        fail("base", f"no such fit config {base} (paths are relative to the working directory)")
+        fail("base", f"no such fit config {base} (paths are relative to the working directory; configs/… "
+                     "names a shipped config)")  # fmt: skip
     objective = raw.get("objective", "val/transfer_score")
     if not isinstance(objective, str) or not OBJECTIVE.match(objective):
         fail("objective", f"{objective!r} is not a position / count metric; use val/transfer_score, "

@@ -49,6 +49,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from spellxfer.core.configs import shipped
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import check_run_name
 from spellxfer.models.registry import check_lora_layout
@@ -67,13 +68,9 @@ from spellxfer.training.progress import default_progress_bar
 from spellxfer.training.step_zero import StepZeroValidation
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-# Project-wide defaults, loaded before the user's --config files (which override any key). They
-# live in the checkout; an installed package without them falls back to the class defaults.
-DEFAULT_CONFIGS = [
-    str(p)
-    for p in (Path(__file__).resolve().parents[2] / "configs" / "training" / f for f in ("optimizer.yaml", "scheduler.yaml"))
-    if p.is_file()
-]
+# Project-wide defaults (shipped package data), loaded before the user's --config files (which
+# override any key).
+DEFAULT_CONFIGS = [str(shipped(f"training/{f}")) for f in ("optimizer.yaml", "scheduler.yaml")]
 
 
 # Hyper-parameters that decide which LoRA tensors exist and their shapes: a checkpoint written
