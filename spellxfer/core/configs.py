@@ -16,8 +16,14 @@ PREFIX = "configs/"
 
 
 def shipped(relative: str) -> Path:
-    """The shipped file ``configs/<relative>`` (it may not exist)."""
-    return Path(str(resources.files("spellxfer.configs").joinpath(*relative.split("/"))))
+    """The shipped file ``configs/<relative>`` (it may not exist). Installed (wheel or editable),
+    it is package data; a source tree used without installing (``PYTHONPATH=checkout``) has no
+    ``spellxfer.configs`` module, and its own ``configs/`` folder is the shipped one."""
+    try:
+        root = Path(str(resources.files("spellxfer.configs")))
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parents[2] / "configs"
+    return root.joinpath(*relative.split("/"))
 
 
 def config_path(value: str | Path) -> Path:
