@@ -15,7 +15,7 @@ validation step generates with the shared engine and scores parsed replies, exac
 Why ``datasets`` for training rows: the file is read with the fixed Features every ``data build``
 file has and its dataset card declares (:mod:`spellxfer.data.schema`) — the call a user loads it
 with — so a file that drifts from the schema fails at ``setup``, and the tokenized examples live
-in Arrow buffers (a quarter of the memory of Python lists, shared with DataLoader workers).
+in Arrow buffers (about a quarter of the memory of Python lists, shared with DataLoader workers).
 Evaluation files keep :func:`~spellxfer.tasks.questions.load_questions`: they may be a user's CSV,
 and their rows become Items.
 
