@@ -618,6 +618,8 @@ DATA_BUILD = {
     "out-under-a-file": (_build_out_under_a_file, "is a file, not a directory"),
     "seed-5000-digits": (lambda root: ["data", "build", "--out", root / "d", "--seed", BIG_INT], 'Parser key "seed"'),
     "seed-not-a-number": (lambda root: ["data", "build", "--out", root / "d", "--seed", "abc"], 'Parser key "seed"'),
+    "chat-export-not-a-bool": (lambda root: ["data", "build", "--out", root / "d", "--chat_export", "maybe"],
+                               'Parser key "chat_export"'),
 }  # fmt: skip
 
 

@@ -207,16 +207,107 @@ def test_english_token_subset_artifact(demo_data, qwen_tok):
     assert "HTTP" not in {e[1] for e in art["entries"]}  # all-caps entries are not words
 
 
-def test_files_load_with_datasets(demo_data):
+SPLITS = ("spelling_train", *(f.removesuffix(".jsonl") for f in EVAL_FILES), POOL.removesuffix(".jsonl"))
+
+
+def test_every_row_of_every_file_is_in_the_one_schema(demo_data):
+    from spellxfer.data.schema import COLUMNS, row_problem
+
+    for split in SPLITS:
+        for r in read_jsonl(demo_data / f"{split}.jsonl"):
+            assert row_problem(r) is None, (split, r)
+            assert list(r) == [c for c in COLUMNS if c in r], (split, r)  # the schema's order
+            # evaluation rows carry every column; training rows leave the evaluation-only ones out
+            assert set(r) == (set(COLUMNS) if r["task"] != "spelling" else set(list(COLUMNS)[:6])), (split, r)
+
+
+def test_every_split_loads_in_one_call_with_the_fixed_features(demo_data, tmp_path):
     from datasets import load_dataset
 
-    ds = load_dataset("json", data_files={f.split(".")[0]: str(demo_data / f) for f in EVAL_FILES})
-    assert ds["position_val"].num_rows == len(read_jsonl(demo_data / "position_val.jsonl"))
-    assert {"id", "task", "subtask", "question", "answer", "word", "word_kind", "n_tokens"} <= set(
-        ds["count_test"].column_names
-    )
-    train = load_dataset("json", data_files=str(demo_data / "spelling_train.jsonl"))["train"]
-    assert set(train["task"]) == {"spelling"}
+    from spellxfer.data.schema import FEATURES
+
+    files = {split: str(demo_data / f"{split}.jsonl") for split in SPLITS}
+    by_files = load_dataset("json", data_files=files, features=FEATURES, cache_dir=str(tmp_path))
+    # the card's header names the files and the Features: the directory alone is enough
+    by_card = load_dataset(str(demo_data), cache_dir=str(tmp_path))
+    for ds in (by_files, by_card):
+        assert list(ds) == list(SPLITS)
+        for split in SPLITS:
+            assert ds[split].features == FEATURES
+            assert ds[split].to_list() == [{c: r.get(c) for c in FEATURES} for r in read_jsonl(demo_data / f"{split}.jsonl")]
+    assert set(by_card["count_test"]["position"]) == {None}  # null in every count row, still int64
+    assert {type(p) for p in by_card["position_test"]["position"]} == {int, type(None)}
+    # Without Features the JSON loader types columns from the first file: a position file has a
+    # value in every field somewhere, so listed first it gives the same Features
+    first = {"position_val": files.pop("position_val"), **files}
+    assert load_dataset("json", data_files=first, cache_dir=str(tmp_path))["count_test"].features == FEATURES
+    assert set(by_card["spelling_train"]["task"]) == {"spelling"}
+
+
+def test_the_dataset_card_lists_every_split_with_its_rows(demo_data, tmp_path):
+    from datasets import load_dataset_builder
+    from huggingface_hub import DatasetCard
+
+    from spellxfer.data.schema import FEATURES
+
+    card = DatasetCard.load(demo_data / "README.md")
+    manifest = json.loads((demo_data / "manifest.json").read_text())
+    rows = {split: len(read_jsonl(demo_data / f"{split}.jsonl")) for split in SPLITS}
+    [config] = card.data.configs
+    assert config["config_name"] == "default"
+    assert {f["split"]: f["path"] for f in config["data_files"]} == {s: f"{s}.jsonl" for s in SPLITS}
+    assert {s["name"]: s["num_examples"] for s in card.data.dataset_info["splits"]} == rows
+    assert card.data.license == "cc-by-sa-4.0"
+    info = load_dataset_builder(str(demo_data), cache_dir=str(tmp_path)).info  # what datasets reads from the header
+    assert info.features == FEATURES and {s: i.num_examples for s, i in info.splits.items()} == rows
+    text = card.text
+    for split, n in rows.items():
+        assert re.search(rf"^\| `{split}` \| `{split}.jsonl` \| [^|]+ \| {n:,} \|", text, re.M), split
+        assert manifest["rows"][f"{split}.jsonl"]["total"] == n
+    assert "(demo, seed 0)" in text and "--profile demo --seed 0" in text
+    assert "Trained on spelling, evaluated on position and count only." in text
+    assert "wordfreq" in text and "Leak-freedom" in text
+    assert "spelling_train_chat" not in text  # no chat export asked for
+
+
+def test_chat_export_rows_are_the_training_rows_as_messages(tmp_path, demo_data, qwen_tok):
+    from datasets import load_dataset
+
+    from spellxfer.data.build import build
+    from spellxfer.data.schema import CHAT_FEATURES
+    from spellxfer.tasks.chat import format_chat
+    from spellxfer.training.datamodule import tokenize_example
+
+    out = tmp_path / "chat"
+    build(str(out), profile="demo", seed=0, chat_export=True)
+    for f in (*SPLITS, "qwen3_english_tokens"):  # the export adds a file and changes nothing else
+        suffix = ".json" if f.startswith("qwen3") else ".jsonl"
+        assert (out / f"{f}{suffix}").read_bytes() == (demo_data / f"{f}{suffix}").read_bytes(), f
+    train = read_jsonl(out / "spelling_train.jsonl")
+    chat = read_jsonl(out / "spelling_train_chat.jsonl")
+    assert len(chat) == len(train)
+    for r, c in zip(train, chat):  # line N is line N
+        assert c == {"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+    for r, c in list(zip(train, chat))[:50]:
+        # rendered with the model's chat template, the conversation is the text the trainer teaches
+        ex = tokenize_example(qwen_tok, r["question"], r["answer"])
+        assistant = c["messages"][1]["content"]
+        assert qwen_tok.decode(ex["input_ids"]) == format_chat(qwen_tok, c["messages"][:1]) + assistant + "<|im_end|>"
+    ds = load_dataset(str(out), "chat", cache_dir=str(tmp_path / "cache"))["spelling_train"]
+    assert ds.features == CHAT_FEATURES and ds.num_rows == len(train)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"]["spelling_train_chat.jsonl"] == {"total": len(train)}
+    assert hashlib.sha256((out / "spelling_train_chat.jsonl").read_bytes()).hexdigest() == manifest["sha256"]["spelling_train_chat.jsonl"]
+    assert "| `spelling_train` (config `chat`) | `spelling_train_chat.jsonl` |" in (out / "README.md").read_text()
+
+
+def test_the_schema_table_in_docs_is_the_schema():
+    from spellxfer.data.schema import COLUMNS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    table = doc.split("## Schema", 1)[1].split("\n## ", 1)[0]
+    documented = dict(re.findall(r"^\| `(\w+)` \| (\w+) \|", table, re.M))
+    assert documented == {name: dtype for name, (dtype, _) in COLUMNS.items()}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -271,6 +271,46 @@ def test_a_position_row_in_the_training_file_is_refused_with_file_and_line(demo_
         dm.setup("fit")
 
 
+def test_training_rows_go_through_datasets_and_nothing_is_written_beside_them(demo_data, tmp_path, qwen):
+    import datasets
+
+    from spellxfer.data.schema import FEATURES
+
+    data = copy_data(demo_data, tmp_path / "ro")
+    before = {f.name: f.stat().st_mtime_ns for f in data.iterdir()}
+    rows = read_training_rows(data / "spelling_train.jsonl", limit=100)
+    assert isinstance(rows, datasets.Dataset) and rows.features == FEATURES
+    expected = read_jsonl(demo_data / "spelling_train.jsonl")
+    assert rows.to_list() == [{c: r.get(c) for c in FEATURES} for r in expected[:100]]
+
+    dm = SpellingDataModule(str(data), "tiny-qwen3", build_profile=None)
+    dm.setup("fit")
+    # the same examples, in the same order, as tokenizing the file's rows directly
+    direct = tokenize_examples(qwen, [r["question"] for r in expected], [r["answer"] for r in expected])
+    assert isinstance(dm.train_examples, datasets.Dataset)
+    assert dm.train_examples[:]["input_ids"] == [e["input_ids"] for e in direct]
+    assert dm.train_examples[:]["labels"] == [e["labels"] for e in direct]
+    assert dm.train_examples[:]["length"] == [len(e["input_ids"]) for e in direct]
+    # no Arrow cache, lock or index file left in the data directory
+    assert {f.name: f.stat().st_mtime_ns for f in data.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"source": "web"}, r"spelling_train\.jsonl:5: unknown field 'source' \(the data schema's fields: id, task"),
+        ({"word": 7}, r"spelling_train\.jsonl:5: 'word' must be text or null, got int 7"),
+        ({"position": True}, r"spelling_train\.jsonl:5: 'position' must be an integer or null, got bool True"),
+    ],
+    ids=["unknown-field", "number-as-word", "bool-as-position"],
+)
+def test_a_training_row_outside_the_schema_is_refused_with_file_and_line(demo_data, tmp_path, change, message):
+    data = copy_data(demo_data, tmp_path / "off-schema")
+    replace_line(data / "spelling_train.jsonl", 5, read_jsonl(data / "spelling_train.jsonl")[4] | change)
+    with pytest.raises(SpellxferError, match=message):
+        SpellingDataModule(str(data), "tiny-qwen3", build_profile=None).setup("fit")
+
+
 def test_a_count_row_in_a_position_file_is_refused_with_file_and_line(demo_data, tmp_path):
     data = copy_data(demo_data, tmp_path / "mixed")
     replace_line(data / "position_val.jsonl", 2, read_jsonl(data / "count_val.jsonl")[0])

@@ -115,7 +115,7 @@ def _examples(data_dir: Path, model: str, n: int, seed: int) -> list[dict]:
     from spellxfer.models.registry import load_tokenizer
     from spellxfer.training.datamodule import TRAIN_FILE, read_training_rows, tokenize_examples
 
-    rows = read_training_rows(data_dir / TRAIN_FILE, limit=n)
+    rows = read_training_rows(data_dir / TRAIN_FILE, limit=n).to_list()
     random.Random(seed).shuffle(rows)
     return tokenize_examples(load_tokenizer(model), [r["question"] for r in rows], [r["answer"] for r in rows])
 

@@ -13,6 +13,11 @@ Order of work, which is what makes the splits leak-free:
    their own, drawn like evaluation words and disjoint from training, validation and test words,
    for ``evaluate --shots K``.
 
+Every JSONL file holds rows of one schema (:mod:`spellxfer.data.schema`), and the dataset card
+(``README.md``, :mod:`spellxfer.data.card`) carries its fixed ``datasets`` Features, so
+``datasets.load_dataset(DIR)`` loads all splits at once. ``--chat_export true`` also writes the
+training rows as chat ``messages`` (``spelling_train_chat.jsonl``).
+
 Answer balance: ``letter_index`` asks about a letter drawn uniformly from the word's distinct
 letters unless its answer already holds :data:`LETTER_INDEX_CAP` of the split's rows (then about
 another letter); ``letter_count`` picks the letter whose count is the least-used answer so far
@@ -53,6 +58,7 @@ from spellxfer.data.words import (
 )
 from spellxfer.tasks import templates as T
 from spellxfer.tasks.buckets import LENGTH_BUCKETS, length_bucket, token_bucket
+from spellxfer.tasks.chat import chat_messages
 from spellxfer.tasks.names import TRAINING_SUBTASKS
 
 console = Console(stderr=True)
@@ -76,35 +82,49 @@ PROFILES = {
 FEWSHOT_FILE = "fewshot_pool.jsonl"
 FILES = ("spelling_train.jsonl", "position_val.jsonl", "position_test.jsonl", "count_val.jsonl", "count_test.jsonl")
 """What fit and evaluation need; the few-shot pool is written beside them (only ``--shots`` reads it)."""
+CHAT_FILE = "spelling_train_chat.jsonl"
+"""The training rows as chat ``messages`` (``--chat_export true``)."""
+CARD_FILE = "README.md"
 LETTER_INDEX_CAP = 0.15
 """Most rows of a split one letter_index answer may hold (the natural share of "1" is ~18%, and
 always answering "1" would otherwise be a strong trivial baseline)."""
 
 
-def build(out: str, profile: Literal["demo", "full"] = "demo", seed: int = 0, overwrite: bool = False) -> int:
+def build(
+    out: str,
+    profile: Literal["demo", "full"] = "demo",
+    seed: int = 0,
+    overwrite: bool = False,
+    chat_export: bool = False,
+) -> int:
     """Build spelling training data and position / count evaluation sets.
 
     Writes spelling_train.jsonl, position_{val,test}.jsonl, count_{val,test}.jsonl,
     fewshot_pool.jsonl (solved examples for ``evaluate --shots``, about words of their own),
-    qwen3_english_tokens.json and manifest.json. The same seed gives byte-identical files.
+    qwen3_english_tokens.json, README.md (the dataset card: splits, sizes, fixed ``datasets``
+    Features) and manifest.json. The same seed gives byte-identical files.
 
     Args:
         out: Output directory (must be empty or absent unless --overwrite).
         profile: ``demo`` (small, for the CPU demo) or ``full`` (the real experiment).
         seed: Random seed; every choice derives from it.
         overwrite: Replace a non-empty output directory (``--overwrite true``).
+        chat_export: Also write spelling_train_chat.jsonl: each training row as chat
+            ``messages`` (user: the question; assistant: the answer), for trainers that read
+            conversations (``--chat_export true``).
     """
     if profile not in PROFILES:
         raise SpellxferError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     check_output_dir(out, overwrite)
     t0 = time.perf_counter()
     with atomic_output_dir(out, overwrite) as tmp:
-        manifest = _build_into(tmp, PROFILES[profile], profile, seed)
+        manifest = _build_into(tmp, PROFILES[profile], profile, seed, chat_export)
     _print_summary(manifest, Path(out), time.perf_counter() - t0)
     return 0
 
 
-def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
+def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: bool) -> dict:
+    from spellxfer.data.card import dataset_card  # imports datasets: only a build pays for it
     from spellxfer.tasks.chat import load_qwen3_tokenizer
 
     with console.status("loading the Qwen3 tokenizer and word lists"):
@@ -161,6 +181,12 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
         manifest["rows"][name] = {"total": len(rows), **dict(sorted(Counter(r["subtask"] for r in rows).items()))}
         manifest["distinct_words"][name] = len({r["word"] for r in rows})
         manifest["sha256"][name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
+    if chat_export:
+        # the conversation the trainer renders: user turn = question, assistant turn = answer
+        write_jsonl(tmp / CHAT_FILE, [{"messages": chat_messages(r["question"], r["answer"])} for r in train_rows])
+        manifest["rows"][CHAT_FILE] = {"total": len(train_rows)}
+        manifest["distinct_words"][CHAT_FILE] = manifest["distinct_words"]["spelling_train.jsonl"]
+        manifest["sha256"][CHAT_FILE] = hashlib.sha256((tmp / CHAT_FILE).read_bytes()).hexdigest()
     write_json(tmp / "qwen3_english_tokens.json", subset)
     manifest["sha256"]["qwen3_english_tokens.json"] = hashlib.sha256(
         (tmp / "qwen3_english_tokens.json").read_bytes()
@@ -174,6 +200,9 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int) -> dict:
         for name, rows in files.items()
         if name != "spelling_train.jsonl"
     }
+    card = dataset_card(manifest, [*FILES, FEWSHOT_FILE], CHAT_FILE if chat_export else None)
+    (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+    manifest["sha256"][CARD_FILE] = hashlib.sha256((tmp / CARD_FILE).read_bytes()).hexdigest()
     write_json(tmp / "manifest.json", manifest)
     return manifest
 

@@ -194,12 +194,23 @@ def is_qwen3(tokenizer) -> bool:
     )
 
 
+def chat_messages(question: str, answer: str | None = None, system: str | None = None) -> list[dict[str, str]]:
+    """The conversation spellxfer asks a question in: an optional system turn, the question as the
+    user turn and, when ``answer`` is given, the answer as the assistant turn.
+
+    :func:`format_prompt` renders it without the answer (what training and evaluation prompt
+    with); ``data build --chat_export true`` writes it with the answer (the training target).
+    """
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": question})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
 def format_prompt(tokenizer, question: str, system: str | None = None) -> str:
     """Render one user question as the text a model continues from (see :func:`format_chat`)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}
-    ]
-    return format_chat(tokenizer, messages)
+    return format_chat(tokenizer, chat_messages(question, system=system))
 
 
 def format_chat(tokenizer, messages: list[dict[str, str]]) -> str:
