@@ -394,6 +394,61 @@ def test_token_pieces_join_to_the_decoded_reply(qwen_tok):
     assert len(ids) > 1 and token_pieces(qwen_tok, ids)[:-1] == [""] * (len(ids) - 1)  # held until whole
 
 
+def test_the_litserve_internals_we_use_are_unchanged():
+    """``spellxfer.serving.api._queued`` is the one place that reaches into LitServe (0.2 has no
+    public call that queues a request from a spec's own route). It is driven here against
+    LitServe's own code on both sides: the worker's ``collate_requests`` reads the tuple it
+    queues, the HTTP side's ``response_queue_to_buffer`` fills the buffer entry it reads, and the
+    entry is gone afterwards. A LitServe upgrade that changes either fails here; pyproject.toml
+    pins the versions this has passed on."""
+    import queue
+    from importlib.metadata import version
+
+    import litserve.server
+    from litserve.loops.base import collate_requests
+    from litserve.loops.streaming_loops import BatchedStreamingLoop
+    from litserve.utils import LitAPIStatus, LoopResponseType
+    from packaging.requirements import Requirement
+
+    from spellxfer.serving.api import _queued, build_server, worker_messages
+    from spellxfer.serving.scaling import load_config
+
+    tomllib = pytest.importorskip("tomllib")
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    (pin,) = [Requirement(d) for d in dependencies if Requirement(d).name == "litserve"]
+    assert pin.specifier.contains(version("litserve")) and "<" in str(pin.specifier), pin
+
+    server = build_server(load_config().serving)
+    api, spec = server.lit_api, server.lit_api.spec
+    server.litapi_request_queues[spec.api_path] = queue.Queue()  # what LitServer.run makes, per route
+    spec.setup(server)
+    spec.response_queue_id = 0
+    loop, sent = BatchedStreamingLoop(), []
+
+    class Transport:  # the worker → HTTP process channel, in memory
+        def send(self, item, consumer_id):
+            sent.append(item)
+
+        async def areceive(self, consumer_id):
+            if not sent:
+                raise asyncio.CancelledError  # ends LitServe's receiving loop
+            return sent.pop(0)
+
+    async def round_trip():
+        async with _queued(spec, "the payload") as pipe:
+            batch, timed_out = collate_requests(loop, api, spec.request_queue, Transport())
+            ((queue_id, uid, payload),) = batch
+            assert payload == "the payload" and not timed_out
+            loop.put_response(Transport(), queue_id, uid, '{"delta": "r"}\n', LitAPIStatus.OK, LoopResponseType.STREAMING)
+            loop.put_response(Transport(), queue_id, uid, "", LitAPIStatus.FINISH_STREAMING, LoopResponseType.STREAMING)
+            await litserve.server.response_queue_to_buffer(Transport(), spec.response_buffer, queue_id,
+                                                           server.litapi_connector)  # fmt: skip
+            assert [m async for m in worker_messages(pipe)] == [{"delta": "r"}]
+        assert spec.response_buffer == {}
+
+    asyncio.run(round_trip())
+
+
 # ---- non-thinking, enforced at the server ----------------------------------------------------------
 @pytest.mark.parametrize(
     "path, body",
