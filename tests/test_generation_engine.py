@@ -135,3 +135,25 @@ def test_k_samples_per_question_and_seeded(tiny, demo_data):
     greedy = default_sampling(decoding="greedy", max_new_tokens=6, samples=3)
     g = GenerationEngine(model, tok, greedy, batch_size=4).generate(qs)
     assert all(len(set(r)) == 1 for r in g)
+
+
+@pytest.mark.parametrize("path", ["static", "eager", "reference"])
+def test_on_step_hands_over_every_token_as_it_is_drawn_and_changes_nothing(tiny, demo_data, path):
+    """The API server streams replies from ``on_step``: each step's tokens, row by row under the
+    batch's input indices, spell exactly the replies' token ids (pad after a row's end), and the
+    replies are the ones generated without the hook (same RNG stream)."""
+    model, tok = tiny
+    qs = _questions(demo_data, n=3)
+    s = default_sampling(decoding="sampled", max_new_tokens=6, seed=3)
+
+    def engine():
+        decoder = "eager" if path == "eager" else "static"
+        return GenerationEngine(model, tok, s, batch_size=4, decoder=decoder, reference=path == "reference")
+
+    plain = engine().generate(qs)
+    hooked, seen = engine(), {}
+    hooked.on_step = lambda idx, tokens: [seen.setdefault(i, []).append(t) for i, t in zip(idx, tokens)]
+    assert hooked.generate(qs) == plain
+    assert sorted(seen) == list(range(len(qs)))
+    for i, (ids,) in enumerate(hooked.last_reply_ids):
+        assert seen[i][: len(ids)] == ids and set(seen[i][len(ids):]) <= {hooked.pad_id}

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -52,16 +53,30 @@ def env_without_key() -> dict:
 def server(tmp_path_factory):
     """`serve` in its own process group on a free loopback port; the whole group is killed after.
     The key comes from a file (so it is not on the command line)."""
+    with serving([sys.executable, "-m", "spellxfer", "serve"], tmp_path_factory.mktemp("serve")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def gated_server(tmp_path_factory):
+    """`serve` with a gate in its decode loop (tests/gated_serve.py): ``(url, gate file)``."""
+    tmp = tmp_path_factory.mktemp("gated")
+    gate = tmp / "gate"
+    with serving([sys.executable, str(REPO / "tests" / "gated_serve.py")], tmp, SPELLXFER_TEST_GATE=str(gate)) as url:
+        yield url, gate
+
+
+@contextmanager
+def serving(command: list[str], tmp: Path, **env):
+    """Run ``command`` + serve flags (tiny-qwen3, batches of up to 32) until healthy; yield its URL."""
     port = free_port()
-    tmp = tmp_path_factory.mktemp("serve")
     (tmp / "key").write_text(API_KEY + "\n")
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "spellxfer", "serve", "--model", "tiny-qwen3", "--host", "127.0.0.1",
-         "--port", str(port), "--api-key-file", str(tmp / "key"), "--max-batch-size", "32",
-         "--batch-timeout", "0.05"],
+        [*command, "--model", "tiny-qwen3", "--host", "127.0.0.1", "--port", str(port), "--api-key-file",
+         str(tmp / "key"), "--max-batch-size", "32", "--batch-timeout", "0.05"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**env_without_key(), "HF_HUB_OFFLINE": "1"},
+        env={**env_without_key(), "HF_HUB_OFFLINE": "1", **env},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -206,11 +221,232 @@ def test_replies_are_cut_at_the_end_of_turn_and_counted_in_generated_ids():
     assert reply.endswith("<|im_end|>")
     out = api._output(Job("predict", (), default_sampling(), "letter"), reply, 20, ids, stops)
     assert out["answer"] == "The letter is r." and out["parsed"] == "r" and out["completion_tokens"] == len(ids)
-    out = api._output(Job("chat", (), default_sampling(), stream=True), reply, 20, ids, stops)
-    assert (out["content"], out["finish_reason"]) == ("The letter is r.", "stop")
-    assert "".join(out["pieces"]) == "The letter is r." and out["total_tokens"] == 20 + len(ids)
+    out = api._output(Job("chat", (), default_sampling()), reply, 20, ids, stops)
+    assert (out["content"], out["finish_reason"]) == ("The letter is r.", "stop") and out["total_tokens"] == 20 + len(ids)
+    assert api._output(Job("chat", (), default_sampling(), stream=True), reply, 20, ids, stops) == out
     out = api._output(Job("chat", (), default_sampling(), stop=(" is",)), reply, 20, ids, stops)
     assert (out["content"], out["finish_reason"]) == ("The letter", "stop") and out["completion_tokens"] < len(ids)
+
+
+# ---- streaming -------------------------------------------------------------------------------------
+def content_of(chunks) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_tokens_leave_while_the_reply_is_still_being_generated(gated_server):
+    """Real token streaming: with the worker's decode loop held after 8 of 48 steps, the client
+    already has text; released, the reply goes on in more chunks, all under one id, created and
+    model, and ends at the token cap with the usage chunk last — the same text as without stream."""
+    import openai
+
+    url, gate = gated_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    # greedy: tiny-qwen3 answers "hi" with words from its first token on (QUESTION: newlines first)
+    ask = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 48, "temperature": 0}
+    gate.write_text("8")
+    try:
+        stream = client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
+        chunks = []
+        for chunk in stream:  # up to the first text
+            chunks.append(chunk)
+            if content_of([chunk]):
+                break
+        held = not gate.with_suffix(".timed-out").exists()
+    finally:
+        gate.unlink(missing_ok=True)
+    assert held, "the first text arrived only after the reply had been generated"
+    chunks += list(stream)
+
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) >= 2, texts
+    assert len({(c.id, c.created, c.model) for c in chunks}) == 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 48 and not chunks[-1].choices
+    assert "".join(texts) == client.chat.completions.create(**ask).choices[0].message.content
+
+
+def test_a_stream_ends_before_its_stop_sequence_and_never_sends_it(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+    ask = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16,
+           "temperature": 1.0, "seed": 99}  # fmt: skip
+    text = client.chat.completions.create(**ask).choices[0].message.content
+    assert len(text) >= 8, text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    plain = client.chat.completions.create(**ask, stop=[stop])
+    chunks = list(client.chat.completions.create(**ask, stop=[stop], stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    assert content_of(chunks) == plain.choices[0].message.content == text[: text.find(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage == plain.usage
+
+    # a stop sequence that never comes: the whole reply, ended by the token cap
+    chunks = list(client.chat.completions.create(**ask, stop=["never in this reply"], stream=True))
+    assert content_of(chunks) == text and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_streamed_and_plain_requests_in_flight_together_are_all_served(server):
+    """Streams, plain chat replies and /predict share batches; bad requests among them get their
+    own 400 and take nothing down."""
+    streams = [chat(QUESTION, max_tokens=6, stream=True), chat("hi", max_tokens=6, stream=True, n=2),
+               chat(QUESTION, max_tokens=6, stream=True, stop=["e"], stream_options={"include_usage": True})] * 3
+    plain = [chat(QUESTION, max_tokens=6), chat("hi", max_tokens=3, n=2)] * 3
+    predicts = [{"question": QUESTION, "max_tokens": 3}] * 4
+    bad = [(chat("hi", stream=True, temperature=5), "temperature"), (chat("hi", stream=True, n=0), "n"),
+           ('{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true}', "messages.0.content")]  # fmt: skip
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=server, timeout=120, headers=AUTH) as client:
+            async def stream(body):
+                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+                    return r.status_code, r.headers["content-type"], events
+
+            async def post_json(path, body):
+                kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+                r = await client.post(path, headers={"Content-Type": "application/json"}, **kwargs)
+                return r.status_code, r.json()
+
+            return await asyncio.gather(asyncio.gather(*map(stream, streams)),
+                                        asyncio.gather(*(post_json("/v1/chat/completions", b) for b in plain)),
+                                        asyncio.gather(*(post_json("/predict", b) for b in predicts)),
+                                        asyncio.gather(*(post_json("/v1/chat/completions", b) for b, _ in bad)))  # fmt: skip
+
+    streamed, replies, answers, refused = asyncio.run(send_all())
+    for body, (status, content_type, events) in zip(streams, streamed):
+        assert status == 200 and content_type.startswith("text/event-stream") and events[-1] == "[DONE]", events
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all("error" not in c for c in chunks), chunks
+        assert len({c["id"] for c in chunks}) == 1
+        finished = sorted(ch["index"] for c in chunks for ch in c["choices"] if ch["finish_reason"])
+        assert finished == list(range(body.get("n", 1)))
+    assert all(status == 200 and len(r["choices"]) == b.get("n", 1) for b, (status, r) in zip(plain, replies))
+    assert all(status == 200 and isinstance(a["answer"], str) for status, a in answers)
+    for (_, field), (status, r) in zip(bad, refused):
+        assert status == 400 and r["error"]["message"].startswith(f"{field}:"), r
+
+
+def test_a_stream_that_fails_in_a_batch_fails_alone():
+    """The worker's predict, in process, on tiny-qwen3: streamed jobs that cannot be generated (a
+    lone surrogate the tokenizer refuses, a temperature that turns the logits into NaN) share a
+    batch with good streamed and plain jobs. Only they fail; the good stream's steps spell its reply."""
+    from dataclasses import replace
+
+    from spellxfer.serving.api import Job, SpellxferAPI
+    from spellxfer.serving.scaling import load_config
+
+    api = SpellxferAPI(load_config().serving)
+    api.setup("cpu")
+    assert api.max_batch_size > 1
+    s = replace(api.defaults, max_new_tokens=8, decoding="greedy")
+    jobs = [Job("chat", (("user", "hi"),), s, stream=True), Job("chat", (("user", "a\ud800b"),), s, stream=True),
+            Job("predict", (("user", QUESTION),), s, "letter"),
+            Job("chat", (("user", "hi"),), replace(s, decoding="sampled", temperature=1e-45), stream=True)]  # fmt: skip
+    *steps, outputs = list(api.predict(jobs))
+    assert [("error" in o) for o in outputs] == [False, True, False, True]
+    assert steps and all(len(step) == len(jobs) and not any(m["delta"] for m in step[1:]) for step in steps)
+    assert "".join(step[0]["delta"] for step in steps) == outputs[0]["content"]
+    assert outputs[0]["finish_reason"] == "length" and outputs[2]["completion_tokens"] == 8
+
+
+# Text a model may write, each fragment tokenized on its own, so that a reply can spell a tag or a
+# stop sequence over several tokens: words, whitespace, a character of three tokens, tags whole
+# (one token) and in parts, the letters of the stop sequences below.
+FRAGMENTS = ["The", " letter", " is", " r", ".", " ", "\n", "\n\n", "'", "é", "🫐", "a", "b", "r", "<", "|",
+             "<|im_", "end|>", "<|im_end|>", "<th", "ink>", "<think>", "<think> x </think>", "ab"]  # fmt: skip
+PLAIN = FRAGMENTS[:14]  # no tags
+STOPS = [(), ("\n\n",), (" is",), ("b", "ab"), ("b", "ab."), ("r.", "<"), (" r", "r"), ("|",)]
+
+
+def test_a_stream_never_sends_text_the_finished_reply_drops(qwen_tok):
+    """Token by token, everything a stream has sent is the start of the finished reply (as served
+    without stream): whitespace, a partial stop sequence, a partial end marker or think tag are
+    held back until the next tokens settle them. Plain text goes out whole."""
+    import random
+
+    from spellxfer.serving.streaming import StreamedReply, chat_content
+
+    rng = random.Random(0)
+    for n in range(500):
+        plain = n < 100
+        fragments = [rng.choice(PLAIN if plain else FRAGMENTS) for _ in range(rng.randint(1, 12))]
+        stops = () if plain else rng.choice(STOPS)
+        ids = [t for f in fragments for t in qwen_tok(f, add_special_tokens=False)["input_ids"]]
+        text = qwen_tok.decode(ids)
+        content, _ = chat_content(text, stops)
+        reply = StreamedReply(qwen_tok, stops)
+        for t in ids:
+            reply.add(t)
+            assert content.startswith(reply.sent), (text, stops, reply.sent, content)
+        if plain:
+            assert reply.sent == content, (text, reply.sent)
+
+
+def test_token_pieces_join_to_the_decoded_reply(qwen_tok):
+    from spellxfer.serving.streaming import token_pieces
+
+    for text in ("The 3rd letter of 'strawberry' is r.", "é🫐 straw\n\nberry<|im_end|>", "<think>\n\n</think>\n\nr"):
+        ids = qwen_tok(text, add_special_tokens=False)["input_ids"]
+        pieces = token_pieces(qwen_tok, ids, skip_special_tokens=False)
+        assert "".join(pieces) == qwen_tok.decode(ids) == text and len(pieces) == len(ids)
+    ids = qwen_tok("🫐", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1 and token_pieces(qwen_tok, ids)[:-1] == [""] * (len(ids) - 1)  # held until whole
+
+
+def test_the_litserve_internals_we_use_are_unchanged():
+    """``spellxfer.serving.api._queued`` is the one place that reaches into LitServe (0.2 has no
+    public call that queues a request from a spec's own route). It is driven here against
+    LitServe's own code on both sides: the worker's ``collate_requests`` reads the tuple it
+    queues, the HTTP side's ``response_queue_to_buffer`` fills the buffer entry it reads, and the
+    entry is gone afterwards. A LitServe upgrade that changes either fails here; pyproject.toml
+    pins the versions this has passed on."""
+    import queue
+    from importlib.metadata import version
+
+    import litserve.server
+    from litserve.loops.base import collate_requests
+    from litserve.loops.streaming_loops import BatchedStreamingLoop
+    from litserve.utils import LitAPIStatus, LoopResponseType
+    from packaging.requirements import Requirement
+
+    from spellxfer.serving.api import _queued, build_server, worker_messages
+    from spellxfer.serving.scaling import load_config
+
+    tomllib = pytest.importorskip("tomllib")
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    (pin,) = [Requirement(d) for d in dependencies if Requirement(d).name == "litserve"]
+    assert pin.specifier.contains(version("litserve")) and "<" in str(pin.specifier), pin
+
+    server = build_server(load_config().serving)
+    api, spec = server.lit_api, server.lit_api.spec
+    server.litapi_request_queues[spec.api_path] = queue.Queue()  # what LitServer.run makes, per route
+    spec.setup(server)
+    spec.response_queue_id = 0
+    loop, sent = BatchedStreamingLoop(), []
+
+    class Transport:  # the worker → HTTP process channel, in memory
+        def send(self, item, consumer_id):
+            sent.append(item)
+
+        async def areceive(self, consumer_id):
+            if not sent:
+                raise asyncio.CancelledError  # ends LitServe's receiving loop
+            return sent.pop(0)
+
+    async def round_trip():
+        async with _queued(spec, "the payload") as pipe:
+            batch, timed_out = collate_requests(loop, api, spec.request_queue, Transport())
+            ((queue_id, uid, payload),) = batch
+            assert payload == "the payload" and not timed_out
+            loop.put_response(Transport(), queue_id, uid, '{"delta": "r"}\n', LitAPIStatus.OK, LoopResponseType.STREAMING)
+            loop.put_response(Transport(), queue_id, uid, "", LitAPIStatus.FINISH_STREAMING, LoopResponseType.STREAMING)
+            await litserve.server.response_queue_to_buffer(Transport(), spec.response_buffer, queue_id,
+                                                           server.litapi_connector)  # fmt: skip
+            assert [m async for m in worker_messages(pipe)] == [{"delta": "r"}]
+        assert spec.response_buffer == {}
+
+    asyncio.run(round_trip())
 
 
 # ---- non-thinking, enforced at the server ----------------------------------------------------------
@@ -452,24 +688,26 @@ def test_a_request_that_fails_to_generate_fails_alone_in_its_batch():
 
 def test_a_reply_marked_failed_becomes_that_requests_own_500():
     # The HTTP side of the isolation above: the worker's {"error": …} reply for one request turns
-    # into an HTTP 500 for that request's stream; a normal reply passes through untouched.
+    # into an HTTP 500 for that request alone; other messages pass through as dicts.
     from fastapi import HTTPException
     from litserve.utils import LitAPIStatus
 
-    from spellxfer.serving.api import SpellxferSpec
+    from spellxfer.serving.api import worker_messages
 
     async def stream(*items):
         for item in items:
             yield item
 
     async def collect(*items):
-        return [x async for x in SpellxferSpec._own_errors(stream(*items))]
+        return [x async for x in worker_messages(stream(*items))]
 
-    ok = ('{"answer": "r", "parsed": "r"}\n', LitAPIStatus.OK)
-    assert asyncio.run(collect(ok, ("", LitAPIStatus.FINISH_STREAMING))) == [ok, ("", LitAPIStatus.FINISH_STREAMING)]
-    ((err, status),) = asyncio.run(collect(('{"error": "RuntimeError: nan"}\n', LitAPIStatus.OK)))
-    assert status == LitAPIStatus.ERROR and isinstance(err, HTTPException) and err.status_code == 500
-    assert "nan" not in err.detail  # the cause stays in the server log
+    ok = [('{"delta": "r"}\n', LitAPIStatus.OK), ('{"answer": "r", "parsed": "r"}\n', LitAPIStatus.OK)]
+    assert asyncio.run(collect(*ok)) == [{"delta": "r"}, {"answer": "r", "parsed": "r"}]
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(collect(ok[0], ('{"error": "RuntimeError: nan"}\n', LitAPIStatus.OK)))
+    assert err.value.status_code == 500 and "nan" not in err.value.detail  # the cause stays in the server log
+    with pytest.raises(HTTPException, match="timed out"):  # LitServe's own errors keep their status
+        asyncio.run(collect((HTTPException(504, "Request timed out"), LitAPIStatus.ERROR)))
 
 
 def test_metrics_count_requests_errors_tokens_and_batches(server):

@@ -269,6 +269,12 @@ class GenerationEngine:
         self.before_batch = None
         """Optional callable ``(indices) -> None``, called with the input indices of each batch, in
         row order, before it is generated (packed sweep trials point each row at its trial's adapter)."""
+        self.on_step = None
+        """Optional callable ``(indices, tokens) -> None``, called after every decode step with the
+        batch's input indices (row order, as ``before_batch``) and the token each row drew (a list
+        of ints, ``samples`` rows per question; the pad id once a row has ended). The API server
+        streams replies from it. Each call waits for the device (one host sync per token), so it is
+        None everywhere else and the loops then never sync per step."""
         self.last_reply_ids: list[list[list[int]]] = []
         """The token ids of the last call's replies, as its replies are ordered: everything generated
         up to and including the end-of-turn token (no such token: the reply hit max_new_tokens)."""
@@ -344,7 +350,8 @@ class GenerationEngine:
                     idx = order[start : start + size]
                     if self.before_batch is not None:
                         self.before_batch(idx)
-                    texts, tokens = self._generate_batch([encoded[i] for i in idx], b, device, path)
+                    step = None if self.on_step is None else lambda tokens, idx=idx: self.on_step(idx, tokens.tolist())
+                    texts, tokens = self._generate_batch([encoded[i] for i in idx], b, device, path, step)
                     for j, (text, ids) in enumerate(zip(texts, tokens)):
                         replies[idx[j // s.samples]].append(text)
                         reply_ids[idx[j // s.samples]].append(ids)
@@ -355,16 +362,17 @@ class GenerationEngine:
         self.last_reply_ids = reply_ids
         return replies
 
-    def _generate_batch(self, prompts: list[list[int]], batch_index: int, device, path: str) -> tuple[list[str], list[list[int]]]:
+    def _generate_batch(self, prompts: list[list[int]], batch_index: int, device, path: str,
+                        step=None) -> tuple[list[str], list[list[int]]]:  # fmt: skip
         self._lap(None)
         # One seed per batch: same inputs, seed and batch size → same replies.
         torch.manual_seed(self.sampling.seed * 1_000_003 + batch_index)
         if path in ("graph", "static"):
-            out = self._static_loop(prompts, device, graphs=path == "graph")
+            out = self._static_loop(prompts, device, graphs=path == "graph", step=step)
         else:
             input_ids, attention_mask = self._left_padded(prompts, device)
             self._lap("prompts")
-            out = (self._transformers_generate if path == "reference" else self._decode_loop)(input_ids, attention_mask)
+            out = (self._transformers_generate if path == "reference" else self._decode_loop)(input_ids, attention_mask, step)
         self.paths[path] += 1
         is_stop = torch.isin(out, torch.tensor(self.stop_ids, device=out.device))
         self.new_tokens += int((is_stop.cumsum(1) - is_stop.long() == 0).sum())  # up to each row's end
@@ -391,7 +399,7 @@ class GenerationEngine:
             self.timings[name] = self.timings.get(name, 0.0) + now - self._t
         self._t = now
 
-    def _transformers_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _transformers_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step=None) -> torch.Tensor:
         s = self.sampling
         out = self.model.generate(
             input_ids=input_ids,
@@ -400,11 +408,12 @@ class GenerationEngine:
             num_return_sequences=s.samples,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
+            streamer=None if step is None else _StepStreamer(step),
             **s.generate_kwargs(),
         )
         return out[:, input_ids.shape[1] :]
 
-    def _static_loop(self, prompts: list[list[int]], device, graphs: bool) -> torch.Tensor:
+    def _static_loop(self, prompts: list[list[int]], device, graphs: bool, step=None) -> torch.Tensor:
         """New tokens ``[rows × samples, ≤ max_new_tokens]`` through the static cache (rows i*K …
         i*K+K-1 are question i's samples, as ``num_return_sequences`` orders them)."""
         from spellxfer.models.static_decode import static_decoder
@@ -420,19 +429,21 @@ class GenerationEngine:
         stop = torch.tensor(self.stop_ids, device=device)
         ended = torch.zeros(len(rows), dtype=torch.bool, device=device)
         logits, new = state.logits, []
-        for step in range(s.max_new_tokens):
-            if step:
+        for k in range(s.max_new_tokens):
+            if k:
                 logits = state.step(new[-1])
             token = pick_next_tokens(logits, s).masked_fill(ended, self.pad_id)
             new.append(token)
+            if step is not None:
+                step(token)
             ended |= torch.isin(token, stop)
-            if (step + 1) % self.EXIT_CHECK_EVERY == 0 and bool(ended.all()):
+            if (k + 1) % self.EXIT_CHECK_EVERY == 0 and bool(ended.all()):
                 break
         out = torch.stack(new, dim=1)
         self._lap("decode")
         return out
 
-    def _decode_loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _decode_loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step=None) -> torch.Tensor:
         """New tokens ``[rows × samples, ≤ max_new_tokens]``, pad after each row's end of turn."""
         from transformers import DynamicCache
 
@@ -446,23 +457,25 @@ class GenerationEngine:
         ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         cache = DynamicCache(config=self.model.config)
         with grouped_decode_attention(self.model):
-            new = self._steps(input_ids, attention_mask, position_ids, cache, ended, stop)
+            new = self._steps(input_ids, attention_mask, position_ids, cache, ended, stop, step)
         out = torch.stack(new, dim=1)
         self._lap("decode")
         return out
 
-    def _steps(self, ids, attention_mask, position_ids, cache, ended, stop) -> list[torch.Tensor]:
+    def _steps(self, ids, attention_mask, position_ids, cache, ended, stop, step=None) -> list[torch.Tensor]:
         """Prefill, then one token per step until ``max_new_tokens`` or every row has ended."""
         s, new = self.sampling, []
-        for step in range(s.max_new_tokens):
+        for k in range(s.max_new_tokens):
             logits = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
-            if step == 0:
+            if k == 0:
                 self._lap("prefill")
             token = pick_next_tokens(logits, s).masked_fill(ended, self.pad_id)
             new.append(token)
+            if step is not None:
+                step(token)
             ended |= torch.isin(token, stop)
-            if (step + 1) % self.EXIT_CHECK_EVERY == 0 and bool(ended.all()):
+            if (k + 1) % self.EXIT_CHECK_EVERY == 0 and bool(ended.all()):
                 break
             ids = token[:, None]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((ids.shape[0], 1))], dim=-1)
@@ -475,6 +488,22 @@ class GenerationEngine:
             if t in self.stop_ids:
                 return tokens[: k + 1]
         return tokens
+
+
+class _StepStreamer:
+    """transformers' streamer protocol (``put`` the prompt first, then each step's tokens; ``end``)
+    as :attr:`GenerationEngine.on_step` calls for the reference path."""
+
+    def __init__(self, step):
+        self.step, self.prompt_seen = step, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.step(value)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
 
 
 def unsloth_patched(model) -> bool:

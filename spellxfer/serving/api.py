@@ -3,7 +3,8 @@
 Routes (all on one LitServe server, one request queue, one set of inference workers):
 
 - ``POST /v1/chat/completions`` — OpenAI chat completions (the ``openai`` client works against it;
-  ``stream: true`` too, one chunk id per stream). ``temperature`` 0 means greedy; unset sampling
+  ``stream: true`` too: tokens are sent as they are generated, all chunks of a stream under one
+  id; see :mod:`spellxfer.serving.streaming`). ``temperature`` 0 means greedy; unset sampling
   fields take the configured defaults (T 0.6, top-p 0.95, top-k 20, min-p 0); ``seed`` and
   ``stop`` are honoured; ``finish_reason`` is ``length`` at the token cap; ``usage`` counts the
   generated token ids.
@@ -22,9 +23,14 @@ Lifecycle of a request (LitAPI's, one hook per step):
 2. inference worker — ``setup`` loads the model once (+ adapter); ``decode_request`` turns a request
    into a conversation and its sampling settings; ``predict`` generates a whole batch (up to
    ``max_batch_size`` requests collected within ``batch_timeout``) with the shared
-   :class:`~spellxfer.models.generation.GenerationEngine`; ``encode_response`` shapes replies.
+   :class:`~spellxfer.models.generation.GenerationEngine` and yields each step's new text for
+   streamed requests while it does (LitServe's streaming loops send every yield at once), then
+   the replies; ``encode_response`` passes them on.
    A request whose generation fails gets its own 500; the rest of its batch is served (``predict``
    retries a failed group one request at a time, so only the culprit fails).
+3. HTTP process — the route turns the worker's messages into the OpenAI objects (LitServe's
+   pydantic models). Queueing a request for the workers is the one step LitServe 0.2 has no
+   public call for: :func:`_queued` holds it alone.
 
 Message content is tokenized as plain text (:func:`~spellxfer.tasks.chat.chat_token_ids`):
 ``<|im_end|>`` or ``<think>`` typed by a client are characters, never control tokens, so a
@@ -51,6 +57,8 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -98,11 +106,77 @@ class Job:
     error: str | None = None  # set when decoding the request failed: predict skips it
     stop: tuple[str, ...] = ()  # chat only: the reply ends before the first of these
     seeded: bool = False  # the request gave `seed`: generated alone, with that seed (reproducible)
-    stream: bool = False  # chat only: the reply goes out as a stream, in its token pieces
+    stream: bool = False  # chat only: the reply is sent token by token as it is generated
+
+
+# ---- the one place that reaches into LitServe's internals --------------------------------------
+@asynccontextmanager
+async def _queued(spec: OpenAISpec, payload) -> AsyncIterator[AsyncIterator[tuple[object, LitAPIStatus]]]:
+    """Queue ``payload`` for the inference workers; yields the stream of ``(data, status)`` the
+    workers send back for it, and forgets the request on exit.
+
+    LitServe 0.2 has no public call for this: its own ``OpenAISpec.chat_completion`` does it inline
+    (a buffer entry in ``response_buffer``, then a ``(queue id, uid, time, payload)`` tuple on the
+    request queue), and that route cannot serve this API's contract (400s that name the field,
+    checked on the raw body; ``finish_reason: "length"``; one id per stream; ``include_usage``;
+    ``/predict`` on the same workers) — and never removes its buffer entries. So this function does
+    what LitServe does, here only; ``tests/test_serve.py::test_the_litserve_internals_we_use_are_unchanged``
+    fails loudly if an upgrade changes any of it, and pyproject.toml caps LitServe at the release
+    it was tested on."""
+    uid, q, event = uuid.uuid4(), deque(), asyncio.Event()
+    spec.response_buffer[uid] = ResponseBufferItem(response_queue=q, event=event)  # before the reply can arrive
+    try:
+        spec.request_queue.put((spec.response_queue_id, uid, time.monotonic(), payload))
+        yield spec.data_streamer(q, event, send_status=True)
+    finally:
+        spec.response_buffer.pop(uid, None)
+
+
+async def worker_messages(pipe) -> AsyncIterator[dict]:
+    """One request's messages from the worker (see :meth:`SpellxferAPI.predict`). A failure is
+    raised as this request's HTTPException: LitServe's own (a 504 timeout, a crashed batch), or a
+    failure ``predict`` reported for this request alone (``{"error": …}``: the cause stays in the
+    server log) as a 500."""
+    async for data, status in pipe:
+        if status == LitAPIStatus.ERROR:
+            raise data if isinstance(data, HTTPException) else HTTPException(500, GENERATION_FAILED)
+        message = json.loads(data)
+        if message.get("error") is not None:
+            raise HTTPException(500, GENERATION_FAILED)
+        yield message
+
+
+async def merged(streams) -> AsyncIterator[tuple[int, object]]:
+    """``(index, item)`` from several async iterators, as the items arrive (the ``n`` choices of a
+    streamed request, generated in the same or in different batches)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, stream):
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except Exception as e:  # raised where the items are read
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        for _ in range(len(tasks)):
+            while (item := await queue.get())[1] is not done:
+                if isinstance(item[1], Exception):
+                    raise item[1]
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class SpellxferSpec(OpenAISpec):
-    """LitServe's OpenAI spec, plus ``/predict`` on the same queue, with validation before enqueueing."""
+    """LitServe's OpenAI spec, plus ``/predict`` on the same queue, with validation before enqueueing.
+
+    The routes are this spec's own (see :func:`_queued` for why not LitServe's ``chat_completion``);
+    the objects they return are LitServe's OpenAI models."""
 
     def __init__(self, limits: Limits):
         super().__init__()
@@ -114,22 +188,6 @@ class SpellxferSpec(OpenAISpec):
 
     def populate_context(self, context, request):
         pass  # the LitAPI reads everything it needs from the request itself
-
-    def _submit(self, uid, payload):
-        """Queue one request for the workers; returns its reply stream."""
-        q, event = deque(), asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(response_queue=q, event=event)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), payload))
-        return self._own_errors(self.data_streamer(q, event, send_status=True))
-
-    @staticmethod
-    async def _own_errors(stream):
-        """The reply stream, with a failure ``predict`` reported for this request alone (an
-        ``{"error": …}`` reply, while its batch succeeded) turned into this request's 500."""
-        async for data, status in stream:
-            if status == LitAPIStatus.OK and json.loads(data).get("error") is not None:
-                data, status = HTTPException(500, GENERATION_FAILED), LitAPIStatus.ERROR
-            yield data, status
 
     async def _parse(self, parser, request: Request):
         try:
@@ -143,64 +201,57 @@ class SpellxferSpec(OpenAISpec):
 
     async def chat_completion(self, request: Request, background_tasks: BackgroundTasks):
         req = await self._parse(parse_chat, request)
-        uids = [uuid.uuid4() for _ in range(req.n)]
-        pipes = [self._submit(uid, req.model_copy(update={"n": 1})) for uid in uids]
-
-        def release():  # LitServe's own spec leaves these in the buffer
-            for uid in uids:
-                self.response_buffer.pop(uid, None)
-
         if req.stream:
-            background_tasks.add_task(release)
-            return StreamingResponse(self._stream(req, pipes), media_type="text/event-stream",
-                                     background=background_tasks)  # fmt: skip
-        try:
-            return await self._complete(req, pipes)
-        finally:
-            release()
+            return StreamingResponse(self._stream(req), media_type="text/event-stream", background=background_tasks)
+        return await self._complete(req)
 
-    @staticmethod
-    async def _replies(pipes) -> list[dict]:
-        """Each choice's worker output (one per pipe), or the request's HTTP error."""
-        outs = []
-        for pipe in pipes:
-            async for data, status in pipe:
-                if status == LitAPIStatus.ERROR:
-                    raise data if isinstance(data, HTTPException) else HTTPException(500, GENERATION_FAILED)
-                outs.append(json.loads(data))
-        return outs
+    async def _final(self, payload) -> dict:
+        """One request's last message (what it generated), the streamed steps before it skipped."""
+        async with _queued(self, payload) as pipe:
+            async for message in worker_messages(pipe):
+                if "delta" not in message:
+                    return message
+        raise HTTPException(500, GENERATION_FAILED)  # the worker ended the stream without a reply
 
-    async def _complete(self, req, pipes) -> ChatCompletionResponse:
+    async def _complete(self, req) -> ChatCompletionResponse:
         """The ``chat.completion`` object, each choice with its own ``finish_reason``."""
-        outs = await self._replies(pipes)
+        outs = await asyncio.gather(*(self._final(req.model_copy(update={"n": 1})) for _ in range(req.n)))
         choices = [ChatCompletionResponseChoice(index=i, message=ChatMessage(role="assistant", content=o["content"]),
                                                 finish_reason=o["finish_reason"]) for i, o in enumerate(outs)]  # fmt: skip
         return ChatCompletionResponse(model=req.model, choices=choices, usage=sum(UsageInfo(**o) for o in outs))
 
-    async def _stream(self, req, pipes):
-        """``chat.completion.chunk`` events under one id: the role, then the reply in the pieces
-        its tokens decode to, then each choice's ``finish_reason``, then (``stream_options:
-        {"include_usage": true}``, as OpenAI) the usage. The reply is
-        generated whole in a batch first (the engine decodes many requests at once), so the
-        first piece arrives when the whole reply is ready."""
+    async def _stream(self, req):
+        """``chat.completion.chunk`` events, all with one ``id``, ``created`` and ``model``: the role
+        at once, then each piece of text as the worker generates it (a step's new text, per
+        choice), then each choice's ``finish_reason`` with any text held back until the reply was
+        complete (a whitespace tail, the start of a ``stop`` sequence), then — with
+        ``stream_options: {"include_usage": true}``, as OpenAI — a last chunk with the usage."""
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-        def chunk(choices, usage=None) -> str:
+        def chunk(i=None, usage=None, **choice) -> str:
+            choices = [] if i is None else [ChatCompletionStreamingChoice(index=i, **choice)]
             c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, usage=usage)
             return f"data: {c.model_dump_json(by_alias=True)}\n\n"
 
+        sent, outs = [""] * req.n, [None] * req.n
         try:
-            outs = await self._replies(pipes)
-            yield chunk([ChatCompletionStreamingChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))
-                         for i in range(len(outs))])  # fmt: skip
-            for i, o in enumerate(outs):
-                for piece in o["pieces"]:
-                    if piece:
-                        yield chunk([ChatCompletionStreamingChoice(index=i, delta=ChoiceDelta(content=piece))])
-            yield chunk([ChatCompletionStreamingChoice(index=i, delta=ChoiceDelta(), finish_reason=o["finish_reason"])
-                         for i, o in enumerate(outs)])  # fmt: skip
+            async with AsyncExitStack() as stack:
+                pipes = [await stack.enter_async_context(_queued(self, req.model_copy(update={"n": 1})))
+                         for _ in range(req.n)]  # fmt: skip
+                for i in range(req.n):
+                    yield chunk(i, delta=ChoiceDelta(role="assistant", content=""))
+                async for i, message in merged([worker_messages(pipe) for pipe in pipes]):
+                    if "delta" in message:
+                        if message["delta"]:
+                            sent[i] += message["delta"]
+                            yield chunk(i, delta=ChoiceDelta(content=message["delta"]))
+                        continue
+                    outs[i], rest = message, _rest(message["content"], sent[i])
+                    if rest:
+                        yield chunk(i, delta=ChoiceDelta(content=rest))
+                    yield chunk(i, delta=ChoiceDelta(), finish_reason=message["finish_reason"])
             if (req.stream_options or {}).get("include_usage"):
-                yield chunk([], usage=sum(UsageInfo(**o) for o in outs))
+                yield chunk(usage=sum(UsageInfo(**o) for o in outs))
             yield "data: [DONE]\n\n"
         except HTTPException as e:  # headers are sent: the error goes in the stream, as OpenAI's
             body = {"error": {"message": str(e.detail), "type": "server_error" if e.status_code >= 500
@@ -209,16 +260,16 @@ class SpellxferSpec(OpenAISpec):
 
     async def predict_route(self, request: Request):
         start = time.perf_counter()
-        req = await self._parse(parse_predict, request)
-        uid = uuid.uuid4()
-        try:
-            async for data, status in self._submit(uid, req):
-                if status == LitAPIStatus.ERROR:
-                    raise data if isinstance(data, HTTPException) else HTTPException(500, GENERATION_FAILED)
-                out = json.loads(data)
-        finally:
-            self.response_buffer.pop(uid, None)
+        out = await self._final(await self._parse(parse_predict, request))
         return {"answer": out["answer"], "parsed": out["parsed"], "latency_ms": round((time.perf_counter() - start) * 1e3, 2)}
+
+
+def _rest(content: str, sent: str) -> str:
+    """What a stream still owes of the finished reply ``content`` after sending ``sent``."""
+    if content.startswith(sent):
+        return content[len(sent) :]
+    log.warning("a streamed reply changed after it was sent (a late </think>?): sent %r, reply %r", sent, content)
+    return ""
 
 
 class SpellxferAPI(ls.LitAPI):
@@ -277,24 +328,38 @@ class SpellxferAPI(ls.LitAPI):
                    stream=bool(request.stream))  # fmt: skip
 
     def predict(self, x, **kwargs):
+        """Replies to a batch of jobs (one job when ``max_batch_size`` is 1), as LitServe's
+        streaming loops take them: each yield is one message per job (a list when batched).
+
+        The last yield holds each job's reply (:meth:`_output`) or ``{"error": …}``. Before it,
+        while a group with streamed jobs generates, every decode step that adds text to one of them
+        yields ``{"delta": text}`` per job ("" for the others). Groups without streamed jobs are
+        generated in this thread without any per-step work."""
+        from spellxfer.tasks.chat import chat_token_ids
+
         batched = self.max_batch_size > 1
         jobs: list[Job] = x if batched else [x]
         start = time.perf_counter()
-        groups: dict[object, list[int]] = defaultdict(list)
+        outputs: list[dict] = [{"error": job.error} for job in jobs]
+        prompts: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
             if job.error is None:
-                # one generate call per distinct sampling setting; a seeded request alone, so that
-                # its reply depends on its seed and not on the requests it shares a batch with
-                groups[(job.sampling, i if job.seeded else None)].append(i)
-        outputs: list[dict] = [{"error": job.error} for job in jobs]
+                try:  # tokenized one by one: content the tokenizer refuses fails its own request
+                    prompts[i] = chat_token_ids(self.tokenizer, [[{"role": r, "content": c} for r, c in job.messages]])[0]
+                except Exception as e:
+                    log.exception("tokenizing a request failed")
+                    outputs[i] = {"error": f"{type(e).__name__}: {e}"}
+        groups: dict[object, list[int]] = defaultdict(list)
+        for i in prompts:
+            # one generate call per distinct sampling setting; a seeded request alone, so that
+            # its reply depends on its seed and not on the requests it shares a batch with
+            groups[(jobs[i].sampling, i if jobs[i].seeded else None)].append(i)
         for (sampling, _), idx in groups.items():
-            try:
-                results = self._generate(sampling, [jobs[i] for i in idx])
-            except Exception:
-                # Something in this group cannot be generated. Retry each request on its own, so
-                # that only the culprit fails and its neighbours are still served.
-                log.exception("a generation batch failed; retrying its %d requests one by one", len(idx))
-                results = [self._generate_alone(sampling, jobs[i]) for i in idx]
+            group = [(jobs[i], prompts[i]) for i in idx]
+            if any(job.stream for job, _ in group):
+                results = yield from self._stream_group(sampling, group, idx, len(jobs), batched)
+            else:
+                results = self._generate_group(sampling, group)
             for i, result in zip(idx, results):
                 outputs[i] = result
         served = [o for o in outputs if "error" not in o]
@@ -303,31 +368,64 @@ class SpellxferAPI(ls.LitAPI):
                                      sum(o["completion_tokens"] for o in served))  # fmt: skip
         yield outputs if batched else outputs[0]
 
-    def _generate_alone(self, sampling, job: Job) -> dict:
+    def _generate_group(self, sampling, group: list[tuple[Job, list[int]]]) -> list[dict]:
         try:
-            return self._generate(sampling, [job])[0]
+            return self._generate(sampling, group)
+        except Exception:
+            # Something in this group cannot be generated. Retry each request on its own, so
+            # that only the culprit fails and its neighbours are still served.
+            log.exception("a generation batch failed; retrying its %d requests one by one", len(group))
+            return [self._generate_alone(sampling, item) for item in group]
+
+    def _stream_group(self, sampling, group: list[tuple[Job, list[int]]], idx: list[int], size: int, batched: bool):
+        """Generate a group that holds streamed jobs, yielding each decode step's new text (see
+        :meth:`predict`); returns the group's replies. ``idx``: the group's places among the
+        batch's ``size`` jobs. Should the group fail, its jobs are retried one by one like any
+        group's — except streamed ones that have sent text already: it cannot be recalled, so
+        they fail."""
+        from spellxfer.serving.streaming import StreamedReply, streamed_steps
+
+        replies = {k: StreamedReply(self.tokenizer, job.stop) for k, (job, _) in enumerate(group) if job.stream}
+
+        def messages(deltas: dict[int, str]):
+            out = [{"delta": ""} for _ in range(size)]
+            for k, delta in deltas.items():
+                out[idx[k]]["delta"] = delta
+            return out if batched else out[0]
+
+        try:
+            return (yield from streamed_steps(lambda on_step: self._generate(sampling, group, on_step), replies, messages))
+        except Exception:
+            log.exception("a streamed generation batch failed; retrying its requests that have sent nothing")
+            return [{"error": "failed after part of its reply was streamed"} if k in replies and replies[k].sent
+                    else self._generate_alone(sampling, item) for k, item in enumerate(group)]  # fmt: skip
+
+    def _generate_alone(self, sampling, item: tuple[Job, list[int]]) -> dict:
+        try:
+            return self._generate(sampling, [item])[0]
         except Exception as e:
             log.exception("generation failed for one request")
             return {"error": f"{type(e).__name__}: {e}"}
 
-    def _generate(self, sampling, jobs: list[Job]) -> list[dict]:
-        """Replies (shaped by :meth:`_output`) to jobs that share one sampling setting."""
+    def _generate(self, sampling, group: list[tuple[Job, list[int]]], on_step=None) -> list[dict]:
+        """Replies (shaped by :meth:`_output`) to ``(job, prompt ids)`` that share one sampling
+        setting; ``on_step`` is the engine's per-step hook (streaming)."""
         from spellxfer.models.generation import GenerationEngine
-        from spellxfer.tasks.chat import chat_token_ids
 
         self.batches += 1  # a new seed per batch: the same question can get different samples
-        seed = sampling.seed if jobs[0].seeded else self.batches
-        engine = GenerationEngine(self.model, self.tokenizer, replace(sampling, seed=seed), batch_size=len(jobs))
-        ids = chat_token_ids(self.tokenizer, [[{"role": r, "content": c} for r, c in job.messages] for job in jobs])
-        replies = engine.generate_ids(ids)
+        seed = sampling.seed if group[0][0].seeded else self.batches
+        engine = GenerationEngine(self.model, self.tokenizer, replace(sampling, seed=seed), batch_size=len(group))
+        engine.on_step = on_step
+        replies = engine.generate_ids([prompt for _, prompt in group])
         return [self._output(job, reply[0], len(prompt), reply_ids[0], engine.stop_ids)
-                for job, reply, prompt, reply_ids in zip(jobs, replies, ids, engine.last_reply_ids)]  # fmt: skip
+                for (job, prompt), reply, reply_ids in zip(group, replies, engine.last_reply_ids)]  # fmt: skip
 
     def _output(self, job: Job, reply: str, prompt_tokens: int, reply_ids: list[int], stop_ids) -> dict:
         """One reply as the routes return it. ``completion_tokens`` counts the generated ids (up
         to and including the end-of-turn token, or to the end of the first ``stop`` match);
         ``finish_reason`` is ``length`` when the reply hit max_tokens without ending."""
-        from spellxfer.tasks.parsing import parse_answer, strip_end_of_turn, strip_thinking
+        from spellxfer.serving.streaming import chat_content, token_pieces
+        from spellxfer.tasks.parsing import parse_answer, strip_end_of_turn
 
         ended = bool(reply_ids) and reply_ids[-1] in stop_ids
         if job.kind == "predict":
@@ -336,28 +434,12 @@ class SpellxferAPI(ls.LitAPI):
             if parsed is not None and job.answer_kind == "integer":
                 parsed = int(parsed)
             return {"answer": answer, "parsed": parsed, **_usage(prompt_tokens, len(reply_ids))}
-        content, used = strip_thinking(reply), len(reply_ids)
-        hits = [content.find(x) for x in job.stop if x in content]
-        # the text each token adds: only where a stream sends it or a `stop` cut must be counted
-        pieces = self._pieces(reply_ids) if job.stream or hits else []
-        if hits:  # OpenAI's `stop`: the reply ends before the sequence, which is not returned
-            cut = min(hits)
-            content = content[:cut]
-            used = _tokens_spelling(pieces, cut, used)
-        out = {"role": "assistant", "content": content, "finish_reason": "stop" if ended or hits else "length",
-               **_usage(prompt_tokens, used)}  # fmt: skip
-        if job.stream:
-            out["pieces"] = _spell(pieces, content)
-        return out
-
-    def _pieces(self, ids: list[int]) -> list[str]:
-        """The text each generated token adds (special tokens add none)."""
-        pieces, prev = [], ""
-        for k in range(len(ids)):
-            text = self.tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
-            pieces.append(text[len(prev):] if text.startswith(prev) else text)
-            prev = text
-        return pieces
+        content, cut = chat_content(reply, job.stop)
+        used = len(reply_ids)
+        if cut:  # the tokens it took to write the content up to the stop sequence
+            used = _tokens_spelling(token_pieces(self.tokenizer, reply_ids), len(content), used)
+        return {"role": "assistant", "content": content, "finish_reason": "stop" if ended or cut else "length",
+                **_usage(prompt_tokens, used)}  # fmt: skip
 
     def encode_response(self, output, **kwargs):
         # `output` streams what predict yielded: a list per batch (batched) or one dict.
@@ -373,23 +455,6 @@ def _tokens_spelling(pieces: list[str], chars: int, default: int) -> int:
         if len(text.lstrip()) >= chars:
             return k + 1
     return default
-
-
-def _spell(pieces: list[str], content: str) -> list[str]:
-    """``content`` in the pieces it was generated in (for the stream): the pieces cut to where
-    ``content`` stands in them (the reply shaping strips whitespace and ends at ``stop``); the
-    whole content as one piece where they do not spell it."""
-    joined = "".join(pieces)
-    start = joined.find(content)
-    if start < 0:
-        return [content]
-    out, pos, end = [], 0, start + len(content)
-    for p in pieces:
-        a, b = max(pos, start), min(pos + len(p), end)
-        if a < b:
-            out.append(p[a - pos : b - pos])
-        pos += len(p)
-    return out
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

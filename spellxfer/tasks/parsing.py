@@ -63,9 +63,9 @@ AnswerKind = Literal["letter", "integer"]
 
 # Everything after an end-of-turn marker is not part of the reply: with skip_special_tokens=False a
 # model that runs past its turn can invent a new "user" turn, and padding repeats <|endoftext|>.
-_END_MARKER = re.compile(
-    r"<\|im_end\|>|<\|endoftext\|>|<\|eot_id\|>|<\|end_of_text\|>|<\|end\|>|<end_of_turn>|</s>"
-)
+END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>")
+THINK_TAGS = ("<think>", "</think>")
+_END_MARKER = re.compile("|".join(map(re.escape, END_MARKERS)))
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
