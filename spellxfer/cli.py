@@ -44,12 +44,13 @@ def assets_status() -> int:
     from rich.table import Table
 
     from spellxfer.core.assets import asset_status
+    from spellxfer.core.tables import print_table
 
     table = Table("asset", "from wheel", "cached", "sha256 ok", "path")
     rows = asset_status()
     for r in rows:
         table.add_row(r["name"], r["requirement"], _yn(r["cached"]), _yn(r["verified"]), r["path"])
-    Console().print(table)
+    print_table(table)
     return 0 if all(r["verified"] for r in rows) else 1
 
 
