@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from spellxfer.core.errors import SpellxferError
+from spellxfer.core.quiet import quiet_third_party
 
 err = Console(stderr=True, highlight=False)
 
@@ -173,9 +174,11 @@ def _run_lightning(argv: list[str]) -> int:
 
 
 def _one_line_errors(run, help_hint: str) -> int:
-    """Run a command; user mistakes become one `error: …` line on stderr and exit code 2."""
+    """Run a command; user mistakes become one `error: …` line on stderr and exit code 2.
+    Known third-party warnings are filtered while it runs (:mod:`spellxfer.core.quiet`)."""
     try:
-        return run()
+        with quiet_third_party():
+            return run()
     except ArgumentError as e:
         msg = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
         err.print(f"[bold red]error:[/] {escape(msg)} (see {help_hint})", soft_wrap=True)

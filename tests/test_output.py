@@ -12,6 +12,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 
 from conftest import REPO
 from rich.console import Console
@@ -77,3 +78,46 @@ def test_evaluate_printed_into_a_pipe_shows_whole_subtask_names(demo_data, tmp_p
     assert "…" not in p.stdout
     for name in ("letter_index", "letter_count", "word_length", "transfer_score"):
         assert name in p.stdout, name
+
+
+def test_importing_spellxfer_installs_none_of_its_filters():
+    """Filters for known third-party noise belong to spellxfer's entry point, never to a library
+    import: a user's own code keeps the warnings it asked for. (torch, numpy and friends add
+    their own filters on import; none of ours may be among them.)"""
+    code = """
+import logging, warnings
+import spellxfer.cli, spellxfer.training.cli, spellxfer.training.packed_trial, spellxfer.evaluation.evaluate
+from spellxfer.core.quiet import KNOWN_WARNINGS, LIGHTNING_INFO_LOGGERS
+ours = {m for m, _, _ in KNOWN_WARNINGS} | {".*your dataloader is not resumable.*"}
+installed = {f[1].pattern for f in warnings.filters if f[1] is not None}
+assert not ours & installed, ours & installed
+assert not any(logging.getLogger(n).filters for n in LIGHTNING_INFO_LOGGERS)
+assert logging.getLogger("lightning.fabric.utilities.seed").level == logging.NOTSET
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_the_entry_point_filters_known_warnings_only_while_a_command_runs(monkeypatch, capsys):
+    """Inside a command the known deprecations are ignored and any other warning still shows;
+    after it, the filters are what they were."""
+    import spellxfer.cli as cli
+
+    seen = {}
+
+    def command() -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated, use …", FutureWarning,
+                                   "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")  # fmt: skip
+            warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated, use …", FutureWarning,
+                                   "mine.py", 1, module="my_own_code")  # fmt: skip
+            warnings.warn_explicit("a user's own warning", UserWarning, "mine.py", 2, module="my_own_code")
+        seen["messages"] = [(str(w.message)[:20], w.filename) for w in caught]
+        return 0
+
+    before = list(warnings.filters)
+    monkeypatch.setattr(cli, "_run_lightning", lambda argv: command())
+    assert cli.main(["fit"]) == 0
+    # the LeafSpec notice from Lightning is gone; the same text from other code, and a user's own, are not
+    assert seen["messages"] == [("`isinstance(treespec", "mine.py"), ("a user's own warning", "mine.py")]
+    assert warnings.filters == before

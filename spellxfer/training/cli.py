@@ -36,11 +36,9 @@ Trained on spelling, validated on position and count only.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import sys
-import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
@@ -438,12 +436,6 @@ def _unreadable_config(path: Path) -> SpellxferError | None:
 
 def run_lightning_cli(argv: list[str]) -> int:
     """Hand ``fit|validate|test|predict …`` to LightningCLI; returns the exit code."""
-    # The DataModule restores its in-epoch position itself (state_dict / load_state_dict), which
-    # Lightning's generic check for a resumable *dataloader* does not see.
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    # "Seed set to N" (an info line; the seed is in the saved config) would otherwise come before
-    # the one `error: …` line of a config mistake caught after seeding.
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     saved = sys.argv
     sys.argv = [saved[0], *argv]  # LightningCLI reads sys.argv; `args=` beside it only warns
     try:
