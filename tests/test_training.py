@@ -549,8 +549,12 @@ def test_fit_fails_when_a_module_logs_a_forbidden_metric(demo_data, tmp_path, mo
 def test_validate_on_a_checkpoint_reproduces_the_runs_last_validation(ref, demo_data, tmp_path):
     p = run_fit(tmp_path / "v", demo_data, "--ckpt_path", str(ref.root / "last.ckpt"), command="validate")
     assert p.returncode == 0, p.stderr
-    assert "val/position_accuracy" in p.stdout
     (row,) = read_jsonl(tmp_path / "v" / "validate_metrics.jsonl")
+    metrics = [k for k in row if k.startswith("val/")]
+    assert len(metrics) == 7  # position, count, transfer and the four subtasks
+    # one table, each metric once (Lightning's had a column per dataloader, position and count)
+    assert all(p.stdout.count(k) == 1 for k in metrics), p.stdout
+    assert "DataLoader" not in p.stdout and "…" not in p.stdout
     last_val = [r for r in read_jsonl(ref.root / "metrics.jsonl") if "val/position_accuracy" in r][-1]
     # greedy generation with the step-30 weights: the fit's validation after its 30th step
     assert {k: v for k, v in row.items() if k.startswith("val/")} == {

@@ -46,9 +46,11 @@ import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from rich.table import Table
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import check_run_name
+from spellxfer.core.tables import print_table
 from spellxfer.models.registry import check_lora_layout
 from spellxfer.tasks.metric_names import check_metric_name
 from spellxfer.training.checkpointing import (
@@ -310,6 +312,28 @@ class SpellxferCLI(LightningCLI):
                 if parent == stop or not parent.is_dir() or any(parent.iterdir()):
                     break
                 parent.rmdir()
+
+    # LightningCLI runs these in place of trainer.validate / trainer.test.
+    def validate(self, verbose: bool = True, **kwargs) -> list[dict]:
+        return self._evaluate(self.trainer.validate, "validate", verbose, **kwargs)
+
+    def test(self, verbose: bool = True, **kwargs) -> list[dict]:
+        return self._evaluate(self.trainer.test, "test", verbose, **kwargs)
+
+    def _evaluate(self, run, stage: str, verbose: bool, **kwargs) -> list[dict]:
+        """Run ``validate`` / ``test`` and print one table of its metrics. Lightning's own table
+        has a column per dataloader and, the metrics being logged once per epoch over both
+        (position and count), printed each one twice."""
+        results = run(verbose=False, **kwargs)
+        if verbose and self.trainer.is_global_zero:
+            merged = {}
+            for per_loader in results:
+                merged.update({k.split("/dataloader_idx_")[0]: v for k, v in per_loader.items()})
+            table = Table(f"{stage} metric", "value", title=f"{stage}: {kwargs.get('ckpt_path') or 'the model as configured'}")
+            for name, value in merged.items():
+                table.add_row(name, f"{float(value):.4f}")
+            print_table(table)
+        return results
 
     def instantiate_trainer(self, **kwargs):
         run = self._run

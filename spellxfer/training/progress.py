@@ -122,15 +122,14 @@ class PlainProgressBar(ProgressBar):
             self._eval.update(self._eval.done + 1)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not self._active(trainer):
+        # a fit's validations, one line each; `validate` prints its results table instead
+        if not self._active(trainer) or trainer.state.fn != "fit":
             return
         shown = {k: float(v) for k, v in trainer.callback_metrics.items()
                  if k in ("val/position_accuracy", "val/count_accuracy", "val/transfer_score")}  # fmt: skip
         if shown:
             values = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
-            # a fit's validation is at a step; `validate` scores a checkpoint, whatever its step
-            where = f" at step {trainer.global_step}" if trainer.state.fn == "fit" else ""
-            print(f"validation{where}: {values}", flush=True)
+            print(f"validation at step {trainer.global_step}: {values}", flush=True)
 
     def on_test_start(self, trainer: L.Trainer, pl_module) -> None:
         if self._active(trainer):
