@@ -574,6 +574,20 @@ def test_a_fit_writing_to_a_file_prints_plain_progress_lines(demo_data, tmp_path
     assert re.findall(r"^validation at step (\d+): val/position_accuracy", p.stdout, flags=re.M) == ["0", "10", "20"]
 
 
+def test_early_stopping_can_be_switched_off(ref, demo_data, tmp_path):
+    """--early_stopping.enabled false fits without EarlyStopping. With patience 0 it would stop
+    after step 10 (random tiny-qwen3 scores 0 at every validation: no improvement); without it the
+    fit runs to max_steps and no checkpoint holds an early-stopping state. On, its state keeps
+    Lightning's name, so checkpoints from before `enabled` existed resume with their patience."""
+    p = run_fit(tmp_path, demo_data, "--trainer.max_steps", "20", "--data.val_limit", "2",
+                "--early_stopping.patience", "0", "--early_stopping.enabled", "false")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = load_ckpt(tmp_path / "last.ckpt")
+    assert last["global_step"] == 20 and "`max_steps=20` reached" in p.stderr
+    assert not [k for k in last["callbacks"] if "EarlyStopping" in k]
+    assert "EarlyStopping{'monitor': 'val/position_accuracy', 'mode': 'max'}" in load_ckpt(ref.root / "last.ckpt")["callbacks"]
+
+
 def test_model_and_data_seeds_may_differ_and_the_loggers_get_the_whole_config(demo_data, tmp_path):
     """--model.seed (weights, sampling) and --data.seed (data order) are independent; Lightning
     used to refuse to merge two different `seed` hparams. hparams.yaml (and W&B's run config)

@@ -8,8 +8,9 @@ What it adds to Lightning's own CLI:
   ``results/metrics/<experiment>.jsonl``; ``--trainer.default_root_dir DIR`` moves all of them
   under DIR. ``validate`` / ``test`` / ``predict`` log to ``training_logs/<subcommand>/`` and
   ``<subcommand>_metrics.jsonl`` (``<experiment>-<subcommand>.jsonl``), never into the fit's logs.
-- a ``ModelCheckpoint`` (``--checkpoint.*``) and an ``EarlyStopping`` (``--early_stopping.*``)
-  watching ``val/position_accuracy`` (generation-scored) by default — the scored checkpoint is
+- a ``ModelCheckpoint`` (``--checkpoint.*``) and an ``EarlyStopping`` (``--early_stopping.*``;
+  ``--early_stopping.enabled false`` leaves it out) watching ``val/position_accuracy``
+  (generation-scored) by default — the scored checkpoint is
   written right after each validation, as ``best-step{N}.ckpt`` (top k); a second checkpoint
   callback writes ``step{N}.ckpt`` every ``--checkpoint.every_n_train_steps`` steps, keeps the
   last K (``--keep_last_k``) and owns ``last.ckpt``, the resume point;
@@ -81,6 +82,27 @@ DEFAULT_CONFIGS = [
 LORA_SHAPE_KEYS = ("model", "lora_r", "target_modules")
 
 
+class OptionalEarlyStopping(EarlyStopping):
+    """Lightning's ``EarlyStopping`` plus ``enabled``: ``--early_stopping.enabled false`` (YAML
+    ``early_stopping: {enabled: false}``) fits to ``max_steps`` without it — the callback is left
+    out of the Trainer, so nothing watches, records or stops.
+
+    Args:
+        monitor: The metric to watch (a val/ metric).
+        enabled: False: no early stopping in this fit (the other early_stopping keys are unused).
+    """
+
+    def __init__(self, monitor: str, enabled: bool = True, **kwargs) -> None:
+        super().__init__(monitor=monitor, **kwargs)
+        self.enabled = enabled
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's own key (EarlyStopping{'monitor': …, 'mode': …}): checkpoints written before
+        # this subclass existed resume with their patience.
+        return EarlyStopping.__qualname__ + super().state_key.removeprefix(type(self).__qualname__)
+
+
 class SpellxferCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         self._argv = list(sys.argv[1:])
@@ -136,7 +158,7 @@ class SpellxferCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(OptionalEarlyStopping, "early_stopping")
         parser.set_defaults(
             {"early_stopping.monitor": "val/position_accuracy", "early_stopping.mode": "max",
              "early_stopping.patience": 3}  # fmt: skip
@@ -360,6 +382,7 @@ class SpellxferCLI(LightningCLI):
         # val metric (--checkpoint.*), not this one (whose "best" is the latest step).
         trainer.callbacks.remove(step_ckpt)
         trainer.callbacks.append(step_ckpt)
+        trainer.callbacks = [cb for cb in trainer.callbacks if not (isinstance(cb, OptionalEarlyStopping) and not cb.enabled)]
         return trainer
 
 
