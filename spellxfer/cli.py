@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from spellxfer.core.errors import SpellxferError
+from spellxfer.core.quiet import quiet_third_party
 
 err = Console(stderr=True, highlight=False)
 
@@ -44,12 +45,13 @@ def assets_status() -> int:
     from rich.table import Table
 
     from spellxfer.core.assets import asset_status
+    from spellxfer.core.tables import print_table
 
     table = Table("asset", "from wheel", "cached", "sha256 ok", "path")
     rows = asset_status()
     for r in rows:
         table.add_row(r["name"], r["requirement"], _yn(r["cached"]), _yn(r["verified"]), r["path"])
-    Console().print(table)
+    print_table(table)
     return 0 if all(r["verified"] for r in rows) else 1
 
 
@@ -215,9 +217,11 @@ def _run_lightning(argv: list[str]) -> int:
 
 
 def _one_line_errors(run, help_hint: str) -> int:
-    """Run a command; user mistakes become one `error: …` line on stderr and exit code 2."""
+    """Run a command; user mistakes become one `error: …` line on stderr and exit code 2.
+    Known third-party warnings are filtered while it runs (:mod:`spellxfer.core.quiet`)."""
     try:
-        return run()
+        with quiet_third_party():
+            return run()
     except ArgumentError as e:
         msg = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
         err.print(f"[bold red]error:[/] {escape(msg)} (see {help_hint})", soft_wrap=True)

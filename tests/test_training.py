@@ -40,6 +40,9 @@ from spellxfer.training.module import ALL_LINEAR, SpellingLoRAModule
 
 STEPS = 30  # configs/tiny.yaml: trainer.max_steps; a checkpoint every 10 steps
 FORBIDDEN_METRIC = "val/spelling_accuracy"  # spellxfer-check: allow (the name the whitelist refuses)
+# Third-party lines a fit used to print (library deprecations and tips; spellxfer.core.quiet)
+KNOWN_NOISE = ("LeafSpec", "litlogger", "litmodels", "💡 Tip", "anonymous setting", "git root", "is not empty",
+               "past_key_values", "is_gradient_checkpointing", "not resumable", "Seed set to")  # fmt: skip
 
 
 def quiet_env(**extra: str) -> dict[str, str]:
@@ -546,8 +549,12 @@ def test_fit_fails_when_a_module_logs_a_forbidden_metric(demo_data, tmp_path, mo
 def test_validate_on_a_checkpoint_reproduces_the_runs_last_validation(ref, demo_data, tmp_path):
     p = run_fit(tmp_path / "v", demo_data, "--ckpt_path", str(ref.root / "last.ckpt"), command="validate")
     assert p.returncode == 0, p.stderr
-    assert "val/position_accuracy" in p.stdout
     (row,) = read_jsonl(tmp_path / "v" / "validate_metrics.jsonl")
+    metrics = [k for k in row if k.startswith("val/")]
+    assert len(metrics) == 7  # position, count, transfer and the four subtasks
+    # one table, each metric once (Lightning's had a column per dataloader, position and count)
+    assert all(p.stdout.count(k) == 1 for k in metrics), p.stdout
+    assert "DataLoader" not in p.stdout and "…" not in p.stdout
     last_val = [r for r in read_jsonl(ref.root / "metrics.jsonl") if "val/position_accuracy" in r][-1]
     # greedy generation with the step-30 weights: the fit's validation after its 30th step
     assert {k: v for k, v in row.items() if k.startswith("val/")} == {
@@ -565,6 +572,20 @@ def test_a_fit_writing_to_a_file_prints_plain_progress_lines(demo_data, tmp_path
     steps = re.findall(r"^fit: (\d+)/20 steps .* loss [0-9.]+$", p.stdout, flags=re.M)
     assert steps and steps[-1] == "20"
     assert re.findall(r"^validation at step (\d+): val/position_accuracy", p.stdout, flags=re.M) == ["0", "10", "20"]
+
+
+def test_early_stopping_can_be_switched_off(ref, demo_data, tmp_path):
+    """--early_stopping.enabled false fits without EarlyStopping. With patience 0 it would stop
+    after step 10 (random tiny-qwen3 scores 0 at every validation: no improvement); without it the
+    fit runs to max_steps and no checkpoint holds an early-stopping state. On, its state keeps
+    Lightning's name, so checkpoints from before `enabled` existed resume with their patience."""
+    p = run_fit(tmp_path, demo_data, "--trainer.max_steps", "20", "--data.val_limit", "2",
+                "--early_stopping.patience", "0", "--early_stopping.enabled", "false")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = load_ckpt(tmp_path / "last.ckpt")
+    assert last["global_step"] == 20 and "`max_steps=20` reached" in p.stderr
+    assert not [k for k in last["callbacks"] if "EarlyStopping" in k]
+    assert "EarlyStopping{'monitor': 'val/position_accuracy', 'mode': 'max'}" in load_ckpt(ref.root / "last.ckpt")["callbacks"]
 
 
 def test_model_and_data_seeds_may_differ_and_the_loggers_get_the_whole_config(demo_data, tmp_path):
@@ -627,6 +648,10 @@ def test_without_credentials_wandb_writes_an_offline_run_grouped_by_experiment(d
     root = tmp_path / "run"
     p = run_fit(root, demo_data, "--trainer.max_steps", "10", "--experiment", "wb-test", env=env)
     assert p.returncode == 0, p.stderr
+    # no third-party notice that says nothing about the run (spellxfer.core.quiet, and the W&B
+    # logger creating its directory first and passing no `anonymous`)
+    for noise in KNOWN_NOISE:
+        assert noise not in p.stderr, noise
     (run_dir,) = (root / "wandb").glob("offline-run-*")
     records = wandb_records(next(run_dir.glob("run-*.wandb")))
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]

@@ -44,6 +44,7 @@ from spellxfer.core.outputs import (
     package_versions,
     write_json,
 )
+from spellxfer.core.tables import print_table
 from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
 from spellxfer.tasks.names import TASKS
 
@@ -471,7 +472,7 @@ def print_summary(result: dict, out: Path) -> None:
         t.add_row(str(r["rank"]), r["run"], f"{r['transfer_score']:.3f}",
                   *[f"{r[f'{k}_accuracy_delta']:+.3f} [{r[f'{k}_accuracy_delta_ci_low']:+.3f}, "
                     f"{r[f'{k}_accuracy_delta_ci_high']:+.3f}]" for k in TASKS])  # fmt: skip
-    console.print(t)
+    print_table(t, console)
     if sel := info.get("selected_by_validation"):
         console.print(f"selected by {sel['objective']} (the unbiased pick): {sel['run']}, test transfer_score "
                       f"{sel['transfer_score']:.3f}, rank {sel['test_rank']} of {info['n_runs']} on the test set")

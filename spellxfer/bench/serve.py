@@ -291,10 +291,12 @@ def print_summary(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from spellxfer.core.tables import print_table
+
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table("route", "concurrency", "seconds", "requests", "ok", "4xx", "5xx", "no reply", "req/s",
                   "p50 ms", "p95 ms", "p99 ms", title=f"bench {s['url']}")  # fmt: skip
     table.add_row(s["route"], str(s["concurrency"]), str(s["seconds"]), str(s["requests"]), str(s["ok"]),
                   str(s["errors_4xx"]), str(s["errors_5xx"]), str(s["transport_errors"]), str(s["throughput_rps"]),
                   str(s["p50_ms"]), str(s["p95_ms"]), str(s["p99_ms"]))  # fmt: skip
-    console.print(table)
+    print_table(table, console)

@@ -373,8 +373,12 @@ def summarise(modes: list[dict]) -> dict:
 
 
 def print_report(report: dict) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
+
+    from spellxfer.core.tables import print_table
 
     table = Table(title=f"bench sweep: {report['model']} on {report['device']} ({report['date']})")
     for col in ("mode", "trials", "complete", "makespan s", "for all N", "trials / GPU-h", "peak GiB"):
@@ -385,8 +389,8 @@ def print_report(report: dict) -> None:
                       f"{m['makespan_s_for_all']:.0f}" if m["makespan_s_for_all"] else "–",
                       f"{m['trials_per_gpu_hour']:.1f}" if m["trials_per_gpu_hour"] else "–",
                       "–" if peak is None else f"{peak:.1f}")  # fmt: skip
-    console = Console(width=160)
-    console.print(table)
+    console = Console(width=None if sys.stdout.isatty() else 160)  # whole rows in a log file
+    print_table(table, console)
     if report["kernels"]:
         kt = Table(title="packed LoRA kernels: one forward + backward of the first K trials' micro-batches")
         for col in ("kernel", "trials", "rows", "ms / step", "tokens/s", "max |Δ loss| vs loop", "peak GiB"):
@@ -397,5 +401,5 @@ def print_report(report: dict) -> None:
                 continue
             kt.add_row(k["kernel"], str(k["trials"]), str(k["rows"]), f"{k['ms_per_step']:.1f}", f"{k['tokens_per_second']:,}",
                        f"{k['max_loss_diff_vs_loop']:.2g}", "–" if k["peak_memory_gib"] is None else f"{k['peak_memory_gib']:.1f}")  # fmt: skip
-        console.print(kt)
+        print_table(kt, console)
     console.print(f"summary: {json.dumps(report['summary'])}")

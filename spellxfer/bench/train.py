@@ -466,12 +466,14 @@ def _print_table(report: dict, rate_label: str, key: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from spellxfer.core.tables import print_table
+
     table = Table(title=f"{report['model']} on {report['device']} ({report['date']})")
-    table.add_column("variant", no_wrap=True)
+    table.add_column("variant")
     for col in ("batch", rate_label, "× first", "MFU (peak)", "MFU (matmul)", "peak GiB"):
         table.add_column(col, justify="right")
     for r in report["results"]:
         table.add_row(r["variant"], str(r["batch_size"]), f"{r[key]:,.0f}", f"{r['ratio_to_first']:.2f}",
                       "–" if r["mfu_vs_peak"] is None else f"{r['mfu_vs_peak']:.1%}", f"{r['mfu_vs_matmul']:.1%}",
                       "–" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}")  # fmt: skip
-    Console(width=200).print(table)
+    print_table(table, Console(width=None if sys.stdout.isatty() else 200))  # whole rows in a log file

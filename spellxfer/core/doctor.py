@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from spellxfer.core.assets import asset_status, cache_dir
+from spellxfer.core.tables import print_table
 
 console = Console()
 
@@ -72,7 +73,7 @@ def doctor() -> int:
     for check, value, status in rows:
         # Text, not markup: values hold brackets ("spellxfer[gpu]") that rich would parse as tags.
         table.add_row(check, Text(value), Text(status, style=STATUS_STYLE[status]))
-    console.print(table)
+    print_table(table, console)
     broken = [check for check, _, status in rows if check in REQUIRED and status == "missing"]
     if broken:
         console.print(f"[bold red]required package(s) failed to import:[/] {', '.join(broken)}")

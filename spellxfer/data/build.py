@@ -47,6 +47,7 @@ from rich.table import Table
 from spellxfer import __version__
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_output_dir, check_output_dir, write_json, write_jsonl
+from spellxfer.core.tables import print_table
 from spellxfer.data.checks import split_problems
 from spellxfer.data.words import (
     LENGTH_SHARES,
@@ -374,4 +375,4 @@ def _print_summary(manifest: dict, out: Path, seconds: float) -> None:
         share = manifest["majority_answer_share"].get(name, {})
         table.add_row(name, str(counts["total"]), subs, str(manifest["distinct_words"][name]),
                       ", ".join(f"{k} {v:.0%}" for k, v in share.items()))  # fmt: skip
-    Console().print(table)
+    print_table(table)

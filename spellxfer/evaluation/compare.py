@@ -14,11 +14,11 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, check_output_file, iter_jsonl, snippet
+from spellxfer.core.tables import print_table
 from spellxfer.evaluation.baselines import beats, best_trivial, trivial_baselines
 from spellxfer.evaluation.stats import accuracy_summary, paired_comparison
 from spellxfer.tasks.names import TASKS
@@ -120,7 +120,7 @@ def print_comparison(c: dict) -> None:
             table.add_row(("  " if "/" in name else "[bold]") + name, f"{g['acc_a']:.3f}{flag['a']}",
                           f"{g['acc_b']:.3f}{flag['b']}", best, f"{g['diff']:+.3f}",
                           f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]", f"{g['mcnemar_p']:.3g}", str(g["n"]))  # fmt: skip
-        Console().print(table)
+        print_table(table)
 
 
 def compare(base: str, other: str, out: str | None = None) -> int:

@@ -33,6 +33,7 @@ from spellxfer.core.outputs import (
     write_json,
     write_jsonl,
 )
+from spellxfer.core.tables import print_table
 from spellxfer.evaluation import fewshot
 from spellxfer.evaluation.baselines import baseline_fields, beats
 from spellxfer.evaluation.compare import (
@@ -504,7 +505,7 @@ def print_summary(metrics: dict, out: Path) -> None:
                                                                    v.get("best_trivial")))  # fmt: skip
     if "transfer_score" in metrics:
         table.add_row("[bold]transfer_score", f"{metrics['transfer_score']:.3f}", *[""] * (len(columns) - 2))
-    console.print(table)
+    print_table(table, console)
     console.print("✗: the 95% interval does not lie above the best trivial baseline (docs/evaluation.md#trivial-baselines)")
     for scorer, block in (("replies", "diagnostics"), ("probe answers", "likelihood")):
         constant = [f"{name} ({v[block]['top_answers'][0][0]!r})" for name, v in metrics["subtasks"].items()

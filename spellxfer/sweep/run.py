@@ -41,6 +41,7 @@ from typing import Literal
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import check_run_name
+from spellxfer.core.tables import print_table
 
 MAX_RETRIES = 10  # retries of one trial whose worker keeps dying (a preemption loop, not a bug in the trial)
 
@@ -226,7 +227,7 @@ def sweep(
             rows = write_csv(main_study, ctx, csv_path)
     if errors:
         raise errors[0]
-    console.print(summary_table(rows, ctx))
+    print_table(summary_table(rows, ctx), console)
     console.print(f"wrote {csv_path} ({len(rows)} trials) and {sweep_dir}/trial-*/")
     return 0
 

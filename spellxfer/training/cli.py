@@ -8,8 +8,9 @@ What it adds to Lightning's own CLI:
   ``results/metrics/<experiment>.jsonl``; ``--trainer.default_root_dir DIR`` moves all of them
   under DIR. ``validate`` / ``test`` / ``predict`` log to ``training_logs/<subcommand>/`` and
   ``<subcommand>_metrics.jsonl`` (``<experiment>-<subcommand>.jsonl``), never into the fit's logs.
-- a ``ModelCheckpoint`` (``--checkpoint.*``) and an ``EarlyStopping`` (``--early_stopping.*``)
-  watching ``val/position_accuracy`` (generation-scored) by default — the scored checkpoint is
+- a ``ModelCheckpoint`` (``--checkpoint.*``) and an ``EarlyStopping`` (``--early_stopping.*``;
+  ``--early_stopping.enabled false`` leaves it out) watching ``val/position_accuracy``
+  (generation-scored) by default — the scored checkpoint is
   written right after each validation, as ``best-step{N}.ckpt`` (top k); a second checkpoint
   callback writes ``step{N}.ckpt`` every ``--checkpoint.every_n_train_steps`` steps, keeps the
   last K (``--keep_last_k``) and owns ``last.ckpt``, the resume point;
@@ -36,11 +37,9 @@ Trained on spelling, validated on position and count only.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import sys
-import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
@@ -48,10 +47,12 @@ import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from rich.table import Table
 
 from spellxfer.core.configs import shipped
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import check_run_name
+from spellxfer.core.tables import print_table
 from spellxfer.models.registry import check_lora_layout
 from spellxfer.tasks.metric_names import check_metric_name
 from spellxfer.training.checkpointing import (
@@ -76,6 +77,27 @@ DEFAULT_CONFIGS = [str(shipped(f"training/{f}")) for f in ("optimizer.yaml", "sc
 # Hyper-parameters that decide which LoRA tensors exist and their shapes: a checkpoint written
 # with other values cannot be loaded into the configured model.
 LORA_SHAPE_KEYS = ("model", "lora_r", "target_modules")
+
+
+class OptionalEarlyStopping(EarlyStopping):
+    """Lightning's ``EarlyStopping`` plus ``enabled``: ``--early_stopping.enabled false`` (YAML
+    ``early_stopping: {enabled: false}``) fits to ``max_steps`` without it — the callback is left
+    out of the Trainer, so nothing watches, records or stops.
+
+    Args:
+        monitor: The metric to watch (a val/ metric).
+        enabled: False: no early stopping in this fit (the other early_stopping keys are unused).
+    """
+
+    def __init__(self, monitor: str, enabled: bool = True, **kwargs) -> None:
+        super().__init__(monitor=monitor, **kwargs)
+        self.enabled = enabled
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's own key (EarlyStopping{'monitor': …, 'mode': …}): checkpoints written before
+        # this subclass existed resume with their patience.
+        return EarlyStopping.__qualname__ + super().state_key.removeprefix(type(self).__qualname__)
 
 
 class SpellxferCLI(LightningCLI):
@@ -133,7 +155,7 @@ class SpellxferCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(OptionalEarlyStopping, "early_stopping")
         parser.set_defaults(
             {"early_stopping.monitor": "val/position_accuracy", "early_stopping.mode": "max",
              "early_stopping.patience": 3}  # fmt: skip
@@ -310,6 +332,28 @@ class SpellxferCLI(LightningCLI):
                     break
                 parent.rmdir()
 
+    # LightningCLI runs these in place of trainer.validate / trainer.test.
+    def validate(self, verbose: bool = True, **kwargs) -> list[dict]:
+        return self._evaluate(self.trainer.validate, "validate", verbose, **kwargs)
+
+    def test(self, verbose: bool = True, **kwargs) -> list[dict]:
+        return self._evaluate(self.trainer.test, "test", verbose, **kwargs)
+
+    def _evaluate(self, run, stage: str, verbose: bool, **kwargs) -> list[dict]:
+        """Run ``validate`` / ``test`` and print one table of its metrics. Lightning's own table
+        has a column per dataloader and, the metrics being logged once per epoch over both
+        (position and count), printed each one twice."""
+        results = run(verbose=False, **kwargs)
+        if verbose and self.trainer.is_global_zero:
+            merged = {}
+            for per_loader in results:
+                merged.update({k.split("/dataloader_idx_")[0]: v for k, v in per_loader.items()})
+            table = Table(f"{stage} metric", "value", title=f"{stage}: {kwargs.get('ckpt_path') or 'the model as configured'}")
+            for name, value in merged.items():
+                table.add_row(name, f"{float(value):.4f}")
+            print_table(table)
+        return results
+
     def instantiate_trainer(self, **kwargs):
         run = self._run
         extra = [ResumeState(), RunManifest(config=run["config"]), PredictionsWriter(), StepZeroValidation()]
@@ -335,6 +379,7 @@ class SpellxferCLI(LightningCLI):
         # val metric (--checkpoint.*), not this one (whose "best" is the latest step).
         trainer.callbacks.remove(step_ckpt)
         trainer.callbacks.append(step_ckpt)
+        trainer.callbacks = [cb for cb in trainer.callbacks if not (isinstance(cb, OptionalEarlyStopping) and not cb.enabled)]
         return trainer
 
 
@@ -435,12 +480,6 @@ def _unreadable_config(path: Path) -> SpellxferError | None:
 
 def run_lightning_cli(argv: list[str]) -> int:
     """Hand ``fit|validate|test|predict …`` to LightningCLI; returns the exit code."""
-    # The DataModule restores its in-epoch position itself (state_dict / load_state_dict), which
-    # Lightning's generic check for a resumable *dataloader* does not see.
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    # "Seed set to N" (an info line; the seed is in the saved config) would otherwise come before
-    # the one `error: …` line of a config mistake caught after seeding.
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     saved = sys.argv
     sys.argv = [saved[0], *argv]  # LightningCLI reads sys.argv; `args=` beside it only warns
     try:

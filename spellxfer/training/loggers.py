@@ -71,6 +71,14 @@ class WhitelistedWandbLogger(WandbLogger):
 
             offline = wandb_mode() != "online"
         super().__init__(*args, offline=offline, **kwargs)
+        # W&B looks for the git repository from its run directory before creating it ("wandb:
+        # WARNING git root … does not exist", and no commit recorded): create it first.
+        if self.save_dir:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        # Lightning 2.6 always passes `anonymous` (None when unset), which W&B ≥ 0.2x warns has
+        # no effect; leaving it out is W&B's default.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         check_metrics(metrics)

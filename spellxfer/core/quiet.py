@@ -1,0 +1,71 @@
+"""Known third-party warnings and tips, silenced while one spellxfer command runs.
+
+Libraries under us warn about their own upcoming API changes, or advertise products, in lines a
+user of spellxfer can do nothing about and that say nothing about the run — yet they sit in
+stderr beside the lines that do. :func:`quiet_third_party` filters exactly those (message, category
+and the module the warning is raised from) and only while a command runs: ``python -m spellxfer``
+enters it (:func:`spellxfer.cli.main`) and restores every filter and logger on the way out.
+Importing spellxfer as a library changes nothing: a user's own code keeps the warnings it asked
+for. Each entry below says where its line comes from; remove it when that library stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# (message regex, category, module regex the warning is attributed to; "" for any).
+KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # transformers 5.2x renamed the decoder's `past_key_values` argument to `cache`, warning on
+    # every old-style call (PEFT's and older callers'), attributed to whichever module called.
+    (r"`past_key_values` is deprecated .*Use `cache` instead", FutureWarning, ""),
+    # transformers 5.x renamed the property; PEFT still reads it whenever it wraps a model.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\."),
+    # torch 2.1x deprecated LeafSpec; Lightning 2.6's own pytree helper still uses it.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\."),
+    # The run directory is the checkpoint directory and holds the manifest, logs and W&B files
+    # from the start, so it is never empty; a resume re-uses it on purpose.
+    (r"Checkpoint directory .* exists and is not empty", UserWarning, r"lightning\."),
+    # The DataModule saves and restores its in-epoch position itself (state_dict /
+    # load_state_dict), which Lightning's check for a resumable *dataloader* does not see.
+    (r".*your dataloader is not resumable", UserWarning, r"lightning\."),
+    # Lightning's summary counts parameters in float32 for any bf16 model: a size estimate, not
+    # a precision problem (enable_model_summary: false hides the table itself).
+    (r"Precision .* is not supported by the model summary", UserWarning, r"lightning\."),
+)
+
+# Lightning's info lines go through these loggers (rank-zero only); the `💡 Tip:` ones advertise
+# litlogger / litmodels.
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+# "Seed set to N": the seed is in the saved config, and the line would come before the one
+# `error: …` line of a config mistake caught after seeding.
+SEED_LOGGER = "lightning.fabric.utilities.seed"
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+@contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Within the block, :data:`KNOWN_WARNINGS` are ignored, Lightning's tips are dropped and its
+    seed line is not printed; everything is as before once it ends."""
+    tips = _DropTips()
+    info = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
+    seed = logging.getLogger(SEED_LOGGER)
+    seed_level = seed.level
+    with warnings.catch_warnings():
+        for message, category, module in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        for logger in info:
+            logger.addFilter(tips)
+        seed.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger in info:
+                logger.removeFilter(tips)
+            seed.setLevel(seed_level)
