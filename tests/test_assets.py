@@ -70,9 +70,14 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def status_row(stdout: str, name: str) -> list[str]:
-    """The cells of one asset's row in the ``assets status`` table."""
-    line = next(line for line in stdout.splitlines() if f" {name} " in line)
-    return [cell.strip() for cell in line.strip("│ ").split("│")]
+    """The cells of one asset's row in the ``assets status`` table, printed as a table or, when
+    the paths are too long for the width, as plain ``column: value · …`` rows."""
+    if "│" in stdout:
+        line = next(line for line in stdout.splitlines() if f" {name} " in line)
+        return [cell.strip() for cell in line.strip("│ ").split("│")]
+    text = " ".join(" ".join(stdout.split("\n")).split())  # plain rows wrap between words
+    row = text.split(f"asset: {name} · ", 1)[1].split(" asset: ", 1)[0]
+    return [name, *(part.split(": ", 1)[1].strip() for part in row.split(" · "))]
 
 
 def leftovers(cache: Path) -> list[str]:
