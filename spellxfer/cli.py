@@ -309,7 +309,7 @@ def shipped_config_paths(argv: list[str]) -> list[str]:
     out = list(argv)
     for i, arg in enumerate(out):
         name, eq, value = arg.partition("=")
-        if name.replace("-", "_").replace("__", "--", 1) not in CONFIG_FLAGS:
+        if "--" + name[2:].replace("-", "_") not in CONFIG_FLAGS:
             continue
         if eq:
             out[i] = f"{name}={config_path(value)}" if value.startswith("configs/") else arg

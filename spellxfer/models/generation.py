@@ -503,7 +503,7 @@ class _StepStreamer:
         self.prompt_seen = True
 
     def end(self) -> None:
-        pass
+        """Nothing to flush: every step was handed over in :meth:`put`."""
 
 
 def unsloth_patched(model) -> bool:
