@@ -356,14 +356,14 @@ def test_the_metrics_reader_follows_a_rewritten_log_from_its_start(tmp_path):
     from spellxfer.sweep.trial import read_rows
 
     path = tmp_path / "metrics.jsonl"
-    rows = [{"step": s, "train/loss": float(s)} for s in (4, 9, 14, 19)]
+    rows = [{"step": s, "train/loss": float(s)} for s in (5, 10, 15, 20)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 2')  # a line still being written
     offset, got = read_rows(path, None)
     assert got == rows
     with atomic_file(path) as f:  # what WhitelistedCSVLogger.discard_from(10) does
         f.writelines(json.dumps(r) + "\n" for r in rows[:2])
     with open(path, "a") as f:
-        f.write(json.dumps({"step": 14, "train/loss": 1.5}) + "\n")
+        f.write(json.dumps({"step": 15, "train/loss": 1.5}) + "\n")
     offset, got = read_rows(path, offset)
-    assert got == [*rows[:2], {"step": 14, "train/loss": 1.5}]
+    assert got == [*rows[:2], {"step": 15, "train/loss": 1.5}]
     assert read_rows(path, offset)[1] == []

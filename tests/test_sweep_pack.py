@@ -258,7 +258,7 @@ def test_a_packed_sweep_killed_mid_pack_resumes_each_trial_from_its_own_checkpoi
         assert record["retry_of"] == t.number and record["resumed_from"]
         resumed_at += [int(s) for s in re.findall(r"Restoring states from the checkpoint path .* \(step (\d+)\)",
                                                    (run / "fit.log").read_text())]  # fmt: skip
-        assert [r["step"] for r in val_rows(run)] == [0, 9, 19, 29]  # each validation logged once (step 0: the base model)
+        assert [r["step"] for r in val_rows(run)] == [0, 10, 20, 30]  # each validation logged once (step 0: the base model)
     assert sorted(resumed_at) == [10, 20]
     uninterrupted = trials_by_params(grid[4])
     for params, run in trials_by_params(results / "sweeps" / "kill").items():

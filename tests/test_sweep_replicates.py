@@ -147,9 +147,28 @@ def test_the_sweep_csv_works_with_an_old_metrics_json_and_leaves_the_new_columns
 
 
 def test_steps_trained_is_the_last_optimizer_step_logged(tmp_path):
-    log = tmp_path / "metrics.jsonl"
-    rows = [{"step": 0, "val/position_accuracy": 0.1, "global_step": 0}, {"step": 4, "train/loss": 2.0},
-            {"step": 24, "val/position_accuracy": 0.2, "global_step": 25}, {"step": 29, "train/loss": 1.0}]  # fmt: skip
+    log = tmp_path / "metrics.jsonl"  # a fit's rows, each numbered with the optimizer steps done
+    rows = [{"step": 0, "val/position_accuracy": 0.1, "global_step": 0}, {"step": 5, "train/loss": 2.0, "global_step": 5},
+            {"step": 25, "val/position_accuracy": 0.2, "global_step": 25}, {"step": 30, "train/loss": 1.0, "global_step": 30}]  # fmt: skip
     log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3')  # a line still being written
     assert steps_trained(log) == 30
     assert steps_trained(tmp_path / "missing.jsonl") is None
+    # written before rows were renumbered: global_step in validation rows only, the others one lower
+    old = tmp_path / "old.jsonl"
+    rows = [{"step": 0, "val/position_accuracy": 0.1, "global_step": 0}, {"step": 4, "train/loss": 2.0},
+            {"step": 24, "val/position_accuracy": 0.2, "global_step": 25}, {"step": 29, "train/loss": 1.0}]  # fmt: skip
+    old.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert steps_trained(old) == 30
+
+
+def test_a_learning_curve_reads_the_optimizer_steps_of_new_and_old_logs(tmp_path):
+    from spellxfer.analysis.runs import read_curve
+
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    new.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "global_step": 0, "val/transfer_score": 0.1}, {"step": 10, "global_step": 10, "train/loss": 1.0},
+        {"step": 10, "global_step": 10, "val/transfer_score": 0.2}]))  # fmt: skip
+    old.write_text("".join(json.dumps(r) + "\n" for r in [  # before step-0 validations and global_step
+        {"step": 9, "train/loss": 1.0}, {"step": 9, "val/transfer_score": 0.2}]))  # fmt: skip
+    assert read_curve(new)[0] == [{"step": 0, "val/transfer_score": 0.1}, {"step": 10, "val/transfer_score": 0.2}]
+    assert read_curve(old)[0] == [{"step": 10, "val/transfer_score": 0.2}]

@@ -172,24 +172,40 @@ def test_hf_auto_peft_opens_best_adapter_on_the_base_it_was_trained_on(ref, monk
 
 
 def test_the_learning_rate_is_logged_every_log_every_n_steps(ref):
-    """LearningRateMonitor: `lr-AdamW` at the steps the training rows are logged (tiny.yaml: every
-    5), following the schedule (linear warmup, then decay: never above the peak)."""
+    """`lr-AdamW` (named as Lightning's LearningRateMonitor names it) in each training row
+    (tiny.yaml: every 5 steps): the rate that step used, following the schedule — linear warmup
+    from 0 over 5 steps (step N runs at (N − 1) / 5 of the peak), then linear decay to 0 at 30."""
     rows = [r for r in read_jsonl(ref.root / "metrics.jsonl") if "lr-AdamW" in r]
-    train = [r["step"] for r in read_jsonl(ref.root / "metrics.jsonl") if "train/loss" in r]
-    assert [r["step"] for r in rows] == train and len(rows) == 6
+    assert all("train/loss" in r for r in rows) and [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
     config = yaml.safe_load((ref.root / "training_logs" / "config.yaml").read_text())
     peak = config["model"]["learning_rate"]
-    assert all(0 < r["lr-AdamW"] <= peak for r in rows) and rows[-1]["lr-AdamW"] < max(r["lr-AdamW"] for r in rows)
+    assert rows[0]["lr-AdamW"] == pytest.approx(peak * 4 / 5, rel=1e-12)  # the 5th warmup step
+    assert rows[-1]["lr-AdamW"] == pytest.approx(peak * 1 / 25, rel=1e-12)  # the last of 25 decay steps
+    assert all(0 < r["lr-AdamW"] <= peak for r in rows)
     assert "lr-AdamW" in (ref.root / "training_logs" / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_a_fits_validation_starts_at_step_0_with_the_base_model(ref):
     """The first validation scores the model before any optimizer step (LoRA B = 0: the base
-    model); its row says global_step 0, and the later ones the optimizer steps done."""
+    model) and is logged at step 0; the later ones at the optimizer steps done."""
     val = [row for row in read_jsonl(ref.root / "metrics.jsonl") if "val/position_accuracy" in row]
-    assert [row["global_step"] for row in val] == [0, 10, 20, 30]
-    assert val[0]["step"] == 0 and min(row["step"] for row in read_jsonl(ref.root / "metrics.jsonl")) == 0
-    assert not any("train/loss" in row and row["step"] < 0 for row in read_jsonl(ref.root / "metrics.jsonl"))
+    assert [row["step"] for row in val] == [row["global_step"] for row in val] == [0, 10, 20, 30]
+
+
+def test_logged_steps_and_checkpoint_names_count_the_same_optimizer_steps(ref):
+    """After N optimizer steps is N everywhere: the training row of step 10 and the validation
+    after it are logged at 10 (Lightning alone would say 9), in metrics.jsonl and metrics.csv, and
+    the checkpoints of that validation are step10.ckpt / best-step10.ckpt, holding global_step 10."""
+    rows = read_jsonl(ref.root / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [5, 10, 15, 20, 25, 30]  # log_every_n_steps 5
+    assert all(r["step"] == r["global_step"] for r in rows)
+    with open(ref.root / "training_logs" / "metrics.csv", newline="") as f:
+        csv_val = [int(r["step"]) for r in csv.DictReader(f) if r["val/position_accuracy"]]
+    val_steps = [r["step"] for r in rows if "val/position_accuracy" in r]
+    assert csv_val == val_steps == [0, 10, 20, 30]
+    names = {p.name for p in ref.root.glob("*.ckpt")} - {"last.ckpt"}
+    named = sorted(int(re.fullmatch(r"(?:best-)?step(\d+)\.ckpt", n).group(1)) for n in names)
+    assert set(named) <= set(val_steps) and named == sorted(load_ckpt(ref.root / n)["global_step"] for n in names)
 
 
 def test_the_step_0_checkpoint_is_the_base_model_and_can_be_the_best_adapter(ref):
@@ -504,17 +520,17 @@ def test_the_csv_logger_refuses_a_metric_before_writing_anything(tmp_path):
 def test_a_resumed_logger_drops_the_rows_logged_past_the_resume_point(tmp_path):
     jsonl, logs = tmp_path / "m.jsonl", tmp_path / "logs"
     killed = WhitelistedCSVLogger(save_dir=logs, name="", version="", jsonl_path=str(jsonl))
-    for step in (4, 9, 14):  # killed after step 15, resumed from its checkpoint at step 10
+    for step in (5, 10, 15):  # killed after step 15, resumed from its checkpoint after step 10
         killed.log_metrics({"train/loss": float(step)}, step=step)
     killed.save()
     resumed = WhitelistedCSVLogger(save_dir=logs, name="", version="", jsonl_path=str(jsonl))
     resumed.discard_from(10)
-    resumed.log_metrics({"train/loss": 14.5}, step=14)
+    resumed.log_metrics({"train/loss": 15.5}, step=15)
     resumed.save()
-    assert read_jsonl(jsonl) == [{"step": 4, "train/loss": 4.0}, {"step": 9, "train/loss": 9.0},
-                                 {"step": 14, "train/loss": 14.5}]  # fmt: skip
+    assert read_jsonl(jsonl) == [{"step": 5, "train/loss": 5.0}, {"step": 10, "train/loss": 10.0},
+                                 {"step": 15, "train/loss": 15.5}]  # fmt: skip
     with open(logs / "metrics.csv", newline="") as f:  # Lightning restarts the CSV; the kept rows go back in
-        assert [(r["step"], r["train/loss"]) for r in csv.DictReader(f)] == [("4", "4.0"), ("9", "9.0"), ("14", "14.5")]
+        assert [(r["step"], r["train/loss"]) for r in csv.DictReader(f)] == [("5", "5.0"), ("10", "10.0"), ("15", "15.5")]
 
 
 class LeakyModule(SpellingLoRAModule):
@@ -658,6 +674,10 @@ def test_without_credentials_wandb_writes_an_offline_run_grouped_by_experiment(d
     assert (run.project, run.run_group, run.display_name) == ("spellxfer", "wb-test", "wb-test")
     history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
     logged = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
+    # W&B's step axis is the optimizer steps done, as in metrics.jsonl and the checkpoint names
+    axis = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in h.item} for h in history]
+    assert [r["trainer/global_step"] for r in axis if "val/position_accuracy" in r] == [0, 10]
+    assert [r["trainer/global_step"] for r in axis if "train/loss" in r] == [5, 10]
     assert {"train/loss", "val/position_accuracy", "val/transfer_score"} <= logged
     assert not [k for k in logged if "spell" in k.lower()]
     # the run config: the module's hparams, the data's and the full resolved config

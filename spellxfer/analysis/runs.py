@@ -213,7 +213,8 @@ def read_curve(path: Path) -> tuple[list[dict], int]:
 
     Returns the rows and how many metric keys were dropped because the whitelist
     (:func:`~spellxfer.tasks.metric_names.check_metric_name`) does not allow them.
-    ``step`` is optimizer steps done (a row's ``global_step``, else Lightning's step + 1), so a
+    ``step`` is optimizer steps done (:func:`~spellxfer.training.loggers.optimizer_step`: a row's
+    ``global_step``, else — in logs written before rows were renumbered — its step + 1), so a
     fit's step-0 validation of the base model is step 0.
     A missing file gives no rows: a curve is a nice-to-have, not a reason to fail. A file that is
     there must be what the training logger writes: objects with an integer ``step`` (or null) and

@@ -28,6 +28,9 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     # The run directory is the checkpoint directory and holds the manifest, logs and W&B files
     # from the start, so it is never empty; a resume re-uses it on purpose.
     (r"Checkpoint directory .* exists and is not empty", UserWarning, r"lightning\."),
+    # A resumed fit's CSV logger restarts metrics.csv, and puts the rows before the resume point
+    # back in itself (WhitelistedCSVLogger.discard_from): nothing is lost.
+    (r"Experiment logs directory .* exists and is not empty", UserWarning, r"lightning\."),
     # The DataModule saves and restores its in-epoch position itself (state_dict /
     # load_state_dict), which Lightning's check for a resumable *dataloader* does not see.
     (r".*your dataloader is not resumable", UserWarning, r"lightning\."),

@@ -268,8 +268,8 @@ def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, re
         nonlocal offset
         offset, rows = read_rows(metrics, offset)
         for row in rows:
-            # optimizer steps done: a validation row says so (global_step; 0 for the base model's
-            # validation); older logs only have Lightning's step, one less for a validation
+            # optimizer steps done: every row of a fit says so (global_step; 0 for the base
+            # model's validation); older logs numbered rows without it one less
             step = int(row["global_step"]) if "global_step" in row else int(row["step"]) + 1
             ctx.progress(worker, step=step)
             if objective not in row or step in reported:  # a resumed fit may log a step again

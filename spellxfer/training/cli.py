@@ -45,7 +45,7 @@ from pathlib import Path
 
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from rich.table import Table
 
@@ -356,11 +356,8 @@ class SpellxferCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         run = self._run
+        # (the learning rate is logged by the module, in the training rows: lr-AdamW)
         extra = [ResumeState(), RunManifest(config=run["config"]), PredictionsWriter(), StepZeroValidation()]
-        logger = self._get(self.config_init, "trainer", default={}).get("logger")
-        if logger is not False and logger != []:  # (it refuses a Trainer without loggers)
-            # the learning rate (`lr-AdamW` rows) every log_every_n_steps optimizer steps
-            extra.append(LearningRateMonitor(logging_interval="step"))
         # Lightning's idiom for "keep the last K": monitor the step counter, keep the top K.
         step_ckpt = StepCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step", mode="max",
                                    save_top_k=run["keep"], every_n_train_steps=run["every"], save_last=True,

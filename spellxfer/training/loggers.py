@@ -43,18 +43,19 @@ class WhitelistedCSVLogger(CSVLogger):
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
     def discard_from(self, global_step: int) -> None:
-        """Keep only the rows logged before optimizer step ``global_step`` was reached (resume).
+        """Keep only the rows of the first ``global_step`` optimizer steps (on a resume from a
+        checkpoint written after that many).
 
-        Lightning logs the metrics of the batch that makes optimizer step N (and of the validation
-        after it) with ``step`` N - 1, so a run resumed at step N logs ``step`` ≥ N from then on.
-        ``metrics.csv`` is restarted by Lightning's CSV writer on resume; the kept rows go back
-        into it too.
+        A fit numbers each row with the optimizer steps done (the training row of step N and the
+        validation after it: N; see ``SpellingLoRAModule._log_step``), so a run resumed at step N
+        logs ``step`` > N from then on. ``metrics.csv`` is restarted by Lightning's CSV writer on
+        resume; the kept rows go back into it too.
         """
         path = self._jsonl
         if not path.is_file():
             return
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [r for r in rows if r.get("step") is None or r["step"] < global_step]
+        kept = [r for r in rows if r.get("step") is None or r["step"] <= global_step]
         if len(kept) != len(rows):
             with atomic_file(path) as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -86,9 +87,10 @@ class WhitelistedWandbLogger(WandbLogger):
 
 
 def optimizer_step(row: dict) -> int | None:
-    """Optimizer steps done when a ``metrics.jsonl`` row was logged: a validation row's
-    ``global_step`` (0 for the step-0 validation of the base model), else Lightning's logging step
-    + 1 (Lightning logs a validation after N steps, and the training rows, at N − 1)."""
+    """Optimizer steps done when a ``metrics.jsonl`` row was logged: its ``global_step``, which
+    every row of a fit carries (0 for the step-0 validation of the base model; ``step`` is the
+    same number). Logs written before rows were renumbered have it in validation rows only and
+    number the others with Lightning's count before the row's step: those read as ``step`` + 1."""
     global_step, step = row.get("global_step"), row.get("step")
     if isinstance(global_step, int | float) and not isinstance(global_step, bool):
         return int(global_step)

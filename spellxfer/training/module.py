@@ -7,11 +7,14 @@ Lifecycle (one hook, one job):
   ``unsloth`` (FastLanguageModel on CUDA, optional 4-bit), ``hf`` (transformers + PEFT; optional
   bitsandbytes 4-bit on CUDA; fp32 on CPU, bf16 on CUDA) or ``auto`` (Unsloth when CUDA and the
   package are present, else ``hf``);
-- ``training_step``: completion-only cross-entropy on spelling examples;
+- ``training_step``: completion-only cross-entropy on spelling examples, logged with the
+  learning rate of its optimizer step;
 - ``validation_step`` / ``test_step``: generate replies to position and count questions with the
   shared engine, parse them, update the torchmetrics exact-match metric;
 - ``on_validation_epoch_end``: log ``val/position_accuracy``, ``val/count_accuracy``,
   ``val/transfer_score`` and per-subtask values;
+- every logged row of a fit is numbered with the optimizer steps done — the N of
+  ``step{N}.ckpt`` — (:meth:`SpellingLoRAModule._log_step`);
 - ``predict_step``: the raw replies to the test questions, parsed and scored (``predict``
   writes them to ``<default_root_dir>/predictions.jsonl``).
 
@@ -219,6 +222,12 @@ class SpellingLoRAModule(L.LightningModule):
             loss = completion_only_loss(self.lm, batch["input_ids"], mask, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/real_tokens", float(batch["n_real_tokens"]), reduce_fx="sum", batch_size=1)
+        # the rate this batch's optimizer step uses (the schedule steps after it), named as
+        # Lightning's LearningRateMonitor names it; float64, so 1e-3 is logged as 1e-3
+        optimizer = self.trainer.optimizers[0]
+        lr = torch.tensor(optimizer.param_groups[0]["lr"], dtype=torch.float64, device=self.device)
+        self.log(f"lr-{type(optimizer).__name__}", lr, batch_size=1)
+        self._log_step(self.global_step + 1)  # the row is written once this batch's step is taken
         # Throughput between consecutive steps (data, forward, backward, optimizer: all of it),
         # counting real tokens only — padding is not work we wanted done.
         now = time.perf_counter()
@@ -311,10 +320,22 @@ class SpellingLoRAModule(L.LightningModule):
         # epoch-level value is global, which keeps its multi-device warning quiet.
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False, sync_dist=True)
         if prefix == "val" and self._trainer is not None and self.trainer.state.fn == "fit":
-            # Lightning logs a mid-training validation at one less than the optimizer steps done
-            # (step 9 after 10 steps) and the step-0 validation at 0 too: global_step says which.
-            self.log("global_step", float(self.trainer.global_step), sync_dist=True)
+            self._log_step(self.trainer.global_step, sync_dist=True)  # 0 for the base model's validation
         metric.reset()
+
+    def _log_step(self, steps_done: int, **kwargs) -> None:
+        """Number the row being logged with the optimizer steps done.
+
+        Lightning numbers a row with the optimizer steps done *before* the current batch (the
+        training row of step 10, and the validation after it, at 9), while checkpoints are named
+        after the steps done (``step10.ckpt``). A logged ``step`` is the row's step in every logger
+        (CSV, ``metrics.jsonl``, W&B's ``trainer/global_step`` axis) and ``{step}`` in checkpoint
+        names; ``global_step`` keeps the count in the row, as in logs written before rows were
+        renumbered (whose other rows are one less: see ``loggers.optimizer_step``), and ``epoch``
+        is what Lightning adds to a row it numbers itself.
+        """
+        self.log_dict({"step": float(steps_done), "global_step": float(steps_done), "epoch": float(self.current_epoch)},
+                      batch_size=1, **kwargs)  # fmt: skip
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -14,9 +14,9 @@ Lightning's rules:
   micro-batches or at an epoch's last batch; each micro-batch's loss is divided by the window;
 - validation after the batch whose running count (``check_val_every_n_epoch: null``) or in-epoch
   count is a multiple of ``val_check_interval``; training stops at ``max_steps`` or ``max_epochs``;
-- logging: the training row every ``log_every_n_steps`` optimizer steps, rows numbered with the
-  optimizer steps done before the batch, as Lightning numbers them, and the learning rate as
-  ``LearningRateMonitor`` logs it;
+- logging: the training row (with the learning rate of its step) every ``log_every_n_steps``
+  optimizer steps, each row numbered with the optimizer steps done, as the module numbers a
+  fit's rows (``step`` and ``global_step``);
 - step 0: the base model (LoRA at initialisation) is validated once before the first batch, as
   :class:`~spellxfer.training.step_zero.StepZeroValidation` does in a fit: logged, seen by early
   stopping and ranked by the scored checkpoint (``best-step0.ckpt``), with no step checkpoint;
@@ -47,7 +47,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.evaluation.metrics import TransferAccuracy
@@ -180,7 +179,6 @@ class PackedTrial:
         self.scored = t.checkpoint_callback  # the one watching the objective (see instantiate_trainer)
         self.step_ckpt = next(cb for cb in t.checkpoint_callbacks if cb is not self.scored)
         self.step_zero = next((cb for cb in t.callbacks if isinstance(cb, StepZeroValidation)), None)
-        self.lr_monitor = any(isinstance(cb, LearningRateMonitor) for cb in t.callbacks)
         self.io = AtomicCheckpointIO()
         self.metric = TransferAccuracy()
         # loop counters, Lightning's meaning: epoch, batches of this epoch done, all batches done,
@@ -343,8 +341,6 @@ class PackedTrial:
         rate = self._last[1] / (now - self._last[0]) if self._last is not None and now > self._last[0] else None
         self._last = (now, tokens)
         for micro, loss in zip(self._pending, losses):
-            if self.lr_monitor and (self.global_step + 1) % self.log_every == 0:
-                self._log_learning_rate()
             self.stepped = micro.steps
             self.in_epoch += 1
             self.total_batches += 1
@@ -352,11 +348,13 @@ class PackedTrial:
                 if self.clip_val:
                     clip = torch.nn.utils.clip_grad_norm_ if self.clip_algorithm == "norm" else torch.nn.utils.clip_grad_value_
                     clip(self.params, self.clip_val)
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's (the schedule steps after it)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.global_step += 1
                 if self.global_step % self.log_every == 0:
-                    row = {"train/loss": loss, "train/real_tokens": float(micro.tokens)}
+                    row = {"train/loss": loss, "train/real_tokens": float(micro.tokens),
+                           f"lr-{type(self.optimizer).__name__}": lr}  # fmt: skip
                     if rate is not None:
                         row["train/tokens_per_second"] = rate
                     self._log_metrics(row)
@@ -372,22 +370,11 @@ class PackedTrial:
             return torch.tensor(True)
         return torch.isfinite(torch.nn.utils.get_total_norm(grads))
 
-    @property
-    def log_step(self) -> int:
-        """The ``step`` Lightning gives rows logged now: optimizer steps done before this batch."""
-        return self.global_step - 1 if self.stepped else self.global_step
-
-    def _log_learning_rate(self) -> None:
-        """``LearningRateMonitor(logging_interval="step")`` at a micro-batch's start: the
-        optimizer's current learning rate as ``lr-<Optimizer>``, numbered with the steps done and
-        without an epoch, once per micro-batch of a window whose step is logged."""
-        row = {f"lr-{type(self.optimizer).__name__}": self.optimizer.param_groups[0]["lr"]}
+    def _log_metrics(self, metrics: dict) -> None:
+        """A row as the module logs it in a fit: numbered with the optimizer steps done."""
+        row = {**metrics, "global_step": float(self.global_step), "epoch": self.epoch}
         for logger in self.trainer.loggers:
             logger.log_metrics(row, step=self.global_step)
-
-    def _log_metrics(self, metrics: dict) -> None:
-        for logger in self.trainer.loggers:
-            logger.log_metrics({**metrics, "epoch": self.epoch}, step=self.log_step)
 
     @property
     def done(self) -> bool:
@@ -425,8 +412,7 @@ class PackedTrial:
         # A fit's checkpoints count the validation batches of later validations only, not the step-0
         # one (run from on_train_start); test_sweep_pack compares the loop state with a fit's.
         self.validations += 0 if step_zero else 1
-        # global_step as the module logs it after a fit's validation (Lightning's `step` is one less)
-        self._log_metrics({**{k: float(v) for k, v in values.items()}, "global_step": float(self.global_step)})
+        self._log_metrics({k: float(v) for k, v in values.items()})
         self._early_stopping(values)
         self._save_checkpoints(values, step_zero)
         return {k: float(v) for k, v in values.items()}
@@ -515,7 +501,9 @@ class PackedTrial:
         epoch = self.epoch
         for scope in ("total", "current"):
             fit["epoch_progress"][scope].update(ready=epoch + 1, started=epoch + 1, processed=epoch, completed=epoch)
-        fit["epoch_loop.state_dict"]["_batches_that_stepped"] = self.log_step
+        # Lightning counts a batch's step here only after the validation that follows it (the
+        # checkpoints are written during that validation): one less right after a step
+        fit["epoch_loop.state_dict"]["_batches_that_stepped"] = self.global_step - 1 if self.stepped else self.global_step
         val = fit["epoch_loop.val_loop.batch_progress"]  # one batch per loader and validation, as fit loads them
         per_pass = self.val_batches_per_pass()
         for scope, n in (("total", self.validations * per_pass), ("current", per_pass if self.validations else 0)):
