@@ -28,7 +28,7 @@ from spellxfer.models.generation import (
 from spellxfer.models.registry import load_model, load_tokenizer
 
 SETTINGS = [
-    Sampling(),  # the defaults (configs/models/qwen3_config.yaml): 0.6 / 0.95 / 20 / 0
+    Sampling(),  # the defaults (the dataclass): 0.6 / 0.95 / 20 / 0
     Sampling(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0),  # Qwen3's recommendation
     Sampling(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0),  # plain softmax over the vocabulary
     Sampling(temperature=1.3, top_p=0.5, top_k=50, min_p=0.05),

@@ -686,18 +686,19 @@ def test_without_credentials_wandb_writes_an_offline_run_grouped_by_experiment(d
     assert config["lora_r"] == config["config"]["model"]["lora_r"] and config["data"]["data_dir"] == str(demo_data)
 
 
-def test_optimizer_and_scheduler_defaults_come_from_configs_training(tmp_path, monkeypatch, capsys):
-    from spellxfer.cli import main
-    from spellxfer.training import cli as lightning_cli
+def test_optimizer_and_scheduler_defaults_are_the_modules_signature(capsys):
+    import inspect
 
-    assert [Path(p).name for p in lightning_cli.DEFAULT_CONFIGS] == ["optimizer.yaml", "scheduler.yaml"]
-    extra = tmp_path / "optimizer.yaml"
-    extra.write_text("model:\n  weight_decay: 0.125\n  warmup_steps: 7\n")
-    monkeypatch.setattr(lightning_cli, "DEFAULT_CONFIGS", [*lightning_cli.DEFAULT_CONFIGS, str(extra)])
+    from spellxfer.cli import main
+    from spellxfer.training.module import SpellingLoRAModule
+
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--print_config"])
     assert done.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["weight_decay"] == 0.125  # from the defaults file
-    assert printed["model"]["learning_rate"] == 1.0e-3  # tiny.yaml overrides the defaults files
+    signature = inspect.signature(SpellingLoRAModule).parameters
+    # the signature is the one place these defaults live; tiny.yaml sets the rest
+    for key in ("optimizer", "weight_decay"):
+        assert printed["model"][key] == signature[key].default
+    assert (printed["model"]["learning_rate"], printed["model"]["warmup_steps"]) == (1.0e-3, 5)  # tiny.yaml
     assert "optimizer" not in printed  # no second way (LightningCLI's --optimizer) to set it

@@ -2,7 +2,7 @@
 
 Every variant runs :class:`~spellxfer.models.generation.GenerationEngine` in one process, on
 the same card and the same position and count questions (the data build's test files,
-interleaved), with the same sampling settings (``configs/models/qwen3_config.yaml`` unless ``--decoding greedy``)
+interleaved), with the same sampling settings (the ``Sampling`` defaults unless ``--decoding greedy``)
 and the same reply cap:
 
 * ``reference`` — ``reference=True``: transformers' ``model.generate``, batch ``reference_batch_size``;

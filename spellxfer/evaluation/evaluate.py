@@ -92,8 +92,9 @@ def evaluate(
 
     Writes DIR/predictions.jsonl (one row per item and sample, with the prompt, the raw reply and
     the probe's answer) and DIR/metrics.json (accuracies with 95% intervals, per subtask, per
-    file, breakdowns, trivial baselines, answer diagnostics). Sampling defaults come from
-    configs/models/qwen3_config.yaml (T 0.6, top-p 0.95, top-k 20, min-p 0).
+    file, breakdowns, trivial baselines, answer diagnostics). Sampling defaults are the user's,
+    defined by ``Sampling`` (spellxfer/models/generation.py): T 0.6, top-p 0.95, top-k 20, min-p 0;
+    Qwen's non-thinking recommendation 0.7 / 0.8 / 20 / 0 is ``--temperature 0.7 --top_p 0.8``.
 
     Args:
         model: smollm2-135m, tiny-qwen3, qwen3-4b-shape, a hub id or a local model directory.

@@ -16,34 +16,34 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 
-from spellxfer.core.configs import shipped
 from spellxfer.core.errors import SpellxferError
 from spellxfer.models.attention import grouped_decode_attention
 from spellxfer.tasks.chat import chat_token_ids, end_of_turn_ids
 
-QWEN3_CONFIG = shipped("models/qwen3_config.yaml")
-
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings. Defaults are the user's (T 0.6, top-p 0.95, top-k 20, min-p 0);
-    Qwen's published non-thinking recommendation is 0.7 / 0.8 / 20 / 0. Both are documented in
-    ``configs/models/qwen3_config.yaml``, whose values a test pins to these."""
+    """Decoding settings for every generation spellxfer does (evaluation, Lightning validation,
+    the API); the one place their defaults are defined.
 
-    decoding: Literal["sampled", "greedy"] = "sampled"
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    min_p: float = 0.0
-    max_new_tokens: int = 32
-    samples: int = 1
-    seed: int = 0
+    The sampling defaults are the user's choice: temperature 0.6, top-p 0.95, top-k 20, min-p 0.
+    Qwen's published recommendation for non-thinking mode is 0.7 / 0.8 / 20 / 0; pass
+    ``--temperature 0.7 --top_p 0.8`` to use it. Qwen3 always runs in non-thinking mode: no
+    setting here (or anywhere) turns thinking on.
+    """
+
+    decoding: Literal["sampled", "greedy"] = "sampled"  # greedy ignores the four knobs below
+    temperature: float = 0.6  # < 1 sharpens the distribution (Qwen suggests 0.7)
+    top_p: float = 0.95  # nucleus mass kept after top_k (Qwen suggests 0.8)
+    top_k: int = 20  # candidates kept before top_p (Qwen suggests 20)
+    min_p: float = 0.0  # drop tokens below min_p × p(top token); 0 disables (Qwen suggests 0)
+    max_new_tokens: int = 32  # answers are one letter or number; 32 leaves room for a short sentence
+    samples: int = 1  # replies per question (K); > 1 reports item-level bootstrap intervals
+    seed: int = 0  # same seed, inputs and batch size → same replies
 
     def __post_init__(self):
         if self.decoding not in ("sampled", "greedy"):
@@ -58,19 +58,6 @@ class Sampling:
             raise SpellxferError(
                 f"max_new_tokens and samples must be ≥ 1, got {self.max_new_tokens}, {self.samples}"
             )
-
-    @classmethod
-    def from_yaml(cls, path: str | Path = QWEN3_CONFIG, **overrides) -> Sampling:
-        """Settings from a YAML file's ``sampling:`` block, then keyword overrides (None = keep)."""
-        path = Path(path)
-        try:
-            block = yaml.safe_load(path.read_text())["sampling"]
-        except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
-            raise SpellxferError(f"{path}: cannot read a 'sampling:' block ({e})") from None
-        unknown = set(block) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise SpellxferError(f"{path}: unknown sampling key(s) {sorted(unknown)}")
-        return cls(**{**block, **{k: v for k, v in overrides.items() if v is not None}})
 
     def record(self) -> dict:
         """The settings as written to metrics.json: greedy decoding lists no temperature, top-p,
@@ -94,9 +81,7 @@ class Sampling:
 
 
 def default_sampling(**overrides) -> Sampling:
-    """The configured defaults: qwen3_config.yaml when running from a checkout, else the dataclass."""
-    if QWEN3_CONFIG.is_file():
-        return Sampling.from_yaml(QWEN3_CONFIG, **overrides)
+    """The :class:`Sampling` defaults with keyword overrides (None = keep the default)."""
     return Sampling(**{k: v for k, v in overrides.items() if v is not None})
 
 

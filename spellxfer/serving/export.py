@@ -11,7 +11,7 @@ write ``OUT/adapter/`` (PEFT: ``adapter_config.json`` + ``adapter_model.safetens
   Qwen3 saved with the hub template would start thinking again in any server that renders
   the template's default — the trap this avoids;
 - ``generation_config.json`` with the configured sampling defaults (T 0.6, top-p 0.95, top-k 20,
-  min-p 0, from ``configs/models/qwen3_config.yaml``) and the end-of-turn stop tokens, so plain
+  min-p 0: the ``Sampling`` defaults of :mod:`spellxfer.models.generation`) and the end-of-turn stop tokens, so plain
   ``model.generate`` and other servers sample the way spellxfer does.
 
 ``OUT/export.json`` records where it came from. Everything is written into a hidden sibling and

@@ -49,7 +49,6 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from rich.table import Table
 
-from spellxfer.core.configs import shipped
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import check_run_name
 from spellxfer.core.tables import print_table
@@ -67,12 +66,6 @@ from spellxfer.training.datamodule import SpellingDataModule
 from spellxfer.training.module import SpellingLoRAModule
 from spellxfer.training.progress import default_progress_bar
 from spellxfer.training.step_zero import StepZeroValidation
-
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
-# Project-wide defaults (shipped package data), loaded before the user's --config files (which
-# override any key).
-DEFAULT_CONFIGS = [str(shipped(f"training/{f}")) for f in ("optimizer.yaml", "scheduler.yaml")]
-
 
 # Hyper-parameters that decide which LoRA tensors exist and their shapes: a checkpoint written
 # with other values cannot be loaded into the configured model.
@@ -302,7 +295,7 @@ class SpellxferCLI(LightningCLI):
 
     def _error(self, key: str, message: str) -> SpellxferError:
         """A one-line error for config key ``key``, naming the config file or flag that set it."""
-        where = _where_set(key, self._argv, [str(p) for p in DEFAULT_CONFIGS])
+        where = _where_set(key, self._argv)
         return SpellxferError(f"{key}: {message}" + (f" ({where})" if where else ""), key=key)
 
     def instantiate_classes(self) -> None:
@@ -310,7 +303,7 @@ class SpellxferCLI(LightningCLI):
             super().instantiate_classes()
         except SpellxferError as e:
             # model / data arguments checked by their classes: add where the value came from
-            if e.key and (where := _where_set(e.key, self._argv, [str(p) for p in DEFAULT_CONFIGS])):
+            if e.key and (where := _where_set(e.key, self._argv)):
                 raise SpellxferError(f"{e} ({where})", key=e.key) from None
             raise
         except MisconfigurationException as e:  # Lightning's callbacks check their arguments
@@ -397,13 +390,13 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
-def _where_set(key: str, argv: list[str], default_configs: list[str]) -> str | None:
+def _where_set(key: str, argv: list[str]) -> str | None:
     """Where dotted ``key`` got its value — ``set in FILE`` or ``set by --FLAG`` — from the last
-    source to set it in LightningCLI's order (default config files, then the command line left to
-    right); None when only a class default gives it."""
+    source to set it on the command line (left to right, as LightningCLI reads it); None when only
+    a class default gives it."""
     flag = f"--{key}"
     where = None
-    sources = [("--config", f) for f in default_configs]
+    sources = []
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             sources.append(("--config", argv[i + 1]))
@@ -439,8 +432,8 @@ def _parse_error(e: Exception, argv: list[str]) -> SpellxferError:
     import re
 
     message = _one_line(e)
-    files = [*DEFAULT_CONFIGS, *[argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"],
-             *[a.split("=", 1)[1] for a in argv if a.startswith("--config=")]]  # fmt: skip
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     if not isinstance(e, ArgumentError) or message.startswith(("Problems parsing config", "Unexpected config")):
         for f in files:
             if (bad := _unreadable_config(Path(f))) is not None:
@@ -449,7 +442,7 @@ def _parse_error(e: Exception, argv: list[str]) -> SpellxferError:
         return SpellxferError(f"a command-line value: {message}")
     found = re.search(r"""does not accept option '([\w.]+)'|Parser key "([\w.]+)"|Key '([\w.]+)'""", message)
     key = next((g for g in found.groups() if g), None) if found else None
-    where = _where_set(key, argv, [str(p) for p in DEFAULT_CONFIGS]) if key else None
+    where = _where_set(key, argv) if key else None
     return SpellxferError(f"{message}" + (f" ({where})" if where else "") + f" (see `{argv[0]} --help`)", key=key)
 
 
@@ -489,11 +482,7 @@ def run_lightning_cli(argv: list[str]) -> int:
             # optimizer and schedule are model.* keys (configure_optimizers), not LightningCLI's
             # --optimizer / --lr_scheduler, so there is one way to set them
             auto_configure_optimizers=False,
-            parser_kwargs={
-                "prog": "python -m spellxfer",
-                "exit_on_error": False,
-                **{cmd: {"default_config_files": DEFAULT_CONFIGS} for cmd in SUBCOMMANDS},
-            },
+            parser_kwargs={"prog": "python -m spellxfer", "exit_on_error": False},
         )
     except ArgumentError as e:
         raise _parse_error(e, argv) from None

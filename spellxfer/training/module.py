@@ -69,11 +69,16 @@ class SpellingLoRAModule(L.LightningModule):
             fuses RMSNorm, SwiGLU, RoPE and the LoRA adds the way Liger does, plus what lies
             between them. Generation (validation, test) runs the layers uncompiled. Liger is not
             applied with it (inductor cannot trace Liger's autograd functions).
-        learning_rate: Peak AdamW learning rate (> 0).
-        weight_decay: AdamW weight decay on LoRA weights.
-        optimizer: adamw, or adamw_8bit (bitsandbytes, CUDA only).
-        scheduler: Learning-rate decay after warmup: linear, cosine or constant.
-        warmup_steps: Linear warmup from 0 over this many optimizer steps.
+        learning_rate: Peak AdamW learning rate after warmup (> 0); the seed's grid is 1e-4 / 2e-4 /
+            5e-4 / 1e-3.
+        weight_decay: AdamW weight decay on LoRA weights only (the base is frozen); LoRA rarely
+            needs any.
+        optimizer: adamw (torch), or adamw_8bit (bitsandbytes, CUDA only: ~1/4 the optimizer
+            state memory).
+        scheduler: Learning-rate decay to 0 at ``trainer.max_steps`` after warmup: linear, cosine
+            or constant.
+        warmup_steps: Linear warmup from 0 over this many optimizer steps (~5% of a short run is
+            typical).
         val_decoding: Decoding for validation generation: greedy (default, low variance) or sampled.
         val_max_new_tokens: Reply length cap during validation (≥ 1).
         seed: Seed for random-weight models and validation sampling.

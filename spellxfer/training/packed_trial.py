@@ -100,7 +100,7 @@ def build_fit_cli(argv: list[str]):
     loggers and callbacks) but not run. A config mistake raises the fit's own one-line error."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from spellxfer.training.cli import DEFAULT_CONFIGS, SpellxferCLI, _parse_error
+    from spellxfer.training.cli import SpellxferCLI, _parse_error
     from spellxfer.training.datamodule import SpellingDataModule
     from spellxfer.training.module import SpellingLoRAModule
     from spellxfer.training.progress import PlainProgressBar
@@ -115,8 +115,7 @@ def build_fit_cli(argv: list[str]):
                 # the unpacked trial's fit writes to fit.log, not a terminal: its plain progress bar
                 trainer_defaults={"callbacks": [PlainProgressBar()], "use_distributed_sampler": False},
                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-                parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False,
-                               "default_config_files": DEFAULT_CONFIGS},
+                parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False},
             )  # fmt: skip
         except ArgumentError as e:
             raise _parse_error(e, argv) from None
