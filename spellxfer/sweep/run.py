@@ -112,10 +112,7 @@ def sweep(
         n_trials = min(n_trials, spec.grid_size())  # the grid has no more points to give
     model, data = base_settings(spec)
     if pack:
-        from spellxfer.sweep.space import base_section
-
-        backend = spec.fixed.get("model.backend", base_section(spec.base, "model").get("backend", "auto"))
-        if backend == "unsloth":
+        if spec.fit.model.backend == "unsloth":
             raise SpellxferError(f"--pack: {spec.base} sets model.backend unsloth, which patches a model for one "
                                  f"adapter; packed trials share an hf model: add `model.backend: hf` under fixed: "
                                  f"in {spec.path}")  # fmt: skip
@@ -346,19 +343,13 @@ def over_budget(study, number: int, n_trials: int) -> bool:
 
 
 def base_settings(spec) -> tuple[str, dict]:
-    """The model and data settings every trial shares: the base config's, then the fixed overrides."""
+    """The model and data settings every trial shares: the base config with the fixed overrides,
+    as fit's parser resolved them (:func:`spellxfer.sweep.space.parse_base`)."""
     from spellxfer.models.registry import check_model_name
-    from spellxfer.sweep.space import base_section
 
-    model = spec.fixed.get("model.model", base_section(spec.base, "model").get("model", "tiny-qwen3"))
-    data = dict(base_section(spec.base, "data"))
-    data.update({k.split(".", 1)[1]: v for k, v in spec.fixed.items() if k.startswith("data.")})
-    if "data_dir" not in data:
-        raise SpellxferError(f"{spec.base}: data.data_dir is not set (and no fixed data.data_dir in {spec.path})")
-    if not isinstance(data["data_dir"], str) or not data["data_dir"]:
+    model, data = spec.fit.model.model, spec.fit.data.as_dict()
+    if not data["data_dir"]:
         raise SpellxferError(f"{spec.base}: data.data_dir: expected a directory path, got {data['data_dir']!r}")
-    if not isinstance(model, str):
-        raise SpellxferError(f"{spec.base}: model.model: expected a model name, got {model!r}")
     try:
         check_model_name(model)
     except SpellxferError as e:

@@ -4,12 +4,14 @@ A space file names the base ``fit`` config, the hyperparameters with their value
 objective (a ``val/`` position, count or transfer metric, maximised), a budget, how many seeds
 train each configuration (``replicates``), the decodings the final test evaluation uses, and
 optional fixed overrides for every trial. :func:`load_space`
-validates all of it before anything runs: a mistake is one :class:`SpellxferError` line naming
-the file and the key. Trained on spelling, evaluated on position and count only.
+validates all of it before anything runs — the base config with the fixed overrides through
+``fit``'s own parser, so the sweep reads the values a trial's fit will run with — and a mistake is
+one :class:`SpellxferError` line naming the file and the key. Trained on spelling, evaluated on position and count only.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -97,6 +99,13 @@ class SweepSpace:
         """``seed_everything`` of replicate ``replicate`` (0 is the base config's own seed)."""
         return self.base_seed + replicate
     pack: int | None = None  # trials sharing one process and base model (sweep --pack); None: one per process
+    fit: Any = None
+    """The base config with the fixed overrides, as fit's own parser resolves it (a jsonargparse
+    Namespace: ``fit.model.model``, ``fit.data.data_dir``, …): what every trial starts from."""
+
+    def fit_args(self) -> list[str]:
+        """``fit`` arguments every trial shares: ``--config <base>`` and the fixed overrides."""
+        return ["--config", str(self.base), *flags(self.fixed)]
 
     def val_check_interval(self, params: dict) -> int | None:
         """Lightning counts ``val_check_interval`` in micro-batches; ``validate_every_steps`` counts
@@ -204,10 +213,9 @@ def load_space(path: str | Path) -> SweepSpace:
         if "trainer.val_check_interval" in fixed:
             fail("fixed.trainer.val_check_interval", "validate_every_steps sets it per trial (× the trial's "
                                                      "accumulate_grad_batches); keep one")  # fmt: skip
-    accumulate = fixed.get("trainer.accumulate_grad_batches")
-    if every is not None and accumulate is None:
-        accumulate = base_section(base, "trainer").get("accumulate_grad_batches")
-    if accumulate is not None and (not _is_int(accumulate) or accumulate < 1):
+    fit = parse_base(base, fixed)
+    accumulate = fit.trainer.accumulate_grad_batches
+    if not _is_int(accumulate) or accumulate < 1:  # fit checks it after parsing; a trial would fail on it
         if "trainer.accumulate_grad_batches" in fixed:
             fail("fixed.trainer.accumulate_grad_batches", f"expected an integer ≥ 1, got {accumulate!r}")
         raise SpellxferError(f"{base}: trainer.accumulate_grad_batches: expected an integer ≥ 1, got {accumulate!r}")
@@ -215,8 +223,9 @@ def load_space(path: str | Path) -> SweepSpace:
     replicates = raw.get("replicates", 1)
     if not _is_int(replicates) or not 1 <= replicates <= MAX_REPLICATES:
         fail("replicates", f"expected an integer from 1 to {MAX_REPLICATES} (seeds per configuration), got {replicates!r}")
-    base_cfg = read_yaml(base, "fit config")
-    base_seed = fixed.get("seed_everything", base_cfg.get("seed_everything", 0) if isinstance(base_cfg, dict) else 0)
+    base_seed = fit.seed_everything
+    if base_seed is True and "seed_everything" not in fixed and replicates > 1:
+        base_seed = 0  # not set (Lightning's default true: a random seed): replicates count from 0
     if replicates == 1 and not _is_int(base_seed):
         base_seed = 0  # one seed: the base config's own, whatever form Lightning accepts (true, null)
     elif not _is_int(base_seed) or base_seed < 0 or base_seed + replicates - 1 > MAX_SEED:
@@ -234,22 +243,32 @@ def load_space(path: str | Path) -> SweepSpace:
                        trials=trials, hours=hours, decodings=tuple(dict.fromkeys(decodings)),
                        evaluation=evaluation, fixed=fixed, parameters=parameters,
                        validate_every_steps=every, accumulate_grad_batches=int(accumulate or 1),
-                       replicates=replicates, base_seed=base_seed, pack=pack)  # fmt: skip
+                       replicates=replicates, base_seed=base_seed, pack=pack, fit=fit)  # fmt: skip
     if sampler == "grid":
         space.check_sampler("grid")
     return space
 
 
-def base_section(base: Path, section: str) -> dict:
-    """One top-level section (``model``, ``data``, ``trainer``) of a base fit config, as a mapping
-    (absent → empty); a config that is not a mapping of mappings is one error line naming it."""
-    cfg = read_yaml(base, "fit config") or {}
-    if not isinstance(cfg, dict):
-        raise SpellxferError(f"{base}: expected a mapping of fit sections (model, data, trainer, …)")
-    value = cfg.get(section) or {}
-    if not isinstance(value, dict):
-        raise SpellxferError(f"{base}: {section}: expected a mapping of {section} settings, got {value!r}")
-    return value
+def parse_base(base: Path, fixed: dict):
+    """The base fit config with the fixed overrides, through ``fit``'s own parser (the
+    signature defaults, then the file, then the overrides): the values every trial starts from.
+    A mistake is fit's one error line, with the base config named."""
+    from spellxfer.training.cli import parse_fit_config
+
+    try:
+        return parse_fit_config(["--config", str(base), *flags(fixed)])
+    except SpellxferError as e:
+        message = str(e)
+        raise SpellxferError(message if message.startswith(str(base)) else f"{base}: {message}", key=e.key) from None
+
+
+def flags(overrides: dict) -> list[str]:
+    """``{"model.lora_r": 8}`` as ``fit`` flags: ``["--model.lora_r", "8"]`` (JSON for non-strings)."""
+    return [a for key, value in overrides.items() for a in (f"--{key}", flag_value(value))]
+
+
+def flag_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _parameter(name: str, spec, fail: Callable[[str, str], None]) -> Parameter:

@@ -37,7 +37,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from spellxfer.core.outputs import atomic_file
-from spellxfer.sweep.space import SweepSpace
+from spellxfer.sweep.space import SweepSpace, flags
 
 
 class TrialFailed(Exception):
@@ -229,11 +229,8 @@ def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, nu
         loggers.append({"class_path": "spellxfer.training.loggers.WhitelistedWandbLogger",
                         "init_args": {"project": "spellxfer", "group": ctx.study, "job_type": "sweep",
                                       "name": f"{ctx.study}-trial-{number:04d}", "save_dir": str(run)}})  # fmt: skip
-    argv = [sys.executable, "-m", "spellxfer", "fit", "--config", str(space.base)]
-    for key, value in space.fixed.items():
-        argv += [f"--{key}", _flag_value(value)]
-    for p in space.parameters:
-        argv += [f"--{p.flag}", _flag_value(params[p.name])]
+    argv = [sys.executable, "-m", "spellxfer", "fit", *space.fit_args()]
+    argv += flags({p.flag: params[p.name] for p in space.parameters})
     if space.replicates > 1 and seed is not None:  # one seed: the base config's, as without replicates
         argv += ["--seed_everything", str(seed)]
     if (interval := space.val_check_interval(params)) is not None:
@@ -251,10 +248,6 @@ def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, nu
     if resume is not None:
         argv += ["--ckpt_path", str(resume)]
     return argv
-
-
-def _flag_value(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, resume: Path | None, env,

@@ -468,6 +468,43 @@ def _unreadable_config(path: Path) -> SpellxferError | None:
     return None
 
 
+class _Parsed(Exception):
+    """Carries the parsed config out of ``LightningCLI.__init__``, which would go on to seed and
+    instantiate."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+
+class _ParseOnly(SpellxferCLI):
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        raise _Parsed(self.config)
+
+
+def parse_fit_config(argv: list[str]):
+    """The config ``python -m spellxfer fit <argv>`` runs with, as fit's own parser resolves it
+    (signature defaults, then ``--config`` files and flags in order, ``data.model`` linked), with
+    nothing seeded, loaded or written. A parse error is fit's one ``error:`` line naming the key
+    and the file or flag that set it; the checks fit makes after parsing (trainer limits, the run
+    name, ``--ckpt_path``) are left to the fit itself.
+    """
+    saved = sys.argv
+    sys.argv = [saved[0], *argv]  # SpellxferCLI names the flag or file that set a bad value from it
+    try:
+        _ParseOnly(SpellingLoRAModule, SpellingDataModule, run=False, auto_configure_optimizers=False,
+                   trainer_defaults={"use_distributed_sampler": False},
+                   parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False})  # fmt: skip
+    except _Parsed as parsed:
+        return parsed.config
+    except ArgumentError as e:
+        raise _parse_error(e, ["fit", *argv]) from None
+    finally:
+        sys.argv = saved
+    raise AssertionError("unreachable: _ParseOnly stops after the parse")
+
+
 def run_lightning_cli(argv: list[str]) -> int:
     """Hand ``fit|validate|test|predict …`` to LightningCLI; returns the exit code."""
     saved = sys.argv
