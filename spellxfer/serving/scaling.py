@@ -14,7 +14,8 @@ YAML block             becomes
 ``benchmark``          which hosts ``bench serve`` may load besides loopback
 =====================  ==================================================================
 
-A wrong value fails before anything starts, with one line naming the file and the key.
+A wrong value fails before anything starts, with one line naming the file and the key
+(:func:`spellxfer.core.configs.load_file`, which reads the sweep space files too).
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spellxfer.core.configs import shipped
-from spellxfer.core.errors import SpellxferError
+from spellxfer.core.configs import load_file, shipped
 from spellxfer.serving.protocol import Limits
 
 DEFAULT_CONFIG = shipped("deployment/lightning_config.yaml")
@@ -156,22 +155,4 @@ def check_machine(name: str) -> str:
 
 def load_config(path: str | Path = DEFAULT_CONFIG) -> LightningConfig:
     """Read and validate the deployment config; any mistake is one ``file: key: problem`` line."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise SpellxferError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpellxferError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise SpellxferError(f"{path}: expected a mapping with serving / deployment / jobs / benchmark blocks")
-    try:
-        return LightningConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        got = f" (got {err['input']!r})" if err["type"] not in ("value_error", "extra_forbidden") else ""
-        raise SpellxferError(f"{path}: {key}: {msg}{got}") from None
+    return load_file(LightningConfig, path, "deployment config")

@@ -17,13 +17,24 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import optuna
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from spellxfer.core.configs import config_path
+from spellxfer.core.configs import config_path, load_file
 from spellxfer.core.errors import SpellxferError
-from spellxfer.core.outputs import read_yaml
 
 # Space-file name → the `fit` flag it sets, and its type. The names are the CLI's own keys.
 HYPERPARAMETERS: dict[str, tuple[str, type]] = {
@@ -42,15 +53,12 @@ OBJECTIVE = re.compile(r"^val/(?:transfer_score|(?:position|count)_accuracy|(?:p
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DECODINGS = ("sampled", "greedy")
-TOP_KEYS = ("base", "objective", "sampler", "pruner", "seed", "budget", "replicates", "decodings", "evaluation",
-            "validate_every_steps", "pack", "fixed", "parameters")  # fmt: skip
 MAX_REPLICATES = 100  # seeds per configuration; more is a typo, not a study
 # Fit keys the sweep sets itself for every trial (outputs, loggers, what the checkpoints follow).
 RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logger", "checkpoint.monitor",
             "checkpoint.mode", "checkpoint.filename", "checkpoint.every_n_train_steps", "early_stopping.monitor",
             "early_stopping.mode")  # fmt: skip
 MAX_SEED = 2**32 - 1  # Optuna's samplers seed numpy's RandomState, which takes 0 ≤ seed < 2**32
-EVALUATION_KEYS = {"limit": int, "batch_size": int, "max_new_tokens": int, "samples": int, "seed": int}
 
 
 @dataclass(frozen=True)
@@ -132,119 +140,236 @@ class SweepSpace:
                                          "values, not a range")  # fmt: skip
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---- the space file, validated by pydantic like the deployment config ------------------------------
+def _rule(ok: Callable[[Any], bool], problem: str) -> PlainValidator:
+    """A field that is valid when ``ok(value)``; else ``problem`` (``{v!r}``: the value given)."""
+
+    def check(v):
+        if not ok(v):
+            raise ValueError(problem.format(v=v))
+        return v
+
+    return PlainValidator(check)
+
+
+def _integer(low: int, high: int | None = None, note: str = "", optional: bool = False) -> Any:
+    """An integer field (true/false is not one) from ``low`` to ``high``; null too if ``optional``."""
+    within = f"≥ {low}" if high is None else f"from {low} to {high}"
+
+    def ok(v) -> bool:
+        return (optional and v is None) or (_is_int(v) and v >= low and (high is None or v <= high))
+
+    return Annotated[int | None if optional else int, _rule(ok, f"expected an integer {within}{note}, got {{v!r}}")]
+
+
+def _none_is_empty(v):
+    return {} if v is None else v  # `budget:` with nothing under it is the defaults
+
+
+Seed = _integer(0, MAX_SEED, " (2**32 - 1, numpy's seed range)")
+Count = _integer(1, optional=True)
+Int = Annotated[int, _rule(_is_int, "expected an integer, got {v!r}")]
+Number = Annotated[float, _rule(_is_number, "expected a number, got {v!r}")]
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Budget(_File):
+    trials: _integer(1) = 20
+    hours: Annotated[float | None, _rule(lambda v: v is None or (_is_number(v) and v > 0),
+                                         "expected a positive number of hours, got {v!r}")] = None  # fmt: skip
+
+
+class Evaluation(_File):
+    """Flags of the final test evaluation (``evaluate --limit …``); null: evaluate's default."""
+
+    limit: Count = None
+    batch_size: Count = None
+    max_new_tokens: Count = None
+    samples: Count = None
+    seed: _integer(0, MAX_SEED, " (2**32 - 1, numpy's seed range)", optional=True) = None
+
+
+def _fit_key(key):
+    if key in RESERVED:
+        raise ValueError("set by the sweep itself for every trial (outputs, loggers, and the objective as the "
+                         "monitored metric)")  # fmt: skip
+    if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+|seed_everything", str(key)):
+        raise ValueError("expected a dotted fit key such as data.val_limit or trainer.val_check_interval")
+    return key
+
+
+class _Range(_File):
+    unknown_key: ClassVar[str] = "range key"
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low >= self.high:
+            raise ValueError(f"inverted or empty range: low {self.low} ≥ high {self.high}")
+        return self
+
+    @field_validator("log", check_fields=False)  # the fields are the subclasses'
+    @classmethod
+    def _positive(cls, log, info: ValidationInfo):
+        if log and info.data.get("low", 1) <= 0:
+            raise ValueError(f"a log range needs low > 0, got {info.data['low']}")
+        return log
+
+    @field_validator("step", check_fields=False)  # the fields are the subclasses'
+    @classmethod
+    def _step(cls, step, info: ValidationInfo):
+        if step is not None and (step <= 0 or info.data.get("log")):
+            raise ValueError("expected a positive step, and no step on a log range")
+        return step
+
+
+class IntRange(_Range):
+    low: Int
+    high: Int
+    log: Annotated[bool, _rule(lambda v: isinstance(v, bool), "expected true or false, got {v!r}")] = False
+    step: Int | None = None
+
+
+class FloatRange(_Range):
+    low: Number
+    high: Number
+    log: Annotated[bool, _rule(lambda v: isinstance(v, bool), "expected true or false, got {v!r}")] = False
+    step: Number | None = None
+
+
+def _search(kind: type) -> Any:
+    """A hyperparameter's values (a list, or ``{values: [...]}``) or its range (``low``, ``high``,
+    ``log``, ``step``), as ``Parameter`` keyword arguments."""
+    ok, what = (_is_int, "an integer") if kind is int else (_is_number, "a number")
+    rng = IntRange if kind is int else FloatRange
+
+    def check(spec):
+        if isinstance(spec, dict) and "values" in spec:
+            if set(spec) != {"values"}:
+                raise ValueError("give either values: [...] or low/high, not both")
+            spec = spec["values"]
+        if isinstance(spec, list):
+            bad = [v for v in spec if not ok(v)]
+            if not spec or bad or len(set(spec)) != len(spec):
+                raise ValueError(f"{bad[0]!r} is not {what}" if bad else "a value is listed twice" if spec else
+                                 "empty list of values")  # fmt: skip
+            return {"values": tuple(kind(v) for v in spec)}
+        if not isinstance(spec, dict):
+            raise ValueError("expected a list of values or a range {low: …, high: …, log: true|false, step: …}")
+        return rng.model_validate(spec).model_dump()
+
+    return Annotated[rng | dict | None, PlainValidator(check)]  # rng: for the list of known range keys
+
+
+class _Parameters(_File):
+    unknown_key: ClassVar[str] = "hyperparameter"
+    _order: tuple[str, ...] = PrivateAttr(())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _file_order(cls, data, handler):
+        model = handler(data)
+        model._order = tuple(data)  # the order trials draw them in, as before validation
+        return model
+
+    def specs(self) -> list[tuple[str, dict]]:
+        """(name, Parameter keyword arguments) of the searched hyperparameters, in file order."""
+        return [(name, getattr(self, name)) for name in self._order]
+
+
+Parameters = create_model("Parameters", __base__=_Parameters,
+                          **{name: (_search(kind), None) for name, (_, kind) in HYPERPARAMETERS.items()})  # fmt: skip
+
+
+def _some_parameters(v):
+    if not isinstance(v, dict) or not v:
+        raise ValueError(f"expected a mapping of hyperparameters ({', '.join(HYPERPARAMETERS)}) to values or ranges")
+    return v
+
+
+class SpaceFile(_File):
+    """A space file as written (the keys are documented in ``configs/sweeps/tiny.yaml``)."""
+
+    base: Annotated[Path, PlainValidator(lambda v: _base_config(v))] = Field(None, validate_default=True)
+    objective: Annotated[str, _rule(lambda v: isinstance(v, str) and OBJECTIVE.match(v) is not None,
+                                    "{v!r} is not a position / count metric; use val/transfer_score, val/position_accuracy, "
+                                    "val/count_accuracy or val/<task>/<subtask>_accuracy")] = "val/transfer_score"  # fmt: skip
+    sampler: Annotated[str, _rule(lambda v: v in SAMPLERS, f"{{v!r}}; one of {', '.join(SAMPLERS)}")] = "tpe"
+    pruner: Annotated[str, _rule(lambda v: v in PRUNERS, f"{{v!r}}; one of {', '.join(PRUNERS)}")] = "median"
+    seed: Seed = 0
+    budget: Annotated[Budget, BeforeValidator(_none_is_empty)] = Budget()
+    replicates: _integer(1, MAX_REPLICATES, " (seeds per configuration)") = 1
+    decodings: Annotated[list, _rule(lambda v: isinstance(v, list) and v and all(d in DECODINGS for d in v),
+                                     f"expected a non-empty list of {' / '.join(DECODINGS)}, got {{v!r}}")] = ["sampled"]  # fmt: skip
+    evaluation: Annotated[Evaluation, BeforeValidator(_none_is_empty)] = Evaluation()
+    validate_every_steps: _integer(1, note=" (optimizer steps)", optional=True) = None
+    pack: _integer(1, note=" (trials sharing one base model) or null", optional=True) = None
+    fixed: Annotated[dict[Annotated[str, PlainValidator(_fit_key)], Any], BeforeValidator(_none_is_empty)] = {}
+    parameters: Annotated[Parameters, BeforeValidator(_some_parameters)] = Field(None, validate_default=True)
+
+    @model_validator(mode="after")
+    def _set_once(self):
+        # errors across keys carry their key in the message (they have no single location)
+        if self.validate_every_steps is not None and "trainer.val_check_interval" in self.fixed:
+            raise ValueError("fixed.trainer.val_check_interval: validate_every_steps sets it per trial (× the "
+                             "trial's accumulate_grad_batches); keep one")  # fmt: skip
+        for name, _ in self.parameters.specs():
+            flag = HYPERPARAMETERS[name][0]
+            if flag in self.fixed:
+                raise ValueError(f"fixed.{flag}: also searched as parameters.{name}; keep one")
+        return self
+
+
+def _base_config(value) -> Path:
+    if value is None:
+        raise ValueError("missing: the fit config every trial starts from (e.g. configs/tiny.yaml)")
+    base = config_path(str(value))
+    if not base.is_file():
+        raise ValueError(f"no such fit config {base} (paths are relative to the working directory; configs/… "
+                         "names a shipped config)")  # fmt: skip
+    return base
+
+
 def load_space(path: str | Path) -> SweepSpace:
     """Read and validate a space file; every mistake is one line naming the file and the key."""
     path = Path(path)
     if not path.exists():
         raise SpellxferError(f"space file {path}: no such file")
-    raw = read_yaml(path, "sweep space file")
-
-    def fail(key: str, msg: str):
-        raise SpellxferError(f"{path}: {key}: {msg}")
-
-    if not isinstance(raw, dict):
-        fail("(top level)", "expected a mapping with base, objective, parameters, …")
-    for key in raw:
-        if key not in TOP_KEYS:
-            fail(str(key), f"unknown key; known: {', '.join(TOP_KEYS)}")
-    if "base" not in raw:
-        fail("base", "missing: the fit config every trial starts from (e.g. configs/tiny.yaml)")
-    base = config_path(str(raw["base"]))
-    if not base.is_file():
-        fail("base", f"no such fit config {base} (paths are relative to the working directory; configs/… "
-                     "names a shipped config)")  # fmt: skip
-    objective = raw.get("objective", "val/transfer_score")
-    if not isinstance(objective, str) or not OBJECTIVE.match(objective):
-        fail("objective", f"{objective!r} is not a position / count metric; use val/transfer_score, "
-                          "val/position_accuracy, val/count_accuracy or val/<task>/<subtask>_accuracy")  # fmt: skip
-    sampler = raw.get("sampler", "tpe")
-    if sampler not in SAMPLERS:
-        fail("sampler", f"{sampler!r}; one of {', '.join(SAMPLERS)}")
-    pruner = raw.get("pruner", "median")
-    if pruner not in PRUNERS:
-        fail("pruner", f"{pruner!r}; one of {', '.join(PRUNERS)}")
-    seed = raw.get("seed", 0)
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        fail("seed", f"expected an integer from 0 to {MAX_SEED} (2**32 - 1, numpy's seed range), got {seed!r}")
-
-    budget = raw.get("budget") or {}
-    if not isinstance(budget, dict) or set(budget) - {"trials", "hours"}:
-        fail("budget", "expected a mapping with trials (and optionally hours)")
-    trials = budget.get("trials", 20)
-    if not _is_int(trials) or trials < 1:
-        fail("budget.trials", f"expected an integer ≥ 1, got {trials!r}")
-    hours = budget.get("hours")
-    if hours is not None and (not _is_number(hours) or hours <= 0):
-        fail("budget.hours", f"expected a positive number of hours, got {hours!r}")
-
-    decodings = raw.get("decodings", ["sampled"])
-    if not isinstance(decodings, list) or not decodings or any(d not in DECODINGS for d in decodings):
-        fail("decodings", f"expected a non-empty list of {' / '.join(DECODINGS)}, got {decodings!r}")
-    evaluation = raw.get("evaluation") or {}
-    if not isinstance(evaluation, dict):
-        fail("evaluation", "expected a mapping")
-    for key, value in evaluation.items():
-        if key not in EVALUATION_KEYS:
-            fail(f"evaluation.{key}", f"unknown key; known: {', '.join(EVALUATION_KEYS)}")
-        if value is None:
-            continue
-        if key == "seed":
-            if not _is_int(value) or not 0 <= value <= MAX_SEED:
-                fail(f"evaluation.{key}", f"expected an integer from 0 to {MAX_SEED}, got {value!r}")
-        elif not _is_int(value) or value < 1:
-            fail(f"evaluation.{key}", f"expected a positive integer, got {value!r}")
-    fixed = raw.get("fixed") or {}
-    if not isinstance(fixed, dict):
-        fail("fixed", "expected a mapping of fit keys (model.lora_dropout, data.val_limit, …) to values")
-    for key in fixed:
-        if key in RESERVED:
-            fail(f"fixed.{key}", "set by the sweep itself for every trial (outputs, loggers, and the objective "
-                                 "as the monitored metric)")  # fmt: skip
-        if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+|seed_everything", str(key)):
-            fail(f"fixed.{key}", "expected a dotted fit key such as data.val_limit or trainer.val_check_interval")
-
-    pack = raw.get("pack")
-    if pack is not None and (not _is_int(pack) or pack < 1):
-        fail("pack", f"expected an integer ≥ 1 (trials sharing one base model) or null, got {pack!r}")
-    every = raw.get("validate_every_steps")
-    if every is not None:
-        if not _is_int(every) or every < 1:
-            fail("validate_every_steps", f"expected an integer ≥ 1 (optimizer steps), got {every!r}")
-        if "trainer.val_check_interval" in fixed:
-            fail("fixed.trainer.val_check_interval", "validate_every_steps sets it per trial (× the trial's "
-                                                     "accumulate_grad_batches); keep one")  # fmt: skip
-    fit = parse_base(base, fixed)
+    raw = load_file(SpaceFile, path, "sweep space file")
+    fixed = raw.fixed
+    # what the base config says, through fit's own parser: checked here, as a trial would fail on it
+    fit = parse_base(raw.base, fixed)
     accumulate = fit.trainer.accumulate_grad_batches
     if not _is_int(accumulate) or accumulate < 1:  # fit checks it after parsing; a trial would fail on it
-        if "trainer.accumulate_grad_batches" in fixed:
-            fail("fixed.trainer.accumulate_grad_batches", f"expected an integer ≥ 1, got {accumulate!r}")
-        raise SpellxferError(f"{base}: trainer.accumulate_grad_batches: expected an integer ≥ 1, got {accumulate!r}")
-
-    replicates = raw.get("replicates", 1)
-    if not _is_int(replicates) or not 1 <= replicates <= MAX_REPLICATES:
-        fail("replicates", f"expected an integer from 1 to {MAX_REPLICATES} (seeds per configuration), got {replicates!r}")
-    base_seed = fit.seed_everything
+        where = f"{path}: fixed." if "trainer.accumulate_grad_batches" in fixed else f"{raw.base}: "
+        raise SpellxferError(f"{where}trainer.accumulate_grad_batches: expected an integer ≥ 1, got {accumulate!r}")
+    replicates, base_seed = raw.replicates, fit.seed_everything
     if base_seed is True and "seed_everything" not in fixed and replicates > 1:
         base_seed = 0  # not set (Lightning's default true: a random seed): replicates count from 0
     if replicates == 1 and not _is_int(base_seed):
         base_seed = 0  # one seed: the base config's own, whatever form Lightning accepts (true, null)
     elif not _is_int(base_seed) or base_seed < 0 or base_seed + replicates - 1 > MAX_SEED:
-        where = "fixed.seed_everything" if "seed_everything" in fixed else f"{base}: seed_everything"
-        fail(where, f"expected an integer from 0 to {MAX_SEED - replicates + 1} (one seed per replicate), got {base_seed!r}")
-
-    params = raw.get("parameters")
-    if not isinstance(params, dict) or not params:
-        fail("parameters", f"expected a mapping of hyperparameters ({', '.join(HYPERPARAMETERS)}) to values or ranges")
-    parameters = tuple(_parameter(name, spec, fail) for name, spec in params.items())
-    for p in parameters:
-        if p.flag in fixed:
-            fail(f"fixed.{p.flag}", f"also searched as parameters.{p.name}; keep one")
-    space = SweepSpace(path=path, base=base, objective=objective, sampler=sampler, pruner=pruner, seed=seed,
-                       trials=trials, hours=hours, decodings=tuple(dict.fromkeys(decodings)),
-                       evaluation=evaluation, fixed=fixed, parameters=parameters,
-                       validate_every_steps=every, accumulate_grad_batches=int(accumulate or 1),
-                       replicates=replicates, base_seed=base_seed, pack=pack, fit=fit)  # fmt: skip
-    if sampler == "grid":
+        where = "fixed.seed_everything" if "seed_everything" in fixed else f"{raw.base}: seed_everything"
+        raise SpellxferError(f"{path}: {where}: expected an integer from 0 to {MAX_SEED - replicates + 1} (one seed "
+                             f"per replicate), got {base_seed!r}")  # fmt: skip
+    parameters = tuple(Parameter(name, *HYPERPARAMETERS[name], **spec) for name, spec in raw.parameters.specs())
+    space = SweepSpace(path=path, base=raw.base, objective=raw.objective, sampler=raw.sampler, pruner=raw.pruner,
+                       seed=raw.seed, trials=raw.budget.trials, hours=raw.budget.hours,
+                       decodings=tuple(dict.fromkeys(raw.decodings)),
+                       evaluation=raw.evaluation.model_dump(exclude_unset=True), fixed=fixed, parameters=parameters,
+                       validate_every_steps=raw.validate_every_steps, accumulate_grad_batches=int(accumulate or 1),
+                       replicates=replicates, base_seed=base_seed, pack=raw.pack, fit=fit)  # fmt: skip
+    if raw.sampler == "grid":
         space.check_sampler("grid")
     return space
 
@@ -269,53 +394,6 @@ def flags(overrides: dict) -> list[str]:
 
 def flag_value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def _parameter(name: str, spec, fail: Callable[[str, str], None]) -> Parameter:
-    key = f"parameters.{name}"
-    if name not in HYPERPARAMETERS:
-        fail(key, f"unknown hyperparameter; known: {', '.join(HYPERPARAMETERS)}")
-    flag, kind = HYPERPARAMETERS[name]
-    ok = _is_int if kind is int else _is_number
-    if isinstance(spec, dict) and "values" in spec:
-        if set(spec) != {"values"}:
-            fail(key, "give either values: [...] or low/high, not both")
-        spec = spec["values"]
-    if isinstance(spec, list):
-        if not spec:
-            fail(key, "empty list of values")
-        bad = [v for v in spec if not ok(v)]
-        if bad:
-            fail(key, f"{bad[0]!r} is not {'an integer' if kind is int else 'a number'}")
-        if len(set(spec)) != len(spec):
-            fail(key, "a value is listed twice")
-        return Parameter(name, flag, kind, values=tuple(kind(v) for v in spec))
-    if not isinstance(spec, dict):
-        fail(key, "expected a list of values or a range {low: …, high: …, log: true|false, step: …}")
-    unknown = set(spec) - {"low", "high", "log", "step"}
-    if unknown:
-        fail(key, f"unknown range key {sorted(unknown)[0]!r}; a range has low, high, log, step")
-    low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
-    for k, v in (("low", low), ("high", high)):
-        if not ok(v):
-            fail(f"{key}.{k}", f"expected {'an integer' if kind is int else 'a number'}, got {v!r}")
-    if low >= high:
-        fail(key, f"inverted or empty range: low {low} ≥ high {high}")
-    if not isinstance(log, bool):
-        fail(f"{key}.log", f"expected true or false, got {log!r}")
-    if log and low <= 0:
-        fail(f"{key}.log", f"a log range needs low > 0, got {low}")
-    if step is not None and (not ok(step) or step <= 0 or log):
-        fail(f"{key}.step", "expected a positive step, and no step on a log range")
-    return Parameter(name, flag, kind, low=low, high=high, log=log, step=step)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---- how Optuna searches the space ---------------------------------------------------------------
