@@ -47,6 +47,17 @@ def test_default_config_maps_onto_litserve(tmp_path):
     assert {"/v1/chat/completions", "/predict", "/health", "/metrics"} <= routes
 
 
+def test_the_shipped_config_writes_no_default_twice():
+    # the file names a deployment's choices; every value it resolves to is the model's default, so
+    # a default lives in scaling.py only (and loading the file gives what it gave when it repeated them all)
+    from spellxfer.serving.scaling import LightningConfig
+
+    cfg = load_config()
+    assert cfg == LightningConfig()
+    assert (cfg.serving.model, cfg.deployment.machine, cfg.serving.limits.max_tokens) == ("tiny-qwen3", "L4", 256)
+    assert cfg.jobs.commands["sweep"] == "python -m spellxfer sweep --space configs/sweeps/demo.yaml --study demo"
+
+
 @pytest.mark.parametrize(
     "blocks, key",
     [

@@ -99,7 +99,7 @@ class JobSettings(_Block):
     machines: dict[Literal["fit", "sweep", "serve"], str] = {"fit": "L4", "sweep": "L4", "serve": "L4"}
     commands: dict[Literal["fit", "sweep", "serve"], str] = {
         "fit": "python -m spellxfer fit --config configs/r16.yaml",
-        "sweep": "python -m spellxfer sweep --config configs/sweep.yaml",
+        "sweep": "python -m spellxfer sweep --space configs/sweeps/demo.yaml --study demo",  # + --storage to share a study
         "serve": "python -m spellxfer serve --port 8000",  # --host: added per key, see serve_command
     }
     interruptible: bool = False  # spot machines: cheaper, may be preempted (fit resumes from last.ckpt)
