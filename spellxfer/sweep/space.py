@@ -22,8 +22,11 @@ import optuna
 from spellxfer.core.configs import config_path
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import read_yaml
+from spellxfer.data.patterns import SEPARATOR_CHOICES, TRAIN_SETS, VARIANTS
 
 # Space-file name → the `fit` flag it sets, and its type. The names are the CLI's own keys.
+# The last four are the study's training patterns (spellxfer.data.patterns): text choices given
+# as a list of values; distinct_words takes integers and null (every word), or an integer range.
 HYPERPARAMETERS: dict[str, tuple[str, type]] = {
     "lora_r": ("model.lora_r", int),
     "lora_alpha": ("model.lora_alpha", int),
@@ -34,7 +37,15 @@ HYPERPARAMETERS: dict[str, tuple[str, type]] = {
     "batch_size": ("data.batch_size", int),
     "accumulate_grad_batches": ("trainer.accumulate_grad_batches", int),
     "max_steps": ("trainer.max_steps", int),
+    "variants": ("data.variants", str),
+    "separator": ("data.separator", str),
+    "distinct_words": ("data.distinct_words", int),
+    "train_set": ("data.train_set", str),
 }
+CHOICES: dict[str, tuple[str, ...]] = {"variants": tuple(VARIANTS), "separator": SEPARATOR_CHOICES,
+                                       "train_set": TRAIN_SETS}  # fmt: skip
+"""The text parameters' allowed values."""
+NULLABLE = ("distinct_words",)  # null: every word
 # Only what validation logs as a position / count / transfer metric can be optimised.
 OBJECTIVE = re.compile(r"^val/(?:transfer_score|(?:position|count)_accuracy|(?:position|count)/[a-z][a-z0-9_]*_accuracy)$")
 SAMPLERS = ("grid", "random", "tpe")
@@ -193,6 +204,11 @@ def load_space(path: str | Path) -> SweepSpace:
                                  "as the monitored metric)")  # fmt: skip
         if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+|seed_everything", str(key)):
             fail(f"fixed.{key}", "expected a dotted fit key such as data.val_limit or trainer.val_check_interval")
+    for name, (flag, _) in HYPERPARAMETERS.items():  # a fixed training pattern fails here, not in every trial
+        if flag in fixed and name in CHOICES and fixed[flag] not in CHOICES[name]:
+            fail(f"fixed.{flag}", f"{fixed[flag]!r} is not one of {', '.join(CHOICES[name])}")
+        if flag in fixed and name in NULLABLE and fixed[flag] is not None and not (_is_int(fixed[flag]) and fixed[flag] >= 1):
+            fail(f"fixed.{flag}", f"expected an integer ≥ 1 or null, got {fixed[flag]!r}")
 
     pack = raw.get("pack")
     if pack is not None and (not _is_int(pack) or pack < 1):
@@ -265,12 +281,22 @@ def _parameter(name: str, spec, fail: Callable[[str, str], None]) -> Parameter:
     if isinstance(spec, list):
         if not spec:
             fail(key, "empty list of values")
-        bad = [v for v in spec if not ok(v)]
-        if bad:
-            fail(key, f"{bad[0]!r} is not {'an integer' if kind is int else 'a number'}")
+        if kind is str:
+            bad = [v for v in spec if v not in CHOICES[name]]
+            if bad:
+                fail(key, f"{bad[0]!r} is not one of {', '.join(CHOICES[name])}")
+        else:
+            bad = [v for v in spec if not ok(v) and not (v is None and name in NULLABLE)]
+            if bad:
+                fail(key, f"{bad[0]!r} is not {'an integer' if kind is int else 'a number'}"
+                          + (" or null" if name in NULLABLE else ""))  # fmt: skip
+            if name in NULLABLE and any(v is not None and v < 1 for v in spec):
+                fail(key, f"expected integers ≥ 1 or null, got {spec!r}")
         if len(set(spec)) != len(spec):
             fail(key, "a value is listed twice")
-        return Parameter(name, flag, kind, values=tuple(kind(v) for v in spec))
+        return Parameter(name, flag, kind, values=tuple(v if v is None else kind(v) for v in spec))
+    if kind is str:
+        fail(key, f"expected a list of values from {', '.join(CHOICES[name])}")
     if not isinstance(spec, dict):
         fail(key, "expected a list of values or a range {low: …, high: …, log: true|false, step: …}")
     unknown = set(spec) - {"low", "high", "log", "step"}
@@ -282,6 +308,8 @@ def _parameter(name: str, spec, fail: Callable[[str, str], None]) -> Parameter:
             fail(f"{key}.{k}", f"expected {'an integer' if kind is int else 'a number'}, got {v!r}")
     if low >= high:
         fail(key, f"inverted or empty range: low {low} ≥ high {high}")
+    if name in NULLABLE and low < 1:
+        fail(f"{key}.low", f"expected an integer ≥ 1, got {low}")
     if not isinstance(log, bool):
         fail(f"{key}.log", f"expected true or false, got {log!r}")
     if log and low <= 0:

@@ -361,6 +361,13 @@ class SpellingDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.model_name)
         return self._tokenizer
 
+    @property
+    def pattern(self) -> tuple:
+        """What decides which training rows :meth:`setup` selects besides the files and limits (the
+        seed only with ``distinct_words``): trials of a pack with equal patterns share them."""
+        seed = self.seed if self.distinct_words is not None else None
+        return (self.variants, self.separator, self.distinct_words, self.train_set, seed)
+
     def prepare_data(self) -> None:
         """Build ``data_dir`` if it lacks files and ``build_profile`` is set (seconds for demo)."""
         missing = self._missing_files()
