@@ -345,6 +345,13 @@ class SpellingDataModule(L.LightningDataModule):
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
         self.variants, self.separator = variants, separator
         self.distinct_words, self.train_set = distinct_words, train_set
+        if (variants, separator, distinct_words) != ("all", "any", None) and (self.data_dir / TRAIN_FILE).is_file():
+            # a selection the data cannot give fails here, before the model and Trainer start
+            # (setup selects again, from the rows it reads)
+            fields = [(r.get("subtask"), r.get("separator"), r.get("word")) for _, r in iter_jsonl(self.data_dir / TRAIN_FILE)
+                      if isinstance(r, dict)]  # fmt: skip
+            select_rows(*(zip(*fields) if fields else ((), (), ())), variants=variants, separator=separator, distinct_words=distinct_words, seed=seed,
+                        where=str(self.data_dir / TRAIN_FILE))  # fmt: skip
         self._tokenizer = None
         self._resume_position: dict | None = None
         self.train_examples: datasets.Dataset | None = None
