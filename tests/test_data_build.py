@@ -207,7 +207,8 @@ def test_english_token_subset_artifact(demo_data, qwen_tok):
     assert "HTTP" not in {e[1] for e in art["entries"]}  # all-caps entries are not words
 
 
-SPLITS = ("spelling_train", *(f.removesuffix(".jsonl") for f in EVAL_FILES), POOL.removesuffix(".jsonl"))
+SPLITS = ("spelling_train", *(f.removesuffix(".jsonl") for f in EVAL_FILES), "control_train",
+          POOL.removesuffix(".jsonl"))  # fmt: skip
 
 
 def test_every_row_of_every_file_is_in_the_one_schema(demo_data):
@@ -217,8 +218,10 @@ def test_every_row_of_every_file_is_in_the_one_schema(demo_data):
         for r in read_jsonl(demo_data / f"{split}.jsonl"):
             assert row_problem(r) is None, (split, r)
             assert list(r) == [c for c in COLUMNS if c in r], (split, r)  # the schema's order
-            # evaluation rows carry every column; training rows leave the evaluation-only ones out
-            assert set(r) == (set(COLUMNS) if r["task"] != "spelling" else set(list(COLUMNS)[:6])), (split, r)
+            # evaluation rows carry every column but `separator`; training and control rows leave
+            # the evaluation-only ones out
+            training = {*list(COLUMNS)[:6], "separator"}
+            assert set(r) == (training if r["task"] in ("spelling", "control") else set(COLUMNS) - {"separator"}), (split, r)
 
 
 def test_every_split_loads_in_one_call_with_the_fixed_features(demo_data, tmp_path):
@@ -237,10 +240,11 @@ def test_every_split_loads_in_one_call_with_the_fixed_features(demo_data, tmp_pa
             assert ds[split].to_list() == [{c: r.get(c) for c in FEATURES} for r in read_jsonl(demo_data / f"{split}.jsonl")]
     assert set(by_card["count_test"]["position"]) == {None}  # null in every count row, still int64
     assert {type(p) for p in by_card["position_test"]["position"]} == {int, type(None)}
-    # Without Features the JSON loader types columns from the first file: a position file has a
-    # value in every field somewhere, so listed first it gives the same Features
+    # Without Features the JSON loader types columns from the first file, and no file has every
+    # field (`separator` is training-only): the splits load together only with the Features
     first = {"position_val": files.pop("position_val"), **files}
-    assert load_dataset("json", data_files=first, cache_dir=str(tmp_path))["count_test"].features == FEATURES
+    with pytest.raises(Exception, match="generating the dataset"):
+        load_dataset("json", data_files=first, cache_dir=str(tmp_path))
     assert set(by_card["spelling_train"]["task"]) == {"spelling"}
 
 

@@ -11,7 +11,13 @@ Order of work, which is what makes the splits leak-free:
    words only, with ``letter_index`` and ``letter_count`` answers rebalanced (below);
 4. a few-shot pool (``fewshot_pool.jsonl``): solved position and count questions about words of
    their own, drawn like evaluation words and disjoint from training, validation and test words,
-   for ``evaluate --shots K``.
+   for ``evaluate --shots K``;
+5. the non-spelling control (``control_train.jsonl``, task ``control``): row for row the training
+   file's words with no letter-level structure — the word repeated whole (``repeat``) or its case
+   changed (``case``) — for the study's control arm (``fit --data.train_set control``). Row *i*
+   is about the same word as row *i* of ``spelling_train.jsonl``, so any selection of spelling
+   rows has a control of the same words and row count. It draws from its own seeded stream:
+   adding it changed no other file.
 
 Every JSONL file holds rows of one schema (:mod:`spellxfer.data.schema`), and the dataset card
 (``README.md``, :mod:`spellxfer.data.card`) carries its fixed ``datasets`` Features, so
@@ -27,7 +33,11 @@ can have an answer above 2 (about a fifth of them), so one of 0, 1, 2 holds at l
 the rest (≈ 25%; docs/data.md#answer-balance).
 
 Trained on spelling, evaluated on position and count only: no position or count question is ever
-written to the training file.
+written to the training file, nor to the control file.
+
+Each training row records its ``separator``: the :data:`~spellxfer.tasks.templates.SEPARATORS`
+style between its letters (``spaces`` for the capitals form of ``spell``; null for
+``spell_numbered`` and every control row), which ``fit --data.separator`` selects on.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ from spellxfer.data.words import (
 from spellxfer.tasks import templates as T
 from spellxfer.tasks.buckets import LENGTH_BUCKETS, length_bucket, token_bucket
 from spellxfer.tasks.chat import chat_messages
-from spellxfer.tasks.names import TRAINING_SUBTASKS
+from spellxfer.tasks.names import CONTROL_SUBTASKS, TRAINING_SUBTASKS
 
 console = Console(stderr=True)
 
@@ -83,6 +93,9 @@ PROFILES = {
 FEWSHOT_FILE = "fewshot_pool.jsonl"
 FILES = ("spelling_train.jsonl", "position_val.jsonl", "position_test.jsonl", "count_val.jsonl", "count_test.jsonl")
 """What fit and evaluation need; the few-shot pool is written beside them (only ``--shots`` reads it)."""
+CONTROL_FILE = "control_train.jsonl"
+"""The non-spelling control: the training words, row for row, with no letter-level structure
+(``fit --data.train_set control``; not needed by a spelling fit, so not in :data:`FILES`)."""
 CHAT_FILE = "spelling_train_chat.jsonl"
 """The training rows as chat ``messages`` (``--chat_export true``)."""
 CARD_FILE = "README.md"
@@ -100,7 +113,8 @@ def build(
 ) -> int:
     """Build spelling training data and position / count evaluation sets.
 
-    Writes spelling_train.jsonl, position_{val,test}.jsonl, count_{val,test}.jsonl,
+    Writes spelling_train.jsonl, control_train.jsonl (the non-spelling control arm's training
+    rows: the same words, row for row), position_{val,test}.jsonl, count_{val,test}.jsonl,
     fewshot_pool.jsonl (solved examples for ``evaluate --shots``, about words of their own),
     qwen3_english_tokens.json, README.md (the dataset card: splits, sizes, fixed ``datasets``
     Features) and manifest.json. The same seed gives byte-identical files.
@@ -146,8 +160,9 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: 
     if prof.train_words is not None:
         train_pool = sorted(rng.sample(train_pool, prof.train_words))
     train_rows = _spelling_rows(rng, train_pool, prof.rows_per_train_word)
+    control_rows = _control_rows(random.Random(f"spellxfer-control-{seed}"), train_rows)
 
-    files: dict[str, list[dict]] = {"spelling_train.jsonl": train_rows}
+    files: dict[str, list[dict]] = {"spelling_train.jsonl": train_rows, CONTROL_FILE: control_rows}
     for split, words in (("val", val_words), ("test", test_words)):
         rng = random.Random(f"spellxfer-{split}-{seed}")
         pos, cnt = _eval_rows(rng, words)
@@ -156,8 +171,9 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: 
     rng = random.Random(f"spellxfer-shots-{seed}")
     pos, cnt = _eval_rows(rng, shot_words)
     files[FEWSHOT_FILE] = _with_ids(pos + cnt, FEWSHOT_FILE.removesuffix(".jsonl"))
-    _add_n_tokens(tok, [r for name, rows in files.items() if name != "spelling_train.jsonl" for r in rows])
+    _add_n_tokens(tok, [r for name, rows in files.items() if name not in TRAIN_FILES for r in rows])
     _assert_leak_free(train_rows, eval_set)
+    _assert_leak_free(control_rows, eval_set, spelled=False)
     problems = split_problems(files)
     if problems:
         raise RuntimeError(f"split overlap: {problems[0]}")
@@ -167,6 +183,8 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: 
         "profile": profile,
         "seed": seed,
         "policy": "trained on spelling only; evaluated on position and count only",
+        "control": f"{CONTROL_FILE}: the non-spelling control arm (task control: {', '.join(CONTROL_SUBTASKS)}), "
+                   "the training words row for row, no letter-level structure",
         "sources": {
             "english_words": f"wordfreq {subset['source']['wordfreq']} top lists",
             "tokenizer": "Qwen3 BPE rebuilt from dashscope==2.0.2 qwen.tiktoken",
@@ -176,7 +194,7 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: 
         "distinct_words": {},
         "sha256": {},
     }
-    for name in (*FILES, FEWSHOT_FILE):
+    for name in (*FILES, CONTROL_FILE, FEWSHOT_FILE):
         rows = files[name]
         write_jsonl(tmp / name, rows)
         manifest["rows"][name] = {"total": len(rows), **dict(sorted(Counter(r["subtask"] for r in rows).items()))}
@@ -199,9 +217,9 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: 
             for sub in sorted({r["subtask"] for r in rows})
         }
         for name, rows in files.items()
-        if name != "spelling_train.jsonl"
+        if name not in TRAIN_FILES
     }
-    card = dataset_card(manifest, [*FILES, FEWSHOT_FILE], CHAT_FILE if chat_export else None)
+    card = dataset_card(manifest, [*FILES, CONTROL_FILE, FEWSHOT_FILE], CHAT_FILE if chat_export else None)
     (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     manifest["sha256"][CARD_FILE] = hashlib.sha256((tmp / CARD_FILE).read_bytes()).hexdigest()
     write_json(tmp / "manifest.json", manifest)
@@ -275,10 +293,22 @@ def _spelling_rows(rng: random.Random, words: list[str], per_word: int) -> list[
     for w in words:
         subtasks = ["spell"] + rng.sample(TRAINING_SUBTASKS[1:], per_word - 1)
         for sub in subtasks:
-            q, a = T.spelling_row(rng, w, sub)
-            rows.append({"task": "spelling", "subtask": sub, "question": q, "answer": a, "word": w})
+            q, a, sep = T.spelling_row(rng, w, sub)
+            rows.append({"task": "spelling", "subtask": sub, "question": q, "answer": a, "word": w,
+                         "separator": sep})  # fmt: skip
     rng.shuffle(rows)
     return _with_ids(rows, "spelling_train")
+
+
+def _control_rows(rng: random.Random, spelling_rows: list[dict]) -> list[dict]:
+    """One control row per spelling row, about the same word, in the same order (see step 5)."""
+    rows = []
+    for r in spelling_rows:
+        sub = rng.choice(CONTROL_SUBTASKS)
+        q, a = T.control_row(rng, r["word"], sub)
+        rows.append({"task": "control", "subtask": sub, "question": q, "answer": a, "word": r["word"],
+                     "separator": None})  # fmt: skip
+    return _with_ids(rows, CONTROL_FILE.removesuffix(".jsonl"))
 
 
 def _eval_rows(rng: random.Random, words: list[str]) -> tuple[list[dict], list[dict]]:
@@ -354,14 +384,19 @@ def _add_n_tokens(tok, rows: list[dict]) -> None:
 
 
 _WORD_RE = re.compile(r"[A-Za-z]+")
+TRAIN_FILES = ("spelling_train.jsonl", CONTROL_FILE)  # rows without evaluation fields (n_tokens, …)
 
 
-def _assert_leak_free(train_rows: list[dict], eval_words: set[str]) -> None:
-    """Guard in the builder itself (tests recompute it independently from the files)."""
+def _assert_leak_free(train_rows: list[dict], eval_words: set[str], spelled: bool = True) -> None:
+    """Guard in the builder itself (tests recompute it independently from the files).
+
+    ``spelled``: the answer's letters joined (forwards and reversed) must not be an evaluation
+    word either. Control answers spell nothing out (``cat cat``, ``CAT``): their words are checked.
+    """
     for r in train_rows:
         text = r["question"] + " " + r["answer"]
         found = {w.lower() for w in _WORD_RE.findall(text)} & eval_words
-        letters = re.sub("[^a-z]", "", r["answer"].lower())
+        letters = re.sub("[^a-z]", "", r["answer"].lower()) if spelled else ""
         if found or letters in eval_words or letters[::-1] in eval_words:
             raise RuntimeError(f"leak: training row {r['id']} contains evaluation word(s) {found or letters}")
 

@@ -21,6 +21,8 @@ from spellxfer.data.schema import CHAT_FEATURES, COLUMNS, FEATURES
 
 PURPOSE = {
     "spelling_train": "training (`fit`): spelling questions only",
+    "control_train": "the control arm's training (`fit --data.train_set control`): row for row the same "
+                     "words with no letter-level structure (repeated, case changed); a control, not spelling",
     "position_val": "validation during `fit` (checkpoint selection, early stopping)",
     "count_val": "validation during `fit` (checkpoint selection, early stopping)",
     "position_test": "the test set (`evaluate`)",
@@ -110,6 +112,12 @@ letter first appears) and count questions (how many letters, how many times a le
 about words the training split never contains. The question they answer: does learning to spell
 transfer to knowing where a word's letters are and how many there are?
 
+`control_train` is the study's **control**, not a spelling split: row for row the words of
+`spelling_train`, in tasks with no letter-level structure (`repeat`: the word two or three times;
+`case`: the word in capitals, or back to lowercase). Trained on instead of spelling, it measures
+what fine-tuning of the same size does without any spelling. It holds no position or count
+question either.
+
 ## Splits
 
 {chr(10).join(table)}
@@ -128,8 +136,8 @@ every count and training row.
 
 ## Fields
 
-Every split has the same fields. Training rows leave out the evaluation-only ones, which load as
-null.
+Every split has the same fields. Training rows leave out the evaluation-only ones, and
+evaluation rows leave out `separator`; left out, a field loads as null.
 
 {chr(10).join(fields)}
 

@@ -33,6 +33,7 @@ SPLITS = {
     "count_test.jsonl": "test",
     "fewshot_pool.jsonl": "few-shot pool",
     "spelling_train.jsonl": "train",
+    "control_train.jsonl": "train",  # the non-spelling control arm: the same words, row for row
 }
 _WORD_RE = re.compile(r"[A-Za-z]+")
 
@@ -60,13 +61,16 @@ def split_problems(files: Mapping[str, list[dict]]) -> list[str]:
             if form in evaluated:
                 s, eloc = evaluated[form]
                 problems.append(f"training word {w!r} ({loc}) is {how}the {s} word {form!r} ({eloc})")
-    for line, row in enumerate(files.get("spelling_train.jsonl", []), start=1):
-        text = f"{row['question']} {row['answer']}"
-        letters = re.sub("[^a-z]", "", row["answer"].lower())
-        found = {t.lower() for t in _WORD_RE.findall(text)} | {letters, letters[::-1]}
-        for w in sorted(found & evaluated.keys()):
-            s, eloc = evaluated[w]
-            problems.append(f"training row spelling_train.jsonl:{line} contains the {s} word {w!r} ({eloc})")
+    for name in ("spelling_train.jsonl", "control_train.jsonl"):
+        for line, row in enumerate(files.get(name, []), start=1):
+            text = f"{row['question']} {row['answer']}"
+            found = {t.lower() for t in _WORD_RE.findall(text)}
+            if name == "spelling_train.jsonl":  # control answers spell nothing out (`cat cat`, `CAT`)
+                letters = re.sub("[^a-z]", "", row["answer"].lower())
+                found |= {letters, letters[::-1]}
+            for w in sorted(found & evaluated.keys()):
+                s, eloc = evaluated[w]
+                problems.append(f"training row {name}:{line} contains the {s} word {w!r} ({eloc})")
     return problems
 
 
@@ -90,7 +94,7 @@ def check_data(data: str) -> int:
             for line, row in iter_jsonl(d / name):
                 if not isinstance(row, dict) or not isinstance(row.get("word"), str):
                     raise SpellxferError(f"{d / name}:{line}: expected a JSON object with a text 'word'")
-                if name == "spelling_train.jsonl" and not all(isinstance(row.get(k), str) for k in ("question", "answer")):
+                if SPLITS[name] == "train" and not all(isinstance(row.get(k), str) for k in ("question", "answer")):
                     raise SpellxferError(f"{d / name}:{line}: a training row needs text 'question' and 'answer'")
                 rows.append(row)
             files[name] = rows

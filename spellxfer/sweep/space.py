@@ -35,8 +35,11 @@ from pydantic import (
 
 from spellxfer.core.configs import config_path, load_file
 from spellxfer.core.errors import SpellxferError
+from spellxfer.data.patterns import SEPARATOR_CHOICES, TRAIN_SETS, VARIANTS
 
 # Space-file name → the `fit` flag it sets, and its type. The names are the CLI's own keys.
+# The last four are the study's training patterns (spellxfer.data.patterns): text choices given
+# as a list of values; distinct_words takes integers and null (every word), or an integer range.
 HYPERPARAMETERS: dict[str, tuple[str, type]] = {
     "lora_r": ("model.lora_r", int),
     "lora_alpha": ("model.lora_alpha", int),
@@ -47,7 +50,15 @@ HYPERPARAMETERS: dict[str, tuple[str, type]] = {
     "batch_size": ("data.batch_size", int),
     "accumulate_grad_batches": ("trainer.accumulate_grad_batches", int),
     "max_steps": ("trainer.max_steps", int),
+    "variants": ("data.variants", str),
+    "separator": ("data.separator", str),
+    "distinct_words": ("data.distinct_words", int),
+    "train_set": ("data.train_set", str),
 }
+CHOICES: dict[str, tuple[str, ...]] = {"variants": tuple(VARIANTS), "separator": SEPARATOR_CHOICES,
+                                       "train_set": TRAIN_SETS}  # fmt: skip
+"""The text parameters' allowed values."""
+NULLABLE = ("distinct_words",)  # null: every word
 # Only what validation logs as a position / count / transfer metric can be optimised.
 OBJECTIVE = re.compile(r"^val/(?:transfer_score|(?:position|count)_accuracy|(?:position|count)/[a-z][a-z0-9_]*_accuracy)$")
 SAMPLERS = ("grid", "random", "tpe")
@@ -247,11 +258,24 @@ class FloatRange(_Range):
     step: Number | None = None
 
 
-def _search(kind: type) -> Any:
+class CountRange(IntRange):
+    """An integer range of a nullable count (``distinct_words``): low ≥ 1."""
+
+    low: _integer(1)
+
+
+def _search(name: str, kind: type) -> Any:
     """A hyperparameter's values (a list, or ``{values: [...]}``) or its range (``low``, ``high``,
-    ``log``, ``step``), as ``Parameter`` keyword arguments."""
-    ok, what = (_is_int, "an integer") if kind is int else (_is_number, "a number")
-    rng = IntRange if kind is int else FloatRange
+    ``log``, ``step``), as ``Parameter`` keyword arguments. A text parameter (``CHOICES``) takes
+    only a list of its choices; a ``NULLABLE`` one takes null among its values, integers ≥ 1."""
+    choices, nullable = CHOICES.get(name), name in NULLABLE
+    if kind is str:
+        ok, what = (lambda v: v in choices), f"one of {', '.join(choices)}"
+    elif kind is int:
+        ok, what = _is_int, "an integer" + (" or null" if nullable else "")
+    else:
+        ok, what = _is_number, "a number"
+    rng = None if kind is str else CountRange if nullable else IntRange if kind is int else FloatRange
 
     def check(spec):
         if isinstance(spec, dict) and "values" in spec:
@@ -259,16 +283,32 @@ def _search(kind: type) -> Any:
                 raise ValueError("give either values: [...] or low/high, not both")
             spec = spec["values"]
         if isinstance(spec, list):
-            bad = [v for v in spec if not ok(v)]
-            if not spec or bad or len(set(spec)) != len(spec):
-                raise ValueError(f"{bad[0]!r} is not {what}" if bad else "a value is listed twice" if spec else
-                                 "empty list of values")  # fmt: skip
-            return {"values": tuple(kind(v) for v in spec)}
+            bad = [v for v in spec if not ok(v) and not (v is None and nullable)]
+            if not spec or bad:
+                raise ValueError(f"{bad[0]!r} is not {what}" if bad else "empty list of values")
+            if nullable and any(v is not None and v < 1 for v in spec):
+                raise ValueError(f"expected integers ≥ 1 or null, got {spec!r}")
+            if len(set(spec)) != len(spec):
+                raise ValueError("a value is listed twice")
+            return {"values": tuple(v if v is None else kind(v) for v in spec)}
+        if rng is None:
+            raise ValueError(f"expected a list of values from {', '.join(choices)}")
         if not isinstance(spec, dict):
             raise ValueError("expected a list of values or a range {low: …, high: …, log: true|false, step: …}")
         return rng.model_validate(spec).model_dump()
 
-    return Annotated[rng | dict | None, PlainValidator(check)]  # rng: for the list of known range keys
+    # rng: for the list of known range keys
+    return Annotated[(list if rng is None else rng | dict) | None, PlainValidator(check)]
+
+
+def _fixed_pattern(name: str, value) -> str | None:
+    """What is wrong with a fixed training-pattern value (``fixed: {data.separator: …}``), if anything:
+    fit's parser reads them as plain text / integers and only the DataModule checks them."""
+    if name in CHOICES and value not in CHOICES[name]:
+        return f"{value!r} is not one of {', '.join(CHOICES[name])}"
+    if name in NULLABLE and value is not None and not (_is_int(value) and value >= 1):
+        return f"expected an integer ≥ 1 or null, got {value!r}"
+    return None
 
 
 class _Parameters(_File):
@@ -288,7 +328,7 @@ class _Parameters(_File):
 
 
 Parameters = create_model("Parameters", __base__=_Parameters,
-                          **{name: (_search(kind), None) for name, (_, kind) in HYPERPARAMETERS.items()})  # fmt: skip
+                          **{name: (_search(name, kind), None) for name, (_, kind) in HYPERPARAMETERS.items()})  # fmt: skip
 
 
 def _some_parameters(v):
@@ -323,6 +363,10 @@ class SpaceFile(_File):
         if self.validate_every_steps is not None and "trainer.val_check_interval" in self.fixed:
             raise ValueError("fixed.trainer.val_check_interval: validate_every_steps sets it per trial (× the "
                              "trial's accumulate_grad_batches); keep one")  # fmt: skip
+        for name, (flag, _) in HYPERPARAMETERS.items():  # a fixed training pattern fails here, not in every trial
+            problem = _fixed_pattern(name, self.fixed[flag]) if flag in self.fixed else None
+            if problem:
+                raise ValueError(f"fixed.{flag}: {problem}")
         for name, _ in self.parameters.specs():
             flag = HYPERPARAMETERS[name][0]
             if flag in self.fixed:

@@ -1,6 +1,7 @@
 """Task and subtask names, defined once for every step.
 
-Training is spelling only (:data:`TRAINING_SUBTASKS`); evaluation is position and count only
+Training is spelling only (:data:`TRAINING_SUBTASKS`), or the non-spelling control
+(:data:`CONTROL_SUBTASKS`) of the study's control arm; evaluation is position and count only
 (:data:`TASKS`), each with its subtasks (:data:`SUBTASKS_BY_TASK`). Metric names are built from
 these (``val/position/nth_letter_accuracy``), so a subtask name holds no ``/``.
 """
@@ -14,3 +15,5 @@ SUBTASKS_BY_TASK = {"position": POSITION_SUBTASKS, "count": COUNT_SUBTASKS}
 
 # "spell" comes first: every training word gets it, the others are sampled (data build).
 TRAINING_SUBTASKS = ("spell", "spell_reversed", "spell_numbered", "inverse")
+# The non-spelling control (task "control"): the same words, no letter-level structure.
+CONTROL_SUBTASKS = ("repeat", "case")

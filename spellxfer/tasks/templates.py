@@ -1,4 +1,5 @@
-"""Question templates: spelling (training only) and position / count (evaluation only).
+"""Question templates: spelling (training only), the non-spelling control (training only, the
+study's control arm) and position / count (evaluation only).
 
 Every word a *training* template contains is banned from evaluation (``training_template_words``),
 so no evaluation word can reach training through template text. Evaluation questions always put
@@ -47,32 +48,73 @@ INVERSE = (
 )
 
 
+# ---- training: the non-spelling control ---------------------------------------------------------
+# The same words with no letter-level structure: the word repeated whole, or its case changed.
+# Their words are banned from evaluation like the spelling templates'. Each is either a word the
+# spelling templates already have or one outside every build's evaluation candidate pool
+# (duplicate, thrice, capitals, lowercase): banning a word that was in the pool would shift the
+# pool and change the evaluation (and hence training) words of every existing build.
+CONTROL_REPEAT = (
+    ("Duplicate the word '{word}'.", 2),
+    ("Write the word '{word}' and its duplicate.", 2),
+    ("Write the word '{word}' thrice.", 3),
+)
+"""(template, how many times the answer holds the word, separated by single spaces)."""
+CONTROL_CASE = (
+    ("Write the word '{word}' in uppercase.", "upper"),
+    ("Write '{word}' in capitals.", "upper"),
+    ("Write the word '{word}' in lowercase.", "lower"),  # asked with the word in capitals
+)
+"""(template, the case of the answer: the whole word at once, never letter by letter)."""
+
+
 def training_template_words() -> frozenset[str]:
-    """Every alphabetic word that training text contains besides the spelled words themselves."""
-    text = " ".join(SPELL + SPELL_CAPITALS + SPELL_REVERSED + SPELL_NUMBERED + INVERSE)
+    """Every alphabetic word that training text contains besides the spelled words themselves
+    (spelling and control templates, separator names)."""
+    control = [t for t, _ in CONTROL_REPEAT + CONTROL_CASE]
+    text = " ".join(SPELL + SPELL_CAPITALS + SPELL_REVERSED + SPELL_NUMBERED + INVERSE + tuple(control))
     text += " " + " ".join(name for name, _ in SEPARATORS)
     text = re.sub(r"\{[a-z_]+\}", " ", text)
     return frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", text))
 
 
-def spelling_row(rng: random.Random, word: str, subtask: str) -> tuple[str, str]:
-    """(question, answer) for one spelling example of ``word``."""
+def spelling_row(rng: random.Random, word: str, subtask: str) -> tuple[str, str, str | None]:
+    """(question, answer, separator name) for one spelling example of ``word``.
+
+    The separator name is the :data:`SEPARATORS` style between the letters — of the answer, or
+    of the question for ``inverse`` — and ``spaces`` for the capitals form of ``spell``; None for
+    ``spell_numbered``, whose ``1: x, 2: y`` form has no separator style.
+    """
     letters = list(word)
     if subtask == "spell":
         if rng.random() < 0.15:
-            return rng.choice(SPELL_CAPITALS).format(word=word), " ".join(letters).upper()
+            return rng.choice(SPELL_CAPITALS).format(word=word), " ".join(letters).upper(), "spaces"
         name, sep = rng.choice(SEPARATORS)
-        return rng.choice(SPELL).format(word=word, sep_name=name), sep.join(letters)
+        return rng.choice(SPELL).format(word=word, sep_name=name), sep.join(letters), name
     if subtask == "spell_reversed":
         name, sep = rng.choice(SEPARATORS)
-        return rng.choice(SPELL_REVERSED).format(word=word, sep_name=name), sep.join(reversed(letters))
+        return rng.choice(SPELL_REVERSED).format(word=word, sep_name=name), sep.join(reversed(letters)), name
     if subtask == "spell_numbered":
         answer = ", ".join(f"{i}: {c}" for i, c in enumerate(letters, 1))
-        return rng.choice(SPELL_NUMBERED).format(word=word), answer
+        return rng.choice(SPELL_NUMBERED).format(word=word), answer, None
     if subtask == "inverse":
-        _, sep = rng.choice(SEPARATORS[:4])  # arrows read oddly as a question
-        return rng.choice(INVERSE).format(spelled=sep.join(letters)), word
+        name, sep = rng.choice(SEPARATORS[:4])  # arrows read oddly as a question
+        return rng.choice(INVERSE).format(spelled=sep.join(letters)), word, name
     raise ValueError(f"unknown spelling subtask {subtask!r}")
+
+
+def control_row(rng: random.Random, word: str, subtask: str) -> tuple[str, str]:
+    """(question, answer) for one control example of ``word``: ``repeat`` (the word two or three
+    times) or ``case`` (the word in capitals, or back to lowercase from capitals)."""
+    if subtask == "repeat":
+        template, times = rng.choice(CONTROL_REPEAT)
+        return template.format(word=word), " ".join([word] * times)
+    if subtask == "case":
+        template, case = rng.choice(CONTROL_CASE)
+        if case == "upper":
+            return template.format(word=word), word.upper()
+        return template.format(word=word.upper()), word
+    raise ValueError(f"unknown control subtask {subtask!r}")
 
 
 # ---- evaluation: position and count only ---------------------------------------------------------

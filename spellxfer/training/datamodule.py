@@ -1,7 +1,9 @@
 """Batches for fit: tokenized spelling rows to train on, position/count questions to evaluate.
 
 Training: ``spelling_train.jsonl`` → :func:`read_training_rows` (every line checked, then read
-by ``datasets`` with the build's fixed Features) → :func:`tokenize_example` (prompt masked with
+by ``datasets`` with the build's fixed Features) → the training pattern's rows
+(:mod:`spellxfer.data.patterns`: ``variants``, ``separator``, ``distinct_words``, and
+``train_set control`` for the same rows of the non-spelling control file) → :func:`tokenize_example` (prompt masked with
 -100; the tokenized examples are an in-memory Arrow ``datasets.Dataset``) →
 :class:`LengthGroupedBatchSampler` (similar lengths together, batches sharded across ranks) →
 :class:`SpellingCollator` (right-padded tensors) → the loss in :mod:`spellxfer.models.losses`.
@@ -20,8 +22,9 @@ Evaluation files keep :func:`~spellxfer.tasks.questions.load_questions`: they ma
 and their rows become Items.
 
 The data directory is the output of ``spellxfer data build``; :class:`SpellingDataModule` can build
-it on first use. Training rows must all be ``task: spelling`` and evaluation rows position/count
-— the project's policy, checked again here so that a hand-edited file cannot slip through.
+it on first use. Training rows must all be ``task: spelling`` (``task: control`` in the control
+file) and evaluation rows position/count — the project's policy, checked again here so that a
+hand-edited file cannot slip through: trained on spelling, evaluated on position and count only.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import iter_jsonl
-from spellxfer.data.build import FILES, build
+from spellxfer.data.build import CONTROL_FILE, FILES, build
+from spellxfer.data.patterns import check_patterns, select_rows
 from spellxfer.models.losses import IGNORE_INDEX
 from spellxfer.models.registry import load_tokenizer
 from spellxfer.tasks.chat import end_of_turn_ids, format_prompt
@@ -278,7 +282,18 @@ class SpellingDataModule(L.LightningDataModule):
             integer N hands it N at a time (it still splits a batch that would not fit).
         max_length: longest training example in tokens (prompt + answer + end of turn); longer
             examples are dropped, not truncated, since a truncated answer teaches a wrong spelling.
-        train_limit: read only the first N training rows (the builder shuffles them); None: all.
+        train_limit: train on only the first N rows of the selection below (the builder shuffles
+            them); None: all.
+        variants: which spelling variants train: ``spell`` (with its capitals form),
+            ``spell+reversed``, ``spell+numbered``, ``spell+inverse`` or ``all`` (the four).
+        separator: ``any``, or the one separator style (``spaces``, ``commas``, ``dashes``,
+            ``dots``, ``arrows``) whose rows train; rows without one (``spell_numbered``) stay.
+        distinct_words: train on the rows of only N words, the first N of an order shuffled by
+            ``seed`` (same seed → same words); None: every word.
+        train_set: ``spelling``, or ``control``: the non-spelling control arm, the control file's
+            rows at the positions the options above select in the spelling file (the same words,
+            as many rows). Details: :mod:`spellxfer.data.patterns`. The defaults train on every
+            row of ``spelling_train.jsonl`` in file order.
         val_limit: first N rows of each validation file; None (the default): all of them, so checkpoint
             selection and early stopping see every validation question (docs/training.md gives the cost).
         test_limit: first N rows of each test file; None: all.
@@ -299,6 +314,10 @@ class SpellingDataModule(L.LightningDataModule):
         val_limit: int | None = None,
         test_limit: int | None = None,
         num_workers: int = 0,
+        variants: str = "all",
+        separator: str = "any",
+        distinct_words: int | None = None,
+        train_set: str = "spelling",
     ) -> None:
         super().__init__()
         if eval_batch_size != "auto" and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)):
@@ -310,6 +329,7 @@ class SpellingDataModule(L.LightningDataModule):
                                 ("val_limit", val_limit, 1), ("test_limit", test_limit, 1)):  # fmt: skip
             if value is not None and value < low:
                 raise SpellxferError(f"--data.{key} must be ≥ {low}, got {value}", key=f"data.{key}")
+        check_patterns(variants, separator, distinct_words, train_set)
         if build_profile not in ("demo", "full", None):
             raise SpellxferError(f"--data.build_profile must be demo, full or null, got {build_profile!r}",
                                  key="data.build_profile")  # fmt: skip
@@ -323,6 +343,15 @@ class SpellingDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.max_length, self.num_workers = max_length, num_workers
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
+        self.variants, self.separator = variants, separator
+        self.distinct_words, self.train_set = distinct_words, train_set
+        if (variants, separator, distinct_words) != ("all", "any", None) and (self.data_dir / TRAIN_FILE).is_file():
+            # a selection the data cannot give fails here, before the model and Trainer start
+            # (setup selects again, from the rows it reads)
+            fields = [(r.get("subtask"), r.get("separator"), r.get("word")) for _, r in iter_jsonl(self.data_dir / TRAIN_FILE)
+                      if isinstance(r, dict)]  # fmt: skip
+            select_rows(*(zip(*fields) if fields else ((), (), ())), variants=variants, separator=separator, distinct_words=distinct_words, seed=seed,
+                        where=str(self.data_dir / TRAIN_FILE))  # fmt: skip
         self._tokenizer = None
         self._resume_position: dict | None = None
         self.train_examples: datasets.Dataset | None = None
@@ -338,6 +367,13 @@ class SpellingDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.model_name)
         return self._tokenizer
+
+    @property
+    def pattern(self) -> tuple:
+        """What decides which training rows :meth:`setup` selects besides the files and limits (the
+        seed only with ``distinct_words``): trials of a pack with equal patterns share them."""
+        seed = self.seed if self.distinct_words is not None else None
+        return (self.variants, self.separator, self.distinct_words, self.train_set, seed)
 
     def prepare_data(self) -> None:
         """Build ``data_dir`` if it lacks files and ``build_profile`` is set (seconds for demo)."""
@@ -458,7 +494,7 @@ class SpellingDataModule(L.LightningDataModule):
     def _load_train(self) -> datasets.Dataset:
         import datasets
 
-        rows = read_training_rows(self.data_dir / TRAIN_FILE, self.limits["train"])
+        rows = self._training_rows()
         # `[:]`: the whole column as one list (iterating a column converts row by row, 100× slower)
         examples = tokenize_examples(self.tokenizer, rows["question"][:], rows["answer"][:])
         kept = [e for e in examples if len(e["input_ids"]) <= self.max_length]
@@ -469,7 +505,9 @@ class SpellingDataModule(L.LightningDataModule):
                 f"--data.max_length {self.max_length} drops every training row (shortest needs "
                 f"{min(len(e['input_ids']) for e in examples)} tokens, longest {longest})"
             )
-        message = f"{TRAIN_FILE}: {len(kept)} training examples, {self.n_dropped} dropped as longer than {self.max_length} tokens"
+        name = TRAIN_FILE if self.train_set == "spelling" else CONTROL_FILE
+        message = (f"{name}: {len(kept)} training examples (variants {self.variants}, separator {self.separator}, "
+                   f"distinct_words {self.distinct_words}), {self.n_dropped} dropped as longer than {self.max_length} tokens")  # fmt: skip
         (rank_zero_warn if self.n_dropped else rank_zero_info)(message)
         # Arrow columns, not Python lists: 34 MiB instead of 122 MiB for the full file (no int
         # object per token; docs/training.md), and DataLoader workers share the buffers instead of
@@ -479,6 +517,31 @@ class SpellingDataModule(L.LightningDataModule):
             "labels": [e["labels"] for e in kept],
             "length": [len(e["input_ids"]) for e in kept],
         })  # fmt: skip
+
+    def _training_rows(self) -> datasets.Dataset:
+        """The rows the training pattern selects, in file order, cut to ``train_limit``."""
+        spelling = read_training_rows(self.data_dir / TRAIN_FILE)
+        keep = select_rows(spelling["subtask"][:], spelling["separator"][:], spelling["word"][:],
+                           variants=self.variants, separator=self.separator, distinct_words=self.distinct_words,
+                           seed=self.seed, where=str(self.data_dir / TRAIN_FILE))  # fmt: skip
+        rows = spelling
+        if self.train_set == "control":
+            rows = self._control_rows(spelling)
+        limit = self.limits["train"]
+        if len(keep) == len(rows) and (limit is None or limit >= len(rows)):
+            return rows  # every row (the defaults): the file as read
+        return rows.select(keep[:limit])
+
+    def _control_rows(self, spelling: datasets.Dataset) -> datasets.Dataset:
+        path = self.data_dir / CONTROL_FILE
+        if not path.is_file():
+            raise SpellxferError(f"--data.train_set control: {path} does not exist (built before the control "
+                                 f"existed); rebuild {self.data_dir} with `spellxfer data build`", key="data.train_set")  # fmt: skip
+        control = read_training_rows(path, task="control")
+        if control["word"][:] != spelling["word"][:]:
+            raise SpellxferError(f"--data.train_set control: {path} is not row for row the words of {TRAIN_FILE} "
+                                 "(files of different builds?); rebuild the directory", key="data.train_set")  # fmt: skip
+        return control
 
     def _load_eval(self, split: str) -> dict[str, list[Item]]:
         items = {}
@@ -505,9 +568,10 @@ class SpellingDataModule(L.LightningDataModule):
         return loaders
 
 
-def read_training_rows(path: Path, limit: int | None = None) -> datasets.Dataset:
+def read_training_rows(path: Path, limit: int | None = None, task: str = "spelling") -> datasets.Dataset:
     """Read and validate the training JSONL: every row a spelling question with a non-empty answer,
-    in the data schema (:data:`spellxfer.data.schema.FEATURES`).
+    in the data schema (:data:`spellxfer.data.schema.FEATURES`). ``task="control"`` reads the
+    non-spelling control file (``control_train.jsonl``): every row must then be a control row.
 
     Every row is validated even with ``limit`` (which keeps the first ``limit``): a position or
     count row anywhere in the file means it was not built by spellxfer's leak-free builder.
@@ -535,10 +599,12 @@ def read_training_rows(path: Path, limit: int | None = None) -> datasets.Dataset
     for line, row in iter_jsonl(path):
         if not isinstance(row, dict):
             raise SpellxferError(f"{path}:{line}: expected a JSON object per line")
-        if row.get("task") != "spelling":
+        if row.get("task") != task:
             raise SpellxferError(
                 f"{path}:{line}: task {row.get('task')!r} in the training file; spellxfer trains on "
                 "task 'spelling' only (position and count questions are for evaluation)"
+                if task == "spelling"
+                else f"{path}:{line}: task {row.get('task')!r} in the control file, which holds task {task!r} only"
             )
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():

@@ -205,7 +205,7 @@ class PackedTrial:
     def setup_data(self, cache: dict) -> None:
         """Read and tokenize the data once per pack for all trials with the same data settings."""
         dm = self.dm
-        key = (str(dm.data_dir), dm.model_name, dm.max_length, tuple(sorted(dm.limits.items())))
+        key = (str(dm.data_dir), dm.model_name, dm.max_length, tuple(sorted(dm.limits.items())), dm.pattern)
         if key in cache:
             dm.train_examples, dm.eval_items, dm.n_dropped = cache[key]
         dm.setup("fit")
