@@ -48,7 +48,8 @@ RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logg
             "checkpoint.mode", "checkpoint.filename", "checkpoint.every_n_train_steps", "early_stopping.monitor",
             "early_stopping.mode")  # fmt: skip
 MAX_SEED = 2**32 - 1  # Optuna's samplers seed numpy's RandomState, which takes 0 ≤ seed < 2**32
-EVALUATION_KEYS = {"limit": int, "batch_size": int, "max_new_tokens": int, "samples": int, "seed": int}
+EVALUATION_KEYS = {"limit": int, "batch_size": int, "max_new_tokens": int, "samples": int, "seed": int, "scoring": str}
+SCORINGS = ("generation", "likelihood", "both")  # evaluate --scoring (default: both)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,10 @@ def load_space(path: str | Path) -> SweepSpace:
             fail(f"evaluation.{key}", f"unknown key; known: {', '.join(EVALUATION_KEYS)}")
         if value is None:
             continue
-        if key == "seed":
+        if key == "scoring":
+            if value not in SCORINGS:
+                fail(f"evaluation.{key}", f"expected one of {' / '.join(SCORINGS)}, got {value!r}")
+        elif key == "seed":
             if not _is_int(value) or not 0 <= value <= MAX_SEED:
                 fail(f"evaluation.{key}", f"expected an integer from 0 to {MAX_SEED}, got {value!r}")
         elif not _is_int(value) or value < 1:
