@@ -333,6 +333,15 @@ def test_a_pack_on_a_base_config_that_picks_unsloth_is_one_error_line_before_any
     assert not (tmp_path / "results").exists()
 
 
+def test_a_pack_with_validation_scoring_both_is_one_error_line_naming_the_option(tmp_path, capsys):
+    space = tiny_space(tmp_path, tmp_path / "data", fixed={"model.scoring": "both"})
+    rc = main(["sweep", "--space", str(space), "--study", "s", "--results_dir", str(tmp_path / "results"), "--pack", "2"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: --pack: model.scoring both") and str(space) in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
 # ---- bench sweep -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_how_long(tmp_path, demo_data):
