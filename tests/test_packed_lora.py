@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from spellxfer.models.generation import GenerationEngine, Sampling
 from spellxfer.models.losses import completion_loss_from_hidden
 from spellxfer.models.registry import load_model, load_tokenizer, quiet_peft_wrap
-from spellxfer.sweep.pack import generate_packed
+from spellxfer.sweep.pack import generate_packed, probe_packed
 from spellxfer.training.module import ALL_LINEAR
 from spellxfer.training.packed import KERNELS, PackedLoRA
 
@@ -119,6 +119,41 @@ def test_generation_mixes_adapters_in_a_batch_and_gives_each_prompt_its_own_adap
         own.append(GenerationEngine(ref, tok, sampling, batch_size=len(questions)).generate(questions))
     assert replies == own
     assert own[0] != own[1] and own[1] != own[2], "the adapters must answer differently for this test to see mix-ups"
+
+
+@pytest.mark.parametrize("path", ["static", "eager"])
+def test_the_likelihood_probe_mixes_adapters_in_a_batch_and_ranks_each_items_answers_as_its_adapter_alone(path, monkeypatch):
+    from spellxfer.evaluation import likelihood
+    from spellxfer.evaluation.likelihood import probe_items
+    from spellxfer.tasks.questions import Item
+
+    if path == "eager":  # the path of models the static decoder cannot run
+        monkeypatch.setattr("spellxfer.models.static_decode.static_decode_unsupported", lambda model: "forced eager")
+        monkeypatch.setattr(likelihood, "EAGER_MAX_ROWS", 100)  # two or three items per batch
+    tok = load_tokenizer("tiny-qwen3")
+    rows = [("position", "nth_letter", "letter", "a", {"word": "banana", "position": 2}),
+            ("count", "word_length", "integer", "5", {"word": "apple"}),
+            ("count", "letter_count", "integer", "3", {"word": "strawberry", "letter": "r"}),
+            ("position", "letter_index", "integer", "1", {"word": "cat", "letter": "c"})]  # fmt: skip
+    items = [Item(id=str(i), file="t.jsonl", line=i + 1, task=t, subtask=sub, kind=kind, answer=a, question=f"q {sub} {m}",
+                  meta=m) for i, (t, sub, kind, a, m) in enumerate(rows)]  # fmt: skip
+    packed = packed_model(scale=2.0)
+    names = [t[0] for t in TRIALS]
+    # batches of 5 prefixes over 12 (3 adapters × 4 items): each batch mixes two or three adapters
+    results, prompts, _, scorer = probe_packed(packed, tok, names, items, batch_size=5)
+    assert scorer.path == path and len(results) == 3 and all(len(r) == 4 for r in results)
+    own = []
+    for name, r, alpha, targets, seed in TRIALS:
+        ref = alone(packed, name, r, alpha, targets, seed).eval()
+        want, want_prompts, _, _ = probe_items(ref, tok, items, [[{"role": "user", "content": it.question}] for it in items],
+                                               batch_size=4, label=None)  # fmt: skip
+        own.append(want)
+        assert prompts == want_prompts
+    for got, want in zip(results, own):
+        assert [g.answer for g in got] == [w.answer for w in want] and [g.gold_rank for g in got] == [w.gold_rank for w in want]
+        assert [g.gold_logprob for g in got] == pytest.approx([w.gold_logprob for w in want], abs=1e-4)
+    logprobs = [[w.gold_logprob for w in want] for want in own]
+    assert logprobs[0] != pytest.approx(logprobs[1], abs=1e-2), "the adapters must differ for this test to see mix-ups"
 
 
 def test_a_trials_checkpoint_weights_and_adapter_directory_are_a_fits(tmp_path):

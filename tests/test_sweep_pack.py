@@ -172,6 +172,55 @@ def test_a_packed_trial_is_the_unpacked_sweeps_fit_to_the_weight_and_the_logged_
         assert config(run / "fit.yaml") == config(ref / "fit.yaml")
 
 
+# ---- the test evaluation: generation and the likelihood probe, as `evaluate` writes them ---------
+def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacked_evaluate(tmp_path, demo_data, greedy_base):
+    """The space's evaluation scores both ways by default (`evaluate --scoring both`): the pack
+    probes its finished trials in one pass, each row through its own trial's adapter, and writes
+    the probe's answers, metrics and CSV columns the unpacked trial's `evaluate` writes."""
+    two = [{"lora_r": 4, "learning_rate": 3.0e-3}, {"lora_r": 8, "learning_rate": 1.0e-3}]
+
+    def space(tmp: Path) -> Path:
+        return tiny_space(tmp, demo_data, fixed={"trainer.max_steps": 6}, sampler="random", validate_every_steps=3,
+                          budget={"trials": 2}, **GREEDY)  # fmt: skip
+
+    packed_tmp, unpacked_tmp = tmp_path / "packed", tmp_path / "unpacked"
+    packed_tmp.mkdir(), unpacked_tmp.mkdir()
+    packed = packed_sweep(packed_tmp, "probe-packed", space(packed_tmp), greedy_base, "--pack", "2", enqueue=two)
+    unpacked = packed_sweep(unpacked_tmp, "probe-unpacked", space(unpacked_tmp), greedy_base, enqueue=two)
+    base = json.loads((greedy_base / "greedy" / "metrics.json").read_text())
+    assert base["scoring"] == "both" and "position_likelihood_accuracy" in base  # the base model's, shared by both
+    packed_runs, unpacked_runs = trials_by_params(packed), trials_by_params(unpacked)
+    assert packed_runs.keys() == unpacked_runs.keys() and len(packed_runs) == 2
+    csv_packed = {grid_point(r): r for r in csv_rows(packed.parents[1], "probe-packed")}
+    csv_unpacked = {grid_point(r): r for r in csv_rows(unpacked.parents[1], "probe-unpacked")}
+    for params, run in packed_runs.items():
+        ref = unpacked_runs[params]
+        got = json.loads((run / "eval" / "greedy" / "metrics.json").read_text())
+        want = json.loads((ref / "eval" / "greedy" / "metrics.json").read_text())
+        assert got.keys() == want.keys() and got["scoring"] == want["scoring"] == "both"
+        assert got["run"].keys() - {"packed_trials"} == want["run"].keys()
+        assert got["run"]["likelihood"]["path"] == want["run"]["likelihood"]["path"]
+        for key in [k for k in want if "likelihood" in k]:
+            assert got[key] == pytest.approx(want[key], abs=1e-4), key
+        for sub, v in want["subtasks"].items():
+            assert got["subtasks"][sub]["likelihood"]["accuracy"] == pytest.approx(v["likelihood"]["accuracy"], abs=1e-4)
+            assert got["subtasks"][sub]["likelihood"]["gold_mean_logprob"] == pytest.approx(
+                v["likelihood"]["gold_mean_logprob"], abs=1e-4)  # fmt: skip
+        rows = read_jsonl(run / "eval" / "greedy" / "predictions.jsonl")
+        want_rows = read_jsonl(ref / "eval" / "greedy" / "predictions.jsonl")
+        assert len(rows) == len(want_rows) == 16
+        for row, w in zip(rows, want_rows):
+            assert row.keys() == w.keys()
+            assert (row["likelihood_answer"], row["likelihood_correct"], row["gold_rank"]) == \
+                   (w["likelihood_answer"], w["likelihood_correct"], w["gold_rank"])  # fmt: skip
+            assert row["gold_logprob"] == pytest.approx(w["gold_logprob"], abs=1e-4)
+            assert (row["prompt"], row["likelihood_prompt"], row["output"]) == (w["prompt"], w["likelihood_prompt"], w["output"])
+        row, w = csv_packed[grid_point(dict(params))], csv_unpacked[grid_point(dict(params))]
+        assert row["greedy_position_likelihood_accuracy"] != "" and row.keys() == w.keys()
+        for col in [c for c in w if "likelihood" in c and w[c] != ""]:
+            assert float(row[col]) == pytest.approx(float(w[col]), abs=1e-4), col
+
+
 # ---- mixed trials and failures in one pack -------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:
@@ -281,6 +330,15 @@ def test_a_pack_on_a_base_config_that_picks_unsloth_is_one_error_line_before_any
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: --pack:") and "model.backend: hf" in lines[0] and str(space) in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_pack_with_validation_scoring_both_is_one_error_line_naming_the_option(tmp_path, capsys):
+    space = tiny_space(tmp_path, tmp_path / "data", fixed={"model.scoring": "both"})
+    rc = main(["sweep", "--space", str(space), "--study", "s", "--results_dir", str(tmp_path / "results"), "--pack", "2"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: --pack: model.scoring both") and str(space) in lines[0]
     assert not (tmp_path / "results").exists()
 
 

@@ -185,6 +185,36 @@ def test_the_learning_rate_is_logged_every_log_every_n_steps(ref):
     assert "lr-AdamW" in (ref.root / "training_logs" / "metrics.csv").read_text().splitlines()[0]
 
 
+def test_validation_with_scoring_both_logs_the_likelihood_probe_of_evaluate_beside_generation(tmp_path, demo_data):
+    """--model.scoring both: each validation also logs the probe's accuracies (evaluate's names,
+    whitelisted as position / count metrics); at step 0 they are `evaluate --scoring likelihood`
+    of the base model on the same validation items. Checkpoints still follow generation."""
+    from spellxfer.cli import main
+
+    root = tmp_path / "run"
+    p = run_fit(root, demo_data, "--model.scoring", "both", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    val = [r for r in read_jsonl(root / "metrics.jsonl") if "val/position_accuracy" in r]
+    assert [r["step"] for r in val] == [0, 2]
+    step0 = val[0]
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "position_val.jsonl"),
+                 str(demo_data / "count_val.jsonl"), "--limit", "16", "--scoring", "likelihood", "--out", str(out)]) == 0  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    for task in ("position", "count"):
+        assert step0[f"val/{task}_likelihood_accuracy"] == pytest.approx(metrics[f"{task}_likelihood_accuracy"], abs=1e-6)
+    for sub, v in metrics["subtasks"].items():
+        assert step0[f"val/{sub}_likelihood_accuracy"] == pytest.approx(v["likelihood"]["accuracy"], abs=1e-6)
+    assert not [k for k in step0 if "likelihood" in k and not k.endswith("_likelihood_accuracy")]  # no probe transfer score
+    best = torch.load(root / "best-step0.ckpt", weights_only=True)
+    assert next(s for s in best["callbacks"].values() if "monitor" in s)["monitor"] == "val/position_accuracy"
+
+
+def test_model_scoring_is_generation_or_both(tmp_path, demo_data):
+    p = run_fit(tmp_path / "run", demo_data, "--model.scoring", "likelihood")
+    assert p.returncode == 2 and "model.scoring" in p.stderr
+
+
 def test_a_fits_validation_starts_at_step_0_with_the_base_model(ref):
     """The first validation scores the model before any optimizer step (LoRA B = 0: the base
     model) and is logged at step 0; the later ones at the optimizer steps done."""
@@ -490,6 +520,11 @@ def test_a_config_mistake_is_one_error_line_naming_the_key_before_any_output(cas
                                   "val/transfer_score", "lr-AdamW", "epoch",
                                   "val/position_accuracy/dataloader_idx_0"])  # fmt: skip
 def test_training_loop_and_position_count_transfer_metrics_are_allowed(name):
+    check_metric_name(name)
+
+
+@pytest.mark.parametrize("name", ["val/position_likelihood_accuracy", "val/count/word_length_likelihood_accuracy"])
+def test_the_likelihood_probes_position_and_count_accuracies_are_allowed(name):
     check_metric_name(name)
 
 

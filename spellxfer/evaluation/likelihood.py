@@ -44,6 +44,7 @@ import inspect
 import math
 import string
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -151,7 +152,8 @@ def too_large_answer(items) -> str | None:
     return None
 
 
-def probe_items(model, tokenizer, items, conversations, batch_size: int | str = "auto", label: str = "probing"):
+def probe_items(model, tokenizer, items, conversations, batch_size: int | str = "auto", label: str | None = "probing",
+                before_rows=None):  # fmt: skip
     """Run the probe over evaluation items.
 
     Args:
@@ -161,7 +163,9 @@ def probe_items(model, tokenizer, items, conversations, batch_size: int | str = 
         conversations: Each item's chat turns, exactly as generation renders them (few-shot
             examples included); the frame continues the assistant turn that follows.
         batch_size: Prefixes per batch, or ``auto``.
-        label: The progress bar's label.
+        label: The progress bar's label; None: no bar (a packed sweep shows its own progress).
+        before_rows: Optional :attr:`LikelihoodScorer.before_rows` (packed sweep trials: each
+            item through its own trial's adapter).
 
     Returns:
         ``(results, likelihood_prompts, seconds, scorer)``: a :class:`ProbeResult` per item, the
@@ -181,11 +185,12 @@ def probe_items(model, tokenizer, items, conversations, batch_size: int | str = 
     ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
     conts = [[ids[text] for _, text in candidate_answers(it.kind, it.answer)] for it in items]
     scorer = LikelihoodScorer(model, tokenizer, batch_size)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=False) as bar:  # fmt: skip
-        task = bar.add_task(label, total=len(items))
+    scorer.before_rows = before_rows
+    with (Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   transient=False) if label is not None else nullcontext()) as bar:  # fmt: skip
+        task = bar.add_task(label, total=len(items)) if bar is not None else None
         t0 = time.perf_counter()
-        scores = scorer.score(prefixes, conts, progress=lambda n: bar.advance(task, n))
+        scores = scorer.score(prefixes, conts, progress=(lambda n: bar.advance(task, n)) if bar is not None else None)
         seconds = time.perf_counter() - t0
     results = [rank_answers(it.kind, it.answer, s) for it, s in zip(items, scores)]
     return results, [p + f for p, f in zip(prompts, frames)], seconds, scorer
@@ -224,6 +229,10 @@ class LikelihoodScorer:
         self.path = path if path != "auto" else ("static" if why is None else "eager")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.last_batch_size: int | None = None
+        self.before_rows = None
+        """Optional callable ``(indices) -> None``, called before every forward with the prefix
+        index (input order) of each of its rows, in row order; as the generation engine's
+        ``before_batch``, packed sweep trials point each row at its trial's adapter with it."""
 
     @torch.inference_mode()
     def score(self, prefixes: Sequence[list[int]], continuations: Sequence[Sequence[list[int]]],
@@ -252,7 +261,7 @@ class LikelihoodScorer:
                         k += 1
                     idx = idx[:k]
                 run = self._score_static if self.path == "static" else self._score_eager
-                scores = run([prefixes[i] for i in idx], [continuations[i] for i in idx], device)
+                scores = run([prefixes[i] for i in idx], [continuations[i] for i in idx], device, idx)
                 for i, s in zip(idx, scores):
                     out[i] = s
                 if progress is not None:
@@ -261,6 +270,10 @@ class LikelihoodScorer:
         finally:
             self.model.train(was_training)
         return out
+
+    def _rows(self, indices: list[int]) -> None:
+        if self.before_rows is not None:
+            self.before_rows(indices)
 
     def _batch_size(self, prefixes, continuations, device: torch.device) -> int:
         if self.batch_size != "auto":
@@ -275,7 +288,8 @@ class LikelihoodScorer:
         return auto_batch_size(self.model, longest + packed, 1, cap=512)
 
     # ---- the static path ------------------------------------------------------------------------
-    def _score_static(self, prefixes: list[list[int]], conts: list[Sequence[list[int]]], device) -> list[list[float]]:
+    def _score_static(self, prefixes: list[list[int]], conts: list[Sequence[list[int]]], device,
+                      idx: list[int]) -> list[list[float]]:  # fmt: skip
         from spellxfer.models.attention import STATIC_NAME, attention_implementation
         from spellxfer.models.static_decode import static_decoder
 
@@ -294,6 +308,7 @@ class LikelihoodScorer:
             feed.append(f), cand.append(c), offset.append(o), target.append(t)
         packed = max(len(f) for f in feed)
         decoder = static_decoder(self.model)
+        self._rows(idx)  # the prefill and the packed candidates alike: one row per prefix
         state = decoder.prefill(ids.to(device), lengths.to(device), max(packed, 1), graphs=False)
         scores = _first_token_logprobs(state.logits, conts)
         if packed == 0:
@@ -323,7 +338,8 @@ class LikelihoodScorer:
         return scores
 
     # ---- the eager path -------------------------------------------------------------------------
-    def _score_eager(self, prefixes: list[list[int]], conts: list[Sequence[list[int]]], device) -> list[list[float]]:
+    def _score_eager(self, prefixes: list[list[int]], conts: list[Sequence[list[int]]], device,
+                     idx: list[int]) -> list[list[float]]:  # fmt: skip
         from transformers import DynamicCache
 
         model = self.model
@@ -334,6 +350,7 @@ class LikelihoodScorer:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=base.config)
+        self._rows(idx)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                        **{cache_kwarg: cache}).logits[:, -1]  # fmt: skip
         scores = _first_token_logprobs(logits, conts)
@@ -348,6 +365,7 @@ class LikelihoodScorer:
         feed_mask = torch.tensor([[1] * (len(conts[b][j]) - 1) + [0] * (longest - len(conts[b][j]) + 1) for b, j in pairs],
                                  device=device)  # fmt: skip
         real_lengths = mask.sum(-1)[rows]
+        self._rows([idx[b] for b, _ in pairs])  # one row per (prefix, candidate)
         hidden_logits = model(input_ids=feed, attention_mask=torch.cat([mask[rows], feed_mask], dim=1),
                               position_ids=real_lengths[:, None] + torch.arange(longest, device=device),
                               use_cache=True, **{cache_kwarg: cache}).logits  # fmt: skip

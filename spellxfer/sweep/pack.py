@@ -16,7 +16,8 @@ Lifecycle of a pack (one per sweep worker; each worker a device):
    in one generation pass, their prompts mixed in one batch with per-row adapters; each then logs,
    early-stops, writes its checkpoints and reports to the pruner as its fit would.
 4. **Finish.** A trial at ``max_steps`` or stopped early exports its best adapter; the trials that
-   finish together are evaluated on the test sets in one pass per decoding, written as
+   finish together are evaluated on the test sets in one pass per decoding (and one likelihood
+   probe pass when the space's scoring asks for it, :func:`probe_packed`), written as
    ``evaluate`` writes them (``eval/<decoding>/``, paired against the base model), and told to
    Optuna; their slots refill from step 1.
 
@@ -355,45 +356,71 @@ class Pack:
                 self._end(s, "complete")
 
     def evaluate(self, slots: list[Slot]) -> None:
-        """The test evaluation of finished trials (``evaluate --adapter`` of each), one pass per decoding."""
+        """The test evaluation of finished trials (``evaluate --adapter`` of each, with the space's
+        ``evaluation:`` flags): the likelihood probe once for all of them when the scoring asks for
+        it (it does not depend on the decoding), then one generation pass per decoding."""
+        from spellxfer.evaluation.evaluate import resolve_scoring
         from spellxfer.models.generation import default_sampling
         from spellxfer.tasks.questions import load_questions
 
         flags = {k: v for k, v in self.ctx.space.evaluation.items() if v is not None}
         items = load_questions(self.ctx.test_files, limit=flags.get("limit"))
+        scoring = resolve_scoring(flags.get("scoring"), items)
+        probes: dict[int, tuple] = {}
+        if scoring != "generation":
+            self.ctx.progress(self.worker, phase=f"probe {len(slots)} trials")
+            with self._mixed_precision():
+                results, prompts, seconds, scorer = probe_packed(self.lora, self.tokenizer, [s.packed.name for s in slots],
+                                                                 items, flags.get("batch_size", "auto"))  # fmt: skip
+            probes = {s.number: (r, prompts, seconds, scorer) for s, r in zip(slots, results)}
         for decoding in self.ctx.space.decodings:
             slots = [s for s in slots if s in self.active]
             if not slots:
                 return
-            self.ctx.progress(self.worker, phase=f"evaluate {len(slots)} trials ({decoding})")
             sampling = default_sampling(decoding=decoding, samples=flags.get("samples"), seed=flags.get("seed"),
                                         max_new_tokens=flags.get("max_new_tokens"))  # fmt: skip
-            t0 = time.perf_counter()
-            replies, engine = self.generate([s.packed.name for s in slots], [[it.question for it in items]] * len(slots),
-                                            sampling, flags.get("batch_size", "auto"))  # fmt: skip
-            seconds = time.perf_counter() - t0
+            replies, engine, seconds = [None] * len(slots), None, 0.0
+            if scoring != "likelihood":
+                self.ctx.progress(self.worker, phase=f"evaluate {len(slots)} trials ({decoding})")
+                t0 = time.perf_counter()
+                replies, engine = self.generate([s.packed.name for s in slots], [[it.question for it in items]] * len(slots),
+                                                sampling, flags.get("batch_size", "auto"))  # fmt: skip
+                seconds = time.perf_counter() - t0
             for s, outs in zip(slots, replies):
                 try:
-                    self._write_evaluation(s, decoding, items, outs, engine, seconds, len(slots))
+                    self._write_evaluation(s, decoding, items, scoring, sampling, outs, engine, seconds, len(slots),
+                                           probes.get(s.number))  # fmt: skip
                 except Exception as e:
                     self.fail(s, f"evaluate ({decoding}): {_reason(e)}")
 
-    def _write_evaluation(self, s: Slot, decoding: str, items, replies, engine, seconds: float, n_trials: int) -> None:
-        """``eval/<decoding>/`` as ``evaluate --compare_to <base>`` writes it."""
+    def _write_evaluation(self, s: Slot, decoding: str, items, scoring: str, sampling, replies, engine, seconds: float,
+                          n_trials: int, probe: tuple | None) -> None:  # fmt: skip
+        """``eval/<decoding>/`` as ``evaluate --compare_to <base>`` writes it (``probe``: this
+        trial's probe results, the prompts + frames, the pass's seconds and scorer; None when the
+        scoring is generation only)."""
 
         from spellxfer.core.outputs import atomic_output_dir, package_versions, write_json, write_jsonl
         from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
         from spellxfer.evaluation.evaluate import score_items, summarise
+        from spellxfer.tasks.chat import format_chat
 
         out, base = s.run / "eval" / decoding, self.ctx.base_dir(decoding)
-        predictions = list(score_items(items, replies))
-        metrics = summarise(items, predictions)
+        results, probe_prompts, probe_seconds, scorer = probe or (None, None, 0.0, None)
+        prompts = [format_chat(self.tokenizer, [{"role": "user", "content": it.question}]) for it in items]
+        predictions = list(score_items(items, replies, prompts, results, probe_prompts))
+        metrics = summarise(items, predictions, results)
+        metrics["scoring"] = scoring
+        # the keys of evaluate's "run" (shots: the sweep evaluates zero-shot), and the pack's own
         metrics["run"] = {
-            "model": self.ctx.model, "adapter": str(s.run / "adapter"), "sampling": engine.sampling.record(),
-            "batch_size": engine.last_batch_size, "decoder": engine.resolve_path(self.device),
+            "model": self.ctx.model, "adapter": str(s.run / "adapter"), "scoring": scoring, "shots": 0, "shot_pool": None,
+            "sampling": sampling.record(), "batch_size": engine.last_batch_size if engine else None,
+            "decoder": engine.resolve_path(self.device) if engine else None,
             "questions": [str(p) for p in self.ctx.test_files], "limit": self.ctx.space.evaluation.get("limit"),
             "n_items": len(items), "seconds": round(seconds, 2),
             "items_per_second": round(len(items) * n_trials / seconds, 2) if seconds else None,
+            "likelihood": {"path": scorer.path, "batch_size": scorer.last_batch_size, "seconds": round(probe_seconds, 2),
+                           "items_per_second": round(len(items) * n_trials / probe_seconds, 2) if probe_seconds else None}
+            if scorer else None,
             "packed_trials": n_trials, "device": str(self.device), "versions": package_versions(),
             "policy": "trained on spelling only; evaluated on position and count only",
         }  # fmt: skip
@@ -403,10 +430,11 @@ class Pack:
             comparison = compare_predictions(read_predictions(base), predictions, base_name=str(base), other_name=str(out))
             write_json(tmp / "compare.json", comparison)
             (tmp / "compare.md").write_text(comparison_markdown(comparison), encoding="utf-8")
-        summary = ", ".join(f"{t}_accuracy {metrics[f'{t}_accuracy']:.3f}" for t in ("position", "count")
-                            if f"{t}_accuracy" in metrics)  # fmt: skip
+        summary = ", ".join(f"{t}_{kind}accuracy {metrics[f'{t}_{kind}accuracy']:.3f}" for kind in ("", "likelihood_")
+                            for t in ("position", "count") if f"{t}_{kind}accuracy" in metrics)  # fmt: skip
         with open(s.run / "eval.log", "a", encoding="utf-8") as f:
-            f.write(f"packed evaluation ({decoding}) with {n_trials} trial(s) in {seconds:.1f} s: {summary} → {out}\n")
+            f.write(f"packed evaluation ({decoding}, {scoring}) with {n_trials} trial(s) in "
+                    f"{seconds + probe_seconds:.1f} s: {summary} → {out}\n")  # fmt: skip
 
     def stats(self) -> dict:
         """What the pack did (for ``bench sweep``): steps, seconds per phase, peak device memory."""
@@ -517,6 +545,28 @@ def generate_packed(lora: PackedLoRA, tokenizer, names: list[str], questions: li
         out.append(replies[start : start + len(qs)])
         start += len(qs)
     return out, engine
+
+
+def probe_packed(lora: PackedLoRA, tokenizer, names: list[str], items, batch_size: int | str = "auto"):
+    """The likelihood probe of every adapter of ``names`` on the same ``items``, in one scorer
+    pass: the items repeated once per adapter, each row through its own adapter (the generation
+    row plan, set before every forward). Zero-shot, as the sweep evaluates. Returns (the probe's
+    results per adapter, in item order; the prompt + frame of each item; seconds; the scorer)."""
+    from spellxfer.evaluation.likelihood import candidate_answers, probe_items
+    from spellxfer.models.static_decode import static_decode_unsupported, static_decoder
+
+    model, n = lora.model, len(items)
+    if static_decode_unsupported(model) is None:
+        # the adapters follow rows by their place in the batch: no prefill cut into runs of rows
+        static_decoder(model).prefill_chunk_tokens = sys.maxsize
+    # the most rows one forward can hold: every (item, candidate) pair of every adapter (eager path)
+    rows = len(names) * sum(len(candidate_answers(it.kind, it.answer)) for it in items)
+    conversations = [[{"role": "user", "content": it.question}] for it in items] * len(names)
+    with lora.generation(names, rows) as set_rows:
+        results, prompts, seconds, scorer = probe_items(
+            model, tokenizer, items * len(names), conversations, batch_size, label=None,
+            before_rows=lambda idx: set_rows([i // n for i in idx]))  # fmt: skip
+    return [results[i * n : (i + 1) * n] for i in range(len(names))], prompts[:n], seconds, scorer
 
 
 def _heartbeat(study, pack: Pack, every: int, stop: threading.Event) -> None:

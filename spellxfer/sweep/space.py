@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import optuna
 from pydantic import (
@@ -209,6 +209,7 @@ class Evaluation(_File):
     max_new_tokens: Count = None
     samples: Count = None
     seed: _integer(0, MAX_SEED, " (2**32 - 1, numpy's seed range)", optional=True) = None
+    scoring: Literal["generation", "likelihood", "both"] | None = None  # evaluate --scoring (null: both)
 
 
 def _fit_key(key):

@@ -12,7 +12,9 @@ Lifecycle (one hook, one job):
 - ``validation_step`` / ``test_step``: generate replies to position and count questions with the
   shared engine, parse them, update the torchmetrics exact-match metric;
 - ``on_validation_epoch_end``: log ``val/position_accuracy``, ``val/count_accuracy``,
-  ``val/transfer_score`` and per-subtask values;
+  ``val/transfer_score`` and per-subtask values (with ``scoring: both`` also the likelihood
+  probe's ``val/position_likelihood_accuracy``, ``val/count_likelihood_accuracy`` and per subtask,
+  a diagnostic that checkpoints and early stopping never follow);
 - every logged row of a fit is numbered with the optimizer steps done — the N of
   ``step{N}.ckpt`` — (:meth:`SpellingLoRAModule._log_step`);
 - ``predict_step``: the raw replies to the test questions, parsed and scored (``predict``
@@ -82,6 +84,11 @@ class SpellingLoRAModule(L.LightningModule):
         val_decoding: Decoding for validation generation: greedy (default, low variance) or sampled.
         val_max_new_tokens: Reply length cap during validation (≥ 1).
         seed: Seed for random-weight models and validation sampling.
+        scoring: Validation scoring: ``generation`` (parsed replies, exact match) or ``both``
+            (also the likelihood probe of ``evaluate --scoring likelihood`` on the same items,
+            logged as ``val/{task}_likelihood_accuracy`` and ``val/{task}/{subtask}_likelihood_accuracy``;
+            it costs a second pass per validation). Checkpoints and early stopping follow the
+            generation metrics either way.
     """
 
     use_attention_mask = False
@@ -119,6 +126,7 @@ class SpellingLoRAModule(L.LightningModule):
         val_decoding: Literal["greedy", "sampled"] = "greedy",
         val_max_new_tokens: int = 16,
         seed: int = 0,
+        scoring: Literal["generation", "both"] = "generation",
     ):
         super().__init__()
         from spellxfer.models.registry import check_model_name
@@ -134,6 +142,9 @@ class SpellingLoRAModule(L.LightningModule):
         _require(learning_rate > 0, "model.learning_rate", f"must be > 0, got {learning_rate}")
         _require(warmup_steps >= 0, "model.warmup_steps", f"must be ≥ 0, got {warmup_steps}")
         _require(bool(target_modules), "model.target_modules", "must name at least one layer")
+        _require(scoring in ("generation", "both"), "model.scoring",
+                 f"must be generation or both (validation always scores by generation: checkpoints follow it), "
+                 f"got {scoring!r}")  # fmt: skip
         cuda = torch.cuda.is_available()
         if backend == "unsloth":
             _require(cuda, "model.backend", "unsloth needs a CUDA GPU; use backend: hf on this machine")
@@ -152,6 +163,7 @@ class SpellingLoRAModule(L.LightningModule):
         self.tokenizer = None
         self.val_metric = TransferAccuracy()
         self.test_metric = TransferAccuracy()
+        self.val_probe_metric = TransferAccuracy()  # the likelihood probe's verdicts (scoring: both)
         # Checkpoints hold only the trainable (LoRA) weights; the frozen base comes from `model`.
         self.strict_loading = False
         self._generation_engine = None
@@ -305,13 +317,32 @@ class SpellingLoRAModule(L.LightningModule):
                          "parsed": parsed, "correct": correct})  # fmt: skip
         return rows
 
+    def _probe_batch(self, items: list, metric: TransferAccuracy) -> None:
+        """The likelihood probe's verdicts on ``items``, zero-shot, as ``evaluate`` ranks them."""
+        from spellxfer.evaluation.likelihood import probe_items
+
+        conversations = [[{"role": "user", "content": it.question}] for it in items]
+        with self._mixed_precision():
+            results, _, _, _ = probe_items(self.lm, self.tokenizer, items, conversations, label=None)
+        metric.update([it.task for it in items], [it.subtask for it in items], [r.correct for r in results])
+
     def validation_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._score_batch(batch, self.val_metric)
+        if self.hparams.get("scoring", "generation") == "both":
+            self._probe_batch(batch, self.val_probe_metric)
 
     def test_step(self, batch: list, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._score_batch(batch, self.test_metric)
 
     def on_validation_epoch_end(self) -> None:
+        if self.hparams.get("scoring", "generation") == "both":
+            # position_accuracy → position_likelihood_accuracy, position/nth_letter_accuracy →
+            # position/nth_letter_likelihood_accuracy (evaluate's names); no transfer score: the
+            # probe is a diagnostic, never a selection metric
+            values = self.val_probe_metric.compute()
+            self.log_dict({f"val/{k.removesuffix('_accuracy')}_likelihood_accuracy": v for k, v in values.items()
+                           if k != "transfer_score"}, sync_dist=True)  # fmt: skip
+            self.val_probe_metric.reset()
         self._log_metric(self.val_metric, "val")
         self._release_generation_memory()
 
