@@ -116,7 +116,7 @@ def sweep(
             raise SpellxferError(f"--pack: {spec.base} sets model.backend unsloth, which patches a model for one "
                                  f"adapter; packed trials share an hf model: add `model.backend: hf` under fixed: "
                                  f"in {spec.path}")  # fmt: skip
-        scoring = spec.fixed.get("model.scoring", base_section(spec.base, "model").get("scoring", "generation"))
+        scoring = spec.fit.model.scoring  # the base config's, with fixed: applied (fit's parser)
         if scoring != "generation":
             raise SpellxferError(f"--pack: model.scoring {scoring} is not supported in packed trials (their validation "
                                  f"scores by generation only); remove it from {spec.base} / fixed: in {spec.path}, "
