@@ -144,14 +144,18 @@ def _version(name: str) -> str:
 def torch_build_cuda() -> str | None:
     """The CUDA version the installed torch was built for (``torch.version.cuda``: None for a CPU
     wheel), read from the text of ``torch/version.py`` without importing torch."""
+    return _torch_version_field("cuda")
+
+
+def _torch_version_field(name: str) -> str | None:
     spec = importlib.util.find_spec("torch")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         try:
             text = (Path(folder) / "version.py").read_text(encoding="utf-8")
         except OSError:
             continue
-        # the generated line is `cuda: Optional[str] = '12.8'` (or `= None`)
-        match = re.search(r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+        # generated lines such as `cuda: Optional[str] = '12.8'` (or `= None`)
+        match = re.search(rf"^{name}\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
         return match.group(1) if match else None
     return None
 
@@ -199,6 +203,10 @@ def driver_gpus() -> tuple[list[Gpu], int] | str:
 def _driver_cuda_rows(torch_version: str) -> list[tuple[str, str, str]]:
     built = torch_build_cuda()
     if not built:
+        hip = _torch_version_field("hip")  # a ROCm build: its GPUs are not CUDA's to list
+        if hip:
+            why = f"ROCm torch build {torch_version} (HIP {hip}); doctor --import-check lists its GPUs"
+            return [("cuda", why, "warn")]
         return _no_cuda_rows(f"CPU-only torch build {torch_version}")
     found = driver_gpus()
     if isinstance(found, str):
