@@ -237,9 +237,10 @@ def _one_line_errors(run, help_hint: str) -> int:
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
 # jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
 MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs", "--variants", "--modes")
-# Switches that read naturally without a value (`export --merge`, `studio submit --dry-run`);
-# jsonargparse wants `--merge true`, so a bare one gets its `true` here (an explicit value is kept).
-BARE_SWITCHES = ("--merge", "--dry_run", "--deploy")
+# Switches that read naturally without a value (`export --merge`, `studio submit --dry-run`,
+# `doctor --import-check`); jsonargparse wants `--merge true`, so a bare one gets its `true` here
+# (an explicit value is kept).
+BARE_SWITCHES = ("--merge", "--dry_run", "--deploy", "--import_check")
 
 
 def fold_multi_value_flags(argv: list[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -94,20 +95,39 @@ def test_commands_whose_extras_are_missing_are_listed_not_fatal(monkeypatch, cap
     assert {"evaluate", "sweep", "analyze", "bench"} <= set(commands) and "train" in commands["bench"]
 
 
-HEAVY = ("torch", "transformers", "peft", "lightning", "pandas", "scipy", "litserve", "optuna", "datasets")
+HEAVY = ("torch", "transformers", "peft", "lightning", "torchmetrics", "pandas", "scipy", "litserve", "optuna",
+         "datasets")  # fmt: skip
+
+
+def _heavy_modules_after(argv: list[str]) -> list[str]:
+    """Run ``python -m spellxfer ARGV`` (through runpy, in a fresh interpreter) and return the
+    HEAVY packages in ``sys.modules`` when it is done."""
+    code = (
+        "import json, runpy, sys\n"
+        f"sys.argv = ['spellxfer', *{argv!r}]\n"
+        "try:\n    runpy.run_module('spellxfer', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit:\n    pass\n"
+        f"print('LOADED', json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1].removeprefix("LOADED "))
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["data", "check", "--help"], ["sweep", "--help"]])
 def test_help_imports_none_of_the_heavy_stack(argv):
     """Start-up: only the command being run is imported, so --help and light commands never load
     torch, transformers, lightning, pandas … (what made every command take 7–15 s)."""
-    code = (
-        "import sys\nfrom spellxfer.cli import main\n"
-        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "LOADED []", out[-2000:]
+    assert _heavy_modules_after(argv) == []
+
+
+def test_doctor_and_data_check_import_none_of_the_heavy_stack(demo_data):
+    """doctor reads versions from metadata and the GPUs from the driver, and data check reads
+    JSONL: both start faster than `import torch` (docs/architecture.md#start-up)."""
+    assert _heavy_modules_after(["doctor"]) == []
+    assert _heavy_modules_after(["data", "check", "--data", str(demo_data)]) == []
+    # the opt-in import check really imports what it reports (and still never unsloth)
+    loaded = _heavy_modules_after(["doctor", "--import-check"])
+    assert {"torch", "transformers", "peft", "lightning", "torchmetrics"} <= set(loaded)
 
 
 def test_the_command_being_run_is_the_real_function_and_the_others_placeholders():

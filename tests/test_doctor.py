@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spellxfer.core.assets import ASSETS, asset_path
-from spellxfer.core.doctor import collect, doctor
+from spellxfer.core.doctor import collect, doctor, torch_build_cuda
 
 
 @pytest.fixture
@@ -23,8 +23,8 @@ def isolated(tmp_path, monkeypatch):
     return tmp_path
 
 
-def rows_by_check() -> dict[str, tuple[str, str]]:
-    return {check: (value, status) for check, value, status in collect()}
+def rows_by_check(import_check: bool = False) -> dict[str, tuple[str, str]]:
+    return {check: (value, status) for check, value, status in collect(import_check)}
 
 
 def test_rows_report_torch_cuda_and_optional_gpu_packages(isolated):
@@ -82,4 +82,25 @@ def test_doctor_returns_1_when_a_required_package_cannot_be_imported(isolated, m
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
     assert rows_by_check()["peft"][1] == "missing"
     assert doctor() == 1
+    assert "failed to import: peft" in capsys.readouterr().out
+
+
+def test_import_check_reports_what_the_default_reads_without_importing(isolated):
+    """The default locates packages and reads versions from metadata, the CUDA build from the text
+    of torch/version.py and the GPUs from the driver; importing everything gives the same table."""
+    assert torch_build_cuda() == torch.version.cuda
+    assert rows_by_check(import_check=True) == rows_by_check()
+
+
+def test_import_check_catches_a_package_that_is_found_but_breaks_on_import(isolated, monkeypatch, capsys):
+    broken = isolated / "site" / "peft"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("undefined symbol: _ZN3c10")\n')
+    monkeypatch.syspath_prepend(str(broken.parent))
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+
+    assert rows_by_check()["peft"][1] == "ok"  # located and versioned, not imported: looks fine
+    value, status = rows_by_check(import_check=True)["peft"]
+    assert status == "missing" and value.startswith("import failed: ImportError: undefined symbol")
+    assert doctor(import_check=True) == 1
     assert "failed to import: peft" in capsys.readouterr().out
