@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The main job on the embedded default (SmolLM2-135M-Instruct, CPU, ~10 min on 2 cores):
+# The main job on the embedded default (SmolLM2-135M-Instruct, CPU; its measured time is in README.md):
 # data → baseline evaluation → LoRA fit → evaluation of the best adapter → paired report.
 # Trained on spelling, evaluated on position and count only.
 EVAL = --decoding greedy --limit 100 --overwrite true \

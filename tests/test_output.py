@@ -121,3 +121,25 @@ def test_the_entry_point_filters_known_warnings_only_while_a_command_runs(monkey
     # the LeafSpec notice from Lightning is gone; the same text from other code, and a user's own, are not
     assert seen["messages"] == [("`isinstance(treespec", "mine.py"), ("a user's own warning", "mine.py")]
     assert warnings.filters == before
+
+
+def test_off_a_terminal_a_command_turns_hugging_faces_bars_off_and_back(monkeypatch):
+    """HF's tqdm bars ("Loading weights") are carriage-return redraws that pile up in a log file:
+    off a terminal a command runs with them off, and the user's environment is as it was after."""
+    from spellxfer.core.quiet import HF_BARS, quiet_third_party
+
+    monkeypatch.delenv(HF_BARS, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    with quiet_third_party():
+        assert os.environ[HF_BARS] == "1"
+    assert HF_BARS not in os.environ
+
+    monkeypatch.setenv(HF_BARS, "0")  # the user's own choice wins
+    with quiet_third_party():
+        assert os.environ[HF_BARS] == "0"
+    assert os.environ[HF_BARS] == "0"
+
+    monkeypatch.delenv(HF_BARS)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # a terminal keeps its bars
+    with quiet_third_party():
+        assert HF_BARS not in os.environ

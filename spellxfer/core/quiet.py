@@ -12,6 +12,8 @@ for. Each entry below says where its line comes from; remove it when that librar
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +47,10 @@ LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fa
 # "Seed set to N": the seed is in the saved config, and the line would come before the one
 # `error: …` line of a config mistake caught after seeding.
 SEED_LOGGER = "lightning.fabric.utilities.seed"
+# Hugging Face's tqdm bars ("Loading weights", downloads) redraw one line with carriage returns: in
+# a log file they pile up into one long line. Our own progress lines cover that work, so when
+# stderr is not a terminal they are off for the command (unless the user set the variable).
+HF_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"
 
 
 class _DropTips(logging.Filter):
@@ -54,12 +60,16 @@ class _DropTips(logging.Filter):
 
 @contextmanager
 def quiet_third_party() -> Iterator[None]:
-    """Within the block, :data:`KNOWN_WARNINGS` are ignored, Lightning's tips are dropped and its
-    seed line is not printed; everything is as before once it ends."""
+    """Within the block, :data:`KNOWN_WARNINGS` are ignored, Lightning's tips are dropped, its
+    seed line is not printed and, off a terminal, Hugging Face's progress bars are off;
+    everything is as before once it ends."""
     tips = _DropTips()
     info = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
     seed = logging.getLogger(SEED_LOGGER)
     seed_level = seed.level
+    bars_off = not sys.stderr.isatty() and HF_BARS not in os.environ
+    if bars_off:  # read when transformers is imported, which a command does inside this block
+        os.environ[HF_BARS] = "1"
     with warnings.catch_warnings():
         for message, category, module in KNOWN_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category, module=module)
@@ -72,3 +82,5 @@ def quiet_third_party() -> Iterator[None]:
             for logger in info:
                 logger.removeFilter(tips)
             seed.setLevel(seed_level)
+            if bars_off:
+                os.environ.pop(HF_BARS, None)

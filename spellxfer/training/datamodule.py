@@ -507,7 +507,7 @@ class SpellingDataModule(L.LightningDataModule):
             )
         name = TRAIN_FILE if self.train_set == "spelling" else CONTROL_FILE
         message = (f"{name}: {len(kept)} training examples (variants {self.variants}, separator {self.separator}, "
-                   f"distinct_words {self.distinct_words}), {self.n_dropped} dropped as longer than {self.max_length} tokens")  # fmt: skip
+                   f"distinct_words {self.distinct_words or 'all'}), {self.n_dropped} dropped as longer than {self.max_length} tokens")  # fmt: skip
         (rank_zero_warn if self.n_dropped else rank_zero_info)(message)
         # Arrow columns, not Python lists: 34 MiB instead of 122 MiB for the full file (no int
         # object per token; docs/training.md), and DataLoader workers share the buffers instead of
