@@ -222,9 +222,9 @@ def _driver_cuda_rows(torch_version: str) -> list[tuple[str, str, str]]:
 
 
 def _torch_cuda_rows() -> list[tuple[str, str, str]]:
-    # --import_check only: torch's own view, which needs its CUDA runtime to load. By name, as
-    # _imported_row does: core stays torch-free for every other caller (the import contract).
-    torch = importlib.import_module("torch")
+    # --import_check only: torch's own view, which needs its CUDA runtime to load. The import
+    # contract names this one exception to "core is torch-free" (pyproject.toml).
+    import torch
 
     built = torch.version.cuda  # None for a CPU wheel
     if not torch.cuda.is_available():
