@@ -361,10 +361,13 @@ class Pack:
         it (it does not depend on the decoding), then one generation pass per decoding."""
         from spellxfer.evaluation.evaluate import resolve_scoring
         from spellxfer.models.generation import default_sampling
+        from spellxfer.tasks.chat import format_chat
         from spellxfer.tasks.questions import load_questions
 
         flags = {k: v for k, v in self.ctx.space.evaluation.items() if v is not None}
         items = load_questions(self.ctx.test_files, limit=flags.get("limit"))
+        # the exact generation prompts, the same for every trial and decoding
+        chat_prompts = [format_chat(self.tokenizer, [{"role": "user", "content": it.question}]) for it in items]
         scoring = resolve_scoring(flags.get("scoring"), items)
         probes: dict[int, tuple] = {}
         if scoring != "generation":
@@ -388,13 +391,13 @@ class Pack:
                 seconds = time.perf_counter() - t0
             for s, outs in zip(slots, replies):
                 try:
-                    self._write_evaluation(s, decoding, items, scoring, sampling, outs, engine, seconds, len(slots),
-                                           probes.get(s.number))  # fmt: skip
+                    self._write_evaluation(s, decoding, items, chat_prompts, scoring, sampling, outs, engine, seconds,
+                                           len(slots), probes.get(s.number))  # fmt: skip
                 except Exception as e:
                     self.fail(s, f"evaluate ({decoding}): {_reason(e)}")
 
-    def _write_evaluation(self, s: Slot, decoding: str, items, scoring: str, sampling, replies, engine, seconds: float,
-                          n_trials: int, probe: tuple | None) -> None:  # fmt: skip
+    def _write_evaluation(self, s: Slot, decoding: str, items, prompts: list[str], scoring: str, sampling, replies,
+                          engine, seconds: float, n_trials: int, probe: tuple | None) -> None:  # fmt: skip
         """``eval/<decoding>/`` as ``evaluate --compare_to <base>`` writes it (``probe``: this
         trial's probe results, the prompts + frames, the pass's seconds and scorer; None when the
         scoring is generation only)."""
@@ -402,11 +405,9 @@ class Pack:
         from spellxfer.core.outputs import atomic_output_dir, package_versions, write_json, write_jsonl
         from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
         from spellxfer.evaluation.evaluate import score_items, summarise
-        from spellxfer.tasks.chat import format_chat
 
         out, base = s.run / "eval" / decoding, self.ctx.base_dir(decoding)
         results, probe_prompts, probe_seconds, scorer = probe or (None, None, 0.0, None)
-        prompts = [format_chat(self.tokenizer, [{"role": "user", "content": it.question}]) for it in items]
         predictions = list(score_items(items, replies, prompts, results, probe_prompts))
         metrics = summarise(items, predictions, results)
         metrics["scoring"] = scoring
