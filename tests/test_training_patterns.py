@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections import Counter
 
 import optuna
 import pytest
