@@ -33,9 +33,12 @@ import functools
 import gc
 import json
 import time
+import traceback
 from pathlib import Path
 
+import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 from spellxfer.bench.train import (
@@ -50,7 +53,15 @@ from spellxfer.bench.train import (
     refuse_gpu_model_on_cpu,
     run_environment,
 )
+from spellxfer.core.configs import config_path
 from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_file
+from spellxfer.data.build import build
+from spellxfer.models.generation import GenerationEngine, default_sampling
+from spellxfer.models.registry import apply_fused_kernels, check_model_name, load_model, load_tokenizer
+from spellxfer.tasks.chat import format_prompt
+from spellxfer.training.datamodule import SpellingDataModule
+from spellxfer.training.module import SpellingLoRAModule
 
 VARIANT_KEYS = {
     "reference": {"batch_size"},
@@ -116,9 +127,6 @@ def bench_eval(
         profile: Also profile one batch of each spellxfer variant and print its costliest operations.
         out: JSON output path.
     """
-    from spellxfer.data.build import build
-    from spellxfer.models.registry import check_model_name
-
     check_model_name(model)
     refuse_gpu_model_on_cpu("eval", model)
     specs = [(v, *parse_eval_variant(v)) for v in variants]
@@ -131,7 +139,7 @@ def bench_eval(
             _validation_config(o.get("config", "configs/r16.yaml"))  # a bad path fails before any model loads
     command = command_line(["bench", "eval"], model=model, data_dir=data_dir, variants=variants,
                            n_questions=n_questions, batch_size=batch_size, reference_batch_size=reference_batch_size,
-                           max_new_tokens=max_new_tokens, decoding=decoding, profile=profile, out=out)  # fmt: skip
+                           max_new_tokens=max_new_tokens, decoding=decoding, profile=profile, out=out)
     data = Path(data_dir)
     if not (data / "position_test.jsonl").is_file():
         build(str(data), profile="full", seed=0)
@@ -154,25 +162,23 @@ def bench_eval(
         except SpellxferError:
             raise
         except Exception as e:  # e.g. a kernel that fails to build or capture: record it, measure the rest
-            import traceback
-
             traceback.print_exc()
             r = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         if "failed" in r:
             print(f"bench eval: {spec} failed: {r['failed']}", flush=True)
             r.update(questions_per_second=0.0, mfu_vs_matmul=0.0, mfu_vs_peak=None, peak_gib=None,
-                     batch_size=o.get("batch_size"))  # fmt: skip
+                     batch_size=o.get("batch_size"))
         results.append({"variant": spec, **r})
         base = results[0]["questions_per_second"] or float("nan")
         for r in results:
             r["ratio_to_first"] = r["questions_per_second"] / base
         r = results[-1]
         print(f"bench eval: {spec}: {r['questions_per_second']:,.1f} questions/s at batch {r.get('batch_size')}, "
-              f"phases {r.get('one_batch_phases_seconds')}", flush=True)  # fmt: skip
+              f"phases {r.get('one_batch_phases_seconds')}", flush=True)
         # after every variant, so a run cut short (a time limit on a lent GPU) keeps what it measured
         report = {"kind": "eval", "model": model, "date": time.strftime("%Y-%m-%d"), **environment,
                   "command": command, "sampling": vars(bench.sampling()), "matmul_flops_per_second": rate,
-                  "complete": len(results) == len(specs), "results": results}  # fmt: skip
+                  "complete": len(results) == len(specs), "results": results}
         _write_json(out_path, report)
     _print_table(report, "questions/s", "questions_per_second")
     print(f"wrote {out_path}")
@@ -180,18 +186,12 @@ def bench_eval(
 
 
 def _write_json(path: Path, report: dict) -> None:
-    from spellxfer.core.outputs import atomic_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
         json.dump(report, f, indent=2, default=str)
 
 
 def _validation_config(path: str) -> dict:
-    import yaml
-
-    from spellxfer.core.configs import config_path
-
     p = config_path(path)  # configs/… is the shipped file where no such path exists here
     try:
         cfg = yaml.safe_load(p.read_text())
@@ -213,14 +213,10 @@ class _EvalBench:
         self.kernels = "none"
 
     def sampling(self, **overrides):
-        from spellxfer.models.generation import default_sampling
-
         return default_sampling(**{"decoding": self.decoding, "max_new_tokens": self.max_new_tokens, **overrides})
 
     def _load(self):
         if self.lm is None:
-            from spellxfer.models.registry import load_model, load_tokenizer
-
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self.lm = load_model(self.name, dtype=dtype, device=str(self.device))
             self.tok = load_tokenizer(self.name)
@@ -237,13 +233,9 @@ class _EvalBench:
                 "new_tokens": new_tokens, "new_tokens_per_second": new_tokens / seconds,
                 "prompt_tokens": prompt_tokens, "mfu_vs_matmul": useful / seconds / self.rate,
                 "mfu_vs_peak": useful / seconds / H100_BF16_PEAK if cuda else None,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
     def engine_variant(self, name: str, o: dict) -> dict:
-        from spellxfer.models.generation import GenerationEngine
-        from spellxfer.models.registry import apply_fused_kernels
-        from spellxfer.tasks.chat import format_prompt
-
         lm, tok = self._load()
         qs = self.qs
         reference = name == "reference"
@@ -283,7 +275,7 @@ class _EvalBench:
             print(f"--- profile of one batch of {name} {o}\n{table}", flush=True)
         r = {"batch_size": resolved, "engine": path, **self._rates(lm.config, len(qs), seconds, prompt_tokens, new_tokens),
              "first_pass_seconds": first if path == "graph" else None, "one_batch_phases_seconds": phases,
-             "kernels": "none" if reference else self.kernels, "sampling": vars(sampling)}  # fmt: skip
+             "kernels": "none" if reference else self.kernels, "sampling": vars(sampling)}
         engine.release()
         del engine
         gc.collect()
@@ -293,12 +285,6 @@ class _EvalBench:
 
     def validation(self, o: dict, data: Path) -> dict:
         """``Trainer.validate`` at a config's validation settings, LoRA-wrapped, hf backend."""
-        import lightning as L
-
-        from spellxfer.tasks.chat import format_prompt
-        from spellxfer.training.datamodule import SpellingDataModule
-        from spellxfer.training.module import SpellingLoRAModule
-
         config_path = o.get("config", "configs/r16.yaml")
         cfg = _validation_config(config_path)
         m, d, t = cfg.get("model") or {}, cfg.get("data") or {}, cfg.get("trainer") or {}
@@ -310,18 +296,18 @@ class _EvalBench:
         module = SpellingLoRAModule(model=self.name, backend="hf", lora_r=m.get("lora_r", 16),
                                     lora_alpha=m.get("lora_alpha", 32), lora_dropout=m.get("lora_dropout", 0.0),
                                     val_decoding=m.get("val_decoding", "greedy"),
-                                    val_max_new_tokens=m.get("val_max_new_tokens", 16), seed=cfg.get("seed_everything", 0))  # fmt: skip
+                                    val_max_new_tokens=m.get("val_max_new_tokens", 16), seed=cfg.get("seed_everything", 0))
         module.generation_decoder = o.get("engine", "auto")
         eval_batch_size = o.get("batch_size", d.get("eval_batch_size", "auto"))
         val_limit = o.get("val_limit", d.get("val_limit"))  # None: the DataModule's default, every question
         dm = SpellingDataModule(str(data), self.name, build_profile=None, eval_batch_size=eval_batch_size,
-                                val_limit=val_limit)  # fmt: skip
+                                val_limit=val_limit)
         cuda = self.device.type == "cuda"
         timer = _EpochTimer(self.device)
         trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1,
                             precision=t.get("precision", "bf16-mixed") if cuda else "32-true", logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[timer])  # fmt: skip
+                            callbacks=[timer])
         trainer.validate(module, datamodule=dm, verbose=False)  # loads the model; captures graphs
         first = timer.seconds
         if cuda:
@@ -336,7 +322,7 @@ class _EvalBench:
         r = {"batch_size": engine.last_batch_size, "eval_batch_size": eval_batch_size, "engine": dict(engine.paths),
              **self._rates(module.lm.config, len(qs), timer.seconds, prompt_tokens, engine.new_tokens),
              "first_pass_seconds": first, "config": config_path, "kernels": module.kernels_applied,
-             "sampling": vars(engine.sampling), "lora_r": module.hparams.lora_r}  # fmt: skip
+             "sampling": vars(engine.sampling), "lora_r": module.hparams.lora_r}
         del trainer, module, dm, engine
         gc.collect()
         if cuda:

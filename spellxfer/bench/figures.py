@@ -59,7 +59,7 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for route in sorted({r["route"] for r in rows}):
         pts = sorted((int(r["concurrency"]), float(r["throughput_rps"] or 0), float(r["p95_ms"] or "nan"))
-                     for r in rows if r["route"] == route)  # fmt: skip
+                     for r in rows if r["route"] == route)
         a.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=route)
         b.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=route)
     a.set(xlabel="concurrency", ylabel="req/s", title="throughput", xscale="log", xlim=(0.8, None))

@@ -31,6 +31,7 @@ and count only.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -46,12 +47,23 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
+import optuna
 import torch
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from spellxfer.bench.train import bench_dir, command_line, refuse_gpu_model_on_cpu, run_environment
 from spellxfer.core.configs import config_path
 from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_file
+from spellxfer.core.tables import print_table
+from spellxfer.models.losses import completion_loss_from_hidden, decoder_and_head
+from spellxfer.models.registry import check_model_name, load_model
+from spellxfer.sweep.run import base_settings, prepare_data_and_base
+from spellxfer.sweep.space import load_space, make_sampler
+from spellxfer.training.module import ALL_LINEAR, lora_config
+from spellxfer.training.packed import KERNELS, PackedLoRA
 
 MODE = re.compile(r"^(serial|workers:(\d+)|pack:(\d+)(?::(loop|concat|grouped))?(:window)?)(?:@(\d+))?$")
 TARGETS = {"pack_vs_serial": 15.0, "pack_vs_best_workers": 3.0, "pack_peak_gib": 60.0}  # issue 18
@@ -63,33 +75,31 @@ def parse_mode(spec: str) -> dict:
     m = MODE.match(spec)
     if m is None:
         raise SpellxferError(f"--modes: {spec!r} is not serial, workers:W or pack:K[:loop|concat|grouped][:window], "
-                             "optionally followed by @n (the first n trials only)")  # fmt: skip
+                             "optionally followed by @n (the first n trials only)")
     name = spec.split(":")[0].split("@")[0]
     workers = int(m.group(2)) if m.group(2) else 1
     pack = int(m.group(3)) if m.group(3) else None
     if workers < 1 or (pack is not None and pack < 1) or (m.group(6) and int(m.group(6)) < 1):
         raise SpellxferError(f"--modes: {spec!r}: counts must be ≥ 1")
     return {"spec": spec, "mode": name, "workers": workers, "pack": pack, "kernel": m.group(4) or "auto",
-            "window": bool(m.group(5)), "trials": int(m.group(6)) if m.group(6) else None}  # fmt: skip
+            "window": bool(m.group(5)), "trials": int(m.group(6)) if m.group(6) else None}
 
 
 def bench_space(space: str, base: str, model: str, trials: int, max_steps: int, validate_every_steps: int,
                 val_limit: int, eval_limit: int, data_dir: str, gradient_checkpointing: bool | str, seed: int,
-                cuda: bool) -> dict:  # fmt: skip
+                cuda: bool) -> dict:
     """The bench's space file: the seed grid's hyperparameters (all but max_steps), the rest fixed."""
-    from spellxfer.sweep.space import load_space
-
     grid = load_space(space)
     fixed = {"model.model": model, "model.backend": "hf", "model.load_in_4bit": False, "model.optimizer": "adamw",
              "model.gradient_checkpointing": gradient_checkpointing, "trainer.max_steps": max_steps,
              "trainer.accelerator": "gpu" if cuda else "cpu", "trainer.precision": "bf16-mixed" if cuda else "32-true",
              "data.data_dir": data_dir, "data.build_profile": "full", "data.val_limit": val_limit,
              # every trial runs its max_steps in every mode: the same work, comparable makespans
-             "early_stopping.patience": 1_000_000}  # fmt: skip
+             "early_stopping.patience": 1_000_000}
     return {"base": base, "objective": "val/transfer_score", "sampler": "random", "pruner": "none", "seed": seed,
             "budget": {"trials": trials}, "decodings": ["greedy"], "evaluation": {"limit": eval_limit},
             "validate_every_steps": validate_every_steps, "fixed": fixed,
-            "parameters": {p.name: list(p.values) for p in grid.parameters if p.name != "max_steps"}}  # fmt: skip
+            "parameters": {p.name: list(p.values) for p in grid.parameters if p.name != "max_steps"}}
 
 
 class MemoryPoll:
@@ -112,7 +122,7 @@ class MemoryPoll:
         while not self._stop.is_set():
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout  # fmt: skip
+                                     capture_output=True, text=True, timeout=10).stdout
             except (OSError, subprocess.TimeoutExpired):
                 return
             for line in out.strip().splitlines():
@@ -137,7 +147,7 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
     space_path.write_text(yaml.safe_dump(mode_space, sort_keys=False))
     shutil.copytree(base_eval, results / "sweeps" / "bench" / "base")
     argv = [sys.executable, "-m", "spellxfer", "sweep", "--space", str(space_path), "--study", "bench",
-            "--results_dir", str(results), "--workers", str(mode["workers"])]  # fmt: skip
+            "--results_dir", str(results), "--workers", str(mode["workers"])]
     if mode["pack"] is not None:
         argv += ["--pack", str(mode["pack"]), "--pack_kernel", mode["kernel"], "--pack_window", str(mode["window"]).lower()]
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -154,7 +164,7 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
            "failed": sum(r["status"] == "failed" for r in rows),
            "makespan_s_for_all": round(makespan * n_trials / trials, 1) if trials else None,
            "trials_per_gpu_hour": round(trials / (makespan / 3600), 2) if makespan else None,
-           "errors": sorted({r["error"] for r in rows if r.get("error")})[:5], "log": str(log)}  # fmt: skip
+           "errors": sorted({r["error"] for r in rows if r.get("error")})[:5], "log": str(log)}
     if cuda:
         out["peak_memory_gib"] = round(max(memory.peak_mib.values(), default=0) / 1024, 1)
     else:
@@ -168,8 +178,6 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
 
 
 def _csv(path: Path) -> list[dict]:
-    import csv
-
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -178,11 +186,6 @@ def _csv(path: Path) -> list[dict]:
 
 def kernel_bench(model: str, params: list[dict], steps: int, device: torch.device, seed: int) -> list[dict]:
     """One packed forward + backward of these trials' micro-batches per kernel: ms/step, agreement."""
-    from spellxfer.models.losses import completion_loss_from_hidden, decoder_and_head
-    from spellxfer.models.registry import load_model
-    from spellxfer.training.module import ALL_LINEAR, lora_config
-    from spellxfer.training.packed import KERNELS, PackedLoRA
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = load_model(model, dtype=dtype, device=device, seed=seed).train()
     for p in base.parameters():
@@ -230,7 +233,7 @@ def kernel_bench(model: str, params: list[dict], steps: int, device: torch.devic
                             "tokens_per_second": round(rows * 40 / (ms / 1000)),
                             "max_loss_diff_vs_loop": max(abs(a - b) for a, b in zip(losses, reference)),
                             "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                            if device.type == "cuda" else None})  # fmt: skip
+                            if device.type == "cuda" else None})
         except Exception as e:  # e.g. a grouped GEMM this card or build lacks: reported, not fatal
             results.append({"kernel": kernel, "failed": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"})
     return results
@@ -278,18 +281,11 @@ def bench_sweep(
         append: Merge into an existing JSON at the output path (a mode measured again replaces its entry).
         work_dir: Where the modes' sweeps run (default: a temporary directory, removed afterwards).
     """
-    from rich.console import Console
-
-    from spellxfer.core.outputs import atomic_file
-    from spellxfer.models.registry import check_model_name
-    from spellxfer.sweep.run import base_settings, prepare_data_and_base
-    from spellxfer.sweep.space import load_space, make_sampler
-
     check_model_name(model)
     refuse_gpu_model_on_cpu("sweep", model)
     parsed = [parse_mode(m) for m in modes]
     for name, value in (("trials", trials), ("max_steps", max_steps), ("validate_every_steps", validate_every_steps),
-                        ("val_limit", val_limit), ("eval_limit", eval_limit)):  # fmt: skip
+                        ("val_limit", val_limit), ("eval_limit", eval_limit)):
         if value < 1:
             raise SpellxferError(f"bench sweep: --{name} must be ≥ 1, got {value}")
     if kernel_steps < 0:
@@ -300,7 +296,7 @@ def bench_sweep(
     space = str(config_path(space))
     gc = {"true": True, "false": False}.get(gradient_checkpointing, "auto")
     spec = bench_space(space, base, model, trials, max_steps, validate_every_steps, val_limit, eval_limit, data_dir,
-                       gc, seed, cuda)  # fmt: skip
+                       gc, seed, cuda)
     out_path = Path(out) if out else bench_dir(device) / f"sweep-{model}.json"
     tmp = tempfile.TemporaryDirectory(prefix="spellxfer-bench-sweep-") if work_dir is None else None
     work = Path(work_dir) if work_dir else Path(tmp.name)
@@ -308,11 +304,9 @@ def bench_sweep(
     try:
         space_path = work / "space.yaml"
         space_path.write_text(yaml.safe_dump({**spec, "fixed": {**spec["fixed"], "model.gradient_checkpointing": False}},
-                                             sort_keys=False))  # fmt: skip
+                                             sort_keys=False))
         loaded = load_space(space_path)
         # the trials every mode runs: the random sampler's draws for trial numbers 0 … N-1
-        import optuna
-
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         draw = optuna.create_study(direction="maximize", sampler=make_sampler(loaded, "random"))
         draws = []
@@ -326,7 +320,7 @@ def bench_sweep(
         results = [run_mode(m, spec, work, work / "base-study" / "base", trials, cuda) for m in parsed]
         biggest = max((m["pack"] for m in parsed if m["pack"]), default=min(trials, 4))
         kernels = (kernel_bench(model, [d["params"] for d in draws[:biggest]], kernel_steps, device, seed)
-                   if kernel_steps else [])  # fmt: skip
+                   if kernel_steps else [])
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -334,10 +328,10 @@ def bench_sweep(
                            validate_every_steps=validate_every_steps, val_limit=val_limit, eval_limit=eval_limit,
                            modes=modes, space=space, base=base, data_dir=data_dir,
                            gradient_checkpointing=gradient_checkpointing, kernel_steps=kernel_steps, seed=seed,
-                           out=out, append=append or None)  # fmt: skip
+                           out=out, append=append or None)
     report = {"kind": "sweep", "model": model, "date": time.strftime("%Y-%m-%d"), **run_environment(device),
               "command": command, "settings": {k: v for k, v in spec.items() if k != "parameters"},
-              "trials": draws, "modes": results, "kernels": kernels}  # fmt: skip
+              "trials": draws, "modes": results, "kernels": kernels}
     if append and out_path.is_file():
         previous = json.loads(out_path.read_text())
         specs = {r["spec"] for r in results}
@@ -373,13 +367,6 @@ def summarise(modes: list[dict]) -> dict:
 
 
 def print_report(report: dict) -> None:
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from spellxfer.core.tables import print_table
-
     table = Table(title=f"bench sweep: {report['model']} on {report['device']} ({report['date']})")
     for col in ("mode", "trials", "complete", "makespan s", "for all N", "trials / GPU-h", "peak GiB"):
         table.add_column(col, justify="right" if col != "mode" else "left")
@@ -388,7 +375,7 @@ def print_report(report: dict) -> None:
         table.add_row(m["spec"], str(m["trials"]), str(m["complete"]), f"{m['makespan_s']:.0f}",
                       f"{m['makespan_s_for_all']:.0f}" if m["makespan_s_for_all"] else "–",
                       f"{m['trials_per_gpu_hour']:.1f}" if m["trials_per_gpu_hour"] else "–",
-                      "–" if peak is None else f"{peak:.1f}")  # fmt: skip
+                      "–" if peak is None else f"{peak:.1f}")
     console = Console(width=None if sys.stdout.isatty() else 160)  # whole rows in a log file
     print_table(table, console)
     if report["kernels"]:
@@ -400,6 +387,6 @@ def print_report(report: dict) -> None:
                 kt.add_row(k["kernel"], "", "", "failed", k["failed"][:60], "", "")
                 continue
             kt.add_row(k["kernel"], str(k["trials"]), str(k["rows"]), f"{k['ms_per_step']:.1f}", f"{k['tokens_per_second']:,}",
-                       f"{k['max_loss_diff_vs_loop']:.2g}", "–" if k["peak_memory_gib"] is None else f"{k['peak_memory_gib']:.1f}")  # fmt: skip
+                       f"{k['max_loss_diff_vs_loop']:.2g}", "–" if k["peak_memory_gib"] is None else f"{k['peak_memory_gib']:.1f}")
         print_table(kt, console)
     console.print(f"summary: {json.dumps(report['summary'])}")

@@ -51,7 +51,15 @@ import torch
 from optuna.trial import TrialState
 
 from spellxfer.core.errors import SpellxferError
-from spellxfer.core.outputs import atomic_file
+from spellxfer.core.outputs import atomic_file, atomic_output_dir, package_versions, write_json, write_jsonl
+from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
+from spellxfer.evaluation.evaluate import resolve_scoring, score_items, summarise
+from spellxfer.evaluation.likelihood import candidate_answers, probe_items
+from spellxfer.models.generation import GenerationEngine, default_sampling
+from spellxfer.models.losses import IGNORE_INDEX, completion_loss_from_hidden, decoder_and_head
+from spellxfer.models.registry import apply_fused_kernels, load_tokenizer
+from spellxfer.models.static_decode import bucket_rows, static_decode_unsupported, static_decoder
+from spellxfer.sweep.run import plan
 from spellxfer.sweep.trial import (
     OverBudget,
     SweepContext,
@@ -61,6 +69,11 @@ from spellxfer.sweep.trial import (
     study_relative,
     write_trial_json,
 )
+from spellxfer.tasks.chat import format_chat
+from spellxfer.tasks.parsing import score
+from spellxfer.tasks.questions import load_questions
+from spellxfer.training.checkpointing import kill_point
+from spellxfer.training.module import SpellingLoRAModule, load_base
 from spellxfer.training.packed import PackedLoRA
 from spellxfer.training.packed_trial import PackedTrial, TrialError, command_line, fit_log
 
@@ -96,7 +109,7 @@ class Pack:
     """
 
     def __init__(self, ctx: SweepContext, study, worker: int, slots: int, kernel: str, after_trial: Callable,
-                 window: bool = False):  # fmt: skip
+                 window: bool = False):
         self.ctx, self.study, self.worker, self.slots, self.kernel = ctx, study, worker, slots, kernel
         self.window = window
         self.after_trial = after_trial
@@ -156,15 +169,12 @@ class Pack:
         elif shared != self.shared:
             diff = next(k for k in shared if shared[k] != self.shared.get(k))
             raise TrialError(f"--pack: model.{diff} is {shared[diff]!r} here but {self.shared[diff]!r} for the pack's "
-                             "base model; packed trials share one base (search it without --pack)")  # fmt: skip
+                             "base model; packed trials share one base (search it without --pack)")
         packed.setup_data(self.data_cache)
         packed.attach(self.lora)
 
     def _load_base(self, packed: PackedTrial) -> None:
         """Load the frozen base once, as ``SpellingLoRAModule.configure_model`` prepares it."""
-        from spellxfer.models.registry import apply_fused_kernels, load_tokenizer
-        from spellxfer.training.module import SpellingLoRAModule, load_base
-
         hp = packed.hp
         if packed.trainer.strategy.root_device.type == "cuda":
             self.device = torch.device("cuda", self.worker % torch.cuda.device_count())
@@ -230,15 +240,13 @@ class Pack:
         steps = [s.packed.global_step for s in self.active]
         if steps:
             self.ctx.progress(self.worker, trial=self._numbers(), phase="fit", step=min(steps),
-                              total=max(s.packed.max_steps for s in self.active))  # fmt: skip
+                              total=max(s.packed.max_steps for s in self.active))
 
     def _train(self, live: list[Slot], batches: dict) -> tuple[list[Slot], list[list[float]]]:
         """Forward and backward of every live trial's micro-batches in one pass. A trial whose loss
         is not finite (or raises) fails and the pass is redone without it, so no backward ever
         runs through its rows; one whose gradient is not finite fails before its optimizer steps.
         Returns the trials that trained and each one's micro-batch losses."""
-        from spellxfer.models.losses import completion_loss_from_hidden, decoder_and_head
-
         while live:
             flat = [(s, b) for s in live for b in batches[s.number]]  # a trial's micro-batches side by side
             ids, labels = _pad_and_stack([b for _, b in flat], self.tokenizer.pad_token_id, self.device)
@@ -253,7 +261,7 @@ class Pack:
                     for (s, _), (_, n, _, _) in zip(flat, groups):
                         try:
                             losses.append(completion_loss_from_hidden(hidden[start : start + n], head.weight,
-                                                                      labels[start : start + n]))  # fmt: skip
+                                                                      labels[start : start + n]))
                         except ValueError as e:
                             failed.setdefault(s.number, (s, _reason(e)))
                         start += n
@@ -294,10 +302,6 @@ class Pack:
     # ---- validation -------------------------------------------------------------------------------
     def validate(self, due: list[Slot]) -> None:
         """Score the due trials' validations in one generation pass per decoding setting."""
-        from spellxfer.models.generation import default_sampling
-        from spellxfer.tasks.parsing import score
-        from spellxfer.training.checkpointing import kill_point
-
         groups: dict[tuple, list[Slot]] = {}
         for s in due:
             hp = s.packed.hp
@@ -309,12 +313,12 @@ class Pack:
             items = [s.packed.val_items() for s in slots]
             self.ctx.progress(self.worker, phase=f"validate {len(slots)} trials")
             replies, _ = self.generate([s.packed.name for s in slots], [[it.question for it in its] for its in items],
-                                       sampling, "auto")  # fmt: skip
+                                       sampling, "auto")
             for s, its, outs in zip(slots, items, replies):
                 try:
                     values = s.packed.after_validation(its, [score(r[0], it.answer)[1] for r, it in zip(outs, its)])
                     s.packed.log(f"validation at step {s.packed.global_step}: "
-                                 + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k.count("/") == 1))  # fmt: skip
+                                 + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k.count("/") == 1))
                     self._report(s, values)
                 except optuna.TrialPruned as e:
                     s.packed.log(f"pruned: {e}")
@@ -359,11 +363,6 @@ class Pack:
         """The test evaluation of finished trials (``evaluate --adapter`` of each, with the space's
         ``evaluation:`` flags): the likelihood probe once for all of them when the scoring asks for
         it (it does not depend on the decoding), then one generation pass per decoding."""
-        from spellxfer.evaluation.evaluate import resolve_scoring
-        from spellxfer.models.generation import default_sampling
-        from spellxfer.tasks.chat import format_chat
-        from spellxfer.tasks.questions import load_questions
-
         flags = {k: v for k, v in self.ctx.space.evaluation.items() if v is not None}
         items = load_questions(self.ctx.test_files, limit=flags.get("limit"))
         # the exact generation prompts, the same for every trial and decoding
@@ -374,37 +373,33 @@ class Pack:
             self.ctx.progress(self.worker, phase=f"probe {len(slots)} trials")
             with self._mixed_precision():
                 results, prompts, seconds, scorer = probe_packed(self.lora, self.tokenizer, [s.packed.name for s in slots],
-                                                                 items, flags.get("batch_size", "auto"))  # fmt: skip
+                                                                 items, flags.get("batch_size", "auto"))
             probes = {s.number: (r, prompts, seconds, scorer) for s, r in zip(slots, results)}
         for decoding in self.ctx.space.decodings:
             slots = [s for s in slots if s in self.active]
             if not slots:
                 return
             sampling = default_sampling(decoding=decoding, samples=flags.get("samples"), seed=flags.get("seed"),
-                                        max_new_tokens=flags.get("max_new_tokens"))  # fmt: skip
+                                        max_new_tokens=flags.get("max_new_tokens"))
             replies, engine, seconds = [None] * len(slots), None, 0.0
             if scoring != "likelihood":
                 self.ctx.progress(self.worker, phase=f"evaluate {len(slots)} trials ({decoding})")
                 t0 = time.perf_counter()
                 replies, engine = self.generate([s.packed.name for s in slots], [[it.question for it in items]] * len(slots),
-                                                sampling, flags.get("batch_size", "auto"))  # fmt: skip
+                                                sampling, flags.get("batch_size", "auto"))
                 seconds = time.perf_counter() - t0
             for s, outs in zip(slots, replies):
                 try:
                     self._write_evaluation(s, decoding, items, chat_prompts, scoring, sampling, outs, engine, seconds,
-                                           len(slots), probes.get(s.number))  # fmt: skip
+                                           len(slots), probes.get(s.number))
                 except Exception as e:
                     self.fail(s, f"evaluate ({decoding}): {_reason(e)}")
 
     def _write_evaluation(self, s: Slot, decoding: str, items, prompts: list[str], scoring: str, sampling, replies,
-                          engine, seconds: float, n_trials: int, probe: tuple | None) -> None:  # fmt: skip
+                          engine, seconds: float, n_trials: int, probe: tuple | None) -> None:
         """``eval/<decoding>/`` as ``evaluate --compare_to <base>`` writes it (``probe``: this
         trial's probe results, the prompts + frames, the pass's seconds and scorer; None when the
         scoring is generation only)."""
-
-        from spellxfer.core.outputs import atomic_output_dir, package_versions, write_json, write_jsonl
-        from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
-        from spellxfer.evaluation.evaluate import score_items, summarise
 
         out, base = s.run / "eval" / decoding, self.ctx.base_dir(decoding)
         results, probe_prompts, probe_seconds, scorer = probe or (None, None, 0.0, None)
@@ -424,7 +419,7 @@ class Pack:
             if scorer else None,
             "packed_trials": n_trials, "device": str(self.device), "versions": package_versions(),
             "policy": "trained on spelling only; evaluated on position and count only",
-        }  # fmt: skip
+        }
         with atomic_output_dir(out, overwrite=True) as tmp:
             write_jsonl(tmp / "predictions.jsonl", predictions)
             write_json(tmp / "metrics.json", metrics)
@@ -432,16 +427,16 @@ class Pack:
             write_json(tmp / "compare.json", comparison)
             (tmp / "compare.md").write_text(comparison_markdown(comparison), encoding="utf-8")
         summary = ", ".join(f"{t}_{kind}accuracy {metrics[f'{t}_{kind}accuracy']:.3f}" for kind in ("", "likelihood_")
-                            for t in ("position", "count") if f"{t}_{kind}accuracy" in metrics)  # fmt: skip
+                            for t in ("position", "count") if f"{t}_{kind}accuracy" in metrics)
         with open(s.run / "eval.log", "a", encoding="utf-8") as f:
             f.write(f"packed evaluation ({decoding}, {scoring}) with {n_trials} trial(s) in "
-                    f"{seconds + probe_seconds:.1f} s: {summary} → {out}\n")  # fmt: skip
+                    f"{seconds + probe_seconds:.1f} s: {summary} → {out}\n")
 
     def stats(self) -> dict:
         """What the pack did (for ``bench sweep``): steps, seconds per phase, peak device memory."""
         return {"slots": self.slots, "kernel": self.kernel, "window": self.window, "device": str(self.device), "steps": self.steps,
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
-                "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None}  # fmt: skip
+                "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None}
 
     def fail(self, s: Slot, error) -> None:
         """End trial ``s`` alone as failed (its pack-mates go on)."""
@@ -479,15 +474,13 @@ class Pack:
 
 
 def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, after_trial: Callable,
-             deadline: float | None, heartbeat_s: int, kernel: str = "loop", window: bool = False) -> Pack:  # fmt: skip
+             deadline: float | None, heartbeat_s: int, kernel: str = "loop", window: bool = False) -> Pack:
     """Run trials of ``study`` in one pack of ``slots`` until the budget is spent (see the module
     docstring); returns the pack (its step count and peak memory, for the bench)."""
-    from spellxfer.sweep.run import plan
-
     pack = Pack(ctx, study, worker, slots, kernel, after_trial, window)
     beat = threading.Event()
     heart = threading.Thread(target=_heartbeat, args=(study, pack, heartbeat_s, beat), daemon=True,
-                             name=f"pack-{worker}-heartbeat")  # fmt: skip
+                             name=f"pack-{worker}-heartbeat")
     heart.start()
     try:
         while not ctx.stop.is_set():
@@ -519,19 +512,15 @@ def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, a
 
 
 def generate_packed(lora: PackedLoRA, tokenizer, names: list[str], questions: list[list[str]], sampling,
-                    batch_size: int | str = "auto"):  # fmt: skip
+                    batch_size: int | str = "auto"):
     """Replies to each adapter's questions (``questions[i]`` through adapter ``names[i]``), all in
     one engine pass: prompts of every adapter mixed in each batch, each row through its own
     adapter. Returns (replies per adapter, in question order; the engine, for its settings)."""
-    from spellxfer.models.generation import GenerationEngine
-    from spellxfer.models.static_decode import bucket_rows, static_decoder
-    from spellxfer.training.module import SpellingLoRAModule
-
     flat = [q for qs in questions for q in qs]
     owner = [i for i, qs in enumerate(questions) for _ in qs]
     model = lora.model
     engine = GenerationEngine(model, tokenizer, sampling, batch_size=batch_size,
-                              decoder=SpellingLoRAModule.generation_decoder)  # fmt: skip
+                              decoder=SpellingLoRAModule.generation_decoder)
     # The adapters follow rows by their place in the batch: a prefill cut into runs of rows
     # would hand each layer a slice it cannot place, so each batch is prefilled in one call.
     static_decoder(model).prefill_chunk_tokens = sys.maxsize
@@ -553,9 +542,6 @@ def probe_packed(lora: PackedLoRA, tokenizer, names: list[str], items, batch_siz
     pass: the items repeated once per adapter, each row through its own adapter (the generation
     row plan, set before every forward). Zero-shot, as the sweep evaluates. Returns (the probe's
     results per adapter, in item order; the prompt + frame of each item; seconds; the scorer)."""
-    from spellxfer.evaluation.likelihood import candidate_answers, probe_items
-    from spellxfer.models.static_decode import static_decode_unsupported, static_decoder
-
     model, n = lora.model, len(items)
     if static_decode_unsupported(model) is None:
         # the adapters follow rows by their place in the batch: no prefill cut into runs of rows
@@ -566,7 +552,7 @@ def probe_packed(lora: PackedLoRA, tokenizer, names: list[str], items, batch_siz
     with lora.generation(names, rows) as set_rows:
         results, prompts, seconds, scorer = probe_items(
             model, tokenizer, items * len(names), conversations, batch_size, label=None,
-            before_rows=lambda idx: set_rows([i // n for i in idx]))  # fmt: skip
+            before_rows=lambda idx: set_rows([i // n for i in idx]))
     return [results[i * n : (i + 1) * n] for i in range(len(names))], prompts[:n], seconds, scorer
 
 
@@ -589,13 +575,11 @@ def _beat(study, trial) -> None:
 def _pad_and_stack(batches: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The trials' micro-batches as one right-padded batch (rows in trial order). Extra right
     padding changes nothing a causal model computes at real tokens, and its labels are ignored."""
-    from spellxfer.models.losses import IGNORE_INDEX
-
     width = max(b["input_ids"].shape[1] for b in batches)
     ids = torch.cat([torch.nn.functional.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id)
-                     for b in batches])  # fmt: skip
+                     for b in batches])
     labels = torch.cat([torch.nn.functional.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE_INDEX)
-                        for b in batches])  # fmt: skip
+                        for b in batches])
     return ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 

@@ -36,6 +36,7 @@ from pydantic import (
 from spellxfer.core.configs import config_path, load_file
 from spellxfer.core.errors import SpellxferError
 from spellxfer.data.patterns import SEPARATOR_CHOICES, TRAIN_SETS, VARIANTS
+from spellxfer.training.cli import parse_fit_config
 
 # Space-file name → the `fit` flag it sets, and its type. The names are the CLI's own keys.
 # The last four are the study's training patterns (spellxfer.data.patterns): text choices given
@@ -56,7 +57,7 @@ HYPERPARAMETERS: dict[str, tuple[str, type]] = {
     "train_set": ("data.train_set", str),
 }
 CHOICES: dict[str, tuple[str, ...]] = {"variants": tuple(VARIANTS), "separator": SEPARATOR_CHOICES,
-                                       "train_set": TRAIN_SETS}  # fmt: skip
+                                       "train_set": TRAIN_SETS}
 """The text parameters' allowed values."""
 NULLABLE = ("distinct_words",)  # null: every word
 # Only what validation logs as a position / count / transfer metric can be optimised.
@@ -68,7 +69,7 @@ MAX_REPLICATES = 100  # seeds per configuration; more is a typo, not a study
 # Fit keys the sweep sets itself for every trial (outputs, loggers, what the checkpoints follow).
 RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logger", "checkpoint.monitor",
             "checkpoint.mode", "checkpoint.filename", "checkpoint.every_n_train_steps", "early_stopping.monitor",
-            "early_stopping.mode")  # fmt: skip
+            "early_stopping.mode")
 MAX_SEED = 2**32 - 1  # Optuna's samplers seed numpy's RandomState, which takes 0 ≤ seed < 2**32
 
 
@@ -148,7 +149,7 @@ class SweepSpace:
             for p in self.parameters:
                 if p.values is None:
                     raise SpellxferError(f"{self.path}: parameters.{p.name}: the grid sampler needs a list of "
-                                         "values, not a range")  # fmt: skip
+                                         "values, not a range")
 
 
 def _is_int(v) -> bool:
@@ -198,7 +199,7 @@ class _File(BaseModel):
 class Budget(_File):
     trials: _integer(1) = 20
     hours: Annotated[float | None, _rule(lambda v: v is None or (_is_number(v) and v > 0),
-                                         "expected a positive number of hours, got {v!r}")] = None  # fmt: skip
+                                         "expected a positive number of hours, got {v!r}")] = None
 
 
 class Evaluation(_File):
@@ -215,7 +216,7 @@ class Evaluation(_File):
 def _fit_key(key):
     if key in RESERVED:
         raise ValueError("set by the sweep itself for every trial (outputs, loggers, and the objective as the "
-                         "monitored metric)")  # fmt: skip
+                         "monitored metric)")
     if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+|seed_everything", str(key)):
         raise ValueError("expected a dotted fit key such as data.val_limit or trainer.val_check_interval")
     return key
@@ -329,7 +330,7 @@ class _Parameters(_File):
 
 
 Parameters = create_model("Parameters", __base__=_Parameters,
-                          **{name: (_search(name, kind), None) for name, (_, kind) in HYPERPARAMETERS.items()})  # fmt: skip
+                          **{name: (_search(name, kind), None) for name, (_, kind) in HYPERPARAMETERS.items()})
 
 
 def _some_parameters(v):
@@ -344,14 +345,14 @@ class SpaceFile(_File):
     base: Annotated[Path, PlainValidator(lambda v: _base_config(v))] = Field(None, validate_default=True)
     objective: Annotated[str, _rule(lambda v: isinstance(v, str) and OBJECTIVE.match(v) is not None,
                                     "{v!r} is not a position / count metric; use val/transfer_score, val/position_accuracy, "
-                                    "val/count_accuracy or val/<task>/<subtask>_accuracy")] = "val/transfer_score"  # fmt: skip
+                                    "val/count_accuracy or val/<task>/<subtask>_accuracy")] = "val/transfer_score"
     sampler: Annotated[str, _rule(lambda v: v in SAMPLERS, f"{{v!r}}; one of {', '.join(SAMPLERS)}")] = "tpe"
     pruner: Annotated[str, _rule(lambda v: v in PRUNERS, f"{{v!r}}; one of {', '.join(PRUNERS)}")] = "median"
     seed: Seed = 0
     budget: Annotated[Budget, BeforeValidator(_none_is_empty)] = Budget()
     replicates: _integer(1, MAX_REPLICATES, " (seeds per configuration)") = 1
     decodings: Annotated[list, _rule(lambda v: isinstance(v, list) and v and all(d in DECODINGS for d in v),
-                                     f"expected a non-empty list of {' / '.join(DECODINGS)}, got {{v!r}}")] = ["sampled"]  # fmt: skip
+                                     f"expected a non-empty list of {' / '.join(DECODINGS)}, got {{v!r}}")] = ["sampled"]
     evaluation: Annotated[Evaluation, BeforeValidator(_none_is_empty)] = Evaluation()
     validate_every_steps: _integer(1, note=" (optimizer steps)", optional=True) = None
     pack: _integer(1, note=" (trials sharing one base model) or null", optional=True) = None
@@ -363,7 +364,7 @@ class SpaceFile(_File):
         # errors across keys carry their key in the message (they have no single location)
         if self.validate_every_steps is not None and "trainer.val_check_interval" in self.fixed:
             raise ValueError("fixed.trainer.val_check_interval: validate_every_steps sets it per trial (× the "
-                             "trial's accumulate_grad_batches); keep one")  # fmt: skip
+                             "trial's accumulate_grad_batches); keep one")
         for name, (flag, _) in HYPERPARAMETERS.items():  # a fixed training pattern fails here, not in every trial
             problem = _fixed_pattern(name, self.fixed[flag]) if flag in self.fixed else None
             if problem:
@@ -381,7 +382,7 @@ def _base_config(value) -> Path:
     base = config_path(str(value))
     if not base.is_file():
         raise ValueError(f"no such fit config {base} (paths are relative to the working directory; configs/… "
-                         "names a shipped config)")  # fmt: skip
+                         "names a shipped config)")
     return base
 
 
@@ -406,14 +407,14 @@ def load_space(path: str | Path) -> SweepSpace:
     elif not _is_int(base_seed) or base_seed < 0 or base_seed + replicates - 1 > MAX_SEED:
         where = "fixed.seed_everything" if "seed_everything" in fixed else f"{raw.base}: seed_everything"
         raise SpellxferError(f"{path}: {where}: expected an integer from 0 to {MAX_SEED - replicates + 1} (one seed "
-                             f"per replicate), got {base_seed!r}")  # fmt: skip
+                             f"per replicate), got {base_seed!r}")
     parameters = tuple(Parameter(name, *HYPERPARAMETERS[name], **spec) for name, spec in raw.parameters.specs())
     space = SweepSpace(path=path, base=raw.base, objective=raw.objective, sampler=raw.sampler, pruner=raw.pruner,
                        seed=raw.seed, trials=raw.budget.trials, hours=raw.budget.hours,
                        decodings=tuple(dict.fromkeys(raw.decodings)),
                        evaluation=raw.evaluation.model_dump(exclude_unset=True), fixed=fixed, parameters=parameters,
                        validate_every_steps=raw.validate_every_steps, accumulate_grad_batches=int(accumulate or 1),
-                       replicates=replicates, base_seed=base_seed, pack=raw.pack, fit=fit)  # fmt: skip
+                       replicates=replicates, base_seed=base_seed, pack=raw.pack, fit=fit)
     if raw.sampler == "grid":
         space.check_sampler("grid")
     return space
@@ -423,8 +424,6 @@ def parse_base(base: Path, fixed: dict):
     """The base fit config with the fixed overrides, through ``fit``'s own parser (the
     signature defaults, then the file, then the overrides): the values every trial starts from.
     A mistake is fit's one error line, with the base config named."""
-    from spellxfer.training.cli import parse_fit_config
-
     try:
         return parse_fit_config(["--config", str(base), *flags(fixed)])
     except SpellxferError as e:

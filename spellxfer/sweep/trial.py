@@ -38,6 +38,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from spellxfer.core.outputs import atomic_file
 from spellxfer.sweep.space import SweepSpace, flags
+from spellxfer.training.checkpointing import load_checkpoint
+from spellxfer.training.loggers import steps_trained
 
 
 class TrialFailed(Exception):
@@ -192,8 +194,6 @@ def record_outcome(trial: optuna.Trial, ctx: SweepContext, run: Path) -> None:
     """What a finished trial did, in the study itself (beside trial.json and the CSV): the
     optimizer steps it trained (early stopping ends some before max_steps) and its test scores per
     decoding — position and count accuracies and the transfer score — from ``eval/<decoding>/``."""
-    from spellxfer.training.loggers import steps_trained
-
     trial.set_user_attr("steps_trained", steps_trained(run / "metrics.jsonl"))
     for decoding in ctx.space.decodings:
         try:
@@ -219,16 +219,16 @@ def prepare_run_dir(run: Path, previous: Path | None) -> Path | None:
 
 
 def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, number: int,
-             seed: int | None = None) -> list[str]:  # fmt: skip
+             seed: int | None = None) -> list[str]:
     """``python -m spellxfer fit --config <base> --…`` with this trial's values."""
     space = ctx.space
     loggers: list[dict] = [{"class_path": "spellxfer.training.loggers.WhitelistedCSVLogger",
                             "init_args": {"save_dir": str(run / "training_logs"), "name": "", "version": "",
-                                          "jsonl_path": str(run / "metrics.jsonl")}}]  # fmt: skip
+                                          "jsonl_path": str(run / "metrics.jsonl")}}]
     if ctx.wandb:  # one W&B run per trial, grouped by study
         loggers.append({"class_path": "spellxfer.training.loggers.WhitelistedWandbLogger",
                         "init_args": {"project": "spellxfer", "group": ctx.study, "job_type": "sweep",
-                                      "name": f"{ctx.study}-trial-{number:04d}", "save_dir": str(run)}})  # fmt: skip
+                                      "name": f"{ctx.study}-trial-{number:04d}", "save_dir": str(run)}})
     argv = [sys.executable, "-m", "spellxfer", "fit", *space.fit_args()]
     argv += flags({p.flag: params[p.name] for p in space.parameters})
     if space.replicates > 1 and seed is not None:  # one seed: the base config's, as without replicates
@@ -244,14 +244,14 @@ def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, nu
              # checkpoint taken just before a validation resumes past it (Lightning fast-forwards
              # the interrupted validation), and a trial killed there would lose that score
              "--checkpoint.every_n_train_steps", "null",
-             "--early_stopping.monitor", space.objective, "--early_stopping.mode", "max"]  # fmt: skip
+             "--early_stopping.monitor", space.objective, "--early_stopping.mode", "max"]
     if resume is not None:
         argv += ["--ckpt_path", str(resume)]
     return argv
 
 
 def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, resume: Path | None, env,
-              seed: int | None = None) -> tuple[float, Path]:  # fmt: skip
+              seed: int | None = None) -> tuple[float, Path]:
     """Run the fit child, reporting each validation to Optuna; returns (best objective, its checkpoint)."""
     objective, max_steps = ctx.space.objective, params.get("max_steps")
     ctx.progress(worker, trial=trial.number, phase="fit", step=0, total=max_steps, params=params)
@@ -283,7 +283,7 @@ def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, re
     best = best_checkpoint(run / "checkpoints", objective)
     if best is None:
         raise TrialFailed(f"no validation ran, so there is no {objective} and no best checkpoint "
-                          "(is trainer.max_steps below trainer.val_check_interval?)")  # fmt: skip
+                          "(is trainer.max_steps below trainer.val_check_interval?)")
     # fit exports the best checkpoint's adapter into its root; the contract keeps it at adapter/
     adapter = run / "adapter"
     if adapter.exists():
@@ -342,8 +342,6 @@ def read_rows(path: Path, offset: tuple[int, int] | None) -> tuple[tuple[int, in
 
 def best_checkpoint(ckpt_dir: Path, objective: str) -> tuple[float, Path] | None:
     """(best objective value, its checkpoint) from the newest scored checkpoint's callback state."""
-    from spellxfer.training.checkpointing import load_checkpoint
-
     newest = None
     for path in ckpt_dir.glob("best-step*.ckpt"):
         ckpt = load_checkpoint(path, mmap=True)
@@ -363,7 +361,7 @@ def evaluate_trial(ctx: SweepContext, run: Path, decoding: str, env) -> None:
     argv = [sys.executable, "-m", "spellxfer", "evaluate", "--model", ctx.model, "--adapter", str(run / "adapter"),
             "--questions", *map(str, ctx.test_files), "--decoding", decoding, *ctx.eval_flags(),
             "--out", str(run / "eval" / decoding), "--overwrite", "true",
-            "--compare_to", str(ctx.base_dir(decoding))]  # fmt: skip
+            "--compare_to", str(ctx.base_dir(decoding))]
     rc = run_child(argv, run / "eval.log", env, ctx)
     if rc != 0:
         raise TrialFailed(f"evaluate ({decoding}): {last_error(run / 'eval.log', rc)}")

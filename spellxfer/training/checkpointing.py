@@ -44,6 +44,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, atomic_output_dir, git_commit, package_versions
 from spellxfer.models.registry import check_lora_state, write_loadable_base
+from spellxfer.training.cards import write_card
+from spellxfer.training.loggers import WhitelistedCSVLogger
 
 KILL_ENV = "SPELLXFER_TEST_KILL_AT"
 
@@ -220,8 +222,6 @@ class ResumeState(L.Callback):
             self._rng = None
         if self._resumed_step is not None and trainer.global_rank == 0:
             _drop_abandoned_checkpoints(trainer, self._resumed_step)
-            from spellxfer.training.loggers import WhitelistedCSVLogger
-
             for logger in trainer.loggers:
                 if isinstance(logger, WhitelistedCSVLogger):
                     logger.discard_from(self._resumed_step)
@@ -251,7 +251,7 @@ def _drop_abandoned_checkpoints(trainer, step: int) -> None:
     resumed = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
     callbacks = trainer.checkpoint_callbacks
     tracked = {Path(p).resolve() for cb in callbacks
-               for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path) if p}  # fmt: skip
+               for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path) if p}
     dirs = {Path(cb.dirpath).resolve() for cb in callbacks if cb.dirpath}
     if resumed is None or resumed.parent not in dirs:
         return
@@ -312,7 +312,7 @@ class RunManifest(L.Callback):
         # Lightning logs the module's hparams (flat); the data's and the whole resolved config go
         # beside them, nested, so W&B's run config and hparams.yaml hold everything the run used.
         extra = json.loads(json.dumps({"data": dict(dm.hparams) if dm is not None else {}, "config": self.config},
-                                      default=str))  # fmt: skip
+                                      default=str))
         for logger in trainer.loggers:
             logger.log_hyperparams(extra)
 
@@ -322,16 +322,16 @@ class RunManifest(L.Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
         dm = trainer.datamodule
         facts = training_facts(dm.hparams if dm is not None else {}, trainer.accumulate_grad_batches,
-                               trainer.max_steps, trainer.global_step)  # fmt: skip
+                               trainer.max_steps, trainer.global_step)
         export_adapter(pl_module, Path(trainer.default_root_dir) / "best_adapter", best or None,
-                       data_dir=dm.hparams.get("data_dir") if dm is not None else None, facts=facts)  # fmt: skip
+                       data_dir=dm.hparams.get("data_dir") if dm is not None else None, facts=facts)
 
 
 def training_facts(data_hparams, accumulate: int, max_steps: int, steps_trained: int) -> dict:
     """What a model card adds to the module's hyperparameters: the data's batch size, the
     trainer's accumulation and step budget, and the optimizer steps actually trained."""
     return {"batch_size": data_hparams.get("batch_size"), "accumulate_grad_batches": int(accumulate),
-            "max_steps": int(max_steps), "steps_trained": int(steps_trained)}  # fmt: skip
+            "max_steps": int(max_steps), "steps_trained": int(steps_trained)}
 
 
 def selection_note(ckpt_path: str | None) -> str:
@@ -339,17 +339,15 @@ def selection_note(ckpt_path: str | None) -> str:
     if not ckpt_path:
         return "The weights are the module's at the end of training (no validation ran)."
     return (f"The weights are those of `{Path(ckpt_path).name}`, the checkpoint with the best validation transfer "
-            "score (position and count validation questions; step 0, the base model, takes part).")  # fmt: skip
+            "score (position and count validation questions; step 0, the base model, takes part).")
 
 
 def export_adapter(pl_module, out: Path, ckpt_path: str | None = None, data_dir: str | None = None,
-                   facts: dict | None = None) -> Path:  # fmt: skip
+                   facts: dict | None = None) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors + a model card).
 
     With ``ckpt_path``, the LoRA weights come from that checkpoint; otherwise the module's own.
     """
-    from spellxfer.training.cards import write_card
-
     lm = pl_module.lm
     current = None
     if ckpt_path:
@@ -362,7 +360,7 @@ def export_adapter(pl_module, out: Path, ckpt_path: str | None = None, data_dir:
         hp = pl_module.hparams
         write_loadable_base(tmp, hp.model, hp.get("seed", 0))
         write_card(tmp, base_model=hp.model, hparams={**hp, **(facts or {})}, data_dir=data_dir,
-                   selection=selection_note(ckpt_path))  # fmt: skip
+                   selection=selection_note(ckpt_path))
     if current is not None:
         pl_module.load_state_dict(current, strict=False)
     return out

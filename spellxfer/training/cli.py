@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 from argparse import ArgumentError
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -128,14 +130,14 @@ class SpellxferCLI(LightningCLI):
             self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         except (ArgumentError, SystemExit) as e:
             raise SpellxferError(f"checkpoint {ckpt_path}: its hyper_parameters do not fit spellxfer's module "
-                                 f"({_one_line(e)})") from None  # fmt: skip
+                                 f"({_one_line(e)})") from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--experiment", type=str, default="default",
-                            help="Run name: output folders and the W&B group.")  # fmt: skip
+                            help="Run name: output folders and the W&B group.")
         parser.add_argument("--keep_last_k", type=int, default=3,
                             help="Step checkpoints kept (every --checkpoint.every_n_train_steps), "
-                                 "besides last.ckpt and the best ones.")  # fmt: skip
+                                 "besides last.ckpt and the best ones.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -151,7 +153,7 @@ class SpellxferCLI(LightningCLI):
         parser.add_lightning_class_args(OptionalEarlyStopping, "early_stopping")
         parser.set_defaults(
             {"early_stopping.monitor": "val/position_accuracy", "early_stopping.mode": "max",
-             "early_stopping.patience": 3}  # fmt: skip
+             "early_stopping.patience": 3}
         )
         parser.link_arguments("model.model", "data.model")
 
@@ -183,15 +185,15 @@ class SpellxferCLI(LightningCLI):
                 # neither restart the fit's metrics.csv nor append rows to its learning curve
                 log_dir = log_dir / self.subcommand
                 jsonl = jsonl.with_name(f"{self.subcommand}_{jsonl.name}" if explicit_root
-                                        else f"{experiment}-{self.subcommand}.jsonl")  # fmt: skip
+                                        else f"{experiment}-{self.subcommand}.jsonl")
             outputs += [log_dir, jsonl]
             loggers = [{"class_path": "spellxfer.training.loggers.WhitelistedCSVLogger",
                         "init_args": {"save_dir": str(log_dir), "name": "", "version": "",
-                                      "jsonl_path": str(jsonl)}}]  # fmt: skip
+                                      "jsonl_path": str(jsonl)}}]
             if os.environ.get("WANDB_MODE") != "disabled" and importlib.util.find_spec("wandb"):
                 loggers.append({"class_path": "spellxfer.training.loggers.WhitelistedWandbLogger",
                                 "init_args": {"project": "spellxfer", "group": experiment, "name": experiment,
-                                              "save_dir": str(root)}})  # fmt: skip
+                                              "save_dir": str(root)}})
             trainer.logger = loggers
         # What this command may create, with the nearest folder above each that exists already;
         # removed again if the command fails (see _remove_new_outputs).
@@ -211,11 +213,11 @@ class SpellxferCLI(LightningCLI):
         accelerator = t.accelerator if isinstance(t.accelerator, str) else None
         if accelerator in ("gpu", "cuda") and not _cuda_available():
             raise self._error("trainer.accelerator", f"{accelerator} asked for, but this machine has no CUDA GPU "
-                              "(torch.cuda.is_available() is False); use cpu or auto")  # fmt: skip
+                              "(torch.cuda.is_available() is False); use cpu or auto")
         if accelerator == "tpu":
             raise self._error("trainer.accelerator", "tpu is not supported; use gpu, cpu or auto")
         limits = (("max_steps", t.max_steps, "-1 (no limit) or ≥ 1"), ("max_epochs", t.max_epochs, "-1 (no limit), ≥ 1 or null"),
-                  ("min_steps", t.min_steps, "≥ 0 or null"), ("min_epochs", t.min_epochs, "≥ 0 or null"))  # fmt: skip
+                  ("min_steps", t.min_steps, "≥ 0 or null"), ("min_epochs", t.min_epochs, "≥ 0 or null"))
         for key, value, valid in limits:
             bad = value is not None and (value < 0 if key.startswith("min") else (value == 0 or value < -1))
             if bad:
@@ -239,7 +241,7 @@ class SpellxferCLI(LightningCLI):
         vci = t.val_check_interval
         if isinstance(vci, (int, float)) and (vci <= 0 or (isinstance(vci, float) and vci > 1)):
             raise self._error("trainer.val_check_interval",
-                              f"must be a batch count ≥ 1 or a fraction of an epoch in (0, 1], got {vci}")  # fmt: skip
+                              f"must be a batch count ≥ 1 or a fraction of an epoch in (0, 1], got {vci}")
         every = cfg.checkpoint.every_n_train_steps
         if every is not None and every < 0:
             raise self._error("checkpoint.every_n_train_steps", f"must be ≥ 1 (or 0 / null: only after validation), got {every}")
@@ -255,7 +257,7 @@ class SpellxferCLI(LightningCLI):
         if cfg.get("weights_only") is False:
             # Lightning would unpickle the checkpoint in full; ours load tensors and plain values only.
             raise self._error("weights_only", "false is not supported: spellxfer reads checkpoints as tensors and "
-                              "plain values only, so no checkpoint can run code")  # fmt: skip
+                              "plain values only, so no checkpoint can run code")
 
     def _check_checkpoint(self, cfg, root: Path) -> None:
         """Read ``--ckpt_path`` (weights_only) and refuse it unless it fits the configured model."""
@@ -267,7 +269,7 @@ class SpellxferCLI(LightningCLI):
             if not path.is_file():
                 # Lightning would warn and train from scratch; a resume that silently restarts is worse.
                 raise SpellxferError(f"--ckpt_path last: no checkpoint {path} to resume from; "
-                                     "drop --ckpt_path to start a fresh run")  # fmt: skip
+                                     "drop --ckpt_path to start a fresh run")
         else:
             path = Path(ckpt)
             if not path.is_file():
@@ -275,7 +277,7 @@ class SpellxferCLI(LightningCLI):
         loaded = load_fit_checkpoint(path, resume=self.subcommand == "fit", mmap=True)
         saved = loaded["hyper_parameters"]
         check_lora_layout(loaded["state_dict"], saved.get("lora_r"), saved.get("target_modules") or (),
-                          f"checkpoint {path}")  # fmt: skip
+                          f"checkpoint {path}")
         for key in LORA_SHAPE_KEYS:
             want = cfg.model.get(key)
             have = saved.get(key)
@@ -283,7 +285,7 @@ class SpellxferCLI(LightningCLI):
                 have, want = sorted(have), sorted(want)
             if have != want:
                 raise self._error(f"model.{key}", f"{want!r} here, but checkpoint {path} was trained with {have!r}; "
-                                  f"set model.{key}: {have!r} to load it")  # fmt: skip
+                                  f"set model.{key}: {have!r} to load it")
         if self.subcommand == "fit":
             # best_adapter/ is exported from the run's best checkpoint when the fit ends: a
             # damaged or planted one is refused now, not after the whole run
@@ -291,7 +293,7 @@ class SpellxferCLI(LightningCLI):
                 best = state.get("best_model_path") if isinstance(state, dict) else None
                 if best and Path(best).is_file() and Path(best).resolve() != path.resolve():
                     check_lora_layout(load_fit_checkpoint(best, mmap=True)["state_dict"], saved.get("lora_r"),
-                                      saved.get("target_modules") or (), f"checkpoint {best}")  # fmt: skip
+                                      saved.get("target_modules") or (), f"checkpoint {best}")
 
     def _error(self, key: str, message: str) -> SpellxferError:
         """A one-line error for config key ``key``, naming the config file or flag that set it."""
@@ -354,7 +356,7 @@ class SpellxferCLI(LightningCLI):
         # Lightning's idiom for "keep the last K": monitor the step counter, keep the top K.
         step_ckpt = StepCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step", mode="max",
                                    save_top_k=run["keep"], every_n_train_steps=run["every"], save_last=True,
-                                   auto_insert_metric_name=False, enable_version_counter=False)  # fmt: skip
+                                   auto_insert_metric_name=False, enable_version_counter=False)
         extra.append(step_ckpt)
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), *extra]
         kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
@@ -381,8 +383,6 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def _cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -429,8 +429,6 @@ def _parse_error(e: Exception, argv: list[str]) -> SpellxferError:
     long to convert is named (with its line where YAML knows it); an unknown key or a value of the
     wrong type gets the file (or flag) that set it.
     """
-    import re
-
     message = _one_line(e)
     files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
@@ -464,7 +462,7 @@ def _unreadable_config(path: Path) -> SpellxferError | None:
         return SpellxferError(f"{path}: {_one_line(v)}")
     if node is not None and not isinstance(node, dict):
         return SpellxferError(f"{path}: a config file must be a mapping of keys (trainer:, model:, …), "
-                              f"not a {type(node).__name__}")  # fmt: skip
+                              f"not a {type(node).__name__}")
     return None
 
 
@@ -495,7 +493,7 @@ def parse_fit_config(argv: list[str]):
     try:
         _ParseOnly(SpellingLoRAModule, SpellingDataModule, run=False, auto_configure_optimizers=False,
                    trainer_defaults={"use_distributed_sampler": False},
-                   parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False})  # fmt: skip
+                   parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False})
     except _Parsed as parsed:
         return parsed.config
     except ArgumentError as e:

@@ -326,13 +326,13 @@ class SpellingDataModule(L.LightningDataModule):
                                 ("eval_batch_size", None if eval_batch_size == "auto" else eval_batch_size, 1),
                                 ("max_length", max_length, 2),
                                 ("num_workers", num_workers, 0), ("train_limit", train_limit, 1),
-                                ("val_limit", val_limit, 1), ("test_limit", test_limit, 1)):  # fmt: skip
+                                ("val_limit", val_limit, 1), ("test_limit", test_limit, 1)):
             if value is not None and value < low:
                 raise SpellxferError(f"--data.{key} must be ≥ {low}, got {value}", key=f"data.{key}")
         check_patterns(variants, separator, distinct_words, train_set)
         if build_profile not in ("demo", "full", None):
             raise SpellxferError(f"--data.build_profile must be demo, full or null, got {build_profile!r}",
-                                 key="data.build_profile")  # fmt: skip
+                                 key="data.build_profile")
         # logger=False: Lightning would merge these into the module's hparams and refuse a `seed`
         # that differs from the model's (data order vs. weights and sampling: both are fine);
         # RunManifest logs them nested under `data`, beside the full resolved config.
@@ -349,9 +349,9 @@ class SpellingDataModule(L.LightningDataModule):
             # a selection the data cannot give fails here, before the model and Trainer start
             # (setup selects again, from the rows it reads)
             fields = [(r.get("subtask"), r.get("separator"), r.get("word")) for _, r in iter_jsonl(self.data_dir / TRAIN_FILE)
-                      if isinstance(r, dict)]  # fmt: skip
+                      if isinstance(r, dict)]
             select_rows(*(zip(*fields) if fields else ((), (), ())), variants=variants, separator=separator, distinct_words=distinct_words, seed=seed,
-                        where=str(self.data_dir / TRAIN_FILE))  # fmt: skip
+                        where=str(self.data_dir / TRAIN_FILE))
         self._tokenizer = None
         self._resume_position: dict | None = None
         self.train_examples: datasets.Dataset | None = None
@@ -448,7 +448,7 @@ class SpellingDataModule(L.LightningDataModule):
         # `processed` includes the batch whose on_train_batch_end is writing the checkpoint (and,
         # after a mid-epoch validation, every batch trained on so far).
         return {"epoch": trainer.current_epoch,
-                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}  # fmt: skip
+                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restored before ``train_dataloader`` is built; applied to the next sampler."""
@@ -492,7 +492,7 @@ class SpellingDataModule(L.LightningDataModule):
         return value
 
     def _load_train(self) -> datasets.Dataset:
-        import datasets
+        import datasets  # heavy (pyarrow, pandas): not for fit --help
 
         rows = self._training_rows()
         # `[:]`: the whole column as one list (iterating a column converts row by row, 100× slower)
@@ -507,7 +507,7 @@ class SpellingDataModule(L.LightningDataModule):
             )
         name = TRAIN_FILE if self.train_set == "spelling" else CONTROL_FILE
         message = (f"{name}: {len(kept)} training examples (variants {self.variants}, separator {self.separator}, "
-                   f"distinct_words {self.distinct_words or 'all'}), {self.n_dropped} dropped as longer than {self.max_length} tokens")  # fmt: skip
+                   f"distinct_words {self.distinct_words or 'all'}), {self.n_dropped} dropped as longer than {self.max_length} tokens")
         (rank_zero_warn if self.n_dropped else rank_zero_info)(message)
         # Arrow columns, not Python lists: 34 MiB instead of 122 MiB for the full file (no int
         # object per token; docs/training.md), and DataLoader workers share the buffers instead of
@@ -516,14 +516,14 @@ class SpellingDataModule(L.LightningDataModule):
             "input_ids": [e["input_ids"] for e in kept],
             "labels": [e["labels"] for e in kept],
             "length": [len(e["input_ids"]) for e in kept],
-        })  # fmt: skip
+        })
 
     def _training_rows(self) -> datasets.Dataset:
         """The rows the training pattern selects, in file order, cut to ``train_limit``."""
         spelling = read_training_rows(self.data_dir / TRAIN_FILE)
         keep = select_rows(spelling["subtask"][:], spelling["separator"][:], spelling["word"][:],
                            variants=self.variants, separator=self.separator, distinct_words=self.distinct_words,
-                           seed=self.seed, where=str(self.data_dir / TRAIN_FILE))  # fmt: skip
+                           seed=self.seed, where=str(self.data_dir / TRAIN_FILE))
         rows = spelling
         if self.train_set == "control":
             rows = self._control_rows(spelling)
@@ -536,11 +536,11 @@ class SpellingDataModule(L.LightningDataModule):
         path = self.data_dir / CONTROL_FILE
         if not path.is_file():
             raise SpellxferError(f"--data.train_set control: {path} does not exist (built before the control "
-                                 f"existed); rebuild {self.data_dir} with `spellxfer data build`", key="data.train_set")  # fmt: skip
+                                 f"existed); rebuild {self.data_dir} with `spellxfer data build`", key="data.train_set")
         control = read_training_rows(path, task="control")
         if control["word"][:] != spelling["word"][:]:
             raise SpellxferError(f"--data.train_set control: {path} is not row for row the words of {TRAIN_FILE} "
-                                 "(files of different builds?); rebuild the directory", key="data.train_set")  # fmt: skip
+                                 "(files of different builds?); rebuild the directory", key="data.train_set")
         return control
 
     def _load_eval(self, split: str) -> dict[str, list[Item]]:
@@ -593,7 +593,7 @@ def read_training_rows(path: Path, limit: int | None = None, task: str = "spelli
         SpellxferError: ``file:line: …`` for invalid JSON, a non-spelling task, a missing field, or
             a field outside the data schema.
     """
-    from spellxfer.data.schema import load_split, row_problem
+    from spellxfer.data.schema import load_split, row_problem  # imports datasets: only when rows are read
 
     n = 0
     for line, row in iter_jsonl(path):

@@ -35,11 +35,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from spellxfer.core.errors import SpellxferError
+from spellxfer.evaluation.likelihood import probe_items
 from spellxfer.evaluation.metrics import TransferAccuracy
+from spellxfer.models.generation import GenerationEngine, default_sampling
+from spellxfer.models.losses import completion_only_loss
 from spellxfer.models.registry import (
     apply_fused_kernels,
     check_lora_state,
+    check_model_name,
     compile_decoder_layers,
+    load_model,
+    load_tokenizer,
+    materialize,
     quiet_peft_wrap,
 )
 from spellxfer.tasks.parsing import score
@@ -129,8 +136,6 @@ class SpellingLoRAModule(L.LightningModule):
         scoring: Literal["generation", "both"] = "generation",
     ):
         super().__init__()
-        from spellxfer.models.registry import check_model_name
-
         try:
             check_model_name(model)
         except SpellxferError as e:
@@ -144,15 +149,15 @@ class SpellingLoRAModule(L.LightningModule):
         _require(bool(target_modules), "model.target_modules", "must name at least one layer")
         _require(scoring in ("generation", "both"), "model.scoring",
                  f"must be generation or both (validation always scores by generation: checkpoints follow it), "
-                 f"got {scoring!r}")  # fmt: skip
+                 f"got {scoring!r}")
         cuda = torch.cuda.is_available()
         if backend == "unsloth":
             _require(cuda, "model.backend", "unsloth needs a CUDA GPU; use backend: hf on this machine")
             _require(importlib.util.find_spec("unsloth") is not None, "model.backend",
-                     "unsloth is not installed (pip install 'spellxfer[gpu]')")  # fmt: skip
+                     "unsloth is not installed (pip install 'spellxfer[gpu]')")
         if kernels == "liger":
             _require(cuda and importlib.util.find_spec("liger_kernel") is not None, "model.kernels",
-                     "liger needs CUDA and the liger-kernel package (pip install liger-kernel)")  # fmt: skip
+                     "liger needs CUDA and the liger-kernel package (pip install liger-kernel)")
         if compile_layers:
             _require(backend != "unsloth", "model.compile_layers", "applies to the hf backend (Unsloth compiles its own)")
             _require(kernels != "liger", "model.compile_layers", "replaces Liger's kernels; set model.kernels to auto or none")
@@ -184,8 +189,6 @@ class SpellingLoRAModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        from spellxfer.models.registry import load_tokenizer
-
         hp = self.hparams
         if self.resolved_backend == "unsloth":
             self.lm, self.tokenizer = _load_unsloth(hp)
@@ -202,7 +205,7 @@ class SpellingLoRAModule(L.LightningModule):
             else:
                 self.kernels_applied = apply_fused_kernels(self.lm, hp.kernels)
             if self.lm.dtype == torch.bfloat16 and self.lm.device.type == "cuda" and not self.keep_peft_input_cast:
-                from peft.tuners.tuners_utils import BaseTunerLayer
+                from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: with a model, not for fit --help
 
                 for m in self.lm.modules():
                     if isinstance(m, BaseTunerLayer):
@@ -229,8 +232,6 @@ class SpellingLoRAModule(L.LightningModule):
 
     # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        from spellxfer.models.losses import completion_only_loss
-
         # attention_mask=None: the collator pads on the right, and causal attention never lets a
         # real token see the pads after it, so the mask changes nothing for supervised positions —
         # but without one, SDPA can run its fused causal (flash) kernel. Pinned by a test.
@@ -283,14 +284,12 @@ class SpellingLoRAModule(L.LightningModule):
     def _engine(self):
         """The shared generation engine, built once (it reads the sampling YAML) per loaded model."""
         if self._generation_engine is None:
-            from spellxfer.models.generation import GenerationEngine, default_sampling
-
             hp = self.hparams
             sampling = default_sampling(decoding=hp.val_decoding, max_new_tokens=hp.val_max_new_tokens,
-                                        seed=hp.seed)  # fmt: skip
+                                        seed=hp.seed)
             # batches sized from free memory, at most the dataloader's batch (data.eval_batch_size)
             self._generation_engine = GenerationEngine(self.lm, self.tokenizer, sampling, batch_size="auto",
-                                                       decoder=self.generation_decoder)  # fmt: skip
+                                                       decoder=self.generation_decoder)
         return self._generation_engine
 
     def _release_generation_memory(self) -> None:
@@ -314,13 +313,11 @@ class SpellingLoRAModule(L.LightningModule):
             parsed, correct = score(r[0], it.answer)
             rows.append({"id": it.id, "file": it.file, "task": it.task, "subtask": it.subtask,
                          "question": it.question, "answer": it.answer, "output": r[0],
-                         "parsed": parsed, "correct": correct})  # fmt: skip
+                         "parsed": parsed, "correct": correct})
         return rows
 
     def _probe_batch(self, items: list, metric: TransferAccuracy) -> None:
         """The likelihood probe's verdicts on ``items``, zero-shot, as ``evaluate`` ranks them."""
-        from spellxfer.evaluation.likelihood import probe_items
-
         conversations = [[{"role": "user", "content": it.question}] for it in items]
         with self._mixed_precision():
             results, _, _, _ = probe_items(self.lm, self.tokenizer, items, conversations, label=None)
@@ -341,7 +338,7 @@ class SpellingLoRAModule(L.LightningModule):
             # probe is a diagnostic, never a selection metric
             values = self.val_probe_metric.compute()
             self.log_dict({f"val/{k.removesuffix('_accuracy')}_likelihood_accuracy": v for k, v in values.items()
-                           if k != "transfer_score"}, sync_dist=True)  # fmt: skip
+                           if k != "transfer_score"}, sync_dist=True)
             self.val_probe_metric.reset()
         self._log_metric(self.val_metric, "val")
         self._release_generation_memory()
@@ -371,7 +368,7 @@ class SpellingLoRAModule(L.LightningModule):
         is what Lightning adds to a row it numbers itself.
         """
         self.log_dict({"step": float(steps_done), "global_step": float(steps_done), "epoch": float(self.current_epoch)},
-                      batch_size=1, **kwargs)  # fmt: skip
+                      batch_size=1, **kwargs)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -384,7 +381,7 @@ def build_optimizer(hp, params: list, total_steps: int):
     AdamW (or bitsandbytes' 8-bit AdamW) over ``params``, linear warmup over ``warmup_steps``, then
     ``scheduler`` decay to 0 at ``total_steps`` optimizer steps. Packed sweep trials build theirs here too."""
     if hp.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional extra, for adamw_8bit only
 
         opt = bnb.optim.AdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     else:
@@ -395,7 +392,7 @@ def build_optimizer(hp, params: list, total_steps: int):
 def _schedule(opt, kind: str, warmup: int, total: int):
     """transformers' schedules: linear warmup from 0 over ``warmup`` optimizer steps, then linear
     or cosine decay to 0 at ``total`` steps, or constant."""
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # heavy: with a model, not for fit --help
 
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[kind]
     return get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
@@ -403,14 +400,14 @@ def _schedule(opt, kind: str, warmup: int, total: int):
 
 def lora_config(hp):
     """The PEFT ``LoraConfig`` of the module's hyper-parameters ``hp`` (rank, alpha, dropout, targets)."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy: with a model, not for fit --help
 
     return LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-                      target_modules=list(hp.target_modules), task_type="CAUSAL_LM", bias="none")  # fmt: skip
+                      target_modules=list(hp.target_modules), task_type="CAUSAL_LM", bias="none")
 
 
 def _load_hf(hp, device):
-    from peft import get_peft_model
+    from peft import get_peft_model  # heavy: with a model, not for fit --help
 
     base = load_base(hp)
     with quiet_peft_wrap():
@@ -420,16 +417,14 @@ def _load_hf(hp, device):
 def load_base(hp):
     """The frozen base model of the hf backend as ``fit`` trains on it: bf16 on CUDA (4-bit with
     ``load_in_4bit``), float32 on a CPU, every weight with ``requires_grad`` off."""
-    from spellxfer.models.registry import load_model
-
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     if hp.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from peft import prepare_model_for_kbit_training  # heavy: only for a 4-bit model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # heavy: only for a 4-bit model
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                               bnb_4bit_use_double_quant=True)  # fmt: skip
+                               bnb_4bit_use_double_quant=True)
         base = AutoModelForCausalLM.from_pretrained(hp.model, quantization_config=q, dtype=dtype)
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=hp.gradient_checkpointing)
     else:
@@ -440,17 +435,15 @@ def load_base(hp):
 
 
 def _load_unsloth(hp):
-    from unsloth import FastLanguageModel
-
-    from spellxfer.models.registry import materialize
+    from unsloth import FastLanguageModel  # optional extra; it needs a GPU to import
 
     # Unsloth opens models by path or hub id: embedded names are saved to the cache once.
     lm, tok = FastLanguageModel.from_pretrained(model_name=materialize(hp.model, seed=hp.seed),
-                                                load_in_4bit=hp.load_in_4bit, dtype=None)  # fmt: skip
+                                                load_in_4bit=hp.load_in_4bit, dtype=None)
     lm = FastLanguageModel.get_peft_model(
         lm, r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
         target_modules=list(hp.target_modules), bias="none",
         use_gradient_checkpointing="unsloth" if hp.gradient_checkpointing else False, random_state=hp.seed,
-    )  # fmt: skip
+    )
     tok.padding_side = "left"
     return lm, tok

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_output_dir
@@ -107,8 +109,6 @@ class PackedLoRA:
         The torch RNG is seeded with ``seed`` first (and restored after), as ``seed_everything``
         leaves it right before a fit creates its adapter, so the initial weights are the same.
         """
-        from peft import get_peft_model
-
         if name in self.names:
             raise ValueError(f"adapter {name} is already packed")
         with torch.random.fork_rng(devices=[]), quiet_peft_wrap():
@@ -129,8 +129,6 @@ class PackedLoRA:
     def _refresh(self) -> None:
         """Hook new LoRA layers, keep PEFT's own adapter forward off, and let exactly the packed
         adapters' weights require gradients (PEFT switches them with its active adapter)."""
-        from peft.tuners.lora import LoraLayer
-
         if self.lm is None:
             return
         names = self.names
@@ -220,8 +218,6 @@ class PackedLoRA:
         dtype = next(p for p in self.base.parameters() if p.is_floating_point()).dtype
         owner = torch.full((max_rows,), -1, dtype=torch.long, device=device)
         self._gen_stacks = {}
-        from peft.tuners.lora import LoraLayer
-
         with torch.no_grad():
             for module in self.lm.modules():
                 if isinstance(module, LoraLayer):

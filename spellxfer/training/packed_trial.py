@@ -46,17 +46,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.evaluation.metrics import TransferAccuracy
+from spellxfer.models.registry import write_loadable_base
+from spellxfer.training.cards import write_card
 from spellxfer.training.checkpointing import (
     AtomicCheckpointIO,
     RunManifest,
     _rng_state,
     _saved_step,
     kill_point,
+    load_fit_checkpoint,
+    selection_note,
+    training_facts,
 )
+from spellxfer.training.cli import SpellxferCLI, _parse_error
+from spellxfer.training.datamodule import SpellingDataModule
+from spellxfer.training.loggers import WhitelistedCSVLogger
+from spellxfer.training.module import SpellingLoRAModule, build_optimizer, lora_config
+from spellxfer.training.progress import PlainProgressBar
 from spellxfer.training.step_zero import StepZeroValidation
 
 # Hyper-parameters that decide the shared base model: every trial of a pack must agree on them.
@@ -98,13 +110,6 @@ def _quiet_lightning():
 def build_fit_cli(argv: list[str]):
     """``python -m spellxfer fit <argv>`` parsed and instantiated (module, data, trainer with its
     loggers and callbacks) but not run. A config mistake raises the fit's own one-line error."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from spellxfer.training.cli import SpellxferCLI, _parse_error
-    from spellxfer.training.datamodule import SpellingDataModule
-    from spellxfer.training.module import SpellingLoRAModule
-    from spellxfer.training.progress import PlainProgressBar
-
     with _CLI_LOCK, _quiet_lightning():
         saved = sys.argv
         sys.argv = [saved[0], *argv]  # SpellxferCLI names the flag or file that set a bad value from it
@@ -116,7 +121,7 @@ def build_fit_cli(argv: list[str]):
                 trainer_defaults={"callbacks": [PlainProgressBar()], "use_distributed_sampler": False},
                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
                 parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False},
-            )  # fmt: skip
+            )
         except ArgumentError as e:
             raise _parse_error(e, argv) from None
         except MisconfigurationException as e:
@@ -223,8 +228,6 @@ class PackedTrial:
     def attach(self, lora) -> None:
         """Add this trial's adapter to the pack (``lora``: its PackedLoRA), build its optimizer and
         schedule, write its manifest, and restore its checkpoint when resuming."""
-        from spellxfer.training.module import build_optimizer, lora_config
-
         self.lora = lora
         self.params = lora.add(self.name, lora_config(self.hp), self.seed)
         self.optimizer, self.scheduler = build_optimizer(self.hp, self.params, self.total_steps)
@@ -232,7 +235,7 @@ class PackedTrial:
             logger.log_hyperparams({k: v for k, v in self.module.hparams.items() if k != "_class_path"})
         manifest = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunManifest))
         view = SimpleNamespace(global_rank=0, default_root_dir=self.trainer.default_root_dir, datamodule=self.dm,
-                               loggers=self.trainer.loggers)  # fmt: skip
+                               loggers=self.trainer.loggers)
         manifest.on_fit_start(view, self.module)
         self._write_config()
         if self.resume is not None:
@@ -249,9 +252,6 @@ class PackedTrial:
         shutil.copyfile(log_dir / "config.yaml", self.run / "fit.yaml")
 
     def _restore(self, path: Path) -> None:
-        from spellxfer.training.checkpointing import load_fit_checkpoint
-        from spellxfer.training.loggers import WhitelistedCSVLogger
-
         ckpt = load_fit_checkpoint(path, resume=True)
         self.log(f"Restoring states from the checkpoint path at {path} (step {ckpt['global_step']})")
         self.lora.load_state(self.name, ckpt["state_dict"], f"checkpoint {path}")
@@ -278,7 +278,7 @@ class PackedTrial:
     def _drop_abandoned(self, resumed: Path) -> None:
         """Remove checkpoints the killed run saved after the resume point (as ResumeState does)."""
         tracked = {Path(p).resolve() for cb in (self.scored, self.step_ckpt)
-                   for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path) if p}  # fmt: skip
+                   for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path) if p}
         for d in {Path(cb.dirpath).resolve() for cb in (self.scored, self.step_ckpt)}:
             for p in sorted(d.glob("*.ckpt")):
                 if p.resolve() not in tracked | {resumed.resolve()} and (s := _saved_step(p)) is not None and s > self.global_step:
@@ -309,7 +309,7 @@ class PackedTrial:
             micro = _Micro(index=self.total_batches + k, batch_idx=idx, is_last=last,
                            steps=(idx + 1) % self.accumulate == 0 or last,
                            validates=epoch_ok and count % self.val_check_batch == 0,
-                           tokens=int(batch["n_real_tokens"]))  # fmt: skip
+                           tokens=int(batch["n_real_tokens"]))
             batches.append(batch)
             self._pending.append(micro)
             if not window or micro.steps or micro.validates or micro.is_last:
@@ -353,7 +353,7 @@ class PackedTrial:
                 self.global_step += 1
                 if self.global_step % self.log_every == 0:
                     row = {"train/loss": loss, "train/real_tokens": float(micro.tokens),
-                           f"lr-{type(self.optimizer).__name__}": lr}  # fmt: skip
+                           f"lr-{type(self.optimizer).__name__}": lr}
                     if rate is not None:
                         row["train/tokens_per_second"] = rate
                     self._log_metrics(row)
@@ -386,7 +386,7 @@ class PackedTrial:
         """Batches of one fit validation: per loader (position, count), its items over eval_batch_size."""
         size = self.dm.eval_batch_size
         return sum(math.ceil(len(v) / (len(v) if size == "auto" else size)) if v else 0
-                   for v in self.dm.eval_items["val"].values())  # fmt: skip
+                   for v in self.dm.eval_items["val"].values())
 
     @property
     def validates_at_step_zero(self) -> bool:
@@ -482,11 +482,9 @@ class PackedTrial:
 
     def checkpoint(self) -> dict:
         """A Lightning checkpoint of this trial as it stands (the keys and layout fit writes)."""
-        import lightning
-
         t = self.trainer
         loops = {"fit_loop": t.fit_loop.state_dict(), "validate_loop": t.validate_loop.state_dict(),
-                 "test_loop": t.test_loop.state_dict(), "predict_loop": t.predict_loop.state_dict()}  # fmt: skip
+                 "test_loop": t.test_loop.state_dict(), "predict_loop": t.predict_loop.state_dict()}
         fit = loops["fit_loop"]
         batches, steps = fit["epoch_loop.batch_progress"], fit["epoch_loop.automatic_optimization.optim_progress"]
         for scope, n in (("total", self.total_batches), ("current", self.in_epoch)):
@@ -495,7 +493,7 @@ class PackedTrial:
             fit["epoch_loop.scheduler_progress"][scope].update(ready=self.global_step, completed=self.global_step)
             steps["optimizer"]["step"][scope].update(ready=self.global_step, completed=self.global_step)
             steps["optimizer"]["zero_grad"][scope].update(ready=self.global_step, started=self.global_step,
-                                                          completed=self.global_step)  # fmt: skip
+                                                          completed=self.global_step)
         batches["is_last_batch"] = self._epoch_done
         epoch = self.epoch
         for scope in ("total", "current"):
@@ -531,17 +529,13 @@ class PackedTrial:
     def finish(self) -> tuple[float, Path]:
         """Export the best checkpoint's adapter (as fit does) into ``adapter/``, keep its weights in
         the pack for the test evaluation; returns (best objective, best checkpoint)."""
-        from spellxfer.models.registry import write_loadable_base
-        from spellxfer.training.cards import write_card
-        from spellxfer.training.checkpointing import load_fit_checkpoint, selection_note, training_facts
-
         kill_point("fit_end", self.global_step)
         for logger in self.trainer.loggers:
             logger.finalize("success")
         best = self.scored.best_model_path
         if not best:
             raise TrialError(f"no validation ran, so there is no {self.scored.monitor} and no best checkpoint "
-                             "(is trainer.max_steps below trainer.val_check_interval?)")  # fmt: skip
+                             "(is trainer.max_steps below trainer.val_check_interval?)")
         self.lora.load_state(self.name, load_fit_checkpoint(best)["state_dict"], f"checkpoint {best}")
         exported = self.lora.save_adapter(self.name, Path(self.trainer.default_root_dir) / "best_adapter")
         adapter = self.run / "adapter"  # the sweep's contract keeps it at adapter/
@@ -551,7 +545,7 @@ class PackedTrial:
         write_loadable_base(adapter, self.hp.model, self.hp.seed)
         facts = training_facts(self.dm.hparams, self.accumulate, self.max_steps, self.global_step)
         write_card(adapter, base_model=self.hp.model, hparams={**self.hp, **facts},
-                   data_dir=self.dm.hparams.get("data_dir"), selection=selection_note(best))  # fmt: skip
+                   data_dir=self.dm.hparams.get("data_dir"), selection=selection_note(best))
         return float(self.scored.best_model_score), Path(best)
 
     def close(self, status: str = "failed") -> None:

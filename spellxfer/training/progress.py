@@ -117,7 +117,7 @@ class PlainProgressBar(ProgressBar):
             self._eval = PlainProgress("validation", int(total) if math.isfinite(total) else None, unit="batches")
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:  # fmt: skip
+                                dataloader_idx: int = 0) -> None:
         if self._active(trainer) and self._eval is not None:
             self._eval.update(self._eval.done + 1)
 
@@ -126,7 +126,7 @@ class PlainProgressBar(ProgressBar):
         if not self._active(trainer) or trainer.state.fn != "fit":
             return
         shown = {k: float(v) for k, v in trainer.callback_metrics.items()
-                 if k in ("val/position_accuracy", "val/count_accuracy", "val/transfer_score")}  # fmt: skip
+                 if k in ("val/position_accuracy", "val/count_accuracy", "val/transfer_score")}
         if shown:
             values = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
             print(f"validation at step {trainer.global_step}: {values}", flush=True)
@@ -137,6 +137,6 @@ class PlainProgressBar(ProgressBar):
             self._eval = PlainProgress("test", int(total) if math.isfinite(total) else None, unit="batches")
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:  # fmt: skip
+                          dataloader_idx: int = 0) -> None:
         if self._active(trainer) and self._eval is not None:
             self._eval.update(self._eval.done + 1)
