@@ -228,16 +228,34 @@ def bench_serve(
     check_reachable(url, timeout)
 
     console = Console(stderr=True)
-    with Progress(TextColumn(f"[bold]bench {route} c={concurrency}"), BarColumn(), TextColumn("{task.completed} requests"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn(f"[bold]bench {route} c={concurrency}"),
+        BarColumn(),
+        TextColumn("{task.completed} requests"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("load", total=requests or None)
-        samples, seconds = asyncio.run(run_load(url, concurrency, duration, requests, route, max_tokens, api_key,
-                                                timeout, on_done=lambda: bar.advance(task),
-                                                hostile_fraction=hostile_fraction))
+        samples, seconds = asyncio.run(
+            run_load(
+                url,
+                concurrency,
+                duration,
+                requests,
+                route,
+                max_tokens,
+                api_key,
+                timeout,
+                on_done=lambda: bar.advance(task),
+                hostile_fraction=hostile_fraction,
+            )
+        )
 
     label = f"{route}-c{concurrency}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-    summary = summarise(samples, seconds, label=label, url=url, route=route, concurrency=concurrency,
-                        max_tokens=max_tokens)
+    summary = summarise(
+        samples, seconds, label=label, url=url, route=route, concurrency=concurrency, max_tokens=max_tokens
+    )
     root = Path(out)
     write_samples(root / "data" / f"bench-{label}.csv", samples)
     rows = append_summary(root / "data" / "bench_summary.csv", summary)
@@ -255,8 +273,10 @@ def check_reachable(url: str, timeout: float) -> None:
     try:
         httpx.get(f"{url.rstrip('/')}/health", timeout=min(timeout, 10.0))
     except httpx.ConnectError as e:
-        raise SpellxferError(f"bench serve: nothing answers at {url} ({' '.join(str(e).split()) or 'connection refused'}); "
-                             "start the server first (python -m spellxfer serve) or check --url") from None
+        raise SpellxferError(
+            f"bench serve: nothing answers at {url} ({' '.join(str(e).split()) or 'connection refused'}); "
+            "start the server first (python -m spellxfer serve) or check --url"
+        ) from None
     except httpx.HTTPError:
         pass  # it answered, slowly or oddly: the load test itself measures that
 
@@ -285,9 +305,33 @@ def append_summary(path: Path, summary: dict) -> list[dict]:
 def print_summary(s: dict) -> None:
     """The run's numbers as a table on stdout (full width even when piped into a log)."""
     console = Console(width=None if sys.stdout.isatty() else 160)
-    table = Table("route", "concurrency", "seconds", "requests", "ok", "4xx", "5xx", "no reply", "req/s",
-                  "p50 ms", "p95 ms", "p99 ms", title=f"bench {s['url']}")
-    table.add_row(s["route"], str(s["concurrency"]), str(s["seconds"]), str(s["requests"]), str(s["ok"]),
-                  str(s["errors_4xx"]), str(s["errors_5xx"]), str(s["transport_errors"]), str(s["throughput_rps"]),
-                  str(s["p50_ms"]), str(s["p95_ms"]), str(s["p99_ms"]))
+    table = Table(
+        "route",
+        "concurrency",
+        "seconds",
+        "requests",
+        "ok",
+        "4xx",
+        "5xx",
+        "no reply",
+        "req/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        title=f"bench {s['url']}",
+    )
+    table.add_row(
+        s["route"],
+        str(s["concurrency"]),
+        str(s["seconds"]),
+        str(s["requests"]),
+        str(s["ok"]),
+        str(s["errors_4xx"]),
+        str(s["errors_5xx"]),
+        str(s["transport_errors"]),
+        str(s["throughput_rps"]),
+        str(s["p50_ms"]),
+        str(s["p95_ms"]),
+        str(s["p99_ms"]),
+    )
     print_table(table, console)

@@ -63,8 +63,18 @@ from spellxfer.training.datamodule import (
 from spellxfer.training.module import ALL_LINEAR, SpellingLoRAModule
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (NVIDIA datasheet)
-SPELLXFER_KEYS = {"batch_size", "kernels", "gradient_checkpointing", "backend", "load_in_4bit", "attention_mask",
-                  "peft_input_cast", "lora_r", "cudnn_attention", "compile_layers"}
+SPELLXFER_KEYS = {
+    "batch_size",
+    "kernels",
+    "gradient_checkpointing",
+    "backend",
+    "load_in_4bit",
+    "attention_mask",
+    "peft_input_cast",
+    "lora_r",
+    "cudnn_attention",
+    "compile_layers",
+}
 REFERENCE_KEYS = {"batch_size", "gradient_checkpointing", "lora_r"}
 
 
@@ -72,13 +82,17 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     """``"spellxfer:kernels=none,batch_size=64"`` → ``("spellxfer", {"kernels": "none", "batch_size": 64})``."""
     name, _, rest = spec.partition(":")
     if name not in ("reference", "spellxfer"):
-        raise SpellxferError(f"--variants: unknown variant {name!r} in {spec!r}; use reference or spellxfer[:key=value,…]")
+        raise SpellxferError(
+            f"--variants: unknown variant {name!r} in {spec!r}; use reference or spellxfer[:key=value,…]"
+        )
     allowed = SPELLXFER_KEYS if name == "spellxfer" else REFERENCE_KEYS
     overrides: dict = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in allowed:
-            raise SpellxferError(f"--variants: {spec!r}: {item!r} is not key=value with key in {sorted(allowed)}")
+            raise SpellxferError(
+                f"--variants: {spec!r}: {item!r} is not key=value with key in {sorted(allowed)}"
+            )
         if value.lower() in ("true", "false"):
             overrides[key] = value.lower() == "true"
         elif value.isdigit():
@@ -134,17 +148,35 @@ def _sync(device: torch.device) -> None:
 def _examples(data_dir: Path, model: str, n: int, seed: int) -> list[dict]:
     rows = read_training_rows(data_dir / TRAIN_FILE, limit=n).to_list()
     random.Random(seed).shuffle(rows)
-    return tokenize_examples(load_tokenizer(model), [r["question"] for r in rows], [r["answer"] for r in rows])
+    return tokenize_examples(
+        load_tokenizer(model), [r["question"] for r in rows], [r["answer"] for r in rows]
+    )
 
 
-def run_reference(model: str, examples: list[dict], batch_size: int, steps: int, warmup: int, lora_r: int,
-                  gradient_checkpointing: bool, device: torch.device) -> dict:
+def run_reference(
+    model: str,
+    examples: list[dict],
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    lora_r: int,
+    gradient_checkpointing: bool,
+    device: torch.device,
+) -> dict:
     """The plain padded transformers + PEFT loop (see the module docstring)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = load_model(model, dtype=dtype, device=str(device))
     base.requires_grad_(False)
-    lm = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
-                                         target_modules=list(ALL_LINEAR), task_type="CAUSAL_LM"))
+    lm = get_peft_model(
+        base,
+        LoraConfig(
+            r=lora_r,
+            lora_alpha=2 * lora_r,
+            lora_dropout=0.0,
+            target_modules=list(ALL_LINEAR),
+            task_type="CAUSAL_LM",
+        ),
+    )
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.enable_input_require_grads()
@@ -153,15 +185,20 @@ def run_reference(model: str, examples: list[dict], batch_size: int, steps: int,
     collate = SpellingCollator(base.generation_config.pad_token_id or 0)
     need = (warmup + steps) * batch_size
     if need > len(examples):
-        raise SpellxferError(f"bench train: {need} rows needed, {len(examples)} available; lower --steps or --batch_size")
+        raise SpellxferError(
+            f"bench train: {need} rows needed, {len(examples)} available; lower --steps or --batch_size"
+        )
     real = padded = 0
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             t0 = time.perf_counter()
         b = collate(examples[step * batch_size : (step + 1) * batch_size])
-        out = lm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                 labels=b["labels"].to(device))
+        out = lm(
+            input_ids=b["input_ids"].to(device),
+            attention_mask=b["attention_mask"].to(device),
+            labels=b["labels"].to(device),
+        )
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -175,29 +212,60 @@ def run_reference(model: str, examples: list[dict], batch_size: int, steps: int,
     return result
 
 
-def run_spellxfer(model: str, data_dir: Path, n_rows: int, steps: int, warmup: int, seed: int, device: torch.device,
-                  batch_size: int, profile: bool = False, **overrides) -> dict:
+def run_spellxfer(
+    model: str,
+    data_dir: Path,
+    n_rows: int,
+    steps: int,
+    warmup: int,
+    seed: int,
+    device: torch.device,
+    batch_size: int,
+    profile: bool = False,
+    **overrides,
+) -> dict:
     """The real LightningModule + DataModule under a Lightning Trainer, timed by a callback."""
     attention_mask = overrides.pop("attention_mask", False)
     peft_input_cast = overrides.pop("peft_input_cast", False)
     cudnn_attention = overrides.pop("cudnn_attention", False)
     lora_r = overrides.pop("lora_r", 16)
-    module = SpellingLoRAModule(model=model, lora_r=lora_r, lora_alpha=2 * lora_r, warmup_steps=0, seed=seed,
-                                **overrides)
+    module = SpellingLoRAModule(
+        model=model, lora_r=lora_r, lora_alpha=2 * lora_r, warmup_steps=0, seed=seed, **overrides
+    )
     module.use_attention_mask = attention_mask
     module.keep_peft_input_cast = peft_input_cast
     module.cudnn_attention = cudnn_attention
-    data = SpellingDataModule(str(data_dir), model, build_profile=None, seed=seed, batch_size=batch_size,
-                              train_limit=n_rows, val_limit=1)
+    data = SpellingDataModule(
+        str(data_dir),
+        model,
+        build_profile=None,
+        seed=seed,
+        batch_size=batch_size,
+        train_limit=n_rows,
+        val_limit=1,
+    )
     timer = _StepTimer(warmup, steps, device, profile)
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                        max_steps=warmup + steps + profile,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=warmup + steps + profile,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, datamodule=data)
-    result = {"real_tokens": timer.real, "padded_tokens": timer.padded, "seconds": timer.seconds,
-              "config": module.lm.config, "kernels": module.kernels_applied, "backend": module.resolved_backend}
+    result = {
+        "real_tokens": timer.real,
+        "padded_tokens": timer.padded,
+        "seconds": timer.seconds,
+        "config": module.lm.config,
+        "kernels": module.kernels_applied,
+        "backend": module.resolved_backend,
+    }
     del trainer, module, data
     return result
 
@@ -221,7 +289,9 @@ class _StepTimer(Callback):
         if batch_idx == self.warmup + self.steps:  # one extra, profiled step after the timed ones
             self._stop_clock()
             cuda = self.device.type == "cuda"
-            self._prof = torch.profiler.profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            self._prof = torch.profiler.profile(
+                activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            )
             self._prof.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -229,8 +299,11 @@ class _StepTimer(Callback):
             _sync(self.device)
             self._prof.__exit__(None, None, None)
             key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-            print("--- profile of one step\n" + self._prof.key_averages().table(sort_by=key, row_limit=25,
-                  max_name_column_width=60), flush=True)
+            print(
+                "--- profile of one step\n"
+                + self._prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60),
+                flush=True,
+            )
             self._prof = None
 
     def on_train_end(self, trainer, pl_module):
@@ -244,9 +317,19 @@ class _StepTimer(Callback):
         self.seconds = time.perf_counter() - self._t0
 
 
-def run_variant(spec: str, model: str, data_dir: Path, examples: list[dict], steps: int, warmup: int,
-                batch_size: int, reference_batch_size: int, seed: int, device: torch.device,
-                profile: bool = False) -> dict:
+def run_variant(
+    spec: str,
+    model: str,
+    data_dir: Path,
+    examples: list[dict],
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    reference_batch_size: int,
+    seed: int,
+    device: torch.device,
+    profile: bool = False,
+) -> dict:
     """Measure one variant; the GPU's peak memory counter is reset first and freed after."""
     name, overrides = parse_variant(spec)
     gc.collect()
@@ -257,11 +340,29 @@ def run_variant(spec: str, model: str, data_dir: Path, examples: list[dict], ste
     t_start = time.perf_counter()
     try:
         if name == "reference":
-            r = run_reference(model, examples, bs, steps, warmup, overrides.get("lora_r", 16),
-                              overrides.get("gradient_checkpointing", False), device)
+            r = run_reference(
+                model,
+                examples,
+                bs,
+                steps,
+                warmup,
+                overrides.get("lora_r", 16),
+                overrides.get("gradient_checkpointing", False),
+                device,
+            )
         else:
-            r = run_spellxfer(model, data_dir, (warmup + steps + profile) * bs, steps, warmup, seed, device, bs,
-                              profile=profile, **overrides)
+            r = run_spellxfer(
+                model,
+                data_dir,
+                (warmup + steps + profile) * bs,
+                steps,
+                warmup,
+                seed,
+                device,
+                bs,
+                profile=profile,
+                **overrides,
+            )
     except torch.OutOfMemoryError as e:  # a finding, not a crash: the table says which setting does not fit
         r = {"failed": "out of memory: " + str(e).splitlines()[0], "config": None}
     except Exception as e:  # e.g. a kernel that fails to build: record it, measure the other variants
@@ -309,7 +410,9 @@ def bench_train(
     check_model_name(model)
     refuse_gpu_model_on_cpu("train", model)
     if steps < 1 or warmup < 1 or batch_size < 1 or reference_batch_size < 1:
-        raise SpellxferError("bench train: --steps, --warmup, --batch_size and --reference_batch_size must be ≥ 1")
+        raise SpellxferError(
+            "bench train: --steps, --warmup, --batch_size and --reference_batch_size must be ≥ 1"
+        )
     for spec in variants:  # validate every spec before any work
         parse_variant(spec)
     specs = list(variants)
@@ -318,9 +421,19 @@ def bench_train(
         build(str(data), profile="full", seed=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_path = Path(out) if out else bench_dir(device) / f"train-{model}.json"
-    command = command_line(["bench", "train"], model=model, data_dir=data_dir, variants=variants, batch_size=batch_size,
-                           reference_batch_size=reference_batch_size, steps=steps, warmup=warmup, seed=seed,
-                           profile=profile, out=out)
+    command = command_line(
+        ["bench", "train"],
+        model=model,
+        data_dir=data_dir,
+        variants=variants,
+        batch_size=batch_size,
+        reference_batch_size=reference_batch_size,
+        steps=steps,
+        warmup=warmup,
+        seed=seed,
+        profile=profile,
+        out=out,
+    )
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(results: list[dict], rate, supervised) -> dict:
@@ -328,9 +441,19 @@ def bench_train(
         base = results[0]["tokens_per_second"] or float("nan")
         for r in results:
             r["ratio_to_first"] = r["tokens_per_second"] / base
-        report = {"kind": "train", "model": model, "date": time.strftime("%Y-%m-%d"), **run_environment(device),
-                  "command": command, "matmul_flops_per_second": rate, "supervised_fraction": supervised,
-                  "steps": steps, "warmup": warmup, "data_dir": str(data), "results": results}
+        report = {
+            "kind": "train",
+            "model": model,
+            "date": time.strftime("%Y-%m-%d"),
+            **run_environment(device),
+            "command": command,
+            "matmul_flops_per_second": rate,
+            "supervised_fraction": supervised,
+            "steps": steps,
+            "warmup": warmup,
+            "data_dir": str(data),
+            "results": results,
+        }
         with atomic_file(out_path) as f:
             json.dump(report, f, indent=2, default=str)
         return report
@@ -340,13 +463,19 @@ def bench_train(
         # cuDNN plan caches and allocator state cannot leak from one measurement into the next.
         results: list[dict] = []
         for spec in specs:
-            one = _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile)
+            one = _run_isolated(
+                spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile
+            )
             results.append(one["results"][0])
             report = write(results, one["matmul_flops_per_second"], one["supervised_fraction"])
-            print(f"{spec}: {results[-1].get('tokens_per_second')} real tokens/s (written to {out_path})", flush=True)
+            print(
+                f"{spec}: {results[-1].get('tokens_per_second')} real tokens/s (written to {out_path})",
+                flush=True,
+            )
     else:
-        rate, supervised, results = _measure(specs[0], model, data, batch_size, reference_batch_size, steps, warmup,
-                                             seed, profile, device)
+        rate, supervised, results = _measure(
+            specs[0], model, data, batch_size, reference_batch_size, steps, warmup, seed, profile, device
+        )
         report = write(results, rate, supervised)
     _print_table(report, "real tokens/s", "tokens_per_second")
     print(f"wrote {out_path}")
@@ -357,10 +486,14 @@ def _measure(spec, model, data, batch_size, reference_batch_size, steps, warmup,
     """One variant in this process: (matmul FLOP/s, supervised fraction, [result])."""
     bs = max(batch_size, reference_batch_size, parse_variant(spec)[1].get("batch_size", 0))
     examples = _examples(data, model, (warmup + steps + 1) * bs, seed)
-    supervised = sum(sum(t != -100 for t in e["labels"]) for e in examples) / sum(len(e["labels"]) for e in examples)
+    supervised = sum(sum(t != -100 for t in e["labels"]) for e in examples) / sum(
+        len(e["labels"]) for e in examples
+    )
     rate = matmul_rate(device)
     print(f"bench train: {spec} …", flush=True)
-    r = run_variant(spec, model, data, examples, steps, warmup, batch_size, reference_batch_size, seed, device, profile)
+    r = run_variant(
+        spec, model, data, examples, steps, warmup, batch_size, reference_batch_size, seed, device, profile
+    )
     config = r.pop("config")
     if "failed" in r:
         print(f"bench train: {spec} failed: {r['failed']}", flush=True)
@@ -377,10 +510,33 @@ def _measure(spec, model, data, batch_size, reference_batch_size, steps, warmup,
 def _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "one.json"
-        cmd = [sys.executable, "-m", "spellxfer", "bench", "train", "--model", model, "--data_dir", str(data),
-               "--variants", spec, "--batch_size", str(batch_size), "--reference_batch_size",
-               str(reference_batch_size), "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed),
-               "--profile", str(profile).lower(), "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "spellxfer",
+            "bench",
+            "train",
+            "--model",
+            model,
+            "--data_dir",
+            str(data),
+            "--variants",
+            spec,
+            "--batch_size",
+            str(batch_size),
+            "--reference_batch_size",
+            str(reference_batch_size),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--seed",
+            str(seed),
+            "--profile",
+            str(profile).lower(),
+            "--out",
+            str(out),
+        ]
         rc = subprocess.run(cmd).returncode
         if rc != 0 or not out.is_file():
             raise SpellxferError(f"bench train: variant {spec!r} exited with code {rc}")
@@ -399,8 +555,13 @@ def run_environment(device: torch.device) -> dict:
     card: dict = {"name": _device_name(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        card.update(memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
-                    multiprocessors=props.multi_processor_count, cuda=torch.version.cuda, driver=_driver_version())
+        card.update(
+            memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            driver=_driver_version(),
+        )
     versions = package_versions()
     for pkg in ("triton", "liger-kernel", "accelerate"):
         try:
@@ -412,8 +573,12 @@ def run_environment(device: torch.device) -> dict:
 
 def _driver_version() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
@@ -428,15 +593,20 @@ def refuse_gpu_model_on_cpu(command: str, model: str) -> None:
     """One ``error:`` line, before any data is built or weights are loaded, when ``model`` is
     GPU-sized and no CUDA device is visible."""
     if model in GPU_ONLY_MODELS and not torch.cuda.is_available():
-        raise SpellxferError(f"bench {command}: --model {model} needs a CUDA GPU and none is visible here; "
-                             "on a CPU use --model tiny-qwen3 (or smollm2-135m)")
+        raise SpellxferError(
+            f"bench {command}: --model {model} needs a CUDA GPU and none is visible here; "
+            "on a CPU use --model tiny-qwen3 (or smollm2-135m)"
+        )
 
 
 def bench_dir(device: torch.device) -> Path:
     """``results/bench/<card>-<date>/``: ``h200-2026-12-01``, ``cpu-2026-12-01``."""
     name = _device_name(device) if device.type == "cuda" else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower().removeprefix("nvidia ")).strip("-")
-    return Path("results/bench") / f"{slug.split('-')[0] if device.type == 'cuda' else slug}-{time.strftime('%Y-%m-%d')}"
+    return (
+        Path("results/bench")
+        / f"{slug.split('-')[0] if device.type == 'cuda' else slug}-{time.strftime('%Y-%m-%d')}"
+    )
 
 
 def command_line(command: list[str], **args) -> str:
@@ -446,7 +616,11 @@ def command_line(command: list[str], **args) -> str:
         if value is None:
             continue
         parts.append(f"--{key}")
-        parts += [str(v) for v in value] if isinstance(value, list) else [str(value).lower() if isinstance(value, bool) else str(value)]
+        parts += (
+            [str(v) for v in value]
+            if isinstance(value, list)
+            else [str(value).lower() if isinstance(value, bool) else str(value)]
+        )
     return shlex.join(parts)
 
 
@@ -456,7 +630,13 @@ def _print_table(report: dict, rate_label: str, key: str) -> None:
     for col in ("batch", rate_label, "× first", "MFU (peak)", "MFU (matmul)", "peak GiB"):
         table.add_column(col, justify="right")
     for r in report["results"]:
-        table.add_row(r["variant"], str(r["batch_size"]), f"{r[key]:,.0f}", f"{r['ratio_to_first']:.2f}",
-                      "–" if r["mfu_vs_peak"] is None else f"{r['mfu_vs_peak']:.1%}", f"{r['mfu_vs_matmul']:.1%}",
-                      "–" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}")
+        table.add_row(
+            r["variant"],
+            str(r["batch_size"]),
+            f"{r[key]:,.0f}",
+            f"{r['ratio_to_first']:.2f}",
+            "–" if r["mfu_vs_peak"] is None else f"{r['mfu_vs_peak']:.1%}",
+            f"{r['mfu_vs_matmul']:.1%}",
+            "–" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+        )
     print_table(table, Console(width=None if sys.stdout.isatty() else 200))  # whole rows in a log file

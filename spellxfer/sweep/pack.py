@@ -168,8 +168,10 @@ class Pack:
             self.shared = shared
         elif shared != self.shared:
             diff = next(k for k in shared if shared[k] != self.shared.get(k))
-            raise TrialError(f"--pack: model.{diff} is {shared[diff]!r} here but {self.shared[diff]!r} for the pack's "
-                             "base model; packed trials share one base (search it without --pack)")
+            raise TrialError(
+                f"--pack: model.{diff} is {shared[diff]!r} here but {self.shared[diff]!r} for the pack's "
+                "base model; packed trials share one base (search it without --pack)"
+            )
         packed.setup_data(self.data_cache)
         packed.attach(self.lora)
 
@@ -239,8 +241,13 @@ class Pack:
             self.peak_memory = max(self.peak_memory, torch.cuda.max_memory_allocated(self.device))
         steps = [s.packed.global_step for s in self.active]
         if steps:
-            self.ctx.progress(self.worker, trial=self._numbers(), phase="fit", step=min(steps),
-                              total=max(s.packed.max_steps for s in self.active))
+            self.ctx.progress(
+                self.worker,
+                trial=self._numbers(),
+                phase="fit",
+                step=min(steps),
+                total=max(s.packed.max_steps for s in self.active),
+            )
 
     def _train(self, live: list[Slot], batches: dict) -> tuple[list[Slot], list[list[float]]]:
         """Forward and backward of every live trial's micro-batches in one pass. A trial whose loss
@@ -260,8 +267,11 @@ class Pack:
                     losses, failed, start = [], {}, 0
                     for (s, _), (_, n, _, _) in zip(flat, groups):
                         try:
-                            losses.append(completion_loss_from_hidden(hidden[start : start + n], head.weight,
-                                                                      labels[start : start + n]))
+                            losses.append(
+                                completion_loss_from_hidden(
+                                    hidden[start : start + n], head.weight, labels[start : start + n]
+                                )
+                            )
                         except ValueError as e:
                             failed.setdefault(s.number, (s, _reason(e)))
                         start += n
@@ -269,7 +279,9 @@ class Pack:
                     flat_values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for all
                     for (s, _), v in zip(flat, flat_values):
                         if not math.isfinite(v):
-                            failed.setdefault(s.number, (s, f"loss is {v} at step {s.packed.global_step + 1}"))
+                            failed.setdefault(
+                                s.number, (s, f"loss is {v} at step {s.packed.global_step + 1}")
+                            )
                 if failed:
                     del hidden, losses
                     for s, why in failed.values():
@@ -312,13 +324,21 @@ class Pack:
             sampling = default_sampling(decoding=decoding, max_new_tokens=max_new, seed=seed)
             items = [s.packed.val_items() for s in slots]
             self.ctx.progress(self.worker, phase=f"validate {len(slots)} trials")
-            replies, _ = self.generate([s.packed.name for s in slots], [[it.question for it in its] for its in items],
-                                       sampling, "auto")
+            replies, _ = self.generate(
+                [s.packed.name for s in slots],
+                [[it.question for it in its] for its in items],
+                sampling,
+                "auto",
+            )
             for s, its, outs in zip(slots, items, replies):
                 try:
-                    values = s.packed.after_validation(its, [score(r[0], it.answer)[1] for r, it in zip(outs, its)])
-                    s.packed.log(f"validation at step {s.packed.global_step}: "
-                                 + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k.count("/") == 1))
+                    values = s.packed.after_validation(
+                        its, [score(r[0], it.answer)[1] for r, it in zip(outs, its)]
+                    )
+                    s.packed.log(
+                        f"validation at step {s.packed.global_step}: "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k.count("/") == 1)
+                    )
                     self._report(s, values)
                 except optuna.TrialPruned as e:
                     s.packed.log(f"pruned: {e}")
@@ -366,37 +386,75 @@ class Pack:
         flags = {k: v for k, v in self.ctx.space.evaluation.items() if v is not None}
         items = load_questions(self.ctx.test_files, limit=flags.get("limit"))
         # the exact generation prompts, the same for every trial and decoding
-        chat_prompts = [format_chat(self.tokenizer, [{"role": "user", "content": it.question}]) for it in items]
+        chat_prompts = [
+            format_chat(self.tokenizer, [{"role": "user", "content": it.question}]) for it in items
+        ]
         scoring = resolve_scoring(flags.get("scoring"), items)
         probes: dict[int, tuple] = {}
         if scoring != "generation":
             self.ctx.progress(self.worker, phase=f"probe {len(slots)} trials")
             with self._mixed_precision():
-                results, prompts, seconds, scorer = probe_packed(self.lora, self.tokenizer, [s.packed.name for s in slots],
-                                                                 items, flags.get("batch_size", "auto"))
+                results, prompts, seconds, scorer = probe_packed(
+                    self.lora,
+                    self.tokenizer,
+                    [s.packed.name for s in slots],
+                    items,
+                    flags.get("batch_size", "auto"),
+                )
             probes = {s.number: (r, prompts, seconds, scorer) for s, r in zip(slots, results)}
         for decoding in self.ctx.space.decodings:
             slots = [s for s in slots if s in self.active]
             if not slots:
                 return
-            sampling = default_sampling(decoding=decoding, samples=flags.get("samples"), seed=flags.get("seed"),
-                                        max_new_tokens=flags.get("max_new_tokens"))
+            sampling = default_sampling(
+                decoding=decoding,
+                samples=flags.get("samples"),
+                seed=flags.get("seed"),
+                max_new_tokens=flags.get("max_new_tokens"),
+            )
             replies, engine, seconds = [None] * len(slots), None, 0.0
             if scoring != "likelihood":
                 self.ctx.progress(self.worker, phase=f"evaluate {len(slots)} trials ({decoding})")
                 t0 = time.perf_counter()
-                replies, engine = self.generate([s.packed.name for s in slots], [[it.question for it in items]] * len(slots),
-                                                sampling, flags.get("batch_size", "auto"))
+                replies, engine = self.generate(
+                    [s.packed.name for s in slots],
+                    [[it.question for it in items]] * len(slots),
+                    sampling,
+                    flags.get("batch_size", "auto"),
+                )
                 seconds = time.perf_counter() - t0
             for s, outs in zip(slots, replies):
                 try:
-                    self._write_evaluation(s, decoding, items, chat_prompts, scoring, sampling, outs, engine, seconds,
-                                           len(slots), probes.get(s.number))
+                    self._write_evaluation(
+                        s,
+                        decoding,
+                        items,
+                        chat_prompts,
+                        scoring,
+                        sampling,
+                        outs,
+                        engine,
+                        seconds,
+                        len(slots),
+                        probes.get(s.number),
+                    )
                 except Exception as e:
                     self.fail(s, f"evaluate ({decoding}): {_reason(e)}")
 
-    def _write_evaluation(self, s: Slot, decoding: str, items, prompts: list[str], scoring: str, sampling, replies,
-                          engine, seconds: float, n_trials: int, probe: tuple | None) -> None:
+    def _write_evaluation(
+        self,
+        s: Slot,
+        decoding: str,
+        items,
+        prompts: list[str],
+        scoring: str,
+        sampling,
+        replies,
+        engine,
+        seconds: float,
+        n_trials: int,
+        probe: tuple | None,
+    ) -> None:
         """``eval/<decoding>/`` as ``evaluate --compare_to <base>`` writes it (``probe``: this
         trial's probe results, the prompts + frames, the pass's seconds and scorer; None when the
         scoring is generation only)."""
@@ -408,35 +466,65 @@ class Pack:
         metrics["scoring"] = scoring
         # the keys of evaluate's "run" (shots: the sweep evaluates zero-shot), and the pack's own
         metrics["run"] = {
-            "model": self.ctx.model, "adapter": str(s.run / "adapter"), "scoring": scoring, "shots": 0, "shot_pool": None,
-            "sampling": sampling.record(), "batch_size": engine.last_batch_size if engine else None,
+            "model": self.ctx.model,
+            "adapter": str(s.run / "adapter"),
+            "scoring": scoring,
+            "shots": 0,
+            "shot_pool": None,
+            "sampling": sampling.record(),
+            "batch_size": engine.last_batch_size if engine else None,
             "decoder": engine.resolve_path(self.device) if engine else None,
-            "questions": [str(p) for p in self.ctx.test_files], "limit": self.ctx.space.evaluation.get("limit"),
-            "n_items": len(items), "seconds": round(seconds, 2),
+            "questions": [str(p) for p in self.ctx.test_files],
+            "limit": self.ctx.space.evaluation.get("limit"),
+            "n_items": len(items),
+            "seconds": round(seconds, 2),
             "items_per_second": round(len(items) * n_trials / seconds, 2) if seconds else None,
-            "likelihood": {"path": scorer.path, "batch_size": scorer.last_batch_size, "seconds": round(probe_seconds, 2),
-                           "items_per_second": round(len(items) * n_trials / probe_seconds, 2) if probe_seconds else None}
-            if scorer else None,
-            "packed_trials": n_trials, "device": str(self.device), "versions": package_versions(),
+            "likelihood": {
+                "path": scorer.path,
+                "batch_size": scorer.last_batch_size,
+                "seconds": round(probe_seconds, 2),
+                "items_per_second": round(len(items) * n_trials / probe_seconds, 2)
+                if probe_seconds
+                else None,
+            }
+            if scorer
+            else None,
+            "packed_trials": n_trials,
+            "device": str(self.device),
+            "versions": package_versions(),
             "policy": "trained on spelling only; evaluated on position and count only",
         }
         with atomic_output_dir(out, overwrite=True) as tmp:
             write_jsonl(tmp / "predictions.jsonl", predictions)
             write_json(tmp / "metrics.json", metrics)
-            comparison = compare_predictions(read_predictions(base), predictions, base_name=str(base), other_name=str(out))
+            comparison = compare_predictions(
+                read_predictions(base), predictions, base_name=str(base), other_name=str(out)
+            )
             write_json(tmp / "compare.json", comparison)
             (tmp / "compare.md").write_text(comparison_markdown(comparison), encoding="utf-8")
-        summary = ", ".join(f"{t}_{kind}accuracy {metrics[f'{t}_{kind}accuracy']:.3f}" for kind in ("", "likelihood_")
-                            for t in ("position", "count") if f"{t}_{kind}accuracy" in metrics)
+        summary = ", ".join(
+            f"{t}_{kind}accuracy {metrics[f'{t}_{kind}accuracy']:.3f}"
+            for kind in ("", "likelihood_")
+            for t in ("position", "count")
+            if f"{t}_{kind}accuracy" in metrics
+        )
         with open(s.run / "eval.log", "a", encoding="utf-8") as f:
-            f.write(f"packed evaluation ({decoding}, {scoring}) with {n_trials} trial(s) in "
-                    f"{seconds + probe_seconds:.1f} s: {summary} → {out}\n")
+            f.write(
+                f"packed evaluation ({decoding}, {scoring}) with {n_trials} trial(s) in "
+                f"{seconds + probe_seconds:.1f} s: {summary} → {out}\n"
+            )
 
     def stats(self) -> dict:
         """What the pack did (for ``bench sweep``): steps, seconds per phase, peak device memory."""
-        return {"slots": self.slots, "kernel": self.kernel, "window": self.window, "device": str(self.device), "steps": self.steps,
-                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
-                "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None}
+        return {
+            "slots": self.slots,
+            "kernel": self.kernel,
+            "window": self.window,
+            "device": str(self.device),
+            "steps": self.steps,
+            "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+            "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None,
+        }
 
     def fail(self, s: Slot, error) -> None:
         """End trial ``s`` alone as failed (its pack-mates go on)."""
@@ -457,8 +545,13 @@ class Pack:
             if self.lora is not None:
                 self.lora.remove(s.packed.name)
         log = log or (s.packed.log if s.packed is not None else fit_log(s.run))
-        write_trial_json(s.run, s.record | {"status": status, "error": error, "duration_s": round(time.time() - s.start, 1)})
-        state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}[status]
+        write_trial_json(
+            s.run,
+            s.record | {"status": status, "error": error, "duration_s": round(time.time() - s.start, 1)},
+        )
+        state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}[
+            status
+        ]
         try:
             if error:
                 log(f"error: {error}")
@@ -473,14 +566,25 @@ class Pack:
         self.after_trial(self.study, frozen)
 
 
-def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, after_trial: Callable,
-             deadline: float | None, heartbeat_s: int, kernel: str = "loop", window: bool = False) -> Pack:
+def run_pack(
+    ctx: SweepContext,
+    study,
+    worker: int,
+    slots: int,
+    n_trials: int,
+    after_trial: Callable,
+    deadline: float | None,
+    heartbeat_s: int,
+    kernel: str = "loop",
+    window: bool = False,
+) -> Pack:
     """Run trials of ``study`` in one pack of ``slots`` until the budget is spent (see the module
     docstring); returns the pack (its step count and peak memory, for the bench)."""
     pack = Pack(ctx, study, worker, slots, kernel, after_trial, window)
     beat = threading.Event()
-    heart = threading.Thread(target=_heartbeat, args=(study, pack, heartbeat_s, beat), daemon=True,
-                             name=f"pack-{worker}-heartbeat")
+    heart = threading.Thread(
+        target=_heartbeat, args=(study, pack, heartbeat_s, beat), daemon=True, name=f"pack-{worker}-heartbeat"
+    )
     heart.start()
     try:
         while not ctx.stop.is_set():
@@ -488,7 +592,11 @@ def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, a
                 for s in list(pack.active):  # fresh beats first: the pack's own trials are alive
                     _beat(study, s.trial)
                 optuna.storages.fail_stale_trials(study)
-            while len(pack.active) < slots and not ctx.stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            while (
+                len(pack.active) < slots
+                and not ctx.stop.is_set()
+                and (deadline is None or time.monotonic() < deadline)
+            ):
                 if plan(study, n_trials) != "run":
                     break
                 pack.start(study.ask())
@@ -506,21 +614,30 @@ def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, a
             pack.interrupt()
         beat.set()
         heart.join(5)
-        with atomic_file(ctx.sweep_dir / "pack-stats" / f"{socket.gethostname()}-{os.getpid()}-{worker}.json") as f:
+        with atomic_file(
+            ctx.sweep_dir / "pack-stats" / f"{socket.gethostname()}-{os.getpid()}-{worker}.json"
+        ) as f:
             json.dump(pack.stats(), f, indent=2)
     return pack
 
 
-def generate_packed(lora: PackedLoRA, tokenizer, names: list[str], questions: list[list[str]], sampling,
-                    batch_size: int | str = "auto"):
+def generate_packed(
+    lora: PackedLoRA,
+    tokenizer,
+    names: list[str],
+    questions: list[list[str]],
+    sampling,
+    batch_size: int | str = "auto",
+):
     """Replies to each adapter's questions (``questions[i]`` through adapter ``names[i]``), all in
     one engine pass: prompts of every adapter mixed in each batch, each row through its own
     adapter. Returns (replies per adapter, in question order; the engine, for its settings)."""
     flat = [q for qs in questions for q in qs]
     owner = [i for i, qs in enumerate(questions) for _ in qs]
     model = lora.model
-    engine = GenerationEngine(model, tokenizer, sampling, batch_size=batch_size,
-                              decoder=SpellingLoRAModule.generation_decoder)
+    engine = GenerationEngine(
+        model, tokenizer, sampling, batch_size=batch_size, decoder=SpellingLoRAModule.generation_decoder
+    )
     # The adapters follow rows by their place in the batch: a prefill cut into runs of rows
     # would hand each layer a slice it cannot place, so each batch is prefilled in one call.
     static_decoder(model).prefill_chunk_tokens = sys.maxsize
@@ -551,8 +668,14 @@ def probe_packed(lora: PackedLoRA, tokenizer, names: list[str], items, batch_siz
     conversations = [[{"role": "user", "content": it.question}] for it in items] * len(names)
     with lora.generation(names, rows) as set_rows:
         results, prompts, seconds, scorer = probe_items(
-            model, tokenizer, items * len(names), conversations, batch_size, label=None,
-            before_rows=lambda idx: set_rows([i // n for i in idx]))
+            model,
+            tokenizer,
+            items * len(names),
+            conversations,
+            batch_size,
+            label=None,
+            before_rows=lambda idx: set_rows([i // n for i in idx]),
+        )
     return [results[i * n : (i + 1) * n] for i in range(len(names))], prompts[:n], seconds, scorer
 
 
@@ -576,10 +699,18 @@ def _pad_and_stack(batches: list[dict], pad_id: int, device) -> tuple[torch.Tens
     """The trials' micro-batches as one right-padded batch (rows in trial order). Extra right
     padding changes nothing a causal model computes at real tokens, and its labels are ignored."""
     width = max(b["input_ids"].shape[1] for b in batches)
-    ids = torch.cat([torch.nn.functional.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id)
-                     for b in batches])
-    labels = torch.cat([torch.nn.functional.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE_INDEX)
-                        for b in batches])
+    ids = torch.cat(
+        [
+            torch.nn.functional.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id)
+            for b in batches
+        ]
+    )
+    labels = torch.cat(
+        [
+            torch.nn.functional.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE_INDEX)
+            for b in batches
+        ]
+    )
     return ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 

@@ -103,7 +103,12 @@ def sweep(
 
     spec = load_space(space)
     check_run_name(study, "--study")
-    for name, value in (("trials", trials), ("workers", workers), ("heartbeat_s", heartbeat_s), ("pack", pack)):
+    for name, value in (
+        ("trials", trials),
+        ("workers", workers),
+        ("heartbeat_s", heartbeat_s),
+        ("pack", pack),
+    ):
         if value is not None and value < 1:
             raise SpellxferError(f"--{name} must be ≥ 1, got {value}")
     sampler = sampler or spec.sampler
@@ -118,14 +123,18 @@ def sweep(
     model, data = base_settings(spec)
     if pack:
         if spec.fit.model.backend == "unsloth":
-            raise SpellxferError(f"--pack: {spec.base} sets model.backend unsloth, which patches a model for one "
-                                 f"adapter; packed trials share an hf model: add `model.backend: hf` under fixed: "
-                                 f"in {spec.path}")
+            raise SpellxferError(
+                f"--pack: {spec.base} sets model.backend unsloth, which patches a model for one "
+                f"adapter; packed trials share an hf model: add `model.backend: hf` under fixed: "
+                f"in {spec.path}"
+            )
         scoring = spec.fit.model.scoring  # the base config's, with fixed: applied (fit's parser)
         if scoring != "generation":
-            raise SpellxferError(f"--pack: model.scoring {scoring} is not supported in packed trials (their validation "
-                                 f"scores by generation only); remove it from {spec.base} / fixed: in {spec.path}, "
-                                 "or run this sweep without --pack")
+            raise SpellxferError(
+                f"--pack: model.scoring {scoring} is not supported in packed trials (their validation "
+                f"scores by generation only); remove it from {spec.base} / fixed: in {spec.path}, "
+                "or run this sweep without --pack"
+            )
 
     results = Path(results_dir)
     sweep_dir = results / "sweeps" / study
@@ -134,16 +143,24 @@ def sweep(
         (results / "sweeps").mkdir(parents=True, exist_ok=True)  # where the default SQLite file lives
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    main_study = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+    main_study = open_study(
+        url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner)
+    )
     record_study_settings(main_study, spec, sampler, pruner, n_trials)
     sweep_dir.mkdir(parents=True, exist_ok=True)  # only once the study opened: a bad --storage leaves nothing
 
     console = Console()
     test_files = prepare_data_and_base(spec, model, data, sweep_dir, console)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console)
-    overall = progress.add_task(f"study {study} ({sampler}, {pruner} pruner): trials finished",
-                                total=n_trials * spec.replicates)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    overall = progress.add_task(
+        f"study {study} ({sampler}, {pruner} pruner): trials finished", total=n_trials * spec.replicates
+    )
     worker_tasks = [progress.add_task(f"  worker {i}: starting", total=None) for i in range(workers)]
     shown: dict[int, dict] = {i: {} for i in range(workers)}
 
@@ -152,14 +169,26 @@ def sweep(
         if "trial" in fields and fields["trial"] != s.get("trial"):
             s.clear()
         s.update(fields)
-        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.get("params", {}).items())
+        params = " ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.get("params", {}).items()
+        )
         value = f" {spec.objective} {s['value']:.3f}" if "value" in s else ""
         desc = f"  worker {worker}: trial {s.get('trial', '-')} {s.get('phase', '')}{value} {params}"
-        progress.update(worker_tasks[worker], description=desc, completed=s.get("step", 0), total=s.get("total"))
+        progress.update(
+            worker_tasks[worker], description=desc, completed=s.get("step", 0), total=s.get("total")
+        )
 
-    ctx = SweepContext(space=spec, study=study, sweep_dir=sweep_dir, model=model, test_files=test_files,
-                       wandb=wandb_enabled(), over_budget=lambda t: over_budget(t.study, t.number, n_trials),
-                       progress=show, gpus=visible_gpus())
+    ctx = SweepContext(
+        space=spec,
+        study=study,
+        sweep_dir=sweep_dir,
+        model=model,
+        test_files=test_files,
+        wandb=wandb_enabled(),
+        over_budget=lambda t: over_budget(t.study, t.number, n_trials),
+        progress=show,
+        gpus=visible_gpus(),
+    )
     csv_path = results / "metrics" / f"{study}.csv"
     csv_lock = threading.Lock()
 
@@ -167,13 +196,23 @@ def sweep(
         if frozen.user_attrs.get("interrupted"):
             optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(st, frozen)
         if not frozen.user_attrs.get("over_budget"):
-            state = {"COMPLETE": f"complete: {spec.objective} {frozen.value:.3f}" if frozen.value is not None else "",
-                     "PRUNED": "pruned", "FAIL": f"failed: {frozen.user_attrs.get('error')}"}[frozen.state.name]
-            console.print(f"trial {frozen.number} {state} ({', '.join(f'{k}={v}' for k, v in frozen.params.items())})",
-                          soft_wrap=True, highlight=False)
+            state = {
+                "COMPLETE": f"complete: {spec.objective} {frozen.value:.3f}"
+                if frozen.value is not None
+                else "",
+                "PRUNED": "pruned",
+                "FAIL": f"failed: {frozen.user_attrs.get('error')}",
+            }[frozen.state.name]
+            console.print(
+                f"trial {frozen.number} {state} ({', '.join(f'{k}={v}' for k, v in frozen.params.items())})",
+                soft_wrap=True,
+                highlight=False,
+            )
         with csv_lock:
             rows = write_csv(st, ctx, csv_path)
-        progress.update(overall, completed=sum(r["status"] != "running" and r["retried_as"] is None for r in rows))
+        progress.update(
+            overall, completed=sum(r["status"] != "running" and r["retried_as"] is None for r in rows)
+        )
 
     deadline = time.monotonic() + spec.hours * 3600 if spec.hours else None
     errors: list[BaseException] = []
@@ -183,7 +222,9 @@ def sweep(
         from spellxfer.sweep.pack import run_pack  # torch: only packed workers train in this process
 
         try:
-            st = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+            st = open_study(
+                url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner)
+            )
             run_pack(ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel, pack_window)
         except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
             errors.append(e)
@@ -191,7 +232,9 @@ def sweep(
 
     def work(index: int) -> None:
         try:
-            st = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+            st = open_study(
+                url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner)
+            )
             while not ctx.stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 optuna.storages.fail_stale_trials(st)
                 step = plan(st, n_trials)
@@ -201,7 +244,12 @@ def sweep(
                     show(index, phase="waiting for the other workers' trials")
                     ctx.stop.wait(min(heartbeat_s, 5))
                     continue
-                st.optimize(lambda t: run_trial(t, ctx, index), n_trials=1, catch=(Exception,), callbacks=[after_trial])
+                st.optimize(
+                    lambda t: run_trial(t, ctx, index),
+                    n_trials=1,
+                    catch=(Exception,),
+                    callbacks=[after_trial],
+                )
             show(index, trial="-", phase="done")
         except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
             errors.append(e)
@@ -209,7 +257,10 @@ def sweep(
 
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # preemption usually starts with SIGTERM
     target = work_packed if pack else work
-    threads = [threading.Thread(target=target, args=(i,), name=f"sweep-worker-{i}", daemon=True) for i in range(workers)]
+    threads = [
+        threading.Thread(target=target, args=(i,), name=f"sweep-worker-{i}", daemon=True)
+        for i in range(workers)
+    ]
     try:
         with progress:
             with csv_lock:
@@ -250,20 +301,37 @@ def open_study(url: str, name: str, objective: str, heartbeat_s: int, sampler, p
     for attempt in range(5):  # workers on several machines may create the tables at the same moment
         try:
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_s,
+                grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRIES
+                ),
             )
-            st = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
-                                     pruner=pruner, load_if_exists=True)
+            st = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                direction="maximize",
+                sampler=sampler,
+                pruner=pruner,
+                load_if_exists=True,
+            )
             break
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+        except (
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.ProgrammingError,
+        ) as e:
             last_error = e
             time.sleep(0.5 + attempt)
         except (sqlalchemy.exc.ArgumentError, ModuleNotFoundError, ValueError) as e:
             raise SpellxferError(f"--storage {_redact(url)}: {str(e).splitlines()[0]}") from None
     else:
-        raise SpellxferError(f"--storage {_redact(url)}: cannot open the database "
-                             f"({str(getattr(last_error, 'orig', last_error)).strip().splitlines()[0]})")
+        raise SpellxferError(
+            f"--storage {_redact(url)}: cannot open the database "
+            f"({str(getattr(last_error, 'orig', last_error)).strip().splitlines()[0]})"
+        )
     recorded = st.user_attrs.get("objective")
     if recorded is None:
         st.set_user_attr("objective", objective)
@@ -283,18 +351,29 @@ def record_study_settings(study, spec, sampler: str, pruner: str, n_trials: int)
         content = yaml.safe_load(Path(spec.path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):  # already parsed once by load_space; a race with an editor
         content = None
-    settings = {"space_file": str(spec.path), "space": content, "sampler": sampler, "pruner": pruner,
-                "seed": spec.seed, "budget_trials": n_trials, "decodings": list(spec.decodings),
-                "policy": "trained on spelling only; evaluated on position and count only"}
+    settings = {
+        "space_file": str(spec.path),
+        "space": content,
+        "sampler": sampler,
+        "pruner": pruner,
+        "seed": spec.seed,
+        "budget_trials": n_trials,
+        "decodings": list(spec.decodings),
+        "policy": "trained on spelling only; evaluated on position and count only",
+    }
     for key, value in settings.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
 
 
 # PostgreSQL drivers SQLAlchemy can use for --storage; psycopg 3 is the `postgres` extra.
-POSTGRES_DRIVERS = {"postgresql+psycopg": ("psycopg", "pip install 'spellxfer[postgres]'"),
-                    "postgresql+psycopg2": ("psycopg2", "pip install psycopg2-binary, or use postgresql+psycopg:// "
-                                                        "with pip install 'spellxfer[postgres]'")}
+POSTGRES_DRIVERS = {
+    "postgresql+psycopg": ("psycopg", "pip install 'spellxfer[postgres]'"),
+    "postgresql+psycopg2": (
+        "psycopg2",
+        "pip install psycopg2-binary, or use postgresql+psycopg:// with pip install 'spellxfer[postgres]'",
+    ),
+}
 
 
 def storage_url(url: str) -> str:
@@ -307,7 +386,9 @@ def storage_url(url: str) -> str:
     if scheme in POSTGRES_DRIVERS:
         module, install = POSTGRES_DRIVERS[scheme]
         if importlib.util.find_spec(module) is None:
-            raise SpellxferError(f"--storage {_redact(url)}: the PostgreSQL driver {module} is not installed ({install})")
+            raise SpellxferError(
+                f"--storage {_redact(url)}: the PostgreSQL driver {module} is not installed ({install})"
+            )
     return url
 
 
@@ -319,8 +400,11 @@ def counts_toward_budget(t) -> bool:
     """A trial as the budget counts it (one per configuration): not a retry (the retried trial
     already counts), not a queued seed of a configuration (its replicate 0 counts), and not one
     that found the budget spent."""
-    return ("failed_trial" not in t.system_attrs and not t.user_attrs.get("over_budget")
-            and not t.user_attrs.get("replicate"))
+    return (
+        "failed_trial" not in t.system_attrs
+        and not t.user_attrs.get("over_budget")
+        and not t.user_attrs.get("replicate")
+    )
 
 
 def plan(study, n_trials: int) -> str:
@@ -352,7 +436,9 @@ def base_settings(spec) -> tuple[str, dict]:
 
     model, data = spec.fit.model.model, spec.fit.data.as_dict()
     if not data["data_dir"]:
-        raise SpellxferError(f"{spec.base}: data.data_dir: expected a directory path, got {data['data_dir']!r}")
+        raise SpellxferError(
+            f"{spec.base}: data.data_dir: expected a directory path, got {data['data_dir']!r}"
+        )
     try:
         check_model_name(model)
     except SpellxferError as e:
@@ -379,20 +465,40 @@ def prepare_data_and_base(spec, model: str, data: dict, sweep_dir: Path, console
     data_dir = Path(data["data_dir"])
     test_files = [data_dir / EVAL_FILES["test"][task] for task in ("position", "count")]
     with _locked(sweep_dir / ".prepare.lock"):
-        SpellingDataModule(str(data_dir), model, build_profile=data.get("build_profile", "demo"),
-                           seed=data.get("seed", 0)).prepare_data()
+        SpellingDataModule(
+            str(data_dir), model, build_profile=data.get("build_profile", "demo"), seed=data.get("seed", 0)
+        ).prepare_data()
         for decoding in spec.decodings:
             out = sweep_dir / "base" / decoding
             if (out / "metrics.json").is_file():
                 continue
-            console.print(f"evaluating the base model {model} ({decoding}) on {', '.join(map(str, test_files))} …")
+            console.print(
+                f"evaluating the base model {model} ({decoding}) on {', '.join(map(str, test_files))} …"
+            )
             flags = [a for k, v in spec.evaluation.items() if v is not None for a in (f"--{k}", str(v))]
-            argv = [sys.executable, "-m", "spellxfer", "evaluate", "--model", model, "--questions", *map(str, test_files),
-                    "--decoding", decoding, *flags, "--out", str(out), "--overwrite", "true"]
+            argv = [
+                sys.executable,
+                "-m",
+                "spellxfer",
+                "evaluate",
+                "--model",
+                model,
+                "--questions",
+                *map(str, test_files),
+                "--decoding",
+                decoding,
+                *flags,
+                "--out",
+                str(out),
+                "--overwrite",
+                "true",
+            ]
             log = sweep_dir / "base" / f"{decoding}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "w", encoding="utf-8") as f:
-                rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+                rc = subprocess.run(
+                    argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                ).returncode
             if rc != 0:
                 from spellxfer.sweep.trial import last_error  # imports optuna
 
@@ -411,4 +517,3 @@ def visible_gpus() -> list[str]:
     import torch  # heavy: only when CUDA_VISIBLE_DEVICES is unset
 
     return [str(i) for i in range(torch.cuda.device_count())]
-

@@ -233,7 +233,9 @@ class ResumeState(L.Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         kill_point("validation_start", trainer.global_step)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if batch_idx == 0 and dataloader_idx == 0:
             kill_point("validation_batch", trainer.global_step)
 
@@ -250,19 +252,29 @@ def _drop_abandoned_checkpoints(trainer, step: int) -> None:
     """
     resumed = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
     callbacks = trainer.checkpoint_callbacks
-    tracked = {Path(p).resolve() for cb in callbacks
-               for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path) if p}
+    tracked = {
+        Path(p).resolve()
+        for cb in callbacks
+        for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path)
+        if p
+    }
     dirs = {Path(cb.dirpath).resolve() for cb in callbacks if cb.dirpath}
     if resumed is None or resumed.parent not in dirs:
         return
     removed = []
     for d in dirs:
         for p in sorted(d.glob("*.ckpt")):
-            if p.resolve() not in tracked | {resumed} and (saved := _saved_step(p)) is not None and saved > step:
+            if (
+                p.resolve() not in tracked | {resumed}
+                and (saved := _saved_step(p)) is not None
+                and saved > step
+            ):
                 p.unlink()
                 removed.append(p.name)
     if removed:
-        rank_zero_info(f"resuming at step {step}: removed {', '.join(removed)}, saved after it by the interrupted run")
+        rank_zero_info(
+            f"resuming at step {step}: removed {', '.join(removed)}, saved after it by the interrupted run"
+        )
 
 
 class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):
@@ -311,8 +323,11 @@ class RunManifest(L.Callback):
             f.write("\n")
         # Lightning logs the module's hparams (flat); the data's and the whole resolved config go
         # beside them, nested, so W&B's run config and hparams.yaml hold everything the run used.
-        extra = json.loads(json.dumps({"data": dict(dm.hparams) if dm is not None else {}, "config": self.config},
-                                      default=str))
+        extra = json.loads(
+            json.dumps(
+                {"data": dict(dm.hparams) if dm is not None else {}, "config": self.config}, default=str
+            )
+        )
         for logger in trainer.loggers:
             logger.log_hyperparams(extra)
 
@@ -321,29 +336,45 @@ class RunManifest(L.Callback):
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
         dm = trainer.datamodule
-        facts = training_facts(dm.hparams if dm is not None else {}, trainer.accumulate_grad_batches,
-                               trainer.max_steps, trainer.global_step)
-        export_adapter(pl_module, Path(trainer.default_root_dir) / "best_adapter", best or None,
-                       data_dir=dm.hparams.get("data_dir") if dm is not None else None, facts=facts)
+        facts = training_facts(
+            dm.hparams if dm is not None else {},
+            trainer.accumulate_grad_batches,
+            trainer.max_steps,
+            trainer.global_step,
+        )
+        export_adapter(
+            pl_module,
+            Path(trainer.default_root_dir) / "best_adapter",
+            best or None,
+            data_dir=dm.hparams.get("data_dir") if dm is not None else None,
+            facts=facts,
+        )
 
 
 def training_facts(data_hparams, accumulate: int, max_steps: int, steps_trained: int) -> dict:
     """What a model card adds to the module's hyperparameters: the data's batch size, the
     trainer's accumulation and step budget, and the optimizer steps actually trained."""
-    return {"batch_size": data_hparams.get("batch_size"), "accumulate_grad_batches": int(accumulate),
-            "max_steps": int(max_steps), "steps_trained": int(steps_trained)}
+    return {
+        "batch_size": data_hparams.get("batch_size"),
+        "accumulate_grad_batches": int(accumulate),
+        "max_steps": int(max_steps),
+        "steps_trained": int(steps_trained),
+    }
 
 
 def selection_note(ckpt_path: str | None) -> str:
     """How a fit's ``best_adapter/`` was chosen, for its model card."""
     if not ckpt_path:
         return "The weights are the module's at the end of training (no validation ran)."
-    return (f"The weights are those of `{Path(ckpt_path).name}`, the checkpoint with the best validation transfer "
-            "score (position and count validation questions; step 0, the base model, takes part).")
+    return (
+        f"The weights are those of `{Path(ckpt_path).name}`, the checkpoint with the best validation transfer "
+        "score (position and count validation questions; step 0, the base model, takes part)."
+    )
 
 
-def export_adapter(pl_module, out: Path, ckpt_path: str | None = None, data_dir: str | None = None,
-                   facts: dict | None = None) -> Path:
+def export_adapter(
+    pl_module, out: Path, ckpt_path: str | None = None, data_dir: str | None = None, facts: dict | None = None
+) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors + a model card).
 
     With ``ckpt_path``, the LoRA weights come from that checkpoint; otherwise the module's own.
@@ -359,8 +390,13 @@ def export_adapter(pl_module, out: Path, ckpt_path: str | None = None, data_dir:
         lm.save_pretrained(tmp)
         hp = pl_module.hparams
         write_loadable_base(tmp, hp.model, hp.get("seed", 0))
-        write_card(tmp, base_model=hp.model, hparams={**hp, **(facts or {})}, data_dir=data_dir,
-                   selection=selection_note(ckpt_path))
+        write_card(
+            tmp,
+            base_model=hp.model,
+            hparams={**hp, **(facts or {})},
+            data_dir=data_dir,
+            selection=selection_note(ckpt_path),
+        )
     if current is not None:
         pl_module.load_state_dict(current, strict=False)
     return out

@@ -320,19 +320,29 @@ class SpellingDataModule(L.LightningDataModule):
         train_set: str = "spelling",
     ) -> None:
         super().__init__()
-        if eval_batch_size != "auto" and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)):
-            raise SpellxferError(f"--data.eval_batch_size must be auto or an integer ≥ 1, got {eval_batch_size!r}")
-        for key, value, low in (("batch_size", batch_size, 1),
-                                ("eval_batch_size", None if eval_batch_size == "auto" else eval_batch_size, 1),
-                                ("max_length", max_length, 2),
-                                ("num_workers", num_workers, 0), ("train_limit", train_limit, 1),
-                                ("val_limit", val_limit, 1), ("test_limit", test_limit, 1)):
+        if eval_batch_size != "auto" and (
+            isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
+        ):
+            raise SpellxferError(
+                f"--data.eval_batch_size must be auto or an integer ≥ 1, got {eval_batch_size!r}"
+            )
+        for key, value, low in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", None if eval_batch_size == "auto" else eval_batch_size, 1),
+            ("max_length", max_length, 2),
+            ("num_workers", num_workers, 0),
+            ("train_limit", train_limit, 1),
+            ("val_limit", val_limit, 1),
+            ("test_limit", test_limit, 1),
+        ):
             if value is not None and value < low:
                 raise SpellxferError(f"--data.{key} must be ≥ {low}, got {value}", key=f"data.{key}")
         check_patterns(variants, separator, distinct_words, train_set)
         if build_profile not in ("demo", "full", None):
-            raise SpellxferError(f"--data.build_profile must be demo, full or null, got {build_profile!r}",
-                                 key="data.build_profile")
+            raise SpellxferError(
+                f"--data.build_profile must be demo, full or null, got {build_profile!r}",
+                key="data.build_profile",
+            )
         # logger=False: Lightning would merge these into the module's hparams and refuse a `seed`
         # that differs from the model's (data order vs. weights and sampling: both are fine);
         # RunManifest logs them nested under `data`, beside the full resolved config.
@@ -345,13 +355,24 @@ class SpellingDataModule(L.LightningDataModule):
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
         self.variants, self.separator = variants, separator
         self.distinct_words, self.train_set = distinct_words, train_set
-        if (variants, separator, distinct_words) != ("all", "any", None) and (self.data_dir / TRAIN_FILE).is_file():
+        if (variants, separator, distinct_words) != ("all", "any", None) and (
+            self.data_dir / TRAIN_FILE
+        ).is_file():
             # a selection the data cannot give fails here, before the model and Trainer start
             # (setup selects again, from the rows it reads)
-            fields = [(r.get("subtask"), r.get("separator"), r.get("word")) for _, r in iter_jsonl(self.data_dir / TRAIN_FILE)
-                      if isinstance(r, dict)]
-            select_rows(*(zip(*fields) if fields else ((), (), ())), variants=variants, separator=separator, distinct_words=distinct_words, seed=seed,
-                        where=str(self.data_dir / TRAIN_FILE))
+            fields = [
+                (r.get("subtask"), r.get("separator"), r.get("word"))
+                for _, r in iter_jsonl(self.data_dir / TRAIN_FILE)
+                if isinstance(r, dict)
+            ]
+            select_rows(
+                *(zip(*fields) if fields else ((), (), ())),
+                variants=variants,
+                separator=separator,
+                distinct_words=distinct_words,
+                seed=seed,
+                where=str(self.data_dir / TRAIN_FILE),
+            )
         self._tokenizer = None
         self._resume_position: dict | None = None
         self.train_examples: datasets.Dataset | None = None
@@ -447,8 +468,10 @@ class SpellingDataModule(L.LightningDataModule):
             return {}
         # `processed` includes the batch whose on_train_batch_end is writing the checkpoint (and,
         # after a mid-epoch validation, every batch trained on so far).
-        return {"epoch": trainer.current_epoch,
-                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        return {
+            "epoch": trainer.current_epoch,
+            "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restored before ``train_dataloader`` is built; applied to the next sampler."""
@@ -506,24 +529,35 @@ class SpellingDataModule(L.LightningDataModule):
                 f"{min(len(e['input_ids']) for e in examples)} tokens, longest {longest})"
             )
         name = TRAIN_FILE if self.train_set == "spelling" else CONTROL_FILE
-        message = (f"{name}: {len(kept)} training examples (variants {self.variants}, separator {self.separator}, "
-                   f"distinct_words {self.distinct_words or 'all'}), {self.n_dropped} dropped as longer than {self.max_length} tokens")
+        message = (
+            f"{name}: {len(kept)} training examples (variants {self.variants}, separator {self.separator}, "
+            f"distinct_words {self.distinct_words or 'all'}), {self.n_dropped} dropped as longer than {self.max_length} tokens"
+        )
         (rank_zero_warn if self.n_dropped else rank_zero_info)(message)
         # Arrow columns, not Python lists: 34 MiB instead of 122 MiB for the full file (no int
         # object per token; docs/training.md), and DataLoader workers share the buffers instead of
         # copying lists whose reference counts they touch.
-        return datasets.Dataset.from_dict({
-            "input_ids": [e["input_ids"] for e in kept],
-            "labels": [e["labels"] for e in kept],
-            "length": [len(e["input_ids"]) for e in kept],
-        })
+        return datasets.Dataset.from_dict(
+            {
+                "input_ids": [e["input_ids"] for e in kept],
+                "labels": [e["labels"] for e in kept],
+                "length": [len(e["input_ids"]) for e in kept],
+            }
+        )
 
     def _training_rows(self) -> datasets.Dataset:
         """The rows the training pattern selects, in file order, cut to ``train_limit``."""
         spelling = read_training_rows(self.data_dir / TRAIN_FILE)
-        keep = select_rows(spelling["subtask"][:], spelling["separator"][:], spelling["word"][:],
-                           variants=self.variants, separator=self.separator, distinct_words=self.distinct_words,
-                           seed=self.seed, where=str(self.data_dir / TRAIN_FILE))
+        keep = select_rows(
+            spelling["subtask"][:],
+            spelling["separator"][:],
+            spelling["word"][:],
+            variants=self.variants,
+            separator=self.separator,
+            distinct_words=self.distinct_words,
+            seed=self.seed,
+            where=str(self.data_dir / TRAIN_FILE),
+        )
         rows = spelling
         if self.train_set == "control":
             rows = self._control_rows(spelling)
@@ -535,12 +569,18 @@ class SpellingDataModule(L.LightningDataModule):
     def _control_rows(self, spelling: datasets.Dataset) -> datasets.Dataset:
         path = self.data_dir / CONTROL_FILE
         if not path.is_file():
-            raise SpellxferError(f"--data.train_set control: {path} does not exist (built before the control "
-                                 f"existed); rebuild {self.data_dir} with `spellxfer data build`", key="data.train_set")
+            raise SpellxferError(
+                f"--data.train_set control: {path} does not exist (built before the control "
+                f"existed); rebuild {self.data_dir} with `spellxfer data build`",
+                key="data.train_set",
+            )
         control = read_training_rows(path, task="control")
         if control["word"][:] != spelling["word"][:]:
-            raise SpellxferError(f"--data.train_set control: {path} is not row for row the words of {TRAIN_FILE} "
-                                 "(files of different builds?); rebuild the directory", key="data.train_set")
+            raise SpellxferError(
+                f"--data.train_set control: {path} is not row for row the words of {TRAIN_FILE} "
+                "(files of different builds?); rebuild the directory",
+                key="data.train_set",
+            )
         return control
 
     def _load_eval(self, split: str) -> dict[str, list[Item]]:

@@ -141,26 +141,45 @@ class SpellingLoRAModule(L.LightningModule):
         except SpellxferError as e:
             raise SpellxferError(f"model.model: {e}", key="model.model") from None
         _require(1 <= lora_r <= MAX_LORA_RANK, "model.lora_r", f"must be in [1, {MAX_LORA_RANK}], got {lora_r}")
-        _require(val_max_new_tokens >= 1, "model.val_max_new_tokens", f"must be ≥ 1, got {val_max_new_tokens}")
+        _require(
+            val_max_new_tokens >= 1, "model.val_max_new_tokens", f"must be ≥ 1, got {val_max_new_tokens}"
+        )
         _require(lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {lora_alpha}")
         _require(0 <= lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {lora_dropout}")
         _require(learning_rate > 0, "model.learning_rate", f"must be > 0, got {learning_rate}")
         _require(warmup_steps >= 0, "model.warmup_steps", f"must be ≥ 0, got {warmup_steps}")
         _require(bool(target_modules), "model.target_modules", "must name at least one layer")
-        _require(scoring in ("generation", "both"), "model.scoring",
-                 f"must be generation or both (validation always scores by generation: checkpoints follow it), "
-                 f"got {scoring!r}")
+        _require(
+            scoring in ("generation", "both"),
+            "model.scoring",
+            f"must be generation or both (validation always scores by generation: checkpoints follow it), "
+            f"got {scoring!r}",
+        )
         cuda = torch.cuda.is_available()
         if backend == "unsloth":
             _require(cuda, "model.backend", "unsloth needs a CUDA GPU; use backend: hf on this machine")
-            _require(importlib.util.find_spec("unsloth") is not None, "model.backend",
-                     "unsloth is not installed (pip install 'spellxfer[gpu]')")
+            _require(
+                importlib.util.find_spec("unsloth") is not None,
+                "model.backend",
+                "unsloth is not installed (pip install 'spellxfer[gpu]')",
+            )
         if kernels == "liger":
-            _require(cuda and importlib.util.find_spec("liger_kernel") is not None, "model.kernels",
-                     "liger needs CUDA and the liger-kernel package (pip install liger-kernel)")
+            _require(
+                cuda and importlib.util.find_spec("liger_kernel") is not None,
+                "model.kernels",
+                "liger needs CUDA and the liger-kernel package (pip install liger-kernel)",
+            )
         if compile_layers:
-            _require(backend != "unsloth", "model.compile_layers", "applies to the hf backend (Unsloth compiles its own)")
-            _require(kernels != "liger", "model.compile_layers", "replaces Liger's kernels; set model.kernels to auto or none")
+            _require(
+                backend != "unsloth",
+                "model.compile_layers",
+                "applies to the hf backend (Unsloth compiles its own)",
+            )
+            _require(
+                kernels != "liger",
+                "model.compile_layers",
+                "replaces Liger's kernels; set model.kernels to auto or none",
+            )
         if load_in_4bit or optimizer == "adamw_8bit":
             _require(cuda, "model.load_in_4bit/optimizer", "4-bit weights and 8-bit AdamW need CUDA")
         self.save_hyperparameters()
@@ -204,7 +223,11 @@ class SpellingLoRAModule(L.LightningModule):
                 self.kernels_applied = compile_decoder_layers(self.lm)
             else:
                 self.kernels_applied = apply_fused_kernels(self.lm, hp.kernels)
-            if self.lm.dtype == torch.bfloat16 and self.lm.device.type == "cuda" and not self.keep_peft_input_cast:
+            if (
+                self.lm.dtype == torch.bfloat16
+                and self.lm.device.type == "cuda"
+                and not self.keep_peft_input_cast
+            ):
                 from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: with a model, not for fit --help
 
                 for m in self.lm.modules():
@@ -285,11 +308,13 @@ class SpellingLoRAModule(L.LightningModule):
         """The shared generation engine, built once (it reads the sampling YAML) per loaded model."""
         if self._generation_engine is None:
             hp = self.hparams
-            sampling = default_sampling(decoding=hp.val_decoding, max_new_tokens=hp.val_max_new_tokens,
-                                        seed=hp.seed)
+            sampling = default_sampling(
+                decoding=hp.val_decoding, max_new_tokens=hp.val_max_new_tokens, seed=hp.seed
+            )
             # batches sized from free memory, at most the dataloader's batch (data.eval_batch_size)
-            self._generation_engine = GenerationEngine(self.lm, self.tokenizer, sampling, batch_size="auto",
-                                                       decoder=self.generation_decoder)
+            self._generation_engine = GenerationEngine(
+                self.lm, self.tokenizer, sampling, batch_size="auto", decoder=self.generation_decoder
+            )
         return self._generation_engine
 
     def _release_generation_memory(self) -> None:
@@ -311,9 +336,19 @@ class SpellingLoRAModule(L.LightningModule):
         rows = []
         for r, it in zip(replies, batch):
             parsed, correct = score(r[0], it.answer)
-            rows.append({"id": it.id, "file": it.file, "task": it.task, "subtask": it.subtask,
-                         "question": it.question, "answer": it.answer, "output": r[0],
-                         "parsed": parsed, "correct": correct})
+            rows.append(
+                {
+                    "id": it.id,
+                    "file": it.file,
+                    "task": it.task,
+                    "subtask": it.subtask,
+                    "question": it.question,
+                    "answer": it.answer,
+                    "output": r[0],
+                    "parsed": parsed,
+                    "correct": correct,
+                }
+            )
         return rows
 
     def _probe_batch(self, items: list, metric: TransferAccuracy) -> None:
@@ -337,8 +372,14 @@ class SpellingLoRAModule(L.LightningModule):
             # position/nth_letter_likelihood_accuracy (evaluate's names); no transfer score: the
             # probe is a diagnostic, never a selection metric
             values = self.val_probe_metric.compute()
-            self.log_dict({f"val/{k.removesuffix('_accuracy')}_likelihood_accuracy": v for k, v in values.items()
-                           if k != "transfer_score"}, sync_dist=True)
+            self.log_dict(
+                {
+                    f"val/{k.removesuffix('_accuracy')}_likelihood_accuracy": v
+                    for k, v in values.items()
+                    if k != "transfer_score"
+                },
+                sync_dist=True,
+            )
             self.val_probe_metric.reset()
         self._log_metric(self.val_metric, "val")
         self._release_generation_memory()
@@ -367,8 +408,11 @@ class SpellingLoRAModule(L.LightningModule):
         renumbered (whose other rows are one less: see ``loggers.optimizer_step``), and ``epoch``
         is what Lightning adds to a row it numbers itself.
         """
-        self.log_dict({"step": float(steps_done), "global_step": float(steps_done), "epoch": float(self.current_epoch)},
-                      batch_size=1, **kwargs)
+        self.log_dict(
+            {"step": float(steps_done), "global_step": float(steps_done), "epoch": float(self.current_epoch)},
+            batch_size=1,
+            **kwargs,
+        )
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -402,8 +446,14 @@ def lora_config(hp):
     """The PEFT ``LoraConfig`` of the module's hyper-parameters ``hp`` (rank, alpha, dropout, targets)."""
     from peft import LoraConfig  # heavy: with a model, not for fit --help
 
-    return LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-                      target_modules=list(hp.target_modules), task_type="CAUSAL_LM", bias="none")
+    return LoraConfig(
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=list(hp.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def _load_hf(hp, device):
@@ -423,8 +473,12 @@ def load_base(hp):
         from peft import prepare_model_for_kbit_training  # heavy: only for a 4-bit model
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # heavy: only for a 4-bit model
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                               bnb_4bit_use_double_quant=True)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
         base = AutoModelForCausalLM.from_pretrained(hp.model, quantization_config=q, dtype=dtype)
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=hp.gradient_checkpointing)
     else:
@@ -438,12 +492,18 @@ def _load_unsloth(hp):
     from unsloth import FastLanguageModel  # optional extra; it needs a GPU to import
 
     # Unsloth opens models by path or hub id: embedded names are saved to the cache once.
-    lm, tok = FastLanguageModel.from_pretrained(model_name=materialize(hp.model, seed=hp.seed),
-                                                load_in_4bit=hp.load_in_4bit, dtype=None)
+    lm, tok = FastLanguageModel.from_pretrained(
+        model_name=materialize(hp.model, seed=hp.seed), load_in_4bit=hp.load_in_4bit, dtype=None
+    )
     lm = FastLanguageModel.get_peft_model(
-        lm, r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-        target_modules=list(hp.target_modules), bias="none",
-        use_gradient_checkpointing="unsloth" if hp.gradient_checkpointing else False, random_state=hp.seed,
+        lm,
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=list(hp.target_modules),
+        bias="none",
+        use_gradient_checkpointing="unsloth" if hp.gradient_checkpointing else False,
+        random_state=hp.seed,
     )
     tok.padding_side = "left"
     return lm, tok

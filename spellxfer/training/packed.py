@@ -243,7 +243,11 @@ class PackedLoRA:
         x = args[0]
         if plan.row_owner is not None:
             stacks = self._gen_stacks.get(id(module))
-            return output if stacks is None else output + _generation_delta(x, stacks, plan.row_owner).to(output.dtype)
+            return (
+                output
+                if stacks is None
+                else output + _generation_delta(x, stacks, plan.row_owner).to(output.dtype)
+            )
         present = [s for s in plan.segments if s[0] in module.lora_A]
         if not present:
             return output
@@ -332,12 +336,14 @@ class PackedLoRA:
             for (name, start, stop), r in zip(plan.segments, ranks):
                 ends.append(stop * tokens)
                 per_row.append(torch.full(((stop - start) * tokens, 1), module.scaling[name] if r else 0.0))
-            plan.cache[key] = (torch.tensor(ends, dtype=torch.int32, device=x.device), torch.cat(per_row).to(x.device))
+            plan.cache[key] = (
+                torch.tensor(ends, dtype=torch.int32, device=x.device),
+                torch.cat(per_row).to(x.device),
+            )
         offs, scale = plan.cache[key]
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         z = torch._grouped_mm(flat, a, offs=offs) * scale.to(dtype)
         return torch._grouped_mm(z, b, offs=offs).reshape(*x.shape[:-1], module.out_features)
-
 
 
 def _generation_delta(x: torch.Tensor, stacks: tuple, row_owner: torch.Tensor) -> torch.Tensor:
@@ -363,7 +369,9 @@ def _stack(module, names: Sequence[str], dtype, device) -> tuple | None:
     a = torch.cat([module.lora_A[n].weight for _, n in parts]).to(dtype)
     b = torch.cat([module.lora_B[n].weight for _, n in parts], dim=1).to(dtype)
     owner = torch.cat([torch.full((module.r[n],), i, dtype=torch.long) for i, n in parts]).to(device)
-    scale = torch.cat([torch.full((module.r[n],), float(module.scaling[n])) for _, n in parts]).to(device, dtype)
+    scale = torch.cat([torch.full((module.r[n],), float(module.scaling[n])) for _, n in parts]).to(
+        device, dtype
+    )
     return a, b, owner, scale
 
 
@@ -375,5 +383,6 @@ def _dropout_p(module, name: str) -> float:
 def _fit_key(peft_key: str, name: str) -> str:
     """``base_model.…lora_A.t0007.weight`` → ``lm.base_model.…lora_A.default.weight``: the name the
     parameter has in a ``SpellingLoRAModule`` (attribute ``lm``, PEFT's ``default`` adapter)."""
-    return "lm." + peft_key.replace(f".lora_A.{name}.", ".lora_A.default.").replace(f".lora_B.{name}.", ".lora_B.default.")
-
+    return "lm." + peft_key.replace(f".lora_A.{name}.", ".lora_A.default.").replace(
+        f".lora_B.{name}.", ".lora_B.default."
+    )
