@@ -72,7 +72,8 @@ ENGINES = ("auto", "graph", "static", "eager")
 
 
 def parse_eval_variant(spec: str) -> tuple[str, dict]:
-    """``"spellxfer:engine=graph,batch_size=2048"`` → ``("spellxfer", {"engine": "graph", "batch_size": 2048})``."""
+    """A ``--variants`` entry parsed: ``"spellxfer:engine=graph,batch_size=2048"`` →
+    ``("spellxfer", {"engine": "graph", "batch_size": 2048})``."""
     name, _, rest = spec.partition(":")
     if name not in VARIANT_KEYS:
         raise SpellxferError(
@@ -202,7 +203,8 @@ def bench_eval(
             r["ratio_to_first"] = r["questions_per_second"] / base
         r = results[-1]
         print(
-            f"bench eval: {spec}: {r['questions_per_second']:,.1f} questions/s at batch {r.get('batch_size')}, "
+            f"bench eval: {spec}: {r['questions_per_second']:,.1f} questions/s "
+            f"at batch {r.get('batch_size')}, "
             f"phases {r.get('one_batch_phases_seconds')}",
             flush=True,
         )

@@ -80,13 +80,21 @@ def write_html(summary: dict, png: Path, path: Path) -> Path:
     rows = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>spellxfer load test {html.escape(summary["label"])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style>
-</head><body><h1>spellxfer load test</h1>
-<p>Serving metrics only (throughput, latency, errors); model quality is measured offline on position and count questions.</p>
-<table>{rows}</table><p><img alt="load test figure" src="data:image/png;base64,{image}" style="max-width:100%"></p>
-</body></html>
-"""
+    title = f"spellxfer load test {html.escape(summary['label'])}"
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+    )
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>\n'
+        f"<style>{style}</style>\n"
+        "</head><body><h1>spellxfer load test</h1>\n"
+        "<p>Serving metrics only (throughput, latency, errors); model quality is measured offline on "
+        "position and count questions.</p>\n"
+        f'<table>{rows}</table><p><img alt="load test figure" src="data:image/png;base64,{image}" '
+        'style="max-width:100%"></p>\n'
+        "</body></html>\n"
+    )
     with atomic_file(path) as f:
         f.write(page)
     return path

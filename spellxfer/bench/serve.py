@@ -135,7 +135,12 @@ async def run_load(url: str, concurrency: int, duration: float | None, requests:
 
     async def client_loop(client) -> None:
         nonlocal issued
-        while (deadline is None or time.perf_counter() < deadline) and (requests is None or issued < requests):
+
+        def more() -> bool:
+            in_time = deadline is None or time.perf_counter() < deadline
+            return in_time and (requests is None or issued < requests)
+
+        while more():
             i, issued = issued, issued + 1
             t0 = time.perf_counter()
             try:
@@ -201,12 +206,16 @@ def bench_serve(
         requests: Stop after this many requests (give this or --duration).
         route: predict (POST /predict) or chat (POST /v1/chat/completions).
         max_tokens: max_tokens per request (answers are a letter or a number).
-        api_key: Bearer token, when the server has one (visible in ps: prefer $SPELLXFER_API_KEY or --api-key-file).
+        api_key: Bearer token, when the server has one (visible in ps: prefer $SPELLXFER_API_KEY or
+            --api-key-file).
         api_key_file: File holding the bearer token; default $SPELLXFER_API_KEY.
         timeout: Seconds one request may take before it counts as a transport error.
         out: Output root: data/ (CSV), figures/ (PNG) and the HTML summary go under it.
-        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) whose benchmark.allowed_hosts may name non-loopback hosts.
-        hostile_fraction: Share of requests (0-1) that send malformed or edge-case bodies (lone surrogates, huge integers, deep nesting, zero max_tokens, tiny temperature / top_p, control tokens in content); they count as 4xx or ok, and any 5xx still fails the run.
+        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) whose
+            benchmark.allowed_hosts may name non-loopback hosts.
+        hostile_fraction: Share of requests (0-1) that send malformed or edge-case bodies (lone
+            surrogates, huge integers, deep nesting, zero max_tokens, tiny temperature / top_p,
+            control tokens in content); they count as 4xx or ok, and any 5xx still fails the run.
     """
     from spellxfer.bench.figures import plot_run, plot_summary, write_html  # matplotlib, for the figures
     from spellxfer.serving.protocol import resolve_api_key  # server stack (litserve)

@@ -1,7 +1,7 @@
 """``spellxfer bench sweep``: the makespan of one set of sweep trials, one at a time, by W workers
 sharing the card, and packed K to a process on one base model.
 
-Every mode runs the same N trials — the seed grid's hyperparameters drawn by the random sampler
+Every mode runs the same N trials — the space file's hyperparameters drawn by the random sampler
 from one seed (trial n's draw depends only on the seed and n), ``max_steps`` fixed for all,
 validation every ``validate_every_steps`` optimizer steps on ``val_limit`` position + count
 questions, a greedy test evaluation on ``eval_limit`` of each, early stopping off so every trial
@@ -66,7 +66,9 @@ from spellxfer.training.module import ALL_LINEAR, lora_config
 from spellxfer.training.packed import KERNELS, PackedLoRA
 
 MODE = re.compile(r"^(serial|workers:(\d+)|pack:(\d+)(?::(loop|concat|grouped))?(:window)?)(?:@(\d+))?$")
-TARGETS = {"pack_vs_serial": 15.0, "pack_vs_best_workers": 3.0, "pack_peak_gib": 60.0}  # issue 18
+# What packing must buy to be worth it: makespan ratios (× faster) and the pack's peak memory (GiB),
+# which must leave room on an 80 GB card.
+TARGETS = {"pack_vs_serial": 15.0, "pack_vs_best_workers": 3.0, "pack_peak_gib": 60.0}
 
 
 def parse_mode(spec: str) -> dict:
@@ -108,7 +110,7 @@ def bench_space(
     seed: int,
     cuda: bool,
 ) -> dict:
-    """The bench's space file: the seed grid's hyperparameters (all but max_steps), the rest fixed."""
+    """The bench's space file: ``space``'s hyperparameters (all but max_steps), the rest fixed."""
     grid = load_space(space)
     fixed = {
         "model.model": model,
@@ -350,14 +352,15 @@ def bench_sweep(
 
     Args:
         model: qwen3-4b-shape or smollm2-135m on a GPU; tiny-qwen3 on a CPU.
-        trials: N, the trials every mode runs (the seed grid's draws 0 … N-1).
+        trials: N, the trials every mode runs (the sampler's draws 0 … N-1).
         max_steps: Optimizer steps of every trial.
         validate_every_steps: Validation interval in optimizer steps.
         val_limit: Position and count questions per validation (each).
         eval_limit: Position and count test questions per trial (each), greedy.
         modes: serial, workers:W, pack:K[:loop|concat|grouped][:window], each optionally @n (first n trials).
         space: The space file whose hyperparameters are drawn (its max_steps is replaced by --max_steps).
-        base: The fit config every trial starts from (default configs/r16.yaml on CUDA, configs/tiny.yaml on a CPU).
+        base: The fit config every trial starts from (default configs/r16.yaml on CUDA,
+            configs/tiny.yaml on a CPU).
         data_dir: A data build directory (built with the full profile if absent).
         gradient_checkpointing: true, false, or auto (on for packs, off otherwise).
         kernel_steps: Timed steps per kernel in the kernel comparison (0: skip it).
@@ -477,7 +480,8 @@ def bench_sweep(
 
 
 def summarise(modes: list[dict]) -> dict:
-    """Speed-ups of the best pack over serial and over the best workers setting, against issue 18's targets."""
+    """Speed-ups of the best pack over serial and over the best workers setting, against
+    :data:`TARGETS`."""
 
     def span(m):  # the makespan of all N trials (scaled from a sample when the mode ran fewer)
         return m["makespan_s_for_all"] if m["complete"] else None

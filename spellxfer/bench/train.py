@@ -2,7 +2,7 @@
 
 One process, one card, the same spelling rows (the ``full`` build's length mix) for every variant:
 
-* ``reference`` — the plain transformers + PEFT loop the speed issue measured: random batches of
+* ``reference`` — a plain transformers + PEFT training loop, the usual starting point: random batches of
   ``reference_batch_size`` rows, right-padded, ``model(..., labels=...).loss`` (full-vocabulary
   logits at every position), PEFT's defaults (float32 adapters), AdamW. Kept only as a yardstick.
 * ``spellxfer`` — the real thing: :class:`~spellxfer.training.module.SpellingLoRAModule`
@@ -13,8 +13,8 @@ One process, one card, the same spelling rows (the ``full`` build's length mix) 
 A variant can carry overrides, ``NAME:key=value,key=value`` — ``batch_size``, ``kernels``,
 ``gradient_checkpointing``, ``backend``, ``load_in_4bit`` for ``spellxfer``, plus the ablation
 switches ``attention_mask=true`` (pass the padding mask as before), ``peft_input_cast=true``
-(leave PEFT's float32 input cast on) and ``cudnn_attention=true`` (let SDPA use cuDNN), which is how docs/performance.md measures what each
-optimisation buys, one at a time.
+(leave PEFT's float32 input cast on) and ``cudnn_attention=true`` (let SDPA use cuDNN), which is
+how docs/performance.md measures what each optimisation buys, one at a time.
 
 Throughput counts real (non-pad) tokens only, over ``steps`` optimizer steps after ``warmup``
 steps, with the GPU synchronised at both ends. MFU counts the useful work of a LoRA step,
@@ -79,7 +79,8 @@ REFERENCE_KEYS = {"batch_size", "gradient_checkpointing", "lora_r"}
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """``"spellxfer:kernels=none,batch_size=64"`` → ``("spellxfer", {"kernels": "none", "batch_size": 64})``."""
+    """A ``--variants`` entry parsed: ``"spellxfer:kernels=none,batch_size=64"`` →
+    ``("spellxfer", {"kernels": "none", "batch_size": 64})``."""
     name, _, rest = spec.partition(":")
     if name not in ("reference", "spellxfer"):
         raise SpellxferError(
@@ -404,7 +405,8 @@ def bench_train(
         steps: Timed optimizer steps per variant.
         warmup: Untimed steps first (CUDA context, kernel autotuning, allocator growth).
         seed: Seed for the row order and the random-weight model.
-        profile: Also profile the last timed step of each spellxfer variant and print its costliest operations.
+        profile: Also profile the last timed step of each spellxfer variant and print its
+            costliest operations.
         out: JSON output path.
     """
     check_model_name(model)
@@ -585,7 +587,7 @@ def _driver_version() -> str | None:
 
 
 # Models of Qwen3-4B's size (8 GB of bf16 weights, far more for training): a CPU run builds the full
-# data, then is killed by the out-of-memory killer minutes later (issue 17), so they refuse up front.
+# data, then is killed by the out-of-memory killer minutes later, so they refuse up front.
 GPU_ONLY_MODELS = ("qwen3-4b-shape", "Qwen/Qwen3-4B", "unsloth/Qwen3-4B")
 
 

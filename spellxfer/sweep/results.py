@@ -184,11 +184,11 @@ def summary_table(rows: list[dict], ctx: SweepContext, top: int = 5) -> Table:
         for task in TASKS:
             cells.append(_acc(r, f"{d}_{task}"))
             delta = r[f"{d}_{task}_delta"]
-            cells.append(
-                ""
-                if delta is None
-                else f"{delta:+.3f} [{r[f'{d}_{task}_delta_ci_low']:+.3f}, {r[f'{d}_{task}_delta_ci_high']:+.3f}]"
-            )
+            if delta is None:
+                cells.append("")
+            else:
+                low, high = r[f"{d}_{task}_delta_ci_low"], r[f"{d}_{task}_delta_ci_high"]
+                cells.append(f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]")
         table.add_row(*cells)
     return table
 

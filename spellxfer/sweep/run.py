@@ -408,7 +408,8 @@ def counts_toward_budget(t) -> bool:
 
 
 def plan(study, n_trials: int) -> str:
-    """``run`` a trial (a queued retry, or a new one within budget), ``wait`` for running ones, or ``done``."""
+    """``run`` a trial (a queued retry, or a new one within budget), ``wait`` for running ones,
+    or ``done``."""
     from optuna.trial import TrialState  # heavy: `sweep --help` imports this module
 
     trials = study.get_trials(deepcopy=False)

@@ -6,7 +6,8 @@ train each configuration (``replicates``), the decodings the final test evaluati
 optional fixed overrides for every trial. :func:`load_space`
 validates all of it before anything runs — the base config with the fixed overrides through
 ``fit``'s own parser, so the sweep reads the values a trial's fit will run with — and a mistake is
-one :class:`SpellxferError` line naming the file and the key. Trained on spelling, evaluated on position and count only.
+one :class:`SpellxferError` line naming the file and the key. Trained on spelling, evaluated on
+position and count only.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ class SweepContext:
     test_files: list[Path]
     wandb: bool  # add the W&B logger to each fit (off when WANDB_MODE=disabled or wandb is missing)
     over_budget: Callable[[optuna.Trial], bool]
-    progress: Callable[..., None]  # (worker, trial=, phase=, step=, total=, value=, params=): the progress display
+    # the progress display, called as (worker, trial=, phase=, step=, total=, value=, params=)
+    progress: Callable[..., None]
     stop: threading.Event = field(default_factory=threading.Event)
     gpus: list[str] = field(default_factory=list)
 

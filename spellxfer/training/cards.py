@@ -65,9 +65,10 @@ def _results_section(metrics: dict | None, source: str | None) -> list[str]:
     run = metrics.get("run", {})
     sampling = run.get("sampling", {})
     lines = [
-        f"From `{source}`: {run.get('n_items', '?')} test questions, decoding {sampling.get('decoding')}, "
-        f"scoring {metrics.get('scoring', 'generation')}; accuracies with Wilson 95% intervals beside the best "
-        "trivial baseline (a constant or word-derived answer; `✗` where the interval does not lie above it).",
+        f"From `{source}`: {run.get('n_items', '?')} test questions, "
+        f"decoding {sampling.get('decoding')}, scoring {metrics.get('scoring', 'generation')}; "
+        "accuracies with Wilson 95% intervals beside the best trivial baseline (a constant or "
+        "word-derived answer; `✗` where the interval does not lie above it).",
         "",
         "| subtask | generation [95% CI] | likelihood probe [95% CI] | best trivial baseline | n |",
         "|---|---|---|---|---:|",
@@ -75,23 +76,22 @@ def _results_section(metrics: dict | None, source: str | None) -> list[str]:
     for key, v in metrics.get("subtasks", {}).items():
         if key.split("/")[0] not in TASKS:
             continue
-        gen = (
-            f"{v['accuracy']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]{'' if v.get('beats_trivial') else ' ✗'}"
-            if "accuracy" in v
-            else "—"
-        )
+        gen = _with_interval(v) if "accuracy" in v else "—"
         lk = v.get("likelihood")
-        probe = (
-            f"{lk['accuracy']:.3f} [{lk['ci_low']:.3f}, {lk['ci_high']:.3f}]{'' if lk.get('beats_trivial') else ' ✗'}"
-            if lk
-            else "—"
-        )
+        probe = _with_interval(lk) if lk else "—"
         best = v.get("best_trivial", {})
         lines.append(
             f"| {key} | {gen} | {probe} | {best.get('accuracy', float('nan')):.3f} ({best.get('name', '?')}) "
             f"| {v.get('n', '?')} |"
         )
     return lines
+
+
+def _with_interval(m: dict) -> str:
+    """An accuracy with its 95% interval, and ``✗`` when the interval does not lie above the
+    best trivial baseline."""
+    mark = "" if m.get("beats_trivial") else " ✗"
+    return f"{m['accuracy']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]{mark}"
 
 
 def model_card(

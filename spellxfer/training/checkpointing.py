@@ -1,8 +1,8 @@
 """Adapter-sized checkpoints that resume exactly, and survive being killed mid-write.
 
 - The LightningModule puts only the trainable (LoRA) weights in ``state_dict`` (a Qwen3-4B r16
-  checkpoint is 397 MB of fp32 LoRA weights + AdamW state, measured on an H100, not 8 GB); Lightning adds optimizer,
-  scheduler and loop state; the DataModule adds its position inside the epoch and
+  checkpoint is 397 MB of fp32 LoRA weights + AdamW state, measured on an H100, not 8 GB);
+  Lightning adds optimizer, scheduler and loop state; the DataModule adds its position inside the epoch and
   :class:`ResumeState` the RNG states, so a resumed run trains on the same batches with the
   same randomness as an uninterrupted one.
 - :class:`AtomicCheckpointIO` writes to a temporary file in the same directory, fsyncs, then
@@ -109,8 +109,8 @@ def load_fit_checkpoint(path: str | Path, *, resume: bool = False, mmap: bool = 
     missing = [k for k in needed if k not in ckpt]
     if missing:
         raise SpellxferError(
-            f"checkpoint {path}: not a `fit` checkpoint (no {', '.join(missing)}; a plain state dict or another "
-            "tool's file?)"
+            f"checkpoint {path}: not a `fit` checkpoint (no {', '.join(missing)}; "
+            "a plain state dict or another tool's file?)"
         )
     if not isinstance(ckpt["state_dict"], dict) or not isinstance(ckpt["hyper_parameters"], dict):
         raise SpellxferError(f"checkpoint {path}: state_dict / hyper_parameters are not dicts")
@@ -367,8 +367,9 @@ def selection_note(ckpt_path: str | None) -> str:
     if not ckpt_path:
         return "The weights are the module's at the end of training (no validation ran)."
     return (
-        f"The weights are those of `{Path(ckpt_path).name}`, the checkpoint with the best validation transfer "
-        "score (position and count validation questions; step 0, the base model, takes part)."
+        f"The weights are those of `{Path(ckpt_path).name}`, the checkpoint with the best "
+        "validation transfer score (position and count validation questions; step 0, the base "
+        "model, takes part)."
     )
 
 

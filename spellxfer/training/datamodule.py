@@ -3,8 +3,9 @@
 Training: ``spelling_train.jsonl`` → :func:`read_training_rows` (every line checked, then read
 by ``datasets`` with the build's fixed Features) → the training pattern's rows
 (:mod:`spellxfer.data.patterns`: ``variants``, ``separator``, ``distinct_words``, and
-``train_set control`` for the same rows of the non-spelling control file) → :func:`tokenize_example` (prompt masked with
--100; the tokenized examples are an in-memory Arrow ``datasets.Dataset``) →
+``train_set control`` for the same rows of the non-spelling control file) →
+:func:`tokenize_example` (prompt masked with -100; the tokenized examples are an in-memory
+Arrow ``datasets.Dataset``) →
 :class:`LengthGroupedBatchSampler` (similar lengths together, batches sharded across ranks) →
 :class:`SpellingCollator` (right-padded tensors) → the loss in :mod:`spellxfer.models.losses`.
 
@@ -505,8 +506,8 @@ class SpellingDataModule(L.LightningDataModule):
             else "set --data.build_profile demo|full to build it"
         )
         return SpellxferError(
-            f"{self.data_dir}: missing {', '.join(missing)}; run `spellxfer data build --out {self.data_dir}` "
-            f"or {how}"
+            f"{self.data_dir}: missing {', '.join(missing)}; "
+            f"run `spellxfer data build --out {self.data_dir}` or {how}"
         )
 
     def _loaded(self, value, stage: str):
@@ -531,7 +532,8 @@ class SpellingDataModule(L.LightningDataModule):
         name = TRAIN_FILE if self.train_set == "spelling" else CONTROL_FILE
         message = (
             f"{name}: {len(kept)} training examples (variants {self.variants}, separator {self.separator}, "
-            f"distinct_words {self.distinct_words or 'all'}), {self.n_dropped} dropped as longer than {self.max_length} tokens"
+            f"distinct_words {self.distinct_words or 'all'}), "
+            f"{self.n_dropped} dropped as longer than {self.max_length} tokens"
         )
         (rank_zero_warn if self.n_dropped else rank_zero_info)(message)
         # Arrow columns, not Python lists: 34 MiB instead of 122 MiB for the full file (no int
@@ -590,7 +592,8 @@ class SpellingDataModule(L.LightningDataModule):
             for item in items[task]:
                 if item.task != task:
                     raise SpellxferError(
-                        f"{item.file}:{item.line}: a {item.task} question in {name}, which holds {task} questions only"
+                        f"{item.file}:{item.line}: a {item.task} question in {name}, "
+                        f"which holds {task} questions only"
                     )
         return items
 
@@ -644,7 +647,8 @@ def read_training_rows(path: Path, limit: int | None = None, task: str = "spelli
                 f"{path}:{line}: task {row.get('task')!r} in the training file; spellxfer trains on "
                 "task 'spelling' only (position and count questions are for evaluation)"
                 if task == "spelling"
-                else f"{path}:{line}: task {row.get('task')!r} in the control file, which holds task {task!r} only"
+                else f"{path}:{line}: task {row.get('task')!r} in the control file, "
+                f"which holds task {task!r} only"
             )
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():

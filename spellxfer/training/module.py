@@ -78,8 +78,8 @@ class SpellingLoRAModule(L.LightningModule):
             fuses RMSNorm, SwiGLU, RoPE and the LoRA adds the way Liger does, plus what lies
             between them. Generation (validation, test) runs the layers uncompiled. Liger is not
             applied with it (inductor cannot trace Liger's autograd functions).
-        learning_rate: Peak AdamW learning rate after warmup (> 0); the seed's grid is 1e-4 / 2e-4 /
-            5e-4 / 1e-3.
+        learning_rate: Peak AdamW learning rate after warmup (> 0); configs/sweeps/seed_grid.yaml
+            tries 1e-4 / 2e-4 / 5e-4 / 1e-3.
         weight_decay: AdamW weight decay on LoRA weights only (the base is frozen); LoRA rarely
             needs any.
         optimizer: adamw (torch), or adamw_8bit (bitsandbytes, CUDA only: ~1/4 the optimizer
@@ -140,7 +140,9 @@ class SpellingLoRAModule(L.LightningModule):
             check_model_name(model)
         except SpellxferError as e:
             raise SpellxferError(f"model.model: {e}", key="model.model") from None
-        _require(1 <= lora_r <= MAX_LORA_RANK, "model.lora_r", f"must be in [1, {MAX_LORA_RANK}], got {lora_r}")
+        _require(
+            1 <= lora_r <= MAX_LORA_RANK, "model.lora_r", f"must be in [1, {MAX_LORA_RANK}], got {lora_r}"
+        )
         _require(
             val_max_new_tokens >= 1, "model.val_max_new_tokens", f"must be ≥ 1, got {val_max_new_tokens}"
         )

@@ -141,7 +141,8 @@ class PackedLoRA:
                     module.register_forward_hook(self._hook)
                     self._hooked.add(id(module))
                     # dropout seeds mix in the layer's name: stable whatever adapters came before
-                    self._layer_key[id(module)] = zlib.crc32(qualified.removeprefix("base_model.model.").encode())
+                    layer_name = qualified.removeprefix("base_model.model.")
+                    self._layer_key[id(module)] = zlib.crc32(layer_name.encode())
                 module.enable_adapters(False)
         for name in names:
             for p in self.parameters(name):

@@ -1,4 +1,5 @@
-"""One sweep trial trained inside a pack: a fit's config, data order, optimizer and checkpoints, no Trainer loop.
+"""One sweep trial trained inside a pack: a fit's config, data order, optimizer and checkpoints,
+no Trainer loop.
 
 A packed trial is configured by the very ``fit`` command line the unpacked sweep would run
 (:func:`~spellxfer.sweep.trial.fit_argv`), parsed and instantiated by spellxfer's
@@ -305,7 +306,8 @@ class PackedTrial:
                 ):
                     p.unlink()
                     self.log(
-                        f"resuming at step {self.global_step}: removed {p.name}, saved after it by the interrupted run"
+                        f"resuming at step {self.global_step}: removed {p.name}, "
+                        "saved after it by the interrupted run"
                     )
 
     # ---- training micro-batches -------------------------------------------------------------------
