@@ -33,9 +33,12 @@ import functools
 import gc
 import json
 import time
+import traceback
 from pathlib import Path
 
+import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 from spellxfer.bench.train import (
@@ -50,7 +53,15 @@ from spellxfer.bench.train import (
     refuse_gpu_model_on_cpu,
     run_environment,
 )
+from spellxfer.core.configs import config_path
 from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_file
+from spellxfer.data.build import build
+from spellxfer.models.generation import GenerationEngine, default_sampling
+from spellxfer.models.registry import apply_fused_kernels, check_model_name, load_model, load_tokenizer
+from spellxfer.tasks.chat import format_prompt
+from spellxfer.training.datamodule import SpellingDataModule
+from spellxfer.training.module import SpellingLoRAModule
 
 VARIANT_KEYS = {
     "reference": {"batch_size"},
@@ -61,15 +72,20 @@ ENGINES = ("auto", "graph", "static", "eager")
 
 
 def parse_eval_variant(spec: str) -> tuple[str, dict]:
-    """``"spellxfer:engine=graph,batch_size=2048"`` → ``("spellxfer", {"engine": "graph", "batch_size": 2048})``."""
+    """A ``--variants`` entry parsed: ``"spellxfer:engine=graph,batch_size=2048"`` →
+    ``("spellxfer", {"engine": "graph", "batch_size": 2048})``."""
     name, _, rest = spec.partition(":")
     if name not in VARIANT_KEYS:
-        raise SpellxferError(f"--variants: unknown variant {name!r} in {spec!r}; use {', '.join(VARIANT_KEYS)}[:key=value,…]")
+        raise SpellxferError(
+            f"--variants: unknown variant {name!r} in {spec!r}; use {', '.join(VARIANT_KEYS)}[:key=value,…]"
+        )
     out: dict = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in VARIANT_KEYS[name]:
-            raise SpellxferError(f"--variants: {spec!r}: {item!r} is not key=value with key in {sorted(VARIANT_KEYS[name])}")
+            raise SpellxferError(
+                f"--variants: {spec!r}: {item!r} is not key=value with key in {sorted(VARIANT_KEYS[name])}"
+            )
         ok = {
             "batch_size": value == "auto" or (value.isdigit() and int(value) >= 1),
             "max_new_tokens": value.isdigit() and int(value) >= 1,
@@ -116,32 +132,46 @@ def bench_eval(
         profile: Also profile one batch of each spellxfer variant and print its costliest operations.
         out: JSON output path.
     """
-    from spellxfer.data.build import build
-    from spellxfer.models.registry import check_model_name
-
     check_model_name(model)
     refuse_gpu_model_on_cpu("eval", model)
     specs = [(v, *parse_eval_variant(v)) for v in variants]
     if n_questions < 1 or batch_size < 1 or reference_batch_size < 1 or max_new_tokens < 1:
-        raise SpellxferError("bench eval: --n_questions, --batch_size, --reference_batch_size, --max_new_tokens must be ≥ 1")
+        raise SpellxferError(
+            "bench eval: --n_questions, --batch_size, --reference_batch_size, --max_new_tokens must be ≥ 1"
+        )
     if decoding not in ("sampled", "greedy"):
         raise SpellxferError(f"bench eval: --decoding must be sampled or greedy, got {decoding!r}")
     for _, name, o in specs:
         if name == "validation":
             _validation_config(o.get("config", "configs/r16.yaml"))  # a bad path fails before any model loads
-    command = command_line(["bench", "eval"], model=model, data_dir=data_dir, variants=variants,
-                           n_questions=n_questions, batch_size=batch_size, reference_batch_size=reference_batch_size,
-                           max_new_tokens=max_new_tokens, decoding=decoding, profile=profile, out=out)  # fmt: skip
+    command = command_line(
+        ["bench", "eval"],
+        model=model,
+        data_dir=data_dir,
+        variants=variants,
+        n_questions=n_questions,
+        batch_size=batch_size,
+        reference_batch_size=reference_batch_size,
+        max_new_tokens=max_new_tokens,
+        decoding=decoding,
+        profile=profile,
+        out=out,
+    )
     data = Path(data_dir)
     if not (data / "position_test.jsonl").is_file():
         build(str(data), profile="full", seed=0)
-    rows = [[json.loads(line) for line in open(data / f"{t}_test.jsonl", encoding="utf-8")] for t in ("position", "count")]
+    rows = [
+        [json.loads(line) for line in open(data / f"{t}_test.jsonl", encoding="utf-8")]
+        for t in ("position", "count")
+    ]
     qs = [r["question"] for pair in zip(*rows) for r in pair][:n_questions]
     if len(qs) < n_questions:
         raise SpellxferError(f"bench eval: {data} holds only {len(qs)} questions; lower --n_questions")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rate = matmul_rate(device)
-    bench = _EvalBench(model, device, qs, decoding, max_new_tokens, batch_size, reference_batch_size, profile, rate)
+    bench = _EvalBench(
+        model, device, qs, decoding, max_new_tokens, batch_size, reference_batch_size, profile, rate
+    )
     environment = run_environment(device)
     out_path = Path(out) if out else bench_dir(device) / f"eval-{model}.json"
     results = []
@@ -149,30 +179,47 @@ def bench_eval(
         print(f"bench eval: {spec} …", flush=True)
         try:
             r = bench.validation(o, data) if name == "validation" else bench.engine_variant(name, o)
-        except torch.OutOfMemoryError as e:  # a finding, not a crash: the table says which setting does not fit
+        except (
+            torch.OutOfMemoryError
+        ) as e:  # a finding, not a crash: the table says which setting does not fit
             r = {"failed": "out of memory: " + str(e).splitlines()[0]}
         except SpellxferError:
             raise
         except Exception as e:  # e.g. a kernel that fails to build or capture: record it, measure the rest
-            import traceback
-
             traceback.print_exc()
             r = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         if "failed" in r:
             print(f"bench eval: {spec} failed: {r['failed']}", flush=True)
-            r.update(questions_per_second=0.0, mfu_vs_matmul=0.0, mfu_vs_peak=None, peak_gib=None,
-                     batch_size=o.get("batch_size"))  # fmt: skip
+            r.update(
+                questions_per_second=0.0,
+                mfu_vs_matmul=0.0,
+                mfu_vs_peak=None,
+                peak_gib=None,
+                batch_size=o.get("batch_size"),
+            )
         results.append({"variant": spec, **r})
         base = results[0]["questions_per_second"] or float("nan")
         for r in results:
             r["ratio_to_first"] = r["questions_per_second"] / base
         r = results[-1]
-        print(f"bench eval: {spec}: {r['questions_per_second']:,.1f} questions/s at batch {r.get('batch_size')}, "
-              f"phases {r.get('one_batch_phases_seconds')}", flush=True)  # fmt: skip
+        print(
+            f"bench eval: {spec}: {r['questions_per_second']:,.1f} questions/s "
+            f"at batch {r.get('batch_size')}, "
+            f"phases {r.get('one_batch_phases_seconds')}",
+            flush=True,
+        )
         # after every variant, so a run cut short (a time limit on a lent GPU) keeps what it measured
-        report = {"kind": "eval", "model": model, "date": time.strftime("%Y-%m-%d"), **environment,
-                  "command": command, "sampling": vars(bench.sampling()), "matmul_flops_per_second": rate,
-                  "complete": len(results) == len(specs), "results": results}  # fmt: skip
+        report = {
+            "kind": "eval",
+            "model": model,
+            "date": time.strftime("%Y-%m-%d"),
+            **environment,
+            "command": command,
+            "sampling": vars(bench.sampling()),
+            "matmul_flops_per_second": rate,
+            "complete": len(results) == len(specs),
+            "results": results,
+        }
         _write_json(out_path, report)
     _print_table(report, "questions/s", "questions_per_second")
     print(f"wrote {out_path}")
@@ -180,18 +227,12 @@ def bench_eval(
 
 
 def _write_json(path: Path, report: dict) -> None:
-    from spellxfer.core.outputs import atomic_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f:
         json.dump(report, f, indent=2, default=str)
 
 
 def _validation_config(path: str) -> dict:
-    import yaml
-
-    from spellxfer.core.configs import config_path
-
     p = config_path(path)  # configs/… is the shipped file where no such path exists here
     try:
         cfg = yaml.safe_load(p.read_text())
@@ -205,22 +246,26 @@ def _validation_config(path: str) -> dict:
 class _EvalBench:
     """One model and tokenizer shared by the reference and spellxfer variants (loaded on first use)."""
 
-    def __init__(self, model, device, qs, decoding, max_new_tokens, batch_size, reference_batch_size, profile, rate):
+    def __init__(
+        self, model, device, qs, decoding, max_new_tokens, batch_size, reference_batch_size, profile, rate
+    ):
         self.name, self.device, self.qs, self.decoding = model, device, qs, decoding
-        self.max_new_tokens, self.batch_size, self.reference_batch_size = max_new_tokens, batch_size, reference_batch_size
+        self.max_new_tokens, self.batch_size, self.reference_batch_size = (
+            max_new_tokens,
+            batch_size,
+            reference_batch_size,
+        )
         self.profile, self.rate = profile, rate
         self.lm = self.tok = None
         self.kernels = "none"
 
     def sampling(self, **overrides):
-        from spellxfer.models.generation import default_sampling
-
-        return default_sampling(**{"decoding": self.decoding, "max_new_tokens": self.max_new_tokens, **overrides})
+        return default_sampling(
+            **{"decoding": self.decoding, "max_new_tokens": self.max_new_tokens, **overrides}
+        )
 
     def _load(self):
         if self.lm is None:
-            from spellxfer.models.registry import load_model, load_tokenizer
-
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self.lm = load_model(self.name, dtype=dtype, device=str(self.device))
             self.tok = load_tokenizer(self.name)
@@ -233,17 +278,19 @@ class _EvalBench:
     def _rates(self, config, questions: int, seconds: float, prompt_tokens: int, new_tokens: int) -> dict:
         useful = self._useful_flops(config, prompt_tokens, new_tokens)
         cuda = self.device.type == "cuda"
-        return {"questions": questions, "seconds": seconds, "questions_per_second": questions / seconds,
-                "new_tokens": new_tokens, "new_tokens_per_second": new_tokens / seconds,
-                "prompt_tokens": prompt_tokens, "mfu_vs_matmul": useful / seconds / self.rate,
-                "mfu_vs_peak": useful / seconds / H100_BF16_PEAK if cuda else None,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
+        return {
+            "questions": questions,
+            "seconds": seconds,
+            "questions_per_second": questions / seconds,
+            "new_tokens": new_tokens,
+            "new_tokens_per_second": new_tokens / seconds,
+            "prompt_tokens": prompt_tokens,
+            "mfu_vs_matmul": useful / seconds / self.rate,
+            "mfu_vs_peak": useful / seconds / H100_BF16_PEAK if cuda else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        }
 
     def engine_variant(self, name: str, o: dict) -> dict:
-        from spellxfer.models.generation import GenerationEngine
-        from spellxfer.models.registry import apply_fused_kernels
-        from spellxfer.tasks.chat import format_prompt
-
         lm, tok = self._load()
         qs = self.qs
         reference = name == "reference"
@@ -253,8 +300,13 @@ class _EvalBench:
             self.kernels = apply_fused_kernels(lm)
         bs = o.get("batch_size", self.reference_batch_size if reference else self.batch_size)
         sampling = self.sampling(**{k: o[k] for k in ("decoding", "max_new_tokens") if k in o})
-        engine = GenerationEngine(lm, tok, sampling, batch_size=bs, reference=reference, decoder=o.get("engine", "auto"))
-        prompt_tokens = sum(len(ids) for ids in tok([format_prompt(tok, q) for q in qs], add_special_tokens=False)["input_ids"])
+        engine = GenerationEngine(
+            lm, tok, sampling, batch_size=bs, reference=reference, decoder=o.get("engine", "auto")
+        )
+        prompt_tokens = sum(
+            len(ids)
+            for ids in tok([format_prompt(tok, q) for q in qs], add_special_tokens=False)["input_ids"]
+        )
         path = engine.resolve_path(self.device)
         _sync(self.device)
         t0 = time.perf_counter()
@@ -281,9 +333,15 @@ class _EvalBench:
         if self.profile and not reference:
             table = profile_table(functools.partial(engine.generate, qs[:resolved]))
             print(f"--- profile of one batch of {name} {o}\n{table}", flush=True)
-        r = {"batch_size": resolved, "engine": path, **self._rates(lm.config, len(qs), seconds, prompt_tokens, new_tokens),
-             "first_pass_seconds": first if path == "graph" else None, "one_batch_phases_seconds": phases,
-             "kernels": "none" if reference else self.kernels, "sampling": vars(sampling)}  # fmt: skip
+        r = {
+            "batch_size": resolved,
+            "engine": path,
+            **self._rates(lm.config, len(qs), seconds, prompt_tokens, new_tokens),
+            "first_pass_seconds": first if path == "graph" else None,
+            "one_batch_phases_seconds": phases,
+            "kernels": "none" if reference else self.kernels,
+            "sampling": vars(sampling),
+        }
         engine.release()
         del engine
         gc.collect()
@@ -293,12 +351,6 @@ class _EvalBench:
 
     def validation(self, o: dict, data: Path) -> dict:
         """``Trainer.validate`` at a config's validation settings, LoRA-wrapped, hf backend."""
-        import lightning as L
-
-        from spellxfer.tasks.chat import format_prompt
-        from spellxfer.training.datamodule import SpellingDataModule
-        from spellxfer.training.module import SpellingLoRAModule
-
         config_path = o.get("config", "configs/r16.yaml")
         cfg = _validation_config(config_path)
         m, d, t = cfg.get("model") or {}, cfg.get("data") or {}, cfg.get("trainer") or {}
@@ -307,21 +359,34 @@ class _EvalBench:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        module = SpellingLoRAModule(model=self.name, backend="hf", lora_r=m.get("lora_r", 16),
-                                    lora_alpha=m.get("lora_alpha", 32), lora_dropout=m.get("lora_dropout", 0.0),
-                                    val_decoding=m.get("val_decoding", "greedy"),
-                                    val_max_new_tokens=m.get("val_max_new_tokens", 16), seed=cfg.get("seed_everything", 0))  # fmt: skip
+        module = SpellingLoRAModule(
+            model=self.name,
+            backend="hf",
+            lora_r=m.get("lora_r", 16),
+            lora_alpha=m.get("lora_alpha", 32),
+            lora_dropout=m.get("lora_dropout", 0.0),
+            val_decoding=m.get("val_decoding", "greedy"),
+            val_max_new_tokens=m.get("val_max_new_tokens", 16),
+            seed=cfg.get("seed_everything", 0),
+        )
         module.generation_decoder = o.get("engine", "auto")
         eval_batch_size = o.get("batch_size", d.get("eval_batch_size", "auto"))
         val_limit = o.get("val_limit", d.get("val_limit"))  # None: the DataModule's default, every question
-        dm = SpellingDataModule(str(data), self.name, build_profile=None, eval_batch_size=eval_batch_size,
-                                val_limit=val_limit)  # fmt: skip
+        dm = SpellingDataModule(
+            str(data), self.name, build_profile=None, eval_batch_size=eval_batch_size, val_limit=val_limit
+        )
         cuda = self.device.type == "cuda"
         timer = _EpochTimer(self.device)
-        trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1,
-                            precision=t.get("precision", "bf16-mixed") if cuda else "32-true", logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[timer])  # fmt: skip
+        trainer = L.Trainer(
+            accelerator="gpu" if cuda else "cpu",
+            devices=1,
+            precision=t.get("precision", "bf16-mixed") if cuda else "32-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+        )
         trainer.validate(module, datamodule=dm, verbose=False)  # loads the model; captures graphs
         first = timer.seconds
         if cuda:
@@ -332,11 +397,21 @@ class _EvalBench:
         engine = module._generation_engine
         qs = [it.question for task in ("position", "count") for it in dm.eval_items["val"][task]]
         tok = module.tokenizer
-        prompt_tokens = sum(len(ids) for ids in tok([format_prompt(tok, q) for q in qs], add_special_tokens=False)["input_ids"])
-        r = {"batch_size": engine.last_batch_size, "eval_batch_size": eval_batch_size, "engine": dict(engine.paths),
-             **self._rates(module.lm.config, len(qs), timer.seconds, prompt_tokens, engine.new_tokens),
-             "first_pass_seconds": first, "config": config_path, "kernels": module.kernels_applied,
-             "sampling": vars(engine.sampling), "lora_r": module.hparams.lora_r}  # fmt: skip
+        prompt_tokens = sum(
+            len(ids)
+            for ids in tok([format_prompt(tok, q) for q in qs], add_special_tokens=False)["input_ids"]
+        )
+        r = {
+            "batch_size": engine.last_batch_size,
+            "eval_batch_size": eval_batch_size,
+            "engine": dict(engine.paths),
+            **self._rates(module.lm.config, len(qs), timer.seconds, prompt_tokens, engine.new_tokens),
+            "first_pass_seconds": first,
+            "config": config_path,
+            "kernels": module.kernels_applied,
+            "sampling": vars(engine.sampling),
+            "lora_r": module.hparams.lora_r,
+        }
         del trainer, module, dm, engine
         gc.collect()
         if cuda:

@@ -49,7 +49,9 @@ def plot_run(samples, summary: dict, path: Path) -> Path:
     for s in ok:
         per_second[min(seconds - 1, int(s.start_s + s.latency_ms / 1e3))] += 1
     c.bar(range(seconds), per_second, width=1.0)
-    c.set(xlabel="time (s)", ylabel="replies / s", title=f"throughput (mean {summary['throughput_rps']} req/s)")
+    c.set(
+        xlabel="time (s)", ylabel="replies / s", title=f"throughput (mean {summary['throughput_rps']} req/s)"
+    )
     fig.suptitle(f"{summary['route']} · concurrency {summary['concurrency']} · {summary['url']}")
     return _save(fig, path)
 
@@ -58,8 +60,11 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
     """Throughput and p95 latency against concurrency over all recorded runs."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for route in sorted({r["route"] for r in rows}):
-        pts = sorted((int(r["concurrency"]), float(r["throughput_rps"] or 0), float(r["p95_ms"] or "nan"))
-                     for r in rows if r["route"] == route)  # fmt: skip
+        pts = sorted(
+            (int(r["concurrency"]), float(r["throughput_rps"] or 0), float(r["p95_ms"] or "nan"))
+            for r in rows
+            if r["route"] == route
+        )
         a.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=route)
         b.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=route)
     a.set(xlabel="concurrency", ylabel="req/s", title="throughput", xscale="log", xlim=(0.8, None))
@@ -72,14 +77,24 @@ def plot_summary(rows: list[dict], path: Path) -> Path:
 def write_html(summary: dict, png: Path, path: Path) -> Path:
     """A single HTML file: the summary table and the run's figure, no external references."""
     image = base64.b64encode(png.read_bytes()).decode()
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>spellxfer load test {html.escape(summary['label'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style>
-</head><body><h1>spellxfer load test</h1>
-<p>Serving metrics only (throughput, latency, errors); model quality is measured offline on position and count questions.</p>
-<table>{rows}</table><p><img alt="load test figure" src="data:image/png;base64,{image}" style="max-width:100%"></p>
-</body></html>
-"""
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()
+    )
+    title = f"spellxfer load test {html.escape(summary['label'])}"
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+    )
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>\n'
+        f"<style>{style}</style>\n"
+        "</head><body><h1>spellxfer load test</h1>\n"
+        "<p>Serving metrics only (throughput, latency, errors); model quality is measured offline on "
+        "position and count questions.</p>\n"
+        f'<table>{rows}</table><p><img alt="load test figure" src="data:image/png;base64,{image}" '
+        'style="max-width:100%"></p>\n'
+        "</body></html>\n"
+    )
     with atomic_file(path) as f:
         f.write(page)
     return path

@@ -1,7 +1,7 @@
 """``spellxfer bench sweep``: the makespan of one set of sweep trials, one at a time, by W workers
 sharing the card, and packed K to a process on one base model.
 
-Every mode runs the same N trials — the seed grid's hyperparameters drawn by the random sampler
+Every mode runs the same N trials — the space file's hyperparameters drawn by the random sampler
 from one seed (trial n's draw depends only on the seed and n), ``max_steps`` fixed for all,
 validation every ``validate_every_steps`` optimizer steps on ``val_limit`` position + count
 questions, a greedy test evaluation on ``eval_limit`` of each, early stopping off so every trial
@@ -31,6 +31,7 @@ and count only.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -46,15 +47,28 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
+import optuna
 import torch
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from spellxfer.bench.train import bench_dir, command_line, refuse_gpu_model_on_cpu, run_environment
 from spellxfer.core.configs import config_path
 from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_file
+from spellxfer.core.tables import print_table
+from spellxfer.models.losses import completion_loss_from_hidden, decoder_and_head
+from spellxfer.models.registry import check_model_name, load_model
+from spellxfer.sweep.run import base_settings, prepare_data_and_base
+from spellxfer.sweep.space import load_space, make_sampler
+from spellxfer.training.module import ALL_LINEAR, lora_config
+from spellxfer.training.packed import KERNELS, PackedLoRA
 
 MODE = re.compile(r"^(serial|workers:(\d+)|pack:(\d+)(?::(loop|concat|grouped))?(:window)?)(?:@(\d+))?$")
-TARGETS = {"pack_vs_serial": 15.0, "pack_vs_best_workers": 3.0, "pack_peak_gib": 60.0}  # issue 18
+# What packing must buy to be worth it: makespan ratios (× faster) and the pack's peak memory (GiB),
+# which must leave room on an 80 GB card.
+TARGETS = {"pack_vs_serial": 15.0, "pack_vs_best_workers": 3.0, "pack_peak_gib": 60.0}
 
 
 def parse_mode(spec: str) -> dict:
@@ -62,34 +76,70 @@ def parse_mode(spec: str) -> dict:
     "window": True, "trials": 4}``."""
     m = MODE.match(spec)
     if m is None:
-        raise SpellxferError(f"--modes: {spec!r} is not serial, workers:W or pack:K[:loop|concat|grouped][:window], "
-                             "optionally followed by @n (the first n trials only)")  # fmt: skip
+        raise SpellxferError(
+            f"--modes: {spec!r} is not serial, workers:W or pack:K[:loop|concat|grouped][:window], "
+            "optionally followed by @n (the first n trials only)"
+        )
     name = spec.split(":")[0].split("@")[0]
     workers = int(m.group(2)) if m.group(2) else 1
     pack = int(m.group(3)) if m.group(3) else None
     if workers < 1 or (pack is not None and pack < 1) or (m.group(6) and int(m.group(6)) < 1):
         raise SpellxferError(f"--modes: {spec!r}: counts must be ≥ 1")
-    return {"spec": spec, "mode": name, "workers": workers, "pack": pack, "kernel": m.group(4) or "auto",
-            "window": bool(m.group(5)), "trials": int(m.group(6)) if m.group(6) else None}  # fmt: skip
+    return {
+        "spec": spec,
+        "mode": name,
+        "workers": workers,
+        "pack": pack,
+        "kernel": m.group(4) or "auto",
+        "window": bool(m.group(5)),
+        "trials": int(m.group(6)) if m.group(6) else None,
+    }
 
 
-def bench_space(space: str, base: str, model: str, trials: int, max_steps: int, validate_every_steps: int,
-                val_limit: int, eval_limit: int, data_dir: str, gradient_checkpointing: bool | str, seed: int,
-                cuda: bool) -> dict:  # fmt: skip
-    """The bench's space file: the seed grid's hyperparameters (all but max_steps), the rest fixed."""
-    from spellxfer.sweep.space import load_space
-
+def bench_space(
+    space: str,
+    base: str,
+    model: str,
+    trials: int,
+    max_steps: int,
+    validate_every_steps: int,
+    val_limit: int,
+    eval_limit: int,
+    data_dir: str,
+    gradient_checkpointing: bool | str,
+    seed: int,
+    cuda: bool,
+) -> dict:
+    """The bench's space file: ``space``'s hyperparameters (all but max_steps), the rest fixed."""
     grid = load_space(space)
-    fixed = {"model.model": model, "model.backend": "hf", "model.load_in_4bit": False, "model.optimizer": "adamw",
-             "model.gradient_checkpointing": gradient_checkpointing, "trainer.max_steps": max_steps,
-             "trainer.accelerator": "gpu" if cuda else "cpu", "trainer.precision": "bf16-mixed" if cuda else "32-true",
-             "data.data_dir": data_dir, "data.build_profile": "full", "data.val_limit": val_limit,
-             # every trial runs its max_steps in every mode: the same work, comparable makespans
-             "early_stopping.patience": 1_000_000}  # fmt: skip
-    return {"base": base, "objective": "val/transfer_score", "sampler": "random", "pruner": "none", "seed": seed,
-            "budget": {"trials": trials}, "decodings": ["greedy"], "evaluation": {"limit": eval_limit},
-            "validate_every_steps": validate_every_steps, "fixed": fixed,
-            "parameters": {p.name: list(p.values) for p in grid.parameters if p.name != "max_steps"}}  # fmt: skip
+    fixed = {
+        "model.model": model,
+        "model.backend": "hf",
+        "model.load_in_4bit": False,
+        "model.optimizer": "adamw",
+        "model.gradient_checkpointing": gradient_checkpointing,
+        "trainer.max_steps": max_steps,
+        "trainer.accelerator": "gpu" if cuda else "cpu",
+        "trainer.precision": "bf16-mixed" if cuda else "32-true",
+        "data.data_dir": data_dir,
+        "data.build_profile": "full",
+        "data.val_limit": val_limit,
+        # every trial runs its max_steps in every mode: the same work, comparable makespans
+        "early_stopping.patience": 1_000_000,
+    }
+    return {
+        "base": base,
+        "objective": "val/transfer_score",
+        "sampler": "random",
+        "pruner": "none",
+        "seed": seed,
+        "budget": {"trials": trials},
+        "decodings": ["greedy"],
+        "evaluation": {"limit": eval_limit},
+        "validate_every_steps": validate_every_steps,
+        "fixed": fixed,
+        "parameters": {p.name: list(p.values) for p in grid.parameters if p.name != "max_steps"},
+    }
 
 
 class MemoryPoll:
@@ -111,8 +161,12 @@ class MemoryPoll:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout  # fmt: skip
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
             except (OSError, subprocess.TimeoutExpired):
                 return
             for line in out.strip().splitlines():
@@ -136,25 +190,52 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
     space_path = work / f"space-{slug}.yaml"
     space_path.write_text(yaml.safe_dump(mode_space, sort_keys=False))
     shutil.copytree(base_eval, results / "sweeps" / "bench" / "base")
-    argv = [sys.executable, "-m", "spellxfer", "sweep", "--space", str(space_path), "--study", "bench",
-            "--results_dir", str(results), "--workers", str(mode["workers"])]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "spellxfer",
+        "sweep",
+        "--space",
+        str(space_path),
+        "--study",
+        "bench",
+        "--results_dir",
+        str(results),
+        "--workers",
+        str(mode["workers"]),
+    ]
     if mode["pack"] is not None:
-        argv += ["--pack", str(mode["pack"]), "--pack_kernel", mode["kernel"], "--pack_window", str(mode["window"]).lower()]
+        argv += [
+            "--pack",
+            str(mode["pack"]),
+            "--pack_kernel",
+            mode["kernel"],
+            "--pack_window",
+            str(mode["window"]).lower(),
+        ]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     print(f"bench sweep: {mode['spec']} ({trials} trials) …", flush=True)
     log = work / f"{slug}.log"
     t0 = time.perf_counter()
     with MemoryPoll() as memory, open(log, "w") as f:
-        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
+        rc = subprocess.run(
+            argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        ).returncode
     makespan = time.perf_counter() - t0
     rows = _csv(results / "metrics" / "bench.csv")
     done = [r for r in rows if r["status"] == "complete"]
-    out = {**{k: mode[k] for k in ("spec", "mode", "workers", "pack", "kernel", "window")}, "trials": trials, "exit_code": rc,
-           "makespan_s": round(makespan, 1), "complete": len(done),
-           "failed": sum(r["status"] == "failed" for r in rows),
-           "makespan_s_for_all": round(makespan * n_trials / trials, 1) if trials else None,
-           "trials_per_gpu_hour": round(trials / (makespan / 3600), 2) if makespan else None,
-           "errors": sorted({r["error"] for r in rows if r.get("error")})[:5], "log": str(log)}  # fmt: skip
+    out = {
+        **{k: mode[k] for k in ("spec", "mode", "workers", "pack", "kernel", "window")},
+        "trials": trials,
+        "exit_code": rc,
+        "makespan_s": round(makespan, 1),
+        "complete": len(done),
+        "failed": sum(r["status"] == "failed" for r in rows),
+        "makespan_s_for_all": round(makespan * n_trials / trials, 1) if trials else None,
+        "trials_per_gpu_hour": round(trials / (makespan / 3600), 2) if makespan else None,
+        "errors": sorted({r["error"] for r in rows if r.get("error")})[:5],
+        "log": str(log),
+    }
     if cuda:
         out["peak_memory_gib"] = round(max(memory.peak_mib.values(), default=0) / 1024, 1)
     else:
@@ -168,8 +249,6 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
 
 
 def _csv(path: Path) -> list[dict]:
-    import csv
-
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -178,11 +257,6 @@ def _csv(path: Path) -> list[dict]:
 
 def kernel_bench(model: str, params: list[dict], steps: int, device: torch.device, seed: int) -> list[dict]:
     """One packed forward + backward of these trials' micro-batches per kernel: ms/step, agreement."""
-    from spellxfer.models.losses import completion_loss_from_hidden, decoder_and_head
-    from spellxfer.models.registry import load_model
-    from spellxfer.training.module import ALL_LINEAR, lora_config
-    from spellxfer.training.packed import KERNELS, PackedLoRA
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = load_model(model, dtype=dtype, device=device, seed=seed).train()
     for p in base.parameters():
@@ -190,7 +264,9 @@ def kernel_bench(model: str, params: list[dict], steps: int, device: torch.devic
     packed = PackedLoRA(base)
     groups, rows = [], 0
     for i, p in enumerate(params):
-        hp = SimpleNamespace(lora_r=p["lora_r"], lora_alpha=p["lora_alpha"], lora_dropout=0.0, target_modules=ALL_LINEAR)
+        hp = SimpleNamespace(
+            lora_r=p["lora_r"], lora_alpha=p["lora_alpha"], lora_dropout=0.0, target_modules=ALL_LINEAR
+        )
         packed.add(f"t{i:04d}", lora_config(hp), seed + i)
         groups.append((f"t{i:04d}", p["batch_size"]))
         rows += p["batch_size"]
@@ -215,7 +291,11 @@ def kernel_bench(model: str, params: list[dict], steps: int, device: torch.devic
                     hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
                     per, start = [], 0
                     for _, n in groups:
-                        per.append(completion_loss_from_hidden(hidden[start : start + n], head.weight, labels[start : start + n]))
+                        per.append(
+                            completion_loss_from_hidden(
+                                hidden[start : start + n], head.weight, labels[start : start + n]
+                            )
+                        )
                         start += n
                     sum(per).backward()
                 if device.type == "cuda":
@@ -226,13 +306,23 @@ def kernel_bench(model: str, params: list[dict], steps: int, device: torch.devic
                     p_.grad = None
             reference = reference or losses
             ms = sum(times[2:]) / steps * 1000
-            results.append({"kernel": kernel, "trials": len(params), "rows": rows, "ms_per_step": round(ms, 2),
-                            "tokens_per_second": round(rows * 40 / (ms / 1000)),
-                            "max_loss_diff_vs_loop": max(abs(a - b) for a, b in zip(losses, reference)),
-                            "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                            if device.type == "cuda" else None})  # fmt: skip
+            results.append(
+                {
+                    "kernel": kernel,
+                    "trials": len(params),
+                    "rows": rows,
+                    "ms_per_step": round(ms, 2),
+                    "tokens_per_second": round(rows * 40 / (ms / 1000)),
+                    "max_loss_diff_vs_loop": max(abs(a - b) for a, b in zip(losses, reference)),
+                    "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                    if device.type == "cuda"
+                    else None,
+                }
+            )
         except Exception as e:  # e.g. a grouped GEMM this card or build lacks: reported, not fatal
-            results.append({"kernel": kernel, "failed": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"})
+            results.append(
+                {"kernel": kernel, "failed": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+            )
     return results
 
 
@@ -262,14 +352,15 @@ def bench_sweep(
 
     Args:
         model: qwen3-4b-shape or smollm2-135m on a GPU; tiny-qwen3 on a CPU.
-        trials: N, the trials every mode runs (the seed grid's draws 0 … N-1).
+        trials: N, the trials every mode runs (the sampler's draws 0 … N-1).
         max_steps: Optimizer steps of every trial.
         validate_every_steps: Validation interval in optimizer steps.
         val_limit: Position and count questions per validation (each).
         eval_limit: Position and count test questions per trial (each), greedy.
         modes: serial, workers:W, pack:K[:loop|concat|grouped][:window], each optionally @n (first n trials).
         space: The space file whose hyperparameters are drawn (its max_steps is replaced by --max_steps).
-        base: The fit config every trial starts from (default configs/r16.yaml on CUDA, configs/tiny.yaml on a CPU).
+        base: The fit config every trial starts from (default configs/r16.yaml on CUDA,
+            configs/tiny.yaml on a CPU).
         data_dir: A data build directory (built with the full profile if absent).
         gradient_checkpointing: true, false, or auto (on for packs, off otherwise).
         kernel_steps: Timed steps per kernel in the kernel comparison (0: skip it).
@@ -278,18 +369,16 @@ def bench_sweep(
         append: Merge into an existing JSON at the output path (a mode measured again replaces its entry).
         work_dir: Where the modes' sweeps run (default: a temporary directory, removed afterwards).
     """
-    from rich.console import Console
-
-    from spellxfer.core.outputs import atomic_file
-    from spellxfer.models.registry import check_model_name
-    from spellxfer.sweep.run import base_settings, prepare_data_and_base
-    from spellxfer.sweep.space import load_space, make_sampler
-
     check_model_name(model)
     refuse_gpu_model_on_cpu("sweep", model)
     parsed = [parse_mode(m) for m in modes]
-    for name, value in (("trials", trials), ("max_steps", max_steps), ("validate_every_steps", validate_every_steps),
-                        ("val_limit", val_limit), ("eval_limit", eval_limit)):  # fmt: skip
+    for name, value in (
+        ("trials", trials),
+        ("max_steps", max_steps),
+        ("validate_every_steps", validate_every_steps),
+        ("val_limit", val_limit),
+        ("eval_limit", eval_limit),
+    ):
         if value < 1:
             raise SpellxferError(f"bench sweep: --{name} must be ≥ 1, got {value}")
     if kernel_steps < 0:
@@ -299,20 +388,33 @@ def bench_sweep(
     base = str(config_path(base or ("configs/r16.yaml" if cuda else "configs/tiny.yaml")))
     space = str(config_path(space))
     gc = {"true": True, "false": False}.get(gradient_checkpointing, "auto")
-    spec = bench_space(space, base, model, trials, max_steps, validate_every_steps, val_limit, eval_limit, data_dir,
-                       gc, seed, cuda)  # fmt: skip
+    spec = bench_space(
+        space,
+        base,
+        model,
+        trials,
+        max_steps,
+        validate_every_steps,
+        val_limit,
+        eval_limit,
+        data_dir,
+        gc,
+        seed,
+        cuda,
+    )
     out_path = Path(out) if out else bench_dir(device) / f"sweep-{model}.json"
     tmp = tempfile.TemporaryDirectory(prefix="spellxfer-bench-sweep-") if work_dir is None else None
     work = Path(work_dir) if work_dir else Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     try:
         space_path = work / "space.yaml"
-        space_path.write_text(yaml.safe_dump({**spec, "fixed": {**spec["fixed"], "model.gradient_checkpointing": False}},
-                                             sort_keys=False))  # fmt: skip
+        space_path.write_text(
+            yaml.safe_dump(
+                {**spec, "fixed": {**spec["fixed"], "model.gradient_checkpointing": False}}, sort_keys=False
+            )
+        )
         loaded = load_space(space_path)
         # the trials every mode runs: the random sampler's draws for trial numbers 0 … N-1
-        import optuna
-
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         draw = optuna.create_study(direction="maximize", sampler=make_sampler(loaded, "random"))
         draws = []
@@ -325,19 +427,43 @@ def bench_sweep(
         prepare_data_and_base(loaded, model_name, data, work / "base-study", Console(quiet=True))
         results = [run_mode(m, spec, work, work / "base-study" / "base", trials, cuda) for m in parsed]
         biggest = max((m["pack"] for m in parsed if m["pack"]), default=min(trials, 4))
-        kernels = (kernel_bench(model, [d["params"] for d in draws[:biggest]], kernel_steps, device, seed)
-                   if kernel_steps else [])  # fmt: skip
+        kernels = (
+            kernel_bench(model, [d["params"] for d in draws[:biggest]], kernel_steps, device, seed)
+            if kernel_steps
+            else []
+        )
     finally:
         if tmp is not None:
             tmp.cleanup()
-    command = command_line(["bench", "sweep"], model=model, trials=trials, max_steps=max_steps,
-                           validate_every_steps=validate_every_steps, val_limit=val_limit, eval_limit=eval_limit,
-                           modes=modes, space=space, base=base, data_dir=data_dir,
-                           gradient_checkpointing=gradient_checkpointing, kernel_steps=kernel_steps, seed=seed,
-                           out=out, append=append or None)  # fmt: skip
-    report = {"kind": "sweep", "model": model, "date": time.strftime("%Y-%m-%d"), **run_environment(device),
-              "command": command, "settings": {k: v for k, v in spec.items() if k != "parameters"},
-              "trials": draws, "modes": results, "kernels": kernels}  # fmt: skip
+    command = command_line(
+        ["bench", "sweep"],
+        model=model,
+        trials=trials,
+        max_steps=max_steps,
+        validate_every_steps=validate_every_steps,
+        val_limit=val_limit,
+        eval_limit=eval_limit,
+        modes=modes,
+        space=space,
+        base=base,
+        data_dir=data_dir,
+        gradient_checkpointing=gradient_checkpointing,
+        kernel_steps=kernel_steps,
+        seed=seed,
+        out=out,
+        append=append or None,
+    )
+    report = {
+        "kind": "sweep",
+        "model": model,
+        "date": time.strftime("%Y-%m-%d"),
+        **run_environment(device),
+        "command": command,
+        "settings": {k: v for k, v in spec.items() if k != "parameters"},
+        "trials": draws,
+        "modes": results,
+        "kernels": kernels,
+    }
     if append and out_path.is_file():
         previous = json.loads(out_path.read_text())
         specs = {r["spec"] for r in results}
@@ -354,12 +480,17 @@ def bench_sweep(
 
 
 def summarise(modes: list[dict]) -> dict:
-    """Speed-ups of the best pack over serial and over the best workers setting, against issue 18's targets."""
+    """Speed-ups of the best pack over serial and over the best workers setting, against
+    :data:`TARGETS`."""
+
     def span(m):  # the makespan of all N trials (scaled from a sample when the mode ran fewer)
         return m["makespan_s_for_all"] if m["complete"] else None
 
     ok = [m for m in modes if span(m)]
-    best = {kind: min((m for m in ok if m["mode"] == kind), key=span, default=None) for kind in ("serial", "workers", "pack")}
+    best = {
+        kind: min((m for m in ok if m["mode"] == kind), key=span, default=None)
+        for kind in ("serial", "workers", "pack")
+    }
     out: dict = {"best": {k: (v["spec"] if v else None) for k, v in best.items()}, "targets": TARGETS}
     if best["pack"] and best["serial"]:
         out["pack_vs_serial"] = round(span(best["serial"]) / span(best["pack"]), 2)
@@ -373,22 +504,20 @@ def summarise(modes: list[dict]) -> dict:
 
 
 def print_report(report: dict) -> None:
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from spellxfer.core.tables import print_table
-
     table = Table(title=f"bench sweep: {report['model']} on {report['device']} ({report['date']})")
     for col in ("mode", "trials", "complete", "makespan s", "for all N", "trials / GPU-h", "peak GiB"):
         table.add_column(col, justify="right" if col != "mode" else "left")
     for m in report["modes"]:
         peak = m.get("peak_memory_gib", m.get("peak_rss_gib"))
-        table.add_row(m["spec"], str(m["trials"]), str(m["complete"]), f"{m['makespan_s']:.0f}",
-                      f"{m['makespan_s_for_all']:.0f}" if m["makespan_s_for_all"] else "–",
-                      f"{m['trials_per_gpu_hour']:.1f}" if m["trials_per_gpu_hour"] else "–",
-                      "–" if peak is None else f"{peak:.1f}")  # fmt: skip
+        table.add_row(
+            m["spec"],
+            str(m["trials"]),
+            str(m["complete"]),
+            f"{m['makespan_s']:.0f}",
+            f"{m['makespan_s_for_all']:.0f}" if m["makespan_s_for_all"] else "–",
+            f"{m['trials_per_gpu_hour']:.1f}" if m["trials_per_gpu_hour"] else "–",
+            "–" if peak is None else f"{peak:.1f}",
+        )
     console = Console(width=None if sys.stdout.isatty() else 160)  # whole rows in a log file
     print_table(table, console)
     if report["kernels"]:
@@ -399,7 +528,14 @@ def print_report(report: dict) -> None:
             if "failed" in k:
                 kt.add_row(k["kernel"], "", "", "failed", k["failed"][:60], "", "")
                 continue
-            kt.add_row(k["kernel"], str(k["trials"]), str(k["rows"]), f"{k['ms_per_step']:.1f}", f"{k['tokens_per_second']:,}",
-                       f"{k['max_loss_diff_vs_loop']:.2g}", "–" if k["peak_memory_gib"] is None else f"{k['peak_memory_gib']:.1f}")  # fmt: skip
+            kt.add_row(
+                k["kernel"],
+                str(k["trials"]),
+                str(k["rows"]),
+                f"{k['ms_per_step']:.1f}",
+                f"{k['tokens_per_second']:,}",
+                f"{k['max_loss_diff_vs_loop']:.2g}",
+                "–" if k["peak_memory_gib"] is None else f"{k['peak_memory_gib']:.1f}",
+            )
         print_table(kt, console)
     console.print(f"summary: {json.dumps(report['summary'])}")

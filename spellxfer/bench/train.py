@@ -2,7 +2,7 @@
 
 One process, one card, the same spelling rows (the ``full`` build's length mix) for every variant:
 
-* ``reference`` — the plain transformers + PEFT loop the speed issue measured: random batches of
+* ``reference`` — a plain transformers + PEFT training loop, the usual starting point: random batches of
   ``reference_batch_size`` rows, right-padded, ``model(..., labels=...).loss`` (full-vocabulary
   logits at every position), PEFT's defaults (float32 adapters), AdamW. Kept only as a yardstick.
 * ``spellxfer`` — the real thing: :class:`~spellxfer.training.module.SpellingLoRAModule`
@@ -13,8 +13,8 @@ One process, one card, the same spelling rows (the ``full`` build's length mix) 
 A variant can carry overrides, ``NAME:key=value,key=value`` — ``batch_size``, ``kernels``,
 ``gradient_checkpointing``, ``backend``, ``load_in_4bit`` for ``spellxfer``, plus the ablation
 switches ``attention_mask=true`` (pass the padding mask as before), ``peft_input_cast=true``
-(leave PEFT's float32 input cast on) and ``cudnn_attention=true`` (let SDPA use cuDNN), which is how docs/performance.md measures what each
-optimisation buys, one at a time.
+(leave PEFT's float32 input cast on) and ``cudnn_attention=true`` (let SDPA use cuDNN), which is
+how docs/performance.md measures what each optimisation buys, one at a time.
 
 Throughput counts real (non-pad) tokens only, over ``steps`` optimizer steps after ``warmup``
 steps, with the GPU synchronised at both ends. MFU counts the useful work of a LoRA step,
@@ -27,36 +27,73 @@ a large matmul reaches on it, measured here.
 from __future__ import annotations
 
 import gc
+import importlib.metadata as md
 import json
+import platform
 import random
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from peft import LoraConfig, get_peft_model
+from rich.console import Console
+from rich.table import Table
+from torch.profiler import ProfilerActivity
 
 from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import atomic_file, git_commit, package_versions
+from spellxfer.core.tables import print_table
+from spellxfer.data.build import build
+from spellxfer.models.registry import check_model_name, load_model, load_tokenizer
+from spellxfer.training.datamodule import (
+    TRAIN_FILE,
+    SpellingCollator,
+    SpellingDataModule,
+    read_training_rows,
+    tokenize_examples,
+)
+from spellxfer.training.module import ALL_LINEAR, SpellingLoRAModule
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (NVIDIA datasheet)
-SPELLXFER_KEYS = {"batch_size", "kernels", "gradient_checkpointing", "backend", "load_in_4bit", "attention_mask",
-                  "peft_input_cast", "lora_r", "cudnn_attention", "compile_layers"}  # fmt: skip
+SPELLXFER_KEYS = {
+    "batch_size",
+    "kernels",
+    "gradient_checkpointing",
+    "backend",
+    "load_in_4bit",
+    "attention_mask",
+    "peft_input_cast",
+    "lora_r",
+    "cudnn_attention",
+    "compile_layers",
+}
 REFERENCE_KEYS = {"batch_size", "gradient_checkpointing", "lora_r"}
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """``"spellxfer:kernels=none,batch_size=64"`` → ``("spellxfer", {"kernels": "none", "batch_size": 64})``."""
+    """A ``--variants`` entry parsed: ``"spellxfer:kernels=none,batch_size=64"`` →
+    ``("spellxfer", {"kernels": "none", "batch_size": 64})``."""
     name, _, rest = spec.partition(":")
     if name not in ("reference", "spellxfer"):
-        raise SpellxferError(f"--variants: unknown variant {name!r} in {spec!r}; use reference or spellxfer[:key=value,…]")
+        raise SpellxferError(
+            f"--variants: unknown variant {name!r} in {spec!r}; use reference or spellxfer[:key=value,…]"
+        )
     allowed = SPELLXFER_KEYS if name == "spellxfer" else REFERENCE_KEYS
     overrides: dict = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in allowed:
-            raise SpellxferError(f"--variants: {spec!r}: {item!r} is not key=value with key in {sorted(allowed)}")
+            raise SpellxferError(
+                f"--variants: {spec!r}: {item!r} is not key=value with key in {sorted(allowed)}"
+            )
         if value.lower() in ("true", "false"):
             overrides[key] = value.lower() == "true"
         elif value.isdigit():
@@ -94,11 +131,9 @@ def matmul_rate(device: torch.device, seconds: float = 1.0) -> float:
 
 def profile_table(fn, rows: int = 25) -> str:
     """Run ``fn()`` under the torch profiler; the ops that took the most device (or CPU) time."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize()
@@ -112,28 +147,37 @@ def _sync(device: torch.device) -> None:
 
 
 def _examples(data_dir: Path, model: str, n: int, seed: int) -> list[dict]:
-    from spellxfer.models.registry import load_tokenizer
-    from spellxfer.training.datamodule import TRAIN_FILE, read_training_rows, tokenize_examples
-
     rows = read_training_rows(data_dir / TRAIN_FILE, limit=n).to_list()
     random.Random(seed).shuffle(rows)
-    return tokenize_examples(load_tokenizer(model), [r["question"] for r in rows], [r["answer"] for r in rows])
+    return tokenize_examples(
+        load_tokenizer(model), [r["question"] for r in rows], [r["answer"] for r in rows]
+    )
 
 
-def run_reference(model: str, examples: list[dict], batch_size: int, steps: int, warmup: int, lora_r: int,
-                  gradient_checkpointing: bool, device: torch.device) -> dict:  # fmt: skip
+def run_reference(
+    model: str,
+    examples: list[dict],
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    lora_r: int,
+    gradient_checkpointing: bool,
+    device: torch.device,
+) -> dict:
     """The plain padded transformers + PEFT loop (see the module docstring)."""
-    from peft import LoraConfig, get_peft_model
-
-    from spellxfer.models.registry import load_model
-    from spellxfer.training.datamodule import SpellingCollator
-    from spellxfer.training.module import ALL_LINEAR
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = load_model(model, dtype=dtype, device=str(device))
     base.requires_grad_(False)
-    lm = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
-                                         target_modules=list(ALL_LINEAR), task_type="CAUSAL_LM"))  # fmt: skip
+    lm = get_peft_model(
+        base,
+        LoraConfig(
+            r=lora_r,
+            lora_alpha=2 * lora_r,
+            lora_dropout=0.0,
+            target_modules=list(ALL_LINEAR),
+            task_type="CAUSAL_LM",
+        ),
+    )
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.enable_input_require_grads()
@@ -142,15 +186,20 @@ def run_reference(model: str, examples: list[dict], batch_size: int, steps: int,
     collate = SpellingCollator(base.generation_config.pad_token_id or 0)
     need = (warmup + steps) * batch_size
     if need > len(examples):
-        raise SpellxferError(f"bench train: {need} rows needed, {len(examples)} available; lower --steps or --batch_size")
+        raise SpellxferError(
+            f"bench train: {need} rows needed, {len(examples)} available; lower --steps or --batch_size"
+        )
     real = padded = 0
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             t0 = time.perf_counter()
         b = collate(examples[step * batch_size : (step + 1) * batch_size])
-        out = lm(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                 labels=b["labels"].to(device))  # fmt: skip
+        out = lm(
+            input_ids=b["input_ids"].to(device),
+            attention_mask=b["attention_mask"].to(device),
+            labels=b["labels"].to(device),
+        )
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -164,34 +213,60 @@ def run_reference(model: str, examples: list[dict], batch_size: int, steps: int,
     return result
 
 
-def run_spellxfer(model: str, data_dir: Path, n_rows: int, steps: int, warmup: int, seed: int, device: torch.device,
-                  batch_size: int, profile: bool = False, **overrides) -> dict:  # fmt: skip
+def run_spellxfer(
+    model: str,
+    data_dir: Path,
+    n_rows: int,
+    steps: int,
+    warmup: int,
+    seed: int,
+    device: torch.device,
+    batch_size: int,
+    profile: bool = False,
+    **overrides,
+) -> dict:
     """The real LightningModule + DataModule under a Lightning Trainer, timed by a callback."""
-    import lightning as L
-
-    from spellxfer.training.datamodule import SpellingDataModule
-    from spellxfer.training.module import SpellingLoRAModule
-
     attention_mask = overrides.pop("attention_mask", False)
     peft_input_cast = overrides.pop("peft_input_cast", False)
     cudnn_attention = overrides.pop("cudnn_attention", False)
     lora_r = overrides.pop("lora_r", 16)
-    module = SpellingLoRAModule(model=model, lora_r=lora_r, lora_alpha=2 * lora_r, warmup_steps=0, seed=seed,
-                                **overrides)  # fmt: skip
+    module = SpellingLoRAModule(
+        model=model, lora_r=lora_r, lora_alpha=2 * lora_r, warmup_steps=0, seed=seed, **overrides
+    )
     module.use_attention_mask = attention_mask
     module.keep_peft_input_cast = peft_input_cast
     module.cudnn_attention = cudnn_attention
-    data = SpellingDataModule(str(data_dir), model, build_profile=None, seed=seed, batch_size=batch_size,
-                              train_limit=n_rows, val_limit=1)  # fmt: skip
+    data = SpellingDataModule(
+        str(data_dir),
+        model,
+        build_profile=None,
+        seed=seed,
+        batch_size=batch_size,
+        train_limit=n_rows,
+        val_limit=1,
+    )
     timer = _StepTimer(warmup, steps, device, profile)
-    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                        max_steps=warmup + steps + profile,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[timer])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=warmup + steps + profile,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, datamodule=data)
-    result = {"real_tokens": timer.real, "padded_tokens": timer.padded, "seconds": timer.seconds,
-              "config": module.lm.config, "kernels": module.kernels_applied, "backend": module.resolved_backend}  # fmt: skip
+    result = {
+        "real_tokens": timer.real,
+        "padded_tokens": timer.padded,
+        "seconds": timer.seconds,
+        "config": module.lm.config,
+        "kernels": module.kernels_applied,
+        "backend": module.resolved_backend,
+    }
     del trainer, module, data
     return result
 
@@ -214,10 +289,10 @@ class _StepTimer(Callback):
             self.padded += batch["input_ids"].numel()
         if batch_idx == self.warmup + self.steps:  # one extra, profiled step after the timed ones
             self._stop_clock()
-            from torch.profiler import ProfilerActivity, profile
-
             cuda = self.device.type == "cuda"
-            self._prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            self._prof = torch.profiler.profile(
+                activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            )
             self._prof.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -225,8 +300,11 @@ class _StepTimer(Callback):
             _sync(self.device)
             self._prof.__exit__(None, None, None)
             key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-            print("--- profile of one step\n" + self._prof.key_averages().table(sort_by=key, row_limit=25,
-                  max_name_column_width=60), flush=True)  # fmt: skip
+            print(
+                "--- profile of one step\n"
+                + self._prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60),
+                flush=True,
+            )
             self._prof = None
 
     def on_train_end(self, trainer, pl_module):
@@ -240,9 +318,19 @@ class _StepTimer(Callback):
         self.seconds = time.perf_counter() - self._t0
 
 
-def run_variant(spec: str, model: str, data_dir: Path, examples: list[dict], steps: int, warmup: int,
-                batch_size: int, reference_batch_size: int, seed: int, device: torch.device,
-                profile: bool = False) -> dict:  # fmt: skip
+def run_variant(
+    spec: str,
+    model: str,
+    data_dir: Path,
+    examples: list[dict],
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    reference_batch_size: int,
+    seed: int,
+    device: torch.device,
+    profile: bool = False,
+) -> dict:
     """Measure one variant; the GPU's peak memory counter is reset first and freed after."""
     name, overrides = parse_variant(spec)
     gc.collect()
@@ -253,16 +341,32 @@ def run_variant(spec: str, model: str, data_dir: Path, examples: list[dict], ste
     t_start = time.perf_counter()
     try:
         if name == "reference":
-            r = run_reference(model, examples, bs, steps, warmup, overrides.get("lora_r", 16),
-                              overrides.get("gradient_checkpointing", False), device)  # fmt: skip
+            r = run_reference(
+                model,
+                examples,
+                bs,
+                steps,
+                warmup,
+                overrides.get("lora_r", 16),
+                overrides.get("gradient_checkpointing", False),
+                device,
+            )
         else:
-            r = run_spellxfer(model, data_dir, (warmup + steps + profile) * bs, steps, warmup, seed, device, bs,
-                              profile=profile, **overrides)  # fmt: skip
+            r = run_spellxfer(
+                model,
+                data_dir,
+                (warmup + steps + profile) * bs,
+                steps,
+                warmup,
+                seed,
+                device,
+                bs,
+                profile=profile,
+                **overrides,
+            )
     except torch.OutOfMemoryError as e:  # a finding, not a crash: the table says which setting does not fit
         r = {"failed": "out of memory: " + str(e).splitlines()[0], "config": None}
     except Exception as e:  # e.g. a kernel that fails to build: record it, measure the other variants
-        import traceback
-
         traceback.print_exc()
         r = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "config": None}
     r.update(variant=spec, batch_size=bs, wall_seconds=time.perf_counter() - t_start)
@@ -301,17 +405,16 @@ def bench_train(
         steps: Timed optimizer steps per variant.
         warmup: Untimed steps first (CUDA context, kernel autotuning, allocator growth).
         seed: Seed for the row order and the random-weight model.
-        profile: Also profile the last timed step of each spellxfer variant and print its costliest operations.
+        profile: Also profile the last timed step of each spellxfer variant and print its
+            costliest operations.
         out: JSON output path.
     """
-    from spellxfer.core.outputs import atomic_file
-    from spellxfer.data.build import build
-    from spellxfer.models.registry import check_model_name
-
     check_model_name(model)
     refuse_gpu_model_on_cpu("train", model)
     if steps < 1 or warmup < 1 or batch_size < 1 or reference_batch_size < 1:
-        raise SpellxferError("bench train: --steps, --warmup, --batch_size and --reference_batch_size must be ≥ 1")
+        raise SpellxferError(
+            "bench train: --steps, --warmup, --batch_size and --reference_batch_size must be ≥ 1"
+        )
     for spec in variants:  # validate every spec before any work
         parse_variant(spec)
     specs = list(variants)
@@ -320,9 +423,19 @@ def bench_train(
         build(str(data), profile="full", seed=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_path = Path(out) if out else bench_dir(device) / f"train-{model}.json"
-    command = command_line(["bench", "train"], model=model, data_dir=data_dir, variants=variants, batch_size=batch_size,
-                           reference_batch_size=reference_batch_size, steps=steps, warmup=warmup, seed=seed,
-                           profile=profile, out=out)  # fmt: skip
+    command = command_line(
+        ["bench", "train"],
+        model=model,
+        data_dir=data_dir,
+        variants=variants,
+        batch_size=batch_size,
+        reference_batch_size=reference_batch_size,
+        steps=steps,
+        warmup=warmup,
+        seed=seed,
+        profile=profile,
+        out=out,
+    )
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(results: list[dict], rate, supervised) -> dict:
@@ -330,9 +443,19 @@ def bench_train(
         base = results[0]["tokens_per_second"] or float("nan")
         for r in results:
             r["ratio_to_first"] = r["tokens_per_second"] / base
-        report = {"kind": "train", "model": model, "date": time.strftime("%Y-%m-%d"), **run_environment(device),
-                  "command": command, "matmul_flops_per_second": rate, "supervised_fraction": supervised,
-                  "steps": steps, "warmup": warmup, "data_dir": str(data), "results": results}  # fmt: skip
+        report = {
+            "kind": "train",
+            "model": model,
+            "date": time.strftime("%Y-%m-%d"),
+            **run_environment(device),
+            "command": command,
+            "matmul_flops_per_second": rate,
+            "supervised_fraction": supervised,
+            "steps": steps,
+            "warmup": warmup,
+            "data_dir": str(data),
+            "results": results,
+        }
         with atomic_file(out_path) as f:
             json.dump(report, f, indent=2, default=str)
         return report
@@ -342,13 +465,19 @@ def bench_train(
         # cuDNN plan caches and allocator state cannot leak from one measurement into the next.
         results: list[dict] = []
         for spec in specs:
-            one = _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile)
+            one = _run_isolated(
+                spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile
+            )
             results.append(one["results"][0])
             report = write(results, one["matmul_flops_per_second"], one["supervised_fraction"])
-            print(f"{spec}: {results[-1].get('tokens_per_second')} real tokens/s (written to {out_path})", flush=True)
+            print(
+                f"{spec}: {results[-1].get('tokens_per_second')} real tokens/s (written to {out_path})",
+                flush=True,
+            )
     else:
-        rate, supervised, results = _measure(specs[0], model, data, batch_size, reference_batch_size, steps, warmup,
-                                             seed, profile, device)  # fmt: skip
+        rate, supervised, results = _measure(
+            specs[0], model, data, batch_size, reference_batch_size, steps, warmup, seed, profile, device
+        )
         report = write(results, rate, supervised)
     _print_table(report, "real tokens/s", "tokens_per_second")
     print(f"wrote {out_path}")
@@ -359,10 +488,14 @@ def _measure(spec, model, data, batch_size, reference_batch_size, steps, warmup,
     """One variant in this process: (matmul FLOP/s, supervised fraction, [result])."""
     bs = max(batch_size, reference_batch_size, parse_variant(spec)[1].get("batch_size", 0))
     examples = _examples(data, model, (warmup + steps + 1) * bs, seed)
-    supervised = sum(sum(t != -100 for t in e["labels"]) for e in examples) / sum(len(e["labels"]) for e in examples)
+    supervised = sum(sum(t != -100 for t in e["labels"]) for e in examples) / sum(
+        len(e["labels"]) for e in examples
+    )
     rate = matmul_rate(device)
     print(f"bench train: {spec} …", flush=True)
-    r = run_variant(spec, model, data, examples, steps, warmup, batch_size, reference_batch_size, seed, device, profile)
+    r = run_variant(
+        spec, model, data, examples, steps, warmup, batch_size, reference_batch_size, seed, device, profile
+    )
     config = r.pop("config")
     if "failed" in r:
         print(f"bench train: {spec} failed: {r['failed']}", flush=True)
@@ -379,10 +512,33 @@ def _measure(spec, model, data, batch_size, reference_batch_size, steps, warmup,
 def _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "one.json"
-        cmd = [sys.executable, "-m", "spellxfer", "bench", "train", "--model", model, "--data_dir", str(data),
-               "--variants", spec, "--batch_size", str(batch_size), "--reference_batch_size",
-               str(reference_batch_size), "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed),
-               "--profile", str(profile).lower(), "--out", str(out)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "spellxfer",
+            "bench",
+            "train",
+            "--model",
+            model,
+            "--data_dir",
+            str(data),
+            "--variants",
+            spec,
+            "--batch_size",
+            str(batch_size),
+            "--reference_batch_size",
+            str(reference_batch_size),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--seed",
+            str(seed),
+            "--profile",
+            str(profile).lower(),
+            "--out",
+            str(out),
+        ]
         rc = subprocess.run(cmd).returncode
         if rc != 0 or not out.is_file():
             raise SpellxferError(f"bench train: variant {spec!r} exited with code {rc}")
@@ -392,23 +548,22 @@ def _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, wa
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
-    import platform
-
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def run_environment(device: torch.device) -> dict:
     """What a benchmark JSON needs to be compared with another: the card (name, memory, compute
     capability, driver, CUDA runtime), the package versions and the git commit."""
-    import importlib.metadata as md
-
-    from spellxfer.core.outputs import git_commit, package_versions
-
     card: dict = {"name": _device_name(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        card.update(memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
-                    multiprocessors=props.multi_processor_count, cuda=torch.version.cuda, driver=_driver_version())  # fmt: skip
+        card.update(
+            memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            driver=_driver_version(),
+        )
     versions = package_versions()
     for pkg in ("triton", "liger-kernel", "accelerate"):
         try:
@@ -420,15 +575,19 @@ def run_environment(device: torch.device) -> dict:
 
 def _driver_version() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 # Models of Qwen3-4B's size (8 GB of bf16 weights, far more for training): a CPU run builds the full
-# data, then is killed by the out-of-memory killer minutes later (issue 17), so they refuse up front.
+# data, then is killed by the out-of-memory killer minutes later, so they refuse up front.
 GPU_ONLY_MODELS = ("qwen3-4b-shape", "Qwen/Qwen3-4B", "unsloth/Qwen3-4B")
 
 
@@ -436,44 +595,50 @@ def refuse_gpu_model_on_cpu(command: str, model: str) -> None:
     """One ``error:`` line, before any data is built or weights are loaded, when ``model`` is
     GPU-sized and no CUDA device is visible."""
     if model in GPU_ONLY_MODELS and not torch.cuda.is_available():
-        raise SpellxferError(f"bench {command}: --model {model} needs a CUDA GPU and none is visible here; "
-                             "on a CPU use --model tiny-qwen3 (or smollm2-135m)")  # fmt: skip
+        raise SpellxferError(
+            f"bench {command}: --model {model} needs a CUDA GPU and none is visible here; "
+            "on a CPU use --model tiny-qwen3 (or smollm2-135m)"
+        )
 
 
 def bench_dir(device: torch.device) -> Path:
     """``results/bench/<card>-<date>/``: ``h200-2026-12-01``, ``cpu-2026-12-01``."""
-    import re
-
     name = _device_name(device) if device.type == "cuda" else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower().removeprefix("nvidia ")).strip("-")
-    return Path("results/bench") / f"{slug.split('-')[0] if device.type == 'cuda' else slug}-{time.strftime('%Y-%m-%d')}"
+    return (
+        Path("results/bench")
+        / f"{slug.split('-')[0] if device.type == 'cuda' else slug}-{time.strftime('%Y-%m-%d')}"
+    )
 
 
 def command_line(command: list[str], **args) -> str:
     """The ``python -m spellxfer …`` line that repeats a run, every argument spelled out."""
-    import shlex
-
     parts = ["python", "-m", "spellxfer", *command]
     for key, value in args.items():
         if value is None:
             continue
         parts.append(f"--{key}")
-        parts += [str(v) for v in value] if isinstance(value, list) else [str(value).lower() if isinstance(value, bool) else str(value)]
+        parts += (
+            [str(v) for v in value]
+            if isinstance(value, list)
+            else [str(value).lower() if isinstance(value, bool) else str(value)]
+        )
     return shlex.join(parts)
 
 
 def _print_table(report: dict, rate_label: str, key: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from spellxfer.core.tables import print_table
-
     table = Table(title=f"{report['model']} on {report['device']} ({report['date']})")
     table.add_column("variant")
     for col in ("batch", rate_label, "× first", "MFU (peak)", "MFU (matmul)", "peak GiB"):
         table.add_column(col, justify="right")
     for r in report["results"]:
-        table.add_row(r["variant"], str(r["batch_size"]), f"{r[key]:,.0f}", f"{r['ratio_to_first']:.2f}",
-                      "–" if r["mfu_vs_peak"] is None else f"{r['mfu_vs_peak']:.1%}", f"{r['mfu_vs_matmul']:.1%}",
-                      "–" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}")  # fmt: skip
+        table.add_row(
+            r["variant"],
+            str(r["batch_size"]),
+            f"{r[key]:,.0f}",
+            f"{r['ratio_to_first']:.2f}",
+            "–" if r["mfu_vs_peak"] is None else f"{r['mfu_vs_peak']:.1%}",
+            f"{r['mfu_vs_matmul']:.1%}",
+            "–" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+        )
     print_table(table, Console(width=None if sys.stdout.isatty() else 200))  # whole rows in a log file

@@ -51,7 +51,15 @@ import torch
 from optuna.trial import TrialState
 
 from spellxfer.core.errors import SpellxferError
-from spellxfer.core.outputs import atomic_file
+from spellxfer.core.outputs import atomic_file, atomic_output_dir, package_versions, write_json, write_jsonl
+from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
+from spellxfer.evaluation.evaluate import resolve_scoring, score_items, summarise
+from spellxfer.evaluation.likelihood import candidate_answers, probe_items
+from spellxfer.models.generation import GenerationEngine, default_sampling
+from spellxfer.models.losses import IGNORE_INDEX, completion_loss_from_hidden, decoder_and_head
+from spellxfer.models.registry import apply_fused_kernels, load_tokenizer
+from spellxfer.models.static_decode import bucket_rows, static_decode_unsupported, static_decoder
+from spellxfer.sweep.run import plan
 from spellxfer.sweep.trial import (
     OverBudget,
     SweepContext,
@@ -61,6 +69,11 @@ from spellxfer.sweep.trial import (
     study_relative,
     write_trial_json,
 )
+from spellxfer.tasks.chat import format_chat
+from spellxfer.tasks.parsing import score
+from spellxfer.tasks.questions import load_questions
+from spellxfer.training.checkpointing import kill_point
+from spellxfer.training.module import SpellingLoRAModule, load_base
 from spellxfer.training.packed import PackedLoRA
 from spellxfer.training.packed_trial import PackedTrial, TrialError, command_line, fit_log
 
@@ -96,7 +109,7 @@ class Pack:
     """
 
     def __init__(self, ctx: SweepContext, study, worker: int, slots: int, kernel: str, after_trial: Callable,
-                 window: bool = False):  # fmt: skip
+                 window: bool = False):
         self.ctx, self.study, self.worker, self.slots, self.kernel = ctx, study, worker, slots, kernel
         self.window = window
         self.after_trial = after_trial
@@ -155,16 +168,15 @@ class Pack:
             self.shared = shared
         elif shared != self.shared:
             diff = next(k for k in shared if shared[k] != self.shared.get(k))
-            raise TrialError(f"--pack: model.{diff} is {shared[diff]!r} here but {self.shared[diff]!r} for the pack's "
-                             "base model; packed trials share one base (search it without --pack)")  # fmt: skip
+            raise TrialError(
+                f"--pack: model.{diff} is {shared[diff]!r} here but {self.shared[diff]!r} for the pack's "
+                "base model; packed trials share one base (search it without --pack)"
+            )
         packed.setup_data(self.data_cache)
         packed.attach(self.lora)
 
     def _load_base(self, packed: PackedTrial) -> None:
         """Load the frozen base once, as ``SpellingLoRAModule.configure_model`` prepares it."""
-        from spellxfer.models.registry import apply_fused_kernels, load_tokenizer
-        from spellxfer.training.module import SpellingLoRAModule, load_base
-
         hp = packed.hp
         if packed.trainer.strategy.root_device.type == "cuda":
             self.device = torch.device("cuda", self.worker % torch.cuda.device_count())
@@ -229,16 +241,19 @@ class Pack:
             self.peak_memory = max(self.peak_memory, torch.cuda.max_memory_allocated(self.device))
         steps = [s.packed.global_step for s in self.active]
         if steps:
-            self.ctx.progress(self.worker, trial=self._numbers(), phase="fit", step=min(steps),
-                              total=max(s.packed.max_steps for s in self.active))  # fmt: skip
+            self.ctx.progress(
+                self.worker,
+                trial=self._numbers(),
+                phase="fit",
+                step=min(steps),
+                total=max(s.packed.max_steps for s in self.active),
+            )
 
     def _train(self, live: list[Slot], batches: dict) -> tuple[list[Slot], list[list[float]]]:
         """Forward and backward of every live trial's micro-batches in one pass. A trial whose loss
         is not finite (or raises) fails and the pass is redone without it, so no backward ever
         runs through its rows; one whose gradient is not finite fails before its optimizer steps.
         Returns the trials that trained and each one's micro-batch losses."""
-        from spellxfer.models.losses import completion_loss_from_hidden, decoder_and_head
-
         while live:
             flat = [(s, b) for s in live for b in batches[s.number]]  # a trial's micro-batches side by side
             ids, labels = _pad_and_stack([b for _, b in flat], self.tokenizer.pad_token_id, self.device)
@@ -252,8 +267,11 @@ class Pack:
                     losses, failed, start = [], {}, 0
                     for (s, _), (_, n, _, _) in zip(flat, groups):
                         try:
-                            losses.append(completion_loss_from_hidden(hidden[start : start + n], head.weight,
-                                                                      labels[start : start + n]))  # fmt: skip
+                            losses.append(
+                                completion_loss_from_hidden(
+                                    hidden[start : start + n], head.weight, labels[start : start + n]
+                                )
+                            )
                         except ValueError as e:
                             failed.setdefault(s.number, (s, _reason(e)))
                         start += n
@@ -261,7 +279,9 @@ class Pack:
                     flat_values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for all
                     for (s, _), v in zip(flat, flat_values):
                         if not math.isfinite(v):
-                            failed.setdefault(s.number, (s, f"loss is {v} at step {s.packed.global_step + 1}"))
+                            failed.setdefault(
+                                s.number, (s, f"loss is {v} at step {s.packed.global_step + 1}")
+                            )
                 if failed:
                     del hidden, losses
                     for s, why in failed.values():
@@ -294,10 +314,6 @@ class Pack:
     # ---- validation -------------------------------------------------------------------------------
     def validate(self, due: list[Slot]) -> None:
         """Score the due trials' validations in one generation pass per decoding setting."""
-        from spellxfer.models.generation import default_sampling
-        from spellxfer.tasks.parsing import score
-        from spellxfer.training.checkpointing import kill_point
-
         groups: dict[tuple, list[Slot]] = {}
         for s in due:
             hp = s.packed.hp
@@ -308,13 +324,21 @@ class Pack:
             sampling = default_sampling(decoding=decoding, max_new_tokens=max_new, seed=seed)
             items = [s.packed.val_items() for s in slots]
             self.ctx.progress(self.worker, phase=f"validate {len(slots)} trials")
-            replies, _ = self.generate([s.packed.name for s in slots], [[it.question for it in its] for its in items],
-                                       sampling, "auto")  # fmt: skip
+            replies, _ = self.generate(
+                [s.packed.name for s in slots],
+                [[it.question for it in its] for its in items],
+                sampling,
+                "auto",
+            )
             for s, its, outs in zip(slots, items, replies):
                 try:
-                    values = s.packed.after_validation(its, [score(r[0], it.answer)[1] for r, it in zip(outs, its)])
-                    s.packed.log(f"validation at step {s.packed.global_step}: "
-                                 + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k.count("/") == 1))  # fmt: skip
+                    values = s.packed.after_validation(
+                        its, [score(r[0], it.answer)[1] for r, it in zip(outs, its)]
+                    )
+                    s.packed.log(
+                        f"validation at step {s.packed.global_step}: "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k.count("/") == 1)
+                    )
                     self._report(s, values)
                 except optuna.TrialPruned as e:
                     s.packed.log(f"pruned: {e}")
@@ -359,52 +383,81 @@ class Pack:
         """The test evaluation of finished trials (``evaluate --adapter`` of each, with the space's
         ``evaluation:`` flags): the likelihood probe once for all of them when the scoring asks for
         it (it does not depend on the decoding), then one generation pass per decoding."""
-        from spellxfer.evaluation.evaluate import resolve_scoring
-        from spellxfer.models.generation import default_sampling
-        from spellxfer.tasks.chat import format_chat
-        from spellxfer.tasks.questions import load_questions
-
         flags = {k: v for k, v in self.ctx.space.evaluation.items() if v is not None}
         items = load_questions(self.ctx.test_files, limit=flags.get("limit"))
         # the exact generation prompts, the same for every trial and decoding
-        chat_prompts = [format_chat(self.tokenizer, [{"role": "user", "content": it.question}]) for it in items]
+        chat_prompts = [
+            format_chat(self.tokenizer, [{"role": "user", "content": it.question}]) for it in items
+        ]
         scoring = resolve_scoring(flags.get("scoring"), items)
         probes: dict[int, tuple] = {}
         if scoring != "generation":
             self.ctx.progress(self.worker, phase=f"probe {len(slots)} trials")
             with self._mixed_precision():
-                results, prompts, seconds, scorer = probe_packed(self.lora, self.tokenizer, [s.packed.name for s in slots],
-                                                                 items, flags.get("batch_size", "auto"))  # fmt: skip
+                results, prompts, seconds, scorer = probe_packed(
+                    self.lora,
+                    self.tokenizer,
+                    [s.packed.name for s in slots],
+                    items,
+                    flags.get("batch_size", "auto"),
+                )
             probes = {s.number: (r, prompts, seconds, scorer) for s, r in zip(slots, results)}
         for decoding in self.ctx.space.decodings:
             slots = [s for s in slots if s in self.active]
             if not slots:
                 return
-            sampling = default_sampling(decoding=decoding, samples=flags.get("samples"), seed=flags.get("seed"),
-                                        max_new_tokens=flags.get("max_new_tokens"))  # fmt: skip
+            sampling = default_sampling(
+                decoding=decoding,
+                samples=flags.get("samples"),
+                seed=flags.get("seed"),
+                max_new_tokens=flags.get("max_new_tokens"),
+            )
             replies, engine, seconds = [None] * len(slots), None, 0.0
             if scoring != "likelihood":
                 self.ctx.progress(self.worker, phase=f"evaluate {len(slots)} trials ({decoding})")
                 t0 = time.perf_counter()
-                replies, engine = self.generate([s.packed.name for s in slots], [[it.question for it in items]] * len(slots),
-                                                sampling, flags.get("batch_size", "auto"))  # fmt: skip
+                replies, engine = self.generate(
+                    [s.packed.name for s in slots],
+                    [[it.question for it in items]] * len(slots),
+                    sampling,
+                    flags.get("batch_size", "auto"),
+                )
                 seconds = time.perf_counter() - t0
             for s, outs in zip(slots, replies):
                 try:
-                    self._write_evaluation(s, decoding, items, chat_prompts, scoring, sampling, outs, engine, seconds,
-                                           len(slots), probes.get(s.number))  # fmt: skip
+                    self._write_evaluation(
+                        s,
+                        decoding,
+                        items,
+                        chat_prompts,
+                        scoring,
+                        sampling,
+                        outs,
+                        engine,
+                        seconds,
+                        len(slots),
+                        probes.get(s.number),
+                    )
                 except Exception as e:
                     self.fail(s, f"evaluate ({decoding}): {_reason(e)}")
 
-    def _write_evaluation(self, s: Slot, decoding: str, items, prompts: list[str], scoring: str, sampling, replies,
-                          engine, seconds: float, n_trials: int, probe: tuple | None) -> None:  # fmt: skip
+    def _write_evaluation(
+        self,
+        s: Slot,
+        decoding: str,
+        items,
+        prompts: list[str],
+        scoring: str,
+        sampling,
+        replies,
+        engine,
+        seconds: float,
+        n_trials: int,
+        probe: tuple | None,
+    ) -> None:
         """``eval/<decoding>/`` as ``evaluate --compare_to <base>`` writes it (``probe``: this
         trial's probe results, the prompts + frames, the pass's seconds and scorer; None when the
         scoring is generation only)."""
-
-        from spellxfer.core.outputs import atomic_output_dir, package_versions, write_json, write_jsonl
-        from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
-        from spellxfer.evaluation.evaluate import score_items, summarise
 
         out, base = s.run / "eval" / decoding, self.ctx.base_dir(decoding)
         results, probe_prompts, probe_seconds, scorer = probe or (None, None, 0.0, None)
@@ -413,35 +466,65 @@ class Pack:
         metrics["scoring"] = scoring
         # the keys of evaluate's "run" (shots: the sweep evaluates zero-shot), and the pack's own
         metrics["run"] = {
-            "model": self.ctx.model, "adapter": str(s.run / "adapter"), "scoring": scoring, "shots": 0, "shot_pool": None,
-            "sampling": sampling.record(), "batch_size": engine.last_batch_size if engine else None,
+            "model": self.ctx.model,
+            "adapter": str(s.run / "adapter"),
+            "scoring": scoring,
+            "shots": 0,
+            "shot_pool": None,
+            "sampling": sampling.record(),
+            "batch_size": engine.last_batch_size if engine else None,
             "decoder": engine.resolve_path(self.device) if engine else None,
-            "questions": [str(p) for p in self.ctx.test_files], "limit": self.ctx.space.evaluation.get("limit"),
-            "n_items": len(items), "seconds": round(seconds, 2),
+            "questions": [str(p) for p in self.ctx.test_files],
+            "limit": self.ctx.space.evaluation.get("limit"),
+            "n_items": len(items),
+            "seconds": round(seconds, 2),
             "items_per_second": round(len(items) * n_trials / seconds, 2) if seconds else None,
-            "likelihood": {"path": scorer.path, "batch_size": scorer.last_batch_size, "seconds": round(probe_seconds, 2),
-                           "items_per_second": round(len(items) * n_trials / probe_seconds, 2) if probe_seconds else None}
-            if scorer else None,
-            "packed_trials": n_trials, "device": str(self.device), "versions": package_versions(),
+            "likelihood": {
+                "path": scorer.path,
+                "batch_size": scorer.last_batch_size,
+                "seconds": round(probe_seconds, 2),
+                "items_per_second": round(len(items) * n_trials / probe_seconds, 2)
+                if probe_seconds
+                else None,
+            }
+            if scorer
+            else None,
+            "packed_trials": n_trials,
+            "device": str(self.device),
+            "versions": package_versions(),
             "policy": "trained on spelling only; evaluated on position and count only",
-        }  # fmt: skip
+        }
         with atomic_output_dir(out, overwrite=True) as tmp:
             write_jsonl(tmp / "predictions.jsonl", predictions)
             write_json(tmp / "metrics.json", metrics)
-            comparison = compare_predictions(read_predictions(base), predictions, base_name=str(base), other_name=str(out))
+            comparison = compare_predictions(
+                read_predictions(base), predictions, base_name=str(base), other_name=str(out)
+            )
             write_json(tmp / "compare.json", comparison)
             (tmp / "compare.md").write_text(comparison_markdown(comparison), encoding="utf-8")
-        summary = ", ".join(f"{t}_{kind}accuracy {metrics[f'{t}_{kind}accuracy']:.3f}" for kind in ("", "likelihood_")
-                            for t in ("position", "count") if f"{t}_{kind}accuracy" in metrics)  # fmt: skip
+        summary = ", ".join(
+            f"{t}_{kind}accuracy {metrics[f'{t}_{kind}accuracy']:.3f}"
+            for kind in ("", "likelihood_")
+            for t in ("position", "count")
+            if f"{t}_{kind}accuracy" in metrics
+        )
         with open(s.run / "eval.log", "a", encoding="utf-8") as f:
-            f.write(f"packed evaluation ({decoding}, {scoring}) with {n_trials} trial(s) in "
-                    f"{seconds + probe_seconds:.1f} s: {summary} → {out}\n")  # fmt: skip
+            f.write(
+                f"packed evaluation ({decoding}, {scoring}) with {n_trials} trial(s) in "
+                f"{seconds + probe_seconds:.1f} s: {summary} → {out}\n"
+            )
 
     def stats(self) -> dict:
         """What the pack did (for ``bench sweep``): steps, seconds per phase, peak device memory."""
-        return {"slots": self.slots, "kernel": self.kernel, "window": self.window, "device": str(self.device), "steps": self.steps,
-                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
-                "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None}  # fmt: skip
+        return {
+            "slots": self.slots,
+            "kernel": self.kernel,
+            "window": self.window,
+            "device": str(self.device),
+            "steps": self.steps,
+            "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+            "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None,
+        }
 
     def fail(self, s: Slot, error) -> None:
         """End trial ``s`` alone as failed (its pack-mates go on)."""
@@ -462,8 +545,13 @@ class Pack:
             if self.lora is not None:
                 self.lora.remove(s.packed.name)
         log = log or (s.packed.log if s.packed is not None else fit_log(s.run))
-        write_trial_json(s.run, s.record | {"status": status, "error": error, "duration_s": round(time.time() - s.start, 1)})
-        state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}[status]
+        write_trial_json(
+            s.run,
+            s.record | {"status": status, "error": error, "duration_s": round(time.time() - s.start, 1)},
+        )
+        state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}[
+            status
+        ]
         try:
             if error:
                 log(f"error: {error}")
@@ -478,16 +566,25 @@ class Pack:
         self.after_trial(self.study, frozen)
 
 
-def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, after_trial: Callable,
-             deadline: float | None, heartbeat_s: int, kernel: str = "loop", window: bool = False) -> Pack:  # fmt: skip
+def run_pack(
+    ctx: SweepContext,
+    study,
+    worker: int,
+    slots: int,
+    n_trials: int,
+    after_trial: Callable,
+    deadline: float | None,
+    heartbeat_s: int,
+    kernel: str = "loop",
+    window: bool = False,
+) -> Pack:
     """Run trials of ``study`` in one pack of ``slots`` until the budget is spent (see the module
     docstring); returns the pack (its step count and peak memory, for the bench)."""
-    from spellxfer.sweep.run import plan
-
     pack = Pack(ctx, study, worker, slots, kernel, after_trial, window)
     beat = threading.Event()
-    heart = threading.Thread(target=_heartbeat, args=(study, pack, heartbeat_s, beat), daemon=True,
-                             name=f"pack-{worker}-heartbeat")  # fmt: skip
+    heart = threading.Thread(
+        target=_heartbeat, args=(study, pack, heartbeat_s, beat), daemon=True, name=f"pack-{worker}-heartbeat"
+    )
     heart.start()
     try:
         while not ctx.stop.is_set():
@@ -495,7 +592,11 @@ def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, a
                 for s in list(pack.active):  # fresh beats first: the pack's own trials are alive
                     _beat(study, s.trial)
                 optuna.storages.fail_stale_trials(study)
-            while len(pack.active) < slots and not ctx.stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            while (
+                len(pack.active) < slots
+                and not ctx.stop.is_set()
+                and (deadline is None or time.monotonic() < deadline)
+            ):
                 if plan(study, n_trials) != "run":
                     break
                 pack.start(study.ask())
@@ -513,25 +614,30 @@ def run_pack(ctx: SweepContext, study, worker: int, slots: int, n_trials: int, a
             pack.interrupt()
         beat.set()
         heart.join(5)
-        with atomic_file(ctx.sweep_dir / "pack-stats" / f"{socket.gethostname()}-{os.getpid()}-{worker}.json") as f:
+        with atomic_file(
+            ctx.sweep_dir / "pack-stats" / f"{socket.gethostname()}-{os.getpid()}-{worker}.json"
+        ) as f:
             json.dump(pack.stats(), f, indent=2)
     return pack
 
 
-def generate_packed(lora: PackedLoRA, tokenizer, names: list[str], questions: list[list[str]], sampling,
-                    batch_size: int | str = "auto"):  # fmt: skip
+def generate_packed(
+    lora: PackedLoRA,
+    tokenizer,
+    names: list[str],
+    questions: list[list[str]],
+    sampling,
+    batch_size: int | str = "auto",
+):
     """Replies to each adapter's questions (``questions[i]`` through adapter ``names[i]``), all in
     one engine pass: prompts of every adapter mixed in each batch, each row through its own
     adapter. Returns (replies per adapter, in question order; the engine, for its settings)."""
-    from spellxfer.models.generation import GenerationEngine
-    from spellxfer.models.static_decode import bucket_rows, static_decoder
-    from spellxfer.training.module import SpellingLoRAModule
-
     flat = [q for qs in questions for q in qs]
     owner = [i for i, qs in enumerate(questions) for _ in qs]
     model = lora.model
-    engine = GenerationEngine(model, tokenizer, sampling, batch_size=batch_size,
-                              decoder=SpellingLoRAModule.generation_decoder)  # fmt: skip
+    engine = GenerationEngine(
+        model, tokenizer, sampling, batch_size=batch_size, decoder=SpellingLoRAModule.generation_decoder
+    )
     # The adapters follow rows by their place in the batch: a prefill cut into runs of rows
     # would hand each layer a slice it cannot place, so each batch is prefilled in one call.
     static_decoder(model).prefill_chunk_tokens = sys.maxsize
@@ -553,9 +659,6 @@ def probe_packed(lora: PackedLoRA, tokenizer, names: list[str], items, batch_siz
     pass: the items repeated once per adapter, each row through its own adapter (the generation
     row plan, set before every forward). Zero-shot, as the sweep evaluates. Returns (the probe's
     results per adapter, in item order; the prompt + frame of each item; seconds; the scorer)."""
-    from spellxfer.evaluation.likelihood import candidate_answers, probe_items
-    from spellxfer.models.static_decode import static_decode_unsupported, static_decoder
-
     model, n = lora.model, len(items)
     if static_decode_unsupported(model) is None:
         # the adapters follow rows by their place in the batch: no prefill cut into runs of rows
@@ -565,8 +668,14 @@ def probe_packed(lora: PackedLoRA, tokenizer, names: list[str], items, batch_siz
     conversations = [[{"role": "user", "content": it.question}] for it in items] * len(names)
     with lora.generation(names, rows) as set_rows:
         results, prompts, seconds, scorer = probe_items(
-            model, tokenizer, items * len(names), conversations, batch_size, label=None,
-            before_rows=lambda idx: set_rows([i // n for i in idx]))  # fmt: skip
+            model,
+            tokenizer,
+            items * len(names),
+            conversations,
+            batch_size,
+            label=None,
+            before_rows=lambda idx: set_rows([i // n for i in idx]),
+        )
     return [results[i * n : (i + 1) * n] for i in range(len(names))], prompts[:n], seconds, scorer
 
 
@@ -589,13 +698,19 @@ def _beat(study, trial) -> None:
 def _pad_and_stack(batches: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The trials' micro-batches as one right-padded batch (rows in trial order). Extra right
     padding changes nothing a causal model computes at real tokens, and its labels are ignored."""
-    from spellxfer.models.losses import IGNORE_INDEX
-
     width = max(b["input_ids"].shape[1] for b in batches)
-    ids = torch.cat([torch.nn.functional.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id)
-                     for b in batches])  # fmt: skip
-    labels = torch.cat([torch.nn.functional.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE_INDEX)
-                        for b in batches])  # fmt: skip
+    ids = torch.cat(
+        [
+            torch.nn.functional.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id)
+            for b in batches
+        ]
+    )
+    labels = torch.cat(
+        [
+            torch.nn.functional.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE_INDEX)
+            for b in batches
+        ]
+    )
     return ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 

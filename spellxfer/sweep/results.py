@@ -31,7 +31,7 @@ from spellxfer.tasks.names import TASKS
 from spellxfer.training.loggers import steps_trained
 
 STATUS = {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned",
-          TrialState.RUNNING: "running"}  # fmt: skip
+          TrialState.RUNNING: "running"}
 
 
 def listed(t) -> bool:
@@ -41,8 +41,11 @@ def listed(t) -> bool:
 
 def trial_rows(study: optuna.Study, ctx: SweepContext) -> list[dict]:
     trials = [t for t in study.get_trials(deepcopy=False) if listed(t)]
-    retried_as = {RetryHeartbeatStaleTrialCallback.retry_history(t)[-1]: t.number
-                  for t in study.get_trials(deepcopy=False) if RetryHeartbeatStaleTrialCallback.retry_history(t)}  # fmt: skip
+    retried_as = {
+        RetryHeartbeatStaleTrialCallback.retry_history(t)[-1]: t.number
+        for t in study.get_trials(deepcopy=False)
+        if RetryHeartbeatStaleTrialCallback.retry_history(t)
+    }
     bases = {d: _read_json(ctx.base_dir(d) / "metrics.json") for d in ctx.space.decodings}
     now = dt.datetime.now()
     rows = []
@@ -53,9 +56,14 @@ def trial_rows(study: optuna.Study, ctx: SweepContext) -> list[dict]:
             # no error recorded: the worker itself stopped (killed, preempted) and its heartbeat went stale
             error = "worker stopped mid-trial (no heartbeat)"
         end = t.datetime_complete or now
-        row = {"study": ctx.study, "number": t.number, "status": STATUS[t.state],
-               "config_id": t.user_attrs.get("config_id", t.number), "replicate": t.user_attrs.get("replicate", 0),
-               "seed": ctx.space.replicate_seed(int(t.user_attrs.get("replicate", 0)))}  # fmt: skip
+        row = {
+            "study": ctx.study,
+            "number": t.number,
+            "status": STATUS[t.state],
+            "config_id": t.user_attrs.get("config_id", t.number),
+            "replicate": t.user_attrs.get("replicate", 0),
+            "seed": ctx.space.replicate_seed(int(t.user_attrs.get("replicate", 0))),
+        }
         row |= {p.name: t.params.get(p.name) for p in ctx.space.parameters}
         row |= {
             "objective_name": ctx.space.objective,
@@ -64,14 +72,22 @@ def trial_rows(study: optuna.Study, ctx: SweepContext) -> list[dict]:
             "steps_trained": steps_trained(run / "metrics.jsonl"),
         }
         for d in ctx.space.decodings:
-            row |= _eval_columns(d, _read_json(run / "eval" / d / "metrics.json"), bases[d],
-                                 _read_json(run / "eval" / d / "compare.json"))  # fmt: skip
+            row |= _eval_columns(
+                d,
+                _read_json(run / "eval" / d / "metrics.json"),
+                bases[d],
+                _read_json(run / "eval" / d / "compare.json"),
+            )
         checkpoint = t.user_attrs.get("checkpoint")
         if checkpoint and not Path(checkpoint).is_absolute():  # stored relative to the study directory
             checkpoint = str(ctx.sweep_dir / checkpoint)
-        row |= {"checkpoint": checkpoint, "run_dir": str(run),
-                "retry_of": (RetryHeartbeatStaleTrialCallback.retry_history(t) or [None])[-1],
-                "retried_as": retried_as.get(t.number), "error": error}  # fmt: skip
+        row |= {
+            "checkpoint": checkpoint,
+            "run_dir": str(run),
+            "retry_of": (RetryHeartbeatStaleTrialCallback.retry_history(t) or [None])[-1],
+            "retried_as": retried_as.get(t.number),
+            "error": error,
+        }
         rows.append(row)
         _sync_trial_json(run, row)
     return rows
@@ -98,13 +114,24 @@ def _eval_columns(d: str, metrics: dict | None, base: dict | None, compare: dict
         out[f"{d}_{task}_delta_ci_high"] = g["ci_high"] if g else None
         out[f"{d}_{task}_delta_mcnemar_p"] = g["mcnemar_p"] if g else None
     subtasks = {**((base or {}).get("subtasks") or {}), **((metrics or {}).get("subtasks") or {})}
-    for key in sorted(subtasks, key=lambda k: (TASKS.index(k.split("/")[0]) if k.split("/")[0] in TASKS else 9, k)):
+    for key in sorted(
+        subtasks, key=lambda k: (TASKS.index(k.split("/")[0]) if k.split("/")[0] in TASKS else 9, k)
+    ):
         s = ((metrics or {}).get("subtasks") or {}).get(key) or {}
-        lik, diag, trivial = s.get("likelihood") or {}, s.get("diagnostics") or {}, s.get("best_trivial") or {}
-        out |= {f"{d}_{key}_accuracy": s.get("accuracy"), f"{d}_{key}_likelihood_accuracy": lik.get("accuracy"),
-                f"{d}_{key}_best_trivial": trivial.get("accuracy"), f"{d}_{key}_best_trivial_name": trivial.get("name"),
-                f"{d}_{key}_beats_trivial": s.get("beats_trivial"), f"{d}_{key}_constant_answer": diag.get("constant_answer"),
-                f"{d}_{key}_no_answer_rate": diag.get("no_answer_rate")}  # fmt: skip
+        lik, diag, trivial = (
+            s.get("likelihood") or {},
+            s.get("diagnostics") or {},
+            s.get("best_trivial") or {},
+        )
+        out |= {
+            f"{d}_{key}_accuracy": s.get("accuracy"),
+            f"{d}_{key}_likelihood_accuracy": lik.get("accuracy"),
+            f"{d}_{key}_best_trivial": trivial.get("accuracy"),
+            f"{d}_{key}_best_trivial_name": trivial.get("name"),
+            f"{d}_{key}_beats_trivial": s.get("beats_trivial"),
+            f"{d}_{key}_constant_answer": diag.get("constant_answer"),
+            f"{d}_{key}_no_answer_rate": diag.get("no_answer_rate"),
+        }
     return out
 
 
@@ -137,18 +164,31 @@ def summary_table(rows: list[dict], ctx: SweepContext, top: int = 5) -> Table:
     d = ctx.space.decodings[0]
     done = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: -(r["objective"] or 0))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("complete", "pruned", "failed", "running")}
-    table = Table(title=f"study {ctx.study}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-                  + f" · test accuracies {d}, Δ vs base with 95% CI")  # fmt: skip
-    for col in ("trial", *(p.name for p in ctx.space.parameters), ctx.space.objective, "position", "Δ position",
-                "count", "Δ count"):
+    table = Table(
+        title=f"study {ctx.study}: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        + f" · test accuracies {d}, Δ vs base with 95% CI"
+    )
+    for col in (
+        "trial",
+        *(p.name for p in ctx.space.parameters),
+        ctx.space.objective,
+        "position",
+        "Δ position",
+        "count",
+        "Δ count",
+    ):
         table.add_column(col, justify="right")
     for r in done[:top]:
         cells = [str(r["number"]), *(_fmt(r[p.name]) for p in ctx.space.parameters), _fmt(r["objective"])]
         for task in TASKS:
             cells.append(_acc(r, f"{d}_{task}"))
             delta = r[f"{d}_{task}_delta"]
-            cells.append("" if delta is None else
-                         f"{delta:+.3f} [{r[f'{d}_{task}_delta_ci_low']:+.3f}, {r[f'{d}_{task}_delta_ci_high']:+.3f}]")  # fmt: skip
+            if delta is None:
+                cells.append("")
+            else:
+                low, high = r[f"{d}_{task}_delta_ci_low"], r[f"{d}_{task}_delta_ci_high"]
+                cells.append(f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]")
         table.add_row(*cells)
     return table
 

@@ -27,6 +27,7 @@ Trained on spelling, evaluated on position and count only.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import re
 import signal
@@ -38,6 +39,10 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import check_run_name
@@ -90,15 +95,20 @@ def sweep(
         pack_window: Each packed step trains a whole accumulation window of every trial (one
             optimizer step) instead of one micro-batch, so trials of any accumulation keep pace.
     """
-    import optuna
+    import optuna  # heavy: `sweep --help` imports this module
 
-    from spellxfer.sweep.results import summary_table, write_csv
-    from spellxfer.sweep.space import load_space, make_pruner, make_sampler
-    from spellxfer.sweep.trial import SweepContext, run_trial
+    from spellxfer.sweep.results import summary_table, write_csv  # optuna: not for `sweep --help`
+    from spellxfer.sweep.space import load_space, make_pruner, make_sampler  # optuna: not for `sweep --help`
+    from spellxfer.sweep.trial import SweepContext, run_trial  # optuna: not for `sweep --help`
 
     spec = load_space(space)
     check_run_name(study, "--study")
-    for name, value in (("trials", trials), ("workers", workers), ("heartbeat_s", heartbeat_s), ("pack", pack)):
+    for name, value in (
+        ("trials", trials),
+        ("workers", workers),
+        ("heartbeat_s", heartbeat_s),
+        ("pack", pack),
+    ):
         if value is not None and value < 1:
             raise SpellxferError(f"--{name} must be ≥ 1, got {value}")
     sampler = sampler or spec.sampler
@@ -113,14 +123,18 @@ def sweep(
     model, data = base_settings(spec)
     if pack:
         if spec.fit.model.backend == "unsloth":
-            raise SpellxferError(f"--pack: {spec.base} sets model.backend unsloth, which patches a model for one "
-                                 f"adapter; packed trials share an hf model: add `model.backend: hf` under fixed: "
-                                 f"in {spec.path}")  # fmt: skip
+            raise SpellxferError(
+                f"--pack: {spec.base} sets model.backend unsloth, which patches a model for one "
+                f"adapter; packed trials share an hf model: add `model.backend: hf` under fixed: "
+                f"in {spec.path}"
+            )
         scoring = spec.fit.model.scoring  # the base config's, with fixed: applied (fit's parser)
         if scoring != "generation":
-            raise SpellxferError(f"--pack: model.scoring {scoring} is not supported in packed trials (their validation "
-                                 f"scores by generation only); remove it from {spec.base} / fixed: in {spec.path}, "
-                                 "or run this sweep without --pack")  # fmt: skip
+            raise SpellxferError(
+                f"--pack: model.scoring {scoring} is not supported in packed trials (their validation "
+                f"scores by generation only); remove it from {spec.base} / fixed: in {spec.path}, "
+                "or run this sweep without --pack"
+            )
 
     results = Path(results_dir)
     sweep_dir = results / "sweeps" / study
@@ -129,19 +143,24 @@ def sweep(
         (results / "sweeps").mkdir(parents=True, exist_ok=True)  # where the default SQLite file lives
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say what happened
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    main_study = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+    main_study = open_study(
+        url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner)
+    )
     record_study_settings(main_study, spec, sampler, pruner, n_trials)
     sweep_dir.mkdir(parents=True, exist_ok=True)  # only once the study opened: a bad --storage leaves nothing
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     console = Console()
     test_files = prepare_data_and_base(spec, model, data, sweep_dir, console)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console)  # fmt: skip
-    overall = progress.add_task(f"study {study} ({sampler}, {pruner} pruner): trials finished",
-                                total=n_trials * spec.replicates)  # fmt: skip
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    overall = progress.add_task(
+        f"study {study} ({sampler}, {pruner} pruner): trials finished", total=n_trials * spec.replicates
+    )
     worker_tasks = [progress.add_task(f"  worker {i}: starting", total=None) for i in range(workers)]
     shown: dict[int, dict] = {i: {} for i in range(workers)}
 
@@ -150,14 +169,26 @@ def sweep(
         if "trial" in fields and fields["trial"] != s.get("trial"):
             s.clear()
         s.update(fields)
-        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.get("params", {}).items())
+        params = " ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.get("params", {}).items()
+        )
         value = f" {spec.objective} {s['value']:.3f}" if "value" in s else ""
         desc = f"  worker {worker}: trial {s.get('trial', '-')} {s.get('phase', '')}{value} {params}"
-        progress.update(worker_tasks[worker], description=desc, completed=s.get("step", 0), total=s.get("total"))
+        progress.update(
+            worker_tasks[worker], description=desc, completed=s.get("step", 0), total=s.get("total")
+        )
 
-    ctx = SweepContext(space=spec, study=study, sweep_dir=sweep_dir, model=model, test_files=test_files,
-                       wandb=wandb_enabled(), over_budget=lambda t: over_budget(t.study, t.number, n_trials),
-                       progress=show, gpus=visible_gpus())  # fmt: skip
+    ctx = SweepContext(
+        space=spec,
+        study=study,
+        sweep_dir=sweep_dir,
+        model=model,
+        test_files=test_files,
+        wandb=wandb_enabled(),
+        over_budget=lambda t: over_budget(t.study, t.number, n_trials),
+        progress=show,
+        gpus=visible_gpus(),
+    )
     csv_path = results / "metrics" / f"{study}.csv"
     csv_lock = threading.Lock()
 
@@ -165,23 +196,35 @@ def sweep(
         if frozen.user_attrs.get("interrupted"):
             optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(st, frozen)
         if not frozen.user_attrs.get("over_budget"):
-            state = {"COMPLETE": f"complete: {spec.objective} {frozen.value:.3f}" if frozen.value is not None else "",
-                     "PRUNED": "pruned", "FAIL": f"failed: {frozen.user_attrs.get('error')}"}[frozen.state.name]  # fmt: skip
-            console.print(f"trial {frozen.number} {state} ({', '.join(f'{k}={v}' for k, v in frozen.params.items())})",
-                          soft_wrap=True, highlight=False)  # fmt: skip
+            state = {
+                "COMPLETE": f"complete: {spec.objective} {frozen.value:.3f}"
+                if frozen.value is not None
+                else "",
+                "PRUNED": "pruned",
+                "FAIL": f"failed: {frozen.user_attrs.get('error')}",
+            }[frozen.state.name]
+            console.print(
+                f"trial {frozen.number} {state} ({', '.join(f'{k}={v}' for k, v in frozen.params.items())})",
+                soft_wrap=True,
+                highlight=False,
+            )
         with csv_lock:
             rows = write_csv(st, ctx, csv_path)
-        progress.update(overall, completed=sum(r["status"] != "running" and r["retried_as"] is None for r in rows))
+        progress.update(
+            overall, completed=sum(r["status"] != "running" and r["retried_as"] is None for r in rows)
+        )
 
     deadline = time.monotonic() + spec.hours * 3600 if spec.hours else None
     errors: list[BaseException] = []
     kernel = pack_kernel if pack_kernel != "auto" else ("concat" if ctx.gpus else "loop")
 
     def work_packed(index: int) -> None:
-        from spellxfer.sweep.pack import run_pack
+        from spellxfer.sweep.pack import run_pack  # torch: only packed workers train in this process
 
         try:
-            st = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+            st = open_study(
+                url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner)
+            )
             run_pack(ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel, pack_window)
         except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
             errors.append(e)
@@ -189,7 +232,9 @@ def sweep(
 
     def work(index: int) -> None:
         try:
-            st = open_study(url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner))
+            st = open_study(
+                url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner)
+            )
             while not ctx.stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 optuna.storages.fail_stale_trials(st)
                 step = plan(st, n_trials)
@@ -199,7 +244,12 @@ def sweep(
                     show(index, phase="waiting for the other workers' trials")
                     ctx.stop.wait(min(heartbeat_s, 5))
                     continue
-                st.optimize(lambda t: run_trial(t, ctx, index), n_trials=1, catch=(Exception,), callbacks=[after_trial])
+                st.optimize(
+                    lambda t: run_trial(t, ctx, index),
+                    n_trials=1,
+                    catch=(Exception,),
+                    callbacks=[after_trial],
+                )
             show(index, trial="-", phase="done")
         except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
             errors.append(e)
@@ -207,7 +257,10 @@ def sweep(
 
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # preemption usually starts with SIGTERM
     target = work_packed if pack else work
-    threads = [threading.Thread(target=target, args=(i,), name=f"sweep-worker-{i}", daemon=True) for i in range(workers)]
+    threads = [
+        threading.Thread(target=target, args=(i,), name=f"sweep-worker-{i}", daemon=True)
+        for i in range(workers)
+    ]
     try:
         with progress:
             with csv_lock:
@@ -240,28 +293,45 @@ def _raise_interrupt(signum, frame):
 
 def open_study(url: str, name: str, objective: str, heartbeat_s: int, sampler, pruner):
     """Create or load the study (maximising ``objective``) in an RDB storage with heartbeats."""
-    import optuna
-    import sqlalchemy.exc
+    import optuna  # heavy: `sweep --help` imports this module
+    import sqlalchemy.exc  # with optuna's storage
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     last_error = None
     for attempt in range(5):  # workers on several machines may create the tables at the same moment
         try:
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-            )  # fmt: skip
-            st = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
-                                     pruner=pruner, load_if_exists=True)  # fmt: skip
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_s,
+                grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRIES
+                ),
+            )
+            st = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                direction="maximize",
+                sampler=sampler,
+                pruner=pruner,
+                load_if_exists=True,
+            )
             break
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+        except (
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.ProgrammingError,
+        ) as e:
             last_error = e
             time.sleep(0.5 + attempt)
         except (sqlalchemy.exc.ArgumentError, ModuleNotFoundError, ValueError) as e:
             raise SpellxferError(f"--storage {_redact(url)}: {str(e).splitlines()[0]}") from None
     else:
-        raise SpellxferError(f"--storage {_redact(url)}: cannot open the database "
-                             f"({str(getattr(last_error, 'orig', last_error)).strip().splitlines()[0]})")  # fmt: skip
+        raise SpellxferError(
+            f"--storage {_redact(url)}: cannot open the database "
+            f"({str(getattr(last_error, 'orig', last_error)).strip().splitlines()[0]})"
+        )
     recorded = st.user_attrs.get("objective")
     if recorded is None:
         st.set_user_attr("objective", objective)
@@ -277,39 +347,48 @@ def record_study_settings(study, spec, sampler: str, pruner: str, n_trials: int)
     space file (path and parsed content), the sampler and pruner actually used (command-line
     choices win over the file), its seed and the trial budget. Written by each run of the sweep
     (a resumed study may be run with another budget: the latest run's settings are kept)."""
-    import yaml
-
     try:
         content = yaml.safe_load(Path(spec.path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):  # already parsed once by load_space; a race with an editor
         content = None
-    settings = {"space_file": str(spec.path), "space": content, "sampler": sampler, "pruner": pruner,
-                "seed": spec.seed, "budget_trials": n_trials, "decodings": list(spec.decodings),
-                "policy": "trained on spelling only; evaluated on position and count only"}  # fmt: skip
+    settings = {
+        "space_file": str(spec.path),
+        "space": content,
+        "sampler": sampler,
+        "pruner": pruner,
+        "seed": spec.seed,
+        "budget_trials": n_trials,
+        "decodings": list(spec.decodings),
+        "policy": "trained on spelling only; evaluated on position and count only",
+    }
     for key, value in settings.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
 
 
 # PostgreSQL drivers SQLAlchemy can use for --storage; psycopg 3 is the `postgres` extra.
-POSTGRES_DRIVERS = {"postgresql+psycopg": ("psycopg", "pip install 'spellxfer[postgres]'"),
-                    "postgresql+psycopg2": ("psycopg2", "pip install psycopg2-binary, or use postgresql+psycopg:// "
-                                                        "with pip install 'spellxfer[postgres]'")}  # fmt: skip
+POSTGRES_DRIVERS = {
+    "postgresql+psycopg": ("psycopg", "pip install 'spellxfer[postgres]'"),
+    "postgresql+psycopg2": (
+        "psycopg2",
+        "pip install psycopg2-binary, or use postgresql+psycopg:// with pip install 'spellxfer[postgres]'",
+    ),
+}
 
 
 def storage_url(url: str) -> str:
     """``--storage`` as SQLAlchemy opens it: a bare ``postgresql://`` means psycopg 3 (SQLAlchemy's
     own default would be psycopg2); a PostgreSQL driver that is not installed is one error line
     naming what to install."""
-    import importlib.util
-
     scheme = url.split("://", 1)[0]
     if scheme == "postgresql":
         url, scheme = "postgresql+psycopg" + url[len("postgresql") :], "postgresql+psycopg"
     if scheme in POSTGRES_DRIVERS:
         module, install = POSTGRES_DRIVERS[scheme]
         if importlib.util.find_spec(module) is None:
-            raise SpellxferError(f"--storage {_redact(url)}: the PostgreSQL driver {module} is not installed ({install})")
+            raise SpellxferError(
+                f"--storage {_redact(url)}: the PostgreSQL driver {module} is not installed ({install})"
+            )
     return url
 
 
@@ -321,13 +400,17 @@ def counts_toward_budget(t) -> bool:
     """A trial as the budget counts it (one per configuration): not a retry (the retried trial
     already counts), not a queued seed of a configuration (its replicate 0 counts), and not one
     that found the budget spent."""
-    return ("failed_trial" not in t.system_attrs and not t.user_attrs.get("over_budget")
-            and not t.user_attrs.get("replicate"))  # fmt: skip
+    return (
+        "failed_trial" not in t.system_attrs
+        and not t.user_attrs.get("over_budget")
+        and not t.user_attrs.get("replicate")
+    )
 
 
 def plan(study, n_trials: int) -> str:
-    """``run`` a trial (a queued retry, or a new one within budget), ``wait`` for running ones, or ``done``."""
-    from optuna.trial import TrialState
+    """``run`` a trial (a queued retry, or a new one within budget), ``wait`` for running ones,
+    or ``done``."""
+    from optuna.trial import TrialState  # heavy: `sweep --help` imports this module
 
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
@@ -350,11 +433,13 @@ def over_budget(study, number: int, n_trials: int) -> bool:
 def base_settings(spec) -> tuple[str, dict]:
     """The model and data settings every trial shares: the base config with the fixed overrides,
     as fit's parser resolved them (:func:`spellxfer.sweep.space.parse_base`)."""
-    from spellxfer.models.registry import check_model_name
+    from spellxfer.models.registry import check_model_name  # imports torch
 
     model, data = spec.fit.model.model, spec.fit.data.as_dict()
     if not data["data_dir"]:
-        raise SpellxferError(f"{spec.base}: data.data_dir: expected a directory path, got {data['data_dir']!r}")
+        raise SpellxferError(
+            f"{spec.base}: data.data_dir: expected a directory path, got {data['data_dir']!r}"
+        )
     try:
         check_model_name(model)
     except SpellxferError as e:
@@ -376,35 +461,53 @@ def _locked(path: Path):
 
 def prepare_data_and_base(spec, model: str, data: dict, sweep_dir: Path, console) -> list[Path]:
     """Build the data directory if missing, and evaluate the base model once per study and decoding."""
-    from spellxfer.training.datamodule import EVAL_FILES, SpellingDataModule
+    from spellxfer.training.datamodule import EVAL_FILES, SpellingDataModule  # imports torch and lightning
 
     data_dir = Path(data["data_dir"])
     test_files = [data_dir / EVAL_FILES["test"][task] for task in ("position", "count")]
     with _locked(sweep_dir / ".prepare.lock"):
-        SpellingDataModule(str(data_dir), model, build_profile=data.get("build_profile", "demo"),
-                           seed=data.get("seed", 0)).prepare_data()  # fmt: skip
+        SpellingDataModule(
+            str(data_dir), model, build_profile=data.get("build_profile", "demo"), seed=data.get("seed", 0)
+        ).prepare_data()
         for decoding in spec.decodings:
             out = sweep_dir / "base" / decoding
             if (out / "metrics.json").is_file():
                 continue
-            console.print(f"evaluating the base model {model} ({decoding}) on {', '.join(map(str, test_files))} …")
+            console.print(
+                f"evaluating the base model {model} ({decoding}) on {', '.join(map(str, test_files))} …"
+            )
             flags = [a for k, v in spec.evaluation.items() if v is not None for a in (f"--{k}", str(v))]
-            argv = [sys.executable, "-m", "spellxfer", "evaluate", "--model", model, "--questions", *map(str, test_files),
-                    "--decoding", decoding, *flags, "--out", str(out), "--overwrite", "true"]  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "spellxfer",
+                "evaluate",
+                "--model",
+                model,
+                "--questions",
+                *map(str, test_files),
+                "--decoding",
+                decoding,
+                *flags,
+                "--out",
+                str(out),
+                "--overwrite",
+                "true",
+            ]
             log = sweep_dir / "base" / f"{decoding}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "w", encoding="utf-8") as f:
-                rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+                rc = subprocess.run(
+                    argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                ).returncode
             if rc != 0:
-                from spellxfer.sweep.trial import last_error
+                from spellxfer.sweep.trial import last_error  # imports optuna
 
                 raise SpellxferError(f"base model evaluation ({decoding}) failed: {last_error(log, rc)}")
     return test_files
 
 
 def wandb_enabled() -> bool:
-    import importlib.util
-
     return os.environ.get("WANDB_MODE") != "disabled" and importlib.util.find_spec("wandb") is not None
 
 
@@ -412,7 +515,6 @@ def visible_gpus() -> list[str]:
     """The GPUs workers are pinned to: CUDA_VISIBLE_DEVICES if set, else every GPU torch sees."""
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
-    import torch
+    import torch  # heavy: only when CUDA_VISIBLE_DEVICES is unset
 
     return [str(i) for i in range(torch.cuda.device_count())]
-

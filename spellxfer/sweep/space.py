@@ -6,7 +6,8 @@ train each configuration (``replicates``), the decodings the final test evaluati
 optional fixed overrides for every trial. :func:`load_space`
 validates all of it before anything runs — the base config with the fixed overrides through
 ``fit``'s own parser, so the sweep reads the values a trial's fit will run with — and a mistake is
-one :class:`SpellxferError` line naming the file and the key. Trained on spelling, evaluated on position and count only.
+one :class:`SpellxferError` line naming the file and the key. Trained on spelling, evaluated on
+position and count only.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pydantic import (
 from spellxfer.core.configs import config_path, load_file
 from spellxfer.core.errors import SpellxferError
 from spellxfer.data.patterns import SEPARATOR_CHOICES, TRAIN_SETS, VARIANTS
+from spellxfer.training.cli import parse_fit_config
 
 # Space-file name → the `fit` flag it sets, and its type. The names are the CLI's own keys.
 # The last four are the study's training patterns (spellxfer.data.patterns): text choices given
@@ -55,20 +57,34 @@ HYPERPARAMETERS: dict[str, tuple[str, type]] = {
     "distinct_words": ("data.distinct_words", int),
     "train_set": ("data.train_set", str),
 }
-CHOICES: dict[str, tuple[str, ...]] = {"variants": tuple(VARIANTS), "separator": SEPARATOR_CHOICES,
-                                       "train_set": TRAIN_SETS}  # fmt: skip
+CHOICES: dict[str, tuple[str, ...]] = {
+    "variants": tuple(VARIANTS),
+    "separator": SEPARATOR_CHOICES,
+    "train_set": TRAIN_SETS,
+}
 """The text parameters' allowed values."""
 NULLABLE = ("distinct_words",)  # null: every word
 # Only what validation logs as a position / count / transfer metric can be optimised.
-OBJECTIVE = re.compile(r"^val/(?:transfer_score|(?:position|count)_accuracy|(?:position|count)/[a-z][a-z0-9_]*_accuracy)$")
+OBJECTIVE = re.compile(
+    r"^val/(?:transfer_score|(?:position|count)_accuracy|(?:position|count)/[a-z][a-z0-9_]*_accuracy)$"
+)
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 DECODINGS = ("sampled", "greedy")
 MAX_REPLICATES = 100  # seeds per configuration; more is a typo, not a study
 # Fit keys the sweep sets itself for every trial (outputs, loggers, what the checkpoints follow).
-RESERVED = ("experiment", "ckpt_path", "trainer.default_root_dir", "trainer.logger", "checkpoint.monitor",
-            "checkpoint.mode", "checkpoint.filename", "checkpoint.every_n_train_steps", "early_stopping.monitor",
-            "early_stopping.mode")  # fmt: skip
+RESERVED = (
+    "experiment",
+    "ckpt_path",
+    "trainer.default_root_dir",
+    "trainer.logger",
+    "checkpoint.monitor",
+    "checkpoint.mode",
+    "checkpoint.filename",
+    "checkpoint.every_n_train_steps",
+    "early_stopping.monitor",
+    "early_stopping.mode",
+)
 MAX_SEED = 2**32 - 1  # Optuna's samplers seed numpy's RandomState, which takes 0 ≤ seed < 2**32
 
 
@@ -89,7 +105,9 @@ class Parameter:
         if self.values is not None:
             return trial.suggest_categorical(self.name, list(self.values))
         if self.kind is int:
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+            return trial.suggest_int(
+                self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
 
@@ -117,6 +135,7 @@ class SweepSpace:
     def replicate_seed(self, replicate: int) -> int:
         """``seed_everything`` of replicate ``replicate`` (0 is the base config's own seed)."""
         return self.base_seed + replicate
+
     pack: int | None = None  # trials sharing one process and base model (sweep --pack); None: one per process
     fit: Any = None
     """The base config with the fixed overrides, as fit's own parser resolves it (a jsonargparse
@@ -132,14 +151,18 @@ class SweepSpace:
         the same optimizer steps whatever its gradient accumulation."""
         if self.validate_every_steps is None:
             return None
-        return self.validate_every_steps * int(params.get("accumulate_grad_batches", self.accumulate_grad_batches))
+        return self.validate_every_steps * int(
+            params.get("accumulate_grad_batches", self.accumulate_grad_batches)
+        )
 
     def suggest(self, trial) -> dict[str, Any]:
         """The trial's hyperparameters, drawn by the study's sampler (or fixed by a retry)."""
         return {p.name: p.suggest(trial) for p in self.parameters}
 
     def grid_size(self) -> int:
-        return math.prod(len(p.values) for p in self.parameters) if all(p.values for p in self.parameters) else 0
+        return (
+            math.prod(len(p.values) for p in self.parameters) if all(p.values for p in self.parameters) else 0
+        )
 
     def check_sampler(self, sampler: str) -> None:
         if sampler not in SAMPLERS:
@@ -147,8 +170,10 @@ class SweepSpace:
         if sampler == "grid":
             for p in self.parameters:
                 if p.values is None:
-                    raise SpellxferError(f"{self.path}: parameters.{p.name}: the grid sampler needs a list of "
-                                         "values, not a range")  # fmt: skip
+                    raise SpellxferError(
+                        f"{self.path}: parameters.{p.name}: the grid sampler needs a list of "
+                        "values, not a range"
+                    )
 
 
 def _is_int(v) -> bool:
@@ -178,7 +203,9 @@ def _integer(low: int, high: int | None = None, note: str = "", optional: bool =
     def ok(v) -> bool:
         return (optional and v is None) or (_is_int(v) and v >= low and (high is None or v <= high))
 
-    return Annotated[int | None if optional else int, _rule(ok, f"expected an integer {within}{note}, got {{v!r}}")]
+    return Annotated[
+        int | None if optional else int, _rule(ok, f"expected an integer {within}{note}, got {{v!r}}")
+    ]
 
 
 def _none_is_empty(v):
@@ -197,8 +224,12 @@ class _File(BaseModel):
 
 class Budget(_File):
     trials: _integer(1) = 20
-    hours: Annotated[float | None, _rule(lambda v: v is None or (_is_number(v) and v > 0),
-                                         "expected a positive number of hours, got {v!r}")] = None  # fmt: skip
+    hours: Annotated[
+        float | None,
+        _rule(
+            lambda v: v is None or (_is_number(v) and v > 0), "expected a positive number of hours, got {v!r}"
+        ),
+    ] = None
 
 
 class Evaluation(_File):
@@ -214,8 +245,10 @@ class Evaluation(_File):
 
 def _fit_key(key):
     if key in RESERVED:
-        raise ValueError("set by the sweep itself for every trial (outputs, loggers, and the objective as the "
-                         "monitored metric)")  # fmt: skip
+        raise ValueError(
+            "set by the sweep itself for every trial (outputs, loggers, and the objective as the "
+            "monitored metric)"
+        )
     if not re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+|seed_everything", str(key)):
         raise ValueError("expected a dotted fit key such as data.val_limit or trainer.val_check_interval")
     return key
@@ -295,7 +328,9 @@ def _search(name: str, kind: type) -> Any:
         if rng is None:
             raise ValueError(f"expected a list of values from {', '.join(choices)}")
         if not isinstance(spec, dict):
-            raise ValueError("expected a list of values or a range {low: …, high: …, log: true|false, step: …}")
+            raise ValueError(
+                "expected a list of values or a range {low: …, high: …, log: true|false, step: …}"
+            )
         return rng.model_validate(spec).model_dump()
 
     # rng: for the list of known range keys
@@ -328,13 +363,18 @@ class _Parameters(_File):
         return [(name, getattr(self, name)) for name in self._order]
 
 
-Parameters = create_model("Parameters", __base__=_Parameters,
-                          **{name: (_search(name, kind), None) for name, (_, kind) in HYPERPARAMETERS.items()})  # fmt: skip
+Parameters = create_model(
+    "Parameters",
+    __base__=_Parameters,
+    **{name: (_search(name, kind), None) for name, (_, kind) in HYPERPARAMETERS.items()},
+)
 
 
 def _some_parameters(v):
     if not isinstance(v, dict) or not v:
-        raise ValueError(f"expected a mapping of hyperparameters ({', '.join(HYPERPARAMETERS)}) to values or ranges")
+        raise ValueError(
+            f"expected a mapping of hyperparameters ({', '.join(HYPERPARAMETERS)}) to values or ranges"
+        )
     return v
 
 
@@ -342,29 +382,46 @@ class SpaceFile(_File):
     """A space file as written (the keys are documented in ``configs/sweeps/tiny.yaml``)."""
 
     base: Annotated[Path, PlainValidator(lambda v: _base_config(v))] = Field(None, validate_default=True)
-    objective: Annotated[str, _rule(lambda v: isinstance(v, str) and OBJECTIVE.match(v) is not None,
-                                    "{v!r} is not a position / count metric; use val/transfer_score, val/position_accuracy, "
-                                    "val/count_accuracy or val/<task>/<subtask>_accuracy")] = "val/transfer_score"  # fmt: skip
+    objective: Annotated[
+        str,
+        _rule(
+            lambda v: isinstance(v, str) and OBJECTIVE.match(v) is not None,
+            "{v!r} is not a position / count metric; use val/transfer_score, val/position_accuracy, "
+            "val/count_accuracy or val/<task>/<subtask>_accuracy",
+        ),
+    ] = "val/transfer_score"
     sampler: Annotated[str, _rule(lambda v: v in SAMPLERS, f"{{v!r}}; one of {', '.join(SAMPLERS)}")] = "tpe"
     pruner: Annotated[str, _rule(lambda v: v in PRUNERS, f"{{v!r}}; one of {', '.join(PRUNERS)}")] = "median"
     seed: Seed = 0
     budget: Annotated[Budget, BeforeValidator(_none_is_empty)] = Budget()
     replicates: _integer(1, MAX_REPLICATES, " (seeds per configuration)") = 1
-    decodings: Annotated[list, _rule(lambda v: isinstance(v, list) and v and all(d in DECODINGS for d in v),
-                                     f"expected a non-empty list of {' / '.join(DECODINGS)}, got {{v!r}}")] = ["sampled"]  # fmt: skip
+    decodings: Annotated[
+        list,
+        _rule(
+            lambda v: isinstance(v, list) and v and all(d in DECODINGS for d in v),
+            f"expected a non-empty list of {' / '.join(DECODINGS)}, got {{v!r}}",
+        ),
+    ] = ["sampled"]
     evaluation: Annotated[Evaluation, BeforeValidator(_none_is_empty)] = Evaluation()
     validate_every_steps: _integer(1, note=" (optimizer steps)", optional=True) = None
     pack: _integer(1, note=" (trials sharing one base model) or null", optional=True) = None
-    fixed: Annotated[dict[Annotated[str, PlainValidator(_fit_key)], Any], BeforeValidator(_none_is_empty)] = {}
+    fixed: Annotated[
+        dict[Annotated[str, PlainValidator(_fit_key)], Any], BeforeValidator(_none_is_empty)
+    ] = {}
     parameters: Annotated[Parameters, BeforeValidator(_some_parameters)] = Field(None, validate_default=True)
 
     @model_validator(mode="after")
     def _set_once(self):
         # errors across keys carry their key in the message (they have no single location)
         if self.validate_every_steps is not None and "trainer.val_check_interval" in self.fixed:
-            raise ValueError("fixed.trainer.val_check_interval: validate_every_steps sets it per trial (× the "
-                             "trial's accumulate_grad_batches); keep one")  # fmt: skip
-        for name, (flag, _) in HYPERPARAMETERS.items():  # a fixed training pattern fails here, not in every trial
+            raise ValueError(
+                "fixed.trainer.val_check_interval: validate_every_steps sets it per trial (× the "
+                "trial's accumulate_grad_batches); keep one"
+            )
+        for name, (
+            flag,
+            _,
+        ) in HYPERPARAMETERS.items():  # a fixed training pattern fails here, not in every trial
             problem = _fixed_pattern(name, self.fixed[flag]) if flag in self.fixed else None
             if problem:
                 raise ValueError(f"fixed.{flag}: {problem}")
@@ -380,8 +437,10 @@ def _base_config(value) -> Path:
         raise ValueError("missing: the fit config every trial starts from (e.g. configs/tiny.yaml)")
     base = config_path(str(value))
     if not base.is_file():
-        raise ValueError(f"no such fit config {base} (paths are relative to the working directory; configs/… "
-                         "names a shipped config)")  # fmt: skip
+        raise ValueError(
+            f"no such fit config {base} (paths are relative to the working directory; configs/… "
+            "names a shipped config)"
+        )
     return base
 
 
@@ -397,7 +456,9 @@ def load_space(path: str | Path) -> SweepSpace:
     accumulate = fit.trainer.accumulate_grad_batches
     if not _is_int(accumulate) or accumulate < 1:  # fit checks it after parsing; a trial would fail on it
         where = f"{path}: fixed." if "trainer.accumulate_grad_batches" in fixed else f"{raw.base}: "
-        raise SpellxferError(f"{where}trainer.accumulate_grad_batches: expected an integer ≥ 1, got {accumulate!r}")
+        raise SpellxferError(
+            f"{where}trainer.accumulate_grad_batches: expected an integer ≥ 1, got {accumulate!r}"
+        )
     replicates, base_seed = raw.replicates, fit.seed_everything
     if base_seed is True and "seed_everything" not in fixed and replicates > 1:
         base_seed = 0  # not set (Lightning's default true: a random seed): replicates count from 0
@@ -405,15 +466,33 @@ def load_space(path: str | Path) -> SweepSpace:
         base_seed = 0  # one seed: the base config's own, whatever form Lightning accepts (true, null)
     elif not _is_int(base_seed) or base_seed < 0 or base_seed + replicates - 1 > MAX_SEED:
         where = "fixed.seed_everything" if "seed_everything" in fixed else f"{raw.base}: seed_everything"
-        raise SpellxferError(f"{path}: {where}: expected an integer from 0 to {MAX_SEED - replicates + 1} (one seed "
-                             f"per replicate), got {base_seed!r}")  # fmt: skip
-    parameters = tuple(Parameter(name, *HYPERPARAMETERS[name], **spec) for name, spec in raw.parameters.specs())
-    space = SweepSpace(path=path, base=raw.base, objective=raw.objective, sampler=raw.sampler, pruner=raw.pruner,
-                       seed=raw.seed, trials=raw.budget.trials, hours=raw.budget.hours,
-                       decodings=tuple(dict.fromkeys(raw.decodings)),
-                       evaluation=raw.evaluation.model_dump(exclude_unset=True), fixed=fixed, parameters=parameters,
-                       validate_every_steps=raw.validate_every_steps, accumulate_grad_batches=int(accumulate or 1),
-                       replicates=replicates, base_seed=base_seed, pack=raw.pack, fit=fit)  # fmt: skip
+        raise SpellxferError(
+            f"{path}: {where}: expected an integer from 0 to {MAX_SEED - replicates + 1} (one seed "
+            f"per replicate), got {base_seed!r}"
+        )
+    parameters = tuple(
+        Parameter(name, *HYPERPARAMETERS[name], **spec) for name, spec in raw.parameters.specs()
+    )
+    space = SweepSpace(
+        path=path,
+        base=raw.base,
+        objective=raw.objective,
+        sampler=raw.sampler,
+        pruner=raw.pruner,
+        seed=raw.seed,
+        trials=raw.budget.trials,
+        hours=raw.budget.hours,
+        decodings=tuple(dict.fromkeys(raw.decodings)),
+        evaluation=raw.evaluation.model_dump(exclude_unset=True),
+        fixed=fixed,
+        parameters=parameters,
+        validate_every_steps=raw.validate_every_steps,
+        accumulate_grad_batches=int(accumulate or 1),
+        replicates=replicates,
+        base_seed=base_seed,
+        pack=raw.pack,
+        fit=fit,
+    )
     if raw.sampler == "grid":
         space.check_sampler("grid")
     return space
@@ -423,13 +502,13 @@ def parse_base(base: Path, fixed: dict):
     """The base fit config with the fixed overrides, through ``fit``'s own parser (the
     signature defaults, then the file, then the overrides): the values every trial starts from.
     A mistake is fit's one error line, with the base config named."""
-    from spellxfer.training.cli import parse_fit_config
-
     try:
         return parse_fit_config(["--config", str(base), *flags(fixed)])
     except SpellxferError as e:
         message = str(e)
-        raise SpellxferError(message if message.startswith(str(base)) else f"{base}: {message}", key=e.key) from None
+        raise SpellxferError(
+            message if message.startswith(str(base)) else f"{base}: {message}", key=e.key
+        ) from None
 
 
 def flags(overrides: dict) -> list[str]:

@@ -38,6 +38,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from spellxfer.core.outputs import atomic_file
 from spellxfer.sweep.space import SweepSpace, flags
+from spellxfer.training.checkpointing import load_checkpoint
+from spellxfer.training.loggers import steps_trained
 
 
 class TrialFailed(Exception):
@@ -63,7 +65,8 @@ class SweepContext:
     test_files: list[Path]
     wandb: bool  # add the W&B logger to each fit (off when WANDB_MODE=disabled or wandb is missing)
     over_budget: Callable[[optuna.Trial], bool]
-    progress: Callable[..., None]  # (worker, trial=, phase=, step=, total=, value=, params=): the progress display
+    # the progress display, called as (worker, trial=, phase=, step=, total=, value=, params=)
+    progress: Callable[..., None]
     stop: threading.Event = field(default_factory=threading.Event)
     gpus: list[str] = field(default_factory=list)
 
@@ -98,7 +101,9 @@ def link_replicates(trial: optuna.Trial, space: SweepSpace, params: dict) -> tup
     config_id, replicate = int(trial.user_attrs["config_id"]), int(trial.user_attrs["replicate"])
     if replicate == 0 and space.replicates > 1 and not attrs.get("replicates_queued"):
         for k in range(1, space.replicates):
-            trial.study.enqueue_trial(params, user_attrs={"config_id": config_id, "replicate": k}, skip_if_exists=False)
+            trial.study.enqueue_trial(
+                params, user_attrs={"config_id": config_id, "replicate": k}, skip_if_exists=False
+            )
         trial.set_user_attr("replicates_queued", True)  # a retry of this trial must not queue them again
     return config_id, replicate, space.replicate_seed(replicate)
 
@@ -135,10 +140,14 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext, worker: int) -> float:
     finally:
         if error:
             trial.set_user_attr("error", error)
-        write_trial_json(run, record | {"status": status, "error": error, "duration_s": round(time.time() - start, 1)})
+        write_trial_json(
+            run, record | {"status": status, "error": error, "duration_s": round(time.time() - start, 1)}
+        )
 
 
-def begin_trial(trial: optuna.Trial, ctx: SweepContext, worker: int | str) -> tuple[dict, Path, Path | None, dict]:
+def begin_trial(
+    trial: optuna.Trial, ctx: SweepContext, worker: int | str
+) -> tuple[dict, Path, Path | None, dict]:
     """Draw the trial's hyperparameters, make its directory and write its first ``trial.json``;
     returns (params, run dir, ``last.ckpt`` to resume from or None, the record).
 
@@ -192,8 +201,6 @@ def record_outcome(trial: optuna.Trial, ctx: SweepContext, run: Path) -> None:
     """What a finished trial did, in the study itself (beside trial.json and the CSV): the
     optimizer steps it trained (early stopping ends some before max_steps) and its test scores per
     decoding — position and count accuracies and the transfer score — from ``eval/<decoding>/``."""
-    from spellxfer.training.loggers import steps_trained
-
     trial.set_user_attr("steps_trained", steps_trained(run / "metrics.jsonl"))
     for decoding in ctx.space.decodings:
         try:
@@ -201,7 +208,9 @@ def record_outcome(trial: optuna.Trial, ctx: SweepContext, run: Path) -> None:
         except (OSError, ValueError):
             continue
         scores = {k: metrics.get(k) for k in ("position_accuracy", "count_accuracy", "transfer_score")}
-        trial.set_user_attr(f"test_{decoding}", {k: v for k, v in scores.items() if isinstance(v, int | float)})
+        trial.set_user_attr(
+            f"test_{decoding}", {k: v for k, v in scores.items() if isinstance(v, int | float)}
+        )
 
 
 def prepare_run_dir(run: Path, previous: Path | None) -> Path | None:
@@ -218,40 +227,80 @@ def prepare_run_dir(run: Path, previous: Path | None) -> Path | None:
     return last if last.is_file() else None
 
 
-def fit_argv(ctx: SweepContext, run: Path, params: dict, resume: Path | None, number: int,
-             seed: int | None = None) -> list[str]:  # fmt: skip
+def fit_argv(
+    ctx: SweepContext, run: Path, params: dict, resume: Path | None, number: int, seed: int | None = None
+) -> list[str]:
     """``python -m spellxfer fit --config <base> --…`` with this trial's values."""
     space = ctx.space
-    loggers: list[dict] = [{"class_path": "spellxfer.training.loggers.WhitelistedCSVLogger",
-                            "init_args": {"save_dir": str(run / "training_logs"), "name": "", "version": "",
-                                          "jsonl_path": str(run / "metrics.jsonl")}}]  # fmt: skip
+    loggers: list[dict] = [
+        {
+            "class_path": "spellxfer.training.loggers.WhitelistedCSVLogger",
+            "init_args": {
+                "save_dir": str(run / "training_logs"),
+                "name": "",
+                "version": "",
+                "jsonl_path": str(run / "metrics.jsonl"),
+            },
+        }
+    ]
     if ctx.wandb:  # one W&B run per trial, grouped by study
-        loggers.append({"class_path": "spellxfer.training.loggers.WhitelistedWandbLogger",
-                        "init_args": {"project": "spellxfer", "group": ctx.study, "job_type": "sweep",
-                                      "name": f"{ctx.study}-trial-{number:04d}", "save_dir": str(run)}})  # fmt: skip
+        loggers.append(
+            {
+                "class_path": "spellxfer.training.loggers.WhitelistedWandbLogger",
+                "init_args": {
+                    "project": "spellxfer",
+                    "group": ctx.study,
+                    "job_type": "sweep",
+                    "name": f"{ctx.study}-trial-{number:04d}",
+                    "save_dir": str(run),
+                },
+            }
+        )
     argv = [sys.executable, "-m", "spellxfer", "fit", *space.fit_args()]
     argv += flags({p.flag: params[p.name] for p in space.parameters})
     if space.replicates > 1 and seed is not None:  # one seed: the base config's, as without replicates
         argv += ["--seed_everything", str(seed)]
     if (interval := space.val_check_interval(params)) is not None:
         argv += ["--trainer.val_check_interval", str(interval)]
-    argv += ["--experiment", ctx.study, "--trainer.default_root_dir", str(run / "checkpoints"),
-             "--trainer.logger", json.dumps(loggers),
-             # the best checkpoint, early stopping and the pruner all follow the sweep's objective
-             "--checkpoint.monitor", space.objective, "--checkpoint.mode", "max",
-             "--checkpoint.filename", "best-step{step}",
-             # the resume point is written after each validation, not every N steps: a step
-             # checkpoint taken just before a validation resumes past it (Lightning fast-forwards
-             # the interrupted validation), and a trial killed there would lose that score
-             "--checkpoint.every_n_train_steps", "null",
-             "--early_stopping.monitor", space.objective, "--early_stopping.mode", "max"]  # fmt: skip
+    argv += [
+        "--experiment",
+        ctx.study,
+        "--trainer.default_root_dir",
+        str(run / "checkpoints"),
+        "--trainer.logger",
+        json.dumps(loggers),
+        # the best checkpoint, early stopping and the pruner all follow the sweep's objective
+        "--checkpoint.monitor",
+        space.objective,
+        "--checkpoint.mode",
+        "max",
+        "--checkpoint.filename",
+        "best-step{step}",
+        # the resume point is written after each validation, not every N steps: a step
+        # checkpoint taken just before a validation resumes past it (Lightning fast-forwards
+        # the interrupted validation), and a trial killed there would lose that score
+        "--checkpoint.every_n_train_steps",
+        "null",
+        "--early_stopping.monitor",
+        space.objective,
+        "--early_stopping.mode",
+        "max",
+    ]
     if resume is not None:
         argv += ["--ckpt_path", str(resume)]
     return argv
 
 
-def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, resume: Path | None, env,
-              seed: int | None = None) -> tuple[float, Path]:  # fmt: skip
+def fit_trial(
+    trial,
+    ctx: SweepContext,
+    worker: int,
+    run: Path,
+    params: dict,
+    resume: Path | None,
+    env,
+    seed: int | None = None,
+) -> tuple[float, Path]:
     """Run the fit child, reporting each validation to Optuna; returns (best objective, its checkpoint)."""
     objective, max_steps = ctx.space.objective, params.get("max_steps")
     ctx.progress(worker, trial=trial.number, phase="fit", step=0, total=max_steps, params=params)
@@ -274,7 +323,9 @@ def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, re
                 raise optuna.TrialPruned(f"{objective} {row[objective]:.3f} at step {step}")
 
     try:
-        rc = run_child(fit_argv(ctx, run, params, resume, trial.number, seed), run / "fit.log", env, ctx, watch)
+        rc = run_child(
+            fit_argv(ctx, run, params, resume, trial.number, seed), run / "fit.log", env, ctx, watch
+        )
     finally:
         if (run / "training_logs" / "config.yaml").is_file():  # the exact config LightningCLI ran
             shutil.copyfile(run / "training_logs" / "config.yaml", run / "fit.yaml")
@@ -282,8 +333,10 @@ def fit_trial(trial, ctx: SweepContext, worker: int, run: Path, params: dict, re
         raise TrialFailed(last_error(run / "fit.log", rc))
     best = best_checkpoint(run / "checkpoints", objective)
     if best is None:
-        raise TrialFailed(f"no validation ran, so there is no {objective} and no best checkpoint "
-                          "(is trainer.max_steps below trainer.val_check_interval?)")  # fmt: skip
+        raise TrialFailed(
+            f"no validation ran, so there is no {objective} and no best checkpoint "
+            "(is trainer.max_steps below trainer.val_check_interval?)"
+        )
     # fit exports the best checkpoint's adapter into its root; the contract keeps it at adapter/
     adapter = run / "adapter"
     if adapter.exists():
@@ -342,8 +395,6 @@ def read_rows(path: Path, offset: tuple[int, int] | None) -> tuple[tuple[int, in
 
 def best_checkpoint(ckpt_dir: Path, objective: str) -> tuple[float, Path] | None:
     """(best objective value, its checkpoint) from the newest scored checkpoint's callback state."""
-    from spellxfer.training.checkpointing import load_checkpoint
-
     newest = None
     for path in ckpt_dir.glob("best-step*.ckpt"):
         ckpt = load_checkpoint(path, mmap=True)
@@ -360,10 +411,27 @@ def best_checkpoint(ckpt_dir: Path, objective: str) -> tuple[float, Path] | None
 
 def evaluate_trial(ctx: SweepContext, run: Path, decoding: str, env) -> None:
     """``evaluate`` the trial's adapter on the test files, paired against the base model."""
-    argv = [sys.executable, "-m", "spellxfer", "evaluate", "--model", ctx.model, "--adapter", str(run / "adapter"),
-            "--questions", *map(str, ctx.test_files), "--decoding", decoding, *ctx.eval_flags(),
-            "--out", str(run / "eval" / decoding), "--overwrite", "true",
-            "--compare_to", str(ctx.base_dir(decoding))]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "spellxfer",
+        "evaluate",
+        "--model",
+        ctx.model,
+        "--adapter",
+        str(run / "adapter"),
+        "--questions",
+        *map(str, ctx.test_files),
+        "--decoding",
+        decoding,
+        *ctx.eval_flags(),
+        "--out",
+        str(run / "eval" / decoding),
+        "--overwrite",
+        "true",
+        "--compare_to",
+        str(ctx.base_dir(decoding)),
+    ]
     rc = run_child(argv, run / "eval.log", env, ctx)
     if rc != 0:
         raise TrialFailed(f"evaluate ({decoding}): {last_error(run / 'eval.log', rc)}")
@@ -375,7 +443,9 @@ _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b")
 
 def last_error(log: Path, rc: int) -> str:
     """The child's own one-line error (``error: …``), else the last exception line, else the exit code."""
-    lines = [_ANSI.sub("", ln).strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [
+        _ANSI.sub("", ln).strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()
+    ]
     for line in reversed(lines):
         if line.startswith("error:"):
             return line[len("error:") :].strip()

@@ -1,8 +1,8 @@
 """Adapter-sized checkpoints that resume exactly, and survive being killed mid-write.
 
 - The LightningModule puts only the trainable (LoRA) weights in ``state_dict`` (a Qwen3-4B r16
-  checkpoint is 397 MB of fp32 LoRA weights + AdamW state, measured on an H100, not 8 GB); Lightning adds optimizer,
-  scheduler and loop state; the DataModule adds its position inside the epoch and
+  checkpoint is 397 MB of fp32 LoRA weights + AdamW state, measured on an H100, not 8 GB);
+  Lightning adds optimizer, scheduler and loop state; the DataModule adds its position inside the epoch and
   :class:`ResumeState` the RNG states, so a resumed run trains on the same batches with the
   same randomness as an uninterrupted one.
 - :class:`AtomicCheckpointIO` writes to a temporary file in the same directory, fsyncs, then
@@ -44,6 +44,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, atomic_output_dir, git_commit, package_versions
 from spellxfer.models.registry import check_lora_state, write_loadable_base
+from spellxfer.training.cards import write_card
+from spellxfer.training.loggers import WhitelistedCSVLogger
 
 KILL_ENV = "SPELLXFER_TEST_KILL_AT"
 
@@ -107,8 +109,8 @@ def load_fit_checkpoint(path: str | Path, *, resume: bool = False, mmap: bool = 
     missing = [k for k in needed if k not in ckpt]
     if missing:
         raise SpellxferError(
-            f"checkpoint {path}: not a `fit` checkpoint (no {', '.join(missing)}; a plain state dict or another "
-            "tool's file?)"
+            f"checkpoint {path}: not a `fit` checkpoint (no {', '.join(missing)}; "
+            "a plain state dict or another tool's file?)"
         )
     if not isinstance(ckpt["state_dict"], dict) or not isinstance(ckpt["hyper_parameters"], dict):
         raise SpellxferError(f"checkpoint {path}: state_dict / hyper_parameters are not dicts")
@@ -220,8 +222,6 @@ class ResumeState(L.Callback):
             self._rng = None
         if self._resumed_step is not None and trainer.global_rank == 0:
             _drop_abandoned_checkpoints(trainer, self._resumed_step)
-            from spellxfer.training.loggers import WhitelistedCSVLogger
-
             for logger in trainer.loggers:
                 if isinstance(logger, WhitelistedCSVLogger):
                     logger.discard_from(self._resumed_step)
@@ -233,7 +233,9 @@ class ResumeState(L.Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         kill_point("validation_start", trainer.global_step)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if batch_idx == 0 and dataloader_idx == 0:
             kill_point("validation_batch", trainer.global_step)
 
@@ -250,19 +252,29 @@ def _drop_abandoned_checkpoints(trainer, step: int) -> None:
     """
     resumed = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path else None
     callbacks = trainer.checkpoint_callbacks
-    tracked = {Path(p).resolve() for cb in callbacks
-               for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path) if p}  # fmt: skip
+    tracked = {
+        Path(p).resolve()
+        for cb in callbacks
+        for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path)
+        if p
+    }
     dirs = {Path(cb.dirpath).resolve() for cb in callbacks if cb.dirpath}
     if resumed is None or resumed.parent not in dirs:
         return
     removed = []
     for d in dirs:
         for p in sorted(d.glob("*.ckpt")):
-            if p.resolve() not in tracked | {resumed} and (saved := _saved_step(p)) is not None and saved > step:
+            if (
+                p.resolve() not in tracked | {resumed}
+                and (saved := _saved_step(p)) is not None
+                and saved > step
+            ):
                 p.unlink()
                 removed.append(p.name)
     if removed:
-        rank_zero_info(f"resuming at step {step}: removed {', '.join(removed)}, saved after it by the interrupted run")
+        rank_zero_info(
+            f"resuming at step {step}: removed {', '.join(removed)}, saved after it by the interrupted run"
+        )
 
 
 class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):
@@ -311,8 +323,11 @@ class RunManifest(L.Callback):
             f.write("\n")
         # Lightning logs the module's hparams (flat); the data's and the whole resolved config go
         # beside them, nested, so W&B's run config and hparams.yaml hold everything the run used.
-        extra = json.loads(json.dumps({"data": dict(dm.hparams) if dm is not None else {}, "config": self.config},
-                                      default=str))  # fmt: skip
+        extra = json.loads(
+            json.dumps(
+                {"data": dict(dm.hparams) if dm is not None else {}, "config": self.config}, default=str
+            )
+        )
         for logger in trainer.loggers:
             logger.log_hyperparams(extra)
 
@@ -321,35 +336,50 @@ class RunManifest(L.Callback):
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
         dm = trainer.datamodule
-        facts = training_facts(dm.hparams if dm is not None else {}, trainer.accumulate_grad_batches,
-                               trainer.max_steps, trainer.global_step)  # fmt: skip
-        export_adapter(pl_module, Path(trainer.default_root_dir) / "best_adapter", best or None,
-                       data_dir=dm.hparams.get("data_dir") if dm is not None else None, facts=facts)  # fmt: skip
+        facts = training_facts(
+            dm.hparams if dm is not None else {},
+            trainer.accumulate_grad_batches,
+            trainer.max_steps,
+            trainer.global_step,
+        )
+        export_adapter(
+            pl_module,
+            Path(trainer.default_root_dir) / "best_adapter",
+            best or None,
+            data_dir=dm.hparams.get("data_dir") if dm is not None else None,
+            facts=facts,
+        )
 
 
 def training_facts(data_hparams, accumulate: int, max_steps: int, steps_trained: int) -> dict:
     """What a model card adds to the module's hyperparameters: the data's batch size, the
     trainer's accumulation and step budget, and the optimizer steps actually trained."""
-    return {"batch_size": data_hparams.get("batch_size"), "accumulate_grad_batches": int(accumulate),
-            "max_steps": int(max_steps), "steps_trained": int(steps_trained)}  # fmt: skip
+    return {
+        "batch_size": data_hparams.get("batch_size"),
+        "accumulate_grad_batches": int(accumulate),
+        "max_steps": int(max_steps),
+        "steps_trained": int(steps_trained),
+    }
 
 
 def selection_note(ckpt_path: str | None) -> str:
     """How a fit's ``best_adapter/`` was chosen, for its model card."""
     if not ckpt_path:
         return "The weights are the module's at the end of training (no validation ran)."
-    return (f"The weights are those of `{Path(ckpt_path).name}`, the checkpoint with the best validation transfer "
-            "score (position and count validation questions; step 0, the base model, takes part).")  # fmt: skip
+    return (
+        f"The weights are those of `{Path(ckpt_path).name}`, the checkpoint with the best "
+        "validation transfer score (position and count validation questions; step 0, the base "
+        "model, takes part)."
+    )
 
 
-def export_adapter(pl_module, out: Path, ckpt_path: str | None = None, data_dir: str | None = None,
-                   facts: dict | None = None) -> Path:  # fmt: skip
+def export_adapter(
+    pl_module, out: Path, ckpt_path: str | None = None, data_dir: str | None = None, facts: dict | None = None
+) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors + a model card).
 
     With ``ckpt_path``, the LoRA weights come from that checkpoint; otherwise the module's own.
     """
-    from spellxfer.training.cards import write_card
-
     lm = pl_module.lm
     current = None
     if ckpt_path:
@@ -361,8 +391,13 @@ def export_adapter(pl_module, out: Path, ckpt_path: str | None = None, data_dir:
         lm.save_pretrained(tmp)
         hp = pl_module.hparams
         write_loadable_base(tmp, hp.model, hp.get("seed", 0))
-        write_card(tmp, base_model=hp.model, hparams={**hp, **(facts or {})}, data_dir=data_dir,
-                   selection=selection_note(ckpt_path))  # fmt: skip
+        write_card(
+            tmp,
+            base_model=hp.model,
+            hparams={**hp, **(facts or {})},
+            data_dir=data_dir,
+            selection=selection_note(ckpt_path),
+        )
     if current is not None:
         pl_module.load_state_dict(current, strict=False)
     return out

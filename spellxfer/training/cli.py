@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 from argparse import ArgumentError
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -127,15 +129,21 @@ class SpellxferCLI(LightningCLI):
         try:
             self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         except (ArgumentError, SystemExit) as e:
-            raise SpellxferError(f"checkpoint {ckpt_path}: its hyper_parameters do not fit spellxfer's module "
-                                 f"({_one_line(e)})") from None  # fmt: skip
+            raise SpellxferError(
+                f"checkpoint {ckpt_path}: its hyper_parameters do not fit spellxfer's module ({_one_line(e)})"
+            ) from None
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--experiment", type=str, default="default",
-                            help="Run name: output folders and the W&B group.")  # fmt: skip
-        parser.add_argument("--keep_last_k", type=int, default=3,
-                            help="Step checkpoints kept (every --checkpoint.every_n_train_steps), "
-                                 "besides last.ckpt and the best ones.")  # fmt: skip
+        parser.add_argument(
+            "--experiment", type=str, default="default", help="Run name: output folders and the W&B group."
+        )
+        parser.add_argument(
+            "--keep_last_k",
+            type=int,
+            default=3,
+            help="Step checkpoints kept (every --checkpoint.every_n_train_steps), "
+            "besides last.ckpt and the best ones.",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -150,15 +158,20 @@ class SpellxferCLI(LightningCLI):
         )
         parser.add_lightning_class_args(OptionalEarlyStopping, "early_stopping")
         parser.set_defaults(
-            {"early_stopping.monitor": "val/position_accuracy", "early_stopping.mode": "max",
-             "early_stopping.patience": 3}  # fmt: skip
+            {
+                "early_stopping.monitor": "val/position_accuracy",
+                "early_stopping.mode": "max",
+                "early_stopping.patience": 3,
+            }
         )
         parser.link_arguments("model.model", "data.model")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.keep_last_k < 1:
-            raise self._error("keep_last_k", f"must be ≥ 1 (it holds the resume point), got {cfg.keep_last_k}")
+            raise self._error(
+                "keep_last_k", f"must be ≥ 1 (it holds the resume point), got {cfg.keep_last_k}"
+            )
         try:
             check_run_name(cfg.experiment, "--experiment")
         except SpellxferError as e:
@@ -177,21 +190,42 @@ class SpellxferCLI(LightningCLI):
         outputs = [root, Path(cfg.checkpoint.dirpath)]
         if trainer.logger is None or trainer.logger is True:
             log_dir = root / "training_logs" if explicit_root else Path("results/training_logs") / experiment
-            jsonl = root / "metrics.jsonl" if explicit_root else Path("results/metrics") / f"{experiment}.jsonl"
+            jsonl = (
+                root / "metrics.jsonl" if explicit_root else Path("results/metrics") / f"{experiment}.jsonl"
+            )
             if self.subcommand not in (None, "fit"):
                 # validate / test / predict beside a fit: their own CSV version and JSONL, so they
                 # neither restart the fit's metrics.csv nor append rows to its learning curve
                 log_dir = log_dir / self.subcommand
-                jsonl = jsonl.with_name(f"{self.subcommand}_{jsonl.name}" if explicit_root
-                                        else f"{experiment}-{self.subcommand}.jsonl")  # fmt: skip
+                jsonl = jsonl.with_name(
+                    f"{self.subcommand}_{jsonl.name}"
+                    if explicit_root
+                    else f"{experiment}-{self.subcommand}.jsonl"
+                )
             outputs += [log_dir, jsonl]
-            loggers = [{"class_path": "spellxfer.training.loggers.WhitelistedCSVLogger",
-                        "init_args": {"save_dir": str(log_dir), "name": "", "version": "",
-                                      "jsonl_path": str(jsonl)}}]  # fmt: skip
+            loggers = [
+                {
+                    "class_path": "spellxfer.training.loggers.WhitelistedCSVLogger",
+                    "init_args": {
+                        "save_dir": str(log_dir),
+                        "name": "",
+                        "version": "",
+                        "jsonl_path": str(jsonl),
+                    },
+                }
+            ]
             if os.environ.get("WANDB_MODE") != "disabled" and importlib.util.find_spec("wandb"):
-                loggers.append({"class_path": "spellxfer.training.loggers.WhitelistedWandbLogger",
-                                "init_args": {"project": "spellxfer", "group": experiment, "name": experiment,
-                                              "save_dir": str(root)}})  # fmt: skip
+                loggers.append(
+                    {
+                        "class_path": "spellxfer.training.loggers.WhitelistedWandbLogger",
+                        "init_args": {
+                            "project": "spellxfer",
+                            "group": experiment,
+                            "name": experiment,
+                            "save_dir": str(root),
+                        },
+                    }
+                )
             trainer.logger = loggers
         # What this command may create, with the nearest folder above each that exists already;
         # removed again if the command fails (see _remove_new_outputs).
@@ -210,12 +244,19 @@ class SpellxferCLI(LightningCLI):
         t = cfg.trainer
         accelerator = t.accelerator if isinstance(t.accelerator, str) else None
         if accelerator in ("gpu", "cuda") and not _cuda_available():
-            raise self._error("trainer.accelerator", f"{accelerator} asked for, but this machine has no CUDA GPU "
-                              "(torch.cuda.is_available() is False); use cpu or auto")  # fmt: skip
+            raise self._error(
+                "trainer.accelerator",
+                f"{accelerator} asked for, but this machine has no CUDA GPU "
+                "(torch.cuda.is_available() is False); use cpu or auto",
+            )
         if accelerator == "tpu":
             raise self._error("trainer.accelerator", "tpu is not supported; use gpu, cpu or auto")
-        limits = (("max_steps", t.max_steps, "-1 (no limit) or ≥ 1"), ("max_epochs", t.max_epochs, "-1 (no limit), ≥ 1 or null"),
-                  ("min_steps", t.min_steps, "≥ 0 or null"), ("min_epochs", t.min_epochs, "≥ 0 or null"))  # fmt: skip
+        limits = (
+            ("max_steps", t.max_steps, "-1 (no limit) or ≥ 1"),
+            ("max_epochs", t.max_epochs, "-1 (no limit), ≥ 1 or null"),
+            ("min_steps", t.min_steps, "≥ 0 or null"),
+            ("min_epochs", t.min_epochs, "≥ 0 or null"),
+        )
         for key, value, valid in limits:
             bad = value is not None and (value < 0 if key.startswith("min") else (value == 0 or value < -1))
             if bad:
@@ -228,21 +269,35 @@ class SpellxferCLI(LightningCLI):
             # a negative norm bound flips the gradients' sign in torch's clipping
             raise self._error("trainer.gradient_clip_val", f"must be ≥ 0 or null, got {t.gradient_clip_val}")
         if t.num_sanity_val_steps is not None and t.num_sanity_val_steps < -1:
-            raise self._error("trainer.num_sanity_val_steps", f"must be ≥ 0, or -1 for all, got {t.num_sanity_val_steps}")
+            raise self._error(
+                "trainer.num_sanity_val_steps", f"must be ≥ 0, or -1 for all, got {t.num_sanity_val_steps}"
+            )
         if cfg.early_stopping.patience < 0:
             raise self._error("early_stopping.patience", f"must be ≥ 0, got {cfg.early_stopping.patience}")
-        for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        for key in (
+            "limit_train_batches",
+            "limit_val_batches",
+            "limit_test_batches",
+            "limit_predict_batches",
+        ):
             value = t.get(key)
             if isinstance(value, (int, float)) and (value < 0 or (isinstance(value, float) and value > 1)):
                 # Lightning checks these too, but only after printing its device banner
-                raise self._error(f"trainer.{key}", f"must be a batch count ≥ 0 or a fraction in [0, 1], got {value}")
+                raise self._error(
+                    f"trainer.{key}", f"must be a batch count ≥ 0 or a fraction in [0, 1], got {value}"
+                )
         vci = t.val_check_interval
         if isinstance(vci, (int, float)) and (vci <= 0 or (isinstance(vci, float) and vci > 1)):
-            raise self._error("trainer.val_check_interval",
-                              f"must be a batch count ≥ 1 or a fraction of an epoch in (0, 1], got {vci}")  # fmt: skip
+            raise self._error(
+                "trainer.val_check_interval",
+                f"must be a batch count ≥ 1 or a fraction of an epoch in (0, 1], got {vci}",
+            )
         every = cfg.checkpoint.every_n_train_steps
         if every is not None and every < 0:
-            raise self._error("checkpoint.every_n_train_steps", f"must be ≥ 1 (or 0 / null: only after validation), got {every}")
+            raise self._error(
+                "checkpoint.every_n_train_steps",
+                f"must be ≥ 1 (or 0 / null: only after validation), got {every}",
+            )
         for key in ("checkpoint.monitor", "early_stopping.monitor"):
             name = cfg.get(key)
             if name is not None:
@@ -251,11 +306,17 @@ class SpellxferCLI(LightningCLI):
                 except SpellxferError as e:
                     raise self._error(key, str(e)) from None
                 if not name.startswith(("val/", "train/")):
-                    raise self._error(key, f"{name!r} is not a logged metric; use a val/ metric such as val/position_accuracy")
+                    raise self._error(
+                        key,
+                        f"{name!r} is not a logged metric; use a val/ metric such as val/position_accuracy",
+                    )
         if cfg.get("weights_only") is False:
             # Lightning would unpickle the checkpoint in full; ours load tensors and plain values only.
-            raise self._error("weights_only", "false is not supported: spellxfer reads checkpoints as tensors and "
-                              "plain values only, so no checkpoint can run code")  # fmt: skip
+            raise self._error(
+                "weights_only",
+                "false is not supported: spellxfer reads checkpoints as tensors and "
+                "plain values only, so no checkpoint can run code",
+            )
 
     def _check_checkpoint(self, cfg, root: Path) -> None:
         """Read ``--ckpt_path`` (weights_only) and refuse it unless it fits the configured model."""
@@ -266,32 +327,42 @@ class SpellxferCLI(LightningCLI):
             path = Path(cfg.checkpoint.dirpath or root) / "last.ckpt"
             if not path.is_file():
                 # Lightning would warn and train from scratch; a resume that silently restarts is worse.
-                raise SpellxferError(f"--ckpt_path last: no checkpoint {path} to resume from; "
-                                     "drop --ckpt_path to start a fresh run")  # fmt: skip
+                raise SpellxferError(
+                    f"--ckpt_path last: no checkpoint {path} to resume from; "
+                    "drop --ckpt_path to start a fresh run"
+                )
         else:
             path = Path(ckpt)
             if not path.is_file():
                 raise SpellxferError(f"--ckpt_path {ckpt}: no such checkpoint file")
         loaded = load_fit_checkpoint(path, resume=self.subcommand == "fit", mmap=True)
         saved = loaded["hyper_parameters"]
-        check_lora_layout(loaded["state_dict"], saved.get("lora_r"), saved.get("target_modules") or (),
-                          f"checkpoint {path}")  # fmt: skip
+        check_lora_layout(
+            loaded["state_dict"], saved.get("lora_r"), saved.get("target_modules") or (), f"checkpoint {path}"
+        )
         for key in LORA_SHAPE_KEYS:
             want = cfg.model.get(key)
             have = saved.get(key)
             if key == "target_modules" and have is not None and want is not None:
                 have, want = sorted(have), sorted(want)
             if have != want:
-                raise self._error(f"model.{key}", f"{want!r} here, but checkpoint {path} was trained with {have!r}; "
-                                  f"set model.{key}: {have!r} to load it")  # fmt: skip
+                raise self._error(
+                    f"model.{key}",
+                    f"{want!r} here, but checkpoint {path} was trained with {have!r}; "
+                    f"set model.{key}: {have!r} to load it",
+                )
         if self.subcommand == "fit":
             # best_adapter/ is exported from the run's best checkpoint when the fit ends: a
             # damaged or planted one is refused now, not after the whole run
             for state in loaded["callbacks"].values():
                 best = state.get("best_model_path") if isinstance(state, dict) else None
                 if best and Path(best).is_file() and Path(best).resolve() != path.resolve():
-                    check_lora_layout(load_fit_checkpoint(best, mmap=True)["state_dict"], saved.get("lora_r"),
-                                      saved.get("target_modules") or (), f"checkpoint {best}")  # fmt: skip
+                    check_lora_layout(
+                        load_fit_checkpoint(best, mmap=True)["state_dict"],
+                        saved.get("lora_r"),
+                        saved.get("target_modules") or (),
+                        f"checkpoint {best}",
+                    )
 
     def _error(self, key: str, message: str) -> SpellxferError:
         """A one-line error for config key ``key``, naming the config file or flag that set it."""
@@ -341,7 +412,11 @@ class SpellxferCLI(LightningCLI):
             merged = {}
             for per_loader in results:
                 merged.update({k.split("/dataloader_idx_")[0]: v for k, v in per_loader.items()})
-            table = Table(f"{stage} metric", "value", title=f"{stage}: {kwargs.get('ckpt_path') or 'the model as configured'}")
+            table = Table(
+                f"{stage} metric",
+                "value",
+                title=f"{stage}: {kwargs.get('ckpt_path') or 'the model as configured'}",
+            )
             for name, value in merged.items():
                 table.add_row(name, f"{float(value):.4f}")
             print_table(table)
@@ -352,9 +427,17 @@ class SpellxferCLI(LightningCLI):
         # (the learning rate is logged by the module, in the training rows: lr-AdamW)
         extra = [ResumeState(), RunManifest(config=run["config"]), PredictionsWriter(), StepZeroValidation()]
         # Lightning's idiom for "keep the last K": monitor the step counter, keep the top K.
-        step_ckpt = StepCheckpoint(dirpath=str(run["root"]), filename="step{step}", monitor="step", mode="max",
-                                   save_top_k=run["keep"], every_n_train_steps=run["every"], save_last=True,
-                                   auto_insert_metric_name=False, enable_version_counter=False)  # fmt: skip
+        step_ckpt = StepCheckpoint(
+            dirpath=str(run["root"]),
+            filename="step{step}",
+            monitor="step",
+            mode="max",
+            save_top_k=run["keep"],
+            every_n_train_steps=run["every"],
+            save_last=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
         extra.append(step_ckpt)
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), *extra]
         kwargs["plugins"] = [*(kwargs.get("plugins") or []), AtomicCheckpointIO()]
@@ -369,7 +452,9 @@ class SpellxferCLI(LightningCLI):
         # val metric (--checkpoint.*), not this one (whose "best" is the latest step).
         trainer.callbacks.remove(step_ckpt)
         trainer.callbacks.append(step_ckpt)
-        trainer.callbacks = [cb for cb in trainer.callbacks if not (isinstance(cb, OptionalEarlyStopping) and not cb.enabled)]
+        trainer.callbacks = [
+            cb for cb in trainer.callbacks if not (isinstance(cb, OptionalEarlyStopping) and not cb.enabled)
+        ]
         return trainer
 
 
@@ -381,8 +466,6 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def _cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -429,12 +512,12 @@ def _parse_error(e: Exception, argv: list[str]) -> SpellxferError:
     long to convert is named (with its line where YAML knows it); an unknown key or a value of the
     wrong type gets the file (or flag) that set it.
     """
-    import re
-
     message = _one_line(e)
     files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    if not isinstance(e, ArgumentError) or message.startswith(("Problems parsing config", "Unexpected config")):
+    if not isinstance(e, ArgumentError) or message.startswith(
+        ("Problems parsing config", "Unexpected config")
+    ):
         for f in files:
             if (bad := _unreadable_config(Path(f))) is not None:
                 return bad
@@ -443,7 +526,9 @@ def _parse_error(e: Exception, argv: list[str]) -> SpellxferError:
     found = re.search(r"""does not accept option '([\w.]+)'|Parser key "([\w.]+)"|Key '([\w.]+)'""", message)
     key = next((g for g in found.groups() if g), None) if found else None
     where = _where_set(key, argv) if key else None
-    return SpellxferError(f"{message}" + (f" ({where})" if where else "") + f" (see `{argv[0]} --help`)", key=key)
+    return SpellxferError(
+        f"{message}" + (f" ({where})" if where else "") + f" (see `{argv[0]} --help`)", key=key
+    )
 
 
 def _unreadable_config(path: Path) -> SpellxferError | None:
@@ -460,11 +545,15 @@ def _unreadable_config(path: Path) -> SpellxferError | None:
         return SpellxferError(f"{path}: nested too deeply to be a config file")
     except ValueError as v:  # Python refuses int() of more than sys.get_int_max_str_digits() digits
         if "integer string conversion" in str(v):
-            return SpellxferError(f"{path}: holds an integer of more than {sys.get_int_max_str_digits()} digits")
+            return SpellxferError(
+                f"{path}: holds an integer of more than {sys.get_int_max_str_digits()} digits"
+            )
         return SpellxferError(f"{path}: {_one_line(v)}")
     if node is not None and not isinstance(node, dict):
-        return SpellxferError(f"{path}: a config file must be a mapping of keys (trainer:, model:, …), "
-                              f"not a {type(node).__name__}")  # fmt: skip
+        return SpellxferError(
+            f"{path}: a config file must be a mapping of keys (trainer:, model:, …), "
+            f"not a {type(node).__name__}"
+        )
     return None
 
 
@@ -493,9 +582,14 @@ def parse_fit_config(argv: list[str]):
     saved = sys.argv
     sys.argv = [saved[0], *argv]  # SpellxferCLI names the flag or file that set a bad value from it
     try:
-        _ParseOnly(SpellingLoRAModule, SpellingDataModule, run=False, auto_configure_optimizers=False,
-                   trainer_defaults={"use_distributed_sampler": False},
-                   parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False})  # fmt: skip
+        _ParseOnly(
+            SpellingLoRAModule,
+            SpellingDataModule,
+            run=False,
+            auto_configure_optimizers=False,
+            trainer_defaults={"use_distributed_sampler": False},
+            parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False},
+        )
     except _Parsed as parsed:
         return parsed.config
     except ArgumentError as e:

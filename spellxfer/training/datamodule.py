@@ -3,8 +3,9 @@
 Training: ``spelling_train.jsonl`` → :func:`read_training_rows` (every line checked, then read
 by ``datasets`` with the build's fixed Features) → the training pattern's rows
 (:mod:`spellxfer.data.patterns`: ``variants``, ``separator``, ``distinct_words``, and
-``train_set control`` for the same rows of the non-spelling control file) → :func:`tokenize_example` (prompt masked with
--100; the tokenized examples are an in-memory Arrow ``datasets.Dataset``) →
+``train_set control`` for the same rows of the non-spelling control file) →
+:func:`tokenize_example` (prompt masked with -100; the tokenized examples are an in-memory
+Arrow ``datasets.Dataset``) →
 :class:`LengthGroupedBatchSampler` (similar lengths together, batches sharded across ranks) →
 :class:`SpellingCollator` (right-padded tensors) → the loss in :mod:`spellxfer.models.losses`.
 
@@ -320,19 +321,29 @@ class SpellingDataModule(L.LightningDataModule):
         train_set: str = "spelling",
     ) -> None:
         super().__init__()
-        if eval_batch_size != "auto" and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)):
-            raise SpellxferError(f"--data.eval_batch_size must be auto or an integer ≥ 1, got {eval_batch_size!r}")
-        for key, value, low in (("batch_size", batch_size, 1),
-                                ("eval_batch_size", None if eval_batch_size == "auto" else eval_batch_size, 1),
-                                ("max_length", max_length, 2),
-                                ("num_workers", num_workers, 0), ("train_limit", train_limit, 1),
-                                ("val_limit", val_limit, 1), ("test_limit", test_limit, 1)):  # fmt: skip
+        if eval_batch_size != "auto" and (
+            isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
+        ):
+            raise SpellxferError(
+                f"--data.eval_batch_size must be auto or an integer ≥ 1, got {eval_batch_size!r}"
+            )
+        for key, value, low in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", None if eval_batch_size == "auto" else eval_batch_size, 1),
+            ("max_length", max_length, 2),
+            ("num_workers", num_workers, 0),
+            ("train_limit", train_limit, 1),
+            ("val_limit", val_limit, 1),
+            ("test_limit", test_limit, 1),
+        ):
             if value is not None and value < low:
                 raise SpellxferError(f"--data.{key} must be ≥ {low}, got {value}", key=f"data.{key}")
         check_patterns(variants, separator, distinct_words, train_set)
         if build_profile not in ("demo", "full", None):
-            raise SpellxferError(f"--data.build_profile must be demo, full or null, got {build_profile!r}",
-                                 key="data.build_profile")  # fmt: skip
+            raise SpellxferError(
+                f"--data.build_profile must be demo, full or null, got {build_profile!r}",
+                key="data.build_profile",
+            )
         # logger=False: Lightning would merge these into the module's hparams and refuse a `seed`
         # that differs from the model's (data order vs. weights and sampling: both are fine);
         # RunManifest logs them nested under `data`, beside the full resolved config.
@@ -345,13 +356,24 @@ class SpellingDataModule(L.LightningDataModule):
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
         self.variants, self.separator = variants, separator
         self.distinct_words, self.train_set = distinct_words, train_set
-        if (variants, separator, distinct_words) != ("all", "any", None) and (self.data_dir / TRAIN_FILE).is_file():
+        if (variants, separator, distinct_words) != ("all", "any", None) and (
+            self.data_dir / TRAIN_FILE
+        ).is_file():
             # a selection the data cannot give fails here, before the model and Trainer start
             # (setup selects again, from the rows it reads)
-            fields = [(r.get("subtask"), r.get("separator"), r.get("word")) for _, r in iter_jsonl(self.data_dir / TRAIN_FILE)
-                      if isinstance(r, dict)]  # fmt: skip
-            select_rows(*(zip(*fields) if fields else ((), (), ())), variants=variants, separator=separator, distinct_words=distinct_words, seed=seed,
-                        where=str(self.data_dir / TRAIN_FILE))  # fmt: skip
+            fields = [
+                (r.get("subtask"), r.get("separator"), r.get("word"))
+                for _, r in iter_jsonl(self.data_dir / TRAIN_FILE)
+                if isinstance(r, dict)
+            ]
+            select_rows(
+                *(zip(*fields) if fields else ((), (), ())),
+                variants=variants,
+                separator=separator,
+                distinct_words=distinct_words,
+                seed=seed,
+                where=str(self.data_dir / TRAIN_FILE),
+            )
         self._tokenizer = None
         self._resume_position: dict | None = None
         self.train_examples: datasets.Dataset | None = None
@@ -447,8 +469,10 @@ class SpellingDataModule(L.LightningDataModule):
             return {}
         # `processed` includes the batch whose on_train_batch_end is writing the checkpoint (and,
         # after a mid-epoch validation, every batch trained on so far).
-        return {"epoch": trainer.current_epoch,
-                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}  # fmt: skip
+        return {
+            "epoch": trainer.current_epoch,
+            "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restored before ``train_dataloader`` is built; applied to the next sampler."""
@@ -482,8 +506,8 @@ class SpellingDataModule(L.LightningDataModule):
             else "set --data.build_profile demo|full to build it"
         )
         return SpellxferError(
-            f"{self.data_dir}: missing {', '.join(missing)}; run `spellxfer data build --out {self.data_dir}` "
-            f"or {how}"
+            f"{self.data_dir}: missing {', '.join(missing)}; "
+            f"run `spellxfer data build --out {self.data_dir}` or {how}"
         )
 
     def _loaded(self, value, stage: str):
@@ -492,7 +516,7 @@ class SpellingDataModule(L.LightningDataModule):
         return value
 
     def _load_train(self) -> datasets.Dataset:
-        import datasets
+        import datasets  # heavy (pyarrow, pandas): not for fit --help
 
         rows = self._training_rows()
         # `[:]`: the whole column as one list (iterating a column converts row by row, 100× slower)
@@ -506,24 +530,36 @@ class SpellingDataModule(L.LightningDataModule):
                 f"{min(len(e['input_ids']) for e in examples)} tokens, longest {longest})"
             )
         name = TRAIN_FILE if self.train_set == "spelling" else CONTROL_FILE
-        message = (f"{name}: {len(kept)} training examples (variants {self.variants}, separator {self.separator}, "
-                   f"distinct_words {self.distinct_words or 'all'}), {self.n_dropped} dropped as longer than {self.max_length} tokens")  # fmt: skip
+        message = (
+            f"{name}: {len(kept)} training examples (variants {self.variants}, separator {self.separator}, "
+            f"distinct_words {self.distinct_words or 'all'}), "
+            f"{self.n_dropped} dropped as longer than {self.max_length} tokens"
+        )
         (rank_zero_warn if self.n_dropped else rank_zero_info)(message)
         # Arrow columns, not Python lists: 34 MiB instead of 122 MiB for the full file (no int
         # object per token; docs/training.md), and DataLoader workers share the buffers instead of
         # copying lists whose reference counts they touch.
-        return datasets.Dataset.from_dict({
-            "input_ids": [e["input_ids"] for e in kept],
-            "labels": [e["labels"] for e in kept],
-            "length": [len(e["input_ids"]) for e in kept],
-        })  # fmt: skip
+        return datasets.Dataset.from_dict(
+            {
+                "input_ids": [e["input_ids"] for e in kept],
+                "labels": [e["labels"] for e in kept],
+                "length": [len(e["input_ids"]) for e in kept],
+            }
+        )
 
     def _training_rows(self) -> datasets.Dataset:
         """The rows the training pattern selects, in file order, cut to ``train_limit``."""
         spelling = read_training_rows(self.data_dir / TRAIN_FILE)
-        keep = select_rows(spelling["subtask"][:], spelling["separator"][:], spelling["word"][:],
-                           variants=self.variants, separator=self.separator, distinct_words=self.distinct_words,
-                           seed=self.seed, where=str(self.data_dir / TRAIN_FILE))  # fmt: skip
+        keep = select_rows(
+            spelling["subtask"][:],
+            spelling["separator"][:],
+            spelling["word"][:],
+            variants=self.variants,
+            separator=self.separator,
+            distinct_words=self.distinct_words,
+            seed=self.seed,
+            where=str(self.data_dir / TRAIN_FILE),
+        )
         rows = spelling
         if self.train_set == "control":
             rows = self._control_rows(spelling)
@@ -535,12 +571,18 @@ class SpellingDataModule(L.LightningDataModule):
     def _control_rows(self, spelling: datasets.Dataset) -> datasets.Dataset:
         path = self.data_dir / CONTROL_FILE
         if not path.is_file():
-            raise SpellxferError(f"--data.train_set control: {path} does not exist (built before the control "
-                                 f"existed); rebuild {self.data_dir} with `spellxfer data build`", key="data.train_set")  # fmt: skip
+            raise SpellxferError(
+                f"--data.train_set control: {path} does not exist (built before the control "
+                f"existed); rebuild {self.data_dir} with `spellxfer data build`",
+                key="data.train_set",
+            )
         control = read_training_rows(path, task="control")
         if control["word"][:] != spelling["word"][:]:
-            raise SpellxferError(f"--data.train_set control: {path} is not row for row the words of {TRAIN_FILE} "
-                                 "(files of different builds?); rebuild the directory", key="data.train_set")  # fmt: skip
+            raise SpellxferError(
+                f"--data.train_set control: {path} is not row for row the words of {TRAIN_FILE} "
+                "(files of different builds?); rebuild the directory",
+                key="data.train_set",
+            )
         return control
 
     def _load_eval(self, split: str) -> dict[str, list[Item]]:
@@ -550,7 +592,8 @@ class SpellingDataModule(L.LightningDataModule):
             for item in items[task]:
                 if item.task != task:
                     raise SpellxferError(
-                        f"{item.file}:{item.line}: a {item.task} question in {name}, which holds {task} questions only"
+                        f"{item.file}:{item.line}: a {item.task} question in {name}, "
+                        f"which holds {task} questions only"
                     )
         return items
 
@@ -593,7 +636,7 @@ def read_training_rows(path: Path, limit: int | None = None, task: str = "spelli
         SpellxferError: ``file:line: …`` for invalid JSON, a non-spelling task, a missing field, or
             a field outside the data schema.
     """
-    from spellxfer.data.schema import load_split, row_problem
+    from spellxfer.data.schema import load_split, row_problem  # imports datasets: only when rows are read
 
     n = 0
     for line, row in iter_jsonl(path):
@@ -604,7 +647,8 @@ def read_training_rows(path: Path, limit: int | None = None, task: str = "spelli
                 f"{path}:{line}: task {row.get('task')!r} in the training file; spellxfer trains on "
                 "task 'spelling' only (position and count questions are for evaluation)"
                 if task == "spelling"
-                else f"{path}:{line}: task {row.get('task')!r} in the control file, which holds task {task!r} only"
+                else f"{path}:{line}: task {row.get('task')!r} in the control file, "
+                f"which holds task {task!r} only"
             )
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():

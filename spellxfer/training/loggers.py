@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from spellxfer.core.doctor import wandb_mode
 from spellxfer.core.outputs import atomic_file
 from spellxfer.tasks.metric_names import check_metrics
 
@@ -68,8 +69,6 @@ class WhitelistedWandbLogger(WandbLogger):
 
     def __init__(self, *args, offline: bool | None = None, **kwargs):
         if offline is None:
-            from spellxfer.core.doctor import wandb_mode
-
             offline = wandb_mode() != "online"
         super().__init__(*args, offline=offline, **kwargs)
         # W&B looks for the git repository from its run directory before creating it ("wandb:

@@ -35,11 +35,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from spellxfer.core.errors import SpellxferError
+from spellxfer.evaluation.likelihood import probe_items
 from spellxfer.evaluation.metrics import TransferAccuracy
+from spellxfer.models.generation import GenerationEngine, default_sampling
+from spellxfer.models.losses import completion_only_loss
 from spellxfer.models.registry import (
     apply_fused_kernels,
     check_lora_state,
+    check_model_name,
     compile_decoder_layers,
+    load_model,
+    load_tokenizer,
+    materialize,
     quiet_peft_wrap,
 )
 from spellxfer.tasks.parsing import score
@@ -71,8 +78,8 @@ class SpellingLoRAModule(L.LightningModule):
             fuses RMSNorm, SwiGLU, RoPE and the LoRA adds the way Liger does, plus what lies
             between them. Generation (validation, test) runs the layers uncompiled. Liger is not
             applied with it (inductor cannot trace Liger's autograd functions).
-        learning_rate: Peak AdamW learning rate after warmup (> 0); the seed's grid is 1e-4 / 2e-4 /
-            5e-4 / 1e-3.
+        learning_rate: Peak AdamW learning rate after warmup (> 0); configs/sweeps/seed_grid.yaml
+            tries 1e-4 / 2e-4 / 5e-4 / 1e-3.
         weight_decay: AdamW weight decay on LoRA weights only (the base is frozen); LoRA rarely
             needs any.
         optimizer: adamw (torch), or adamw_8bit (bitsandbytes, CUDA only: ~1/4 the optimizer
@@ -129,33 +136,52 @@ class SpellingLoRAModule(L.LightningModule):
         scoring: Literal["generation", "both"] = "generation",
     ):
         super().__init__()
-        from spellxfer.models.registry import check_model_name
-
         try:
             check_model_name(model)
         except SpellxferError as e:
             raise SpellxferError(f"model.model: {e}", key="model.model") from None
-        _require(1 <= lora_r <= MAX_LORA_RANK, "model.lora_r", f"must be in [1, {MAX_LORA_RANK}], got {lora_r}")
-        _require(val_max_new_tokens >= 1, "model.val_max_new_tokens", f"must be ≥ 1, got {val_max_new_tokens}")
+        _require(
+            1 <= lora_r <= MAX_LORA_RANK, "model.lora_r", f"must be in [1, {MAX_LORA_RANK}], got {lora_r}"
+        )
+        _require(
+            val_max_new_tokens >= 1, "model.val_max_new_tokens", f"must be ≥ 1, got {val_max_new_tokens}"
+        )
         _require(lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {lora_alpha}")
         _require(0 <= lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {lora_dropout}")
         _require(learning_rate > 0, "model.learning_rate", f"must be > 0, got {learning_rate}")
         _require(warmup_steps >= 0, "model.warmup_steps", f"must be ≥ 0, got {warmup_steps}")
         _require(bool(target_modules), "model.target_modules", "must name at least one layer")
-        _require(scoring in ("generation", "both"), "model.scoring",
-                 f"must be generation or both (validation always scores by generation: checkpoints follow it), "
-                 f"got {scoring!r}")  # fmt: skip
+        _require(
+            scoring in ("generation", "both"),
+            "model.scoring",
+            f"must be generation or both (validation always scores by generation: checkpoints follow it), "
+            f"got {scoring!r}",
+        )
         cuda = torch.cuda.is_available()
         if backend == "unsloth":
             _require(cuda, "model.backend", "unsloth needs a CUDA GPU; use backend: hf on this machine")
-            _require(importlib.util.find_spec("unsloth") is not None, "model.backend",
-                     "unsloth is not installed (pip install 'spellxfer[gpu]')")  # fmt: skip
+            _require(
+                importlib.util.find_spec("unsloth") is not None,
+                "model.backend",
+                "unsloth is not installed (pip install 'spellxfer[gpu]')",
+            )
         if kernels == "liger":
-            _require(cuda and importlib.util.find_spec("liger_kernel") is not None, "model.kernels",
-                     "liger needs CUDA and the liger-kernel package (pip install liger-kernel)")  # fmt: skip
+            _require(
+                cuda and importlib.util.find_spec("liger_kernel") is not None,
+                "model.kernels",
+                "liger needs CUDA and the liger-kernel package (pip install liger-kernel)",
+            )
         if compile_layers:
-            _require(backend != "unsloth", "model.compile_layers", "applies to the hf backend (Unsloth compiles its own)")
-            _require(kernels != "liger", "model.compile_layers", "replaces Liger's kernels; set model.kernels to auto or none")
+            _require(
+                backend != "unsloth",
+                "model.compile_layers",
+                "applies to the hf backend (Unsloth compiles its own)",
+            )
+            _require(
+                kernels != "liger",
+                "model.compile_layers",
+                "replaces Liger's kernels; set model.kernels to auto or none",
+            )
         if load_in_4bit or optimizer == "adamw_8bit":
             _require(cuda, "model.load_in_4bit/optimizer", "4-bit weights and 8-bit AdamW need CUDA")
         self.save_hyperparameters()
@@ -184,8 +210,6 @@ class SpellingLoRAModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        from spellxfer.models.registry import load_tokenizer
-
         hp = self.hparams
         if self.resolved_backend == "unsloth":
             self.lm, self.tokenizer = _load_unsloth(hp)
@@ -201,8 +225,12 @@ class SpellingLoRAModule(L.LightningModule):
                 self.kernels_applied = compile_decoder_layers(self.lm)
             else:
                 self.kernels_applied = apply_fused_kernels(self.lm, hp.kernels)
-            if self.lm.dtype == torch.bfloat16 and self.lm.device.type == "cuda" and not self.keep_peft_input_cast:
-                from peft.tuners.tuners_utils import BaseTunerLayer
+            if (
+                self.lm.dtype == torch.bfloat16
+                and self.lm.device.type == "cuda"
+                and not self.keep_peft_input_cast
+            ):
+                from peft.tuners.tuners_utils import BaseTunerLayer  # heavy: with a model, not for fit --help
 
                 for m in self.lm.modules():
                     if isinstance(m, BaseTunerLayer):
@@ -229,8 +257,6 @@ class SpellingLoRAModule(L.LightningModule):
 
     # ---- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        from spellxfer.models.losses import completion_only_loss
-
         # attention_mask=None: the collator pads on the right, and causal attention never lets a
         # real token see the pads after it, so the mask changes nothing for supervised positions —
         # but without one, SDPA can run its fused causal (flash) kernel. Pinned by a test.
@@ -283,14 +309,14 @@ class SpellingLoRAModule(L.LightningModule):
     def _engine(self):
         """The shared generation engine, built once (it reads the sampling YAML) per loaded model."""
         if self._generation_engine is None:
-            from spellxfer.models.generation import GenerationEngine, default_sampling
-
             hp = self.hparams
-            sampling = default_sampling(decoding=hp.val_decoding, max_new_tokens=hp.val_max_new_tokens,
-                                        seed=hp.seed)  # fmt: skip
+            sampling = default_sampling(
+                decoding=hp.val_decoding, max_new_tokens=hp.val_max_new_tokens, seed=hp.seed
+            )
             # batches sized from free memory, at most the dataloader's batch (data.eval_batch_size)
-            self._generation_engine = GenerationEngine(self.lm, self.tokenizer, sampling, batch_size="auto",
-                                                       decoder=self.generation_decoder)  # fmt: skip
+            self._generation_engine = GenerationEngine(
+                self.lm, self.tokenizer, sampling, batch_size="auto", decoder=self.generation_decoder
+            )
         return self._generation_engine
 
     def _release_generation_memory(self) -> None:
@@ -312,15 +338,23 @@ class SpellingLoRAModule(L.LightningModule):
         rows = []
         for r, it in zip(replies, batch):
             parsed, correct = score(r[0], it.answer)
-            rows.append({"id": it.id, "file": it.file, "task": it.task, "subtask": it.subtask,
-                         "question": it.question, "answer": it.answer, "output": r[0],
-                         "parsed": parsed, "correct": correct})  # fmt: skip
+            rows.append(
+                {
+                    "id": it.id,
+                    "file": it.file,
+                    "task": it.task,
+                    "subtask": it.subtask,
+                    "question": it.question,
+                    "answer": it.answer,
+                    "output": r[0],
+                    "parsed": parsed,
+                    "correct": correct,
+                }
+            )
         return rows
 
     def _probe_batch(self, items: list, metric: TransferAccuracy) -> None:
         """The likelihood probe's verdicts on ``items``, zero-shot, as ``evaluate`` ranks them."""
-        from spellxfer.evaluation.likelihood import probe_items
-
         conversations = [[{"role": "user", "content": it.question}] for it in items]
         with self._mixed_precision():
             results, _, _, _ = probe_items(self.lm, self.tokenizer, items, conversations, label=None)
@@ -340,8 +374,14 @@ class SpellingLoRAModule(L.LightningModule):
             # position/nth_letter_likelihood_accuracy (evaluate's names); no transfer score: the
             # probe is a diagnostic, never a selection metric
             values = self.val_probe_metric.compute()
-            self.log_dict({f"val/{k.removesuffix('_accuracy')}_likelihood_accuracy": v for k, v in values.items()
-                           if k != "transfer_score"}, sync_dist=True)  # fmt: skip
+            self.log_dict(
+                {
+                    f"val/{k.removesuffix('_accuracy')}_likelihood_accuracy": v
+                    for k, v in values.items()
+                    if k != "transfer_score"
+                },
+                sync_dist=True,
+            )
             self.val_probe_metric.reset()
         self._log_metric(self.val_metric, "val")
         self._release_generation_memory()
@@ -370,8 +410,11 @@ class SpellingLoRAModule(L.LightningModule):
         renumbered (whose other rows are one less: see ``loggers.optimizer_step``), and ``epoch``
         is what Lightning adds to a row it numbers itself.
         """
-        self.log_dict({"step": float(steps_done), "global_step": float(steps_done), "epoch": float(self.current_epoch)},
-                      batch_size=1, **kwargs)  # fmt: skip
+        self.log_dict(
+            {"step": float(steps_done), "global_step": float(steps_done), "epoch": float(self.current_epoch)},
+            batch_size=1,
+            **kwargs,
+        )
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -384,7 +427,7 @@ def build_optimizer(hp, params: list, total_steps: int):
     AdamW (or bitsandbytes' 8-bit AdamW) over ``params``, linear warmup over ``warmup_steps``, then
     ``scheduler`` decay to 0 at ``total_steps`` optimizer steps. Packed sweep trials build theirs here too."""
     if hp.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional extra, for adamw_8bit only
 
         opt = bnb.optim.AdamW8bit(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     else:
@@ -395,7 +438,7 @@ def build_optimizer(hp, params: list, total_steps: int):
 def _schedule(opt, kind: str, warmup: int, total: int):
     """transformers' schedules: linear warmup from 0 over ``warmup`` optimizer steps, then linear
     or cosine decay to 0 at ``total`` steps, or constant."""
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # heavy: with a model, not for fit --help
 
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[kind]
     return get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
@@ -403,14 +446,20 @@ def _schedule(opt, kind: str, warmup: int, total: int):
 
 def lora_config(hp):
     """The PEFT ``LoraConfig`` of the module's hyper-parameters ``hp`` (rank, alpha, dropout, targets)."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy: with a model, not for fit --help
 
-    return LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-                      target_modules=list(hp.target_modules), task_type="CAUSAL_LM", bias="none")  # fmt: skip
+    return LoraConfig(
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=list(hp.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def _load_hf(hp, device):
-    from peft import get_peft_model
+    from peft import get_peft_model  # heavy: with a model, not for fit --help
 
     base = load_base(hp)
     with quiet_peft_wrap():
@@ -420,16 +469,18 @@ def _load_hf(hp, device):
 def load_base(hp):
     """The frozen base model of the hf backend as ``fit`` trains on it: bf16 on CUDA (4-bit with
     ``load_in_4bit``), float32 on a CPU, every weight with ``requires_grad`` off."""
-    from spellxfer.models.registry import load_model
-
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     if hp.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from peft import prepare_model_for_kbit_training  # heavy: only for a 4-bit model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # heavy: only for a 4-bit model
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                               bnb_4bit_use_double_quant=True)  # fmt: skip
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
         base = AutoModelForCausalLM.from_pretrained(hp.model, quantization_config=q, dtype=dtype)
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=hp.gradient_checkpointing)
     else:
@@ -440,17 +491,21 @@ def load_base(hp):
 
 
 def _load_unsloth(hp):
-    from unsloth import FastLanguageModel
-
-    from spellxfer.models.registry import materialize
+    from unsloth import FastLanguageModel  # optional extra; it needs a GPU to import
 
     # Unsloth opens models by path or hub id: embedded names are saved to the cache once.
-    lm, tok = FastLanguageModel.from_pretrained(model_name=materialize(hp.model, seed=hp.seed),
-                                                load_in_4bit=hp.load_in_4bit, dtype=None)  # fmt: skip
+    lm, tok = FastLanguageModel.from_pretrained(
+        model_name=materialize(hp.model, seed=hp.seed), load_in_4bit=hp.load_in_4bit, dtype=None
+    )
     lm = FastLanguageModel.get_peft_model(
-        lm, r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-        target_modules=list(hp.target_modules), bias="none",
-        use_gradient_checkpointing="unsloth" if hp.gradient_checkpointing else False, random_state=hp.seed,
-    )  # fmt: skip
+        lm,
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=list(hp.target_modules),
+        bias="none",
+        use_gradient_checkpointing="unsloth" if hp.gradient_checkpointing else False,
+        random_state=hp.seed,
+    )
     tok.padding_side = "left"
     return lm, tok

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_output_dir
@@ -107,8 +109,6 @@ class PackedLoRA:
         The torch RNG is seeded with ``seed`` first (and restored after), as ``seed_everything``
         leaves it right before a fit creates its adapter, so the initial weights are the same.
         """
-        from peft import get_peft_model
-
         if name in self.names:
             raise ValueError(f"adapter {name} is already packed")
         with torch.random.fork_rng(devices=[]), quiet_peft_wrap():
@@ -129,8 +129,6 @@ class PackedLoRA:
     def _refresh(self) -> None:
         """Hook new LoRA layers, keep PEFT's own adapter forward off, and let exactly the packed
         adapters' weights require gradients (PEFT switches them with its active adapter)."""
-        from peft.tuners.lora import LoraLayer
-
         if self.lm is None:
             return
         names = self.names
@@ -143,7 +141,8 @@ class PackedLoRA:
                     module.register_forward_hook(self._hook)
                     self._hooked.add(id(module))
                     # dropout seeds mix in the layer's name: stable whatever adapters came before
-                    self._layer_key[id(module)] = zlib.crc32(qualified.removeprefix("base_model.model.").encode())
+                    layer_name = qualified.removeprefix("base_model.model.")
+                    self._layer_key[id(module)] = zlib.crc32(layer_name.encode())
                 module.enable_adapters(False)
         for name in names:
             for p in self.parameters(name):
@@ -220,8 +219,6 @@ class PackedLoRA:
         dtype = next(p for p in self.base.parameters() if p.is_floating_point()).dtype
         owner = torch.full((max_rows,), -1, dtype=torch.long, device=device)
         self._gen_stacks = {}
-        from peft.tuners.lora import LoraLayer
-
         with torch.no_grad():
             for module in self.lm.modules():
                 if isinstance(module, LoraLayer):
@@ -247,7 +244,11 @@ class PackedLoRA:
         x = args[0]
         if plan.row_owner is not None:
             stacks = self._gen_stacks.get(id(module))
-            return output if stacks is None else output + _generation_delta(x, stacks, plan.row_owner).to(output.dtype)
+            return (
+                output
+                if stacks is None
+                else output + _generation_delta(x, stacks, plan.row_owner).to(output.dtype)
+            )
         present = [s for s in plan.segments if s[0] in module.lora_A]
         if not present:
             return output
@@ -336,12 +337,14 @@ class PackedLoRA:
             for (name, start, stop), r in zip(plan.segments, ranks):
                 ends.append(stop * tokens)
                 per_row.append(torch.full(((stop - start) * tokens, 1), module.scaling[name] if r else 0.0))
-            plan.cache[key] = (torch.tensor(ends, dtype=torch.int32, device=x.device), torch.cat(per_row).to(x.device))
+            plan.cache[key] = (
+                torch.tensor(ends, dtype=torch.int32, device=x.device),
+                torch.cat(per_row).to(x.device),
+            )
         offs, scale = plan.cache[key]
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         z = torch._grouped_mm(flat, a, offs=offs) * scale.to(dtype)
         return torch._grouped_mm(z, b, offs=offs).reshape(*x.shape[:-1], module.out_features)
-
 
 
 def _generation_delta(x: torch.Tensor, stacks: tuple, row_owner: torch.Tensor) -> torch.Tensor:
@@ -367,7 +370,9 @@ def _stack(module, names: Sequence[str], dtype, device) -> tuple | None:
     a = torch.cat([module.lora_A[n].weight for _, n in parts]).to(dtype)
     b = torch.cat([module.lora_B[n].weight for _, n in parts], dim=1).to(dtype)
     owner = torch.cat([torch.full((module.r[n],), i, dtype=torch.long) for i, n in parts]).to(device)
-    scale = torch.cat([torch.full((module.r[n],), float(module.scaling[n])) for _, n in parts]).to(device, dtype)
+    scale = torch.cat([torch.full((module.r[n],), float(module.scaling[n])) for _, n in parts]).to(
+        device, dtype
+    )
     return a, b, owner, scale
 
 
@@ -379,5 +384,6 @@ def _dropout_p(module, name: str) -> float:
 def _fit_key(peft_key: str, name: str) -> str:
     """``base_model.…lora_A.t0007.weight`` → ``lm.base_model.…lora_A.default.weight``: the name the
     parameter has in a ``SpellingLoRAModule`` (attribute ``lm``, PEFT's ``default`` adapter)."""
-    return "lm." + peft_key.replace(f".lora_A.{name}.", ".lora_A.default.").replace(f".lora_B.{name}.", ".lora_B.default.")
-
+    return "lm." + peft_key.replace(f".lora_A.{name}.", ".lora_A.default.").replace(
+        f".lora_B.{name}.", ".lora_B.default."
+    )

@@ -1,4 +1,5 @@
-"""One sweep trial trained inside a pack: a fit's config, data order, optimizer and checkpoints, no Trainer loop.
+"""One sweep trial trained inside a pack: a fit's config, data order, optimizer and checkpoints,
+no Trainer loop.
 
 A packed trial is configured by the very ``fit`` command line the unpacked sweep would run
 (:func:`~spellxfer.sweep.trial.fit_argv`), parsed and instantiated by spellxfer's
@@ -46,17 +47,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.evaluation.metrics import TransferAccuracy
+from spellxfer.models.registry import write_loadable_base
+from spellxfer.training.cards import write_card
 from spellxfer.training.checkpointing import (
     AtomicCheckpointIO,
     RunManifest,
     _rng_state,
     _saved_step,
     kill_point,
+    load_fit_checkpoint,
+    selection_note,
+    training_facts,
 )
+from spellxfer.training.cli import SpellxferCLI, _parse_error
+from spellxfer.training.datamodule import SpellingDataModule
+from spellxfer.training.loggers import WhitelistedCSVLogger
+from spellxfer.training.module import SpellingLoRAModule, build_optimizer, lora_config
+from spellxfer.training.progress import PlainProgressBar
 from spellxfer.training.step_zero import StepZeroValidation
 
 # Hyper-parameters that decide the shared base model: every trial of a pack must agree on them.
@@ -98,25 +111,21 @@ def _quiet_lightning():
 def build_fit_cli(argv: list[str]):
     """``python -m spellxfer fit <argv>`` parsed and instantiated (module, data, trainer with its
     loggers and callbacks) but not run. A config mistake raises the fit's own one-line error."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from spellxfer.training.cli import SpellxferCLI, _parse_error
-    from spellxfer.training.datamodule import SpellingDataModule
-    from spellxfer.training.module import SpellingLoRAModule
-    from spellxfer.training.progress import PlainProgressBar
-
     with _CLI_LOCK, _quiet_lightning():
         saved = sys.argv
         sys.argv = [saved[0], *argv]  # SpellxferCLI names the flag or file that set a bad value from it
         try:
             return SpellxferCLI(
-                SpellingLoRAModule, SpellingDataModule, run=False,
+                SpellingLoRAModule,
+                SpellingDataModule,
+                run=False,
                 # run_lightning_cli's defaults, so the saved config is the fit's to the line
                 # the unpacked trial's fit writes to fit.log, not a terminal: its plain progress bar
                 trainer_defaults={"callbacks": [PlainProgressBar()], "use_distributed_sampler": False},
-                save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
                 parser_kwargs={"prog": "python -m spellxfer fit", "exit_on_error": False},
-            )  # fmt: skip
+            )
         except ArgumentError as e:
             raise _parse_error(e, argv) from None
         except MisconfigurationException as e:
@@ -145,7 +154,9 @@ def check_packable(cli) -> None:
     if cli.model.hparams.backend == "unsloth":  # auto means hf in a pack: Unsloth is not an option there
         bad.append("model.backend unsloth (Unsloth patches the model for one adapter; use hf)")
     if bad:
-        raise SpellxferError(f"--pack: not supported in packed trials: {'; '.join(bad)}; run this sweep without --pack")
+        raise SpellxferError(
+            f"--pack: not supported in packed trials: {'; '.join(bad)}; run this sweep without --pack"
+        )
 
 
 class PackedTrial:
@@ -200,7 +211,8 @@ class PackedTrial:
         hp = self.hp
         keys = SHARED_KEYS + (("seed",) if hp.model in RANDOM_WEIGHTS else ())
         return {k: (list(hp[k]) if isinstance(hp[k], list) else hp[k]) for k in keys} | {
-            "device": self.trainer.strategy.root_device.type}
+            "device": self.trainer.strategy.root_device.type
+        }
 
     def setup_data(self, cache: dict) -> None:
         """Read and tokenize the data once per pack for all trials with the same data settings."""
@@ -223,16 +235,18 @@ class PackedTrial:
     def attach(self, lora) -> None:
         """Add this trial's adapter to the pack (``lora``: its PackedLoRA), build its optimizer and
         schedule, write its manifest, and restore its checkpoint when resuming."""
-        from spellxfer.training.module import build_optimizer, lora_config
-
         self.lora = lora
         self.params = lora.add(self.name, lora_config(self.hp), self.seed)
         self.optimizer, self.scheduler = build_optimizer(self.hp, self.params, self.total_steps)
         for logger in self.trainer.loggers:  # what Lightning logs: the module's hparams (the data's: below)
             logger.log_hyperparams({k: v for k, v in self.module.hparams.items() if k != "_class_path"})
         manifest = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunManifest))
-        view = SimpleNamespace(global_rank=0, default_root_dir=self.trainer.default_root_dir, datamodule=self.dm,
-                               loggers=self.trainer.loggers)  # fmt: skip
+        view = SimpleNamespace(
+            global_rank=0,
+            default_root_dir=self.trainer.default_root_dir,
+            datamodule=self.dm,
+            loggers=self.trainer.loggers,
+        )
         manifest.on_fit_start(view, self.module)
         self._write_config()
         if self.resume is not None:
@@ -249,9 +263,6 @@ class PackedTrial:
         shutil.copyfile(log_dir / "config.yaml", self.run / "fit.yaml")
 
     def _restore(self, path: Path) -> None:
-        from spellxfer.training.checkpointing import load_fit_checkpoint
-        from spellxfer.training.loggers import WhitelistedCSVLogger
-
         ckpt = load_fit_checkpoint(path, resume=True)
         self.log(f"Restoring states from the checkpoint path at {path} (step {ckpt['global_step']})")
         self.lora.load_state(self.name, ckpt["state_dict"], f"checkpoint {path}")
@@ -262,7 +273,10 @@ class PackedTrial:
                 cb.load_state_dict(ckpt["callbacks"][cb.state_key])
         self.global_step, self.epoch = int(ckpt["global_step"]), int(ckpt["epoch"])
         progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]
-        self.total_batches, self.in_epoch = int(progress["total"]["completed"]), int(progress["current"]["completed"])
+        self.total_batches, self.in_epoch = (
+            int(progress["total"]["completed"]),
+            int(progress["current"]["completed"]),
+        )
         val = ckpt["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["total"]["completed"]
         self.validations = int(val) // max(1, self.val_batches_per_pass())
         position = ckpt.get(type(self.dm).__name__) or {}
@@ -277,13 +291,24 @@ class PackedTrial:
 
     def _drop_abandoned(self, resumed: Path) -> None:
         """Remove checkpoints the killed run saved after the resume point (as ResumeState does)."""
-        tracked = {Path(p).resolve() for cb in (self.scored, self.step_ckpt)
-                   for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path) if p}  # fmt: skip
+        tracked = {
+            Path(p).resolve()
+            for cb in (self.scored, self.step_ckpt)
+            for p in (*cb.best_k_models, cb.best_model_path, cb.last_model_path)
+            if p
+        }
         for d in {Path(cb.dirpath).resolve() for cb in (self.scored, self.step_ckpt)}:
             for p in sorted(d.glob("*.ckpt")):
-                if p.resolve() not in tracked | {resumed.resolve()} and (s := _saved_step(p)) is not None and s > self.global_step:
+                if (
+                    p.resolve() not in tracked | {resumed.resolve()}
+                    and (s := _saved_step(p)) is not None
+                    and s > self.global_step
+                ):
                     p.unlink()
-                    self.log(f"resuming at step {self.global_step}: removed {p.name}, saved after it by the interrupted run")
+                    self.log(
+                        f"resuming at step {self.global_step}: removed {p.name}, "
+                        "saved after it by the interrupted run"
+                    )
 
     # ---- training micro-batches -------------------------------------------------------------------
     def next_batches(self, window: bool = False) -> list[dict]:
@@ -306,10 +331,14 @@ class PackedTrial:
             idx = self.in_epoch + k  # the batch's index in its epoch
             last = idx + 1 == self.num_batches
             count = (self.total_batches + k + 1) if every is None else idx + 1
-            micro = _Micro(index=self.total_batches + k, batch_idx=idx, is_last=last,
-                           steps=(idx + 1) % self.accumulate == 0 or last,
-                           validates=epoch_ok and count % self.val_check_batch == 0,
-                           tokens=int(batch["n_real_tokens"]))  # fmt: skip
+            micro = _Micro(
+                index=self.total_batches + k,
+                batch_idx=idx,
+                is_last=last,
+                steps=(idx + 1) % self.accumulate == 0 or last,
+                validates=epoch_ok and count % self.val_check_batch == 0,
+                tokens=int(batch["n_real_tokens"]),
+            )
             batches.append(batch)
             self._pending.append(micro)
             if not window or micro.steps or micro.validates or micro.is_last:
@@ -337,7 +366,9 @@ class PackedTrial:
         decide on validation. ``losses``: each one's loss (undivided, as fit logs it); ``now``: the
         pack step's start, for tokens/s."""
         tokens = sum(m.tokens for m in self._pending)
-        rate = self._last[1] / (now - self._last[0]) if self._last is not None and now > self._last[0] else None
+        rate = (
+            self._last[1] / (now - self._last[0]) if self._last is not None and now > self._last[0] else None
+        )
         self._last = (now, tokens)
         for micro, loss in zip(self._pending, losses):
             self.stepped = micro.steps
@@ -345,15 +376,22 @@ class PackedTrial:
             self.total_batches += 1
             if self.stepped:
                 if self.clip_val:
-                    clip = torch.nn.utils.clip_grad_norm_ if self.clip_algorithm == "norm" else torch.nn.utils.clip_grad_value_
+                    clip = (
+                        torch.nn.utils.clip_grad_norm_
+                        if self.clip_algorithm == "norm"
+                        else torch.nn.utils.clip_grad_value_
+                    )
                     clip(self.params, self.clip_val)
                 lr = self.optimizer.param_groups[0]["lr"]  # this step's (the schedule steps after it)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.global_step += 1
                 if self.global_step % self.log_every == 0:
-                    row = {"train/loss": loss, "train/real_tokens": float(micro.tokens),
-                           f"lr-{type(self.optimizer).__name__}": lr}  # fmt: skip
+                    row = {
+                        "train/loss": loss,
+                        "train/real_tokens": float(micro.tokens),
+                        f"lr-{type(self.optimizer).__name__}": lr,
+                    }
                     if rate is not None:
                         row["train/tokens_per_second"] = rate
                     self._log_metrics(row)
@@ -385,14 +423,21 @@ class PackedTrial:
     def val_batches_per_pass(self) -> int:
         """Batches of one fit validation: per loader (position, count), its items over eval_batch_size."""
         size = self.dm.eval_batch_size
-        return sum(math.ceil(len(v) / (len(v) if size == "auto" else size)) if v else 0
-                   for v in self.dm.eval_items["val"].values())  # fmt: skip
+        return sum(
+            math.ceil(len(v) / (len(v) if size == "auto" else size)) if v else 0
+            for v in self.dm.eval_items["val"].values()
+        )
 
     @property
     def validates_at_step_zero(self) -> bool:
         """Whether the base model's step-0 validation is due (once per fit, before its first batch)."""
-        return (self.step_zero is not None and not self.step_zero.done and self.global_step == 0
-                and self.total_batches == 0 and self.val_batches_per_pass() > 0)
+        return (
+            self.step_zero is not None
+            and not self.step_zero.done
+            and self.global_step == 0
+            and self.total_batches == 0
+            and self.val_batches_per_pass() > 0
+        )
 
     def val_items(self) -> list:
         items = self.dm.eval_items["val"]
@@ -424,7 +469,9 @@ class PackedTrial:
         if es is None:
             return
         if es.monitor not in values:
-            raise TrialError(f"early_stopping.monitor {es.monitor} is not a logged metric ({', '.join(values)})")
+            raise TrialError(
+                f"early_stopping.monitor {es.monitor} is not a logged metric ({', '.join(values)})"
+            )
         stop, reason = es._evaluate_stopping_criteria(values[es.monitor].float().squeeze())
         if stop:
             es.stopped_epoch = self.epoch
@@ -482,30 +529,47 @@ class PackedTrial:
 
     def checkpoint(self) -> dict:
         """A Lightning checkpoint of this trial as it stands (the keys and layout fit writes)."""
-        import lightning
-
         t = self.trainer
-        loops = {"fit_loop": t.fit_loop.state_dict(), "validate_loop": t.validate_loop.state_dict(),
-                 "test_loop": t.test_loop.state_dict(), "predict_loop": t.predict_loop.state_dict()}  # fmt: skip
+        loops = {
+            "fit_loop": t.fit_loop.state_dict(),
+            "validate_loop": t.validate_loop.state_dict(),
+            "test_loop": t.test_loop.state_dict(),
+            "predict_loop": t.predict_loop.state_dict(),
+        }
         fit = loops["fit_loop"]
-        batches, steps = fit["epoch_loop.batch_progress"], fit["epoch_loop.automatic_optimization.optim_progress"]
+        batches, steps = (
+            fit["epoch_loop.batch_progress"],
+            fit["epoch_loop.automatic_optimization.optim_progress"],
+        )
         for scope, n in (("total", self.total_batches), ("current", self.in_epoch)):
             batches[scope].update(ready=n, started=n, processed=n, completed=n)
         for scope in ("total", "current"):
-            fit["epoch_loop.scheduler_progress"][scope].update(ready=self.global_step, completed=self.global_step)
+            fit["epoch_loop.scheduler_progress"][scope].update(
+                ready=self.global_step, completed=self.global_step
+            )
             steps["optimizer"]["step"][scope].update(ready=self.global_step, completed=self.global_step)
-            steps["optimizer"]["zero_grad"][scope].update(ready=self.global_step, started=self.global_step,
-                                                          completed=self.global_step)  # fmt: skip
+            steps["optimizer"]["zero_grad"][scope].update(
+                ready=self.global_step, started=self.global_step, completed=self.global_step
+            )
         batches["is_last_batch"] = self._epoch_done
         epoch = self.epoch
         for scope in ("total", "current"):
-            fit["epoch_progress"][scope].update(ready=epoch + 1, started=epoch + 1, processed=epoch, completed=epoch)
+            fit["epoch_progress"][scope].update(
+                ready=epoch + 1, started=epoch + 1, processed=epoch, completed=epoch
+            )
         # Lightning counts a batch's step here only after the validation that follows it (the
         # checkpoints are written during that validation): one less right after a step
-        fit["epoch_loop.state_dict"]["_batches_that_stepped"] = self.global_step - 1 if self.stepped else self.global_step
-        val = fit["epoch_loop.val_loop.batch_progress"]  # one batch per loader and validation, as fit loads them
+        fit["epoch_loop.state_dict"]["_batches_that_stepped"] = (
+            self.global_step - 1 if self.stepped else self.global_step
+        )
+        val = fit[
+            "epoch_loop.val_loop.batch_progress"
+        ]  # one batch per loader and validation, as fit loads them
         per_pass = self.val_batches_per_pass()
-        for scope, n in (("total", self.validations * per_pass), ("current", per_pass if self.validations else 0)):
+        for scope, n in (
+            ("total", self.validations * per_pass),
+            ("current", per_pass if self.validations else 0),
+        ):
             val[scope].update(ready=n, started=n, processed=n, completed=n)
         val["is_last_batch"] = self.validations > 0
         # as Lightning stores them: only callbacks with a non-empty state
@@ -531,17 +595,15 @@ class PackedTrial:
     def finish(self) -> tuple[float, Path]:
         """Export the best checkpoint's adapter (as fit does) into ``adapter/``, keep its weights in
         the pack for the test evaluation; returns (best objective, best checkpoint)."""
-        from spellxfer.models.registry import write_loadable_base
-        from spellxfer.training.cards import write_card
-        from spellxfer.training.checkpointing import load_fit_checkpoint, selection_note, training_facts
-
         kill_point("fit_end", self.global_step)
         for logger in self.trainer.loggers:
             logger.finalize("success")
         best = self.scored.best_model_path
         if not best:
-            raise TrialError(f"no validation ran, so there is no {self.scored.monitor} and no best checkpoint "
-                             "(is trainer.max_steps below trainer.val_check_interval?)")  # fmt: skip
+            raise TrialError(
+                f"no validation ran, so there is no {self.scored.monitor} and no best checkpoint "
+                "(is trainer.max_steps below trainer.val_check_interval?)"
+            )
         self.lora.load_state(self.name, load_fit_checkpoint(best)["state_dict"], f"checkpoint {best}")
         exported = self.lora.save_adapter(self.name, Path(self.trainer.default_root_dir) / "best_adapter")
         adapter = self.run / "adapter"  # the sweep's contract keeps it at adapter/
@@ -550,8 +612,13 @@ class PackedTrial:
         os.replace(exported, adapter)
         write_loadable_base(adapter, self.hp.model, self.hp.seed)
         facts = training_facts(self.dm.hparams, self.accumulate, self.max_steps, self.global_step)
-        write_card(adapter, base_model=self.hp.model, hparams={**self.hp, **facts},
-                   data_dir=self.dm.hparams.get("data_dir"), selection=selection_note(best))  # fmt: skip
+        write_card(
+            adapter,
+            base_model=self.hp.model,
+            hparams={**self.hp, **facts},
+            data_dir=self.dm.hparams.get("data_dir"),
+            selection=selection_note(best),
+        )
         return float(self.scored.best_model_score), Path(best)
 
     def close(self, status: str = "failed") -> None:
@@ -575,5 +642,6 @@ def fit_log(run: Path):
 
 def command_line(argv: list[str]) -> str:
     """The fit command a packed trial stands for, as the unpacked sweep would run it."""
-    return " ".join([sys.executable, "-m", "spellxfer", "fit", *(a if " " not in a else json.dumps(a) for a in argv)])
-
+    return " ".join(
+        [sys.executable, "-m", "spellxfer", "fit", *(a if " " not in a else json.dumps(a) for a in argv)]
+    )

@@ -72,7 +72,11 @@ class StepRichProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step)  # not from 0 in a later epoch
 
     def _update(self, progress_bar_id, current: int, visible: bool = True, hard: bool = False) -> None:
-        if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id and self.progress is not None:
+        if (
+            progress_bar_id is not None
+            and progress_bar_id == self.train_progress_bar_id
+            and self.progress is not None
+        ):
             current = self.trainer.global_step  # Lightning passes the batch index in the epoch
             text, style = train_description(self.trainer, self._total), self.theme.description
             self.progress.update(progress_bar_id, description=f"[{style}]{text}" if style else text)
@@ -114,10 +118,13 @@ class PlainProgressBar(ProgressBar):
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
         if self._active(trainer):
             total = self.total_val_batches
-            self._eval = PlainProgress("validation", int(total) if math.isfinite(total) else None, unit="batches")
+            self._eval = PlainProgress(
+                "validation", int(total) if math.isfinite(total) else None, unit="batches"
+            )
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:  # fmt: skip
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self._active(trainer) and self._eval is not None:
             self._eval.update(self._eval.done + 1)
 
@@ -125,8 +132,11 @@ class PlainProgressBar(ProgressBar):
         # a fit's validations, one line each; `validate` prints its results table instead
         if not self._active(trainer) or trainer.state.fn != "fit":
             return
-        shown = {k: float(v) for k, v in trainer.callback_metrics.items()
-                 if k in ("val/position_accuracy", "val/count_accuracy", "val/transfer_score")}  # fmt: skip
+        shown = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k in ("val/position_accuracy", "val/count_accuracy", "val/transfer_score")
+        }
         if shown:
             values = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
             print(f"validation at step {trainer.global_step}: {values}", flush=True)
@@ -136,7 +146,8 @@ class PlainProgressBar(ProgressBar):
             total = sum(trainer.num_test_batches)  # every test loader (position, count)
             self._eval = PlainProgress("test", int(total) if math.isfinite(total) else None, unit="batches")
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:  # fmt: skip
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self._active(trainer) and self._eval is not None:
             self._eval.update(self._eval.done + 1)

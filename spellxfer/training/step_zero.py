@@ -41,7 +41,11 @@ class StepZeroValidation(L.Callback):
         for cb in trainer.checkpoint_callbacks:
             # only a callback ranking by a validation metric: a train/ metric has no step-0 value
             monitor = cb.monitor or ""
-            if isinstance(cb, ModelCheckpoint) and not isinstance(cb, StepCheckpoint) and monitor.startswith("val/"):
+            if (
+                isinstance(cb, ModelCheckpoint)
+                and not isinstance(cb, StepCheckpoint)
+                and monitor.startswith("val/")
+            ):
                 # ModelCheckpoint starts with "last saved at step 0" (nothing to save before any
                 # step); the step-0 score must be saved and ranked like any other. Private in
                 # Lightning 2.6; test_training's step-0 tests pin the outcome.
