@@ -304,7 +304,8 @@ def _spelling_rows(rng: random.Random, words: list[str], per_word: int) -> list[
 
 
 def _control_rows(rng: random.Random, spelling_rows: list[dict]) -> list[dict]:
-    """One control row per spelling row, about the same word, in the same order (see step 5)."""
+    """One control row per spelling row, about the same word, in the same order (step 5 of the
+    module docstring)."""
     rows = []
     for r in spelling_rows:
         sub = rng.choice(CONTROL_SUBTASKS)
