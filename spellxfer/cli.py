@@ -192,14 +192,8 @@ LIGHTNING_HELP = (
 )
 
 
-def _help_formatter():
-    class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
-        """jsonargparse's formatter, keeping the epilog's line breaks (the Lightning command list)."""
-
-    return HelpFormatter
-
-
-_HelpFormatter = _help_formatter()
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's formatter, keeping the epilog's line breaks (the Lightning command list)."""
 
 
 def _run_lightning(argv: list[str]) -> int:

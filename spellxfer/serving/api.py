@@ -417,11 +417,11 @@ class SpellxferAPI(ls.LitAPI):
                 out[idx[k]]["delta"] = delta
             return out if batched else out[0]
 
-        try:
-            def run(on_step):
-                return self._generate(sampling, group, on_step)
+        def generate(on_step):
+            return self._generate(sampling, group, on_step)
 
-            return (yield from streamed_steps(run, replies, messages))
+        try:
+            return (yield from streamed_steps(generate, replies, messages))
         except Exception:
             log.exception("a streamed generation batch failed; retrying its requests that have sent nothing")
             return [{"error": "failed after part of its reply was streamed"}
