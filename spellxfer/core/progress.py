@@ -53,7 +53,8 @@ class PlainProgress:
         every: Seconds between lines (default :func:`every_s`).
     """
 
-    def __init__(self, label: str, total: int | None, unit: str = "items", stream=None, every: float | None = None):
+    def __init__(self, label: str, total: int | None, unit: str = "items", stream=None,
+                 every: float | None = None):
         self.label, self.total, self.unit = label, total, unit
         self.stream = stream or sys.stdout
         self.every = every_s() if every is None else every

@@ -69,7 +69,7 @@ from spellxfer.data.words import (
 )
 from spellxfer.tasks import templates as T
 from spellxfer.tasks.buckets import LENGTH_BUCKETS, length_bucket, token_bucket
-from spellxfer.tasks.chat import chat_messages
+from spellxfer.tasks.chat import chat_messages, load_qwen3_tokenizer
 from spellxfer.tasks.names import CONTROL_SUBTASKS, TRAINING_SUBTASKS
 
 console = Console(stderr=True)
@@ -91,7 +91,8 @@ PROFILES = {
     "full": Profile(val_words=600, test_words=2600, train_words=None, rows_per_train_word=3, shot_words=100),
 }
 FEWSHOT_FILE = "fewshot_pool.jsonl"
-FILES = ("spelling_train.jsonl", "position_val.jsonl", "position_test.jsonl", "count_val.jsonl", "count_test.jsonl")
+FILES = ("spelling_train.jsonl", "position_val.jsonl", "position_test.jsonl", "count_val.jsonl",
+         "count_test.jsonl")
 """What fit and evaluation need; the few-shot pool is written beside them (only ``--shots`` reads it)."""
 CONTROL_FILE = "control_train.jsonl"
 """The non-spelling control: the training words, row for row, with no letter-level structure
@@ -140,7 +141,6 @@ def build(
 
 def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: bool) -> dict:
     from spellxfer.data.card import dataset_card  # imports datasets: only a build pays for it
-    from spellxfer.tasks.chat import load_qwen3_tokenizer
 
     with console.status("loading the Qwen3 tokenizer and word lists"):
         tok = load_qwen3_tokenizer()
@@ -183,7 +183,8 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: 
         "profile": profile,
         "seed": seed,
         "policy": "trained on spelling only; evaluated on position and count only",
-        "control": f"{CONTROL_FILE}: the non-spelling control arm (task control: {', '.join(CONTROL_SUBTASKS)}), "
+        "control": f"{CONTROL_FILE}: the non-spelling control arm "
+                   f"(task control: {', '.join(CONTROL_SUBTASKS)}), "
                    "the training words row for row, no letter-level structure",
         "sources": {
             "english_words": f"wordfreq {subset['source']['wordfreq']} top lists",
@@ -197,12 +198,14 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: 
     for name in (*FILES, CONTROL_FILE, FEWSHOT_FILE):
         rows = files[name]
         write_jsonl(tmp / name, rows)
-        manifest["rows"][name] = {"total": len(rows), **dict(sorted(Counter(r["subtask"] for r in rows).items()))}
+        by_subtask = dict(sorted(Counter(r["subtask"] for r in rows).items()))
+        manifest["rows"][name] = {"total": len(rows), **by_subtask}
         manifest["distinct_words"][name] = len({r["word"] for r in rows})
         manifest["sha256"][name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
     if chat_export:
         # the conversation the trainer renders: user turn = question, assistant turn = answer
-        write_jsonl(tmp / CHAT_FILE, [{"messages": chat_messages(r["question"], r["answer"])} for r in train_rows])
+        chats = [{"messages": chat_messages(r["question"], r["answer"])} for r in train_rows]
+        write_jsonl(tmp / CHAT_FILE, chats)
         manifest["rows"][CHAT_FILE] = {"total": len(train_rows)}
         manifest["distinct_words"][CHAT_FILE] = manifest["distinct_words"]["spelling_train.jsonl"]
         manifest["sha256"][CHAT_FILE] = hashlib.sha256((tmp / CHAT_FILE).read_bytes()).hexdigest()
@@ -213,7 +216,7 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: 
     manifest["majority_answer_share"] = {
         name: {
             sub: round(Counter(r["answer"] for r in rows if r["subtask"] == sub).most_common(1)[0][1]
-                       / sum(r["subtask"] == sub for r in rows), 4)  # fmt: skip
+                       / sum(r["subtask"] == sub for r in rows), 4)
             for sub in sorted({r["subtask"] for r in rows})
         }
         for name, rows in files.items()
@@ -227,7 +230,7 @@ def _build_into(tmp: Path, prof: Profile, profile: str, seed: int, chat_export: 
 
 
 def _choose_eval_words(rng: random.Random, tok, prof: Profile,
-                       banned: frozenset[str]) -> tuple[list[str], list[str], list[str]]:  # fmt: skip
+                       banned: frozenset[str]) -> tuple[list[str], list[str], list[str]]:
     """Disjoint validation, test and few-shot pool words, each stratified by length, token count
     and kind. The pool is drawn last, so adding it left the validation and test words unchanged."""
     sizes = {"val": prof.val_words, "test": prof.test_words, "shots": prof.shot_words}
@@ -272,7 +275,7 @@ def _choose_eval_words(rng: random.Random, tok, prof: Profile,
         # Nonce words start at 4 letters: nearly every pronounceable 2-3 letter string is some
         # English word or abbreviation in wordfreq's list.
         lengths = [rng.randint(max(lo, 4), max(min(hi, 18), 4)) for b, lo, hi in LENGTH_BUCKETS
-                   for _ in range(round(n_nonce[split] * LENGTH_SHARES[b]))]  # fmt: skip
+                   for _ in range(round(n_nonce[split] * LENGTH_SHARES[b]))]
         while len(lengths) < n_nonce[split]:
             lengths.append(rng.randint(4, 12))
         for n in lengths[: int(n_nonce[split])]:
@@ -295,19 +298,20 @@ def _spelling_rows(rng: random.Random, words: list[str], per_word: int) -> list[
         for sub in subtasks:
             q, a, sep = T.spelling_row(rng, w, sub)
             rows.append({"task": "spelling", "subtask": sub, "question": q, "answer": a, "word": w,
-                         "separator": sep})  # fmt: skip
+                         "separator": sep})
     rng.shuffle(rows)
     return _with_ids(rows, "spelling_train")
 
 
 def _control_rows(rng: random.Random, spelling_rows: list[dict]) -> list[dict]:
-    """One control row per spelling row, about the same word, in the same order (see step 5)."""
+    """One control row per spelling row, about the same word, in the same order (step 5 of the
+    module docstring)."""
     rows = []
     for r in spelling_rows:
         sub = rng.choice(CONTROL_SUBTASKS)
         q, a = T.control_row(rng, r["word"], sub)
         rows.append({"task": "control", "subtask": sub, "question": q, "answer": a, "word": r["word"],
-                     "separator": None})  # fmt: skip
+                     "separator": None})
     return _with_ids(rows, CONTROL_FILE.removesuffix(".jsonl"))
 
 
@@ -324,21 +328,21 @@ def _eval_rows(rng: random.Random, words: list[str]) -> tuple[list[dict], list[d
         pos = rng.choice([-1, -2, -3][: min(3, len(w))]) if rng.random() < 0.25 else rng.randint(1, len(w))
         q, a = T.nth_letter_question(rng, w, pos)
         position.append({"task": "position", "subtask": "nth_letter", "question": q, "answer": a,
-                         **base, "letter": None, "position": pos})  # fmt: skip
+                         **base, "letter": None, "position": pos})
 
         letter = _capped_index_letter(rng, w, index_seen, index_cap)
         q, a = T.letter_index_question(rng, w, letter)
         position.append({"task": "position", "subtask": "letter_index", "question": q, "answer": a,
-                         **base, "letter": letter, "position": None})  # fmt: skip
+                         **base, "letter": letter, "position": None})
 
         q, a = T.word_length_question(rng, w)
         count.append({"task": "count", "subtask": "word_length", "question": q, "answer": a,
-                      **base, "letter": None, "position": None})  # fmt: skip
+                      **base, "letter": None, "position": None})
 
         letter = _balanced_count_letter(rng, w, count_seen)
         q, a = T.letter_count_question(rng, w, letter)
         count.append({"task": "count", "subtask": "letter_count", "question": q, "answer": a,
-                      **base, "letter": letter, "position": None})  # fmt: skip
+                      **base, "letter": letter, "position": None})
     rng.shuffle(position)
     rng.shuffle(count)
     return position, count
@@ -402,12 +406,13 @@ def _assert_leak_free(train_rows: list[dict], eval_words: set[str], spelled: boo
 
 
 def _print_summary(manifest: dict, out: Path, seconds: float) -> None:
-    table = Table(title=f"data build → {out}  (profile {manifest['profile']}, seed {manifest['seed']}, {seconds:.1f} s)")
+    table = Table(title=f"data build → {out}  (profile {manifest['profile']}, "
+                        f"seed {manifest['seed']}, {seconds:.1f} s)")
     for col in ("file", "rows", "by subtask", "words", "max answer share"):
         table.add_column(col)
     for name, counts in manifest["rows"].items():
         subs = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "total")
         share = manifest["majority_answer_share"].get(name, {})
         table.add_row(name, str(counts["total"]), subs, str(manifest["distinct_words"][name]),
-                      ", ".join(f"{k} {v:.0%}" for k, v in share.items()))  # fmt: skip
+                      ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
     print_table(table)

@@ -56,7 +56,8 @@ def dataset_card(manifest: dict, files: list[str], chat_file: str | None = None)
         infos[name] = datasets.DatasetInfo(features=features, splits=sizes)
     total = sum(rows[f]["total"] for f in files)
     header = DatasetCardData(
-        pretty_name=f"spellxfer: spelling to train on, position and count to evaluate ({manifest['profile']}, seed {manifest['seed']})",
+        pretty_name=("spellxfer: spelling to train on, position and count to evaluate "
+                     f"({manifest['profile']}, seed {manifest['seed']})"),
         language=["en"],
         license="cc-by-sa-4.0",
         task_categories=["text-generation"],
@@ -64,9 +65,10 @@ def dataset_card(manifest: dict, files: list[str], chat_file: str | None = None)
         size_categories=[next(name for limit, name in _SIZES if total < limit)],
         configs=[{"config_name": name, "data_files": [{"split": s, "path": f} for s, f in splits.items()]}
                  for name, (splits, _) in configs.items()],
-    )  # fmt: skip
+    )
     infos.to_dataset_card_data(header)  # `dataset_info`: the Features and row counts, as datasets writes them
-    card = DatasetCard(f"---\n{header.to_yaml()}\n---\n\n{_prose(manifest, configs['default'][0], chat_file)}")
+    prose = _prose(manifest, configs["default"][0], chat_file)
+    card = DatasetCard(f"---\n{header.to_yaml()}\n---\n\n{prose}")
     return str(card)
 
 
@@ -79,10 +81,10 @@ def _prose(manifest: dict, splits: dict[str, str], chat_file: str | None) -> str
     for split, f in splits.items():
         by_subtask = ", ".join(f"`{k}` {v:,}" for k, v in rows[f].items() if k != "total")
         table.append(f"| `{split}` | `{f}` | {PURPOSE[split]} | {rows[f]['total']:,} | {by_subtask} | "
-                     f"{manifest['distinct_words'][f]:,} |")  # fmt: skip
+                     f"{manifest['distinct_words'][f]:,} |")
     if chat_file:
         table.append(f"| `spelling_train` (config `chat`) | `{chat_file}` | the training split as chat "
-                     f"`messages`, line for line | {rows[chat_file]['total']:,} | | |")  # fmt: skip
+                     f"`messages`, line for line | {rows[chat_file]['total']:,} | | |")
     fields = ["| field | type | meaning |", "|---|---|---|"]
     fields += [f"| `{name}` | {dtype} | {meaning} |" for name, (dtype, meaning) in COLUMNS.items()]
     chat = (

@@ -94,8 +94,11 @@ def check_data(data: str) -> int:
             for line, row in iter_jsonl(d / name):
                 if not isinstance(row, dict) or not isinstance(row.get("word"), str):
                     raise SpellxferError(f"{d / name}:{line}: expected a JSON object with a text 'word'")
-                if SPLITS[name] == "train" and not all(isinstance(row.get(k), str) for k in ("question", "answer")):
-                    raise SpellxferError(f"{d / name}:{line}: a training row needs text 'question' and 'answer'")
+                has_text = all(isinstance(row.get(k), str) for k in ("question", "answer"))
+                if SPLITS[name] == "train" and not has_text:
+                    raise SpellxferError(
+                        f"{d / name}:{line}: a training row needs text 'question' and 'answer'"
+                    )
                 rows.append(row)
             files[name] = rows
     if not files:

@@ -53,17 +53,17 @@ def check_patterns(variants, separator, distinct_words, train_set) -> None:
     """Raise one :class:`SpellxferError` naming the option for a value outside its choices."""
     if variants not in VARIANTS:
         raise SpellxferError(f"--data.variants must be one of {', '.join(VARIANTS)}, got {variants!r}",
-                             key="data.variants")  # fmt: skip
+                             key="data.variants")
     if separator not in SEPARATOR_CHOICES:
-        raise SpellxferError(f"--data.separator must be one of {', '.join(SEPARATOR_CHOICES)}, got {separator!r}",
-                             key="data.separator")  # fmt: skip
+        raise SpellxferError(f"--data.separator must be one of {', '.join(SEPARATOR_CHOICES)}, "
+                             f"got {separator!r}", key="data.separator")
     if distinct_words is not None and (isinstance(distinct_words, bool) or not isinstance(distinct_words, int)
-                                       or distinct_words < 1):  # fmt: skip
-        raise SpellxferError(f"--data.distinct_words must be null (every word) or an integer ≥ 1, got {distinct_words!r}",
-                             key="data.distinct_words")  # fmt: skip
+                                       or distinct_words < 1):
+        raise SpellxferError("--data.distinct_words must be null (every word) or an integer ≥ 1, "
+                             f"got {distinct_words!r}", key="data.distinct_words")
     if train_set not in TRAIN_SETS:
         raise SpellxferError(f"--data.train_set must be one of {', '.join(TRAIN_SETS)}, got {train_set!r}",
-                             key="data.train_set")  # fmt: skip
+                             key="data.train_set")
 
 
 def word_order(words: Sequence[str], seed: int) -> list[str]:
@@ -75,7 +75,7 @@ def word_order(words: Sequence[str], seed: int) -> list[str]:
 
 def select_rows(subtasks: Sequence[str], separators: Sequence[str | None], words: Sequence[str], *,
                 variants: str = "all", separator: str = "any", distinct_words: int | None = None,
-                seed: int = 0, where: str = "the training file") -> list[int]:  # fmt: skip
+                seed: int = 0, where: str = "the training file") -> list[int]:
     """Indices of the spelling rows a pattern trains on, in file order (columns of the spelling file).
 
     Raises:
@@ -86,18 +86,19 @@ def select_rows(subtasks: Sequence[str], separators: Sequence[str | None], words
     check_patterns(variants, separator, distinct_words, "spelling")
     keep_subtasks = set(VARIANTS[variants])
     if separator != "any" and not any(s is not None for s in separators):
-        raise SpellxferError(f"--data.separator {separator}: the rows of {where} record no separator (built before "
-                             "the field existed); rebuild it with `spellxfer data build`", key="data.separator")  # fmt: skip
+        raise SpellxferError(f"--data.separator {separator}: the rows of {where} record no separator "
+                             "(built before the field existed); rebuild it with `spellxfer data build`",
+                             key="data.separator")
     rows = [i for i, (sub, sep) in enumerate(zip(subtasks, separators))
-            if sub in keep_subtasks and (separator == "any" or sep is None or sep == separator)]  # fmt: skip
+            if sub in keep_subtasks and (separator == "any" or sep is None or sep == separator)]
     if not rows:
-        raise SpellxferError(f"--data.variants {variants} with --data.separator {separator} leaves no rows of {where}",
-                             key="data.variants")  # fmt: skip
+        raise SpellxferError(f"--data.variants {variants} with --data.separator {separator} "
+                             f"leaves no rows of {where}", key="data.variants")
     if distinct_words is not None:
         present = {words[i] for i in rows}
         if distinct_words > len(present):
-            raise SpellxferError(f"--data.distinct_words {distinct_words}: the selection has only {len(present)} "
-                                 f"distinct words in {where}", key="data.distinct_words")  # fmt: skip
+            raise SpellxferError(f"--data.distinct_words {distinct_words}: the selection has only "
+                                 f"{len(present)} distinct words in {where}", key="data.distinct_words")
         chosen = set([w for w in word_order(words, seed) if w in present][:distinct_words])
         rows = [i for i in rows if words[i] in chosen]
     return rows

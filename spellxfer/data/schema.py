@@ -1,9 +1,10 @@
 """The one row schema of every ``data build`` file, as fixed ``datasets.Features``.
 
 Every JSONL file of a build — ``spelling_train``, ``control_train`` (the non-spelling control),
-``position_{val,test}``, ``count_{val,test}`` and ``fewshot_pool`` — holds rows of :data:`COLUMNS`, so one ``datasets`` call loads them all as
-splits of one dataset. The Features are fixed rather than inferred because JSON cannot type a
-null: ``position`` is null in every count row and ``letter`` in every training row, and
+``position_{val,test}``, ``count_{val,test}`` and ``fewshot_pool`` — holds rows of :data:`COLUMNS`,
+so one ``datasets`` call loads them all as splits of one dataset. The Features are fixed rather
+than inferred because JSON cannot type a null: ``position`` is null in every count row and
+``letter`` in every training row, and
 ``datasets``' JSON loader types each column from the first file it reads (a column that is null
 throughout that file becomes type ``null``, and the next file's integers "cannot be cast to
 null"). The build writes these Features into its dataset card (``README.md``), so
@@ -30,18 +31,21 @@ import datasets
 COLUMNS: dict[str, tuple[str, str]] = {
     "id": ("string", "file stem + row number: `spelling_train-000000`, `count_test-000123`"),
     "task": ("string", "`spelling` (training only), `control` (the non-spelling control arm's training "
-                       "only), `position` or `count` (evaluation only)"),  # fmt: skip
-    "subtask": ("string", "`spell`, `spell_reversed`, `spell_numbered`, `inverse`; control: `repeat`, `case`; "
-                          "`nth_letter`, `letter_index`; `word_length`, `letter_count`"),  # fmt: skip
+                       "only), `position` or `count` (evaluation only)"),
+    "subtask": ("string", "`spell`, `spell_reversed`, `spell_numbered`, `inverse`; "
+                          "control: `repeat`, `case`; "
+                          "`nth_letter`, `letter_index`; `word_length`, `letter_count`"),
     "question": ("string", "the question as asked"),
     "answer": ("string", "the gold answer as text: a spelling, one lowercase letter or a decimal integer"),
     "word": ("string", "the word the question is about (lowercase)"),
     "word_kind": ("string", "`english` (in wordfreq's top 150,000) or `nonce`; null in training rows"),
     "letter": ("string", "the letter asked about (`letter_index`, `letter_count`); null otherwise"),
     "position": ("int64", "`nth_letter` only: 1-based from the start, negative from the end; null otherwise"),
-    "n_tokens": ("int64", "Qwen3 tokens overlapping the word in the question as asked; null in training rows"),
+    "n_tokens": ("int64", "Qwen3 tokens overlapping the word in the question as asked; "
+                          "null in training rows"),
     "separator": ("string", "spelling rows: the separator style between the letters (`spaces`, `commas`, "
-                            "`dashes`, `dots`, `arrows`); null for `spell_numbered`, control and evaluation rows"),  # fmt: skip
+                            "`dashes`, `dots`, `arrows`); "
+                            "null for `spell_numbered`, control and evaluation rows"),
 }
 """Column → (``datasets`` dtype, meaning), in the order the files write them."""
 

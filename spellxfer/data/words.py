@@ -12,6 +12,9 @@ import random
 import re
 from collections import Counter
 from functools import lru_cache
+from importlib.metadata import version
+
+import wordfreq
 
 ENGLISH_LIST_SIZE = 100_000
 EVAL_LIST_SIZE = 150_000
@@ -26,8 +29,6 @@ MAX_EVAL_LEN = 20
 
 @lru_cache(maxsize=4)
 def _wordfreq_list(n: int) -> tuple[str, ...]:
-    import wordfreq
-
     return tuple(wordfreq.top_n_list("en", n))
 
 
@@ -61,7 +62,7 @@ def english_token_subset(tokenizer) -> dict:
             "token minus leading-space marker is >= 2 ASCII letters, lowercase or capitalised, and "
             f"its lowercase form is in wordfreq's top {ENGLISH_LIST_SIZE} English words"
         ),
-        "source": {"wordfreq": _version("wordfreq")},
+        "source": {"wordfreq": version("wordfreq")},
         "n_entries": len(entries),
         "n_words": len(words),
         "counts_by_length": {str(k): v for k, v in sorted(Counter(len(w) for w in words).items())},
@@ -74,7 +75,8 @@ def eval_candidates() -> list[str]:
     return [
         w
         for w in _wordfreq_list(EVAL_LIST_SIZE)
-        if w.isascii() and w.isalpha() and w.islower() and 2 <= len(w) <= MAX_EVAL_LEN and re.search("[aeiouy]", w)
+        if w.isascii() and w.isalpha() and w.islower() and 2 <= len(w) <= MAX_EVAL_LEN
+        and re.search("[aeiouy]", w)
     ]
 
 
@@ -93,9 +95,3 @@ def nonce_word(rng: random.Random, length: int) -> str:
 
 def letter_counts(word: str) -> Counter:
     return Counter(word.lower())
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-
-    return version(pkg)

@@ -57,7 +57,8 @@ def trivial_baselines(rows: Iterable[Mapping]) -> dict[str, float]:
         "majority": Counter(golds).most_common(1)[0][1] / n,
         "best_constant": sum(constant_right) / n,
     }
-    nth = [i for i, r in enumerate(rows) if r.get("subtask") == "nth_letter" and isinstance(r.get("word"), str) and r["word"]]
+    nth = [i for i, r in enumerate(rows)
+           if r.get("subtask") == "nth_letter" and isinstance(r.get("word"), str) and r["word"]]
     if nth:
         right = list(constant_right)
         for i in nth:

@@ -25,7 +25,8 @@ from spellxfer.tasks.names import TASKS
 from spellxfer.tasks.questions import check_breakdown_fields
 
 
-def compare_predictions(base: list[dict], other: list[dict], base_name: str = "base", other_name: str = "other") -> dict:
+def compare_predictions(base: list[dict], other: list[dict], base_name: str = "base",
+                        other_name: str = "other") -> dict:
     """Paired differences between two predictions.jsonl row lists: ``groups`` for generation
     scoring, ``likelihood_groups`` for the probe (when both runs ran it). Each group also carries
     ``best_trivial`` and ``a_beats_trivial`` / ``b_beats_trivial`` (the base's and the other run's
@@ -35,8 +36,9 @@ def compare_predictions(base: list[dict], other: list[dict], base_name: str = "b
         acc: dict[tuple[str, str], dict] = {}
         for r in rows:
             key = (Path(r["file"]).name, r["id"])
-            e = acc.setdefault(key, {"task": r["task"], "subtask": r.get("subtask"), "answer": r.get("answer"),
-                                     "word": r.get("word"), "scores": [], "probe": None})  # fmt: skip
+            e = acc.setdefault(key, {"task": r["task"], "subtask": r.get("subtask"),
+                                     "answer": r.get("answer"), "word": r.get("word"),
+                                     "scores": [], "probe": None})
             if r["correct"] is not None:
                 e["scores"].append(r["correct"])
             if isinstance(r.get("likelihood_correct"), bool):
@@ -46,7 +48,9 @@ def compare_predictions(base: list[dict], other: list[dict], base_name: str = "b
     a, b = per_item(base), per_item(other)
     common = sorted(set(a) & set(b))
     if not common:
-        raise SpellxferError(f"runs {base_name} and {other_name} share no items (matched by file name and id)")
+        raise SpellxferError(
+            f"runs {base_name} and {other_name} share no items (matched by file name and id)"
+        )
     groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for key in common:
         groups[a[key]["task"]].append(key)
@@ -71,7 +75,7 @@ def compare_predictions(base: list[dict], other: list[dict], base_name: str = "b
         if all(a[k]["answer"] is not None for k in keys):
             best = best_trivial(trivial_baselines(a[k] for k in keys))
             g |= {"best_trivial": best, "a_beats_trivial": beats(accuracy_summary(va)["ci_low"], best),
-                  "b_beats_trivial": beats(accuracy_summary(vb)["ci_low"], best)}  # fmt: skip
+                  "b_beats_trivial": beats(accuracy_summary(vb)["ci_low"], best)}
         return g
 
     for name in order:
@@ -91,19 +95,22 @@ def comparison_markdown(c: dict) -> str:
         "Trained on spelling only; evaluated on position and count only. "
         f"{c['n_common_items']} items in both runs; {c['method']}. "
         "Best trivial: the best answer rule that never reads the word's letters, on the same items "
-        "(docs/evaluation.md#trivial-baselines); ✗ marks an accuracy whose 95% interval does not lie above it.",
+        "(docs/evaluation.md#trivial-baselines); ✗ marks an accuracy whose 95% interval does not "
+        "lie above it.",
     ]
     for title, key in (("Generation (parsed replies)", "groups"), ("Likelihood probe", "likelihood_groups")):
         if not c.get(key):
             continue
         lines += ["", f"## {title}", "",
                   "| group | base | other | best trivial | Δ (other − base) | 95% CI of Δ | McNemar p | n |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "|---|---|---|---|---|---|---|---|"]
         for name, g in c[key].items():
             flag = {side: " ✗" if g.get(f"{side}_beats_trivial") is False else "" for side in ("a", "b")}
-            best = f"{g['best_trivial']['accuracy']:.3f} ({g['best_trivial']['name']})" if "best_trivial" in g else "–"
-            lines.append(f"| {name} | {g['acc_a']:.3f}{flag['a']} | {g['acc_b']:.3f}{flag['b']} | {best} | {g['diff']:+.3f} | "
-                         f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] | {g['mcnemar_p']:.3g} | {g['n']} |")  # fmt: skip
+            trivial = g.get("best_trivial")
+            best = f"{trivial['accuracy']:.3f} ({trivial['name']})" if "best_trivial" in g else "–"
+            lines.append(f"| {name} | {g['acc_a']:.3f}{flag['a']} | {g['acc_b']:.3f}{flag['b']} | {best} "
+                         f"| {g['diff']:+.3f} | [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] "
+                         f"| {g['mcnemar_p']:.3g} | {g['n']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,15 +118,17 @@ def print_comparison(c: dict) -> None:
     for title, key in (("generation", "groups"), ("likelihood probe", "likelihood_groups")):
         if not c.get(key):
             continue
-        table = Table(title=f"paired comparison ({title}): {c['other']} − {c['base']} ({c['n_common_items']} common items)")
+        table = Table(title=f"paired comparison ({title}): {c['other']} − {c['base']} "
+                            f"({c['n_common_items']} common items)")
         for col in ("group", "base", "other", "best trivial", "Δ", "95% CI of Δ", "McNemar p", "n"):
             table.add_column(col, justify="left" if col == "group" else "right")
         for name, g in c[key].items():
-            flag = {side: " [red]✗[/]" if g.get(f"{side}_beats_trivial") is False else "" for side in ("a", "b")}
+            flag = {side: " [red]✗[/]" if g.get(f"{side}_beats_trivial") is False else ""
+                    for side in ("a", "b")}
             best = f"{g['best_trivial']['accuracy']:.3f}" if "best_trivial" in g else ""
             table.add_row(("  " if "/" in name else "[bold]") + name, f"{g['acc_a']:.3f}{flag['a']}",
                           f"{g['acc_b']:.3f}{flag['b']}", best, f"{g['diff']:+.3f}",
-                          f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]", f"{g['mcnemar_p']:.3g}", str(g["n"]))  # fmt: skip
+                          f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]", f"{g['mcnemar_p']:.3g}", str(g["n"]))
         print_table(table)
 
 
@@ -166,25 +175,28 @@ def read_predictions(d: Path) -> list[dict]:
             raise SpellxferError(f"{where}: expected a JSON object per line (an evaluate prediction row)")
         for key, ok, expected in _PREDICTION_FIELDS:
             if key not in row:
-                raise SpellxferError(f"{where}: no field {key!r} (an evaluate prediction row has {', '.join(k for k, _, _ in _PREDICTION_FIELDS)})")
+                fields = ", ".join(k for k, _, _ in _PREDICTION_FIELDS)
+                raise SpellxferError(f"{where}: no field {key!r} (an evaluate prediction row has {fields})")
             if not ok(row[key]):
                 raise SpellxferError(f"{where}: {key} {snippet(row[key])} is not {expected}")
         if "likelihood_correct" in row and not isinstance(row["likelihood_correct"], bool):
-            raise SpellxferError(f"{where}: likelihood_correct {snippet(row['likelihood_correct'])} is not true or false")
+            raise SpellxferError(f"{where}: likelihood_correct {snippet(row['likelihood_correct'])} "
+                                 "is not true or false")
         if row["correct"] is None and "likelihood_correct" not in row:
-            raise SpellxferError(f"{where}: correct null is not true or false (null only beside a likelihood_correct)")
+            raise SpellxferError(f"{where}: correct null is not true or false "
+                                 "(null only beside a likelihood_correct)")
         sample = row.get("sample", 0)
         if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
             raise SpellxferError(f"{where}: sample {snippet(sample)} is not an integer ≥ 0")
         check_breakdown_fields(str(f), line, row)
         item = (Path(row["file"]).name, row["id"])
         if (*item, sample) in seen:
-            raise SpellxferError(f"{where}: duplicate prediction for id {row['id']!r} of {item[0]}, sample {sample} "
-                                 f"(first on line {seen[(*item, sample)]})")  # fmt: skip
+            raise SpellxferError(f"{where}: duplicate prediction for id {row['id']!r} of {item[0]}, "
+                                 f"sample {sample} (first on line {seen[(*item, sample)]})")
         seen[(*item, sample)] = line
         if tasks.setdefault(item, row["task"]) != row["task"]:
             raise SpellxferError(f"{where}: id {row['id']!r} of {item[0]} is a {row['task']} item here and a "
-                                 f"{tasks[item]} item on an earlier line")  # fmt: skip
+                                 f"{tasks[item]} item on an earlier line")
         rows.append(row)
     if not rows:
         raise SpellxferError(f"{f}: empty (no prediction rows)")
@@ -193,7 +205,8 @@ def read_predictions(d: Path) -> list[dict]:
 
 _PREDICTION_FIELDS = (
     ("file", lambda v: isinstance(v, str) and v != "", "a file name"),
-    ("id", lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)), "text or an integer"),
+    ("id", lambda v: isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
+     "text or an integer"),
     ("task", lambda v: v in TASKS, f"{' or '.join(TASKS)}"),
     ("subtask", lambda v: v is None or isinstance(v, str), "text or null"),
     ("correct", lambda v: v is None or isinstance(v, bool), "true or false"),

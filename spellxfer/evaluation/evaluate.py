@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from peft import PeftModel, get_peft_model_state_dict
 from rich.console import Console
 from rich.table import Table
+from safetensors import safe_open
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import (
@@ -50,6 +52,13 @@ from spellxfer.models.generation import (
     GenerationEngine,
     default_sampling,
     timed_generate,
+)
+from spellxfer.models.registry import (
+    EMBEDDED,
+    apply_fused_kernels,
+    check_model_name,
+    load_model,
+    load_tokenizer,
 )
 from spellxfer.tasks.buckets import length_bucket, token_bucket
 from spellxfer.tasks.chat import format_chat
@@ -92,8 +101,8 @@ def evaluate(
 
     Writes DIR/predictions.jsonl (one row per item and sample, with the prompt, the raw reply and
     the probe's answer) and DIR/metrics.json (accuracies with 95% intervals, per subtask, per
-    file, breakdowns, trivial baselines, answer diagnostics). Sampling defaults are the user's,
-    defined by ``Sampling`` (spellxfer/models/generation.py): T 0.6, top-p 0.95, top-k 20, min-p 0;
+    file, breakdowns, trivial baselines, answer diagnostics). The project's sampling defaults are
+    defined once, by ``Sampling`` (spellxfer/models/generation.py): T 0.6, top-p 0.95, top-k 20, min-p 0;
     Qwen's non-thinking recommendation 0.7 / 0.8 / 20 / 0 is ``--temperature 0.7 --top_p 0.8``.
 
     Args:
@@ -129,14 +138,12 @@ def evaluate(
         shot_pool: The few-shot examples' question file; default: fewshot_pool.jsonl beside the
             first question file (``data build`` writes it, disjoint from every split).
     """
-    from spellxfer.models.registry import check_model_name
-
     # Everything a user can get wrong is checked before the model loads.
     check_output_dir(out, overwrite)
     items = load_questions(questions, task=task, question_field=question_field, answer_field=answer_field,
-                           limit=limit)  # fmt: skip
+                           limit=limit)
     sampling = default_sampling(decoding=decoding, samples=samples, seed=seed, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)  # fmt: skip
+                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     if not 0 <= sampling.seed <= MAX_SEED:
         raise SpellxferError(f"--seed must be an integer from 0 to {MAX_SEED}, got {sampling.seed}")
     check_model_name(model)
@@ -161,12 +168,12 @@ def evaluate(
     if scoring != "likelihood":
         engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size or "auto")
         replies, seconds = timed_generate(engine, [it.question for it in items], label=f"evaluating {model}",
-                                          conversations=conversations)  # fmt: skip
+                                          conversations=conversations)
     probe, probe_prompts, probe_seconds, scorer = None, None, 0.0, None
     if scoring != "generation":
         probe, probe_prompts, probe_seconds, scorer = probe_items(lm, tokenizer, items, conversations,
                                                                   batch_size=batch_size or "auto",
-                                                                  label=f"probing {model}")  # fmt: skip
+                                                                  label=f"probing {model}")
 
     prompts = [format_chat(tokenizer, c) for c in conversations]
     predictions = list(score_items(items, replies, prompts, probe, probe_prompts))
@@ -186,20 +193,21 @@ def evaluate(
         "n_items": len(items),
         "seconds": round(seconds, 2),
         "items_per_second": round(len(items) / seconds, 2) if seconds else None,
-        "likelihood": {"path": scorer.path, "batch_size": scorer.last_batch_size, "seconds": round(probe_seconds, 2),
+        "likelihood": {"path": scorer.path, "batch_size": scorer.last_batch_size,
+                       "seconds": round(probe_seconds, 2),
                        "items_per_second": round(len(items) / probe_seconds, 2) if probe_seconds else None}
         if scorer else None,
         "device": str(next(lm.parameters()).device),
         "versions": package_versions(),
         "policy": "trained on spelling only; evaluated on position and count only",
-    }  # fmt: skip
+    }
     comparison = None
     with atomic_output_dir(out, overwrite) as tmp:
         write_jsonl(tmp / "predictions.jsonl", predictions)
         write_json(tmp / "metrics.json", metrics)
         if compare_to is not None:
             comparison = compare_predictions(read_predictions(Path(compare_to)), predictions,
-                                             base_name=str(compare_to), other_name=str(out))  # fmt: skip
+                                             base_name=str(compare_to), other_name=str(out))
             write_json(tmp / "compare.json", comparison)
             (tmp / "compare.md").write_text(comparison_markdown(comparison), encoding="utf-8")
     print_summary(metrics, Path(out))
@@ -236,9 +244,13 @@ def resolve_device(device: str) -> str:
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise SpellxferError(f"--device {device}: no CUDA device on this machine; use --device cpu or auto")
+            raise SpellxferError(
+                f"--device {device}: no CUDA device on this machine; use --device cpu or auto"
+            )
         if dev.index is not None and dev.index >= n:
-            raise SpellxferError(f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+            raise SpellxferError(
+                f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
+            )
     return device
 
 
@@ -250,14 +262,18 @@ def check_adapter_dir(adapter: Path) -> dict:
     LoRA config (a JSON object) beside ``adapter_model.safetensors``. Only safetensors weights are
     read (a pickled ``adapter_model.bin`` could run code when loaded)."""
     if not (adapter / "adapter_config.json").is_file():
-        raise SpellxferError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT adapter directory)")
+        raise SpellxferError(f"--adapter {adapter}: no adapter_config.json there "
+                             "(expected a PEFT adapter directory)")
     config = read_json(adapter / "adapter_config.json")
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         got = f"peft_type {snippet(config.get('peft_type'))}" if isinstance(config, dict) else snippet(config)
-        raise SpellxferError(f"{adapter / 'adapter_config.json'}: expected a PEFT LoRA config (an object with "
-                             f'"peft_type": "LORA"), got {got}')  # fmt: skip
+        raise SpellxferError(f"{adapter / 'adapter_config.json'}: expected a PEFT LoRA config "
+                             f'(an object with "peft_type": "LORA"), got {got}')
     if not (adapter / ADAPTER_WEIGHTS).is_file():
-        found = "adapter_model.bin (a pickle, not read)" if (adapter / "adapter_model.bin").exists() else "no weights"
+        if (adapter / "adapter_model.bin").exists():
+            found = "adapter_model.bin (a pickle, not read)"
+        else:
+            found = "no weights"
         raise SpellxferError(f"--adapter {adapter}: no {ADAPTER_WEIGHTS} there ({found})")
     return config
 
@@ -268,9 +284,6 @@ def load_adapter(lm, adapter: Path, model: str):
     PEFT only warns when the weights file lacks some of the LoRA tensors its config creates (they
     stay at their initial values, so the "fine-tuned" model is partly or wholly the base model);
     here the file must hold exactly the tensors the config asks for, with matching shapes."""
-    from peft import PeftModel, get_peft_model_state_dict
-    from safetensors import safe_open
-
     try:
         with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
             saved = set(f.keys())
@@ -283,21 +296,20 @@ def load_adapter(lm, adapter: Path, model: str):
     # tensor file, a config value of the wrong type, shapes for another model): the user's input.
     except Exception as e:
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise SpellxferError(f"--adapter {adapter}: cannot load onto {model} ({type(e).__name__}: {msg[:300]})") from None
+        raise SpellxferError(f"--adapter {adapter}: cannot load onto {model} "
+                             f"({type(e).__name__}: {msg[:300]})") from None
     expected = set(get_peft_model_state_dict(peft_model))
     if saved != expected:
         missing, extra = sorted(expected - saved), sorted(saved - expected)
         detail = "; ".join(p for p in (f"missing {len(missing)}, e.g. {missing[0]}" if missing else "",
-                                       f"{len(extra)} unknown, e.g. {extra[0]}" if extra else "") if p)  # fmt: skip
+                                       f"{len(extra)} unknown, e.g. {extra[0]}" if extra else "") if p)
         raise SpellxferError(f"--adapter {adapter}: {ADAPTER_WEIGHTS} holds {len(saved & expected)} of the "
-                             f"{len(expected)} LoRA tensors its config gives {model} ({detail})")  # fmt: skip
+                             f"{len(expected)} LoRA tensors its config gives {model} ({detail})")
     return peft_model.eval()
 
 
 def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
     """Model (+ optional LoRA adapter) and tokenizer, on the requested device, ready to generate."""
-    from spellxfer.models.registry import EMBEDDED, apply_fused_kernels, load_model, load_tokenizer
-
     device = resolve_device(device)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     with console.status(f"loading {model}" + (f" + adapter {adapter}" if adapter else "")):
@@ -308,7 +320,8 @@ def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
             if model in EMBEDDED:
                 raise  # our own models: a failure here is a bug, not the user's input
             msg = " ".join(str(e).split())
-            raise SpellxferError(f"--model {model}: cannot load a model there ({type(e).__name__}: {msg[:300]})") from None
+            raise SpellxferError(f"--model {model}: cannot load a model there "
+                                 f"({type(e).__name__}: {msg[:300]})") from None
         if adapter is not None:
             lm = load_adapter(lm, Path(adapter), model)
         apply_fused_kernels(lm)  # Liger's RMSNorm / SwiGLU / RoPE on CUDA when installed
@@ -316,7 +329,7 @@ def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
 
 
 def score_items(items: list[Item], replies: list[list[str]] | None, prompts: list[str] | None = None,
-                probe: list[ProbeResult] | None = None, probe_prompts: list[str] | None = None):  # fmt: skip
+                probe: list[ProbeResult] | None = None, probe_prompts: list[str] | None = None):
     """One prediction row per item and sample: the prompt, the raw reply, what it parses to, whether
     it's right, and the probe's verdict (the same on every sample of an item). Without replies
     (``--scoring likelihood``) one row per item whose ``output``, ``parsed`` and ``correct`` are null."""
@@ -335,14 +348,15 @@ def score_items(items: list[Item], replies: list[list[str]] | None, prompts: lis
                 "output": output,
                 "parsed": parsed,
                 "correct": correct,
-                **{k2: it.meta[k2] for k2 in ("word", "letter", "position", "word_kind", "n_tokens") if k2 in it.meta},
+                **{k2: it.meta[k2] for k2 in ("word", "letter", "position", "word_kind", "n_tokens")
+                   if k2 in it.meta},
             }
             if prompts is not None:
                 row["prompt"] = prompts[i]
             if probe is not None:
                 row |= {"likelihood_prompt": probe_prompts[i], "likelihood_answer": probe[i].answer,
                         "likelihood_correct": probe[i].correct, "gold_logprob": probe[i].gold_logprob,
-                        "gold_rank": probe[i].gold_rank}  # fmt: skip
+                        "gold_rank": probe[i].gold_rank}
             yield row
 
 
@@ -365,8 +379,10 @@ def summarise(items: list[Item], predictions: list[dict], probe: list[ProbeResul
         subtasks = sorted({it.subtask for it in items if it.subtask})
         pos_subs = tuple(s for s in subtasks if any(i.subtask == s and i.task == "position" for i in items))
         cnt_subs = tuple(s for s in subtasks if any(i.subtask == s and i.task == "count" for i in items))
-        metric = TransferAccuracy(position_subtasks=pos_subs or ("nth_letter",), count_subtasks=cnt_subs or ("word_length",))
-        metric.update([p["task"] for p in predictions], [p["subtask"] for p in predictions], [p["correct"] for p in predictions])
+        metric = TransferAccuracy(position_subtasks=pos_subs or ("nth_letter",),
+                                  count_subtasks=cnt_subs or ("word_length",))
+        metric.update([p["task"] for p in predictions], [p["subtask"] for p in predictions],
+                      [p["correct"] for p in predictions])
         # exact fractions from the metric's counts (its compute() is float32, for Lightning's loggers)
         point = {k: correct / total for k, (correct, total) in metric.counts().items()}
         if "position_accuracy" in point and "count_accuracy" in point:
@@ -382,11 +398,12 @@ def summarise(items: list[Item], predictions: list[dict], probe: list[ProbeResul
         """Generation accuracy, trivial baselines, probe and diagnostics of one group of items."""
         entry = summary(selected) if generated else {}
         entry |= baseline_fields({"answer": it.answer, "subtask": it.subtask, "word": it.meta.get("word")}
-                                 for it in selected)  # fmt: skip
+                                 for it in selected)
         if generated:
             entry["beats_trivial"] = beats(entry["ci_low"], entry["best_trivial"])
         if verdict:
-            entry["likelihood"] = probe_summary([verdict[(it.file, it.id)] for it in selected], entry["best_trivial"])
+            results = [verdict[(it.file, it.id)] for it in selected]
+            entry["likelihood"] = probe_summary(results, entry["best_trivial"])
         if generated:
             entry["diagnostics"] = answer_diagnostics(p for it in selected for p in rows_of[(it.file, it.id)])
         return entry
@@ -437,7 +454,8 @@ BREAKDOWNS = {
     "word_length": lambda m: length_bucket(len(m["word"])) if m.get("word") else None,
     "n_tokens": lambda m: token_bucket(int(m["n_tokens"])) if m.get("n_tokens") not in (None, "") else None,
     "word_kind": lambda m: m.get("word_kind") or None,
-    "letter_position": lambda m: _position_bucket(int(m["position"])) if m.get("position") not in (None, "") else None,
+    "letter_position": lambda m: (_position_bucket(int(m["position"]))
+                                  if m.get("position") not in (None, "") else None),
 }
 
 
@@ -451,7 +469,8 @@ def _breakdowns(items: list[Item], summary) -> dict:
             if b is not None:
                 groups[(it.task, b)].append(it)
         if groups:
-            out[name] = {t: {b: summary(g) for (tt, b), g in sorted(groups.items()) if tt == t} for t in TASKS}
+            out[name] = {t: {b: summary(g) for (tt, b), g in sorted(groups.items()) if tt == t}
+                         for t in TASKS}
             out[name] = {t: v for t, v in out[name].items() if v}
     return out
 
@@ -462,15 +481,18 @@ def print_summary(metrics: dict, out: Path) -> None:
     run = metrics["run"]
     s = run["sampling"]
     scoring = metrics.get("scoring", "generation")
-    dec = "greedy" if s["decoding"] == "greedy" else f"sampled T={s['temperature']} p={s['top_p']} k={s['top_k']}"
+    if s["decoding"] == "greedy":
+        dec = "greedy"
+    else:
+        dec = f"sampled T={s['temperature']} p={s['top_p']} k={s['top_k']}"
     timing = []
     if scoring != "likelihood":
         timing.append(f"{dec} {run['seconds']:.0f} s ({run['items_per_second']} items/s)")
     if run.get("likelihood"):
         timing.append(f"probe {run['likelihood']['seconds']:.0f} s")
     shots = f" · {run['shots']}-shot" if run.get("shots") else ""
-    table = Table(title=f"{run['model']}{' + ' + run['adapter'] if run['adapter'] else ''}{shots} · {run['n_items']} items · "
-                        + " · ".join(timing))  # fmt: skip
+    adapter = " + " + run["adapter"] if run["adapter"] else ""
+    table = Table(title=f"{run['model']}{adapter}{shots} · {run['n_items']} items · " + " · ".join(timing))
     columns = ["metric"] + (["generation [95% CI]"] if scoring != "likelihood" else [])
     columns += ["probe [95% CI]", "gold rank"] if scoring != "generation" else []
     columns += ["n", "best trivial"]
@@ -491,28 +513,34 @@ def print_summary(metrics: dict, out: Path) -> None:
 
     def top(t: str, kind: str) -> dict | None:
         key = f"{t}_{kind}accuracy"
-        return {"accuracy": metrics[key], "ci_low": metrics[f"{key}_ci_low"], "ci_high": metrics[f"{key}_ci_high"]} \
-            if key in metrics else None  # fmt: skip
+        if key not in metrics:
+            return None
+        return {"accuracy": metrics[key], "ci_low": metrics[f"{key}_ci_low"],
+                "ci_high": metrics[f"{key}_ci_high"]}
 
     for t in TASKS:
         gen, lk = top(t, ""), top(t, "likelihood_")
         if not gen and not lk:
             continue
-        table.add_row(f"[bold]{t}", *cells(gen, lk, metrics.get(f"{t}_accuracy_n", metrics.get(f"{t}_likelihood_accuracy_n")), None))
+        n = metrics.get(f"{t}_accuracy_n", metrics.get(f"{t}_likelihood_accuracy_n"))
+        table.add_row(f"[bold]{t}", *cells(gen, lk, n, None))
         for name, v in metrics["subtasks"].items():
             if name.startswith(t + "/"):
-                table.add_row(f"  {name.split('/', 1)[1]}", *cells(v if "accuracy" in v else None, v.get("likelihood"),
-                                                                   v.get("n", v.get("likelihood", {}).get("n")),
-                                                                   v.get("best_trivial")))  # fmt: skip
+                n = v.get("n", v.get("likelihood", {}).get("n"))
+                table.add_row(f"  {name.split('/', 1)[1]}", *cells(v if "accuracy" in v else None,
+                                                                   v.get("likelihood"), n,
+                                                                   v.get("best_trivial")))
     if "transfer_score" in metrics:
         table.add_row("[bold]transfer_score", f"{metrics['transfer_score']:.3f}", *[""] * (len(columns) - 2))
     print_table(table, console)
-    console.print("✗: the 95% interval does not lie above the best trivial baseline (docs/evaluation.md#trivial-baselines)")
+    console.print("✗: the 95% interval does not lie above the best trivial baseline "
+                  "(docs/evaluation.md#trivial-baselines)")
     for scorer, block in (("replies", "diagnostics"), ("probe answers", "likelihood")):
         constant = [f"{name} ({v[block]['top_answers'][0][0]!r})" for name, v in metrics["subtasks"].items()
-                    if v.get(block, {}).get("constant_answer")]  # fmt: skip
+                    if v.get(block, {}).get("constant_answer")]
         if constant:
-            console.print(f"[yellow]constant answer[/] (one answer in > 50% of {scorer}): {', '.join(constant)}")
+            console.print(f"[yellow]constant answer[/] (one answer in > 50% of {scorer}): "
+                          f"{', '.join(constant)}")
     how = f" ({metrics['ci_method']} intervals)" if "ci_method" in metrics else ""
     console.print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}{how}")
 

@@ -38,8 +38,8 @@ def resolve_pool(shot_pool: str | None, questions: list[str]) -> str:
         candidate = Path(q).parent / POOL_FILE
         if candidate.is_file():
             return str(candidate)
-    raise SpellxferError(f"--shots needs a few-shot pool: none of the question files has a {POOL_FILE} beside it "
-                         "(`data build` writes one); pass --shot_pool FILE")  # fmt: skip
+    raise SpellxferError(f"--shots needs a few-shot pool: none of the question files has a {POOL_FILE} "
+                         "beside it (`data build` writes one); pass --shot_pool FILE")
 
 
 def load_pool(path: str, items: list[Item], shots: int) -> dict[tuple, list[Item]]:
@@ -56,9 +56,10 @@ def load_pool(path: str, items: list[Item], shots: int) -> dict[tuple, list[Item
         if clash is None and ex.question in asked_questions:
             clash = asked_questions[ex.question]
         if clash is not None:
-            raise SpellxferError(f"{ex.file}:{ex.line}: few-shot example {'word ' + repr(word) if word else 'question'} "
-                                 f"is also evaluated ({clash.file}:{clash.line}); the pool must be disjoint from "
-                                 "the evaluated items")  # fmt: skip
+            example = "word " + repr(word) if word else "question"
+            raise SpellxferError(f"{ex.file}:{ex.line}: few-shot example {example} is also evaluated "
+                                 f"({clash.file}:{clash.line}); the pool must be disjoint from "
+                                 "the evaluated items")
     groups: dict[tuple, list[Item]] = defaultdict(list)
     for ex in pool:
         if ex.subtask:
@@ -68,13 +69,14 @@ def load_pool(path: str, items: list[Item], shots: int) -> dict[tuple, list[Item
         got = len(groups.get(_key(it, groups), []))
         if got < shots:
             what = f"subtask {it.subtask}" if it.subtask else f"{it.task} questions with {it.kind} answers"
-            raise SpellxferError(f"{it.file}:{it.line}: --shots {shots} needs {shots} examples of {what} in {path}, "
-                                 f"it has {got}")  # fmt: skip
+            raise SpellxferError(f"{it.file}:{it.line}: --shots {shots} needs {shots} examples of {what} "
+                                 f"in {path}, it has {got}")
     return dict(groups)
 
 
 def _key(item: Item, groups) -> tuple:
-    return ("subtask", item.subtask) if ("subtask", item.subtask) in groups else ("type", item.task, item.kind)
+    by_subtask = ("subtask", item.subtask)
+    return by_subtask if by_subtask in groups else ("type", item.task, item.kind)
 
 
 def conversation(item: Item, pool: dict[tuple, list[Item]] | None, shots: int) -> list[dict[str, str]]:

@@ -43,14 +43,24 @@ from __future__ import annotations
 import inspect
 import math
 import string
+import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import DynamicCache
 
 from spellxfer.core.errors import SpellxferError
+from spellxfer.evaluation.diagnostics import CONSTANT_SHARE, TOP_ANSWERS
+from spellxfer.evaluation.stats import accuracy_summary
+from spellxfer.models import static_decode
+from spellxfer.models.attention import STATIC_NAME, attention_implementation
+from spellxfer.models.generation import auto_batch_size
+from spellxfer.tasks.chat import chat_token_ids, format_chat, plain_token_ids
 from spellxfer.tasks.templates import ordinal
 
 GENERIC_FRAME = 'The answer is "'
@@ -91,8 +101,9 @@ def candidate_answers(kind: str, gold: str) -> list[tuple[str, str]]:
         return [(c, form + CLOSING_QUOTE) for c in string.ascii_lowercase for form in (c, c.upper())]
     top = max(MIN_LARGEST_INTEGER, int(gold))
     if top > MAX_INTEGER_GOLD:
-        raise SpellxferError(f"integer answer {gold} is above the likelihood probe's limit of {MAX_INTEGER_GOLD} "
-                             "(it scores every integer from 0 to the answer); use --scoring generation")  # fmt: skip
+        raise SpellxferError(f"integer answer {gold} is above the likelihood probe's limit of "
+                             f"{MAX_INTEGER_GOLD} (it scores every integer from 0 to the answer); "
+                             "use --scoring generation")
     return [(str(i), f"{i}{CLOSING_QUOTE}") for i in range(top + 1)]
 
 
@@ -116,7 +127,8 @@ def rank_answers(kind: str, gold: str, logprobs: Sequence[float]) -> ProbeResult
         best[answer] = max(best.get(answer, -math.inf), lp)
     top = max(best, key=lambda a: best[a])  # first on a tie: candidate order
     g = best[gold]
-    return ProbeResult(answer=top, correct=top == gold, gold_logprob=g, gold_rank=1 + sum(v > g for v in best.values()))
+    rank = 1 + sum(v > g for v in best.values())
+    return ProbeResult(answer=top, correct=top == gold, gold_logprob=g, gold_rank=rank)
 
 
 def probe_summary(results: Sequence[ProbeResult], best_trivial: Mapping | None = None) -> dict:
@@ -125,18 +137,13 @@ def probe_summary(results: Sequence[ProbeResult], best_trivial: Mapping | None =
     own answer distribution (``top_answers``, ``constant_answer``: the rule of
     :mod:`~spellxfer.evaluation.diagnostics`), and whether the interval lies above
     ``best_trivial`` (when given)."""
-    from collections import Counter
-
-    from spellxfer.evaluation.diagnostics import CONSTANT_SHARE, TOP_ANSWERS
-    from spellxfer.evaluation.stats import accuracy_summary
-
     n = len(results)
     s = accuracy_summary([[r.correct] for r in results])
     top = [[a, c / n] for a, c in Counter(r.answer for r in results).most_common(TOP_ANSWERS)]
     out = {"accuracy": s["accuracy"], "ci_low": s["ci_low"], "ci_high": s["ci_high"], "n": s["n"],
            "gold_mean_rank": sum(r.gold_rank for r in results) / n,
            "gold_mean_logprob": sum(r.gold_logprob for r in results) / n,
-           "top_answers": top, "constant_answer": bool(top and top[0][1] > CONSTANT_SHARE)}  # fmt: skip
+           "top_answers": top, "constant_answer": bool(top and top[0][1] > CONSTANT_SHARE)}
     if best_trivial is not None:
         out["beats_trivial"] = bool(s["ci_low"] > best_trivial["accuracy"])
     return out
@@ -148,12 +155,12 @@ def too_large_answer(items) -> str | None:
     for it in items:
         if it.kind == "integer" and int(it.answer) > MAX_INTEGER_GOLD:
             return (f"{it.file}:{it.line}: answer {it.answer} is above the likelihood probe's limit of "
-                    f"{MAX_INTEGER_GOLD:,} (it scores every integer from 0 to the answer)")  # fmt: skip
+                    f"{MAX_INTEGER_GOLD:,} (it scores every integer from 0 to the answer)")
     return None
 
 
-def probe_items(model, tokenizer, items, conversations, batch_size: int | str = "auto", label: str | None = "probing",
-                before_rows=None):  # fmt: skip
+def probe_items(model, tokenizer, items, conversations, batch_size: int | str = "auto",
+                label: str | None = "probing", before_rows=None):
     """Run the probe over evaluation items.
 
     Args:
@@ -172,25 +179,21 @@ def probe_items(model, tokenizer, items, conversations, batch_size: int | str = 
         rendered prompt + frame each candidate continues, the wall time in seconds, and the
         :class:`LikelihoodScorer` (its ``path`` and ``last_batch_size`` go into metrics.json).
     """
-    import time
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from spellxfer.tasks.chat import chat_token_ids, format_chat, plain_token_ids
-
     frames = [answer_frame(it.subtask, it.meta) for it in items]
     prompts = [format_chat(tokenizer, conv) for conv in conversations]
-    prefixes = [ids + plain_token_ids(tokenizer, f) for ids, f in zip(chat_token_ids(tokenizer, conversations), frames)]
+    chat_ids = chat_token_ids(tokenizer, conversations)
+    prefixes = [ids + plain_token_ids(tokenizer, f) for ids, f in zip(chat_ids, frames)]
     texts = sorted({text for it in items for _, text in candidate_answers(it.kind, it.answer)})
     ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
     conts = [[ids[text] for _, text in candidate_answers(it.kind, it.answer)] for it in items]
     scorer = LikelihoodScorer(model, tokenizer, batch_size)
     scorer.before_rows = before_rows
-    with (Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   transient=False) if label is not None else nullcontext()) as bar:  # fmt: skip
+    with (Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), transient=False) if label is not None else nullcontext()) as bar:
         task = bar.add_task(label, total=len(items)) if bar is not None else None
         t0 = time.perf_counter()
-        scores = scorer.score(prefixes, conts, progress=(lambda n: bar.advance(task, n)) if bar is not None else None)
+        advance = (lambda n: bar.advance(task, n)) if bar is not None else None
+        scores = scorer.score(prefixes, conts, progress=advance)
         seconds = time.perf_counter() - t0
     results = [rank_answers(it.kind, it.answer, s) for it, s in zip(items, scores)]
     return results, [p + f for p, f in zip(prompts, frames)], seconds, scorer
@@ -220,10 +223,8 @@ class LikelihoodScorer:
             raise SpellxferError(f"batch_size must be 'auto' or an integer ≥ 1, got {batch_size!r}")
         if path not in ("auto", "static", "eager"):
             raise SpellxferError(f"probe path must be auto, static or eager, got {path!r}")
-        from spellxfer.models.static_decode import static_decode_unsupported
-
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        why = static_decode_unsupported(model)
+        why = static_decode.static_decode_unsupported(model)
         if path == "static" and why is not None:
             raise SpellxferError(f"the static probe path cannot run this model: {why}")
         self.path = path if path != "auto" else ("static" if why is None else "eager")
@@ -236,7 +237,7 @@ class LikelihoodScorer:
 
     @torch.inference_mode()
     def score(self, prefixes: Sequence[list[int]], continuations: Sequence[Sequence[list[int]]],
-              progress=None) -> list[list[float]]:  # fmt: skip
+              progress=None) -> list[list[float]]:
         """Per prefix, the summed log-probability of each of its continuations (token id lists,
         each ≥ 1 token), in input order. ``progress(n_prefixes_done)`` is called after each batch."""
         if len(prefixes) != len(continuations):
@@ -280,8 +281,6 @@ class LikelihoodScorer:
             return self.batch_size
         if device.type != "cuda":
             return CPU_BATCH_SIZE
-        from spellxfer.models.generation import auto_batch_size
-
         longest = max(len(p) for p in prefixes)
         packed = max(sum(len(c) - 1 for c in cs) for cs in continuations)
         # a prefix and its packed candidates cost about what a prompt of their joint length does
@@ -289,10 +288,7 @@ class LikelihoodScorer:
 
     # ---- the static path ------------------------------------------------------------------------
     def _score_static(self, prefixes: list[list[int]], conts: list[Sequence[list[int]]], device,
-                      idx: list[int]) -> list[list[float]]:  # fmt: skip
-        from spellxfer.models.attention import STATIC_NAME, attention_implementation
-        from spellxfer.models.static_decode import static_decoder
-
+                      idx: list[int]) -> list[list[float]]:
         lengths = torch.tensor([len(p) for p in prefixes])
         width = int(lengths.max())
         ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in prefixes])
@@ -307,7 +303,7 @@ class LikelihoodScorer:
                 t += toks[1:]
             feed.append(f), cand.append(c), offset.append(o), target.append(t)
         packed = max(len(f) for f in feed)
-        decoder = static_decoder(self.model)
+        decoder = static_decode.static_decoder(self.model)
         self._rows(idx)  # the prefill and the packed candidates alike: one row per prefix
         state = decoder.prefill(ids.to(device), lengths.to(device), max(packed, 1), graphs=False)
         scores = _first_token_logprobs(state.logits, conts)
@@ -327,10 +323,12 @@ class LikelihoodScorer:
         in_pack = (rel >= 0) & (rel < packed)
         slot_cand = torch.where(in_pack, cand_t.gather(1, rel.clamp(0, packed - 1)), -2)
         k = torch.arange(packed, device=device)[None, :, None]
-        visible = (rel < 0)[:, None, :] | ((slot_cand[:, None, :] == cand_t[:, :, None]) & (rel[:, None, :] <= k))
+        same_cand = slot_cand[:, None, :] == cand_t[:, :, None]
+        visible = (rel < 0)[:, None, :] | (same_cand & (rel[:, None, :] <= k))
+        cache_arg = {decoder.cache_kwarg: _PackedCache(bucket, slots)}
         with attention_implementation(decoder.base, STATIC_NAME):
             hidden = decoder.body(input_ids=tokens, attention_mask=visible[:, None], position_ids=positions,
-                                  use_cache=True, **{decoder.cache_kwarg: _PackedCache(bucket, slots)}).last_hidden_state  # fmt: skip
+                                  use_cache=True, **cache_arg).last_hidden_state
         real = cand_t >= 0
         lp = _target_logprobs(decoder.head, hidden[real], pad(target, 0)[real]).tolist()
         for b, j, v in zip(real.nonzero(as_tuple=True)[0].tolist(), cand_t[real].tolist(), lp):
@@ -339,9 +337,7 @@ class LikelihoodScorer:
 
     # ---- the eager path -------------------------------------------------------------------------
     def _score_eager(self, prefixes: list[list[int]], conts: list[Sequence[list[int]]], device,
-                     idx: list[int]) -> list[list[float]]:  # fmt: skip
-        from transformers import DynamicCache
-
+                     idx: list[int]) -> list[list[float]]:
         model = self.model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -351,8 +347,8 @@ class LikelihoodScorer:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=base.config)
         self._rows(idx)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                       **{cache_kwarg: cache}).logits[:, -1]  # fmt: skip
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1]
         scores = _first_token_logprobs(logits, conts)
         pairs = [(b, j) for b, cs in enumerate(conts) for j, toks in enumerate(cs) if len(toks) > 1]
         if not pairs:
@@ -360,16 +356,17 @@ class LikelihoodScorer:
         rows = torch.tensor([b for b, _ in pairs], device=device)
         cache.batch_select_indices(rows)  # one copy of its prefix's cache per candidate row
         longest = max(len(conts[b][j]) - 1 for b, j in pairs)
-        feed = torch.tensor([conts[b][j][:-1] + [self.pad_id] * (longest - len(conts[b][j]) + 1) for b, j in pairs],
-                            device=device)  # fmt: skip
-        feed_mask = torch.tensor([[1] * (len(conts[b][j]) - 1) + [0] * (longest - len(conts[b][j]) + 1) for b, j in pairs],
-                                 device=device)  # fmt: skip
+        cands = [conts[b][j] for b, j in pairs]
+        feed = torch.tensor([c[:-1] + [self.pad_id] * (longest - len(c) + 1) for c in cands],
+                            device=device)
+        feed_mask = torch.tensor([[1] * (len(c) - 1) + [0] * (longest - len(c) + 1) for c in cands],
+                                 device=device)
         real_lengths = mask.sum(-1)[rows]
         self._rows([idx[b] for b, _ in pairs])  # one row per (prefix, candidate)
         hidden_logits = model(input_ids=feed, attention_mask=torch.cat([mask[rows], feed_mask], dim=1),
                               position_ids=real_lengths[:, None] + torch.arange(longest, device=device),
-                              use_cache=True, **{cache_kwarg: cache}).logits  # fmt: skip
-        target = torch.tensor([conts[b][j][1:] + [0] * (longest - len(conts[b][j]) + 1) for b, j in pairs], device=device)
+                              use_cache=True, **{cache_kwarg: cache}).logits
+        target = torch.tensor([c[1:] + [0] * (longest - len(c) + 1) for c in cands], device=device)
         lp = hidden_logits.float().log_softmax(-1).gather(-1, target[..., None])[..., 0]
         lp = (lp * feed_mask).sum(-1).tolist()
         for (b, j), v in zip(pairs, lp):

@@ -163,8 +163,7 @@ class TransferAccuracy(Metric):
         if isinstance(incoming_state, dict):
             for name in ("correct", "total"):
                 shape = tuple(torch.as_tensor(incoming_state[name]).shape)
-                if shape != tuple(getattr(self, name).shape):
-                    raise ValueError(
-                        f"incoming {name!r} state has shape {shape}, expected {tuple(getattr(self, name).shape)}"
-                    )
+                expected = tuple(getattr(self, name).shape)
+                if shape != expected:
+                    raise ValueError(f"incoming {name!r} state has shape {shape}, expected {expected}")
         super().merge_state(incoming_state)

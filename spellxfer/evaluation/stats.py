@@ -86,15 +86,16 @@ def accuracy_summary(
     Returns:
         ``{"accuracy", "ci_low", "ci_high", "n", "n_samples", "ci_method"}`` where ``n`` counts
         items, ``n_samples`` counts all samples, and ``ci_method`` is ``"wilson"``,
-        ``"item_bootstrap"`` or ``"cluster_bootstrap"``. With no items, accuracy and interval are nan and the method is
-        ``"wilson"`` (as ``wilson_interval(0, 0)``).
+        ``"item_bootstrap"`` or ``"cluster_bootstrap"``. With no items, accuracy and interval are
+        nan and the method is ``"wilson"`` (as ``wilson_interval(0, 0)``).
     """
     items = _as_items(correct_by_item)
     n_samples = sum(len(item) for item in items)
     if clusters is not None:
         per_item = np.array([item.mean() for item in items])
         accuracy = float(per_item.mean()) if items else math.nan
-        low, high = _percentile_bootstrap_mean(per_item, confidence, n_boot, seed, _as_clusters(clusters, len(items)))
+        groups = _as_clusters(clusters, len(items))
+        low, high = _percentile_bootstrap_mean(per_item, confidence, n_boot, seed, groups)
         method = "cluster_bootstrap"
     elif all(len(item) == 1 for item in items):
         correct = int(sum(item[0] for item in items))
@@ -151,8 +152,8 @@ def paired_comparison(
 
     Returns:
         ``{"n", "acc_a", "acc_b", "diff", "ci_low", "ci_high", "b_only", "a_only", "mcnemar_p",
-        "ci_method": "paired_bootstrap" | "paired_cluster_bootstrap", "test": "exact McNemar"}``. With no items the accuracies,
-        difference and interval are nan and ``mcnemar_p`` is 1.0.
+        "ci_method": "paired_bootstrap" | "paired_cluster_bootstrap", "test": "exact McNemar"}``.
+        With no items the accuracies, difference and interval are nan and ``mcnemar_p`` is 1.0.
 
     Raises:
         ValueError: if ``a`` and ``b`` differ in length, are not 1-D, or hold scores outside [0, 1].
@@ -241,10 +242,10 @@ def _percentile_bootstrap_mean(
     if len(sums) == 1:  # scipy needs two units to resample; one unit's mean is all there is
         return (float(values.mean()), float(values.mean()))
     result = stats.bootstrap(
-        (sums, counts), lambda s, c, axis=-1: s.sum(axis=axis) / c.sum(axis=axis), paired=True, vectorized=True,
-        n_resamples=n_boot, batch=max(1, _BOOTSTRAP_BLOCK_ELEMENTS // len(sums)), confidence_level=confidence,
-        method="percentile", rng=np.random.default_rng(seed),
-    )  # fmt: skip
+        (sums, counts), lambda s, c, axis=-1: s.sum(axis=axis) / c.sum(axis=axis), paired=True,
+        vectorized=True, n_resamples=n_boot, batch=max(1, _BOOTSTRAP_BLOCK_ELEMENTS // len(sums)),
+        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+    )
     return (float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 

@@ -10,8 +10,9 @@ The grouping can be expressed as a plain batched product instead: the 4 query he
 group (times the query positions: 1 per decode step, the prompt length at prefill) form the
 rows of one matrix multiplied by that group's keys, ``[batch, kv_heads, 4·T, dim] @ [batch,
 kv_heads, dim, L]``, reading the cache once. Prompts are short (~35 tokens), so the explicit
-``T × L`` scores cost less than the copies they replace. Registered under the name ``spellxfer_gqa`` with transformers' attention and mask
-registries; :func:`grouped_decode_attention` switches a model to it for a block.
+``T × L`` scores cost less than the copies they replace. Registered under the name
+``spellxfer_gqa`` with transformers' attention and mask registries;
+:func:`grouped_decode_attention` switches a model to it for a block.
 
 The static-cache decoder (:mod:`spellxfer.models.static_decode`) uses the same function under
 a second name, ``spellxfer_static``, registered for attention only: transformers builds no mask
@@ -34,7 +35,7 @@ STATIC_NAME = "spellxfer_static"
 
 
 def gqa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                          scaling: float | None = None, **kwargs):  # fmt: skip
+                          scaling: float | None = None, **kwargs):
     """transformers attention function: ``query [B, H, T, D]``, ``key``/``value [B, Hkv, L, D]``
     → ``([B, T, H, D], None)``.
 
@@ -45,12 +46,13 @@ def gqa_attention_forward(module, query, key, value, attention_mask, dropout: fl
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if heads == kv_heads or dropout or (attention_mask is None and q_len > 1):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)  # fmt: skip
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
     q = query.reshape(batch, kv_heads, groups * q_len, dim)  # head h = group h // G, row h % G
-    scores = (torch.matmul(q, key.transpose(-1, -2)).float() * scale).view(batch, kv_heads, groups, q_len, kv_len)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
+    scores = scores.view(batch, kv_heads, groups, q_len, kv_len)
     if attention_mask is not None:  # [B, 1, T, L]: bool (True = attend) or additive float
         mask = attention_mask[:, :, -q_len:, -kv_len:].unsqueeze(2)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask

@@ -19,8 +19,12 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import DynamicCache
 
 from spellxfer.core.errors import SpellxferError
+from spellxfer.core.progress import PlainProgress, is_terminal
+from spellxfer.models import static_decode
 from spellxfer.models.attention import grouped_decode_attention
 from spellxfer.tasks.chat import chat_token_ids, end_of_turn_ids
 
@@ -30,7 +34,7 @@ class Sampling:
     """Decoding settings for every generation spellxfer does (evaluation, Lightning validation,
     the API); the one place their defaults are defined.
 
-    The sampling defaults are the user's choice: temperature 0.6, top-p 0.95, top-k 20, min-p 0.
+    The project's sampling defaults are temperature 0.6, top-p 0.95, top-k 20, min-p 0.
     Qwen's published recommendation for non-thinking mode is 0.7 / 0.8 / 20 / 0; pass
     ``--temperature 0.7 --top_p 0.8`` to use it. Qwen3 always runs in non-thinking mode: no
     setting here (or anywhere) turns thinking on.
@@ -151,12 +155,10 @@ def generation_bytes_per_row(config, prompt_tokens: int, new_tokens: int, elemen
     Qwen3-4B, a 48-token prompt and 32 new tokens (a 96-slot cache): 14.2 MB of cache, 6.6 MB of
     prefill activations, 0.6 MB of logits: ~21 MB a row, so ~4,000 rows in 80 GiB.
     """
-    from spellxfer.models.static_decode import bucket_length
-
     h, i = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    slots = bucket_length(prompt_tokens + new_tokens)
+    slots = static_decode.bucket_length(prompt_tokens + new_tokens)
     cache = 2 * config.num_hidden_layers * kv * slots * element_bytes
     # one layer at a time: residual, norm, q/k/v, attention and o outputs, MLP gate / up / product
     # in the compute dtype, plus the float32 temporaries of RMSNorm
@@ -166,7 +168,7 @@ def generation_bytes_per_row(config, prompt_tokens: int, new_tokens: int, elemen
 
 
 def auto_batch_size(model, prompt_tokens: int, new_tokens: int, samples: int = 1,
-                    cap: int = AUTO_MAX_BATCH_SIZE) -> int:  # fmt: skip
+                    cap: int = AUTO_MAX_BATCH_SIZE) -> int:
     """Questions per generation batch chosen from free device memory, at most ``cap`` rows.
 
     On CUDA: :data:`AUTO_MEMORY_FRACTION` of the free memory (plus what PyTorch's allocator holds
@@ -174,8 +176,6 @@ def auto_batch_size(model, prompt_tokens: int, new_tokens: int, samples: int = 1
     captured batch shape (so a full batch pads no rows), divided by ``samples`` (each question's
     samples are rows of one batch). On a CPU: :data:`CPU_BATCH_SIZE`.
     """
-    from spellxfer.models.static_decode import bucket_rows
-
     param = next(model.parameters())
     if param.device.type != "cuda":
         return max(1, min(CPU_BATCH_SIZE, cap) // samples)
@@ -185,7 +185,7 @@ def auto_batch_size(model, prompt_tokens: int, new_tokens: int, samples: int = 1
     element = 2 if param.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda") else 4
     per_row = generation_bytes_per_row(config, prompt_tokens, new_tokens, element)
     rows = min(cap, int(free * AUTO_MEMORY_FRACTION) // per_row)
-    if rows >= 1 and bucket_rows(rows) != rows:  # down to the largest captured shape that fits
+    if rows >= 1 and static_decode.bucket_rows(rows) != rows:  # down to the largest captured shape that fits
         rows = 1 << (rows.bit_length() - 1) if rows < 256 else rows // 256 * 256
     return max(1, rows // samples)
 
@@ -226,7 +226,7 @@ class GenerationEngine:
 
     def __init__(self, model, tokenizer, sampling: Sampling | None = None, batch_size: int | str = "auto",
                  reference: bool = False, decoder: Decoder = "auto",
-                 max_batch_size: int = AUTO_MAX_BATCH_SIZE):  # fmt: skip
+                 max_batch_size: int = AUTO_MAX_BATCH_SIZE):
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
             raise SpellxferError(f"batch_size must be 'auto' or an integer ≥ 1, got {batch_size!r}")
         if decoder not in ("auto", "graph", "static", "eager"):
@@ -270,18 +270,14 @@ class GenerationEngine:
             return "reference"
         if self.decoder == "eager":
             return "eager"
-        from spellxfer.models.static_decode import static_decode_unsupported
-
-        if static_decode_unsupported(self.model) is not None:
+        if static_decode.static_decode_unsupported(self.model) is not None:
             return "eager"
         return "graph" if device.type == "cuda" and self.decoder in ("auto", "graph") else "static"
 
     def release(self) -> None:
         """Free the static cache and captured graphs of this engine's model (kept between calls
         otherwise, so a server or a repeated evaluation captures each shape once)."""
-        from spellxfer.models.static_decode import release_static_decoder
-
-        release_static_decoder(self.model)
+        static_decode.release_static_decoder(self.model)
 
     @torch.inference_mode()
     def generate(self, questions: Sequence[str], progress=None) -> list[list[str]]:
@@ -301,7 +297,8 @@ class GenerationEngine:
     def generate_prompts(self, prompts: Sequence[str], progress=None) -> list[list[str]]:
         """Replies to already rendered prompts (``samples`` each), in input order. The text is
         trusted: control tokens in it are control tokens (use :meth:`generate_chats` for content)."""
-        return self.generate_ids(self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"], progress)
+        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        return self.generate_ids(ids, progress)
 
     @torch.inference_mode()
     def generate_ids(self, prompts: Sequence[list[int]], progress=None) -> list[list[str]]:
@@ -319,12 +316,11 @@ class GenerationEngine:
         size = self.batch_size
         if size == "auto":
             size = min(len(prompts), auto_batch_size(self.model, longest, s.max_new_tokens, s.samples,
-                                                     self.max_batch_size))  # fmt: skip
+                                                     self.max_batch_size))
         self.last_batch_size = size
         if path in ("graph", "static"):
-            from spellxfer.models.static_decode import static_decoder
-
-            static_decoder(self.model).reserve(min(size, len(prompts)) * s.samples, longest + s.max_new_tokens)
+            rows, width = min(size, len(prompts)) * s.samples, longest + s.max_new_tokens
+            static_decode.static_decoder(self.model).reserve(rows, width)
         was_training = self.model.training
         self.model.eval()
         # Sampling seeds its own RNG stream per batch; forking leaves the caller's RNG where it
@@ -335,7 +331,8 @@ class GenerationEngine:
                     idx = order[start : start + size]
                     if self.before_batch is not None:
                         self.before_batch(idx)
-                    step = None if self.on_step is None else lambda tokens, idx=idx: self.on_step(idx, tokens.tolist())
+                    step = (None if self.on_step is None
+                            else lambda tokens, idx=idx: self.on_step(idx, tokens.tolist()))
                     texts, tokens = self._generate_batch([encoded[i] for i in idx], b, device, path, step)
                     for j, (text, ids) in enumerate(zip(texts, tokens)):
                         replies[idx[j // s.samples]].append(text)
@@ -348,7 +345,7 @@ class GenerationEngine:
         return replies
 
     def _generate_batch(self, prompts: list[list[int]], batch_index: int, device, path: str,
-                        step=None) -> tuple[list[str], list[list[int]]]:  # fmt: skip
+                        step=None) -> tuple[list[str], list[list[int]]]:
         self._lap(None)
         # One seed per batch: same inputs, seed and batch size → same replies.
         torch.manual_seed(self.sampling.seed * 1_000_003 + batch_index)
@@ -357,7 +354,8 @@ class GenerationEngine:
         else:
             input_ids, attention_mask = self._left_padded(prompts, device)
             self._lap("prompts")
-            out = (self._transformers_generate if path == "reference" else self._decode_loop)(input_ids, attention_mask, step)
+            loop = self._transformers_generate if path == "reference" else self._decode_loop
+            out = loop(input_ids, attention_mask, step)
         self.paths[path] += 1
         is_stop = torch.isin(out, torch.tensor(self.stop_ids, device=out.device))
         self.new_tokens += int((is_stop.cumsum(1) - is_stop.long() == 0).sum())  # up to each row's end
@@ -384,7 +382,8 @@ class GenerationEngine:
             self.timings[name] = self.timings.get(name, 0.0) + now - self._t
         self._t = now
 
-    def _transformers_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step=None) -> torch.Tensor:
+    def _transformers_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               step=None) -> torch.Tensor:
         s = self.sampling
         out = self.model.generate(
             input_ids=input_ids,
@@ -401,15 +400,14 @@ class GenerationEngine:
     def _static_loop(self, prompts: list[list[int]], device, graphs: bool, step=None) -> torch.Tensor:
         """New tokens ``[rows × samples, ≤ max_new_tokens]`` through the static cache (rows i*K …
         i*K+K-1 are question i's samples, as ``num_return_sequences`` orders them)."""
-        from spellxfer.models.static_decode import static_decoder
-
         s = self.sampling
         rows = [p for p in prompts for _ in range(s.samples)]
         width = max(len(p) for p in rows)
         input_ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in rows]).to(device)
         lengths = torch.tensor([len(p) for p in rows]).to(device)
         self._lap("prompts")
-        state = static_decoder(self.model).prefill(input_ids, lengths, s.max_new_tokens, graphs=graphs)
+        decoder = static_decode.static_decoder(self.model)
+        state = decoder.prefill(input_ids, lengths, s.max_new_tokens, graphs=graphs)
         self._lap("prefill")
         stop = torch.tensor(self.stop_ids, device=device)
         ended = torch.zeros(len(rows), dtype=torch.bool, device=device)
@@ -430,8 +428,6 @@ class GenerationEngine:
 
     def _decode_loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step=None) -> torch.Tensor:
         """New tokens ``[rows × samples, ≤ max_new_tokens]``, pad after each row's end of turn."""
-        from transformers import DynamicCache
-
         s = self.sampling
         if s.samples > 1:  # rows i*K … i*K+K-1 are question i's samples, as num_return_sequences
             input_ids = input_ids.repeat_interleave(s.samples, 0)
@@ -452,7 +448,7 @@ class GenerationEngine:
         s, new = self.sampling, []
         for k in range(s.max_new_tokens):
             logits = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             if k == 0:
                 self._lap("prefill")
             token = pick_next_tokens(logits, s).masked_fill(ended, self.pad_id)
@@ -500,14 +496,10 @@ def unsloth_patched(model) -> bool:
 
 
 def timed_generate(engine: GenerationEngine, questions: Sequence[str], label: str = "generating",
-                   conversations: Sequence[list[dict[str, str]]] | None = None):  # fmt: skip
+                   conversations: Sequence[list[dict[str, str]]] | None = None):
     """Run the engine under a rich progress bar (items/s) — plain lines every 30 s when stdout
     is not a terminal (:mod:`spellxfer.core.progress`); returns (replies, seconds). With
     ``conversations`` (one per question, e.g. few-shot turns before it) those are what is sent."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from spellxfer.core.progress import PlainProgress, is_terminal
-
     class Rate(TextColumn):
         def render(self, task):
             speed = task.finished_speed or task.speed
@@ -525,7 +517,7 @@ def timed_generate(engine: GenerationEngine, questions: Sequence[str], label: st
         replies = run(lambda n: plain.update(plain.done + n))
     else:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      Rate(""), TimeElapsedColumn(), transient=False) as bar:  # fmt: skip
+                      Rate(""), TimeElapsedColumn(), transient=False) as bar:
             task = bar.add_task(label, total=len(questions))
             replies = run(lambda n: bar.advance(task, n))
     return replies, time.perf_counter() - t0

@@ -14,16 +14,21 @@ anything else        a hub id (``Qwen/Qwen3-4B`` where a hub is reachable) or a 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from spellxfer.core.assets import cache_dir, ensure_asset
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_output_dir
+from spellxfer.tasks.chat import load_qwen3_tokenizer
 
 EMBEDDED = ("smollm2-135m", "tiny-qwen3", "qwen3-4b-shape")
 
@@ -74,11 +79,7 @@ def check_model_name(name: str) -> None:
 def load_tokenizer(name: str):
     """The tokenizer for a model name, left-padded for batched generation."""
     check_model_name(name)
-    from transformers import AutoTokenizer
-
     if name in ("tiny-qwen3", "qwen3-4b-shape"):
-        from spellxfer.tasks.chat import load_qwen3_tokenizer
-
         tok = load_qwen3_tokenizer()
     elif name == "smollm2-135m":
         # BPE: clean-up of tokenization spaces would corrupt decoded replies (and warns on load)
@@ -91,14 +92,11 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               seed: int = 0):
     """Load a causal LM by name. Random-weight names are initialised reproducibly from ``seed``."""
     check_model_name(name)
-    from transformers import AutoModelForCausalLM
-
     if name in ("tiny-qwen3", "qwen3-4b-shape"):
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
         cfg = Qwen3Config(**(TINY_QWEN3 if name == "tiny-qwen3" else QWEN3_4B_SHAPE))
         devices = [device] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -175,14 +173,9 @@ def _smollm2_dir() -> Path:
     out = cache_dir() / "models" / "smollm2-135m"
     if _is_converted(out):
         return out
-    import importlib.util
-
-    from rich.console import Console
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if importlib.util.find_spec("gguf") is None:
         raise SpellxferError("smollm2-135m is read from a GGUF file, which needs the gguf package "
-                             "(pip install 'spellxfer[gguf]'); it is converted once and cached")  # fmt: skip
+                             "(pip install 'spellxfer[gguf]'); it is converted once and cached")
     gguf = ensure_asset("smollm2-gguf")
     with Console(stderr=True).status("converting SmolLM2 GGUF to safetensors (once, ~30 s)"):
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -229,8 +222,9 @@ def check_lora_state(state: dict, expected: dict[str, torch.Tensor], source: str
     if missing or unexpected:
         detail = f"missing e.g. {missing[0]}" if missing else f"unknown e.g. {unexpected[0]}"
         raise SpellxferError(
-            f"{source}: holds {len(expected) - len(missing)} of the {len(expected)} LoRA tensors this model and "
-            f"adapter config have ({detail}; written for another model, rank or target_modules?)"
+            f"{source}: holds {len(expected) - len(missing)} of the {len(expected)} LoRA tensors "
+            f"this model and adapter config have ({detail}; written for another model, rank or "
+            "target_modules?)"
         )
     for k, want in expected.items():
         got = state[k]
@@ -250,8 +244,6 @@ def check_lora_layout(state: dict, r: int, target_modules, source: str) -> None:
     with both halves. A cheap early check (before any model loads); :func:`check_lora_state`
     against the built model is the exact one.
     """
-    import re
-
     found: dict[tuple[str, str], set[str]] = {}
     for key, value in state.items():
         m = re.search(r"\.layers\.(\d+)\.(?:.+\.)?(\w+)\.lora_([AB])\.", key)
@@ -259,27 +251,30 @@ def check_lora_layout(state: dict, r: int, target_modules, source: str) -> None:
             continue
         layer, module, half = m.groups()
         if module not in target_modules:
-            raise SpellxferError(f"{source}: LoRA tensor {key} adapts {module}, not one of target_modules {sorted(target_modules)}")
+            raise SpellxferError(f"{source}: LoRA tensor {key} adapts {module}, "
+                                 f"not one of target_modules {sorted(target_modules)}")
         rank_dim = 0 if half == "A" else 1
         if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[rank_dim] != r:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise SpellxferError(f"{source}: tensor {key} has shape {shape}, not rank {r} (written for another LoRA rank?)")
+            raise SpellxferError(f"{source}: tensor {key} has shape {shape}, not rank {r} "
+                                 "(written for another LoRA rank?)")
         found.setdefault((layer, module), set()).add(half)
     if not found:
         raise SpellxferError(f"{source}: holds no LoRA tensors")
     layers = sorted({int(layer) for layer, _ in found})
     if layers != list(range(layers[-1] + 1)):
         gap = min(set(range(layers[-1] + 1)) - set(layers))
-        raise SpellxferError(f"{source}: incomplete LoRA weights: layer {gap} has none (layers 0-{layers[-1]} adapted)")
+        raise SpellxferError(f"{source}: incomplete LoRA weights: layer {gap} has none "
+                             f"(layers 0-{layers[-1]} adapted)")
     for layer in layers:
         for module in sorted(set(target_modules)):
             missing = {"A", "B"} - found.get((str(layer), module), set())
             if missing:
                 have = sum(len(h) for h in found.values())
                 raise SpellxferError(
-                    f"{source}: incomplete LoRA weights: layer {layer} {module} has no lora_{min(missing)} ({have} "
-                    f"tensors; a complete adapter has lora_A and lora_B for each of the {len(set(target_modules))} "
-                    "target modules in every layer)"
+                    f"{source}: incomplete LoRA weights: layer {layer} {module} has no "
+                    f"lora_{min(missing)} ({have} tensors; a complete adapter has lora_A and lora_B "
+                    f"for each of the {len(set(target_modules))} target modules in every layer)"
                 )
 
 
@@ -329,19 +324,24 @@ def apply_fused_kernels(lm, kernels: str = "auto") -> str:
         kernels: ``auto`` (Liger when on CUDA, installed and the architecture is supported),
             ``liger`` (the same, but an unsupported architecture is an error) or ``none``.
     """
-    import importlib.util
-
-    if kernels == "none" or not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+    if (kernels == "none" or not torch.cuda.is_available()
+            or importlib.util.find_spec("liger_kernel") is None):
         return "none"
-    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen3
+    from liger_kernel.transformers import (  # optional extra (spellxfer[gpu])
+        apply_liger_kernel_to_llama,
+        apply_liger_kernel_to_qwen3,
+    )
 
-    patch = {"qwen3": apply_liger_kernel_to_qwen3, "llama": apply_liger_kernel_to_llama}.get(lm.config.model_type)
+    patches = {"qwen3": apply_liger_kernel_to_qwen3, "llama": apply_liger_kernel_to_llama}
+    patch = patches.get(lm.config.model_type)
     if patch is None:
         if kernels == "liger":
-            raise SpellxferError(f"model.kernels: liger supports qwen3 and llama models, not {lm.config.model_type}")
+            raise SpellxferError("model.kernels: liger supports qwen3 and llama models, "
+                                 f"not {lm.config.model_type}")
         return "none"
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     # fused_linear_cross_entropy stays off: the completion-only chunked loss already never
     # builds full logits (spellxfer/models/losses.py), and generation needs only the last position.
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=base)
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+          model=base)
     return "liger"

@@ -40,6 +40,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from spellxfer.models.attention import STATIC_NAME, attention_implementation
 
@@ -235,7 +236,8 @@ class StaticDecoder:
         need = bucket.rows * bucket.length
         per_slot = self.kv_heads * self.head_dim
         store = self._store
-        if store is None or store[0].shape[1] < need * per_slot or (store[0].dtype, store[1].dtype) != (key_dtype, value_dtype):
+        dtypes = None if store is None else (store[0].dtype, store[1].dtype)
+        if store is None or store[0].shape[1] < need * per_slot or dtypes != (key_dtype, value_dtype):
             capacity = max(need, self.reserved) * per_slot
             device = bucket.ids.device
             self._store = None
@@ -243,7 +245,7 @@ class StaticDecoder:
             # zeros, not empty: a masked slot multiplies its value by a probability of 0, and a
             # NaN bit pattern left in fresh memory would survive that
             store = self._store = (torch.zeros(self.layers, capacity, dtype=key_dtype, device=device),
-                                   torch.zeros(self.layers, capacity, dtype=value_dtype, device=device))  # fmt: skip
+                                   torch.zeros(self.layers, capacity, dtype=value_dtype, device=device))
         shape = (bucket.rows, self.kv_heads, bucket.length, self.head_dim)
         size = need * per_slot
         bucket.keys = [store[0][i, :size].view(shape) for i in range(self.layers)]
@@ -253,19 +255,18 @@ class StaticDecoder:
         key = (rows, length, _autocast_state(device))
         b = self._buckets.get(key)
         if b is None:
-            b = self._buckets[key] = _Bucket(self, rows, length, ids=torch.zeros(rows, 1, dtype=torch.long, device=device),
+            b = self._buckets[key] = _Bucket(self, rows, length,
+                                             ids=torch.zeros(rows, 1, dtype=torch.long, device=device),
                                              slot=torch.zeros(rows, dtype=torch.long, device=device),
-                                             slots=torch.arange(length, device=device))  # fmt: skip
+                                             slots=torch.arange(length, device=device))
         return b
 
     def _check_unchanged(self) -> None:
         """Graphs replay the kernels and weight addresses seen at capture: drop them if the model's
         parameters moved or its adapters were merged, disabled or switched since."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         fingerprint = hash((tuple(p.data_ptr() for p in self.model.parameters()),
                             tuple((m.merged, m.disable_adapters, tuple(m.active_adapters))
-                                  for m in self.model.modules() if isinstance(m, BaseTunerLayer))))  # fmt: skip
+                                  for m in self.model.modules() if isinstance(m, BaseTunerLayer))))
         if fingerprint != self._fingerprint:
             if self._fingerprint is not None:
                 self._drop()
@@ -274,7 +275,7 @@ class StaticDecoder:
     # ---- prefill and steps ----------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int,
-                graphs: bool = False) -> DecodeState:  # fmt: skip
+                graphs: bool = False) -> DecodeState:
         """Run the prompts through the model and keep their keys and values.
 
         Args:
@@ -298,7 +299,7 @@ class StaticDecoder:
                 # positions 0 … P − 1 in every row: right padding puts each row's real tokens first
                 hidden = self.body(input_ids=input_ids[start:stop, :chunk_width], use_cache=True,
                                    position_ids=torch.arange(chunk_width, device=device)[None],
-                                   **{self.cache_kwarg: StaticKVCache(b, start)}).last_hidden_state  # fmt: skip
+                                   **{self.cache_kwarg: StaticKVCache(b, start)}).last_hidden_state
                 last = lengths[start:stop] - 1
                 logits.append(self.head(hidden[torch.arange(stop - start, device=device), last]))
                 self.prefill_chunks += 1
@@ -325,7 +326,7 @@ class StaticDecoder:
         visible = (b.slots[None, :] <= b.slot[:, None])[:, None, None, :]  # [rows, 1, 1, length]
         with attention_implementation(self.base, STATIC_NAME):
             hidden = self.body(input_ids=b.ids, attention_mask=visible, position_ids=b.slot[:, None],
-                               use_cache=True, **{self.cache_kwarg: StaticKVCache(b)}).last_hidden_state  # fmt: skip
+                               use_cache=True, **{self.cache_kwarg: StaticKVCache(b)}).last_hidden_state
         logits = self.head(hidden[:, -1])
         b.slot.add_(1)
         return logits

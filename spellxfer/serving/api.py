@@ -9,8 +9,8 @@ Routes (all on one LitServe server, one request queue, one set of inference work
   ``stop`` are honoured; ``finish_reason`` is ``length`` at the token cap; ``usage`` counts the
   generated token ids.
 - ``POST /predict`` — ``{"question": …, "task": "position"|"count"}`` →
-  ``{"answer": <reply up to end of turn>, "parsed": <letter, number or null>, "latency_ms": …}``; ``parsed`` uses
-  the same answer parser as ``evaluate``.
+  ``{"answer": <reply up to end of turn>, "parsed": <letter, number or null>, "latency_ms": …}``;
+  ``parsed`` uses the same answer parser as ``evaluate``.
 - ``GET /v1/models`` and ``/v1/models/{id}`` — the one served model, as OpenAI lists models;
 - ``GET /health`` (200 once the model is loaded), ``GET /metrics`` (Prometheus, see monitoring.py),
   ``GET /openapi.json``, ``/docs``, ``/redoc`` (the schema and its viewers, behind the same key).
@@ -63,7 +63,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import litserve as ls
-from fastapi import BackgroundTasks, HTTPException, Request
+from fastapi import BackgroundTasks, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from litserve.specs.openai import (
     ChatCompletionChunk,
@@ -76,6 +78,9 @@ from litserve.specs.openai import (
     UsageInfo,
 )
 from litserve.utils import LitAPIStatus, ResponseBufferItem
+from pydantic import ValidationError
+from rich.console import Console
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.serving.protocol import (
@@ -87,11 +92,16 @@ from spellxfer.serving.protocol import (
     parse_chat,
     parse_predict,
     resolve_api_key,
+    validation_message,
 )
 from spellxfer.serving.scaling import DEFAULT_CONFIG, ServingSettings, load_config
+from spellxfer.serving.streaming import StreamedReply, chat_content, streamed_steps, token_pieces
+from spellxfer.tasks.chat import chat_token_ids
+from spellxfer.tasks.parsing import parse_answer, strip_end_of_turn
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-GENERATION_FAILED = "generation failed for this request (the server log has the cause); the other requests of its batch were served"
+GENERATION_FAILED = ("generation failed for this request (the server log has the cause); "
+                     "the other requests of its batch were served")
 log = logging.getLogger(__name__)
 
 
@@ -124,7 +134,8 @@ async def _queued(spec: OpenAISpec, payload) -> AsyncIterator[AsyncIterator[tupl
     fails loudly if an upgrade changes any of it, and pyproject.toml caps LitServe at the release
     it was tested on."""
     uid, q, event = uuid.uuid4(), deque(), asyncio.Event()
-    spec.response_buffer[uid] = ResponseBufferItem(response_queue=q, event=event)  # before the reply can arrive
+    # registered before the request is queued, so the reply cannot arrive first
+    spec.response_buffer[uid] = ResponseBufferItem(response_queue=q, event=event)
     try:
         spec.request_queue.put((spec.response_queue_id, uid, time.monotonic(), payload))
         yield spec.data_streamer(q, event, send_status=True)
@@ -194,6 +205,7 @@ class SpellxferSpec(OpenAISpec):
             return parser(await request.body(), self.limits)
         except ApiError as e:
             if e.code == "thinking_not_allowed":
+                # imported only after serve sets PROMETHEUS_MULTIPROC_DIR (see monitoring.py)
                 from spellxfer.serving.monitoring import THINKING_REJECTED
 
                 THINKING_REJECTED.inc()
@@ -202,7 +214,8 @@ class SpellxferSpec(OpenAISpec):
     async def chat_completion(self, request: Request, background_tasks: BackgroundTasks):
         req = await self._parse(parse_chat, request)
         if req.stream:
-            return StreamingResponse(self._stream(req), media_type="text/event-stream", background=background_tasks)
+            return StreamingResponse(self._stream(req), media_type="text/event-stream",
+                                     background=background_tasks)
         return await self._complete(req)
 
     async def _final(self, payload) -> dict:
@@ -216,9 +229,12 @@ class SpellxferSpec(OpenAISpec):
     async def _complete(self, req) -> ChatCompletionResponse:
         """The ``chat.completion`` object, each choice with its own ``finish_reason``."""
         outs = await asyncio.gather(*(self._final(req.model_copy(update={"n": 1})) for _ in range(req.n)))
-        choices = [ChatCompletionResponseChoice(index=i, message=ChatMessage(role="assistant", content=o["content"]),
-                                                finish_reason=o["finish_reason"]) for i, o in enumerate(outs)]  # fmt: skip
-        return ChatCompletionResponse(model=req.model, choices=choices, usage=sum(UsageInfo(**o) for o in outs))
+        choices = [ChatCompletionResponseChoice(index=i,
+                                                message=ChatMessage(role="assistant", content=o["content"]),
+                                                finish_reason=o["finish_reason"])
+                   for i, o in enumerate(outs)]
+        usage = sum(UsageInfo(**o) for o in outs)
+        return ChatCompletionResponse(model=req.model, choices=choices, usage=usage)
 
     async def _stream(self, req):
         """``chat.completion.chunk`` events, all with one ``id``, ``created`` and ``model``: the role
@@ -237,7 +253,7 @@ class SpellxferSpec(OpenAISpec):
         try:
             async with AsyncExitStack() as stack:
                 pipes = [await stack.enter_async_context(_queued(self, req.model_copy(update={"n": 1})))
-                         for _ in range(req.n)]  # fmt: skip
+                         for _ in range(req.n)]
                 for i in range(req.n):
                     yield chunk(i, delta=ChoiceDelta(role="assistant", content=""))
                 async for i, message in merged([worker_messages(pipe) for pipe in pipes]):
@@ -255,20 +271,22 @@ class SpellxferSpec(OpenAISpec):
             yield "data: [DONE]\n\n"
         except HTTPException as e:  # headers are sent: the error goes in the stream, as OpenAI's
             body = {"error": {"message": str(e.detail), "type": "server_error" if e.status_code >= 500
-                              else "invalid_request_error", "code": e.status_code}}  # fmt: skip
+                              else "invalid_request_error", "code": e.status_code}}
             yield f"data: {json.dumps(body)}\n\n"
 
     async def predict_route(self, request: Request):
         start = time.perf_counter()
         out = await self._final(await self._parse(parse_predict, request))
-        return {"answer": out["answer"], "parsed": out["parsed"], "latency_ms": round((time.perf_counter() - start) * 1e3, 2)}
+        latency_ms = round((time.perf_counter() - start) * 1e3, 2)
+        return {"answer": out["answer"], "parsed": out["parsed"], "latency_ms": latency_ms}
 
 
 def _rest(content: str, sent: str) -> str:
     """What a stream still owes of the finished reply ``content`` after sending ``sent``."""
     if content.startswith(sent):
         return content[len(sent) :]
-    log.warning("a streamed reply changed after it was sent (a late </think>?): sent %r, reply %r", sent, content)
+    log.warning("a streamed reply changed after it was sent (a late </think>?): sent %r, reply %r",
+                sent, content)
     return ""
 
 
@@ -285,13 +303,16 @@ class SpellxferAPI(ls.LitAPI):
         if self.api_key is None or request.url.path == "/health":
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        matches = secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+        if scheme.lower() != "bearer" or not matches:
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           "invalid_api_key")
 
     def setup(self, device):
+        # torch loads here, in the inference workers only: the HTTP processes never need it
         from spellxfer.evaluation.evaluate import load_for_generation
         from spellxfer.models.generation import default_sampling
-        from spellxfer.serving import monitoring
+        from spellxfer.serving import monitoring  # after serve sets PROMETHEUS_MULTIPROC_DIR
 
         self.monitoring = monitoring
         self.model, self.tokenizer = load_for_generation(self.settings.model, self.settings.adapter, device)
@@ -309,14 +330,18 @@ class SpellxferAPI(ls.LitAPI):
 
     def _job(self, request) -> Job:
         if isinstance(request, PredictRequest):
-            sampling = replace(self.defaults, max_new_tokens=request.max_tokens or self.defaults.max_new_tokens)
+            max_new = request.max_tokens or self.defaults.max_new_tokens
+            sampling = replace(self.defaults, max_new_tokens=max_new)
             kind = answer_kind(request.question, request.task, request.answer_kind)
             return Job("predict", (("user", request.question),), sampling, kind)
         s = self.defaults
         max_tokens = request.max_completion_tokens or request.max_tokens  # parse_chat refused 0
         s = replace(s, max_new_tokens=max_tokens or s.max_new_tokens)
         if "temperature" in request.model_fields_set and request.temperature is not None:
-            s = replace(s, decoding="greedy") if request.temperature == 0 else replace(s, temperature=request.temperature)
+            if request.temperature == 0:
+                s = replace(s, decoding="greedy")
+            else:
+                s = replace(s, temperature=request.temperature)
         if "top_p" in request.model_fields_set and request.top_p is not None:
             s = replace(s, top_p=request.top_p)
         if request.min_p is not None:
@@ -325,7 +350,7 @@ class SpellxferAPI(ls.LitAPI):
             s = replace(s, seed=request.seed)
         messages = tuple((m.role, message_text(m.content, "content")) for m in request.messages)
         return Job("chat", messages, s, stop=request.stop_sequences(), seeded=request.seed is not None,
-                   stream=bool(request.stream))  # fmt: skip
+                   stream=bool(request.stream))
 
     def predict(self, x, **kwargs):
         """Replies to a batch of jobs (one job when ``max_batch_size`` is 1), as LitServe's
@@ -335,8 +360,6 @@ class SpellxferAPI(ls.LitAPI):
         while a group with streamed jobs generates, every decode step that adds text to one of them
         yields ``{"delta": text}`` per job ("" for the others). Groups without streamed jobs are
         generated in this thread without any per-step work."""
-        from spellxfer.tasks.chat import chat_token_ids
-
         batched = self.max_batch_size > 1
         jobs: list[Job] = x if batched else [x]
         start = time.perf_counter()
@@ -345,7 +368,8 @@ class SpellxferAPI(ls.LitAPI):
         for i, job in enumerate(jobs):
             if job.error is None:
                 try:  # tokenized one by one: content the tokenizer refuses fails its own request
-                    prompts[i] = chat_token_ids(self.tokenizer, [[{"role": r, "content": c} for r, c in job.messages]])[0]
+                    conv = [{"role": r, "content": c} for r, c in job.messages]
+                    prompts[i] = chat_token_ids(self.tokenizer, [conv])[0]
                 except Exception as e:
                     log.exception("tokenizing a request failed")
                     outputs[i] = {"error": f"{type(e).__name__}: {e}"}
@@ -365,7 +389,7 @@ class SpellxferAPI(ls.LitAPI):
         served = [o for o in outputs if "error" not in o]
         self.monitoring.record_batch(len(jobs), time.perf_counter() - start,
                                      sum(o["prompt_tokens"] for o in served),
-                                     sum(o["completion_tokens"] for o in served))  # fmt: skip
+                                     sum(o["completion_tokens"] for o in served))
         yield outputs if batched else outputs[0]
 
     def _generate_group(self, sampling, group: list[tuple[Job, list[int]]]) -> list[dict]:
@@ -377,15 +401,15 @@ class SpellxferAPI(ls.LitAPI):
             log.exception("a generation batch failed; retrying its %d requests one by one", len(group))
             return [self._generate_alone(sampling, item) for item in group]
 
-    def _stream_group(self, sampling, group: list[tuple[Job, list[int]]], idx: list[int], size: int, batched: bool):
+    def _stream_group(self, sampling, group: list[tuple[Job, list[int]]], idx: list[int], size: int,
+                      batched: bool):
         """Generate a group that holds streamed jobs, yielding each decode step's new text (see
         :meth:`predict`); returns the group's replies. ``idx``: the group's places among the
         batch's ``size`` jobs. Should the group fail, its jobs are retried one by one like any
         group's — except streamed ones that have sent text already: it cannot be recalled, so
         they fail."""
-        from spellxfer.serving.streaming import StreamedReply, streamed_steps
-
-        replies = {k: StreamedReply(self.tokenizer, job.stop) for k, (job, _) in enumerate(group) if job.stream}
+        replies = {k: StreamedReply(self.tokenizer, job.stop)
+                   for k, (job, _) in enumerate(group) if job.stream}
 
         def messages(deltas: dict[int, str]):
             out = [{"delta": ""} for _ in range(size)]
@@ -393,12 +417,17 @@ class SpellxferAPI(ls.LitAPI):
                 out[idx[k]]["delta"] = delta
             return out if batched else out[0]
 
+        def generate(on_step):
+            return self._generate(sampling, group, on_step)
+
         try:
-            return (yield from streamed_steps(lambda on_step: self._generate(sampling, group, on_step), replies, messages))
+            return (yield from streamed_steps(generate, replies, messages))
         except Exception:
             log.exception("a streamed generation batch failed; retrying its requests that have sent nothing")
-            return [{"error": "failed after part of its reply was streamed"} if k in replies and replies[k].sent
-                    else self._generate_alone(sampling, item) for k, item in enumerate(group)]  # fmt: skip
+            return [{"error": "failed after part of its reply was streamed"}
+                    if k in replies and replies[k].sent
+                    else self._generate_alone(sampling, item)
+                    for k, item in enumerate(group)]
 
     def _generate_alone(self, sampling, item: tuple[Job, list[int]]) -> dict:
         try:
@@ -410,23 +439,21 @@ class SpellxferAPI(ls.LitAPI):
     def _generate(self, sampling, group: list[tuple[Job, list[int]]], on_step=None) -> list[dict]:
         """Replies (shaped by :meth:`_output`) to ``(job, prompt ids)`` that share one sampling
         setting; ``on_step`` is the engine's per-step hook (streaming)."""
-        from spellxfer.models.generation import GenerationEngine
+        from spellxfer.models.generation import GenerationEngine  # torch: inference workers only
 
         self.batches += 1  # a new seed per batch: the same question can get different samples
         seed = sampling.seed if group[0][0].seeded else self.batches
-        engine = GenerationEngine(self.model, self.tokenizer, replace(sampling, seed=seed), batch_size=len(group))
+        engine = GenerationEngine(self.model, self.tokenizer, replace(sampling, seed=seed),
+                                  batch_size=len(group))
         engine.on_step = on_step
         replies = engine.generate_ids([prompt for _, prompt in group])
         return [self._output(job, reply[0], len(prompt), reply_ids[0], engine.stop_ids)
-                for (job, prompt), reply, reply_ids in zip(group, replies, engine.last_reply_ids)]  # fmt: skip
+                for (job, prompt), reply, reply_ids in zip(group, replies, engine.last_reply_ids)]
 
     def _output(self, job: Job, reply: str, prompt_tokens: int, reply_ids: list[int], stop_ids) -> dict:
         """One reply as the routes return it. ``completion_tokens`` counts the generated ids (up
         to and including the end-of-turn token, or to the end of the first ``stop`` match);
         ``finish_reason`` is ``length`` when the reply hit max_tokens without ending."""
-        from spellxfer.serving.streaming import chat_content, token_pieces
-        from spellxfer.tasks.parsing import parse_answer, strip_end_of_turn
-
         ended = bool(reply_ids) and reply_ids[-1] in stop_ids
         if job.kind == "predict":
             answer = strip_end_of_turn(reply)
@@ -438,8 +465,8 @@ class SpellxferAPI(ls.LitAPI):
         used = len(reply_ids)
         if cut:  # the tokens it took to write the content up to the stop sequence
             used = _tokens_spelling(token_pieces(self.tokenizer, reply_ids), len(content), used)
-        return {"role": "assistant", "content": content, "finish_reason": "stop" if ended or cut else "length",
-                **_usage(prompt_tokens, used)}  # fmt: skip
+        return {"role": "assistant", "content": content,
+                "finish_reason": "stop" if ended or cut else "length", **_usage(prompt_tokens, used)}
 
     def encode_response(self, output, **kwargs):
         # `output` streams what predict yielded: a list per batch (batched) or one dict.
@@ -459,37 +486,35 @@ def _tokens_spelling(pieces: list[str], chars: int, default: int) -> int:
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def error_response(request: Request, exc: HTTPException) -> JSONResponse:
     """Every HTTP error as OpenAI's error object, so clients show the message."""
     status = exc.status_code
     codes = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-             422: "invalid_request", 504: "timeout"}  # fmt: skip
-    code = getattr(exc, "code", None) or codes.get(status, "server_error" if status >= 500 else "invalid_request")
-    body = {"error": {"message": str(exc.detail), "type": "server_error" if status >= 500 else "invalid_request_error",
-                      "param": None, "code": code}}  # fmt: skip
+             422: "invalid_request", 504: "timeout"}
+    server_side = status >= 500
+    fallback = "server_error" if server_side else "invalid_request"
+    code = getattr(exc, "code", None) or codes.get(status, fallback)
+    body = {"error": {"message": str(exc.detail),
+                      "type": "server_error" if server_side else "invalid_request_error",
+                      "param": None, "code": code}}
     return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 
 
 def build_server(settings: ServingSettings, api_key: str | None = None) -> ls.LitServer:
     """The LitServer: our API, the metrics middleware and route, the API docs behind the same
     auth, OpenAI-shaped errors."""
-    from fastapi import Depends
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from spellxfer.serving import monitoring
+    from spellxfer.serving import monitoring  # after serve sets PROMETHEUS_MULTIPROC_DIR
 
     api = SpellxferAPI(settings, api_key)
     # FastAPI's own /openapi.json, /docs and /redoc take no dependencies; with them off, the same
     # three are added below behind api.authorize (FastAPI's recipe for protected docs).
-    server = ls.LitServer(api, middlewares=[monitoring.MetricsMiddleware], **settings.litserve_options()["server"],
-                          disable_openapi_url=True,
+    server = ls.LitServer(api, middlewares=[monitoring.MetricsMiddleware],
+                          **settings.litserve_options()["server"], disable_openapi_url=True,
                           model_metadata={"model": settings.model, "adapter": settings.adapter,
-                                          "thinking": "disabled (Qwen3 non-thinking mode only)"})  # fmt: skip
+                                          "thinking": "disabled (Qwen3 non-thinking mode only)"})
     auth = [Depends(api.authorize)]
 
     async def metrics(request: Request) -> Response:
@@ -510,14 +535,15 @@ def build_server(settings: ServingSettings, api_key: str | None = None) -> ls.Li
     def model_card() -> dict:
         """The one model this server serves, as an OpenAI ``Model`` object (``adapter``: ours)."""
         return {"id": settings.model, "object": "model", "created": created, "owned_by": "spellxfer",
-                "adapter": settings.adapter}  # fmt: skip
+                "adapter": settings.adapter}
 
     async def models(request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [model_card()]})
 
     async def model(request: Request, model_id: str) -> JSONResponse:
         if model_id != settings.model:
-            raise HTTPException(404, f"model {model_id!r} is not served here; this server serves {settings.model!r}")
+            raise HTTPException(404, f"model {model_id!r} is not served here; "
+                                     f"this server serves {settings.model!r}")
         return JSONResponse(model_card())
 
     server.app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=auth)
@@ -555,12 +581,14 @@ def serve(
         adapter: PEFT adapter directory (export's OUT/adapter) applied on top of the model.
         host: Interface to listen on: 127.0.0.1 (default, this machine only), 0.0.0.0 or :: (need an API key).
         port: TCP port (1024-65535).
-        api_key: Require 'Authorization: Bearer KEY' on every route but /health. Visible in ps: prefer $SPELLXFER_API_KEY or --api-key-file.
+        api_key: Require 'Authorization: Bearer KEY' on every route but /health. Visible in ps:
+            prefer $SPELLXFER_API_KEY or --api-key-file.
         api_key_file: File holding the API key (one line); default $SPELLXFER_API_KEY.
         max_batch_size: Requests generated together (LitAPI max_batch_size).
         batch_timeout: Seconds the first request of a batch waits for others (LitAPI batch_timeout).
         workers_per_device: Model copies per device (LitServer workers_per_device).
-        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) with the serving block and request limits.
+        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) with the serving
+            block and request limits.
     """
     # SIGTERM (docker stop, Lightning scale-down, test teardown) takes LitServer's graceful
     # Ctrl-C path: workers stop, and the `finally` below removes the metrics directory.
@@ -578,24 +606,24 @@ def serve(
     if own_prom_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="spellxfer-metrics-")
     try:
-        settings = _settings(load_config(deploy_config), deploy_config, model=model, adapter=adapter, max_batch_size=max_batch_size,
-                             batch_timeout=batch_timeout, workers_per_device=workers_per_device)  # fmt: skip
+        settings = _settings(load_config(deploy_config), deploy_config, model=model, adapter=adapter,
+                             max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+                             workers_per_device=workers_per_device)
         api_key = resolve_api_key(api_key, api_key_file)
         if host not in ("127.0.0.1", "0.0.0.0", "::"):
             raise SpellxferError(f"--host: LitServe listens on 127.0.0.1, 0.0.0.0 or ::, got {host!r}")
         if host not in LOOPBACK and api_key is None:
             raise SpellxferError(f"--host {host} listens beyond this machine and needs an API key: set "
-                                 "$SPELLXFER_API_KEY or --api-key-file FILE (or use --host 127.0.0.1)")  # fmt: skip
+                                 "$SPELLXFER_API_KEY or --api-key-file FILE (or use --host 127.0.0.1)")
         if not 1024 <= port <= 65535:
             raise SpellxferError(f"--port: must be in 1024-65535, got {port}")
-        from rich.console import Console
-
         console = Console(stderr=True)
         server = build_server(settings, api_key)
         console.print(f"serving {settings.model}" + (f" + {settings.adapter}" if settings.adapter else "")
-                      + f" on http://{host}:{port} (non-thinking; /v1/chat/completions, /predict, /health, /metrics)")  # fmt: skip
+                      + f" on http://{host}:{port} "
+                      "(non-thinking; /v1/chat/completions, /predict, /health, /metrics)")
         server.run(host=host, port=port, generate_client_file=False, log_level="warning",
-                   **settings.litserve_options()["run"])  # fmt: skip
+                   **settings.litserve_options()["run"])
     finally:
         if own_prom_dir:
             shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
@@ -604,10 +632,8 @@ def serve(
 
 def _settings(cfg, config: str, **flags) -> ServingSettings:
     """The config's serving block with the flags that were given, validated together."""
-    from pydantic import ValidationError
-
+    # registry imports torch, which only the inference workers need
     from spellxfer.models.registry import check_model_name
-    from spellxfer.serving.protocol import validation_message
 
     given = {k: v for k, v in flags.items() if v is not None}
     try:
@@ -616,5 +642,6 @@ def _settings(cfg, config: str, **flags) -> ServingSettings:
         raise SpellxferError(f"serve: {validation_message(e)} (flag or {config}: serving)") from None
     check_model_name(settings.model)
     if settings.adapter is not None and not (Path(settings.adapter) / "adapter_config.json").is_file():
-        raise SpellxferError(f"--adapter {settings.adapter}: no adapter_config.json there (expected export's OUT/adapter)")
+        raise SpellxferError(f"--adapter {settings.adapter}: no adapter_config.json there "
+                             "(expected export's OUT/adapter)")
     return settings

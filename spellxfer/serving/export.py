@@ -11,8 +11,8 @@ write ``OUT/adapter/`` (PEFT: ``adapter_config.json`` + ``adapter_model.safetens
   Qwen3 saved with the hub template would start thinking again in any server that renders
   the template's default — the trap this avoids;
 - ``generation_config.json`` with the configured sampling defaults (T 0.6, top-p 0.95, top-k 20,
-  min-p 0: the ``Sampling`` defaults of :mod:`spellxfer.models.generation`) and the end-of-turn stop tokens, so plain
-  ``model.generate`` and other servers sample the way spellxfer does.
+  min-p 0: the ``Sampling`` defaults of :mod:`spellxfer.models.generation`) and the end-of-turn
+  stop tokens, so plain ``model.generate`` and other servers sample the way spellxfer does.
 
 ``OUT/export.json`` records where it came from. Everything is written into a hidden sibling and
 renamed into place at the end: an interrupted export leaves nothing behind.
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from rich.console import Console
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import (
@@ -41,8 +42,12 @@ from spellxfer.core.outputs import (
     read_json,
     write_json,
 )
-from spellxfer.models.registry import check_lora_layout, write_loadable_base
+from spellxfer.models.generation import default_sampling
+from spellxfer.models.registry import check_lora_layout, check_lora_state, write_loadable_base
+from spellxfer.tasks.chat import NON_THINKING_TEMPLATE, end_of_turn_ids, is_qwen3
 from spellxfer.training.cards import write_card
+from spellxfer.training.checkpointing import load_fit_checkpoint
+from spellxfer.training.module import SpellingLoRAModule
 
 DEFAULT_ROOT = Path("results/deployment/models")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -79,8 +84,6 @@ def export(
     if metrics is not None and not isinstance(metrics.get("subtasks"), dict):
         raise SpellxferError(f"--eval {eval}: metrics.json has no 'subtasks' (not written by `evaluate`?)")
 
-    from rich.console import Console
-
     console = Console(stderr=True)
     with console.status(f"exporting {ckpt_path} ({hparams['model']} + LoRA r={hparams.get('lora_r')})"):
         module = _lora_module(hparams, state, ckpt_path)
@@ -89,7 +92,7 @@ def export(
             write_loadable_base(tmp / "adapter", hparams["model"], hparams.get("seed", 0))
             card = {"base_model": hparams["model"], "hparams": hparams, "data_dir": _data_dir(ckpt_path),
                     "selection": f"Exported from `{ckpt_path.name}`.", "metrics": metrics,
-                    "metrics_source": str(Path(eval) / "metrics.json") if eval is not None else None}  # fmt: skip
+                    "metrics_source": str(Path(eval) / "metrics.json") if eval is not None else None}
             write_card(tmp / "adapter", **card)
             if merge:
                 save_merged(module.lm, module.tokenizer, tmp / "merged", DTYPES[dtype])
@@ -100,12 +103,14 @@ def export(
                 "hyperparameters": hparams,
                 "merged": merge,
                 "dtype": dtype if merge else None,
-                "sampling": asdict(_sampling()),
-                "policy": "trained on spelling only; evaluated on position and count only; Qwen3 non-thinking",
+                "sampling": asdict(default_sampling()),
+                "policy": "trained on spelling only; evaluated on position and count only; "
+                          "Qwen3 non-thinking",
                 "git_commit": git_commit(),
                 "versions": package_versions(),
-            })  # fmt: skip
-    console.print(f"adapter → {out_dir / 'adapter'}" + (f"\nmerged model → {out_dir / 'merged'}" if merge else ""))
+            })
+    merged_line = f"\nmerged model → {out_dir / 'merged'}" if merge else ""
+    console.print(f"adapter → {out_dir / 'adapter'}{merged_line}")
     return 0
 
 
@@ -121,13 +126,12 @@ def _data_dir(ckpt_path: Path) -> str | None:
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The LoRA weights and the module's hyper-parameters of a ``fit`` checkpoint (read with
     ``weights_only=True``: a file that is not one is a one-line error naming it)."""
-    from spellxfer.training.checkpointing import load_fit_checkpoint
-
     ckpt = load_fit_checkpoint(path)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     if not isinstance(hparams.get("model"), str):
         raise SpellxferError(f"checkpoint {path}: hyper_parameters name no model (not written by `fit`?)")
-    check_lora_layout(ckpt["state_dict"], hparams.get("lora_r"), hparams.get("target_modules") or (), f"checkpoint {path}")
+    check_lora_layout(ckpt["state_dict"], hparams.get("lora_r"), hparams.get("target_modules") or (),
+                      f"checkpoint {path}")
     return ckpt["state_dict"], hparams
 
 
@@ -136,14 +140,13 @@ def _lora_module(hparams: dict, state: dict[str, torch.Tensor], path: Path):
 
     The checkpoint must hold every LoRA tensor its own hyper-parameters call for, in their shapes:
     a partial one would export an adapter that is partly untrained."""
-    from spellxfer.models.registry import check_lora_state
-    from spellxfer.training.module import SpellingLoRAModule
-
     # Quantised or Unsloth training still exports through plain PEFT: the adapter is the same.
     try:
         module = SpellingLoRAModule(**{**hparams, "backend": "hf", "load_in_4bit": False})
     except TypeError as e:  # hyper-parameters this module does not take
-        raise SpellxferError(f"checkpoint {path}: hyper_parameters do not fit spellxfer's module ({e})") from None
+        raise SpellxferError(
+            f"checkpoint {path}: hyper_parameters do not fit spellxfer's module ({e})"
+        ) from None
     except SpellxferError as e:
         raise SpellxferError(f"checkpoint {path}: hyper_parameters: {e}") from None
     module.configure_model()
@@ -154,10 +157,8 @@ def _lora_module(hparams: dict, state: dict[str, torch.Tensor], path: Path):
 
 def save_merged(peft_model, tokenizer, out: Path, dtype: torch.dtype) -> None:
     """Fold the adapter into the base weights and save model, tokenizer and generation defaults."""
-    from spellxfer.tasks.chat import NON_THINKING_TEMPLATE, end_of_turn_ids, is_qwen3
-
     merged = peft_model.merge_and_unload().to(dtype)
-    s = _sampling()
+    s = default_sampling()
     gc = merged.generation_config
     gc.do_sample = s.decoding == "sampled"
     gc.temperature, gc.top_p, gc.top_k, gc.min_p = s.temperature, s.top_p, s.top_k, s.min_p
@@ -169,9 +170,3 @@ def save_merged(peft_model, tokenizer, out: Path, dtype: torch.dtype) -> None:
         tokenizer.chat_template = NON_THINKING_TEMPLATE
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out)
-
-
-def _sampling():
-    from spellxfer.models.generation import default_sampling
-
-    return default_sampling()

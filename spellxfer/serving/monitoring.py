@@ -30,22 +30,32 @@ from __future__ import annotations
 import os
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+)
 from prometheus_client import generate_latest as _generate_latest
 
-ROUTES = ("/v1/chat/completions", "/predict", "/health", "/metrics", "/info", "/", "/openapi.json", "/docs", "/redoc")
+ROUTES = ("/v1/chat/completions", "/predict", "/health", "/metrics", "/info", "/", "/openapi.json", "/docs",
+          "/redoc")
 # Tiny CPU models answer in milliseconds, Qwen3-4B under load in seconds: cover both.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 REQUESTS = Counter("spellxfer_requests", "HTTP requests by route and status", ["route", "status"])
 ERRORS = Counter("spellxfer_request_errors", "HTTP responses with status >= 400", ["route", "status"])
 LATENCY = Histogram("spellxfer_request_latency_seconds", "Request latency (to the last response byte)",
-                    ["route"], buckets=LATENCY_BUCKETS)  # fmt: skip
+                    ["route"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("spellxfer_requests_in_flight", "Requests being handled", multiprocess_mode="livesum")
 THINKING_REJECTED = Counter("spellxfer_thinking_rejected", "Requests refused for asking for thinking mode")
 BATCH_SIZE = Histogram("spellxfer_batch_size", "Requests per generation batch",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
-GENERATION_SECONDS = Histogram("spellxfer_generation_seconds", "Generation time per batch", buckets=LATENCY_BUCKETS)
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+GENERATION_SECONDS = Histogram("spellxfer_generation_seconds", "Generation time per batch",
+                               buckets=LATENCY_BUCKETS)
 GENERATED_TOKENS = Counter("spellxfer_generated_tokens", "Tokens generated")
 PROMPT_TOKENS = Counter("spellxfer_prompt_tokens", "Prompt tokens processed")
 
@@ -66,8 +76,6 @@ def record_batch(size: int, seconds: float, prompt_tokens: int, generated_tokens
 def exposition() -> tuple[bytes, str]:
     """The Prometheus text format, summed over all server processes in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return _generate_latest(registry), CONTENT_TYPE_LATEST

@@ -45,6 +45,7 @@ from fastapi import HTTPException
 from litserve.specs.openai import ChatCompletionRequest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from spellxfer.core.errors import SpellxferError
 from spellxfer.tasks.chat import SOFT_SWITCH
 
 THINKING_FLAGS = ("enable_thinking", "thinking")
@@ -162,7 +163,8 @@ def check_json_values(data: dict, limits: Limits) -> None:
         elif isinstance(value, str):
             _check_text(value, where)
         elif isinstance(value, _TooLong):
-            raise ApiError(400, f"{where}: an integer of {value.digits} digits; the limit is {limits.max_int_digits}")
+            raise ApiError(400, f"{where}: an integer of {value.digits} digits; "
+                                f"the limit is {limits.max_int_digits}")
         elif isinstance(value, _NotANumber):
             raise ApiError(400, f"{where}: {value.literal} is not a JSON number")
 
@@ -174,7 +176,7 @@ def _check_text(text: str, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ApiError(400, f"{where}: not valid UTF-8 text (a lone surrogate {text[e.start]!a} at "
-                            f"character {e.start}); send each character whole") from None  # fmt: skip
+                            f"character {e.start}); send each character whole") from None
 
 
 def reject_thinking(data: dict, texts: list[str]) -> None:
@@ -187,15 +189,16 @@ def reject_thinking(data: dict, texts: list[str]) -> None:
             if source.get(flag) not in (None, False):
                 raise ApiError(400, f"{where}{flag}: thinking mode is not available on this server "
                                     "(Qwen3 is served in non-thinking mode only); leave it unset or false",
-                               "thinking_not_allowed")  # fmt: skip
+                               "thinking_not_allowed")
     for field in REASONING_FIELDS:
         if data.get(field) is not None:
-            raise ApiError(400, f"{field}: reasoning is not available on this server (non-thinking mode only)",
-                           "thinking_not_allowed")  # fmt: skip
+            raise ApiError(400, f"{field}: reasoning is not available on this server "
+                                "(non-thinking mode only)", "thinking_not_allowed")
     for text in texts:
         if SOFT_SWITCH.search(text):
             raise ApiError(400, "a message contains the thinking soft switch; this server answers in "
-                                "non-thinking mode only (remove it, or use /no_think)", "thinking_not_allowed")  # fmt: skip
+                                "non-thinking mode only (remove it, or use /no_think)",
+                           "thinking_not_allowed")
 
 
 def message_texts(data: dict) -> list[str]:
@@ -229,7 +232,8 @@ def parse_predict(body: bytes, limits: Limits) -> PredictRequest:
     if not req.question.strip():
         raise ApiError(400, "question: must not be empty")
     if len(req.question) > limits.max_message_chars:
-        raise ApiError(400, f"question: {len(req.question)} characters, the limit is {limits.max_message_chars}")
+        raise ApiError(400, f"question: {len(req.question)} characters, "
+                            f"the limit is {limits.max_message_chars}")
     check_max_tokens(req.max_tokens, limits)
     return req
 
@@ -246,26 +250,30 @@ def parse_chat(body: bytes, limits: Limits):
     if not isinstance(req.model, str):  # OpenAI requires it; LitServe echoes it into the reply
         raise ApiError(400, "model: must be a string (any name: this server serves one model), got null")
     if not req.messages or len(req.messages) > limits.max_messages:
-        raise ApiError(400, f"messages: between 1 and {limits.max_messages} messages, got {len(req.messages)}")
+        raise ApiError(400, f"messages: between 1 and {limits.max_messages} messages, "
+                            f"got {len(req.messages)}")
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise ApiError(400, f"messages.{i}.role: must be one of {', '.join(ROLES)}, got {m.role!r}")
         text = message_text(m.content, f"messages.{i}.content")
         if len(text) > limits.max_message_chars:
-            raise ApiError(400, f"messages.{i}.content: {len(text)} characters, the limit is {limits.max_message_chars}")
+            raise ApiError(400, f"messages.{i}.content: {len(text)} characters, "
+                                f"the limit is {limits.max_message_chars}")
     if req.messages[-1].role != "user":
         raise ApiError(400, "messages: the last message must come from the user")
     if req.tools:
         raise ApiError(400, "tools: tool calling is not supported by this server")
     if req.logprobs or req.top_logprobs is not None:
         field = "logprobs" if req.logprobs else "top_logprobs"
-        raise ApiError(400, f"{field}: log probabilities are not returned by this server (text only); leave it unset")
+        raise ApiError(400, f"{field}: log probabilities are not returned by this server (text only); "
+                            "leave it unset")
     if req.response_format is not None and req.response_format.type != "text":
-        raise ApiError(400, f"response_format: only {{\"type\": \"text\"}} is supported, got {req.response_format.type!r}")
+        raise ApiError(400, 'response_format: only {"type": "text"} is supported, '
+                            f"got {req.response_format.type!r}")
     stops = req.stop_sequences()
     if len(stops) > MAX_STOP or any(not 0 < len(x) <= MAX_STOP_CHARS for x in stops):
         raise ApiError(400, f"stop: up to {MAX_STOP} sequences of 1 to {MAX_STOP_CHARS} characters, got "
-                            f"{len(stops)} of lengths {[len(x) for x in stops]}")  # fmt: skip
+                            f"{len(stops)} of lengths {[len(x) for x in stops]}")
     check_max_tokens(req.max_completion_tokens, limits, "max_completion_tokens")
     check_max_tokens(req.max_tokens, limits)
     if req.n is not None and not 1 <= req.n <= limits.max_n:
@@ -293,7 +301,8 @@ def message_text(content, where: str) -> str:
     parts = []
     for part in content:
         if getattr(part, "type", None) != "text":
-            raise ApiError(400, f"{where}: only text content is supported, got {getattr(part, 'type', '?')!r}")
+            kind = getattr(part, "type", "?")
+            raise ApiError(400, f"{where}: only text content is supported, got {kind!r}")
         parts.append(part.text)
     return "".join(parts)
 
@@ -311,15 +320,15 @@ def resolve_api_key(flag: str | None = None, file: str | None = None, env=os.env
     A token is one run of printable ASCII without spaces, the characters an HTTP header carries
     as they are (a trailing newline in the file is dropped).
     """
-    from spellxfer.core.errors import SpellxferError
-
     if flag and file:
-        raise SpellxferError("--api-key and --api-key-file: give one (better the file, or $SPELLXFER_API_KEY)")
+        raise SpellxferError("--api-key and --api-key-file: give one "
+                             "(better the file, or $SPELLXFER_API_KEY)")
     if file:
         try:
             key, source = Path(file).read_text(encoding="utf-8").strip(), f"--api-key-file {file}"
         except (OSError, UnicodeDecodeError) as e:
-            raise SpellxferError(f"--api-key-file {file}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+            why = getattr(e, "strerror", None) or e
+            raise SpellxferError(f"--api-key-file {file}: cannot read ({why})") from None
         if not key:
             raise SpellxferError(f"--api-key-file {file}: the file is empty")
     else:

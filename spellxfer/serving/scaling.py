@@ -50,7 +50,8 @@ class ServingSettings(_Block):
     @model_validator(mode="after")
     def _batch_timeout_below_timeout(self):
         if self.batch_timeout >= self.timeout:
-            raise ValueError(f"batch_timeout ({self.batch_timeout} s) must be below timeout ({self.timeout} s)")
+            raise ValueError(f"batch_timeout ({self.batch_timeout} s) must be below "
+                             f"timeout ({self.timeout} s)")
         return self
 
     def litserve_options(self) -> dict[str, dict]:
@@ -59,7 +60,7 @@ class ServingSettings(_Block):
             "lit_api": {"max_batch_size": self.max_batch_size, "batch_timeout": self.batch_timeout},
             "server": {"accelerator": self.accelerator, "devices": self.devices,
                        "workers_per_device": self.workers_per_device, "timeout": self.timeout,
-                       "max_payload_size": self.limits.max_payload_bytes},  # fmt: skip
+                       "max_payload_size": self.limits.max_payload_bytes},
             "run": {"num_api_servers": self.num_api_servers},
         }
 
@@ -99,7 +100,8 @@ class JobSettings(_Block):
     machines: dict[Literal["fit", "sweep", "serve"], str] = {"fit": "L4", "sweep": "L4", "serve": "L4"}
     commands: dict[Literal["fit", "sweep", "serve"], str] = {
         "fit": "python -m spellxfer fit --config configs/r16.yaml",
-        "sweep": "python -m spellxfer sweep --space configs/sweeps/demo.yaml --study demo",  # + --storage to share a study
+        # add --storage to share one study between several jobs
+        "sweep": "python -m spellxfer sweep --space configs/sweeps/demo.yaml --study demo",
         "serve": "python -m spellxfer serve --port 8000",  # --host: added per key, see serve_command
     }
     interruptible: bool = False  # spot machines: cheaper, may be preempted (fit resumes from last.ckpt)
@@ -134,7 +136,7 @@ class LightningConfig(_Block):
             "autoscale": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas, "metric": a.metric,
                           "threshold": a.threshold, "idle_threshold_seconds": str(a.idle_threshold_seconds)},
             "health_check": {"path": d.health_check_path, "port": d.port},
-        }  # fmt: skip
+        }
 
 
 def check_machine(name: str) -> str:

@@ -38,7 +38,7 @@ Task = Literal["fit", "sweep", "serve"]
 
 def build_job_spec(task: Task, cfg: LightningConfig, name: str | None = None, machine: str | None = None,
                    teamspace: str | None = None, studio: str | None = None, command: str | None = None,
-                   env: dict[str, str] | None = None) -> dict:  # fmt: skip
+                   env: dict[str, str] | None = None) -> dict:
     """The keyword arguments for ``lightning_sdk.Job.run`` (plain values, JSON-printable)."""
     jobs = cfg.jobs
     env = env if env is not None else os.environ
@@ -64,12 +64,14 @@ def build_job_spec(task: Task, cfg: LightningConfig, name: str | None = None, ma
     }
 
 
-def build_deployment_spec(cfg: LightningConfig, command: str | None = None, env: dict[str, str] | None = None) -> dict:
+def build_deployment_spec(cfg: LightningConfig, command: str | None = None,
+                          env: dict[str, str] | None = None) -> dict:
     """The arguments for ``lightning_sdk.Deployment(name, teamspace).start(...)``, as plain values."""
     env = env if env is not None else os.environ
     where = "--command" if command else "jobs.commands.serve"
     # The replica gets the key as Secret(api_key_env) below, so it may (and must) listen on 0.0.0.0.
-    spec = cfg.deployment_options(serve_command(command or cfg.jobs.commands["serve"], has_key=True, where=where))
+    serve = serve_command(command or cfg.jobs.commands["serve"], has_key=True, where=where)
+    spec = cfg.deployment_options(serve)
     spec["studio"] = cfg.jobs.studio or env.get("LIGHTNING_STUDIO")
     spec["teamspace"] = cfg.jobs.teamspace or env.get("LIGHTNING_TEAMSPACE")
     spec["env"] = dict(cfg.jobs.env)
@@ -89,7 +91,7 @@ def serve_command(command: str, has_key: bool, where: str = "jobs.commands.serve
         flag = flag.replace("_", "-")  # the CLI takes --api-key and --api_key alike
         if flag == "--api-key":
             raise SpellxferError(f"{where}: do not put the API key in the command; keep it in the "
-                                 "SPELLXFER_API_KEY teamspace secret (or pass --api-key-file)")  # fmt: skip
+                                 "SPELLXFER_API_KEY teamspace secret (or pass --api-key-file)")
         if flag == "--api-key-file":
             has_key = True
         if flag == "--host":
@@ -98,7 +100,7 @@ def serve_command(command: str, has_key: bool, where: str = "jobs.commands.serve
         return f"{command} --host {'0.0.0.0' if has_key else '127.0.0.1'}"
     if host not in ("127.0.0.1", "localhost", "::1") and not has_key:
         raise SpellxferError(f"{where}: --host {host} without an API key would serve anyone who can reach "
-                             "the machine; set the SPELLXFER_API_KEY secret, or drop --host (127.0.0.1)")  # fmt: skip
+                             "the machine; set the SPELLXFER_API_KEY secret, or drop --host (127.0.0.1)")
     return command
 
 
@@ -114,7 +116,7 @@ def has_credentials(env: dict[str, str] | None = None) -> bool:
 def _require_credentials() -> None:
     if not has_credentials():
         raise SpellxferError("no Lightning credentials: set LIGHTNING_USER_ID and LIGHTNING_API_KEY "
-                             "(lightning.ai → Settings → Keys) or run `lightning login`")  # fmt: skip
+                             "(lightning.ai → Settings → Keys) or run `lightning login`")
 
 
 def studio_submit(
@@ -132,7 +134,8 @@ def studio_submit(
 
     Args:
         task: fit, sweep or serve.
-        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) with the jobs (and deployment) blocks.
+        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) with the jobs
+            (and deployment) blocks.
         name: Job name (default spellxfer-<task>-<UTC time>); unique within the teamspace.
         machine: Machine type (lightning_sdk name: L4, A10G, A100, H100, CPU …); default from the config.
         teamspace: Teamspace (owner/name or name); default from the config, then $LIGHTNING_TEAMSPACE.
@@ -155,7 +158,7 @@ def studio_submit(
     if deploy:
         _start_deployment(spec)
     else:
-        from lightning_sdk import Job
+        from lightning_sdk import Job  # optional extra, ~1 s to import: only a real submit pays
 
         job = Job.run(**spec)
         print(f"submitted {job.name}: {job.link}")
@@ -164,6 +167,7 @@ def studio_submit(
 
 def deployment_start_kwargs(spec: dict) -> dict:
     """``Deployment.start`` keyword arguments: the plain specification as lightning_sdk objects."""
+    # optional extra (spellxfer[studio]); specs and dry runs are built without it
     from lightning_sdk import Machine
     from lightning_sdk.deployment import AutoScaleConfig, Env, HttpHealthCheck, Secret
 
@@ -181,7 +185,7 @@ def deployment_start_kwargs(spec: dict) -> dict:
 
 
 def _start_deployment(spec: dict) -> None:
-    from lightning_sdk import Deployment
+    from lightning_sdk import Deployment  # optional extra: only a real deployment pays
 
     Deployment(name=spec["name"], teamspace=spec["teamspace"]).start(**deployment_start_kwargs(spec))
     print(f"deployment {spec['name']} starting")
@@ -193,11 +197,13 @@ def studio_status(name: str, teamspace: str | None = None, deploy_config: str = 
     Args:
         name: Job name, as printed by `studio submit`.
         teamspace: Teamspace; default from the config, then $LIGHTNING_TEAMSPACE.
-        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) (for the default teamspace).
+        deploy_config: Deployment config (configs/deployment/lightning_config.yaml) (for the
+            default teamspace).
     """
-    teamspace = teamspace or load_config(deploy_config).jobs.teamspace or os.environ.get("LIGHTNING_TEAMSPACE")
+    teamspace = (teamspace or load_config(deploy_config).jobs.teamspace
+                 or os.environ.get("LIGHTNING_TEAMSPACE"))
     _require_credentials()
-    from lightning_sdk import Job
+    from lightning_sdk import Job  # optional extra, ~1 s to import
 
     try:
         job = Job(name, teamspace=teamspace)

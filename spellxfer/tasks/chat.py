@@ -22,6 +22,9 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
 from spellxfer.core.assets import cache_dir, ensure_asset
 
 # Qwen2/Qwen3 pre-tokenizer: like GPT-4's but digits are split one by one (\p{N}, not \p{N}{1,3}).
@@ -73,7 +76,9 @@ NON_THINKING_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{%- set content = message['content'] -%}"
-    "{%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
     "{{ '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"
     "{%- else -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -106,9 +111,7 @@ def _load_ranks(path: Path) -> dict[bytes, int]:
 
 def _build_backend(ranks: dict[bytes, int]):
     """A `tokenizers.Tokenizer` equivalent to Qwen3's tokenizer.json, from the raw BPE ranks."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # heavy: tasks/ stays light
 
     byte_encoder = bytes_to_unicode()
 
@@ -154,7 +157,7 @@ def qwen3_tokenizer_dir() -> Path:
     out = cache_dir() / "tokenizers" / "qwen3"
     if (out / "tokenizer.json").is_file():
         return out
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: tasks/ stays light
 
     backend = _build_backend(_load_ranks(ensure_asset("qwen-tiktoken")))
     tok = PreTrainedTokenizerFast(
@@ -179,7 +182,7 @@ def qwen3_tokenizer_dir() -> Path:
 
 def load_qwen3_tokenizer():
     """The offline Qwen3 tokenizer as a transformers fast tokenizer (no hub access)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: tasks/ stays light
 
     tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     tok.chat_template = NON_THINKING_TEMPLATE
@@ -194,7 +197,9 @@ def is_qwen3(tokenizer) -> bool:
     )
 
 
-def chat_messages(question: str, answer: str | None = None, system: str | None = None) -> list[dict[str, str]]:
+def chat_messages(
+    question: str, answer: str | None = None, system: str | None = None
+) -> list[dict[str, str]]:
     """The conversation spellxfer asks a question in: an optional system turn, the question as the
     user turn and, when ``answer`` is given, the answer as the assistant turn.
 
@@ -226,7 +231,9 @@ def format_chat(tokenizer, messages: list[dict[str, str]]) -> str:
             messages, chat_template=NON_THINKING_TEMPLATE, tokenize=False, add_generation_prompt=True
         )
     if not tokenizer.chat_template:
-        raise ValueError(f"{type(tokenizer).__name__} has no chat template; spellxfer needs an instruct model")
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no chat template; spellxfer needs an instruct model"
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -248,7 +255,10 @@ def chat_token_ids(tokenizer, conversations: Sequence[list[dict[str, str]]]) -> 
     """
     added, plain, added_ids = _added_tokens(tokenizer)
     out: list[list[int] | None] = [None] * len(conversations)
-    whole = [i for i, conv in enumerate(conversations) if added is None or not any(added.search(m["content"]) for m in conv)]
+    whole = [
+        i for i, conv in enumerate(conversations)
+        if added is None or not any(added.search(m["content"]) for m in conv)
+    ]
     if whole:
         prompts = [format_chat(tokenizer, conversations[i]) for i in whole]
         for i, ids in zip(whole, tokenizer(prompts, add_special_tokens=False)["input_ids"]):
@@ -277,10 +287,9 @@ def _added_tokens(tokenizer):
     """(a regex for any added-token string or None, a copy of the tokenizer without added tokens,
     the added tokens' ids), built once per tokenizer."""
     if tokenizer not in _ADDED_TOKENS:
-        from tokenizers import Tokenizer
-
         vocab = tokenizer.get_added_vocab()  # special and not: <think> is an added, non-special token
-        pattern = re.compile("|".join(map(re.escape, sorted(vocab, key=len, reverse=True)))) if vocab else None
+        longest_first = sorted(vocab, key=len, reverse=True)
+        pattern = re.compile("|".join(map(re.escape, longest_first))) if vocab else None
         spec = json.loads(tokenizer.backend_tokenizer.to_str())
         spec["added_tokens"] = []
         _ADDED_TOKENS[tokenizer] = (pattern, Tokenizer.from_str(json.dumps(spec)), frozenset(vocab.values()))
@@ -291,13 +300,18 @@ def _piecewise_ids(tokenizer, conv: list[dict[str, str]], plain, added_ids: froz
     if is_qwen3(tokenizer):
         # The non-thinking template drops an assistant turn's reasoning; do it here, so that the
         # content put back between the template's pieces is the text the template would render.
-        conv = [{**m, "content": m["content"].split("</think>")[-1].lstrip("\n")} if m["role"] == "assistant" else m
-                for m in conv]  # fmt: skip
+        conv = [
+            {**m, "content": m["content"].split("</think>")[-1].lstrip("\n")}
+            if m["role"] == "assistant" else m
+            for m in conv
+        ]
     marks = {f"\x00{secrets.token_hex(8)}\x00": m["content"] for m in conv}
     skeleton = format_chat(tokenizer, [{**m, "content": mark} for m, mark in zip(conv, marks)])
     pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", skeleton)
     if sorted(p for p in pieces if p in marks) != sorted(marks):
-        raise ValueError(f"{type(tokenizer).__name__}'s chat template does not render each message's content once")
+        raise ValueError(
+            f"{type(tokenizer).__name__}'s chat template does not render each message's content once"
+        )
     ids: list[int] = []
     for piece in pieces:
         if piece in marks:
@@ -308,7 +322,10 @@ def _piecewise_ids(tokenizer, conv: list[dict[str, str]], plain, added_ids: froz
         elif piece:
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
     if "".join(marks.get(p, p) for p in pieces) != format_chat(tokenizer, conv):
-        raise ValueError(f"{type(tokenizer).__name__}'s chat template rewrites message content; cannot keep it plain text")
+        raise ValueError(
+            f"{type(tokenizer).__name__}'s chat template rewrites message content; "
+            "cannot keep it plain text"
+        )
     return ids
 
 

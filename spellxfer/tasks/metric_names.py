@@ -20,7 +20,8 @@ ALLOWED = (
     re.compile(rf"^(?:{_SPLIT}/)?(?:loss|real_tokens|tokens_per_second|grad_norm|lr|learning_rate)(?:_step|_epoch)?$"),
     re.compile(r"^(?:lr-[A-Za-z0-9_]+(?:/pg\d+)?(?:-momentum)?|step|epoch|global_step|trainer/global_step)$"),
     # position / count / transfer metrics, overall and per subtask
-    re.compile(rf"^(?:{_SPLIT}/)?(?:position|count)(?:_likelihood)?_accuracy$"),  # generation; likelihood probe
+    # generation accuracy, and the likelihood probe's
+    re.compile(rf"^(?:{_SPLIT}/)?(?:position|count)(?:_likelihood)?_accuracy$"),
     re.compile(rf"^(?:{_SPLIT}/)?(?:position|count)/{_SUBTASK}_accuracy$"),
     re.compile(rf"^(?:{_SPLIT}/)?transfer_score$"),
 )

@@ -63,7 +63,9 @@ AnswerKind = Literal["letter", "integer"]
 
 # Everything after an end-of-turn marker is not part of the reply: with skip_special_tokens=False a
 # model that runs past its turn can invent a new "user" turn, and padding repeats <|endoftext|>.
-END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>")
+END_MARKERS = (
+    "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>"
+)
 THINK_TAGS = ("<think>", "</think>")
 _END_MARKER = re.compile("|".join(map(re.escape, END_MARKERS)))
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
@@ -189,7 +191,7 @@ _UNITS = [
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
     "nineteen",
-]  # fmt: skip
+]
 _TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _WORD_VALUE = {word: value for value, word in enumerate(_UNITS)}
 _WORD_VALUE.update({word: 20 + 10 * i for i, word in enumerate(_TENS)})

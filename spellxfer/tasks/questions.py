@@ -127,9 +127,12 @@ def load_questions(
         # name twice would merge two files' items (or count one file's items twice).
         name = Path(path).name
         if name in seen:
-            same = "is given twice" if Path(seen[name]).resolve() == Path(path).resolve() else f"has the same name as {seen[name]}"
-            raise _error(path, None, f"{same}; runs match items by file name and id, so each question file "
-                                     "needs its own name")  # fmt: skip
+            if Path(seen[name]).resolve() == Path(path).resolve():
+                same = "is given twice"
+            else:
+                same = f"has the same name as {seen[name]}"
+            raise _error(path, None, f"{same}; runs match items by file name and id, so each question "
+                                     "file needs its own name")
         seen[name] = path
     items: list[Item] = []
     for path in paths:
@@ -259,8 +262,8 @@ def _make_item(
     if not isinstance(question, str):
         raise _error(name, line, f"question ({question_field!r}) is {_json_type(question)}, expected text")
     if len(question) > MAX_QUESTION_CHARS:
-        raise _error(name, line, f"question ({question_field!r}) is {len(question):,} characters long; the limit is "
-                                 f"{MAX_QUESTION_CHARS:,} (docs/evaluation.md)")  # fmt: skip
+        raise _error(name, line, f"question ({question_field!r}) is {len(question):,} characters long; "
+                                 f"the limit is {MAX_QUESTION_CHARS:,} (docs/evaluation.md)")
 
     task = _task(name, line, row.get("task"), default_task)
     answer, kind = _answer(name, line, row.get(answer_field), answer_field, task)
@@ -338,8 +341,9 @@ def _answer(name: str, line: int, raw: Any, answer_field: str, task: str) -> tup
 
 def check_breakdown_fields(name: str, line: int, row: dict[str, Any]) -> None:
     """Raise unless the fields accuracy is broken down by have usable values (a question row, or
-    a predictions row that copied them): ``word``, ``word_kind``, ``letter``: text; ``position`` (1-based, negative from the end) and
-    ``n_tokens``: integers, or integer text in a CSV cell. Null or an empty cell means absent."""
+    a predictions row that copied them): ``word``, ``word_kind``, ``letter``: text; ``position``
+    (1-based, negative from the end) and ``n_tokens``: integers, or integer text in a CSV cell.
+    Null or an empty cell means absent."""
     for key in _TEXT_META:
         value = row.get(key)
         if value is not None and not isinstance(value, str):
