@@ -260,3 +260,99 @@ def _write_rep_eval(d: Path, predictions: list[dict], items: list[dict], probe: 
         for p in predictions:
             f.write(json.dumps(p) + "\n")
     (d / "metrics.json").write_text(json.dumps(_schema_metrics(predictions, items, "both" if probe else "generation"), indent=2))
+
+
+# ---- the transfer study's design: training patterns as parameters, and a control arm ----
+PATTERNS = {"variants": ["spell", "spell+reversed", "spell+numbered", "spell+inverse", "all"],
+            "separator": ["any", "spaces", "commas", "dashes"], "distinct_words": [500, 2000, 8000, None]}  # fmt: skip
+ALL_WORDS = 22_873  # what distinct_words null stands for (the full build, seed 0)
+VARIANTS_ALL_EFFECT = 0.15  # nth_letter accuracy of variants=all over variants=spell
+WORDS_SLOPE = 0.03  # letter_count accuracy per doubling of distinct_words
+
+
+def _study_truth(params: dict) -> dict:
+    words = params["distinct_words"] or ALL_WORDS
+    return REP_BASE | {"position/nth_letter": REP_BASE["position/nth_letter"] + VARIANTS_ALL_EFFECT * (params["variants"] == "all"),
+                       "count/letter_count": REP_BASE["count/letter_count"] + WORDS_SLOPE * math.log2(words / 500)}  # fmt: skip
+
+
+def _write_study_trial(d: Path, trial: dict, rows: list[dict], items: list[dict], train_set: str, val: float,
+                       spelled: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """One trial as the sweep leaves it; ``spelled`` subtasks report spelled-out replies in metrics.json."""
+    (d / "eval" / "greedy").mkdir(parents=True, exist_ok=True)
+    (d / "eval" / "greedy" / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in rows))
+    metrics = _schema_metrics(rows, items, "both")
+    for key in spelled:
+        n = metrics["subtasks"][key]["n"]
+        metrics["subtasks"][key]["diagnostics"]["formats"] = {"bare": n // 4, "sentence": 0, "spelled": n - n // 4,
+                                                               "echoed": 0, "other": 0}  # fmt: skip
+    (d / "eval" / "greedy" / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    curve = [{"step": 0, "global_step": 0, "val/transfer_score": float(np.mean(list(REP_BASE.values())))},
+             {"step": 9, "global_step": 10, "val/transfer_score": val}]  # fmt: skip
+    (d / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in curve))
+    # the resolved config the fit ran: the control arm's says so, as a fixed override does
+    (d / "fit.yaml").write_text(f"seed_everything: {trial['seed']}\ndata:\n  train_set: {train_set}\n")
+    _write_trial(d, trial | {"status": "complete", "objective_name": "val/transfer_score", "objective": val,
+                             "model": "tiny-qwen3"})  # fmt: skip
+
+
+def make_study_sweep(root: Path, n_configs: int = 20, seeds: int = 3, n_words: int = 200, seed: int = 5,
+                     control_configs: int = 3) -> dict:  # fmt: skip
+    """The pre-registered study in miniature: a spelling study ``root/study`` and its control arm
+    ``root/study-control``, greedy decoding, probe verdicts on every row.
+
+    Spelling configurations draw lora_r, learning_rate and the three training patterns from
+    balanced shuffled grids. Planted: ``variants=all`` raises nth_letter by VARIANTS_ALL_EFFECT; every
+    doubling of distinct_words (null: ALL_WORDS) raises letter_count by WORDS_SLOPE; nothing else
+    moves (every other dummy is a null). The *selected* configuration (the best validation
+    objective, planted) has variants=all and distinct_words null, and on word_length its replies
+    turn into spelled-out words (accuracy 0, probe unchanged). The control arm trains
+    ``control_configs`` of the configurations, the selected one among them but under another
+    config_id (matching is by parameters): the matched control stays at the base except for the
+    same letter_count rise; the others rise on nth_letter (so a wrong match would show).
+    Expected decisions: nth_letter transfer, letter_index no effect, word_length format
+    interference, letter_count no effect (above the base, not above the control).
+    """
+    rng = np.random.default_rng(seed)
+    items = _rep_items(n_words, rng)
+    study, control = root / "study", root / "study-control"
+    like = {k: v + 0.1 for k, v in REP_BASE.items()}
+    base_rows = _rep_predictions(items, REP_BASE, rng, like)
+    for d in (study, control):
+        _write_rep_eval(d / "base" / "greedy", base_rows, items, True)
+    grids = {name: rng.permutation(np.resize(np.array(levels, dtype=object), n_configs))
+             for name, levels in (("lora_r", [4, 8, 16, 32]), ("learning_rate", [1e-4, 1e-3]), *PATTERNS.items())}  # fmt: skip
+    selected = next(c for c in range(n_configs) if grids["variants"][c] == "all")
+    words, every = grids["distinct_words"], next(i for i, v in enumerate(grids["distinct_words"]) if v is None)
+    words[selected], words[every] = words[every], words[selected]  # the selected one trains on every word
+    configs, number = [], 0
+    for c in range(n_configs):
+        params = {k: v[c] for k, v in grids.items()}
+        truth = _study_truth(params)
+        for r in range(seeds):
+            # the selected configuration's seeds agree closely: its decisions test the rule, not luck
+            noise = rng.normal(0, SEED_SD if c != selected else SEED_SD / 6)
+            seeded = {k: float(np.clip(v + noise, 0, 1)) for k, v in truth.items()}
+            generated = seeded | ({"count/word_length": 0.0} if c == selected else {})
+            rows = _rep_predictions(items, generated, rng, {k: v + 0.1 for k, v in seeded.items()})
+            val = float(np.mean(list(seeded.values()))) + (0.5 if c == selected else 0.0)
+            _write_study_trial(study / f"trial-{number:04d}", {"study": "study", "number": number, "params": params,
+                               "config_id": c * seeds, "replicate": r, "seed": r}, rows, items, "spelling", val,
+                               ("count/word_length",) if c == selected else ())  # fmt: skip
+            number += 1
+        configs.append({"config_id": c * seeds, "params": params, "truth": truth})
+    others = [c for c in range(n_configs) if c != selected][: control_configs - 1]
+    number = 0
+    for k, c in enumerate([*others, selected]):
+        params = configs[c]["params"]
+        truth = REP_BASE | ({"count/letter_count": configs[c]["truth"]["count/letter_count"]} if c == selected
+                            else {"position/nth_letter": REP_BASE["position/nth_letter"] + VARIANTS_ALL_EFFECT})  # fmt: skip
+        for r in range(seeds):
+            noise = rng.normal(0, SEED_SD)
+            seeded = {key: float(np.clip(v + noise, 0, 1)) for key, v in truth.items()}
+            rows = _rep_predictions(items, seeded, rng, {key: v + 0.1 for key, v in seeded.items()})
+            _write_study_trial(control / f"trial-{number:04d}", {"study": "study-control", "number": number,
+                               "params": params, "config_id": k * seeds, "replicate": r, "seed": r}, rows, items,
+                               "control", float(np.mean(list(seeded.values()))))  # fmt: skip
+            number += 1
+    return {"study": study, "control": control, "configs": configs, "selected": configs[selected], "items": items}

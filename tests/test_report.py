@@ -167,4 +167,4 @@ def test_wandb_logging_is_offline_by_default(report_page, transfer_analysis, tmp
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     media = runs[0] / "files" / "media"
     assert len(list((media / "images").rglob("*.png"))) == len(report_page["info"]["figures"])
-    assert len(list((media / "table").rglob("*.json"))) == 7  # the seven CSV tables, whitelisted columns only
+    assert len(list((media / "table").rglob("*.json"))) == 8  # the eight CSV tables, whitelisted columns only

@@ -23,12 +23,13 @@ IDENTIFIERS = frozenset(
     {"rank", "run", "trial", "study", "run_dir", "status", "reason", "objective_name", "kind", "hyperparameter",
      "value", "scale", "method", "breakdown", "bucket", "quantity", "n", "n_runs", "n_items", "significant",
      "scoring", "endpoint", "family", "config_id", "replicate", "seed", "n_seeds", "n_configs", "steps_trained",
-     "runs", "test", "ci_method"}
+     "runs", "test", "ci_method", "reference", "arm", "contrast", "seeds_same_direction", "control_runs"}
 )  # fmt: skip
 STATISTICS = frozenset(
     {"estimate", "ci_low", "ci_high", "p_value", "p_adj", "mcnemar_p", "base_accuracy", "base_ci_low",
      "base_ci_high", "tuned_accuracy", "tuned_ci_low", "tuned_ci_high", "delta", "delta_ci_low",
-     "delta_ci_high", "slope", "slope_ci_low", "slope_ci_high", "importance", "tuned_seed_sd", "delta_seed_sd"}
+     "delta_ci_high", "slope", "slope_ci_low", "slope_ci_high", "importance", "tuned_seed_sd", "delta_seed_sd",
+     "reference_accuracy", "delta_adj_ci_low", "delta_adj_ci_high", "best_trivial"}
 )  # fmt: skip
 METRIC_VALUE_COLUMNS = ("metric", "x_metric", "y_metric")
 # Suffixes a metric column may carry, longest first so `_delta_ci_low` wins over `_ci_low`.

@@ -12,15 +12,21 @@ carries its item-sampling and seed noise, so the spread between configurations i
   value (values binned into quartiles when a numeric hyperparameter has more than 6 distinct
   values), with a bootstrap interval over those configurations.
 - ``importance``: an ordinary least-squares regression of each metric on all numeric
-  hyperparameters at once (statsmodels ``OLS``; scale parameters such as ``learning_rate`` or
-  ``lora_r`` on a log2 scale) with HC3 heteroskedasticity-robust standard errors and t intervals.
-  ``slope`` is the change in the metric per doubling (log2 scale) or per unit (linear);
+  hyperparameters and training patterns at once (statsmodels ``OLS``; scale parameters such as
+  ``learning_rate`` or ``lora_r`` on a log2 scale) with HC3 heteroskedasticity-robust standard
+  errors and t intervals. The training patterns enter as regressors too (``_design``):
+  ``variants`` and ``separator`` as treatment-coded dummies against a reference level
+  (``REFERENCE``: spell; any), one row per dummy named ``variants=all`` with ``reference``
+  ``variants=spell``, and ``distinct_words`` on a log2 scale with null meaning every training word
+  (``all_words``, 22,873 in the ``full`` build with seed 0). ``slope`` is the change in the metric
+  per doubling (log2 scale), per unit (linear) or against the reference level (dummy);
   ``estimate`` is the standardized coefficient, the change per standard deviation of the
-  hyperparameter across the sweep, and hyperparameters are ranked by its absolute value. ``p_adj``
-  is Holm's adjustment across every slope of one scoring (all hyperparameters × endpoints), so
-  "its interval excludes 0" and "significant" are different claims: the report uses ``p_adj``.
-  With too few configurations for a joint fit (fewer than parameters + 3) each hyperparameter gets
-  its own one-variable regression instead, and ``method`` says so.
+  regressor across the sweep, and regressors are ranked by its absolute value. ``p_adj`` is
+  Holm's adjustment across the slopes of ONE endpoint and scoring (the pre-registered family,
+  ``family`` = ``<scoring>/slopes/<metric>``), so "its interval excludes 0" and "significant" are
+  different claims: the report uses ``p_adj``. With too few configurations for a joint fit (fewer
+  than regressors + 3) each regressor gets its own one-variable regression instead, and
+  ``method`` says so.
 """
 
 from __future__ import annotations
@@ -41,10 +47,26 @@ SUMMARY = ("transfer_score",)
 """Reported, never tested: the mean of the two totals."""
 # hyperparameter_effects.csv: marginal means and importance rows share these columns (blank where n/a),
 # and keep them when a sweep has nothing to estimate (one run, or no hyperparameter that varies).
-COLUMNS = ["kind", "scoring", "hyperparameter", "value", "metric", "endpoint", "scale", "estimate", "ci_low",
+COLUMNS = ["kind", "scoring", "hyperparameter", "reference", "value", "metric", "endpoint", "scale", "estimate", "ci_low",
            "ci_high", "slope", "slope_ci_low", "slope_ci_high", "p_value", "p_adj", "family", "rank", "n_configs",
            "n_runs", "method"]  # fmt: skip
 MAX_LEVELS = 6  # more distinct values than this → quartile bins
+REFERENCE = {"variants": "spell", "separator": "any"}
+"""Text training patterns → the reference level their treatment-coded dummies are measured against
+(the plainest pattern: spelling only, any separator)."""
+ALL_WORDS = 22_873
+"""Training words of the ``full`` build with seed 0: what ``distinct_words: null`` (every word) means."""
+NULL_MEANS_ALL = ("distinct_words",)
+
+
+def with_all_words(units: pd.DataFrame, all_words: int = ALL_WORDS) -> pd.DataFrame:
+    """``params.distinct_words`` null (every training word) as the number ``all_words``."""
+    units = units.copy()
+    for name in NULL_MEANS_ALL:
+        col = f"params.{name}"
+        if col in units:
+            units[col] = pd.to_numeric(units[col], errors="coerce").fillna(all_words)
+    return units
 
 
 def endpoint_of(metric: str) -> str:
@@ -145,8 +167,11 @@ def _n_runs(group: pd.DataFrame) -> int:
     return int(group["n_seeds"].sum()) if "n_seeds" in group else len(group)
 
 
-def marginal_means(units: pd.DataFrame, n_boot: int, seed: int, scoring: str = "generation") -> pd.DataFrame:
-    """Mean of each metric per hyperparameter value, with a bootstrap interval over the configurations at that value."""
+def marginal_means(units: pd.DataFrame, n_boot: int, seed: int, scoring: str = "generation",
+                   all_words: int = ALL_WORDS) -> pd.DataFrame:  # fmt: skip
+    """Mean of each metric per hyperparameter value, with a bootstrap interval over the configurations at that value
+    (``distinct_words`` null counted as ``all_words``)."""
+    units = with_all_words(units, all_words)
     rows = []
     for col in hyperparameters(units):
         present = units[units[col].notna()]
@@ -164,30 +189,46 @@ def marginal_means(units: pd.DataFrame, n_boot: int, seed: int, scoring: str = "
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-LOG_SCALE = {"learning_rate", "lora_r", "lora_alpha", "batch_size", "accumulate_grad_batches", "max_steps"}
+LOG_SCALE = {"learning_rate", "lora_r", "lora_alpha", "batch_size", "accumulate_grad_batches", "max_steps",
+             "distinct_words"}  # fmt: skip
 """Hyperparameters searched on doubling grids: effects are reported per doubling, whatever the range."""
 MIN_RUNS_FOR_INTERVALS = 5
 """Fewer configurations than this: a regression across them cannot give a meaningful interval (HC3
 needs each point's leverage below 1), so importance intervals are left empty (nan)."""
+def _design(units: pd.DataFrame) -> tuple[list[str], np.ndarray, list[str], list[str | None]]:
+    """Regression columns: names, matrix (configurations × regressors), scales and references.
 
-
-def _design(units: pd.DataFrame) -> tuple[list[str], np.ndarray, list[str]]:
-    """Numeric hyperparameters as regression columns: names, matrix (configurations × params), scales."""
-    names, cols, scales = [], [], []
+    Numeric hyperparameters are one column each (log2 on doubling grids); the text training
+    patterns in ``REFERENCE`` are one 0/1 column per non-reference level (``variants=all``);
+    any other text hyperparameter, or one missing in some configurations, gets marginal means only.
+    """
+    names, cols, scales, refs = [], [], [], []
     for col in hyperparameters(units):
+        name = col.removeprefix("params.")
         values = units[col]
+        if name in REFERENCE and values.notna().all():
+            ref = REFERENCE[name]
+            levels = sorted(set(values.astype(str)) - {ref})
+            if ref not in set(values.astype(str)):  # no configuration at the reference: the first level is it
+                ref, levels = levels[0], levels[1:]
+            for level in levels:
+                names.append(f"{name}={level}")
+                cols.append((values.astype(str) == level).to_numpy(float))
+                scales.append("indicator")
+                refs.append(f"{name}={ref}")
+            continue
         if values.map(lambda v: isinstance(v, bool)).all():
             values = values.astype(int)
         x = pd.to_numeric(values, errors="coerce")
         if x.isna().any():
             continue  # categorical or missing in some configurations: marginal means only
         x = x.to_numpy(float)
-        name = col.removeprefix("params.")
         log = bool((x > 0).all() and (x.max() / x.min() >= 4 or name in LOG_SCALE))
         names.append(name)
         cols.append(np.log2(x) if log else x)
         scales.append("log2" if log else "linear")
-    return names, (np.column_stack(cols) if cols else np.empty((len(units), 0))), scales
+        refs.append(None)
+    return names, (np.column_stack(cols) if cols else np.empty((len(units), 0))), scales, refs
 
 
 def _ols_hc3(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -200,16 +241,16 @@ def _ols_hc3(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> tuple[np
     return np.asarray(fit.params)[1:], ci, p
 
 
-def importance(units: pd.DataFrame, scoring: str = "generation") -> pd.DataFrame:
-    """Regression importance ranking of the numeric hyperparameters, per metric (see module docstring)."""
-    names, x, scales = _design(units)
+def importance(units: pd.DataFrame, scoring: str = "generation", all_words: int = ALL_WORDS) -> pd.DataFrame:
+    """Regression importance ranking of the hyperparameters and training patterns, per metric (see module docstring)."""
+    names, x, scales, refs = _design(with_all_words(units, all_words))
     if not names:
         return pd.DataFrame(columns=COLUMNS)
     n, p = x.shape
     joint = n >= p + 3
-    method = ("joint OLS on all numeric hyperparameters" if joint
+    method = ("joint OLS on all numeric hyperparameters and training-pattern dummies" if joint
               else "one-variable OLS regressions (too few configurations for a joint fit)")  # fmt: skip
-    method += "; HC3 robust standard errors, t intervals (statsmodels); Holm across the slopes of this scoring"
+    method += "; HC3 robust standard errors, t intervals (statsmodels); Holm across the slopes of one endpoint and scoring"
     sd = x.std(axis=0, ddof=1)
     rows = []
     for metric in metrics_of(units):
@@ -226,15 +267,16 @@ def importance(units: pd.DataFrame, scoring: str = "generation") -> pd.DataFrame
         order = np.argsort(-np.abs(est * sd))
         for rank, j in enumerate(order, 1):
             lo, hi = ci[j]
-            rows.append({"kind": "importance", "scoring": scoring, "hyperparameter": names[j], "metric": metric,
-                         "endpoint": endpoint_of(metric), "scale": scales[j], "estimate": float(est[j] * sd[j]),
-                         "ci_low": float(lo * sd[j]), "ci_high": float(hi * sd[j]), "slope": float(est[j]),
-                         "slope_ci_low": float(lo), "slope_ci_high": float(hi), "p_value": float(pv[j]),
-                         "rank": rank, "n_configs": n, "n_runs": _n_runs(units), "method": method})  # fmt: skip
+            rows.append({"kind": "importance", "scoring": scoring, "hyperparameter": names[j], "reference": refs[j],
+                         "metric": metric, "endpoint": endpoint_of(metric), "scale": scales[j],
+                         "estimate": float(est[j] * sd[j]), "ci_low": float(lo * sd[j]), "ci_high": float(hi * sd[j]),
+                         "slope": float(est[j]), "slope_ci_low": float(lo), "slope_ci_high": float(hi),
+                         "p_value": float(pv[j]), "rank": rank, "n_configs": n, "n_runs": _n_runs(units),
+                         "method": method})  # fmt: skip
     out = pd.DataFrame(rows, columns=COLUMNS)
-    tested = out["endpoint"].isin(["primary", "secondary"]) & out["p_value"].notna()
     out["family"] = out["family"].astype(object)
-    if tested.any():
-        out.loc[tested, "p_adj"] = holm(out.loc[tested, "p_value"].clip(0, 1).tolist())
-        out.loc[tested, "family"] = f"{scoring}/slopes"
+    # the pre-registered family: the slopes of one endpoint under one scoring
+    for metric, g in out[out["endpoint"].isin(["primary", "secondary"]) & out["p_value"].notna()].groupby("metric"):
+        out.loc[g.index, "p_adj"] = holm(g["p_value"].clip(0, 1).tolist())
+        out.loc[g.index, "family"] = f"{scoring}/slopes/{metric}"
     return out

@@ -31,7 +31,7 @@ from spellxfer.tasks.names import TASKS
 console = Console()
 LABELS = {"position_accuracy": "position accuracy", "count_accuracy": "count accuracy", "transfer_score": "transfer_score"}
 TABLES = ("top_transfer_configs", "per_run_deltas", "config_effects", "metric_correlations", "hyperparameter_effects",
-          "breakdowns", "runs")  # fmt: skip
+          "breakdowns", "runs", "arm_contrasts")  # fmt: skip
 
 
 def report(
@@ -92,10 +92,12 @@ REQUIRED_COLUMNS = {
     "config_effects": ("scoring", "config_id", "metric", "endpoint", "n_seeds", "delta", "delta_ci_low", "delta_ci_high",
                        "p_adj", "significant"),
     "runs": ("run",),
+    "arm_contrasts": ("contrast", "arm", "reference", "scoring", "metric", "delta", "delta_ci_low", "delta_ci_high",
+                      "delta_adj_ci_low", "delta_adj_ci_high", "p_adj"),
 }  # fmt: skip
-OPTIONAL_TABLES = ("config_effects",)
+OPTIONAL_TABLES = ("config_effects", "arm_contrasts")
 TEXT_COLUMNS = ("run", "metric", "quantity", "method", "kind", "hyperparameter", "scale", "breakdown", "bucket", "scoring",
-                "endpoint", "family", "test")
+                "endpoint", "family", "test", "contrast", "arm", "reference")
 INFO_KEYS = {"n_runs": int, "status_counts": dict, "decoding": str, "figures": list, "methods": dict, "skipped": list,
              "n_boot": int, "seed": int}  # fmt: skip
 
@@ -209,6 +211,9 @@ def summary_lines(info: dict, tables: dict[str, pd.DataFrame]) -> list[str]:
     lines += _hyperparameter_lines(tables["hyperparameter_effects"])
     if sel := info.get("selected_by_validation"):
         lines.append(_selected_line(sel))
+    if decided := info.get("decisions"):
+        lines.append("Pre-registered decision per subtask (validation-selected configuration): "
+                     + "; ".join(f"{d['subtask']}: {d['decision']}" for d in decided) + ".")  # fmt: skip
     top = tables["top_transfer_configs"].iloc[0]
     params = ", ".join(f"{c.removeprefix('params.')}={top[c]:g}" if isinstance(top[c], float) else f"{c.removeprefix('params.')}={top[c]}"
                        for c in tables["top_transfer_configs"].columns if c.startswith("params."))  # fmt: skip
@@ -513,7 +518,32 @@ def render(info: dict, tables: dict[str, pd.DataFrame], src: Path) -> str:
     tested = eff[eff["endpoint"].isin(["primary", "secondary"])] if len(eff) else eff
     keep = [c for c in ("scoring", "run", "metric", "n_seeds", "base_accuracy", "tuned_accuracy", "tuned_seed_sd", "delta",
                         "delta_ci_low", "delta_ci_high", "delta_seed_sd", "test", "p_adj", "family") if c in tested]  # fmt: skip
+    decided = pd.DataFrame([{"subtask": d["subtask"], "decision": d["decision"]} for d in info.get("decisions") or []])
+    contrasts = tables["arm_contrasts"]
+    contrast_cols = [c for c in ("contrast", "scoring", "metric", "n_seeds", "tuned_accuracy", "tuned_ci_low", "tuned_ci_high",
+                                 "reference_accuracy", "best_trivial", "delta", "delta_ci_low", "delta_ci_high",
+                                 "seeds_same_direction", "test", "p_adj") if c in contrasts]  # fmt: skip
+    adjusted = [f"[{lo:+.3f}, {hi:+.3f}]" if pd.notna(lo) else "" for lo, hi in
+                zip(contrasts["delta_adj_ci_low"], contrasts["delta_adj_ci_high"])]  # fmt: skip
+    contrast_view = contrasts[contrast_cols].assign(**{"family interval": adjusted})
+    imp = hp[hp["kind"] == "importance"]
+    patterns = imp[imp["hyperparameter"].astype(str).str.contains("=") | (imp["hyperparameter"] == "distinct_words")]
+    pattern_cols = [c for c in ("scoring", "metric", "hyperparameter", "reference", "scale", "slope", "slope_ci_low",
+                                "slope_ci_high", "p_adj", "n_configs") if c in patterns]  # fmt: skip
+    patterns = patterns[pattern_cols].assign(reference=["" if pd.isna(r) else f"vs {r}" for r in patterns["reference"]]) \
+        if "reference" in patterns else patterns[pattern_cols]  # fmt: skip
     tabs = "".join([
+        (_table(decided, "Decision per subtask (pre-registered rule)", note="transfer: above the base and the control "
+                "(family intervals above 0), above the best trivial baseline, every seed above the base; format "
+                "interference: generation below the base while the probe is not, or replies spelled out; else no "
+                "effect; undetermined names what is missing.") if len(decided) else ""),
+        (_table(contrast_view, "Validation-selected configuration against the base and the control", note="Mean over "
+                "seeds per question, paired over the same questions; family interval: simultaneous over the Holm "
+                "family (what the decision reads). control − base: does any fine-tuning move answer habits?")
+         if len(contrasts) else ""),
+        (_table(patterns, "Training-pattern effects (OLS on configuration means, HC3; Holm per endpoint and scoring)",
+                note="variants and separator as dummies against their reference level; distinct_words per doubling "
+                     "(null: every training word).") if len(patterns) else ""),
         _table(tables["top_transfer_configs"], "Top runs by test transfer_score (chosen on the test set: optimistic)",
                chosen, "The validation-selected run is highlighted; it need not rank first here."),
         _table(gen_runs[per_run_cols], "Per run and subtask: accuracy, best trivial baseline, answer diagnostics",

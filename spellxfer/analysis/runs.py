@@ -9,6 +9,11 @@ older sweep stored it), else ``<results-dir>/sweeps/<study>/trial-NNNN``.
 
 Only ``complete`` trials are analysed; the others, and complete trials without an evaluation for
 the requested decoding, are counted and listed with the reason.
+
+Every run belongs to an *arm*: ``spelling``, or ``control`` (trained on the non-spelling control
+file) when its ``params.train_set`` or its ``fit.yaml``'s ``data.train_set`` says ``control``, or
+when it comes from ``--control_runs``. Control runs are kept apart (``Discovery.control``): they are
+never candidates for selection and are labelled ``control`` in every table.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class Run:
     """The study's ``base/<decoding>/metrics.json``."""
     steps_trained: int | None = None
     """Optimizer steps the fit ran (after early stopping), from ``metrics.jsonl``."""
+    arm: str = "spelling"
+    """``spelling`` or ``control`` (the non-spelling control arm): see the module docstring."""
 
 
 @dataclass
@@ -62,11 +69,14 @@ class Discovery:
     """``{"trial", "status", "reason"}`` for every trial that is not analysed."""
     omitted_metric_entries: int = 0
     """How many non-whitelisted metric entries (key in a logged row) were dropped from ``metrics.jsonl`` files."""
+    control: list[Run] = field(default_factory=list)
+    """The control arm's complete runs (``arm == "control"``), named ``control/<trial>``."""
 
 
 def discover(runs: list[str] | None, study: str | None, storage: str | None, results_dir: str,
-             decoding: str) -> Discovery:  # fmt: skip
-    """Trial directories from ``--runs`` (trial or study directories) or from an Optuna study."""
+             decoding: str, control_runs: list[str] | None = None) -> Discovery:  # fmt: skip
+    """Trial directories from ``--runs`` (trial or study directories) or from an Optuna study, and the
+    control arm's from ``--control_runs`` (plus any of the former that trained on the control file)."""
     if bool(runs) == bool(study):
         raise SpellxferError("give either --runs DIR … or --study NAME --storage URL (exactly one of them)")
     if study:
@@ -75,7 +85,42 @@ def discover(runs: list[str] | None, study: str | None, storage: str | None, res
         entries = _entries_from_study(study, storage, Path(results_dir))
     else:
         entries = [e for d in runs for e in _entries_from_dir(Path(d))]
-    return _load(entries, decoding)
+    found = _load(entries, decoding)
+    control = [r for r in found.runs if r.arm == "control"]
+    found.runs = [r for r in found.runs if r.arm == "spelling"]
+    if not found.runs:
+        raise SpellxferError("every analysed run trained on the control file (train_set control): give the spelling "
+                             "arm's runs with --runs and the control arm's with --control_runs")  # fmt: skip
+    if control_runs:
+        ctl = _load([e for d in control_runs for e in _entries_from_dir(Path(d))], decoding)
+        for run in ctl.runs:
+            if run.arm != "control" and _train_set(run.directory, run.trial) == "spelling":
+                raise SpellxferError(f"--control_runs: {run.directory} trained on train_set spelling (its params or "
+                                     "fit.yaml say so), not on the control file; pass it with --runs")  # fmt: skip
+            run.arm = "control"
+        control += ctl.runs
+        found.skipped += [s | {"trial": f"control/{s['trial']}"} for s in ctl.skipped]
+        found.omitted_metric_entries += ctl.omitted_metric_entries
+    for run in control:
+        run.name = f"control/{run.name}"
+    found.control = control
+    return found
+
+
+def _train_set(d: Path, trial: dict) -> str | None:
+    """The training file a trial used: its ``params.train_set`` when searched, else its ``fit.yaml``'s
+    ``data.train_set`` (the config the fit ran), else None (not recorded: the spelling file, fit's default)."""
+    value = (trial.get("params") or {}).get("train_set")
+    if value is None and (d / "fit.yaml").is_file():
+        import yaml
+
+        try:
+            config = yaml.safe_load((d / "fit.yaml").read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise SpellxferError(f"{d / 'fit.yaml'}: not readable YAML ({' '.join(str(e).split())[:200]})") from None
+        data = config.get("data") if isinstance(config, dict) else None
+        value = data.get("train_set") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _entries_from_dir(d: Path) -> list[tuple[Path, str | None]]:
@@ -165,7 +210,8 @@ def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
         runs.append(Run(name=label, directory=d, trial=trial, params=dict(trial.get("params") or {}),
                         predictions=read_predictions(eval_dir), base_predictions=bases[base_dir][0], curve=curve,
                         metrics=_read_metrics(eval_dir), base_metrics=bases[base_dir][1],
-                        steps_trained=steps_trained(d / "metrics.jsonl")))  # fmt: skip
+                        steps_trained=steps_trained(d / "metrics.jsonl"),
+                        arm="control" if _train_set(d, trial) == "control" else "spelling"))  # fmt: skip
     if not runs:
         raise SpellxferError(f"no complete trial with an eval/{decoding}/ evaluation among {len(trials)} trial(s) "
                              f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})")  # fmt: skip

@@ -7,13 +7,16 @@ of one configuration (their seeds; ``configs``) and test each configuration acro
 across configurations, correlate position with count and estimate hyperparameter effects
 (``effects``: OLS with HC3 intervals) → break the deltas down by word length, token count (with
 the evaluated model's tokenizer, ``tokens``), word kind and letter position → write the tables,
-figures and ``analysis.json`` atomically into ``--out``.
+figures and ``analysis.json`` atomically into ``--out``. With a control arm (``--control_runs``, or
+runs that trained on the control file) the validation-selected configuration is also compared
+with the control trained with the same configuration, the control with the base (``arms``), and
+each subtask gets the pre-registered decision (transfer / format interference / no effect).
 
 The plan is fixed before any number is seen (docs/transfer_learning.md, "Statistics"): primary
 endpoints are the subtasks, secondary the two task totals, transfer_score is reported and never
 tested; Holm families per decoding × scoring (primary, secondary), the validation-selected
-configuration as its own family, the hyperparameter slopes as one more; ``analysis.json``
-declares them. Holm needs no assumption about how the tests depend on each other — they do,
+configuration as its own family, its contrasts with the base and the control as one more, the
+slopes of each endpoint as one more each; ``analysis.json`` declares them. Holm needs no assumption about how the tests depend on each other — they do,
 since every run answers the same items.
 
 Trained on spelling, evaluated on position and count only.
@@ -33,7 +36,7 @@ from rich.progress import track
 from rich.table import Table
 from scipy import stats
 
-from spellxfer.analysis import configs, effects, tokens
+from spellxfer.analysis import arms, configs, effects, tokens
 from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.runs import Discovery, Run, allowed_metric, discover
 from spellxfer.core.errors import SpellxferError
@@ -53,7 +56,7 @@ console = Console()
 TASK_COLUMNS = [f"{t}_accuracy{s}" for t in TASKS
                 for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low", "_delta_ci_high", "_p_adj")]  # fmt: skip
 TABLES = ("runs", "per_run_deltas", "config_effects", "metric_correlations", "top_transfer_configs",
-          "hyperparameter_effects", "breakdowns")  # fmt: skip
+          "hyperparameter_effects", "breakdowns", "arm_contrasts")  # fmt: skip
 
 
 def analyze(
@@ -68,15 +71,19 @@ def analyze(
     n_boot: int = 2000,
     seed: int = 0,
     overwrite: bool = False,
+    control_runs: list[str] | None = None,
+    all_words: int = effects.ALL_WORDS,
 ) -> int:
     """Analyse a sweep: which training patterns transfer to position and count, with intervals.
 
     Per-run and per-configuration base → fine-tuned deltas (paired bootstrap over words; McNemar,
     or a t-test across seeds; Holm within pre-specified families), position–count correlation,
     hyperparameter effects (OLS, HC3), top runs and where accuracy changed (trained on spelling,
-    evaluated on position and count only). Writes DIR/runs.csv, per_run_deltas.csv,
+    evaluated on position and count only). With the control arm, the validation-selected
+    configuration against the base and the control trained with the same configuration, and the
+    pre-registered decision per subtask. Writes DIR/runs.csv, per_run_deltas.csv,
     config_effects.csv, metric_correlations.csv, top_transfer_configs.csv,
-    hyperparameter_effects.csv, breakdowns.csv, figures/*.png and analysis.json.
+    hyperparameter_effects.csv, breakdowns.csv, arm_contrasts.csv, figures/*.png and analysis.json.
 
     Args:
         runs: Trial directories (with trial.json) or study directories (with trial-NNNN/ and base/).
@@ -93,14 +100,20 @@ def analyze(
         n_boot: Bootstrap resamples for every interval computed here.
         seed: Seed of every bootstrap (same inputs and seed, same numbers).
         overwrite: Replace a non-empty output directory.
+        control_runs: The control arm's trial or study directories (trained on the non-spelling
+            control file); runs under --runs whose params or fit.yaml say train_set control join them.
+            Never candidates for selection; labelled control in every table.
+        all_words: Training words that distinct_words null (every word) stands for in the slopes
+            (22,873: the full build with seed 0).
     """
-    for flag, value, low in (("top", top, 1), ("n_boot", n_boot, 1), ("seed", seed, 0)):
+    for flag, value, low in (("top", top, 1), ("n_boot", n_boot, 1), ("seed", seed, 0), ("all_words", all_words, 1)):
         if value < low:
             raise SpellxferError(f"--{flag} must be ≥ {low}, got {value}")
     check_output_dir(out, overwrite)
-    found = discover(runs, study, storage, results_dir, decoding)
-    result = analyse(found, n_boot=n_boot, seed=seed, top=top, decoding=decoding, scoring=scoring)
-    result["info"] |= {"source": {"runs": runs, "study": study, "storage": storage}, "decoding": decoding,
+    found = discover(runs, study, storage, results_dir, decoding, control_runs)
+    result = analyse(found, n_boot=n_boot, seed=seed, top=top, decoding=decoding, scoring=scoring, all_words=all_words)
+    result["info"] |= {"source": {"runs": runs, "study": study, "storage": storage, "control_runs": control_runs},
+                       "decoding": decoding,
                        "name": study or _common_name(found.runs)}  # fmt: skip
     from spellxfer.analysis import figures  # matplotlib: imported only when drawing
 
@@ -118,15 +131,16 @@ SCORINGS = {"generation": "correct", "likelihood": "likelihood_correct"}
 primary score; the likelihood probe is analysed beside it when every row carries its verdict."""
 
 
-def scorings_of(found: Discovery) -> list[str]:
+def scorings_of(found: Discovery | list[Run]) -> list[str]:
     """``generation``, plus ``likelihood`` when the base model's and every run's rows have its verdict."""
-    rows = [r for run in found.runs for r in (*run.predictions, *run.base_predictions)]
+    runs = found.runs if isinstance(found, Discovery) else found
+    rows = [r for run in runs for r in (*run.predictions, *run.base_predictions)]
     return ["generation"] + (["likelihood"] if rows and all(isinstance(r.get("likelihood_correct"), bool) for r in rows)
                              else [])  # fmt: skip
 
 
 def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, decoding: str = "sampled",
-            scoring: str = "auto") -> dict:  # fmt: skip
+            scoring: str = "auto", all_words: int = effects.ALL_WORDS) -> dict:  # fmt: skip
     """Every table of the analysis (pandas DataFrames) plus ``info`` (methods, families, counts, base accuracy)."""
     available = scorings_of(found)
     if scoring == "both" and "likelihood" not in available:
@@ -142,10 +156,16 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
             run_rows.append(row)
             delta_rows += deltas
         breakdown_rows += _breakdowns(run, n_boot, seed, token_counts)
+    control_scorings = [s for s in scorings_of(found.control) if s in scorings] if found.control else []
+    for run in track(found.control, description="comparing control runs with the base model", transient=True):
+        for scoring in control_scorings:
+            row, deltas = _compare_run(run, scoring, n_boot, seed)
+            run_rows.append(row)
+            delta_rows += deltas
     per_run = pd.DataFrame(delta_rows)
-    # per-run tests, Holm within (scoring, endpoint) over the runs; with one seed per configuration
-    # these are exactly the pre-specified families of config_effects
-    for _, family in per_run.groupby(["scoring", "endpoint"]):
+    # per-run tests, Holm within (arm, scoring, endpoint) over the runs; with one seed per
+    # configuration these are exactly the pre-specified families of config_effects
+    for _, family in per_run.groupby(["arm", "scoring", "endpoint"]):
         per_run.loc[family.index, "p_adj"] = holm(family["mcnemar_p"].tolist())
     per_run["significant"] = per_run["p_adj"] <= configs.ALPHA
     table = pd.DataFrame(run_rows)
@@ -154,14 +174,19 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
             continue
         p_adj = per_run[per_run["metric"] == metric].set_index(["run", "scoring"])["p_adj"]
         table[f"{metric}_p_adj"] = [p_adj.get((r, s), math.nan) for r, s in zip(table["run"], table["scoring"])]
+    # the control arm is labelled in runs.csv and per_run_deltas.csv and compared in arm_contrasts.csv;
+    # everything that selects, ranks or fits across configurations sees the spelling arm only
+    control_table = table[table["arm"] == "control"]
+    table = table[table["arm"] == "spelling"]
     config_rows = configs.config_table(table)
-    effect_rows = configs.config_effects(per_run, decoding)
+    effect_rows = configs.config_effects(per_run[per_run["arm"] == "spelling"], decoding)
     breakdowns = pd.DataFrame(breakdown_rows)
     breakdowns = pd.concat([breakdowns, _pooled_breakdowns(breakdowns, n_boot, seed)], ignore_index=True)
     hp_parts, corr_parts = [], []
     for scoring in scorings:
         units = config_rows[config_rows["scoring"] == scoring]
-        hp_parts += [effects.marginal_means(units, n_boot, seed, scoring), effects.importance(units, scoring)]
+        hp_parts += [effects.marginal_means(units, n_boot, seed, scoring, all_words),
+                     effects.importance(units, scoring, all_words)]
         corr_parts.append(effects.correlations(units, n_boot, seed).assign(scoring=scoring))
     hp_parts = [h for h in hp_parts if len(h)]
     hp = pd.concat(hp_parts, ignore_index=True) if hp_parts else pd.DataFrame(columns=effects.COLUMNS)
@@ -173,6 +198,11 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
     top_configs = generation.sort_values("transfer_score", ascending=False, kind="stable").head(top)[top_cols]
     top_configs.insert(0, "rank", range(1, len(top_configs) + 1))
     selected = selected_by_validation(generation, objective_cols, config_rows, effect_rows, decoding)
+    selected_id = selected["config_id"] if selected else None
+    contrasts, control_info = arms.arm_contrasts(selected_id, found.runs, found.control,
+                                                 {"spelling": scorings, "control": control_scorings}, decoding, n_boot,
+                                                 seed)  # fmt: skip
+    decided = arms.decisions(contrasts, selected_id, found.runs, found.control, scorings)
     n_seeds = config_rows[config_rows["scoring"] == "generation"]["n_seeds"]
     info = {
         "n_runs": len(found.runs),
@@ -186,7 +216,9 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
         "endpoints": {"primary": [m for m in effects.metrics_of(table) if effects.endpoint_of(m) == "primary"],
                       "secondary": [m for m in effects.SECONDARY if m in table],
                       "summary (not tested)": list(effects.SUMMARY)},  # fmt: skip
-        "families": _families(effect_rows, hp, selected, decoding),
+        "families": _families(effect_rows, hp, selected, decoding, contrasts),
+        "control": control_info | {"scorings": control_scorings},
+        "decisions": decided,
         "token_counts": token_info,
         "n_boot": n_boot,
         "seed": seed,
@@ -202,7 +234,21 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
                                     "pre-specified families: per decoding × scoring, the primary endpoints (the "
                                     "subtasks) of all configurations form one family and the secondary endpoints "
                                     "(position and count totals) another; the validation-selected configuration "
-                                    "is its own family; hyperparameter slopes are one family per scoring",
+                                    "is its own family; its contrasts with the base and the control (primary "
+                                    "endpoints × the two contrasts) are one family per scoring, the secondary "
+                                    "endpoints another, control − base another; the slopes of ONE endpoint "
+                                    "and scoring form one family (the pre-registered one)",
+            "arm_contrasts": "the validation-selected configuration (mean over its seeds per question) − the base "
+                             "and − the control trained with the same configuration (mean over its seeds), and the "
+                             "control − the base; paired over the same questions, percentile bootstrap resampling "
+                             f"words ({n_boot} resamples), exact McNemar on each question's majority verdict; "
+                             "delta_adj_ci: the family's simultaneous (Bonferroni) interval",
+            "decision_rule": "per subtask, docs/results.md 'Pre-registration': transfer when, for generation or the "
+                             "probe, both adjusted intervals (vs base, vs control) lie above 0, the accuracy interval "
+                             "lies above the best trivial baseline and every seed is above the base; format "
+                             "interference when generation falls below the base (adjusted interval below 0) while the "
+                             "probe does not, or 'spelled' becomes the most common reply format; else no effect; "
+                             "undetermined: <what is missing> when an input is absent",
             "transfer_score": "mean of position and count accuracy (reported, not tested); interval by "
                               f"bootstrapping words ({n_boot} resamples)",
             "across_configurations": f"percentile bootstrap over configurations, {n_boot} resamples, seed {seed}",
@@ -215,12 +261,14 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
         "provenance": {"packages": package_versions(), "git_commit": git_commit()},
         "selected_by_validation": selected,
     }
-    return {"runs": table, "per_run_deltas": per_run, "config_effects": effect_rows,
+    return {"runs": pd.concat([table, control_table], ignore_index=True), "per_run_deltas": per_run, "config_effects": effect_rows,
             "metric_correlations": pd.concat(corr_parts, ignore_index=True), "top_transfer_configs": top_configs,
-            "hyperparameter_effects": hp, "breakdowns": breakdowns, "configs": config_rows, "info": info}  # fmt: skip
+            "hyperparameter_effects": hp, "breakdowns": breakdowns, "configs": config_rows, "arm_contrasts": contrasts,
+            "info": info}  # fmt: skip
 
 
-def _families(effect_rows: pd.DataFrame, hp: pd.DataFrame, selected: dict | None, decoding: str) -> list[dict]:
+def _families(effect_rows: pd.DataFrame, hp: pd.DataFrame, selected: dict | None, decoding: str,
+              contrasts: pd.DataFrame | None = None) -> list[dict]:  # fmt: skip
     """The multiple-comparison families, declared in analysis.json: name, endpoints, size, method."""
     out = []
     if len(effect_rows):
@@ -237,9 +285,14 @@ def _families(effect_rows: pd.DataFrame, hp: pd.DataFrame, selected: dict | None
                             "n_tests": n, "method": "Holm", "unit": "the validation-selected configuration"})  # fmt: skip
     if len(hp) and "family" in hp and hp["family"].notna().any():
         for name, g in hp[hp["family"].notna()].groupby("family", sort=False):
-            out.append({"name": f"{decoding}/{name}", "scoring": g["scoring"].iloc[0], "endpoint": "primary and secondary",
+            out.append({"name": f"{decoding}/{name}", "scoring": g["scoring"].iloc[0], "endpoint": g["endpoint"].iloc[0],
                         "metrics": sorted(g["metric"].unique()), "n_tests": len(g), "method": "Holm",
-                        "unit": "hyperparameter slope"})  # fmt: skip
+                        "unit": "hyperparameter and training-pattern slopes of one endpoint"})  # fmt: skip
+    if contrasts is not None and len(contrasts):
+        for name, g in contrasts.groupby("family", sort=False):
+            out.append({"name": name, "scoring": g["scoring"].iloc[0], "endpoint": g["endpoint"].iloc[0],
+                        "metrics": sorted(g["metric"].unique()), "n_tests": len(g), "method": "Holm",
+                        "unit": " and ".join(sorted(g["contrast"].unique()))})  # fmt: skip
     return out
 
 
@@ -343,7 +396,8 @@ def _compare_run(run: Run, scoring: str, n_boot: int, seed: int) -> tuple[dict, 
     """One row of runs.csv for one scoring (accuracies, deltas, params) and the run's per-group delta rows."""
     field = SCORINGS[scoring]
     base, tuned = item_scores(run.base_predictions, field), item_scores(run.predictions, field)
-    row = {"run": run.name, "scoring": scoring, "trial": run.trial.get("number"), "study": run.trial.get("study"),
+    row = {"run": run.name, "arm": run.arm, "scoring": scoring, "trial": run.trial.get("number"),
+           "study": run.trial.get("study"),
            "config_id": run.trial.get("config_id", run.trial.get("number")), "replicate": run.trial.get("replicate", 0),
            "seed": run.trial.get("seed"), "steps_trained": run.steps_trained, "run_dir": str(run.directory)}  # fmt: skip
     deltas = []
@@ -359,7 +413,7 @@ def _compare_run(run: Run, scoring: str, n_boot: int, seed: int) -> tuple[dict, 
                 f"{m}_delta_ci_low": d["ci_low"] if d else math.nan, f"{m}_delta_ci_high": d["ci_high"] if d else math.nan,
                 f"{m}_mcnemar_p": d["mcnemar_p"] if d else math.nan} | _baseline_columns(run, scoring, group)  # fmt: skip
         if d:
-            deltas.append({"run": run.name, "scoring": scoring, "config_id": row["config_id"], "metric": m,
+            deltas.append({"run": run.name, "arm": run.arm, "scoring": scoring, "config_id": row["config_id"], "metric": m,
                            "endpoint": effects.endpoint_of(m), "base_accuracy": d["acc_a"], "tuned_accuracy": d["acc_b"],
                            "delta": d["diff"], "delta_ci_low": d["ci_low"], "delta_ci_high": d["ci_high"],
                            "mcnemar_p": d["mcnemar_p"], "n_items": d["n"]})  # fmt: skip
