@@ -224,6 +224,7 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
     makespan = time.perf_counter() - t0
     rows = _csv(results / "metrics" / "bench.csv")
     done = [r for r in rows if r["status"] == "complete"]
+    all_ran = trials > 0 and len(done) == trials
     out = {
         **{k: mode[k] for k in ("spec", "mode", "workers", "pack", "kernel", "window")},
         "trials": trials,
@@ -231,8 +232,9 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
         "makespan_s": round(makespan, 1),
         "complete": len(done),
         "failed": sum(r["status"] == "failed" for r in rows),
-        "makespan_s_for_all": round(makespan * n_trials / trials, 1) if trials else None,
-        "trials_per_gpu_hour": round(trials / (makespan / 3600), 2) if makespan else None,
+        # a mode where a trial failed measured a different amount of work: no throughput for it
+        "makespan_s_for_all": round(makespan * n_trials / trials, 1) if all_ran else None,
+        "trials_per_gpu_hour": round(trials / (makespan / 3600), 2) if all_ran and makespan else None,
         "errors": sorted({r["error"] for r in rows if r.get("error")})[:5],
         "log": str(log),
     }
