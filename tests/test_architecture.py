@@ -58,3 +58,19 @@ def test_the_packaged_subpackages_are_every_subpackage_plus_the_shipped_configs(
     subpackages = {f"spellxfer.{p.parent.name}" for p in PACKAGE.glob("*/__init__.py")}
     assert set(config["packages"]) == {"spellxfer", "spellxfer.configs"} | subpackages
     assert config["package-dir"] == {"spellxfer.configs": "configs"}
+
+
+def test_shipped_configs_come_from_the_package_never_from_beside_the_source(monkeypatch, tmp_path):
+    from spellxfer.core import configs
+
+    installed = configs.shipped("tiny.yaml")
+    assert installed.is_file() and installed.read_text() == (REPO / "configs" / "tiny.yaml").read_text()
+
+    def not_installed(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(configs.resources, "files", not_installed)
+    monkeypatch.chdir(tmp_path)  # a working directory with no configs/ folder
+    assert configs.shipped("tiny.yaml") == configs.Path("configs/tiny.yaml")
+    assert configs.config_path("configs/tiny.yaml") == configs.Path("configs/tiny.yaml")
+    assert not configs.config_path("configs/tiny.yaml").exists()  # not found next to spellxfer/

@@ -30,13 +30,15 @@ PREFIX = "configs/"
 
 
 def shipped(relative: str) -> Path:
-    """The shipped file ``configs/<relative>`` (it may not exist). Installed (wheel or editable),
-    it is package data; a source tree used without installing (``PYTHONPATH=checkout``) has no
-    ``spellxfer.configs`` module, and its own ``configs/`` folder is the shipped one."""
+    """The shipped file ``configs/<relative>`` (it may not exist): package data of an installed
+    spellxfer (wheel or editable). Never looked up next to the source files: a source tree used
+    without installing (``PYTHONPATH=checkout``) has no ``spellxfer.configs`` module, and then
+    ``configs/<relative>`` is read from the working directory like any path a user gives (so run
+    it from the checkout's root, or install it)."""
     try:
         root = Path(str(resources.files("spellxfer.configs")))
     except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[2] / "configs"
+        root = Path("configs")
     return root.joinpath(*relative.split("/"))
 
 
