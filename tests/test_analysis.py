@@ -22,7 +22,7 @@ from spellxfer.core.errors import SpellxferError
 from spellxfer.evaluation.stats import holm
 
 TABLES = ("runs", "per_run_deltas", "config_effects", "metric_correlations", "top_transfer_configs",
-          "hyperparameter_effects", "breakdowns")  # fmt: skip
+          "hyperparameter_effects", "breakdowns")
 
 
 def _csv(out, name) -> pd.DataFrame:
@@ -37,7 +37,7 @@ def test_writes_every_table_and_figure(transfer_analysis):
     hps = {"lora_r", "lora_alpha", "learning_rate", "batch_size", "accumulate_grad_batches", "max_steps"}
     assert files == {"figures/subtask_accuracy.png", "figures/position_vs_count.png", "figures/run_deltas.png",
                      "figures/learning_curves.png", "figures/steps_trained.png", "figures/accuracy_by_token_count.png",
-                     "figures/change_by_breakdown.png", *{f"figures/effect_{h}.png" for h in hps}}  # fmt: skip
+                     "figures/change_by_breakdown.png", *{f"figures/effect_{h}.png" for h in hps}}
     for f in files:
         assert (transfer_analysis / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Holm" in info["methods"]["multiple_comparisons"] and "regression" in info["methods"]["importance"]
@@ -94,7 +94,7 @@ def test_per_run_deltas_cover_the_planted_change_and_are_holm_adjusted(transfer_
         row = runs.loc[t["number"]]
         # the planted change: true fine-tuned accuracy − the base's observed accuracy on the same items
         covered += row["position_accuracy_delta_ci_low"] <= t["truth"]["position"] - row["position_accuracy_base"] \
-            <= row["position_accuracy_delta_ci_high"]  # fmt: skip
+            <= row["position_accuracy_delta_ci_high"]
         assert row["position_accuracy_delta"] == pytest.approx(row["position_accuracy"] - row["position_accuracy_base"], abs=1e-5)
     assert covered >= 20  # 95% intervals: ~1 of 24 may miss
     task = d[d["metric"].isin(["position_accuracy", "count_accuracy"])]
@@ -176,13 +176,13 @@ def test_study_from_optuna_storage_gives_the_same_runs(synthetic_sweep, transfer
              "learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True),
              "batch_size": optuna.distributions.CategoricalDistribution([4, 8]),
              "accumulate_grad_batches": optuna.distributions.CategoricalDistribution([1, 2]),
-             "max_steps": optuna.distributions.CategoricalDistribution([100, 200])}  # fmt: skip
+             "max_steps": optuna.distributions.CategoricalDistribution([100, 200])}
     for t in synthetic_sweep["trials"]:
         # odd trials record their directory; even ones rely on <results-dir>/sweeps/<study>/trial-NNNN
         attrs = {"run_dir": str(t["dir"])} if t["number"] % 2 else {}
         study.add_trial(optuna.trial.create_trial(params=t["params"], distributions=dists, value=t["objective"], user_attrs=attrs))
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=synthetic_sweep["trials"][0]["params"],
-                                              distributions=dists))  # fmt: skip
+                                              distributions=dists))
     out = tmp_path / "from_study"
     assert main(["analyze", "--study", "syn", "--storage", storage, "--results_dir", str(results), "--out", str(out)]) == 0
     info = json.loads((out / "analysis.json").read_text())
@@ -200,7 +200,7 @@ def test_a_study_whose_trial_directories_are_elsewhere_says_which_files_analyze_
     dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8, 16, 32])}
     for t in synthetic_sweep["trials"][:3]:
         study.add_trial(optuna.trial.create_trial(params={"lora_r": t["params"]["lora_r"]}, distributions=dist,
-                                                  value=t["objective"], user_attrs={"run_dir": t["dir"].name}))  # fmt: skip
+                                                  value=t["objective"], user_attrs={"run_dir": t["dir"].name}))
     elsewhere = tmp_path / "elsewhere"
     rc = main(["analyze", "--study", "syn", "--storage", storage, "--results_dir", str(elsewhere), "--out", str(tmp_path / "a")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -25,7 +25,7 @@ def study(tmp_path_factory) -> dict:
     planted = make_study_sweep(root)
     out = root / "analysis"
     assert main(["analyze", "--runs", str(planted["study"]), "--control_runs", str(planted["control"]), "--decoding",
-                 "greedy", "--out", str(out), "--n_boot", "500"]) == 0  # fmt: skip
+                 "greedy", "--out", str(out), "--n_boot", "500"]) == 0
     return planted | {"out": out, "root": root, "info": json.loads((out / "analysis.json").read_text())}
 
 
@@ -39,7 +39,7 @@ def test_a_planted_pattern_effect_is_recovered_and_null_dummies_cover_zero(study
     slopes = _slopes(study, "position/nth_letter_accuracy")
     # treatment-coded against spell and any: one row per non-reference level, named with its reference
     assert {"variants=all", "variants=spell+reversed", "variants=spell+numbered", "variants=spell+inverse",
-            "separator=spaces", "separator=commas", "separator=dashes", "distinct_words"} <= set(slopes.index)  # fmt: skip
+            "separator=spaces", "separator=commas", "separator=dashes", "distinct_words"} <= set(slopes.index)
     assert "variants=spell" not in slopes.index and "separator=any" not in slopes.index
     assert slopes.loc["variants=all", "reference"] == "variants=spell"
     assert slopes.loc["separator=dashes", "reference"] == "separator=any"
@@ -140,7 +140,7 @@ def test_a_control_run_among_the_spelling_runs_is_found_by_its_fit_config(study)
 def test_the_report_shows_pattern_slopes_and_the_decision_table(study):
     reports = study["root"] / "reports"
     assert main(["report", "--analysis", str(study["out"]), "--out", str(reports), "--figures_out",
-                 str(study["root"] / "figures")]) == 0  # fmt: skip
+                 str(study["root"] / "figures")]) == 0
     page = next(reports.glob("transfer_report_*.html")).read_text(encoding="utf-8")
     text = " ".join(__import__("re").sub(r"<[^>]+>", " ", page).split())
     assert "Decision per subtask (pre-registered rule)" in text

@@ -76,7 +76,7 @@ def test_the_lora_r_slope_across_configurations_is_recovered_with_hc3_and_holm(r
     assert (tested["p_adj"] >= tested["p_value"] - 1e-12).all()
     # one Holm family per endpoint and scoring (the pre-registered family), not one per scoring
     assert set(tested["family"]) == {f"{s}/slopes/{m}" for s in ("generation", "likelihood")
-                                     for m in set(tested["metric"])}  # fmt: skip
+                                     for m in set(tested["metric"])}
     for _, g in tested.groupby("family"):
         from spellxfer.evaluation.stats import holm
 
@@ -86,7 +86,7 @@ def test_the_lora_r_slope_across_configurations_is_recovered_with_hc3_and_holm(r
 def test_families_and_endpoints_are_declared_in_analysis_json(rep):
     info = json.loads((rep["out"] / "analysis.json").read_text())
     assert info["endpoints"]["primary"] == ["count/letter_count_accuracy", "count/word_length_accuracy",
-                                            "position/letter_index_accuracy", "position/nth_letter_accuracy"]  # fmt: skip
+                                            "position/letter_index_accuracy", "position/nth_letter_accuracy"]
     assert info["endpoints"]["secondary"] == ["position_accuracy", "count_accuracy"]
     names = {f["name"]: f for f in info["families"]}
     for scoring in ("generation", "likelihood"):
@@ -146,7 +146,7 @@ def test_word_clusters_make_the_task_interval_no_narrower_than_items_alone(rep):
 def test_the_report_shows_baselines_flags_configurations_and_never_calls_a_loss_a_gain(rep):
     reports = rep["root"] / "reports"
     assert main(["report", "--analysis", str(rep["out"]), "--out", str(reports), "--figures_out",
-                 str(rep["root"] / "figures")]) == 0  # fmt: skip
+                 str(rep["root"] / "figures")]) == 0
     page = (reports / "transfer_report_rep.html").read_text(encoding="utf-8")
     text = " ".join(__import__("re").sub(r"<[^>]+>", " ", page).split())
     assert "best trivial baseline" in text.lower()
@@ -170,7 +170,7 @@ def test_token_counts_use_the_evaluated_models_tokenizer(demo_data):
 
     rows = read_jsonl(demo_data / "position_test.jsonl") + read_jsonl(demo_data / "count_test.jsonl")
     rows = [dict(r, file=str(demo_data / ("position_test.jsonl" if r["task"] == "position" else "count_test.jsonl")))
-            for r in rows]  # fmt: skip
+            for r in rows]
     qwen, info = recount("tiny-qwen3", rows)
     assert info["agreement_with_file"] == 1.0 and len(qwen) == len(rows)
     assert all(qwen[(r["file"].rsplit("/", 1)[1], r["id"])] == r["n_tokens"] for r in rows)
@@ -203,11 +203,11 @@ def test_tables_have_readable_headers_and_fixed_decimals():
     df = pd.DataFrame({"run": ["trial-0001"], "position_accuracy": [0.123456], "position_accuracy_ci_low": [0.1],
                        "position_accuracy_ci_high": [0.15], "position_accuracy_delta": [-0.0412],
                        "position_accuracy_p_adj": [0.000123], "steps_trained": [25.0], "params.learning_rate": [0.0005],
-                       "position/letter_index_accuracy_constant_answer": [True]})  # fmt: skip
+                       "position/letter_index_accuracy_constant_answer": [True]})
     row = _joined(df).iloc[0].to_dict()
     assert row == {"run": "trial-0001", "position_accuracy": "0.123 [0.100, 0.150]", "position_accuracy_delta": "-0.041",
                    "position_accuracy_p_adj": "0.00012", "steps_trained": "25", "params.learning_rate": "0.0005",
-                   "position/letter_index_accuracy_constant_answer": "yes"}  # fmt: skip
+                   "position/letter_index_accuracy_constant_answer": "yes"}
 
 
 def test_a_dominant_bucket_does_not_squash_the_breakdown_figure():
@@ -229,6 +229,6 @@ def test_a_dominant_bucket_does_not_squash_the_breakdown_figure():
 def test_scoring_both_without_probe_verdicts_is_one_error_line(synthetic_sweep, tmp_path, capsys):
     out = tmp_path / "a"
     assert main(["analyze", "--runs", str(synthetic_sweep["study_dir"] / "trial-0001"), "--scoring", "both",
-                 "--out", str(out)]) == 2  # fmt: skip
+                 "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --scoring both: some prediction rows have no likelihood_correct") and not out.exists()

@@ -32,7 +32,7 @@ from conftest import REPO
 from spellxfer.cli import main
 
 GOOD = {"task": "count", "subtask": "word_length", "question": "How many letters are in the word 'cat'?",
-        "answer": "3", "word": "cat", "word_kind": "english", "n_tokens": 1}  # fmt: skip
+        "answer": "3", "word": "cat", "word_kind": "english", "n_tokens": 1}
 BIG_INT = "9" * 5000  # over Python's 4300-digit int conversion limit
 DEEP = "[" * 20_000 + "]" * 20_000  # over the JSON parser's recursion limit
 
@@ -124,19 +124,19 @@ def _out_not_empty(root: Path) -> list:
 def _out_under_a_file(root: Path) -> list:
     write(root / "notes", "mine")
     return ["evaluate", "--model", "tiny-qwen3", "--questions", write(root / "q.jsonl", jsonl(GOOD)),
-            "--out", root / "notes" / "out"]  # fmt: skip
+            "--out", root / "notes" / "out"]
 
 
 def _model_dir_without_a_model(root: Path) -> list:
     (root / "not-a-model").mkdir()
     write(root / "not-a-model" / "README.md", "no weights here")
     return ["evaluate", "--model", root / "not-a-model", "--questions", write(root / "q.jsonl", jsonl(GOOD)),
-            "--out", root / "out"]  # fmt: skip
+            "--out", root / "out"]
 
 
 def _pool(*rows: dict, shots: int = 1) -> Callable[[Path], list]:
     return lambda root: evaluate(write(root / "q.jsonl", jsonl(GOOD)), root, "--shots", str(shots), "--shot_pool",
-                                 write(root / "pool.jsonl", jsonl(*rows)))  # fmt: skip
+                                 write(root / "pool.jsonl", jsonl(*rows)))
 
 
 def _compare_to(content: str | None) -> Callable[[Path], list]:
@@ -231,7 +231,7 @@ EVALUATE = {
     "compare-to-likelihood-not-bool": (_compare_to(jsonl({"file": "q.jsonl", "id": "1", "task": "count", "subtask": None,
                                                           "correct": True, "likelihood_correct": "yes"})),
                                        "predictions.jsonl:1: likelihood_correct \"yes\" is not true or false"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", EVALUATE, ids=list(EVALUATE))
@@ -265,7 +265,7 @@ CONFIGS = {
     "analyze-non-utf8": (_config(b"decoding: \xff\n", ("analyze",)), "cfg.yaml:1: not valid UTF-8"),
     "inline-5000-digits": (lambda root: ["evaluate", "--config", "{seed: " + BIG_INT + "}", "--out", root / "out"],
                            "--config: a number with more than 4300 digits"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", CONFIGS, ids=list(CONFIGS))
@@ -338,7 +338,7 @@ ADAPTERS = {
     "renamed-tensors": (_tensors_edit(lambda t: {k.replace("layers", "blocks"): v for k, v in t.items()}),
                         "holds 0 of the 8 LoRA tensors"),
     "shapes-of-another-model": (_tensors_edit(_grow), "cannot load onto tiny-qwen3 (RuntimeError"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", ADAPTERS, ids=list(ADAPTERS))
@@ -361,7 +361,7 @@ def test_the_intact_adapter_is_accepted(adapter, tmp_path, capsys):
 # ---- compare --------------------------------------------------------------------------------------
 ROW = {"id": "count_val-000000", "file": "/data/count_val.jsonl", "sample": 0, "task": "count", "subtask": "word_length",
        "question": "q?", "answer": "3", "output": "3<|im_end|>", "parsed": "3", "correct": True, "word": "cat",
-       "n_tokens": 1}  # fmt: skip
+       "n_tokens": 1}
 
 
 def _compare(base: str | bytes | None, *extra, predictions_dir: bool = False, dev_zero: bool = False) -> Callable[[Path], list]:
@@ -413,7 +413,7 @@ COMPARE = {
     "out-is-a-directory": (_compare(jsonl(ROW), "--out", _out_dir), "is a directory, expected a file name"),
     "out-under-a-file": (_compare(jsonl(ROW), "--out", _out_under_file), "is a file, not a directory"),
     "no-common-items": (_compare(jsonl(ROW | {"id": "other"})), "share no items"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", COMPARE, ids=list(COMPARE))
@@ -484,7 +484,7 @@ ANALYZE = {
                       "--seed must be ≥ 0"),
     "runs-is-a-file": (lambda root, study: ["analyze", "--runs", write(root / "f.txt", "x"), "--out", root / "a"],
                        "neither a trial directory"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", ANALYZE, ids=list(ANALYZE))
@@ -513,7 +513,7 @@ def small_analysis(small_study, tmp_path_factory) -> Path:
 
 
 def _analysis_edit(rel: str, content: str | bytes | Callable[[Path], None] | None,
-                   out: Callable[[Path], tuple] = lambda root: ()) -> Callable[[Path, Path], list]:  # fmt: skip
+                   out: Callable[[Path], tuple] = lambda root: ()) -> Callable[[Path, Path], list]:
     def build(root: Path, analysis: Path) -> list:
         mine = root / "a"
         shutil.copytree(analysis, mine)
@@ -597,7 +597,7 @@ REPORT = {
     "forbidden-metric-column": (_analysis_edit("runs.csv", _csv_column("spelling_accuracy", 1.0)),  # spellxfer-check: allow
                                 "is not allowed"),
     "out-is-a-file": (_analysis_edit("x.txt", "", _report_out_is_a_file), "exists and is not a directory"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", REPORT, ids=list(REPORT))
@@ -620,7 +620,7 @@ DATA_BUILD = {
     "seed-not-a-number": (lambda root: ["data", "build", "--out", root / "d", "--seed", "abc"], 'Parser key "seed"'),
     "chat-export-not-a-bool": (lambda root: ["data", "build", "--out", root / "d", "--chat_export", "maybe"],
                                'Parser key "chat_export"'),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", DATA_BUILD, ids=list(DATA_BUILD))
@@ -670,7 +670,7 @@ def space_file(root: Path, change: dict | None = None, text: str | bytes | None 
 
 def _sweep(change: dict | None = None, text: str | bytes | None = None, *extra: str) -> Callable[[Path], list]:
     return lambda root: ["sweep", "--space", space_file(root, change, text), "--study", "bad",
-                         "--results_dir", root / "results", *extra]  # fmt: skip
+                         "--results_dir", root / "results", *extra]
 
 
 def _base_config(text: str) -> Callable[[Path], list]:
@@ -717,7 +717,7 @@ SWEEP = {
     "study-name-too-long": (lambda root: ["sweep", "--space", space_file(root), "--study", "s" * 300, "--results_dir",
                                           root / "results"], "use 1-100 letters"),
     "storage-bad-url": (_sweep(None, None, "--storage", "nosuchdb://x"), "--storage nosuchdb://x"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", SWEEP, ids=list(SWEEP))
@@ -793,7 +793,7 @@ def test_a_partial_adapter_from_the_command_line_prints_only_the_error(adapter, 
     before = snapshot(tmp_path)
     p = subprocess.run([sys.executable, "-m", "spellxfer", "evaluate", "--model", "tiny-qwen3", "--questions", str(q),
                         "--adapter", str(d), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "COLUMNS": "300"})  # fmt: skip
+                       env={**os.environ, "COLUMNS": "300"})
     assert p.returncode == 2 and p.stderr.splitlines() == [p.stderr.strip()], p.stderr
     assert p.stderr.startswith(f"error: --adapter {d}: adapter_model.safetensors holds 1 of the 8 LoRA tensors")
     assert snapshot(tmp_path) == before
@@ -813,7 +813,7 @@ def test_the_issue_cases_from_the_command_line(tmp_path, content, expected):
     before = snapshot(tmp_path)
     p = subprocess.run([sys.executable, "-m", "spellxfer", "evaluate", "--model", "tiny-qwen3", "--questions", str(q),
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "COLUMNS": "300"})  # fmt: skip
+                       env={**os.environ, "COLUMNS": "300"})
     assert p.returncode == 2, p.stderr
     assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith("error: "), p.stderr
     assert expected in p.stderr and "Traceback" not in p.stderr + p.stdout

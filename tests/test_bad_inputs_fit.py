@@ -46,7 +46,7 @@ class Payload:
 
 def spellxfer(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spellxfer", *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})  # fmt: skip
+                          timeout=600, env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def run10(tmp_path_factory, demo_data) -> Path:
     """A real run: 10 steps of configs/tiny.yaml (last.ckpt, best-step10.ckpt, best_adapter/)."""
     root = tmp_path_factory.mktemp("fit") / "run"
     p = spellxfer(["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--data.data_dir",
-                   str(demo_data), "--trainer.max_steps", "10"], REPO)  # fmt: skip
+                   str(demo_data), "--trainer.max_steps", "10"], REPO)
     assert p.returncode == 0, p.stderr
     return root
 
@@ -89,7 +89,7 @@ def bad(run10, demo_data, tmp_path_factory) -> Bad:
     torch.save({**ckpt, "state_dict": dict(list(ckpt["state_dict"].items())[:1])}, f["partial"])
     f["other_rank"] = d / "other_rank.ckpt"  # rank-8 tensors under rank-4 hyper-parameters
     torch.save({**ckpt, "state_dict": {k: torch.zeros(8, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 8)
-                                       for k, v in ckpt["state_dict"].items()}}, f["other_rank"])  # fmt: skip
+                                       for k, v in ckpt["state_dict"].items()}}, f["other_rank"])
     f["no_hparams"] = d / "no_hparams.ckpt"
     torch.save({k: v for k, v in ckpt.items() if k != "hyper_parameters"}, f["no_hparams"])
 
@@ -137,7 +137,7 @@ def bad(run10, demo_data, tmp_path_factory) -> Bad:
     # model ties), read from its resume point the way the resumed fit will
     state = torch.load(run10 / "last.ckpt", map_location="cpu", weights_only=True)
     best = next(Path(v["best_model_path"]) for k, v in state["callbacks"].items()
-                if "ModelCheckpoint" in k and v.get("best_model_path"))  # fmt: skip
+                if "ModelCheckpoint" in k and v.get("best_model_path"))
     shutil.copy(f["pickle"], best)
     f["run10_best"] = str(best)
     f["run10"] = run10
@@ -146,7 +146,7 @@ def bad(run10, demo_data, tmp_path_factory) -> Bad:
                        "yaml_syntax": "model: [4\n", "yaml_list": "- 1\n", "yaml_max_steps": "trainer:\n  max_steps: -5\n",
                        "yaml_experiment": "experiment: ../../outside\n",
                        "yaml_deep": "model:\n  lora_r: " + "[" * 5000 + "]" * 5000 + "\n",
-                       "yaml_long_int": "model:\n  lora_r: " + "9" * 5000 + "\n"}.items():  # fmt: skip
+                       "yaml_long_int": "model:\n  lora_r: " + "9" * 5000 + "\n"}.items():
         f[name] = d / f"{name}.yaml"
         f[name].write_text(text)
     f["data"] = demo_data
@@ -161,7 +161,7 @@ def fit(*args: str, command: str = "fit", root: bool = True) -> list[str]:
 
 def evaluate(adapter: str) -> list[str]:
     return ["evaluate", "--model", "tiny-qwen3", "--adapter", f"{{{adapter}}}", "--questions",
-            "{data}/position_val.jsonl", "--limit", "2", "--out", "{case}/out"]  # fmt: skip
+            "{data}/position_val.jsonl", "--limit", "2", "--out", "{case}/out"]
 
 
 CKPT_PROBLEMS = {
@@ -231,7 +231,7 @@ CASES.update({
     "yaml-nested-5000-deep": (fit("--config", "{yaml_deep}"), ["{yaml_deep}", "nested too deeply"]),
     "yaml-5000-digit-integer": (fit("--config", "{yaml_long_int}"), ["{yaml_long_int}", "integer of more than"]),
     "yaml-experiment-traversal": (fit("--config", "{yaml_experiment}", root=False), ["experiment", "{yaml_experiment}"]),
-})  # fmt: skip
+})
 
 
 def snapshot(path: Path) -> set[Path]:
@@ -246,7 +246,7 @@ def outcomes(bad, tmp_path_factory, request) -> dict[str, tuple[subprocess.Compl
     inputs, case dir)."""
     # only the cases this session runs (pytest -k …): each one costs a process
     selected = [item.callspec.params["case"] for item in request.session.items
-                if item.module.__name__ == __name__ and "case" in getattr(getattr(item, "callspec", None), "params", {})]  # fmt: skip
+                if item.module.__name__ == __name__ and "case" in getattr(getattr(item, "callspec", None), "params", {})]
     base = tmp_path_factory.mktemp("cases")
     inputs = Path(bad.files["pickle"]).parent
 

@@ -58,10 +58,10 @@ def test_makefile_targets_named_in_readme_exist():
 
 def test_multi_value_flags_fold_into_one_list():
     assert fold_multi_value_flags(["evaluate", "--questions", "a.jsonl", "b.csv", "--limit", "3"]) == [
-        "evaluate", '--questions=["a.jsonl", "b.csv"]', "--limit", "3"]  # fmt: skip
+        "evaluate", '--questions=["a.jsonl", "b.csv"]', "--limit", "3"]
     assert fold_multi_value_flags(["--questions", "[a, b]"]) == ["--questions", "[a, b]"]
     assert fold_multi_value_flags(["--question-field=a-b", "--batch-size", "4"]) == [
-        "--question_field=a-b", "--batch_size", "4"]  # fmt: skip
+        "--question_field=a-b", "--batch_size", "4"]
 
 
 def test_unknown_command_and_bad_flag_are_one_line_exit_2(capsys):
@@ -96,7 +96,7 @@ def test_commands_whose_extras_are_missing_are_listed_not_fatal(monkeypatch, cap
 
 
 HEAVY = ("torch", "transformers", "peft", "lightning", "torchmetrics", "pandas", "scipy", "litserve", "optuna",
-         "datasets")  # fmt: skip
+         "datasets")
 
 
 def _heavy_modules_after(argv: list[str]) -> list[str]:

@@ -94,7 +94,7 @@ def test_val_test_and_few_shot_pool_words_are_disjoint(fixture, request):
     assert not train & ev["pool"] and not {w[::-1] for w in train} & ev["pool"]
     pool = read_jsonl(d / POOL)  # one solved question per subtask and pool word
     assert Counter(r["subtask"] for r in pool) == {s: len(ev["pool"]) for s in
-                                                   ("nth_letter", "letter_index", "word_length", "letter_count")}  # fmt: skip
+                                                   ("nth_letter", "letter_index", "word_length", "letter_count")}
     p = _cli("data", "check", "--data", str(d))
     assert p.returncode == 0 and "clean" in p.stdout, p.stdout + p.stderr
 
@@ -112,7 +112,7 @@ def test_data_check_flags_a_pool_word_that_is_a_test_word(tmp_path, demo_data):
     assert p.returncode == 1, p.stdout + p.stderr
     out = p.stdout.replace("\n", "")
     assert re.search(rf"test word '{test_row['word']}' \((position|count)_test.jsonl:[0-9]+\) is also a few-shot "
-                     r"pool word \(fewshot_pool.jsonl:1\)", out), out  # fmt: skip
+                     r"pool word \(fewshot_pool.jsonl:1\)", out), out
 
 
 def _best_count_balance(rows: list[dict]) -> float:
@@ -208,7 +208,7 @@ def test_english_token_subset_artifact(demo_data, qwen_tok):
 
 
 SPLITS = ("spelling_train", *(f.removesuffix(".jsonl") for f in EVAL_FILES), "control_train",
-          POOL.removesuffix(".jsonl"))  # fmt: skip
+          POOL.removesuffix(".jsonl"))
 
 
 def test_every_row_of_every_file_is_in_the_one_schema(demo_data):

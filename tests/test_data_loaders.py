@@ -365,7 +365,7 @@ def test_lightning_reshuffles_each_epoch_and_delivers_items_untouched(demo_modul
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=2, limit_train_batches=2, limit_val_batches=2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    )
     trainer.fit(model, datamodule=demo_module)
 
     # Lightning's set_epoch reached the sampler: each epoch began with that epoch's batch.

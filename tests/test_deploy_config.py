@@ -91,7 +91,7 @@ def test_job_specs_fit_the_real_lightning_sdk_signatures():
         assert spec["teamspace"] == "me/spellxfer" and spec["studio"] == "spellxfer-dev"
         assert spec["name"].startswith(f"spellxfer-{task}-") and spec["command"].startswith("python -m spellxfer")
     fit = build_job_spec("fit", cfg, machine="h100", teamspace="team/x", command="python -m spellxfer fit -c a.yaml",
-                         env=env)  # fmt: skip
+                         env=env)
     assert (fit["machine"], fit["teamspace"], fit["command"]) == ("H100", "team/x", "python -m spellxfer fit -c a.yaml")
 
     dep = build_deployment_spec(cfg, env=env)
@@ -138,7 +138,7 @@ def test_serve_commands_that_are_safe_pass_unchanged():
 
 def cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "spellxfer", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=env)  # fmt: skip
+                          timeout=120, env=env)
 
 
 def test_dry_run_prints_the_spec_and_submitting_without_credentials_is_one_error_line(tmp_path):

@@ -23,7 +23,7 @@ from spellxfer.tasks.chat import GENERATION_PROMPT_SUFFIX
 
 def spellxfer(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spellxfer", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+                          timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def ckpt(tmp_path_factory, demo_data):
     """A real checkpoint: 10 LoRA steps of configs/tiny.yaml (lr 1e-3, so B is far from its zero init)."""
     root = tmp_path_factory.mktemp("fit")
     p = spellxfer("fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(root),
-                  "--data.data_dir", str(demo_data), "--trainer.max_steps", "10")  # fmt: skip
+                  "--data.data_dir", str(demo_data), "--trainer.max_steps", "10")
     assert p.returncode == 0, p.stderr
     return root / "last.ckpt"
 
@@ -122,7 +122,7 @@ def test_model_cards_carry_base_data_training_and_the_evaluated_results(ckpt, de
     ev = tmp_path / "eval"
     p = spellxfer("evaluate", "--model", "tiny-qwen3", "--adapter", str(ckpt.parent / "best_adapter"), "--questions",
                   str(demo_data / "position_test.jsonl"), str(demo_data / "count_test.jsonl"), "--limit", "8",
-                  "--decoding", "greedy", "--out", str(ev))  # fmt: skip
+                  "--decoding", "greedy", "--out", str(ev))
     assert p.returncode == 0, p.stderr
     out = tmp_path / "export"
     p = spellxfer("export", "--ckpt", str(ckpt), "--out", str(out), "--merge", "--dtype", "fp32", "--eval", str(ev))

@@ -50,9 +50,9 @@ def test_probe_equals_each_full_sequence_scored_alone(tiny, demo_data, path):
     items = load_questions([demo_data / "position_val.jsonl", demo_data / "count_val.jsonl"], limit=3)
     convs = [[{"role": "user", "content": it.question}] for it in items]
     prefixes = [ids + plain_token_ids(tok, answer_frame(it.subtask, it.meta))
-                for ids, it in zip(chat_token_ids(tok, convs), items)]  # fmt: skip
+                for ids, it in zip(chat_token_ids(tok, convs), items)]
     conts = [[tok(text, add_special_tokens=False)["input_ids"] for _, text in candidate_answers(it.kind, it.answer)]
-             for it in items]  # fmt: skip
+             for it in items]
     # batches of 4 mix prefix lengths and letter / integer candidate sets (31 vs 52, 1–2 fed tokens)
     scores = LikelihoodScorer(model, tok, batch_size=4, path=path).score(prefixes, conts)
     for p, cs, got in zip(prefixes, conts, scores):
@@ -102,7 +102,7 @@ def test_frames_name_the_word_letter_and_position():
 def test_trivial_baselines_on_known_answers():
     rows = [{"answer": a, "subtask": "letter_index"} for a in "1112345"] + \
            [{"answer": w[0], "subtask": "nth_letter", "word": w} for w in ("cat", "cow", "dog")] + \
-           [{"answer": "a", "subtask": "nth_letter", "word": "bat"}]  # fmt: skip
+           [{"answer": "a", "subtask": "nth_letter", "word": "bat"}]
     b = trivial_baselines(rows)
     # majority "1" for all 11; best constant per subtask: "1" (3 of 7) + "c" (2 of 4)
     assert b["majority"] == pytest.approx(3 / 11) and b["best_constant"] == pytest.approx(5 / 11)
@@ -117,7 +117,7 @@ def test_reply_formats():
     q = "What is the 3rd letter of the word 'strawberry'? Reply with just the letter."
     cases = {"R.<|im_end|>": "bare", "**3**": "bare", "The third letter is r.": "sentence",
              "S-T-R-A-W-B-E-R-R-Y": "letter_by_letter", "1. s\n2. t\n3. r": "letter_by_letter", "'Strawberry'": "echoed",
-             "What is the 3rd letter of the word 'strawberry'?": "echoed", "": "other", "3 3": "other"}  # fmt: skip
+             "What is the 3rd letter of the word 'strawberry'?": "echoed", "": "other", "3 3": "other"}
     assert {reply: reply_format(reply, None, q) for reply in cases} == cases
 
 
@@ -143,11 +143,11 @@ def test_evaluate_both_scorers_on_a_file_from_elsewhere(tmp_path):
     rows = [{"question": "How many letters are in 'cat'?", "answer": 3, "task": "count"},
             {"question": "How many letters are in 'horse'?", "answer": "5", "task": "count"},
             {"question": "Which letter does 'dog' start with?", "answer": "d", "task": "position"},
-            {"question": "Where is the first 'o' in 'dog'?", "answer": "2", "task": "position"}]  # fmt: skip
+            {"question": "Where is the first 'o' in 'dog'?", "answer": "2", "task": "position"}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     assert main(["evaluate", "--model", "tiny-qwen3", "--questions", str(f), "--scoring", "both", "--decoding",
-                 "greedy", "--max_new_tokens", "3", "--out", str(out)]) == 0  # fmt: skip
+                 "greedy", "--max_new_tokens", "3", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["scoring"] == "both" and m["count_likelihood_accuracy_n"] == 2 == m["position_likelihood_accuracy_n"]
     for task in ("count", "position"):
@@ -173,7 +173,7 @@ def test_likelihood_only_run_compares_on_the_probe(demo_data, tmp_path):
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert "count_accuracy" not in m and "count_likelihood_accuracy" in m
     assert main([*args, "--scoring", "likelihood", "--shots", "1", "--out", str(tmp_path / "b"),
-                 "--compare_to", str(tmp_path / "a")]) == 0  # fmt: skip
+                 "--compare_to", str(tmp_path / "a")]) == 0
     c = json.loads((tmp_path / "b" / "compare.json").read_text())
     assert c["groups"] == {} and c["likelihood_groups"]["count"]["n"] == 6
 
@@ -201,20 +201,20 @@ def test_a_pool_that_shares_a_word_with_the_questions_is_refused(demo_data, tmp_
     pool[2] = pool[2] | {"word": test[0]["word"]}
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
     p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "count_test.jsonl"), "--shots", "2",
-             "--shot_pool", str(tmp_path / "pool.jsonl"), "--out", str(tmp_path / "out"))  # fmt: skip
+             "--shot_pool", str(tmp_path / "pool.jsonl"), "--out", str(tmp_path / "out"))
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert f"pool.jsonl:3: few-shot example word '{test[0]['word']}' is also evaluated" in p.stderr
     assert not (tmp_path / "out").exists()
     (tmp_path / "q.jsonl").write_text('{"question": "How many letters in \'cat\'?", "answer": 3, "task": "count"}\n')
     p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(tmp_path / "q.jsonl"), "--shots", "1",
-             "--out", str(tmp_path / "out"))  # fmt: skip
+             "--out", str(tmp_path / "out"))
     assert p.returncode == 2 and "--shots needs a few-shot pool" in p.stderr and not (tmp_path / "out").exists()
     p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(tmp_path / "q.jsonl"), "--scoring", "both",
-             "--out", str(tmp_path / "out"))  # fmt: skip
+             "--out", str(tmp_path / "out"))
     assert p.returncode == 0, p.stderr
     (tmp_path / "big.jsonl").write_text('{"question": "How many?", "answer": 5000, "task": "count"}\n')
     p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(tmp_path / "big.jsonl"), "--scoring", "both",
-             "--out", str(tmp_path / "big"))  # fmt: skip
+             "--out", str(tmp_path / "big"))
     assert p.returncode == 2 and "big.jsonl:1: answer 5000 is above the likelihood probe's limit" in p.stderr
 
 

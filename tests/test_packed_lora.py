@@ -30,7 +30,7 @@ TRIALS = [("t0000", 4, 8, ALL_LINEAR, 0), ("t0001", 8, 32, ("q_proj", "v_proj"),
 
 def config(r: int, alpha: int, targets) -> LoraConfig:
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), task_type="CAUSAL_LM",
-                      bias="none")  # fmt: skip
+                      bias="none")
 
 
 def frozen_base():
@@ -79,7 +79,7 @@ def test_each_row_trains_through_its_own_adapter_with_the_gradient_it_gets_alone
         losses, start = [], 0
         for _, n in groups:
             losses.append(completion_loss_from_hidden(hidden[start : start + n], model.get_output_embeddings().weight,
-                                                      labels[start : start + n]))  # fmt: skip
+                                                      labels[start : start + n]))
             start += n
         sum(losses).backward()  # one backward for all trials: their adapters' parameters are disjoint
 
@@ -106,7 +106,7 @@ def test_each_row_trains_through_its_own_adapter_with_the_gradient_it_gets_alone
 def test_generation_mixes_adapters_in_a_batch_and_gives_each_prompt_its_own_adapters_reply():
     tok = load_tokenizer("tiny-qwen3")
     questions = ["How many letters are in the word 'apple'?", "What is the 3rd letter of 'banana'?",
-                 "How many times does the letter 'r' appear in 'strawberry'?", "What is the last letter of 'cat'?"]  # fmt: skip
+                 "How many times does the letter 'r' appear in 'strawberry'?", "What is the last letter of 'cat'?"]
     packed = packed_model(scale=2.0)
     sampling = Sampling(decoding="greedy", max_new_tokens=6)
     names = [t[0] for t in TRIALS]
@@ -134,9 +134,9 @@ def test_the_likelihood_probe_mixes_adapters_in_a_batch_and_ranks_each_items_ans
     rows = [("position", "nth_letter", "letter", "a", {"word": "banana", "position": 2}),
             ("count", "word_length", "integer", "5", {"word": "apple"}),
             ("count", "letter_count", "integer", "3", {"word": "strawberry", "letter": "r"}),
-            ("position", "letter_index", "integer", "1", {"word": "cat", "letter": "c"})]  # fmt: skip
+            ("position", "letter_index", "integer", "1", {"word": "cat", "letter": "c"})]
     items = [Item(id=str(i), file="t.jsonl", line=i + 1, task=t, subtask=sub, kind=kind, answer=a, question=f"q {sub} {m}",
-                  meta=m) for i, (t, sub, kind, a, m) in enumerate(rows)]  # fmt: skip
+                  meta=m) for i, (t, sub, kind, a, m) in enumerate(rows)]
     packed = packed_model(scale=2.0)
     names = [t[0] for t in TRIALS]
     # batches of 5 prefixes over 12 (3 adapters × 4 items): each batch mixes two or three adapters
@@ -146,7 +146,7 @@ def test_the_likelihood_probe_mixes_adapters_in_a_batch_and_ranks_each_items_ans
     for name, r, alpha, targets, seed in TRIALS:
         ref = alone(packed, name, r, alpha, targets, seed).eval()
         want, want_prompts, _, _ = probe_items(ref, tok, items, [[{"role": "user", "content": it.question}] for it in items],
-                                               batch_size=4, label=None)  # fmt: skip
+                                               batch_size=4, label=None)
         own.append(want)
         assert prompts == want_prompts
     for got, want in zip(results, own):

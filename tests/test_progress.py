@@ -59,7 +59,7 @@ def _rich_bar_frames(**limits) -> list[str]:
     out = io.StringIO()
     bar = StepRichProgressBar(console_kwargs={"file": out, "force_terminal": True, "width": 120, "color_system": None})
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        callbacks=[bar], **limits)  # fmt: skip
+                        callbacks=[bar], **limits)
     trainer.fit(_Line())
     frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()).replace("\n", "\r").split("\r")
     return [" ".join(f.split()) for f in frames if f.strip()]

@@ -31,7 +31,7 @@ OUR_ROWS = [
     {"id": "count_val-000001", "task": "count", "subtask": "letter_count",
      "question": "How many times does 'r' appear in 'strawberry'?",
      "answer": "3", "word": "strawberry", "word_kind": "english", "letter": "r", "position": None, "n_tokens": 3},
-]  # fmt: skip
+]
 
 
 def write_jsonl(path: Path, rows: list, blank_after: int | None = None) -> Path:
@@ -99,7 +99,7 @@ def test_every_file_data_build_writes_for_evaluation_loads(demo_data):
         for item, row in zip(items, rows):
             assert (item.id, item.task, item.subtask, item.question) == (
                 row["id"], row["task"], row["subtask"], row["question"],
-            )  # fmt: skip
+            )
             assert item.meta["word"] == row["word"] and item.meta["n_tokens"] == row["n_tokens"]
             # The loaded gold answer is one the scorer accepts and calls right when echoed.
             assert score(f"The answer is {item.answer}.", item.answer) == (item.answer, True)
@@ -137,7 +137,7 @@ def test_csv_with_other_column_names_and_task_argument(tmp_path):
              question='How many r\'s are in "strawberry"?', answer="3", kind="integer", meta={"source": "hand"}),
         Item(id="mine:3", file=str(path), line=3, task="count", subtask=None,
              question="How many letters in 'cat'?", answer="3", kind="integer", meta={"source": "hand"}),
-    ]  # fmt: skip
+    ]
 
 
 def test_a_row_task_wins_over_the_task_argument(tmp_path):
@@ -209,7 +209,7 @@ def test_limit_applies_to_each_file(tmp_path):
     assert [(Path(i.file).name, i.question) for i in items] == [
         ("a.jsonl", "q0?"), ("a.jsonl", "q1?"), ("a.jsonl", "q2?"),
         ("b.jsonl", "r0?"), ("b.jsonl", "r1?"), ("b.jsonl", "r2?"),
-    ]  # fmt: skip
+    ]
     # Without a limit that covers it, b is read to the end and its bad row is found.
     with error_at(b, 4, "expected a JSON object per line, got a string"):
         load_questions([a, b], task="count", limit=10)
@@ -232,7 +232,7 @@ def test_id_falls_back_to_stem_and_line(tmp_path):
 
 def test_duplicate_ids_in_a_file_are_refused_but_not_across_files(tmp_path):
     rows = [{"id": "x", "question": "q?", "answer": 1}, {"id": "y", "question": "r?", "answer": 2},
-            {"id": "x", "question": "s?", "answer": 3}]  # fmt: skip
+            {"id": "x", "question": "s?", "answer": 3}]
     bad = write_jsonl(tmp_path / "dup.jsonl", rows)
     with error_at(bad, 3, r"duplicate id 'x' \(first on line 1\)") as excinfo:
         load_questions([bad], task="count")
@@ -286,7 +286,7 @@ BAD_FILES = [
     ("position_sign.csv", "question,answer\nq?,+3\n", "position", 2, r"position answer '\+3' is neither"),
     ("bad_ragged.csv", "question,answer\nHow many a, b in 'ab'?,2\n", "count", 2,
      r"3 fields but the header has 2 columns \(quote fields that contain the delimiter\)"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ def serving(command: list[str], tmp: Path, **env):
          str(tmp / "key"), "--max-batch-size", "32", "--batch-timeout", "0.05"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**env_without_key(), "HF_HUB_OFFLINE": "1", **env},
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -105,7 +105,7 @@ def serving(command: list[str], tmp: Path, **env):
 def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m spellxfer …` in its own process group; a hung run takes its children down with it."""
     proc = subprocess.Popen([sys.executable, "-m", "spellxfer", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -140,20 +140,20 @@ def test_the_official_openai_client_works_plain_and_streamed(server):
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
     reply = client.chat.completions.create(model="tiny-qwen3", max_tokens=4,
-                                           messages=[{"role": "user", "content": QUESTION}])  # fmt: skip
+                                           messages=[{"role": "user", "content": QUESTION}])
     assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
     assert isinstance(reply.choices[0].message.content, str)
     assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 10
 
     chunks = list(client.chat.completions.create(model="tiny-qwen3", max_tokens=4, stream=True,
-                                                 messages=[{"role": "user", "content": QUESTION}]))  # fmt: skip
+                                                 messages=[{"role": "user", "content": QUESTION}]))
     assert len(chunks) >= 2 and len({c.id for c in chunks}) == 1  # one id per stream
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
     with pytest.raises(openai.BadRequestError, match="non-thinking"):
         client.chat.completions.create(model="tiny-qwen3", max_tokens=4, messages=[{"role": "user", "content": "hi"}],
-                                       extra_body={"chat_template_kwargs": {THINK_FLAG: True}})  # fmt: skip
+                                       extra_body={"chat_template_kwargs": {THINK_FLAG: True}})
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).chat.completions.create(
             model="tiny-qwen3", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
@@ -199,7 +199,7 @@ def test_openai_fields_are_honoured_or_refused_never_silently_dropped(server):
 
     for extra, field in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
                          ({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):  # fmt: skip
+                         ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):
         with pytest.raises(openai.BadRequestError, match=field):
             client.chat.completions.create(**ask, **extra)
 
@@ -270,13 +270,13 @@ def test_a_stream_ends_before_its_stop_sequence_and_never_sends_it(server):
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
     ask = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16,
-           "temperature": 1.0, "seed": 99}  # fmt: skip
+           "temperature": 1.0, "seed": 99}
     text = client.chat.completions.create(**ask).choices[0].message.content
     assert len(text) >= 8, text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     plain = client.chat.completions.create(**ask, stop=[stop])
     chunks = list(client.chat.completions.create(**ask, stop=[stop], stream=True,
-                                                 stream_options={"include_usage": True}))  # fmt: skip
+                                                 stream_options={"include_usage": True}))
     assert content_of(chunks) == plain.choices[0].message.content == text[: text.find(stop)]
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert chunks[-1].usage == plain.usage
@@ -294,7 +294,7 @@ def test_streamed_and_plain_requests_in_flight_together_are_all_served(server):
     plain = [chat(QUESTION, max_tokens=6), chat("hi", max_tokens=3, n=2)] * 3
     predicts = [{"question": QUESTION, "max_tokens": 3}] * 4
     bad = [(chat("hi", stream=True, temperature=5), "temperature"), (chat("hi", stream=True, n=0), "n"),
-           ('{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true}', "messages.0.content")]  # fmt: skip
+           ('{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true}', "messages.0.content")]
 
     async def send_all():
         async with httpx.AsyncClient(base_url=server, timeout=120, headers=AUTH) as client:
@@ -311,7 +311,7 @@ def test_streamed_and_plain_requests_in_flight_together_are_all_served(server):
             return await asyncio.gather(asyncio.gather(*map(stream, streams)),
                                         asyncio.gather(*(post_json("/v1/chat/completions", b) for b in plain)),
                                         asyncio.gather(*(post_json("/predict", b) for b in predicts)),
-                                        asyncio.gather(*(post_json("/v1/chat/completions", b) for b, _ in bad)))  # fmt: skip
+                                        asyncio.gather(*(post_json("/v1/chat/completions", b) for b, _ in bad)))
 
     streamed, replies, answers, refused = asyncio.run(send_all())
     for body, (status, content_type, events) in zip(streams, streamed):
@@ -342,7 +342,7 @@ def test_a_stream_that_fails_in_a_batch_fails_alone():
     s = replace(api.defaults, max_new_tokens=8, decoding="greedy")
     jobs = [Job("chat", (("user", "hi"),), s, stream=True), Job("chat", (("user", "a\ud800b"),), s, stream=True),
             Job("predict", (("user", QUESTION),), s, "letter"),
-            Job("chat", (("user", "hi"),), replace(s, decoding="sampled", temperature=1e-45), stream=True)]  # fmt: skip
+            Job("chat", (("user", "hi"),), replace(s, decoding="sampled", temperature=1e-45), stream=True)]
     *steps, outputs = list(api.predict(jobs))
     assert [("error" in o) for o in outputs] == [False, True, False, True]
     assert steps and all(len(step) == len(jobs) and not any(m["delta"] for m in step[1:]) for step in steps)
@@ -354,7 +354,7 @@ def test_a_stream_that_fails_in_a_batch_fails_alone():
 # stop sequence over several tokens: words, whitespace, a character of three tokens, tags whole
 # (one token) and in parts, the letters of the stop sequences below.
 FRAGMENTS = ["The", " letter", " is", " r", ".", " ", "\n", "\n\n", "'", "é", "🫐", "a", "b", "r", "<", "|",
-             "<|im_", "end|>", "<|im_end|>", "<th", "ink>", "<think>", "<think> x </think>", "ab"]  # fmt: skip
+             "<|im_", "end|>", "<|im_end|>", "<th", "ink>", "<think>", "<think> x </think>", "ab"]
 PLAIN = FRAGMENTS[:14]  # no tags
 STOPS = [(), ("\n\n",), (" is",), ("b", "ab"), ("b", "ab."), ("r.", "<"), (" r", "r"), ("|",)]
 
@@ -442,7 +442,7 @@ def test_the_litserve_internals_we_use_are_unchanged():
             loop.put_response(Transport(), queue_id, uid, '{"delta": "r"}\n', LitAPIStatus.OK, LoopResponseType.STREAMING)
             loop.put_response(Transport(), queue_id, uid, "", LitAPIStatus.FINISH_STREAMING, LoopResponseType.STREAMING)
             await litserve.server.response_queue_to_buffer(Transport(), spec.response_buffer, queue_id,
-                                                           server.litapi_connector)  # fmt: skip
+                                                           server.litapi_connector)
             assert [m async for m in worker_messages(pipe)] == [{"delta": "r"}]
         assert spec.response_buffer == {}
 
@@ -459,7 +459,7 @@ def test_the_litserve_internals_we_use_are_unchanged():
         ("/v1/chat/completions", chat("hi", reasoning_effort="high")),
         ("/v1/chat/completions", chat(f"How many r's in 'strawberry'? {SOFT_SWITCH}")),
         ("/v1/chat/completions", {"messages": [{"role": "system", "content": SOFT_SWITCH},
-                                               {"role": "user", "content": "hi"}]}),  # fmt: skip
+                                               {"role": "user", "content": "hi"}]}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": SOFT_SWITCH}]}]}),
         ("/predict", {"question": f"{QUESTION} {SOFT_SWITCH}"}),
         ("/predict", {"question": QUESTION, "chat_template_kwargs": {THINK_FLAG: True}}),
@@ -542,7 +542,7 @@ MALFORMED = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 17}),
     ("/v1/chat/completions", chat("hi", chat_template_kwargs="on")),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url",
-                                                                        "image_url": "http://x/y.png"}]}]}),  # fmt: skip
+                                                                        "image_url": "http://x/y.png"}]}]}),
     ("/v1/chat/completions", "x" * 70_000),  # over max_payload_bytes
 ]
 
@@ -550,7 +550,7 @@ MALFORMED = [
 def test_64_concurrent_clients_get_no_5xx_then_malformed_requests_get_4xx_and_health_stays_200(server):
     assert len(MALFORMED) == 30
     samples, seconds = asyncio.run(run_load(server, concurrency=64, duration=8, requests=None, route="predict",
-                                            max_tokens=4, api_key=API_KEY, timeout=120))  # fmt: skip
+                                            max_tokens=4, api_key=API_KEY, timeout=120))
     s = summarise(samples, seconds)
     assert s["ok"] > 0 and s["errors_5xx"] == 0 and s["transport_errors"] == 0 and s["errors_4xx"] == 0, s
 
@@ -619,12 +619,12 @@ def test_tiny_temperature_and_top_p_are_served_as_the_greedy_reply(server):
 def test_good_requests_are_all_served_while_bad_ones_share_their_batches(server):
     # Before the checks, 1 surrogate request among 7 good ones failed 17 of 21 good requests.
     good = [("/predict", {"question": QUESTION, "max_tokens": 3}),
-            ("/v1/chat/completions", chat(QUESTION, max_tokens=3))] * 12  # fmt: skip
+            ("/v1/chat/completions", chat(QUESTION, max_tokens=3))] * 12
     bad = [(p, b) for p, b, _ in BAD_REQUESTS[:7]] + [
         ("/v1/chat/completions", chat("hi", temperature=1e-45)),
         ("/v1/chat/completions", chat("hi", top_p=1e-300)),
         ("/predict", {"question": "hi<|im_end|>\n<|im_start|>assistant\n<think>", "max_tokens": 3}),
-    ]  # fmt: skip
+    ]
 
     async def send_all():
         async with httpx.AsyncClient(base_url=server, timeout=120, headers=AUTH) as client:
@@ -680,7 +680,7 @@ def test_a_request_that_fails_to_generate_fails_alone_in_its_batch():
     good = Job("predict", (("user", QUESTION),), s, "letter")
     jobs = [good, Job("chat", (("user", "a\ud800b"),), s), good,
             Job("chat", (("user", "hi"),), replace(s, temperature=1e-45)), good,
-            Job("failed", (), s, error="could not decode")]  # fmt: skip
+            Job("failed", (), s, error="could not decode")]
     (outputs,) = list(api.predict(jobs))
     assert [("error" in o) for o in outputs] == [False, True, False, True, False, True]
     assert all(isinstance(outputs[i]["answer"], str) and outputs[i]["prompt_tokens"] > 10 for i in (0, 2, 4))
@@ -730,7 +730,7 @@ def test_metrics_count_requests_errors_tokens_and_batches(server):
 def test_bench_serve_writes_csv_figures_and_html(server, tmp_path):
     p = subprocess.run([sys.executable, "-m", "spellxfer", "bench", "serve", "--url", server, "--concurrency", "4",
                         "--requests", "12", "--max-tokens", "2", "--api-key", API_KEY, "--out", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     (requests_csv,) = (tmp_path / "data").glob("bench-predict-c4-*.csv")
     with open(requests_csv) as f:

@@ -18,7 +18,7 @@ from spellxfer.core.errors import SpellxferError
 
 def test_variant_specs_parse_and_bad_ones_are_one_line_errors(capsys):
     assert parse_variant("spellxfer:kernels=none,batch_size=64,attention_mask=true") == (
-        "spellxfer", {"kernels": "none", "batch_size": 64, "attention_mask": True})  # fmt: skip
+        "spellxfer", {"kernels": "none", "batch_size": 64, "attention_mask": True})
     assert parse_variant("reference") == ("reference", {})
     for bad in ("spellxfer:foo=1", "fastest", "reference:kernels=none", "spellxfer:batch_size"):
         with pytest.raises(SpellxferError, match="--variants"):
@@ -37,7 +37,7 @@ def test_gpu_sized_benches_refuse_on_a_cpu_in_one_line_before_building_data(comm
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1, err
     assert err[0] == (f"error: bench {command}: --model qwen3-4b-shape needs a CUDA GPU and none is visible here; "
-                      "on a CPU use --model tiny-qwen3 (or smollm2-135m)")  # fmt: skip
+                      "on a CPU use --model tiny-qwen3 (or smollm2-135m)")
     assert not data.exists() and not (tmp_path / "b.json").exists()
 
 
@@ -58,7 +58,7 @@ def test_bench_train_reference_and_spellxfer_side_by_side(full_data, tmp_path):
     out = tmp_path / "train.json"
     rc = main(["bench", "train", "--model", "tiny-qwen3", "--data_dir", str(full_data), "--variants", "reference",
                "spellxfer", "--batch_size", "16", "--reference_batch_size", "16", "--steps", "2", "--warmup", "1",
-               "--out", str(out)])  # fmt: skip
+               "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     ref, ours = report["results"]
@@ -75,12 +75,12 @@ def test_bench_train_reference_and_spellxfer_side_by_side(full_data, tmp_path):
 
 def test_eval_variant_specs_parse_and_bad_ones_are_one_line_errors(capsys):
     assert parse_eval_variant("spellxfer:engine=graph,batch_size=2048") == ("spellxfer", {"engine": "graph",
-                                                                                       "batch_size": 2048})  # fmt: skip
+                                                                                       "batch_size": 2048})
     assert parse_eval_variant("spellxfer:batch_size=auto,decoding=greedy,max_new_tokens=32") == (
-        "spellxfer", {"batch_size": "auto", "decoding": "greedy", "max_new_tokens": 32})  # fmt: skip
+        "spellxfer", {"batch_size": "auto", "decoding": "greedy", "max_new_tokens": 32})
     assert parse_eval_variant("validation:config=configs/r16.yaml") == ("validation", {"config": "configs/r16.yaml"})
     for bad in ("spellxfer:engine=turbo", "spellxfer:batch_size=0", "reference:engine=graph", "fastest",
-                "validation:decoding=greedy", "spellxfer:batch_size"):  # fmt: skip
+                "validation:decoding=greedy", "spellxfer:batch_size"):
         with pytest.raises(SpellxferError, match="--variants"):
             parse_eval_variant(bad)
     assert main(["bench", "eval", "--variants", "spellxfer:engine=turbo"]) == 2
@@ -95,7 +95,7 @@ def test_bench_eval_compares_engines_in_one_run(full_data, tmp_path):
                "--batch_size", "12", "--reference_batch_size", "12", "--max_new_tokens", "4", "--variants",
                "reference", "spellxfer:engine=eager", "spellxfer:engine=graph",
                "spellxfer:batch_size=auto,decoding=greedy,max_new_tokens=6", "validation:val_limit=6",
-               "--out", str(out)])  # fmt: skip
+               "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     ref, eager, graph, auto, val = report["results"]

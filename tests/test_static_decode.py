@@ -79,7 +79,7 @@ def test_greedy_static_equals_eager_smollm2(smollm2, demo_data, batch_size):
     n_tokens = {len(tok(r[0], add_special_tokens=False)["input_ids"]) for r in replies["static"]}
     assert len(n_tokens) > 1, "expected rows to stop at different steps"
     assert engines["static"].new_tokens == engines["eager"].new_tokens == sum(
-        len(tok(r[0], add_special_tokens=False)["input_ids"]) for r in replies["static"])  # fmt: skip
+        len(tok(r[0], add_special_tokens=False)["input_ids"]) for r in replies["static"])
 
 
 def test_sampled_static_draws_equal_eager(tiny, demo_data):
@@ -135,7 +135,7 @@ def test_unsupported_models_fall_back_to_the_eager_loop(tiny, demo_data):
     _, tok = tiny
     torch.manual_seed(0)
     qwen2 = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
     assert "qwen2" in static_decode_unsupported(qwen2)
     qs = _questions(demo_data, 6)
     greedy = default_sampling(decoding="greedy", max_new_tokens=6)
@@ -154,7 +154,7 @@ def test_auto_batch_size_on_cpu_and_the_memory_estimate(tiny, demo_data):
     # the estimate covers the cache the decoder really allocated per row
     decoder = static_decoder(model)
     kv_bytes = sum(t.numel() * t.element_size() for t in decoder._store) / decoder.reserved * max(
-        b.length for b in decoder._buckets.values())  # fmt: skip
+        b.length for b in decoder._buckets.values())
     longest = max(len(tok(format_prompt(tok, q), add_special_tokens=False)["input_ids"]) for q in qs)
     assert generation_bytes_per_row(model.config, longest, 3, element_bytes=4) > kv_bytes
     release_static_decoder(model)
@@ -163,7 +163,7 @@ def test_auto_batch_size_on_cpu_and_the_memory_estimate(tiny, demo_data):
 
 def test_bucket_rows():
     assert [bucket_rows(n) for n in (1, 2, 3, 5, 16, 17, 256, 257, 500, 2048)] == [1, 2, 4, 8, 16, 32, 256, 512, 512,
-                                                                                   2048]  # fmt: skip
+                                                                                   2048]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -180,7 +180,7 @@ def gpu_questions():
     rng = random.Random(0)
     words = ["cat", "banana", "strawberry", "instrumentalist", "dog", "polyelectrolyte", "techniques", "zebra"]
     return [q for w in words for q in (nth_letter_question(rng, w, 2)[0], word_length_question(rng, w)[0],
-                                       letter_count_question(rng, w, w[0])[0])][:16]  # fmt: skip
+                                       letter_count_question(rng, w, w[0])[0])][:16]
 
 
 @cuda

@@ -51,7 +51,7 @@ def tiny_space(tmp_path: Path, data: Path, fixed: dict | None = None, **changes)
 
 def sweep_argv(space: Path, study: str, results: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "spellxfer", "sweep", "--space", str(space), "--study", study,
-            "--results_dir", str(results), "--heartbeat_s", "1", *extra]  # fmt: skip
+            "--results_dir", str(results), "--heartbeat_s", "1", *extra]
 
 
 def run_sweep(*argv: str, env=None, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -121,7 +121,7 @@ def test_a_sweep_killed_three_times_mid_trial_finishes_every_trial_exactly_once(
         with open(log, "w") as out:
             # its own session, so killing the group is what a preempted machine does to the sweep
             proc = subprocess.Popen(argv, cwd=REPO, env=quiet_env(), stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # fmt: skip
+                                    start_new_session=True)
             run = wait_for_checkpoint(proc, sweep_dir, since, log)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -168,7 +168,7 @@ def test_a_sweep_killed_three_times_mid_trial_finishes_every_trial_exactly_once(
 # ---- a failing trial ----------------------------------------------------------------------------
 def test_a_trial_that_raises_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path, demo_data, base_eval):
     space = tiny_space(tmp_path, demo_data, fixed={"trainer.max_steps": 10},
-                       parameters={"lora_r": [4], "learning_rate": [-1.0, 1.0e-3]})  # fmt: skip
+                       parameters={"lora_r": [4], "learning_rate": [-1.0, 1.0e-3]})
     results = tmp_path / "results"
     with_base(results, "fails", base_eval)
     # W&B on (offline: no credentials in this HOME) to see each trial's run grouped by study
@@ -235,7 +235,7 @@ def test_two_workers_on_postgresql_split_the_trials_without_running_any_twice(
     argv = sweep_argv(space, "pg", results, "--storage", postgres_url)
     # two processes at once, as on two machines: the same command, the same storage
     procs = [subprocess.Popen(argv, cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]  # fmt: skip
+                              text=True) for _ in range(2)]
     outputs = [proc.communicate(timeout=400)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], "\n".join(outputs)
 
@@ -260,7 +260,7 @@ BAD_SPACES = {
     "validate-every-and-interval": ({"validate_every_steps": 5, "fixed": {"trainer.val_check_interval": 5}},
                                     "fixed.trainer.val_check_interval", "keep one"),
     "zero-pack": ({"pack": 0}, "pack", "integer ≥ 1"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD_SPACES, ids=list(BAD_SPACES))
@@ -289,7 +289,7 @@ def test_the_shipped_space_files_load_and_the_seed_grid_is_the_seeds_exact_space
     seed = yaml.safe_load((REPO / "configs/sweeps/seed_grid.yaml").read_text())["parameters"]
     assert seed == {"lora_r": [4, 8, 16, 32], "lora_alpha": [8, 16, 32, 64],
                     "learning_rate": [1e-4, 2e-4, 5e-4, 1e-3], "batch_size": [4, 8, 16, 32],
-                    "accumulate_grad_batches": [1, 2, 4, 8], "max_steps": [500, 1000, 2000, 5000]}  # fmt: skip
+                    "accumulate_grad_batches": [1, 2, 4, 8], "max_steps": [500, 1000, 2000, 5000]}
 
 
 def test_the_grid_sampler_draws_trials_one_at_a_time_from_the_4096_point_seed_grid(monkeypatch):
@@ -313,7 +313,7 @@ def test_validate_every_steps_validates_each_trial_at_the_same_optimizer_steps_w
     space = load_space("configs/sweeps/smollm2_h100.yaml")
     assert space.validate_every_steps == 25
     ctx = SweepContext(space=space, study="s", sweep_dir=tmp_path, model="smollm2-135m", test_files=[],
-                       wandb=False, over_budget=lambda t: False, progress=lambda *a, **k: None)  # fmt: skip
+                       wandb=False, over_budget=lambda t: False, progress=lambda *a, **k: None)
     for accumulate, interval in ((1, 25), (2, 50), (8, 200)):
         params = {p.name: p.values[0] for p in space.parameters} | {"accumulate_grad_batches": accumulate}
         argv = fit_argv(ctx, tmp_path / "trial-0000", params, None, 0)
@@ -343,7 +343,7 @@ def test_random_and_tpe_draws_depend_only_on_the_study_seed_and_trial_number(sam
 @pytest.mark.parametrize("study", ["../outside", "a/b", "..", ""])
 def test_a_study_name_that_could_leave_its_folder_is_refused(study, tmp_path, capsys):
     rc = main(["sweep", "--space", str(REPO / "configs/sweeps/tiny.yaml"), "--study", study,
-               "--results_dir", str(tmp_path / "results")])  # fmt: skip
+               "--results_dir", str(tmp_path / "results")])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --study") and repr(study) in lines[0]
     assert not (tmp_path / "results").exists()

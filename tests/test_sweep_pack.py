@@ -32,7 +32,7 @@ GREEDY = {"decodings": ["greedy"]}  # deterministic test replies, comparable rep
 # accumulation), one whose loss turns non-finite (a learning rate of 1e30 blows its weights up
 # after one step) and one its fit refuses.
 MIXED_SPACE = {"lora_r": [4, 16], "lora_alpha": [8, 32], "lora_dropout": [0.0, 0.1],
-               "learning_rate": [-1.0, 1.0e-3, 3.0e-3, 1.0e30], "batch_size": [4, 8], "accumulate_grad_batches": [1, 3]}  # fmt: skip
+               "learning_rate": [-1.0, 1.0e-3, 3.0e-3, 1.0e30], "batch_size": [4, 8], "accumulate_grad_batches": [1, 3]}
 A = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3.0e-3, "batch_size": 8, "accumulate_grad_batches": 1}
 B = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "learning_rate": 1.0e-3, "batch_size": 4, "accumulate_grad_batches": 3}
 DIVERGES = A | {"learning_rate": 1.0e30}
@@ -60,7 +60,7 @@ def packed_sweep(tmp: Path, study: str, space: Path, base: Path, *extra: str, en
     shutil.copytree(base, results / "sweeps" / study / "base")
     if enqueue:  # exact trials instead of sampled ones, in this order
         st = optuna.create_study(study_name=study, storage=f"sqlite:///{results / 'sweeps' / f'{study}.db'}",
-                                 direction="maximize")  # fmt: skip
+                                 direction="maximize")
         for params in enqueue:
             st.enqueue_trial(params)
     p = run_sweep(*sweep_argv(space, study, results, *extra), env=env, timeout=1800)
@@ -164,7 +164,7 @@ def test_a_packed_trial_is_the_unpacked_sweeps_fit_to_the_weight_and_the_logged_
         for key, state in want["callbacks"].items():  # same monitors, scores and top-k, other directory
             got = ckpt["callbacks"][key]
             assert {k: v for k, v in got.items() if "path" not in k and k not in ("dirpath", "best_k_models")} == \
-                   {k: v for k, v in state.items() if "path" not in k and k not in ("dirpath", "best_k_models")}  # fmt: skip
+                   {k: v for k, v in state.items() if "path" not in k and k not in ("dirpath", "best_k_models")}
             assert sorted(Path(p).name for p in got.get("best_k_models", {})) == sorted(Path(p).name for p in state.get("best_k_models", {}))
         def config(path: Path) -> str:  # the same fit config, but for the directory and the study's name
             return re.sub(r"^experiment: .*$", "experiment: S", path.read_text().replace(str(path.parent), "RUN"), flags=re.M)
@@ -181,7 +181,7 @@ def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacke
 
     def space(tmp: Path) -> Path:
         return tiny_space(tmp, demo_data, fixed={"trainer.max_steps": 6}, sampler="random", validate_every_steps=3,
-                          budget={"trials": 2}, **GREEDY)  # fmt: skip
+                          budget={"trials": 2}, **GREEDY)
 
     packed_tmp, unpacked_tmp = tmp_path / "packed", tmp_path / "unpacked"
     packed_tmp.mkdir(), unpacked_tmp.mkdir()
@@ -205,14 +205,14 @@ def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacke
         for sub, v in want["subtasks"].items():
             assert got["subtasks"][sub]["likelihood"]["accuracy"] == pytest.approx(v["likelihood"]["accuracy"], abs=1e-4)
             assert got["subtasks"][sub]["likelihood"]["gold_mean_logprob"] == pytest.approx(
-                v["likelihood"]["gold_mean_logprob"], abs=1e-4)  # fmt: skip
+                v["likelihood"]["gold_mean_logprob"], abs=1e-4)
         rows = read_jsonl(run / "eval" / "greedy" / "predictions.jsonl")
         want_rows = read_jsonl(ref / "eval" / "greedy" / "predictions.jsonl")
         assert len(rows) == len(want_rows) == 16
         for row, w in zip(rows, want_rows):
             assert row.keys() == w.keys()
             assert (row["likelihood_answer"], row["likelihood_correct"], row["gold_rank"]) == \
-                   (w["likelihood_answer"], w["likelihood_correct"], w["gold_rank"])  # fmt: skip
+                   (w["likelihood_answer"], w["likelihood_correct"], w["gold_rank"])
             assert row["gold_logprob"] == pytest.approx(w["gold_logprob"], abs=1e-4)
             assert (row["prompt"], row["likelihood_prompt"], row["output"]) == (w["prompt"], w["likelihood_prompt"], w["output"])
         row, w = csv_packed[grid_point(dict(params))], csv_unpacked[grid_point(dict(params))]
@@ -228,7 +228,7 @@ def mixed(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:
     that DIVERGES leaves)."""
     def space(tmp: Path, trials: int) -> Path:
         return tiny_space(tmp, demo_data, fixed={"trainer.max_steps": 12}, parameters=MIXED_SPACE, sampler="random",
-                          validate_every_steps=4, budget={"trials": trials}, **GREEDY)  # fmt: skip
+                          validate_every_steps=4, budget={"trials": trials}, **GREEDY)
 
     alone_tmp, pack_tmp, window_tmp = (tmp_path_factory.mktemp(n) for n in ("alone", "mixed", "window"))
     return {
@@ -237,7 +237,7 @@ def mixed(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:
                                enqueue=[A, DIVERGES, B, REFUSED]),
         "window": packed_sweep(window_tmp, "window", space(window_tmp, 2), greedy_base, "--pack", "2",
                                "--pack_window", "true", enqueue=[A, B]),
-    }  # fmt: skip
+    }
 
 
 def test_trials_of_other_rank_batch_size_and_accumulation_train_in_one_pack_as_they_train_alone(mixed):
@@ -286,10 +286,10 @@ def test_a_packed_sweep_killed_mid_pack_resumes_each_trial_from_its_own_checkpoi
     # dies right after the first trial of the pack writes its step-20 last.ckpt: its pack-mate's
     # newest checkpoint is still step 10's
     p = subprocess.run(argv, cwd=REPO, env=quiet_env(SPELLXFER_TEST_KILL_AT="saved:last.ckpt@20"),
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
     killed = [r for r in sorted((results / "sweeps" / "kill").glob("trial-*"))
-              if json.loads((r / "trial.json").read_text())["status"] == "running"]  # fmt: skip
+              if json.loads((r / "trial.json").read_text())["status"] == "running"]
     assert len(killed) == 2
 
     p = run_sweep(*argv, timeout=1800)  # the same command again
@@ -306,7 +306,7 @@ def test_a_packed_sweep_killed_mid_pack_resumes_each_trial_from_its_own_checkpoi
         record = json.loads((run / "trial.json").read_text())
         assert record["retry_of"] == t.number and record["resumed_from"]
         resumed_at += [int(s) for s in re.findall(r"Restoring states from the checkpoint path .* \(step (\d+)\)",
-                                                   (run / "fit.log").read_text())]  # fmt: skip
+                                                   (run / "fit.log").read_text())]
         assert [r["step"] for r in val_rows(run)] == [0, 10, 20, 30]  # each validation logged once (step 0: the base model)
     assert sorted(resumed_at) == [10, 20]
     uninterrupted = trials_by_params(grid[4])
@@ -321,7 +321,7 @@ def test_a_trainer_setting_the_pack_cannot_reproduce_fails_the_trial_with_the_re
     (row,) = csv_rows(study.parents[1], "refused")
     assert row["status"] == "failed"
     assert row["error"] == ("--pack: not supported in packed trials: trainer.limit_train_batches 0.5; "
-                            "run this sweep without --pack")  # fmt: skip
+                            "run this sweep without --pack")
 
 
 def test_a_pack_on_a_base_config_that_picks_unsloth_is_one_error_line_before_anything_runs(tmp_path, capsys):
@@ -347,7 +347,7 @@ def test_a_pack_with_validation_scoring_both_is_one_error_line_naming_the_option
 def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_how_long(tmp_path, demo_data):
     out = tmp_path / "sweep.json"
     args = ["bench", "sweep", "--model", "tiny-qwen3", "--trials", "2", "--max_steps", "4", "--validate_every_steps", "2",
-            "--val_limit", "4", "--eval_limit", "4", "--data_dir", str(demo_data), "--out", str(out)]  # fmt: skip
+            "--val_limit", "4", "--eval_limit", "4", "--data_dir", str(demo_data), "--out", str(out)]
     assert main([*args, "--modes", "serial", "pack:2", "--kernel_steps", "1", "--work_dir", str(tmp_path / "w1")]) == 0
     report = json.loads(out.read_text())
     modes = {m["spec"]: m for m in report["modes"]}
@@ -364,7 +364,7 @@ def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_h
     assert all(k["ms_per_step"] > 0 and k["max_loss_diff_vs_loop"] < 1e-4 for k in kernels.values())
     # another invocation appends its mode to the same JSON
     assert main([*args, "--modes", "pack:2:concat:window", "--kernel_steps", "0", "--append", "true",
-                 "--work_dir", str(tmp_path / "w2")]) == 0  # fmt: skip
+                 "--work_dir", str(tmp_path / "w2")]) == 0
     report = json.loads(out.read_text())
     assert [m["spec"] for m in report["modes"]] == ["serial", "pack:2", "pack:2:concat:window"]
     assert report["modes"][-1]["complete"] == 2 and report["kernels"] == list(kernels.values())
@@ -379,12 +379,12 @@ def test_a_packed_trials_checkpoint_resumes_in_an_unpacked_fit(tmp_path, demo_da
     shutil.copytree(greedy_base, results / "sweeps" / "mixed-modes" / "base")
     argv = sweep_argv(space, "mixed-modes", results)
     p = subprocess.run([*argv, "--pack", "2"], cwd=REPO, env=quiet_env(SPELLXFER_TEST_KILL_AT="saved:last.ckpt@20"),
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
     p = run_sweep(*argv, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     retries = [r for r in sorted((results / "sweeps" / "mixed-modes").glob("trial-*"))
-               if json.loads((r / "trial.json").read_text())["retry_of"] is not None]  # fmt: skip
+               if json.loads((r / "trial.json").read_text())["retry_of"] is not None]
     assert len(retries) == 2
     for run in retries:
         assert "Restoring states from the checkpoint path" in (run / "fit.log").read_text()

@@ -48,7 +48,7 @@ BEFORE = {
              "count_val.jsonl": "95b4bf17701665076a5a44b6cfe0325b3c63c77de4aed37e5e650c27bc4cadbe",
              "count_test.jsonl": "b0b0fa879d14bdc0bb408bd3e0013ffac434de3a682f0e03f93e8739111e3533",
              "fewshot_pool.jsonl": "3f269b975722e83ec35aaf8298c8654ba78c0ca4d03783e3192f5321abe735df"},
-}  # fmt: skip
+}
 
 
 def dm(data, **options) -> SpellingDataModule:
@@ -61,7 +61,7 @@ def selected(data, **options):
 
 def without_separator(path) -> bytes:
     return "".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "separator"}, ensure_ascii=False)
-                   + "\n" for line in path.read_text(encoding="utf-8").splitlines()).encode()  # fmt: skip
+                   + "\n" for line in path.read_text(encoding="utf-8").splitlines()).encode()
 
 
 @pytest.mark.parametrize("profile", ["demo", "full"])
@@ -91,7 +91,7 @@ def test_each_variants_preset_trains_on_exactly_its_subtasks(preset, demo_data):
     rows = read_jsonl(demo_data / "spelling_train.jsonl")
     want = {"spell": {"spell"}, "spell+reversed": {"spell", "spell_reversed"},
             "spell+numbered": {"spell", "spell_numbered"}, "spell+inverse": {"spell", "inverse"},
-            "all": {"spell", "spell_reversed", "spell_numbered", "inverse"}}[preset]  # fmt: skip
+            "all": {"spell", "spell_reversed", "spell_numbered", "inverse"}}[preset]
     chosen = selected(demo_data, variants=preset)
     assert chosen["id"][:] == [r["id"] for r in rows if r["subtask"] in want]
     # the capitals form is part of `spell`: every preset keeps it
@@ -143,7 +143,7 @@ def test_the_control_is_leak_free_and_its_template_words_are_banned_from_evaluat
     templates = " ".join(t for t, _ in CONTROL_REPEAT + CONTROL_CASE)
     assert {w.lower() for w in re.findall(r"[A-Za-z]+", templates)} <= training_template_words()
     evaluated = {r["word"] for f in ("position_val", "position_test", "count_val", "count_test", "fewshot_pool")
-                 for r in read_jsonl(demo_data / f"{f}.jsonl")}  # fmt: skip
+                 for r in read_jsonl(demo_data / f"{f}.jsonl")}
     for r in read_jsonl(demo_data / "control_train.jsonl"):
         assert not {t.lower() for t in re.findall(r"[A-Za-z]+", f"{r['question']} {r['answer']}")} & evaluated, r
     assert check_data(str(demo_data)) == 0
@@ -168,7 +168,7 @@ BAD_FLAGS = {
     "distinct-words-zero": (["--data.distinct_words", "0"], "--data.distinct_words must be null"),
     "train-set": (["--data.train_set", "position"], "--data.train_set must be one of spelling, control"),
     "distinct-words-too-many": (["--data.distinct_words", "5000"], "--data.distinct_words 5000: the selection has only 600"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD_FLAGS)
@@ -177,7 +177,7 @@ def test_a_bad_pattern_option_is_one_error_line_and_exit_2(case, demo_data, tmp_
     p = subprocess.run([sys.executable, "-m", "spellxfer", "fit", "--config", str(REPO / "configs/tiny.yaml"),
                         "--trainer.default_root_dir", str(tmp_path / "run"), "--data.data_dir", str(demo_data), *flags],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})  # fmt: skip
+                       env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
     assert words in lines[0], lines[0]
@@ -197,7 +197,7 @@ def test_a_sweep_space_varies_the_patterns_and_passes_them_to_fit(tmp_path, monk
 
     monkeypatch.chdir(REPO)
     parameters = {"variants": list(VARIANTS), "separator": ["any", "dots"], "distinct_words": [50, None],
-                  "train_set": ["spelling", "control"], "lora_r": [4]}  # fmt: skip
+                  "train_set": ["spelling", "control"], "lora_r": [4]}
     space = load_space(pattern_space(tmp_path, parameters, {"data.val_limit": 4}))
     assert space.grid_size() == 5 * 2 * 2 * 2
     study = optuna.create_study(direction="maximize", sampler=make_sampler(space, "grid"))
@@ -219,7 +219,7 @@ BAD_PATTERN_SPACES = {
     "variants-range": ({"variants": {"low": 1, "high": 2}}, None, "parameters.variants", "expected a list of values"),
     "distinct-words-zero": ({"distinct_words": [0, None]}, None, "parameters.distinct_words", "≥ 1 or null"),
     "fixed-separator": ({"lora_r": [4]}, {"data.separator": "pipes"}, "fixed.data.separator", "'pipes' is not one of"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD_PATTERN_SPACES)
