@@ -50,7 +50,9 @@ class GatedAPI(api.SpellxferAPI):
         from spellxfer.models import generation
 
         super().setup(device)
-        generation.pick_next_tokens = gated(generation.pick_next_tokens, Path(os.environ["SPELLXFER_TEST_GATE"]))
+        generation.pick_next_tokens = gated(
+            generation.pick_next_tokens, Path(os.environ["SPELLXFER_TEST_GATE"])
+        )
 
 
 if __name__ == "__main__":

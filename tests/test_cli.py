@@ -15,7 +15,9 @@ from spellxfer.cli import fold_multi_value_flags, main
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO
+    )
 
 
 def test_help_lists_every_command_with_a_description():
@@ -95,8 +97,18 @@ def test_commands_whose_extras_are_missing_are_listed_not_fatal(monkeypatch, cap
     assert {"evaluate", "sweep", "analyze", "bench"} <= set(commands) and "train" in commands["bench"]
 
 
-HEAVY = ("torch", "transformers", "peft", "lightning", "torchmetrics", "pandas", "scipy", "litserve", "optuna",
-         "datasets")
+HEAVY = (
+    "torch",
+    "transformers",
+    "peft",
+    "lightning",
+    "torchmetrics",
+    "pandas",
+    "scipy",
+    "litserve",
+    "optuna",
+    "datasets",
+)
 
 
 def _heavy_modules_after(argv: list[str]) -> list[str]:
@@ -113,7 +125,9 @@ def _heavy_modules_after(argv: list[str]) -> list[str]:
     return json.loads(out.strip().splitlines()[-1].removeprefix("LOADED "))
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["data", "check", "--help"], ["sweep", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["bench", "--help"], ["data", "check", "--help"], ["sweep", "--help"]]
+)
 def test_help_imports_none_of_the_heavy_stack(argv):
     """Start-up: only the command being run is imported, so --help and light commands never load
     torch, transformers, lightning, pandas … (what made every command take 7–15 s)."""
@@ -136,7 +150,10 @@ def test_the_command_being_run_is_the_real_function_and_the_others_placeholders(
     commands = cli._commands(("bench", "sweep"))
     assert commands["bench"]["sweep"] is bench_sweep
     assert commands["evaluate"].__doc__.startswith("Score a model on position / count questions")
-    assert cli._selected(["--config", "x.yaml", "bench", "sweep", "--model", "evaluate"]) == ("bench", "sweep")
+    assert cli._selected(["--config", "x.yaml", "bench", "sweep", "--model", "evaluate"]) == (
+        "bench",
+        "sweep",
+    )
 
 
 def test_studio_without_its_extra_is_listed_with_the_extra_to_install(monkeypatch, capsys):
@@ -144,4 +161,7 @@ def test_studio_without_its_extra_is_listed_with_the_extra_to_install(monkeypatc
     monkeypatch.setattr(cli, "UNAVAILABLE", {})
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "not available here: studio: needs lightning_sdk (pip install 'spellxfer[studio]')" in capsys.readouterr().out
+    assert (
+        "not available here: studio: needs lightning_sdk (pip install 'spellxfer[studio]')"
+        in capsys.readouterr().out
+    )

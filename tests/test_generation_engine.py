@@ -95,7 +95,11 @@ def tiny():
 
 
 def _questions(demo_data, n=12):
-    return [r["question"] for f in ("position_val.jsonl", "count_val.jsonl") for r in read_jsonl(demo_data / f)[:n]]
+    return [
+        r["question"]
+        for f in ("position_val.jsonl", "count_val.jsonl")
+        for r in read_jsonl(demo_data / f)[:n]
+    ]
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 24])

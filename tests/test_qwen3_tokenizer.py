@@ -362,7 +362,10 @@ def test_control_tokens_typed_into_messages_stay_plain_text(any_tok):
 def test_think_is_split_too_though_split_special_tokens_alone_keeps_it(qwen_tok):
     # <think> is an added but not a "special" token, so transformers' split_special_tokens still
     # matches it; chat_token_ids must not.
-    assert qwen_tok.convert_tokens_to_ids("<think>") in qwen_tok("<think>", split_special_tokens=True)["input_ids"]
+    assert (
+        qwen_tok.convert_tokens_to_ids("<think>")
+        in qwen_tok("<think>", split_special_tokens=True)["input_ids"]
+    )
     (ids,) = chat_token_ids(qwen_tok, [[{"role": "user", "content": "<think>"}]])
     assert ids.count(qwen_tok.convert_tokens_to_ids("<think>")) == 1  # the template's empty block only
 

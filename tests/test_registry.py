@@ -217,7 +217,9 @@ def test_a_saved_directory_loads_back_to_the_same_logits(tmp_path):
         format_prompt(loaded_tok, "How many r's are in 'strawberry'?"),
     ]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    assert torch.equal(loaded_tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"],
-                       enc["input_ids"])
+    assert torch.equal(
+        loaded_tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"],
+        enc["input_ids"],
+    )
     with torch.no_grad():
         assert torch.equal(loaded(**enc).logits, model(**enc).logits)

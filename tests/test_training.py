@@ -185,24 +185,54 @@ def test_the_learning_rate_is_logged_every_log_every_n_steps(ref):
     assert "lr-AdamW" in (ref.root / "training_logs" / "metrics.csv").read_text().splitlines()[0]
 
 
-def test_validation_with_scoring_both_logs_the_likelihood_probe_of_evaluate_beside_generation(tmp_path, demo_data):
+def test_validation_with_scoring_both_logs_the_likelihood_probe_of_evaluate_beside_generation(
+    tmp_path, demo_data
+):
     """--model.scoring both: each validation also logs the probe's accuracies (evaluate's names,
     whitelisted as position / count metrics); at step 0 they are `evaluate --scoring likelihood`
     of the base model on the same validation items. Checkpoints still follow generation."""
     from spellxfer.cli import main
 
     root = tmp_path / "run"
-    p = run_fit(root, demo_data, "--model.scoring", "both", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")
+    p = run_fit(
+        root,
+        demo_data,
+        "--model.scoring",
+        "both",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     val = [r for r in read_jsonl(root / "metrics.jsonl") if "val/position_accuracy" in r]
     assert [r["step"] for r in val] == [0, 2]
     step0 = val[0]
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "position_val.jsonl"),
-                 str(demo_data / "count_val.jsonl"), "--limit", "16", "--scoring", "likelihood", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "tiny-qwen3",
+                "--questions",
+                str(demo_data / "position_val.jsonl"),
+                str(demo_data / "count_val.jsonl"),
+                "--limit",
+                "16",
+                "--scoring",
+                "likelihood",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     for task in ("position", "count"):
-        assert step0[f"val/{task}_likelihood_accuracy"] == pytest.approx(metrics[f"{task}_likelihood_accuracy"], abs=1e-6)
+        assert step0[f"val/{task}_likelihood_accuracy"] == pytest.approx(
+            metrics[f"{task}_likelihood_accuracy"], abs=1e-6
+        )
     for sub, v in metrics["subtasks"].items():
         assert step0[f"val/{sub}_likelihood_accuracy"] == pytest.approx(v["likelihood"]["accuracy"], abs=1e-6)
     assert not [k for k in step0 if "likelihood" in k and not k.endswith("_likelihood_accuracy")]  # no probe transfer score
@@ -235,7 +265,9 @@ def test_logged_steps_and_checkpoint_names_count_the_same_optimizer_steps(ref):
     assert csv_val == val_steps == [0, 10, 20, 30]
     names = {p.name for p in ref.root.glob("*.ckpt")} - {"last.ckpt"}
     named = sorted(int(re.fullmatch(r"(?:best-)?step(\d+)\.ckpt", n).group(1)) for n in names)
-    assert set(named) <= set(val_steps) and named == sorted(load_ckpt(ref.root / n)["global_step"] for n in names)
+    assert set(named) <= set(val_steps) and named == sorted(
+        load_ckpt(ref.root / n)["global_step"] for n in names
+    )
 
 
 def test_the_step_0_checkpoint_is_the_base_model_and_can_be_the_best_adapter(ref):
@@ -297,14 +329,21 @@ def wait_for_checkpoint(
 
 def scored_state(root: Path) -> dict:
     """The state of the checkpoint callback that ranks by the validation metric, from last.ckpt."""
-    (state,) = [s for name, s in load_ckpt(root / "last.ckpt")["callbacks"].items()
-                if name.startswith("ModelCheckpoint{'monitor': 'val/") or name.startswith("ModelCheckpoint{'monitor': 'train/")]
+    (state,) = [
+        s
+        for name, s in load_ckpt(root / "last.ckpt")["callbacks"].items()
+        if name.startswith("ModelCheckpoint{'monitor': 'val/")
+        or name.startswith("ModelCheckpoint{'monitor': 'train/")
+    ]
     return state
 
 
 def logged_rows(root: Path) -> list[dict]:
     """metrics.jsonl without throughput, the one value that depends on the wall clock."""
-    return [{k: v for k, v in row.items() if k != "train/tokens_per_second"} for row in read_jsonl(root / "metrics.jsonl")]
+    return [
+        {k: v for k, v in row.items() if k != "train/tokens_per_second"}
+        for row in read_jsonl(root / "metrics.jsonl")
+    ]
 
 
 def assert_same_run(run: Path, ref: Path) -> None:
@@ -317,7 +356,9 @@ def assert_same_run(run: Path, ref: Path) -> None:
     assert sorted(p.name for p in run.glob("*.ckpt")) == sorted(p.name for p in ref.glob("*.ckpt"))
     got, want = scored_state(run), scored_state(ref)
     assert Path(got["best_model_path"]).name == Path(want["best_model_path"]).name
-    assert sorted(Path(k).name for k in got["best_k_models"]) == sorted(Path(k).name for k in want["best_k_models"])
+    assert sorted(Path(k).name for k in got["best_k_models"]) == sorted(
+        Path(k).name for k in want["best_k_models"]
+    )
     adapter = load_file(run / "best_adapter" / "adapter_model.safetensors")
     ref_adapter = load_file(ref / "best_adapter" / "adapter_model.safetensors")
     assert adapter.keys() == ref_adapter.keys()
@@ -523,7 +564,9 @@ def test_training_loop_and_position_count_transfer_metrics_are_allowed(name):
     check_metric_name(name)
 
 
-@pytest.mark.parametrize("name", ["val/position_likelihood_accuracy", "val/count/word_length_likelihood_accuracy"])
+@pytest.mark.parametrize(
+    "name", ["val/position_likelihood_accuracy", "val/count/word_length_likelihood_accuracy"]
+)
 def test_the_likelihood_probes_position_and_count_accuracies_are_allowed(name):
     check_metric_name(name)
 
@@ -565,7 +608,11 @@ def test_a_resumed_logger_drops_the_rows_logged_past_the_resume_point(tmp_path):
     assert read_jsonl(jsonl) == [{"step": 5, "train/loss": 5.0}, {"step": 10, "train/loss": 10.0},
                                  {"step": 15, "train/loss": 15.5}]
     with open(logs / "metrics.csv", newline="") as f:  # Lightning restarts the CSV; the kept rows go back in
-        assert [(r["step"], r["train/loss"]) for r in csv.DictReader(f)] == [("5", "5.0"), ("10", "10.0"), ("15", "15.5")]
+        assert [(r["step"], r["train/loss"]) for r in csv.DictReader(f)] == [
+            ("5", "5.0"),
+            ("10", "10.0"),
+            ("15", "15.5"),
+        ]
 
 
 class LeakyModule(SpellingLoRAModule):
@@ -622,7 +669,11 @@ def test_a_fit_writing_to_a_file_prints_plain_progress_lines(demo_data, tmp_path
     assert "\x1b[" not in p.stdout
     steps = re.findall(r"^fit: (\d+)/20 steps .* loss [0-9.]+$", p.stdout, flags=re.M)
     assert steps and steps[-1] == "20"
-    assert re.findall(r"^validation at step (\d+): val/position_accuracy", p.stdout, flags=re.M) == ["0", "10", "20"]
+    assert re.findall(r"^validation at step (\d+): val/position_accuracy", p.stdout, flags=re.M) == [
+        "0",
+        "10",
+        "20",
+    ]
 
 
 def test_early_stopping_can_be_switched_off(ref, demo_data, tmp_path):
@@ -636,7 +687,10 @@ def test_early_stopping_can_be_switched_off(ref, demo_data, tmp_path):
     last = load_ckpt(tmp_path / "last.ckpt")
     assert last["global_step"] == 20 and "`max_steps=20` reached" in p.stderr
     assert not [k for k in last["callbacks"] if "EarlyStopping" in k]
-    assert "EarlyStopping{'monitor': 'val/position_accuracy', 'mode': 'max'}" in load_ckpt(ref.root / "last.ckpt")["callbacks"]
+    assert (
+        "EarlyStopping{'monitor': 'val/position_accuracy', 'mode': 'max'}"
+        in load_ckpt(ref.root / "last.ckpt")["callbacks"]
+    )
 
 
 def test_model_and_data_seeds_may_differ_and_the_loggers_get_the_whole_config(demo_data, tmp_path):
@@ -710,15 +764,24 @@ def test_without_credentials_wandb_writes_an_offline_run_grouped_by_experiment(d
     history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
     logged = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
     # W&B's step axis is the optimizer steps done, as in metrics.jsonl and the checkpoint names
-    axis = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in h.item} for h in history]
+    axis = [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in h.item}
+        for h in history
+    ]
     assert [r["trainer/global_step"] for r in axis if "val/position_accuracy" in r] == [0, 10]
     assert [r["trainer/global_step"] for r in axis if "train/loss" in r] == [5, 10]
     assert {"train/loss", "val/position_accuracy", "val/transfer_score"} <= logged
     assert not [k for k in logged if "spell" in k.lower()]
     # the run config: the module's hparams, the data's and the full resolved config
-    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
-              for item in r.config.update}
-    assert config["lora_r"] == config["config"]["model"]["lora_r"] and config["data"]["data_dir"] == str(demo_data)
+    config = {
+        item.key: json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for item in r.config.update
+    }
+    assert config["lora_r"] == config["config"]["model"]["lora_r"] and config["data"]["data_dir"] == str(
+        demo_data
+    )
 
 
 def test_optimizer_and_scheduler_defaults_are_the_modules_signature(capsys):

@@ -27,7 +27,9 @@ def run(args, cwd, site=None):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     if site is not None:
         env["PYTHONPATH"] = str(site)  # ahead of the editable install: the wheel's copy is imported
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_the_wheel_carries_every_shipped_config(wheel_site):
@@ -38,12 +40,16 @@ def test_the_wheel_carries_every_shipped_config(wheel_site):
 
 
 @pytest.mark.slow
-def test_an_installed_wheel_fits_with_a_shipped_config_from_another_directory(wheel_site, tmp_path, demo_data):
+def test_an_installed_wheel_fits_with_a_shipped_config_from_another_directory(
+    wheel_site, tmp_path, demo_data
+):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = run(["-c", "import spellxfer; print(spellxfer.__file__)"], elsewhere, wheel_site)
     assert where.stdout.strip().startswith(str(wheel_site)), where.stdout + where.stderr
-    resolved = run(["-m", "spellxfer", "fit", "--config", "configs/tiny.yaml", "--print_config"], elsewhere, wheel_site)
+    resolved = run(
+        ["-m", "spellxfer", "fit", "--config", "configs/tiny.yaml", "--print_config"], elsewhere, wheel_site
+    )
     clone = run(["-m", "spellxfer", "fit", "--config", "configs/tiny.yaml", "--print_config"], REPO)
     assert resolved.returncode == 0 and clone.returncode == 0, resolved.stderr + clone.stderr
     assert resolved.stdout == clone.stdout  # the same resolved config, defaults included
