@@ -85,7 +85,8 @@ def test_planted_lora_r_effect_is_recovered_inside_its_intervals(transfer_analys
     imp = hp[(hp["kind"] == "importance") & (hp["metric"] == "position_accuracy")].set_index("hyperparameter")
     assert imp["rank"].idxmin() == "lora_r" and imp.loc["lora_r", "scale"] == "log2"
     r = imp.loc["lora_r"]
-    assert r["slope_ci_low"] <= SLOPE <= r["slope_ci_high"] and r["slope_ci_low"] > 0  # per doubling of lora_r
+    # per doubling of lora_r
+    assert r["slope_ci_low"] <= SLOPE <= r["slope_ci_high"] and r["slope_ci_low"] > 0
     # count ignores lora_r: its interval there covers 0
     cnt = hp[
         (hp["kind"] == "importance") & (hp["metric"] == "count_accuracy") & (hp["hyperparameter"] == "lora_r")
@@ -215,7 +216,9 @@ def test_a_table_column_outside_the_whitelist_is_refused():
     with pytest.raises(SpellxferError, match="not allowed"):
         check_columns(pd.DataFrame({"run": ["a"], "spelling_accuracy": [0.9]}), "t")  # spellxfer-check: allow
     with pytest.raises(SpellxferError, match="metric value"):
-        check_columns(pd.DataFrame({"metric": ["spelling_accuracy"], "estimate": [0.9]}), "t")  # spellxfer-check: allow
+        check_columns(
+            pd.DataFrame({"metric": ["spelling_accuracy"], "estimate": [0.9]}), "t"  # spellxfer-check: allow
+        )
     with pytest.raises(SpellxferError, match="not allowed"):
         check_columns(pd.DataFrame({"position_accuracy": [0.1], "bleu": [0.9]}), "t")
 

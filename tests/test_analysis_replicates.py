@@ -63,7 +63,8 @@ def test_the_planted_configuration_effects_lie_inside_their_intervals(rep):
             row = eff[(eff["config_id"] == cfg["config_id"]) & (eff["metric"] == f"{metric}_accuracy")].iloc[
                 0
             ]
-            planted = truth - row["base_accuracy"]  # true accuracy − the base's observed one on the same items
+            # true accuracy − the base's observed one on the same items
+            planted = truth - row["base_accuracy"]
             covered += row["delta_ci_low"] <= planted <= row["delta_ci_high"]
             total += 1
     assert covered >= 0.85 * total, f"{covered} of {total} intervals cover the planted effect"
@@ -119,7 +120,8 @@ def test_families_and_endpoints_are_declared_in_analysis_json(rep):
     for name, g in eff.groupby("family"):
         from spellxfer.evaluation.stats import holm
 
-        assert g["p_adj"].to_numpy() == pytest.approx(holm(g["p_value"].tolist()), abs=1e-5), name  # CSV: 6 digits
+        # CSV: 6 digits
+        assert g["p_adj"].to_numpy() == pytest.approx(holm(g["p_value"].tolist()), abs=1e-5), name
 
 
 def test_the_validation_selected_configuration_is_the_best_mean_validation_objective(rep):

@@ -279,7 +279,8 @@ def test_the_dataset_card_lists_every_split_with_its_rows(demo_data, tmp_path):
     assert {f["split"]: f["path"] for f in config["data_files"]} == {s: f"{s}.jsonl" for s in SPLITS}
     assert {s["name"]: s["num_examples"] for s in card.data.dataset_info["splits"]} == rows
     assert card.data.license == "cc-by-sa-4.0"
-    info = load_dataset_builder(str(demo_data), cache_dir=str(tmp_path)).info  # what datasets reads from the header
+    # what datasets reads from the header
+    info = load_dataset_builder(str(demo_data), cache_dir=str(tmp_path)).info
     assert info.features == FEATURES and {s: i.num_examples for s, i in info.splits.items()} == rows
     text = card.text
     for split, n in rows.items():

@@ -200,7 +200,8 @@ def test_fit_setup_gives_token_batches_and_position_then_count_items(demo_module
     assert len(demo_module.train_examples) == 1200 and demo_module.n_dropped == 0
 
     position, count = demo_module.val_dataloader()
-    assert len(position.dataset) == len(count.dataset) == 80  # val_limit null (the default): every row of each file
+    # val_limit null (the default): every row of each file
+    assert len(position.dataset) == len(count.dataset) == 80
     for loader, task in ((position, "position"), (count, "count")):
         items = [item for b in loader for item in b]
         assert all(isinstance(i, Item) and i.task == task for i in items)

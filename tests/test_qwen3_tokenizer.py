@@ -271,8 +271,12 @@ def test_format_prompt_uses_the_non_thinking_template_whatever_the_tokenizer_car
 
 def test_a_true_thinking_flag_changes_nothing(qwen_tok):
     messages = [{"role": "user", "content": "Spell 'cat'."}]
-    flagged = qwen_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           enable_thinking=True)  # spellxfer-check: allow (the flag must do nothing)
+    flagged = qwen_tok.apply_chat_template(
+        messages,
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=True,  # spellxfer-check: allow (the flag must do nothing)
+    )
     assert flagged == rendered("Spell 'cat'.")
 
 

@@ -29,7 +29,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 # image's decoded size on <body>, where --dump-dom shows it.
 PROBE = (
     "<script>window.addEventListener('load', () => document.body.setAttribute('data-images', JSON.stringify("
-    "[...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, complete: i.complete})))));"
+    "[...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, "
+    "complete: i.complete})))));"
     "</script>"
 )
 
@@ -173,7 +174,8 @@ def test_summary_states_what_transferred_with_the_numbers(report_page, transfer_
         ),
         (
             [(-0.02, True), (-0.03, False), (+0.01, False), (+0.001, False)],
-            "Nothing transferred significantly. Did not transfer (no run significantly better than base): position and count.",
+            "Nothing transferred significantly. "
+            "Did not transfer (no run significantly better than base): position and count.",
         ),
     ],
     ids=["mostly-hurt", "transferred", "nothing"],

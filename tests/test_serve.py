@@ -207,7 +207,9 @@ def test_openai_fields_are_honoured_or_refused_never_silently_dropped(server):
         "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         == reply.choices[0].message.content
     )
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ] == ["length"]
     assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
 
     # stop: the reply ends before the first stop sequence, which is not returned
@@ -294,9 +296,9 @@ def test_tokens_leave_while_the_reply_is_still_being_generated(gated_server):
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(texts) >= 2, texts
     assert len({(c.id, c.created, c.model) for c in chunks}) == 1
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
-        "length"
-    ]
+    assert [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ] == ["length"]
     assert chunks[-1].usage.completion_tokens == 48 and not chunks[-1].choices
     assert "".join(texts) == client.chat.completions.create(**ask).choices[0].message.content
 
@@ -314,9 +316,9 @@ def test_a_stream_ends_before_its_stop_sequence_and_never_sends_it(server):
     chunks = list(client.chat.completions.create(**ask, stop=[stop], stream=True,
                                                  stream_options={"include_usage": True}))
     assert content_of(chunks) == plain.choices[0].message.content == text[: text.find(stop)]
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
-        "stop"
-    ]
+    assert [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ] == ["stop"]
     assert chunks[-1].usage == plain.usage
 
     # a stop sequence that never comes: the whole reply, ended by the token cap

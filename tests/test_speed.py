@@ -147,7 +147,8 @@ def test_bench_eval_compares_engines_in_one_run(full_data, tmp_path):
         "static",
         "static",
     )
-    assert auto["batch_size"] == 24 and auto["sampling"]["decoding"] == "greedy"  # auto: min(32 on a CPU, 24 asked)
+    # auto: min(32 on a CPU, 24 asked)
+    assert auto["batch_size"] == 24 and auto["sampling"]["decoding"] == "greedy"
     assert set(graph["one_batch_phases_seconds"]) >= {"prompts", "prefill", "decode", "finish"}
     assert set(ref["one_batch_phases_seconds"]) >= {"prompts", "decode"}
     # validation at r16.yaml's settings (greedy, its reply cap), on 6 + 6 questions

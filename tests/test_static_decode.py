@@ -164,7 +164,8 @@ def test_unsupported_models_fall_back_to_the_eager_loop(tiny, demo_data):
 def test_auto_batch_size_on_cpu_and_the_memory_estimate(tiny, demo_data):
     model, tok = tiny
     qs = _questions(demo_data, 40)
-    engine = GenerationEngine(model, tok, default_sampling(decoding="greedy", max_new_tokens=3))  # batch_size="auto"
+    # batch_size="auto"
+    engine = GenerationEngine(model, tok, default_sampling(decoding="greedy", max_new_tokens=3))
     engine.generate(qs)
     assert engine.last_batch_size == CPU_BATCH_SIZE and engine.paths == {"static": 2}
     assert auto_batch_size(model, 40, 3, samples=4) == CPU_BATCH_SIZE // 4

@@ -305,10 +305,10 @@ BAD_SPACES = {
     ),
     "not-a-position-count-metric": ({"objective": "val/loss"}, "objective", "not a position / count metric"),
     "spelling-objective": (
-        {"objective": "val/spelling_accuracy"},
+        {"objective": "val/spelling_accuracy"},  # spellxfer-check: allow
         "objective",
         "not a position / count metric",
-    ),  # spellxfer-check: allow
+    ),
     "zero-validate-every": ({"validate_every_steps": 0}, "validate_every_steps", "integer ≥ 1"),
     "validate-every-and-interval": (
         {"validate_every_steps": 5, "fixed": {"trainer.val_check_interval": 5}},

@@ -235,7 +235,8 @@ def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacke
     )
     unpacked = packed_sweep(unpacked_tmp, "probe-unpacked", space(unpacked_tmp), greedy_base, enqueue=two)
     base = json.loads((greedy_base / "greedy" / "metrics.json").read_text())
-    assert base["scoring"] == "both" and "position_likelihood_accuracy" in base  # the base model's, shared by both
+    # the base model's, shared by both
+    assert base["scoring"] == "both" and "position_likelihood_accuracy" in base
     packed_runs, unpacked_runs = trials_by_params(packed), trials_by_params(unpacked)
     assert packed_runs.keys() == unpacked_runs.keys() and len(packed_runs) == 2
     csv_packed = {grid_point(r): r for r in csv_rows(packed.parents[1], "probe-packed")}
@@ -398,7 +399,8 @@ def test_a_packed_sweep_killed_mid_pack_resumes_each_trial_from_its_own_checkpoi
                 r"Restoring states from the checkpoint path .* \(step (\d+)\)", (run / "fit.log").read_text()
             )
         ]
-        assert [r["step"] for r in val_rows(run)] == [0, 10, 20, 30]  # each validation logged once (step 0: the base model)
+        # each validation logged once (step 0: the base model)
+        assert [r["step"] for r in val_rows(run)] == [0, 10, 20, 30]
     assert sorted(resumed_at) == [10, 20]
     uninterrupted = trials_by_params(grid[4])
     for params, run in trials_by_params(results / "sweeps" / "kill").items():

@@ -37,7 +37,8 @@ def space_file(tmp_path, data, **changes) -> str:
 def test_a_sampled_configuration_queues_its_other_seeds_with_the_same_hyperparameters(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     space = load_space(space_file(tmp_path, tmp_path / "data", replicates=3, sampler="random"))
-    assert space.replicates == 3 and [space.replicate_seed(k) for k in range(3)] == [0, 1, 2]  # tiny.yaml: seed 0
+    # tiny.yaml: seed 0
+    assert space.replicates == 3 and [space.replicate_seed(k) for k in range(3)] == [0, 1, 2]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     leader = study.ask()
@@ -185,7 +186,8 @@ def test_the_sweep_csv_works_with_an_old_metrics_json_and_leaves_the_new_columns
         cols["sampled_position/nth_letter_best_trivial"] is None
         and cols["sampled_position/nth_letter_constant_answer"] is None
     )
-    assert _eval_columns("sampled", None, None, None)["sampled_position_accuracy"] is None  # a trial not evaluated yet
+    # a trial not evaluated yet
+    assert _eval_columns("sampled", None, None, None)["sampled_position_accuracy"] is None
 
 
 def test_steps_trained_is_the_last_optimizer_step_logged(tmp_path):

@@ -41,8 +41,19 @@ from spellxfer.training.module import ALL_LINEAR, SpellingLoRAModule
 STEPS = 30  # configs/tiny.yaml: trainer.max_steps; a checkpoint every 10 steps
 FORBIDDEN_METRIC = "val/spelling_accuracy"  # spellxfer-check: allow (the name the whitelist refuses)
 # Third-party lines a fit used to print (library deprecations and tips; spellxfer.core.quiet)
-KNOWN_NOISE = ("LeafSpec", "litlogger", "litmodels", "💡 Tip", "anonymous setting", "git root", "is not empty",
-               "past_key_values", "is_gradient_checkpointing", "not resumable", "Seed set to")
+KNOWN_NOISE = (
+    "LeafSpec",
+    "litlogger",
+    "litmodels",
+    "💡 Tip",
+    "anonymous setting",
+    "git root",
+    "is not empty",
+    "past_key_values",
+    "is_gradient_checkpointing",
+    "not resumable",
+    "Seed set to",
+)
 
 
 def quiet_env(**extra: str) -> dict[str, str]:
@@ -235,7 +246,8 @@ def test_validation_with_scoring_both_logs_the_likelihood_probe_of_evaluate_besi
         )
     for sub, v in metrics["subtasks"].items():
         assert step0[f"val/{sub}_likelihood_accuracy"] == pytest.approx(v["likelihood"]["accuracy"], abs=1e-6)
-    assert not [k for k in step0 if "likelihood" in k and not k.endswith("_likelihood_accuracy")]  # no probe transfer score
+    # no probe transfer score
+    assert not [k for k in step0 if "likelihood" in k and not k.endswith("_likelihood_accuracy")]
     best = torch.load(root / "best-step0.ckpt", weights_only=True)
     assert next(s for s in best["callbacks"].values() if "monitor" in s)["monitor"] == "val/position_accuracy"
 
