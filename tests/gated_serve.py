@@ -4,7 +4,8 @@ so that a test can hold generation and see what a client has received meanwhile.
 While the file named by ``$SPELLXFER_TEST_GATE`` exists, the inference worker lets as many decode
 steps through as the file says and then holds every further step until the file is removed. A
 step held for 120 s goes on anyway and leaves ``<gate>.timed-out`` behind, which opens the gate for
-good: a broken stream fails its test instead of hanging it. Without the file the server is ``spellxfer serve``, step for step.
+good: a broken stream fails its test instead of hanging it. Without the file the server is
+``spellxfer serve``, step for step.
 
 The gate is installed in the worker's ``setup``: LitServe spawns its inference workers, which
 import this file (as ``__mp_main__``) to unpickle :class:`GatedAPI`.
@@ -50,7 +51,9 @@ class GatedAPI(api.SpellxferAPI):
         from spellxfer.models import generation
 
         super().setup(device)
-        generation.pick_next_tokens = gated(generation.pick_next_tokens, Path(os.environ["SPELLXFER_TEST_GATE"]))
+        generation.pick_next_tokens = gated(
+            generation.pick_next_tokens, Path(os.environ["SPELLXFER_TEST_GATE"])
+        )
 
 
 if __name__ == "__main__":

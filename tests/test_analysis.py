@@ -22,7 +22,7 @@ from spellxfer.core.errors import SpellxferError
 from spellxfer.evaluation.stats import holm
 
 TABLES = ("runs", "per_run_deltas", "config_effects", "metric_correlations", "top_transfer_configs",
-          "hyperparameter_effects", "breakdowns")  # fmt: skip
+          "hyperparameter_effects", "breakdowns")
 
 
 def _csv(out, name) -> pd.DataFrame:
@@ -35,9 +35,16 @@ def test_writes_every_table_and_figure(transfer_analysis):
     info = json.loads((transfer_analysis / "analysis.json").read_text())
     files = {f["file"] for f in info["figures"]}
     hps = {"lora_r", "lora_alpha", "learning_rate", "batch_size", "accumulate_grad_batches", "max_steps"}
-    assert files == {"figures/subtask_accuracy.png", "figures/position_vs_count.png", "figures/run_deltas.png",
-                     "figures/learning_curves.png", "figures/steps_trained.png", "figures/accuracy_by_token_count.png",
-                     "figures/change_by_breakdown.png", *{f"figures/effect_{h}.png" for h in hps}}  # fmt: skip
+    assert files == {
+        "figures/subtask_accuracy.png",
+        "figures/position_vs_count.png",
+        "figures/run_deltas.png",
+        "figures/learning_curves.png",
+        "figures/steps_trained.png",
+        "figures/accuracy_by_token_count.png",
+        "figures/change_by_breakdown.png",
+        *{f"figures/effect_{h}.png" for h in hps},
+    }
     for f in files:
         assert (transfer_analysis / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Holm" in info["methods"]["multiple_comparisons"] and "regression" in info["methods"]["importance"]
@@ -47,27 +54,43 @@ def test_only_complete_trials_are_analysed_and_the_rest_are_reported(transfer_an
     info = json.loads((transfer_analysis / "analysis.json").read_text())
     assert info["n_runs"] == len(synthetic_sweep["trials"]) == 24
     assert info["status_counts"] == {"complete": 24, "failed": 1, "pruned": 1}
-    assert {(s["trial"], s["status"]) for s in info["skipped"]} == {("trial-0024", "failed"), ("trial-0025", "pruned")}
+    assert {(s["trial"], s["status"]) for s in info["skipped"]} == {
+        ("trial-0024", "failed"),
+        ("trial-0025", "pruned"),
+    }
     assert next(s for s in info["skipped"] if s["status"] == "failed")["reason"] == "CUDA out of memory"
     assert set(_csv(transfer_analysis, "runs")["trial"]) == set(range(24))
 
 
 def test_planted_lora_r_effect_is_recovered_inside_its_intervals(transfer_analysis, synthetic_sweep):
     hp = _csv(transfer_analysis, "hyperparameter_effects")
-    means = hp[(hp["kind"] == "marginal_mean") & (hp["hyperparameter"] == "lora_r") & (hp["metric"] == "position_accuracy")]
+    means = hp[
+        (hp["kind"] == "marginal_mean")
+        & (hp["hyperparameter"] == "lora_r")
+        & (hp["metric"] == "position_accuracy")
+    ]
     assert list(means["value"].astype(int)) == [4, 8, 16, 32]
     assert means["estimate"].is_monotonic_increasing
     for _, row in means.iterrows():
         # the planted accuracy of the runs at this value (their mean true accuracy)
-        planted = np.mean([t["truth"]["position"] for t in synthetic_sweep["trials"] if t["params"]["lora_r"] == int(row["value"])])
+        planted = np.mean(
+            [
+                t["truth"]["position"]
+                for t in synthetic_sweep["trials"]
+                if t["params"]["lora_r"] == int(row["value"])
+            ]
+        )
         assert row["ci_low"] <= planted <= row["ci_high"], row.to_dict()
         assert row["n_runs"] == 6
     imp = hp[(hp["kind"] == "importance") & (hp["metric"] == "position_accuracy")].set_index("hyperparameter")
     assert imp["rank"].idxmin() == "lora_r" and imp.loc["lora_r", "scale"] == "log2"
     r = imp.loc["lora_r"]
-    assert r["slope_ci_low"] <= SLOPE <= r["slope_ci_high"] and r["slope_ci_low"] > 0  # per doubling of lora_r
+    # per doubling of lora_r
+    assert r["slope_ci_low"] <= SLOPE <= r["slope_ci_high"] and r["slope_ci_low"] > 0
     # count ignores lora_r: its interval there covers 0
-    cnt = hp[(hp["kind"] == "importance") & (hp["metric"] == "count_accuracy") & (hp["hyperparameter"] == "lora_r")].iloc[0]
+    cnt = hp[
+        (hp["kind"] == "importance") & (hp["metric"] == "count_accuracy") & (hp["hyperparameter"] == "lora_r")
+    ].iloc[0]
     assert cnt["slope_ci_low"] <= 0 <= cnt["slope_ci_high"]
 
 
@@ -76,7 +99,12 @@ def test_planted_position_count_correlation_is_recovered(transfer_analysis, synt
     c = np.array([t["truth"]["count"] for t in synthetic_sweep["trials"]])
     planted = float(np.corrcoef(p, c)[0, 1])
     corr = _csv(transfer_analysis, "metric_correlations").set_index(["quantity", "method"])
-    assert set(corr.index) == {("accuracy", "pearson"), ("accuracy", "spearman"), ("delta", "pearson"), ("delta", "spearman")}
+    assert set(corr.index) == {
+        ("accuracy", "pearson"),
+        ("accuracy", "spearman"),
+        ("delta", "pearson"),
+        ("delta", "spearman"),
+    }
     for quantity in ("accuracy", "delta"):
         r = corr.loc[(quantity, "pearson")]
         assert r["ci_low"] <= planted <= r["ci_high"] and r["ci_low"] > 0, (planted, r.to_dict())
@@ -93,9 +121,14 @@ def test_per_run_deltas_cover_the_planted_change_and_are_holm_adjusted(transfer_
     for t in synthetic_sweep["trials"]:
         row = runs.loc[t["number"]]
         # the planted change: true fine-tuned accuracy − the base's observed accuracy on the same items
-        covered += row["position_accuracy_delta_ci_low"] <= t["truth"]["position"] - row["position_accuracy_base"] \
-            <= row["position_accuracy_delta_ci_high"]  # fmt: skip
-        assert row["position_accuracy_delta"] == pytest.approx(row["position_accuracy"] - row["position_accuracy_base"], abs=1e-5)
+        covered += (
+            row["position_accuracy_delta_ci_low"]
+            <= t["truth"]["position"] - row["position_accuracy_base"]
+            <= row["position_accuracy_delta_ci_high"]
+        )
+        assert row["position_accuracy_delta"] == pytest.approx(
+            row["position_accuracy"] - row["position_accuracy_base"], abs=1e-5
+        )
     assert covered >= 20  # 95% intervals: ~1 of 24 may miss
     task = d[d["metric"].isin(["position_accuracy", "count_accuracy"])]
     assert len(task) == 48
@@ -109,8 +142,12 @@ def test_top_configs_are_ranked_by_transfer_score_with_intervals(transfer_analys
     runs = _csv(transfer_analysis, "runs")
     assert len(top) == 10 and list(top["rank"]) == list(range(1, 11))
     assert list(top["transfer_score"]) == sorted(runs["transfer_score"], reverse=True)[:10]
-    assert (top["transfer_score_ci_low"] <= top["transfer_score"]).all() and (top["transfer_score"] <= top["transfer_score_ci_high"]).all()
-    assert top["transfer_score"].to_numpy() == pytest.approx(((top["position_accuracy"] + top["count_accuracy"]) / 2).to_numpy(), abs=1e-5)
+    assert (top["transfer_score_ci_low"] <= top["transfer_score"]).all() and (
+        top["transfer_score"] <= top["transfer_score_ci_high"]
+    ).all()
+    assert top["transfer_score"].to_numpy() == pytest.approx(
+        ((top["position_accuracy"] + top["count_accuracy"]) / 2).to_numpy(), abs=1e-5
+    )
     assert {"params.lora_r", "val/transfer_score"} <= set(top.columns)
 
 
@@ -131,13 +168,21 @@ def test_breakdowns_cover_the_four_dimensions_and_pool_over_runs(transfer_analys
     bd = _csv(transfer_analysis, "breakdowns")
     assert set(bd["breakdown"]) == {"word_length", "n_tokens", "word_kind", "letter_position"}
     assert set(bd["run"]) == {f"trial-{i:04d}" for i in range(24)} | {"all runs"}
-    one = bd[(bd["run"] == "trial-0000") & (bd["breakdown"] == "word_kind") & (bd["metric"] == "position_accuracy")]
+    one = bd[
+        (bd["run"] == "trial-0000") & (bd["breakdown"] == "word_kind") & (bd["metric"] == "position_accuracy")
+    ]
     # the buckets partition the items of the task
     assert one["n_items"].sum() == sum(1 for it in synthetic_sweep["items"] if it["task"] == "position")
-    pooled = bd[(bd["run"] == "all runs") & (bd["breakdown"] == "n_tokens") & (bd["metric"] == "position_accuracy")]
-    per_run = bd[(bd["run"] != "all runs") & (bd["breakdown"] == "n_tokens") & (bd["metric"] == "position_accuracy")]
+    pooled = bd[
+        (bd["run"] == "all runs") & (bd["breakdown"] == "n_tokens") & (bd["metric"] == "position_accuracy")
+    ]
+    per_run = bd[
+        (bd["run"] != "all runs") & (bd["breakdown"] == "n_tokens") & (bd["metric"] == "position_accuracy")
+    ]
     for _, row in pooled.iterrows():
-        assert row["delta"] == pytest.approx(per_run[per_run["bucket"] == row["bucket"]]["delta"].mean(), abs=1e-5)
+        assert row["delta"] == pytest.approx(
+            per_run[per_run["bucket"] == row["bucket"]]["delta"].mean(), abs=1e-5
+        )
         assert row["delta_ci_low"] <= row["delta"] <= row["delta_ci_high"] and row["n_runs"] == 24
 
 
@@ -146,7 +191,10 @@ def test_forbidden_metric_in_a_log_is_dropped_and_never_reported(transfer_analys
     assert FORBIDDEN_KEY in log.read_text()  # planted: trial 0 logged it at each of its 4 validations
     curve, omitted = read_curve(log)
     assert omitted == 4 and len(curve) == 4
-    assert all(set(row) == {"step", "val/position_accuracy", "val/count_accuracy", "val/transfer_score"} for row in curve)
+    assert all(
+        set(row) == {"step", "val/position_accuracy", "val/count_accuracy", "val/transfer_score"}
+        for row in curve
+    )
     info = json.loads((transfer_analysis / "analysis.json").read_text())
     assert info["omitted_metric_entries"] == 4
     name = FORBIDDEN_KEY.split("/")[1]
@@ -156,12 +204,21 @@ def test_forbidden_metric_in_a_log_is_dropped_and_never_reported(transfer_analys
 
 
 def test_a_table_column_outside_the_whitelist_is_refused():
-    good = pd.DataFrame({"run": ["a"], "position_accuracy_delta_ci_low": [0.1], "params.lora_r": [8], "metric": ["count_accuracy"]})
+    good = pd.DataFrame(
+        {
+            "run": ["a"],
+            "position_accuracy_delta_ci_low": [0.1],
+            "params.lora_r": [8],
+            "metric": ["count_accuracy"],
+        }
+    )
     assert check_columns(good, "t") is good
     with pytest.raises(SpellxferError, match="not allowed"):
         check_columns(pd.DataFrame({"run": ["a"], "spelling_accuracy": [0.9]}), "t")  # spellxfer-check: allow
     with pytest.raises(SpellxferError, match="metric value"):
-        check_columns(pd.DataFrame({"metric": ["spelling_accuracy"], "estimate": [0.9]}), "t")  # spellxfer-check: allow
+        check_columns(
+            pd.DataFrame({"metric": ["spelling_accuracy"], "estimate": [0.9]}), "t"  # spellxfer-check: allow
+        )
     with pytest.raises(SpellxferError, match="not allowed"):
         check_columns(pd.DataFrame({"position_accuracy": [0.1], "bleu": [0.9]}), "t")
 
@@ -176,22 +233,50 @@ def test_study_from_optuna_storage_gives_the_same_runs(synthetic_sweep, transfer
              "learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True),
              "batch_size": optuna.distributions.CategoricalDistribution([4, 8]),
              "accumulate_grad_batches": optuna.distributions.CategoricalDistribution([1, 2]),
-             "max_steps": optuna.distributions.CategoricalDistribution([100, 200])}  # fmt: skip
+             "max_steps": optuna.distributions.CategoricalDistribution([100, 200])}
     for t in synthetic_sweep["trials"]:
         # odd trials record their directory; even ones rely on <results-dir>/sweeps/<study>/trial-NNNN
         attrs = {"run_dir": str(t["dir"])} if t["number"] % 2 else {}
-        study.add_trial(optuna.trial.create_trial(params=t["params"], distributions=dists, value=t["objective"], user_attrs=attrs))
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params=synthetic_sweep["trials"][0]["params"],
-                                              distributions=dists))  # fmt: skip
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=t["params"], distributions=dists, value=t["objective"], user_attrs=attrs
+            )
+        )
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL,
+            params=synthetic_sweep["trials"][0]["params"],
+            distributions=dists,
+        )
+    )
     out = tmp_path / "from_study"
-    assert main(["analyze", "--study", "syn", "--storage", storage, "--results_dir", str(results), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--study",
+                "syn",
+                "--storage",
+                storage,
+                "--results_dir",
+                str(results),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "analysis.json").read_text())
     assert info["status_counts"] == {"complete": 24, "failed": 1} and info["name"] == "syn"
     a, b = _csv(out, "top_transfer_configs"), _csv(transfer_analysis, "top_transfer_configs")
-    assert list(a["run"]) == list(b["run"]) and a["transfer_score"].to_numpy() == pytest.approx(b["transfer_score"].to_numpy())
+    assert list(a["run"]) == list(b["run"]) and a["transfer_score"].to_numpy() == pytest.approx(
+        b["transfer_score"].to_numpy()
+    )
 
 
-def test_a_study_whose_trial_directories_are_elsewhere_says_which_files_analyze_needs(synthetic_sweep, tmp_path, capsys):
+def test_a_study_whose_trial_directories_are_elsewhere_says_which_files_analyze_needs(
+    synthetic_sweep, tmp_path, capsys
+):
     """A study database on its own (as results/smollm2-h100/ commits it) is one error line naming
     what to copy where; with the directories under --results_dir, study-relative run_dirs resolve."""
     optuna = pytest.importorskip("optuna")
@@ -199,10 +284,28 @@ def test_a_study_whose_trial_directories_are_elsewhere_says_which_files_analyze_
     study = optuna.create_study(study_name="syn", storage=storage, direction="maximize")
     dist = {"lora_r": optuna.distributions.CategoricalDistribution([4, 8, 16, 32])}
     for t in synthetic_sweep["trials"][:3]:
-        study.add_trial(optuna.trial.create_trial(params={"lora_r": t["params"]["lora_r"]}, distributions=dist,
-                                                  value=t["objective"], user_attrs={"run_dir": t["dir"].name}))  # fmt: skip
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"lora_r": t["params"]["lora_r"]},
+                distributions=dist,
+                value=t["objective"],
+                user_attrs={"run_dir": t["dir"].name},
+            )
+        )
     elsewhere = tmp_path / "elsewhere"
-    rc = main(["analyze", "--study", "syn", "--storage", storage, "--results_dir", str(elsewhere), "--out", str(tmp_path / "a")])
+    rc = main(
+        [
+            "analyze",
+            "--study",
+            "syn",
+            "--storage",
+            storage,
+            "--results_dir",
+            str(elsewhere),
+            "--out",
+            str(tmp_path / "a"),
+        ]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("error: --study syn: 3 complete trial(s) have no directory here")
@@ -211,7 +314,22 @@ def test_a_study_whose_trial_directories_are_elsewhere_says_which_files_analyze_
     assert not (tmp_path / "a").exists()
     # the same database beside the study's directories: the relative run_dirs resolve
     results = synthetic_sweep["results_dir"]
-    assert main(["analyze", "--study", "syn", "--storage", storage, "--results_dir", str(results), "--out", str(tmp_path / "b")]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--study",
+                "syn",
+                "--storage",
+                storage,
+                "--results_dir",
+                str(results),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "b" / "analysis.json").read_text())["status_counts"] == {"complete": 3}
 
 
@@ -254,20 +372,51 @@ def test_missing_base_evaluation_is_named(synthetic_sweep, tmp_path, capsys):
 def test_same_inputs_and_seed_give_the_same_numbers(synthetic_sweep, tmp_path):
     dirs = [str(synthetic_sweep["study_dir"] / f"trial-{i:04d}") for i in range(6)]
     for out in ("a", "b"):
-        assert main(["analyze", "--runs", *dirs, "--out", str(tmp_path / out), "--n_boot", "300", "--seed", "3"]) == 0
+        assert (
+            main(["analyze", "--runs", *dirs, "--out", str(tmp_path / out), "--n_boot", "300", "--seed", "3"])
+            == 0
+        )
     for name in TABLES:
-        assert (tmp_path / "a" / f"{name}.csv").read_text() == (tmp_path / "b" / f"{name}.csv").read_text(), name
+        assert (tmp_path / "a" / f"{name}.csv").read_text() == (tmp_path / "b" / f"{name}.csv").read_text(), (
+            name
+        )
     assert not math.isnan(_csv(tmp_path / "a", "metric_correlations")["ci_low"].iloc[0])
 
 
 def test_one_run_still_gives_an_analysis_and_a_report(synthetic_sweep, tmp_path):
     out = tmp_path / "one"
-    assert main(["analyze", "--runs", str(synthetic_sweep["study_dir"] / "trial-0003"), "--out", str(out), "--n_boot", "200"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--runs",
+                str(synthetic_sweep["study_dir"] / "trial-0003"),
+                "--out",
+                str(out),
+                "--n_boot",
+                "200",
+            ]
+        )
+        == 0
+    )
     assert _csv(out, "metric_correlations")["estimate"].isna().all()  # nothing to correlate
     assert _csv(out, "hyperparameter_effects").empty  # nothing varies
     pooled = _csv(out, "breakdowns").query("run == 'all runs'")
     assert pooled["delta_ci_low"].notna().all()  # one run: its own interval over items
-    assert main(["report", "--analysis", str(out), "--out", str(tmp_path / "r"), "--figures_out", str(tmp_path / "f")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--analysis",
+                str(out),
+                "--out",
+                str(tmp_path / "r"),
+                "--figures_out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
     page = (tmp_path / "r" / "transfer_report_syn.html").read_text()
     assert "not estimable with 1 run(s)" in page and "1 complete run(s) analysed" in page
 
@@ -281,7 +430,10 @@ def test_several_samples_per_item_weigh_items_equally_and_bootstrap_items(tmp_pa
     study = tmp_path / "sweeps" / "k3"
     make_sweep(study, n_trials=4, n_items=60, samples=3, decoding="greedy")
     out = tmp_path / "a"
-    assert main(["analyze", "--runs", str(study), "--decoding", "greedy", "--out", str(out), "--n_boot", "300"]) == 0
+    assert (
+        main(["analyze", "--runs", str(study), "--decoding", "greedy", "--out", str(out), "--n_boot", "300"])
+        == 0
+    )
     row = _csv(out, "runs").set_index("trial").loc[2]
     rows = [r for r in read_predictions(study / "trial-0002" / "eval" / "greedy") if r["task"] == "count"]
     by_item: dict = {}
@@ -290,5 +442,8 @@ def test_several_samples_per_item_weigh_items_equally_and_bootstrap_items(tmp_pa
     assert {len(v) for v in by_item.values()} == {3} and row["count_accuracy_n"] == 60
     expected = accuracy_summary(list(by_item.values()), n_boot=300, seed=0)
     assert expected["ci_method"] == "item_bootstrap"
-    assert (row["count_accuracy"], row["count_accuracy_ci_low"], row["count_accuracy_ci_high"]) == pytest.approx(
-        (expected["accuracy"], expected["ci_low"], expected["ci_high"]), abs=1e-5)
+    assert (
+        row["count_accuracy"],
+        row["count_accuracy_ci_low"],
+        row["count_accuracy_ci_high"],
+    ) == pytest.approx((expected["accuracy"], expected["ci_low"], expected["ci_high"]), abs=1e-5)

@@ -24,8 +24,24 @@ def study(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("study")
     planted = make_study_sweep(root)
     out = root / "analysis"
-    assert main(["analyze", "--runs", str(planted["study"]), "--control_runs", str(planted["control"]), "--decoding",
-                 "greedy", "--out", str(out), "--n_boot", "500"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "--runs",
+                str(planted["study"]),
+                "--control_runs",
+                str(planted["control"]),
+                "--decoding",
+                "greedy",
+                "--out",
+                str(out),
+                "--n_boot",
+                "500",
+            ]
+        )
+        == 0
+    )
     return planted | {"out": out, "root": root, "info": json.loads((out / "analysis.json").read_text())}
 
 
@@ -39,7 +55,7 @@ def test_a_planted_pattern_effect_is_recovered_and_null_dummies_cover_zero(study
     slopes = _slopes(study, "position/nth_letter_accuracy")
     # treatment-coded against spell and any: one row per non-reference level, named with its reference
     assert {"variants=all", "variants=spell+reversed", "variants=spell+numbered", "variants=spell+inverse",
-            "separator=spaces", "separator=commas", "separator=dashes", "distinct_words"} <= set(slopes.index)  # fmt: skip
+            "separator=spaces", "separator=commas", "separator=dashes", "distinct_words"} <= set(slopes.index)
     assert "variants=spell" not in slopes.index and "separator=any" not in slopes.index
     assert slopes.loc["variants=all", "reference"] == "variants=spell"
     assert slopes.loc["separator=dashes", "reference"] == "separator=any"
@@ -80,10 +96,17 @@ def test_control_runs_are_labelled_and_never_selected(study):
     per_run = pd.read_csv(study["out"] / "per_run_deltas.csv")
     assert set(per_run["arm"]) == {"spelling", "control"}
     sel = study["info"]["selected_by_validation"]
-    assert sel["config_id"] == study["selected"]["config_id"] and all(not r.startswith("control/") for r in sel["runs"])
+    assert sel["config_id"] == study["selected"]["config_id"] and all(
+        not r.startswith("control/") for r in sel["runs"]
+    )
     for table in ("top_transfer_configs", "config_effects"):
-        assert not pd.read_csv(study["out"] / f"{table}.csv")["run"].astype(str).str.startswith("control").any()
-    assert study["info"]["control"]["n_runs"] == 9 and study["info"]["control"]["matched_by"] == "configuration parameters"
+        assert (
+            not pd.read_csv(study["out"] / f"{table}.csv")["run"].astype(str).str.startswith("control").any()
+        )
+    assert (
+        study["info"]["control"]["n_runs"] == 9
+        and study["info"]["control"]["matched_by"] == "configuration parameters"
+    )
 
 
 def test_the_selected_configuration_is_compared_with_base_and_its_matched_control(study):
@@ -99,7 +122,10 @@ def test_the_selected_configuration_is_compared_with_base_and_its_matched_contro
     rise = gen.loc[("control − base", "count/letter_count_accuracy")]
     assert rise["delta"] > 0 and rise["arm"] == "control" and rise["reference"] == "base"
     # adjusted (simultaneous) intervals contain the 95% ones; Holm within each family
-    assert ((c["delta_adj_ci_low"] <= c["delta_ci_low"] + 1e-9) & (c["delta_adj_ci_high"] >= c["delta_ci_high"] - 1e-9)).all()
+    assert (
+        (c["delta_adj_ci_low"] <= c["delta_ci_low"] + 1e-9)
+        & (c["delta_adj_ci_high"] >= c["delta_ci_high"] - 1e-9)
+    ).all()
     families = {f["name"]: f for f in study["info"]["families"]}
     assert families["greedy/generation/primary/validation-selected vs base and control"]["n_tests"] == 8
     assert families["greedy/likelihood/primary/control vs base"]["n_tests"] == 4
@@ -121,10 +147,17 @@ def test_missing_control_or_probe_leaves_the_decision_undetermined(study):
 
     found = discover([str(study["study"])], None, None, "results", "greedy")
     sel = study["selected"]["config_id"]
-    table, _ = arms.arm_contrasts(sel, found.runs, [], {"spelling": ["generation"], "control": []}, "greedy", 200, 0)
+    table, _ = arms.arm_contrasts(
+        sel, found.runs, [], {"spelling": ["generation"], "control": []}, "greedy", 200, 0
+    )
     assert set(table["contrast"]) == {"fine-tuned − base"}
-    decided = {d["subtask"]: d["decision"] for d in arms.decisions(table, sel, found.runs, [], ["generation"])}
-    assert decided["nth_letter"] == "undetermined: no control runs (--control_runs); no likelihood probe verdicts"
+    decided = {
+        d["subtask"]: d["decision"] for d in arms.decisions(table, sel, found.runs, [], ["generation"])
+    }
+    assert (
+        decided["nth_letter"]
+        == "undetermined: no control runs (--control_runs); no likelihood probe verdicts"
+    )
     # spelled-out replies alone do not settle it: without the probe, transfer (checked first) is still open
     assert all(d.startswith("undetermined: ") for d in decided.values())
 
@@ -133,14 +166,16 @@ def test_a_control_run_among_the_spelling_runs_is_found_by_its_fit_config(study)
     from spellxfer.analysis.runs import discover
 
     found = discover([str(study["study"]), str(study["control"])], None, None, "results", "greedy")
-    assert len(found.control) == 9 and all(r.arm == "control" and r.name.startswith("control/") for r in found.control)
+    assert len(found.control) == 9 and all(
+        r.arm == "control" and r.name.startswith("control/") for r in found.control
+    )
     assert len(found.runs) == 60 and all(r.arm == "spelling" for r in found.runs)
 
 
 def test_the_report_shows_pattern_slopes_and_the_decision_table(study):
     reports = study["root"] / "reports"
     assert main(["report", "--analysis", str(study["out"]), "--out", str(reports), "--figures_out",
-                 str(study["root"] / "figures")]) == 0  # fmt: skip
+                 str(study["root"] / "figures")]) == 0
     page = next(reports.glob("transfer_report_*.html")).read_text(encoding="utf-8")
     text = " ".join(__import__("re").sub(r"<[^>]+>", " ", page).split())
     assert "Decision per subtask (pre-registered rule)" in text

@@ -26,7 +26,10 @@ def rep(tmp_path_factory) -> dict:
     study = root / "sweeps" / "rep"
     planted = make_replicate_sweep(study, probe=True, constant_config=0)
     out = root / "analysis"
-    assert main(["analyze", "--runs", str(study), "--decoding", "greedy", "--out", str(out), "--n_boot", "500"]) == 0
+    assert (
+        main(["analyze", "--runs", str(study), "--decoding", "greedy", "--out", str(out), "--n_boot", "500"])
+        == 0
+    )
     return {"planted": planted, "out": out, "study": study, "root": root}
 
 
@@ -42,9 +45,13 @@ def test_seeds_of_a_configuration_are_aggregated_and_tested_across_seeds(rep):
     for cfg in rep["planted"]["configs"]:
         mine = runs[runs["config_id"] == cfg["config_id"]]
         assert sorted(mine["replicate"]) == [0, 1, 2]
-        row = gen[(gen["config_id"] == cfg["config_id"]) & (gen["metric"] == "position/nth_letter_accuracy")].iloc[0]
+        row = gen[
+            (gen["config_id"] == cfg["config_id"]) & (gen["metric"] == "position/nth_letter_accuracy")
+        ].iloc[0]
         assert row["delta"] == pytest.approx(mine["position/nth_letter_accuracy_delta"].mean(), abs=1e-6)
-        assert row["delta_seed_sd"] == pytest.approx(mine["position/nth_letter_accuracy_delta"].std(ddof=1), abs=1e-6)
+        assert row["delta_seed_sd"] == pytest.approx(
+            mine["position/nth_letter_accuracy_delta"].std(ddof=1), abs=1e-6
+        )
         assert row["test"] == "one-sample t-test across 3 seeds"
 
 
@@ -53,15 +60,26 @@ def test_the_planted_configuration_effects_lie_inside_their_intervals(rep):
     covered = total = 0
     for cfg in rep["planted"]["configs"]:
         for metric, truth in cfg["truth"].items():
-            row = eff[(eff["config_id"] == cfg["config_id"]) & (eff["metric"] == f"{metric}_accuracy")].iloc[0]
-            planted = truth - row["base_accuracy"]  # true accuracy − the base's observed one on the same items
+            row = eff[(eff["config_id"] == cfg["config_id"]) & (eff["metric"] == f"{metric}_accuracy")].iloc[
+                0
+            ]
+            # true accuracy − the base's observed one on the same items
+            planted = truth - row["base_accuracy"]
             covered += row["delta_ci_low"] <= planted <= row["delta_ci_high"]
             total += 1
     assert covered >= 0.85 * total, f"{covered} of {total} intervals cover the planted effect"
     # the strongest configurations (lora_r 32, +0.12) move clearly; the lora_r 4 ones (no effect) do not
-    strong = eff[eff["config_id"].isin([c["config_id"] for c in rep["planted"]["configs"] if c["params"]["lora_r"] == 32])]
+    strong = eff[
+        eff["config_id"].isin(
+            [c["config_id"] for c in rep["planted"]["configs"] if c["params"]["lora_r"] == 32]
+        )
+    ]
     assert (strong.query("endpoint == 'secondary'")["delta_ci_low"] > 0).all()
-    null = eff[eff["config_id"].isin([c["config_id"] for c in rep["planted"]["configs"] if c["params"]["lora_r"] == 4])]
+    null = eff[
+        eff["config_id"].isin(
+            [c["config_id"] for c in rep["planted"]["configs"] if c["params"]["lora_r"] == 4]
+        )
+    ]
     null = null[null["metric"] != "position/letter_index_accuracy"]  # config 0 answers "1" there
     assert ((null["delta_ci_low"] <= 0) & (0 <= null["delta_ci_high"])).mean() >= 0.8
 
@@ -76,7 +94,7 @@ def test_the_lora_r_slope_across_configurations_is_recovered_with_hc3_and_holm(r
     assert (tested["p_adj"] >= tested["p_value"] - 1e-12).all()
     # one Holm family per endpoint and scoring (the pre-registered family), not one per scoring
     assert set(tested["family"]) == {f"{s}/slopes/{m}" for s in ("generation", "likelihood")
-                                     for m in set(tested["metric"])}  # fmt: skip
+                                     for m in set(tested["metric"])}
     for _, g in tested.groupby("family"):
         from spellxfer.evaluation.stats import holm
 
@@ -86,19 +104,24 @@ def test_the_lora_r_slope_across_configurations_is_recovered_with_hc3_and_holm(r
 def test_families_and_endpoints_are_declared_in_analysis_json(rep):
     info = json.loads((rep["out"] / "analysis.json").read_text())
     assert info["endpoints"]["primary"] == ["count/letter_count_accuracy", "count/word_length_accuracy",
-                                            "position/letter_index_accuracy", "position/nth_letter_accuracy"]  # fmt: skip
+                                            "position/letter_index_accuracy", "position/nth_letter_accuracy"]
     assert info["endpoints"]["secondary"] == ["position_accuracy", "count_accuracy"]
     names = {f["name"]: f for f in info["families"]}
     for scoring in ("generation", "likelihood"):
         assert names[f"greedy/{scoring}/primary"]["n_tests"] == 8 * 4
         assert names[f"greedy/{scoring}/secondary"]["n_tests"] == 8 * 2
         assert names[f"greedy/{scoring}/primary/validation-selected"]["n_tests"] == 4
-    assert info["n_configs"] == 8 and info["seeds_per_config"] == [3] and info["scorings"] == ["generation", "likelihood"]
+    assert (
+        info["n_configs"] == 8
+        and info["seeds_per_config"] == [3]
+        and info["scorings"] == ["generation", "likelihood"]
+    )
     eff = _csv(rep, "config_effects")
     for name, g in eff.groupby("family"):
         from spellxfer.evaluation.stats import holm
 
-        assert g["p_adj"].to_numpy() == pytest.approx(holm(g["p_value"].tolist()), abs=1e-5), name  # CSV: 6 digits
+        # CSV: 6 digits
+        assert g["p_adj"].to_numpy() == pytest.approx(holm(g["p_value"].tolist()), abs=1e-5), name
 
 
 def test_the_validation_selected_configuration_is_the_best_mean_validation_objective(rep):
@@ -109,7 +132,9 @@ def test_the_validation_selected_configuration_is_the_best_mean_validation_objec
     assert sel["config_id"] == int(means.idxmax()) and sel["n_seeds"] == 3
     assert sel["objective_value"] == pytest.approx(means.max())
     primary = [e for e in sel["endpoints"] if e["endpoint"] == "primary" and e["scoring"] == "generation"]
-    assert len(primary) == 4 and all(e["family"] == "greedy/generation/primary/validation-selected" for e in primary)
+    assert len(primary) == 4 and all(
+        e["family"] == "greedy/generation/primary/validation-selected" for e in primary
+    )
 
 
 def test_probe_scoring_baselines_and_constant_answers_come_from_the_new_fields(rep):
@@ -126,7 +151,11 @@ def test_probe_scoring_baselines_and_constant_answers_come_from_the_new_fields(r
     assert gen["count/letter_count_accuracy_best_trivial"].notna().all()
     assert gen["count/word_length_accuracy_no_answer_rate"].between(0, 1).all()
     info = json.loads((rep["out"] / "analysis.json").read_text())
-    assert info["base"]["position/letter_index_accuracy"]["best_trivial"]["name"] in ("always_1", "majority", "best_constant")
+    assert info["base"]["position/letter_index_accuracy"]["best_trivial"]["name"] in (
+        "always_1",
+        "majority",
+        "best_constant",
+    )
 
 
 def test_word_clusters_make_the_task_interval_no_narrower_than_items_alone(rep):
@@ -134,7 +163,9 @@ def test_word_clusters_make_the_task_interval_no_narrower_than_items_alone(rep):
     from spellxfer.evaluation.compare import read_predictions
     from spellxfer.evaluation.stats import accuracy_summary
 
-    rows = [r for r in read_predictions(rep["study"] / "trial-0005" / "eval" / "greedy") if r["task"] == "count"]
+    rows = [
+        r for r in read_predictions(rep["study"] / "trial-0005" / "eval" / "greedy") if r["task"] == "count"
+    ]
     words = [r["word"] for r in rows]
     clustered = accuracy_summary([[r["correct"]] for r in rows], n_boot=500, clusters=words)
     run = _csv(rep, "runs").query("scoring == 'generation' and trial == 5").iloc[0]
@@ -146,7 +177,7 @@ def test_word_clusters_make_the_task_interval_no_narrower_than_items_alone(rep):
 def test_the_report_shows_baselines_flags_configurations_and_never_calls_a_loss_a_gain(rep):
     reports = rep["root"] / "reports"
     assert main(["report", "--analysis", str(rep["out"]), "--out", str(reports), "--figures_out",
-                 str(rep["root"] / "figures")]) == 0  # fmt: skip
+                 str(rep["root"] / "figures")]) == 0
     page = (reports / "transfer_report_rep.html").read_text(encoding="utf-8")
     text = " ".join(__import__("re").sub(r"<[^>]+>", " ", page).split())
     assert "best trivial baseline" in text.lower()
@@ -169,13 +200,20 @@ def test_token_counts_use_the_evaluated_models_tokenizer(demo_data):
     from spellxfer.analysis.tokens import recount
 
     rows = read_jsonl(demo_data / "position_test.jsonl") + read_jsonl(demo_data / "count_test.jsonl")
-    rows = [dict(r, file=str(demo_data / ("position_test.jsonl" if r["task"] == "position" else "count_test.jsonl")))
-            for r in rows]  # fmt: skip
+    rows = [
+        dict(
+            r,
+            file=str(demo_data / ("position_test.jsonl" if r["task"] == "position" else "count_test.jsonl")),
+        )
+        for r in rows
+    ]
     qwen, info = recount("tiny-qwen3", rows)
     assert info["agreement_with_file"] == 1.0 and len(qwen) == len(rows)
     assert all(qwen[(r["file"].rsplit("/", 1)[1], r["id"])] == r["n_tokens"] for r in rows)
     smol, info = recount("smollm2-135m", rows)
-    assert info["source"] == "recounted with the smollm2-135m tokenizer" and 0 < info["agreement_with_file"] < 1
+    assert (
+        info["source"] == "recounted with the smollm2-135m tokenizer" and 0 < info["agreement_with_file"] < 1
+    )
     assert any(smol[k] != qwen[k] for k in qwen)
     none, info = recount(None, rows)
     assert none == {} and "Qwen3" in info["source"]
@@ -188,7 +226,20 @@ def test_an_analysis_written_before_configurations_and_scorings_still_reports(tm
 
     src = REPO / "results" / "smollm2-h100" / "analysis" / "greedy"
     assert not (src / "config_effects.csv").exists()
-    assert main(["report", "--analysis", str(src), "--out", str(tmp_path / "r"), "--figures_out", str(tmp_path / "f")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--analysis",
+                str(src),
+                "--out",
+                str(tmp_path / "r"),
+                "--figures_out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
     text = (tmp_path / "r" / "transfer_report_smollm2-h100.html").read_text(encoding="utf-8")
     assert "32 complete run(s) analysed (greedy decoding)." in text and "its own Holm family" not in text
 
@@ -199,15 +250,32 @@ def test_tables_have_readable_headers_and_fixed_decimals():
     assert readable("position/nth_letter_accuracy_delta") == "nth letter Δ"
     assert readable("count_accuracy_p_adj") == "count p (Holm)"
     assert readable("position/letter_index_accuracy_constant_answer") == "letter index constant answer"
-    assert readable("params.learning_rate") == "learning rate" and readable("steps_trained") == "steps trained"
-    df = pd.DataFrame({"run": ["trial-0001"], "position_accuracy": [0.123456], "position_accuracy_ci_low": [0.1],
-                       "position_accuracy_ci_high": [0.15], "position_accuracy_delta": [-0.0412],
-                       "position_accuracy_p_adj": [0.000123], "steps_trained": [25.0], "params.learning_rate": [0.0005],
-                       "position/letter_index_accuracy_constant_answer": [True]})  # fmt: skip
+    assert (
+        readable("params.learning_rate") == "learning rate" and readable("steps_trained") == "steps trained"
+    )
+    df = pd.DataFrame(
+        {
+            "run": ["trial-0001"],
+            "position_accuracy": [0.123456],
+            "position_accuracy_ci_low": [0.1],
+            "position_accuracy_ci_high": [0.15],
+            "position_accuracy_delta": [-0.0412],
+            "position_accuracy_p_adj": [0.000123],
+            "steps_trained": [25.0],
+            "params.learning_rate": [0.0005],
+            "position/letter_index_accuracy_constant_answer": [True],
+        }
+    )
     row = _joined(df).iloc[0].to_dict()
-    assert row == {"run": "trial-0001", "position_accuracy": "0.123 [0.100, 0.150]", "position_accuracy_delta": "-0.041",
-                   "position_accuracy_p_adj": "0.00012", "steps_trained": "25", "params.learning_rate": "0.0005",
-                   "position/letter_index_accuracy_constant_answer": "yes"}  # fmt: skip
+    assert row == {
+        "run": "trial-0001",
+        "position_accuracy": "0.123 [0.100, 0.150]",
+        "position_accuracy_delta": "-0.041",
+        "position_accuracy_p_adj": "0.00012",
+        "steps_trained": "25",
+        "params.learning_rate": "0.0005",
+        "position/letter_index_accuracy_constant_answer": "yes",
+    }
 
 
 def test_a_dominant_bucket_does_not_squash_the_breakdown_figure():
@@ -229,6 +297,9 @@ def test_a_dominant_bucket_does_not_squash_the_breakdown_figure():
 def test_scoring_both_without_probe_verdicts_is_one_error_line(synthetic_sweep, tmp_path, capsys):
     out = tmp_path / "a"
     assert main(["analyze", "--runs", str(synthetic_sweep["study_dir"] / "trial-0001"), "--scoring", "both",
-                 "--out", str(out)]) == 2  # fmt: skip
+                 "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --scoring both: some prediction rows have no likelihood_correct") and not out.exists()
+    assert (
+        err.startswith("error: --scoring both: some prediction rows have no likelihood_correct")
+        and not out.exists()
+    )

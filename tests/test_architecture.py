@@ -32,7 +32,11 @@ def test_every_module_the_command_map_names_exists():
 
 def test_the_command_map_lists_every_command():
     table = DOC.split("## Where each command lives", 1)[1].split("## Layers", 1)[0]
-    listed = {cell for row in re.findall(r"^\| (.+?) \|", table, re.MULTILINE) for cell in re.findall(r"`([^`]+)`", row)}
+    listed = {
+        cell
+        for row in re.findall(r"^\| (.+?) \|", table, re.MULTILINE)
+        for cell in re.findall(r"`([^`]+)`", row)
+    }
     commands = []
     for name, value in _commands().items():
         subs = [k for k in value if not k.startswith("_")] if isinstance(value, dict) else [None]

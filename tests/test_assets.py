@@ -66,7 +66,7 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "spellxfer", *args],
         capture_output=True, text=True, env={**os.environ, "COLUMNS": "300", **env}, timeout=300,
-    )  # fmt: skip
+    )
 
 
 def status_row(stdout: str, name: str) -> list[str]:
@@ -116,7 +116,7 @@ def test_fetch_downloads_the_wheel_and_caches_the_verified_file(cache, monkeypat
     assert leftovers(cache) == ["assets/qwen.tiktoken"]  # no wheel, no temporary directory
     rows = {r["name"]: r for r in asset_status()}
     assert rows[QWEN.name] | {"path": ""} == {"name": QWEN.name, "requirement": "dashscope==2.0.2",
-                                              "path": "", "cached": True, "verified": True}  # fmt: skip
+                                              "path": "", "cached": True, "verified": True}
     assert rows[GGUF.name]["cached"] is False and rows[GGUF.name]["verified"] is False
 
     # Once cached, the file is served from disk: any download attempt would fail the test.
@@ -168,7 +168,7 @@ def test_offline_and_uncached_is_one_error_line_and_leaves_nothing(cache):
     env = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL")}
     env |= {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull, "SPELLXFER_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-m", "spellxfer", "assets", "fetch"],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -46,7 +46,7 @@ class Payload:
 
 def spellxfer(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spellxfer", *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})  # fmt: skip
+                          timeout=600, env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def run10(tmp_path_factory, demo_data) -> Path:
     """A real run: 10 steps of configs/tiny.yaml (last.ckpt, best-step10.ckpt, best_adapter/)."""
     root = tmp_path_factory.mktemp("fit") / "run"
     p = spellxfer(["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--data.data_dir",
-                   str(demo_data), "--trainer.max_steps", "10"], REPO)  # fmt: skip
+                   str(demo_data), "--trainer.max_steps", "10"], REPO)
     assert p.returncode == 0, p.stderr
     return root
 
@@ -88,8 +88,16 @@ def bad(run10, demo_data, tmp_path_factory) -> Bad:
     f["partial"] = d / "partial.ckpt"  # 1 of the 28 LoRA tensors
     torch.save({**ckpt, "state_dict": dict(list(ckpt["state_dict"].items())[:1])}, f["partial"])
     f["other_rank"] = d / "other_rank.ckpt"  # rank-8 tensors under rank-4 hyper-parameters
-    torch.save({**ckpt, "state_dict": {k: torch.zeros(8, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 8)
-                                       for k, v in ckpt["state_dict"].items()}}, f["other_rank"])  # fmt: skip
+    torch.save(
+        {
+            **ckpt,
+            "state_dict": {
+                k: torch.zeros(8, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 8)
+                for k, v in ckpt["state_dict"].items()
+            },
+        },
+        f["other_rank"],
+    )
     f["no_hparams"] = d / "no_hparams.ckpt"
     torch.save({k: v for k, v in ckpt.items() if k != "hyper_parameters"}, f["no_hparams"])
 
@@ -137,16 +145,21 @@ def bad(run10, demo_data, tmp_path_factory) -> Bad:
     # model ties), read from its resume point the way the resumed fit will
     state = torch.load(run10 / "last.ckpt", map_location="cpu", weights_only=True)
     best = next(Path(v["best_model_path"]) for k, v in state["callbacks"].items()
-                if "ModelCheckpoint" in k and v.get("best_model_path"))  # fmt: skip
+                if "ModelCheckpoint" in k and v.get("best_model_path"))
     shutil.copy(f["pickle"], best)
     f["run10_best"] = str(best)
     f["run10"] = run10
 
-    for name, text in {"yaml_unknown_key": "model:\n  lora_rank: 8\n", "yaml_wrong_type": "model:\n  lora_r: eight\n",
-                       "yaml_syntax": "model: [4\n", "yaml_list": "- 1\n", "yaml_max_steps": "trainer:\n  max_steps: -5\n",
-                       "yaml_experiment": "experiment: ../../outside\n",
-                       "yaml_deep": "model:\n  lora_r: " + "[" * 5000 + "]" * 5000 + "\n",
-                       "yaml_long_int": "model:\n  lora_r: " + "9" * 5000 + "\n"}.items():  # fmt: skip
+    for name, text in {
+        "yaml_unknown_key": "model:\n  lora_rank: 8\n",
+        "yaml_wrong_type": "model:\n  lora_r: eight\n",
+        "yaml_syntax": "model: [4\n",
+        "yaml_list": "- 1\n",
+        "yaml_max_steps": "trainer:\n  max_steps: -5\n",
+        "yaml_experiment": "experiment: ../../outside\n",
+        "yaml_deep": "model:\n  lora_r: " + "[" * 5000 + "]" * 5000 + "\n",
+        "yaml_long_int": "model:\n  lora_r: " + "9" * 5000 + "\n",
+    }.items():
         f[name] = d / f"{name}.yaml"
         f[name].write_text(text)
     f["data"] = demo_data
@@ -161,7 +174,7 @@ def fit(*args: str, command: str = "fit", root: bool = True) -> list[str]:
 
 def evaluate(adapter: str) -> list[str]:
     return ["evaluate", "--model", "tiny-qwen3", "--adapter", f"{{{adapter}}}", "--questions",
-            "{data}/position_val.jsonl", "--limit", "2", "--out", "{case}/out"]  # fmt: skip
+            "{data}/position_val.jsonl", "--limit", "2", "--out", "{case}/out"]
 
 
 CKPT_PROBLEMS = {
@@ -179,59 +192,153 @@ CKPT_PROBLEMS = {
 CASES: dict[str, tuple[list[str], list[str]]] = {}
 for name, problem in CKPT_PROBLEMS.items():
     CASES[f"fit-ckpt-{name}"] = (fit("--ckpt_path", f"{{{name}}}"), [f"{{{name}}}", problem])
-    CASES[f"validate-ckpt-{name}"] = (fit("--ckpt_path", f"{{{name}}}", command="validate"), [f"{{{name}}}", problem])
-    CASES[f"export-ckpt-{name}"] = (["export", "--ckpt", f"{{{name}}}", "--out", "{case}/out"], [f"{{{name}}}", problem])
-CASES.update({
-    "fit-ckpt-pickle-weights-only-false": (fit("--ckpt_path", "{pickle}", "--weights_only", "false"), ["{pickle}", "pickled"]),
-    "resume-last-ckpt-is-a-pickle": (fit("--ckpt_path", "last", "--trainer.default_root_dir", "{run_last_pickle}", root=False),
-                                     ["{run_last_pickle}/last.ckpt", "pickled"]),
-    "resume-best-ckpt-is-a-pickle": (fit("--ckpt_path", "last", "--trainer.default_root_dir", "{run10}", root=False),
-                                     ["{run10_best}", "pickled"]),
-    "resume-with-another-lora-rank": (fit("--ckpt_path", "last", "--trainer.default_root_dir", "{run_copy}",
-                                          "--model.lora_r", "8", root=False), ["model.lora_r", "--model.lora_r", "{run_copy}/last.ckpt"]),
-    "adapter-no-config": (evaluate("adapter_no_config"), ["{adapter_no_config}", "no adapter_config.json"]),
-    "adapter-bad-json": (evaluate("adapter_bad_json"), ["{adapter_bad_json}/adapter_config.json", "invalid JSON"]),
-    "adapter-config-not-an-object": (evaluate("adapter_config_list"), ["{adapter_config_list}/adapter_config.json", "expected a PEFT LoRA config"]),
-    "adapter-no-weights": (evaluate("adapter_no_weights"), ["{adapter_no_weights}", "no adapter_model.safetensors"]),
-    "adapter-corrupt-weights": (evaluate("adapter_bad_weights"), ["{adapter_bad_weights}", "SafetensorError"]),
-    "adapter-truncated-weights": (evaluate("adapter_truncated"), ["{adapter_truncated}", "SafetensorError"]),
-    "adapter-other-rank": (evaluate("adapter_other_rank"), ["{adapter_other_rank}", "size mismatch"]),
-    "adapter-pickle-bin-only": (evaluate("adapter_bin_pickle"), ["{adapter_bin_pickle}", "adapter_model.bin (a pickle, not read)"]),
-    "adapter-one-of-28-tensors": (evaluate("adapter_one_tensor"), ["{adapter_one_tensor}", "holds 1 of the 28"]),
-    "adapter-is-a-file": (evaluate("adapter_file"), ["{adapter_file}", "adapter_config.json"]),
-    "accelerator-gpu-without-one": (fit("--trainer.accelerator", "gpu"), ["trainer.accelerator", "no CUDA GPU", "--trainer.accelerator"]),
-    "max-steps-negative": (fit("--trainer.max_steps=-5"), ["trainer.max_steps", "-5"]),
-    "max-steps-zero": (fit("--trainer.max_steps", "0"), ["trainer.max_steps"]),
-    "max-epochs-negative": (fit("--trainer.max_epochs=-5"), ["trainer.max_epochs"]),
-    "val-check-interval-zero": (fit("--trainer.val_check_interval", "0"), ["trainer.val_check_interval"]),
-    "check-val-every-n-epoch-zero": (fit("--trainer.check_val_every_n_epoch", "0"), ["trainer.check_val_every_n_epoch"]),
-    "accumulate-grad-batches-zero": (fit("--trainer.accumulate_grad_batches", "0"), ["trainer.accumulate_grad_batches"]),
-    "log-every-n-steps-zero": (fit("--trainer.log_every_n_steps", "0"), ["trainer.log_every_n_steps"]),
-    "devices-negative": (fit("--trainer.devices=-5"), ["devices"]),
-    "save-top-k-below-minus-one": (fit("--checkpoint.save_top_k=-5"), ["save_top_k"]),
-    "checkpoint-every-negative": (fit("--checkpoint.every_n_train_steps=-1"), ["checkpoint.every_n_train_steps"]),
-    "limit-train-batches-negative": (fit("--trainer.limit_train_batches=-1"), ["trainer.limit_train_batches"]),
-    "gradient-clip-negative": (fit("--trainer.gradient_clip_val=-1"), ["trainer.gradient_clip_val"]),
-    "sanity-val-steps-below-minus-one": (fit("--trainer.num_sanity_val_steps=-5"), ["trainer.num_sanity_val_steps"]),
-    "early-stopping-patience-negative": (fit("--early_stopping.patience=-1"), ["early_stopping.patience"]),
-    "lora-rank-40-digits": (fit("--model.lora_r", "9" * 40), ["model.lora_r", "--model.lora_r"]),
-    "val-max-new-tokens-zero": (fit("--model.val_max_new_tokens", "0"), ["model.val_max_new_tokens"]),
-    "checkpoint-monitor-not-a-metric": (fit("--checkpoint.monitor", "val/nope"), ["checkpoint.monitor", "val/nope"]),
-    "early-stopping-monitor-not-a-metric": (fit("--early_stopping.monitor", "loss_typo"), ["early_stopping.monitor"]),
-    "experiment-parent-traversal": (fit("--experiment", "../../outside", root=False), ["experiment", "../../outside"]),
-    "experiment-with-a-slash": (fit("--experiment", "a/b", root=False), ["experiment", "a/b"]),
-    "experiment-dot-dot": (fit("--experiment", "..", root=False), ["experiment", "'..'"]),
-    "experiment-empty": (fit("--experiment", "", root=False), ["experiment", "''"]),
-    "experiment-absolute": (fit("--experiment", "/tmp/x", root=False), ["experiment", "/tmp/x"]),
-    "yaml-unknown-key": (fit("--config", "{yaml_unknown_key}"), ["model.lora_rank", "{yaml_unknown_key}"]),
-    "yaml-wrong-type": (fit("--config", "{yaml_wrong_type}"), ["model.lora_r", "eight", "{yaml_wrong_type}"]),
-    "yaml-syntax-error": (fit("--config", "{yaml_syntax}"), ["{yaml_syntax}:", "invalid YAML"]),
-    "yaml-not-a-mapping": (fit("--config", "{yaml_list}"), ["{yaml_list}", "mapping"]),
-    "yaml-max-steps-negative": (fit("--config", "{yaml_max_steps}"), ["trainer.max_steps", "{yaml_max_steps}"]),
-    "yaml-nested-5000-deep": (fit("--config", "{yaml_deep}"), ["{yaml_deep}", "nested too deeply"]),
-    "yaml-5000-digit-integer": (fit("--config", "{yaml_long_int}"), ["{yaml_long_int}", "integer of more than"]),
-    "yaml-experiment-traversal": (fit("--config", "{yaml_experiment}", root=False), ["experiment", "{yaml_experiment}"]),
-})  # fmt: skip
+    CASES[f"validate-ckpt-{name}"] = (
+        fit("--ckpt_path", f"{{{name}}}", command="validate"),
+        [f"{{{name}}}", problem],
+    )
+    CASES[f"export-ckpt-{name}"] = (
+        ["export", "--ckpt", f"{{{name}}}", "--out", "{case}/out"],
+        [f"{{{name}}}", problem],
+    )
+CASES.update(
+    {
+        "fit-ckpt-pickle-weights-only-false": (
+            fit("--ckpt_path", "{pickle}", "--weights_only", "false"),
+            ["{pickle}", "pickled"],
+        ),
+        "resume-last-ckpt-is-a-pickle": (
+            fit("--ckpt_path", "last", "--trainer.default_root_dir", "{run_last_pickle}", root=False),
+            ["{run_last_pickle}/last.ckpt", "pickled"],
+        ),
+        "resume-best-ckpt-is-a-pickle": (
+            fit("--ckpt_path", "last", "--trainer.default_root_dir", "{run10}", root=False),
+            ["{run10_best}", "pickled"],
+        ),
+        "resume-with-another-lora-rank": (
+            fit(
+                "--ckpt_path",
+                "last",
+                "--trainer.default_root_dir",
+                "{run_copy}",
+                "--model.lora_r",
+                "8",
+                root=False,
+            ),
+            ["model.lora_r", "--model.lora_r", "{run_copy}/last.ckpt"],
+        ),
+        "adapter-no-config": (
+            evaluate("adapter_no_config"),
+            ["{adapter_no_config}", "no adapter_config.json"],
+        ),
+        "adapter-bad-json": (
+            evaluate("adapter_bad_json"),
+            ["{adapter_bad_json}/adapter_config.json", "invalid JSON"],
+        ),
+        "adapter-config-not-an-object": (
+            evaluate("adapter_config_list"),
+            ["{adapter_config_list}/adapter_config.json", "expected a PEFT LoRA config"],
+        ),
+        "adapter-no-weights": (
+            evaluate("adapter_no_weights"),
+            ["{adapter_no_weights}", "no adapter_model.safetensors"],
+        ),
+        "adapter-corrupt-weights": (
+            evaluate("adapter_bad_weights"),
+            ["{adapter_bad_weights}", "SafetensorError"],
+        ),
+        "adapter-truncated-weights": (
+            evaluate("adapter_truncated"),
+            ["{adapter_truncated}", "SafetensorError"],
+        ),
+        "adapter-other-rank": (evaluate("adapter_other_rank"), ["{adapter_other_rank}", "size mismatch"]),
+        "adapter-pickle-bin-only": (
+            evaluate("adapter_bin_pickle"),
+            ["{adapter_bin_pickle}", "adapter_model.bin (a pickle, not read)"],
+        ),
+        "adapter-one-of-28-tensors": (
+            evaluate("adapter_one_tensor"),
+            ["{adapter_one_tensor}", "holds 1 of the 28"],
+        ),
+        "adapter-is-a-file": (evaluate("adapter_file"), ["{adapter_file}", "adapter_config.json"]),
+        "accelerator-gpu-without-one": (
+            fit("--trainer.accelerator", "gpu"),
+            ["trainer.accelerator", "no CUDA GPU", "--trainer.accelerator"],
+        ),
+        "max-steps-negative": (fit("--trainer.max_steps=-5"), ["trainer.max_steps", "-5"]),
+        "max-steps-zero": (fit("--trainer.max_steps", "0"), ["trainer.max_steps"]),
+        "max-epochs-negative": (fit("--trainer.max_epochs=-5"), ["trainer.max_epochs"]),
+        "val-check-interval-zero": (fit("--trainer.val_check_interval", "0"), ["trainer.val_check_interval"]),
+        "check-val-every-n-epoch-zero": (
+            fit("--trainer.check_val_every_n_epoch", "0"),
+            ["trainer.check_val_every_n_epoch"],
+        ),
+        "accumulate-grad-batches-zero": (
+            fit("--trainer.accumulate_grad_batches", "0"),
+            ["trainer.accumulate_grad_batches"],
+        ),
+        "log-every-n-steps-zero": (fit("--trainer.log_every_n_steps", "0"), ["trainer.log_every_n_steps"]),
+        "devices-negative": (fit("--trainer.devices=-5"), ["devices"]),
+        "save-top-k-below-minus-one": (fit("--checkpoint.save_top_k=-5"), ["save_top_k"]),
+        "checkpoint-every-negative": (
+            fit("--checkpoint.every_n_train_steps=-1"),
+            ["checkpoint.every_n_train_steps"],
+        ),
+        "limit-train-batches-negative": (
+            fit("--trainer.limit_train_batches=-1"),
+            ["trainer.limit_train_batches"],
+        ),
+        "gradient-clip-negative": (fit("--trainer.gradient_clip_val=-1"), ["trainer.gradient_clip_val"]),
+        "sanity-val-steps-below-minus-one": (
+            fit("--trainer.num_sanity_val_steps=-5"),
+            ["trainer.num_sanity_val_steps"],
+        ),
+        "early-stopping-patience-negative": (
+            fit("--early_stopping.patience=-1"),
+            ["early_stopping.patience"],
+        ),
+        "lora-rank-40-digits": (fit("--model.lora_r", "9" * 40), ["model.lora_r", "--model.lora_r"]),
+        "val-max-new-tokens-zero": (fit("--model.val_max_new_tokens", "0"), ["model.val_max_new_tokens"]),
+        "checkpoint-monitor-not-a-metric": (
+            fit("--checkpoint.monitor", "val/nope"),
+            ["checkpoint.monitor", "val/nope"],
+        ),
+        "early-stopping-monitor-not-a-metric": (
+            fit("--early_stopping.monitor", "loss_typo"),
+            ["early_stopping.monitor"],
+        ),
+        "experiment-parent-traversal": (
+            fit("--experiment", "../../outside", root=False),
+            ["experiment", "../../outside"],
+        ),
+        "experiment-with-a-slash": (fit("--experiment", "a/b", root=False), ["experiment", "a/b"]),
+        "experiment-dot-dot": (fit("--experiment", "..", root=False), ["experiment", "'..'"]),
+        "experiment-empty": (fit("--experiment", "", root=False), ["experiment", "''"]),
+        "experiment-absolute": (fit("--experiment", "/tmp/x", root=False), ["experiment", "/tmp/x"]),
+        "yaml-unknown-key": (
+            fit("--config", "{yaml_unknown_key}"),
+            ["model.lora_rank", "{yaml_unknown_key}"],
+        ),
+        "yaml-wrong-type": (
+            fit("--config", "{yaml_wrong_type}"),
+            ["model.lora_r", "eight", "{yaml_wrong_type}"],
+        ),
+        "yaml-syntax-error": (fit("--config", "{yaml_syntax}"), ["{yaml_syntax}:", "invalid YAML"]),
+        "yaml-not-a-mapping": (fit("--config", "{yaml_list}"), ["{yaml_list}", "mapping"]),
+        "yaml-max-steps-negative": (
+            fit("--config", "{yaml_max_steps}"),
+            ["trainer.max_steps", "{yaml_max_steps}"],
+        ),
+        "yaml-nested-5000-deep": (fit("--config", "{yaml_deep}"), ["{yaml_deep}", "nested too deeply"]),
+        "yaml-5000-digit-integer": (
+            fit("--config", "{yaml_long_int}"),
+            ["{yaml_long_int}", "integer of more than"],
+        ),
+        "yaml-experiment-traversal": (
+            fit("--config", "{yaml_experiment}", root=False),
+            ["experiment", "{yaml_experiment}"],
+        ),
+    }
+)
 
 
 def snapshot(path: Path) -> set[Path]:
@@ -239,14 +346,20 @@ def snapshot(path: Path) -> set[Path]:
 
 
 @pytest.fixture(scope="module")
-def outcomes(bad, tmp_path_factory, request) -> dict[str, tuple[subprocess.CompletedProcess, set[Path], Path]]:
+def outcomes(
+    bad, tmp_path_factory, request
+) -> dict[str, tuple[subprocess.CompletedProcess, set[Path], Path]]:
     """Every selected case run once (three at a time: each is mostly interpreter start-up), in its
     own working directory three levels deep, so that anything written even two levels above it
     shows. Returns (process, paths created anywhere under the case's directory or beside the
     inputs, case dir)."""
     # only the cases this session runs (pytest -k …): each one costs a process
-    selected = [item.callspec.params["case"] for item in request.session.items
-                if item.module.__name__ == __name__ and "case" in getattr(getattr(item, "callspec", None), "params", {})]  # fmt: skip
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if item.module.__name__ == __name__
+        and "case" in getattr(getattr(item, "callspec", None), "params", {})
+    ]
     base = tmp_path_factory.mktemp("cases")
     inputs = Path(bad.files["pickle"]).parent
 

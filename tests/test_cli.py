@@ -15,7 +15,9 @@ from spellxfer.cli import fold_multi_value_flags, main
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO
+    )
 
 
 def test_help_lists_every_command_with_a_description():
@@ -58,10 +60,10 @@ def test_makefile_targets_named_in_readme_exist():
 
 def test_multi_value_flags_fold_into_one_list():
     assert fold_multi_value_flags(["evaluate", "--questions", "a.jsonl", "b.csv", "--limit", "3"]) == [
-        "evaluate", '--questions=["a.jsonl", "b.csv"]', "--limit", "3"]  # fmt: skip
+        "evaluate", '--questions=["a.jsonl", "b.csv"]', "--limit", "3"]
     assert fold_multi_value_flags(["--questions", "[a, b]"]) == ["--questions", "[a, b]"]
     assert fold_multi_value_flags(["--question-field=a-b", "--batch-size", "4"]) == [
-        "--question_field=a-b", "--batch_size", "4"]  # fmt: skip
+        "--question_field=a-b", "--batch_size", "4"]
 
 
 def test_unknown_command_and_bad_flag_are_one_line_exit_2(capsys):
@@ -95,8 +97,18 @@ def test_commands_whose_extras_are_missing_are_listed_not_fatal(monkeypatch, cap
     assert {"evaluate", "sweep", "analyze", "bench"} <= set(commands) and "train" in commands["bench"]
 
 
-HEAVY = ("torch", "transformers", "peft", "lightning", "torchmetrics", "pandas", "scipy", "litserve", "optuna",
-         "datasets")  # fmt: skip
+HEAVY = (
+    "torch",
+    "transformers",
+    "peft",
+    "lightning",
+    "torchmetrics",
+    "pandas",
+    "scipy",
+    "litserve",
+    "optuna",
+    "datasets",
+)
 
 
 def _heavy_modules_after(argv: list[str]) -> list[str]:
@@ -113,7 +125,9 @@ def _heavy_modules_after(argv: list[str]) -> list[str]:
     return json.loads(out.strip().splitlines()[-1].removeprefix("LOADED "))
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["data", "check", "--help"], ["sweep", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["bench", "--help"], ["data", "check", "--help"], ["sweep", "--help"]]
+)
 def test_help_imports_none_of_the_heavy_stack(argv):
     """Start-up: only the command being run is imported, so --help and light commands never load
     torch, transformers, lightning, pandas … (what made every command take 7–15 s)."""
@@ -136,7 +150,10 @@ def test_the_command_being_run_is_the_real_function_and_the_others_placeholders(
     commands = cli._commands(("bench", "sweep"))
     assert commands["bench"]["sweep"] is bench_sweep
     assert commands["evaluate"].__doc__.startswith("Score a model on position / count questions")
-    assert cli._selected(["--config", "x.yaml", "bench", "sweep", "--model", "evaluate"]) == ("bench", "sweep")
+    assert cli._selected(["--config", "x.yaml", "bench", "sweep", "--model", "evaluate"]) == (
+        "bench",
+        "sweep",
+    )
 
 
 def test_studio_without_its_extra_is_listed_with_the_extra_to_install(monkeypatch, capsys):
@@ -144,4 +161,7 @@ def test_studio_without_its_extra_is_listed_with_the_extra_to_install(monkeypatc
     monkeypatch.setattr(cli, "UNAVAILABLE", {})
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "not available here: studio: needs lightning_sdk (pip install 'spellxfer[studio]')" in capsys.readouterr().out
+    assert (
+        "not available here: studio: needs lightning_sdk (pip install 'spellxfer[studio]')"
+        in capsys.readouterr().out
+    )

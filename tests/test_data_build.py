@@ -93,8 +93,9 @@ def test_val_test_and_few_shot_pool_words_are_disjoint(fixture, request):
     train = {r["word"] for r in read_jsonl(d / "spelling_train.jsonl")}
     assert not train & ev["pool"] and not {w[::-1] for w in train} & ev["pool"]
     pool = read_jsonl(d / POOL)  # one solved question per subtask and pool word
-    assert Counter(r["subtask"] for r in pool) == {s: len(ev["pool"]) for s in
-                                                   ("nth_letter", "letter_index", "word_length", "letter_count")}  # fmt: skip
+    assert Counter(r["subtask"] for r in pool) == {
+        s: len(ev["pool"]) for s in ("nth_letter", "letter_index", "word_length", "letter_count")
+    }
     p = _cli("data", "check", "--data", str(d))
     assert p.returncode == 0 and "clean" in p.stdout, p.stdout + p.stderr
 
@@ -111,8 +112,11 @@ def test_data_check_flags_a_pool_word_that_is_a_test_word(tmp_path, demo_data):
     p = _cli("data", "check", "--data", str(d))
     assert p.returncode == 1, p.stdout + p.stderr
     out = p.stdout.replace("\n", "")
-    assert re.search(rf"test word '{test_row['word']}' \((position|count)_test.jsonl:[0-9]+\) is also a few-shot "
-                     r"pool word \(fewshot_pool.jsonl:1\)", out), out  # fmt: skip
+    assert re.search(
+        rf"test word '{test_row['word']}' \((position|count)_test.jsonl:[0-9]+\) is also a few-shot "
+        r"pool word \(fewshot_pool.jsonl:1\)",
+        out,
+    ), out
 
 
 def _best_count_balance(rows: list[dict]) -> float:
@@ -127,7 +131,9 @@ def test_no_constant_answer_dominates_a_subtask(fixture, request):
     d = request.getfixturevalue(fixture)
     for f in (*EVAL_FILES, POOL):
         rows = read_jsonl(d / f)
-        groups = {"(file)": rows} | {s: [r for r in rows if r["subtask"] == s] for s in {r["subtask"] for r in rows}}
+        groups = {"(file)": rows} | {
+            s: [r for r in rows if r["subtask"] == s] for s in {r["subtask"] for r in rows}
+        }
         for name, g in groups.items():
             top, n = Counter(r["answer"] for r in g).most_common(1)[0]
             limit = 0.20 if name == "letter_index" else 0.40
@@ -163,7 +169,12 @@ def test_evaluation_words_span_lengths_tokens_and_kinds(fixture, request, qwen_t
 def test_full_profile_sizes_and_build_time(full_data):
     train = read_jsonl(full_data / "spelling_train.jsonl")
     assert len(train) >= 50_000 and len({r["word"] for r in train}) >= 10_000
-    assert set(Counter(r["subtask"] for r in train)) == {"spell", "spell_reversed", "spell_numbered", "inverse"}
+    assert set(Counter(r["subtask"] for r in train)) == {
+        "spell",
+        "spell_reversed",
+        "spell_numbered",
+        "inverse",
+    }
     for task in ("position", "count"):
         assert len(read_jsonl(full_data / f"{task}_val.jsonl")) >= 1_000
         assert len(read_jsonl(full_data / f"{task}_test.jsonl")) >= 5_000
@@ -181,7 +192,9 @@ def test_other_seed_gives_other_data(tmp_path, demo_data):
     from spellxfer.data.build import build
 
     build(str(tmp_path / "s1"), profile="demo", seed=1)
-    assert (tmp_path / "s1" / "count_test.jsonl").read_bytes() != (demo_data / "count_test.jsonl").read_bytes()
+    assert (tmp_path / "s1" / "count_test.jsonl").read_bytes() != (
+        demo_data / "count_test.jsonl"
+    ).read_bytes()
 
 
 def test_manifest_matches_files(demo_data):
@@ -208,7 +221,7 @@ def test_english_token_subset_artifact(demo_data, qwen_tok):
 
 
 SPLITS = ("spelling_train", *(f.removesuffix(".jsonl") for f in EVAL_FILES), "control_train",
-          POOL.removesuffix(".jsonl"))  # fmt: skip
+          POOL.removesuffix(".jsonl"))
 
 
 def test_every_row_of_every_file_is_in_the_one_schema(demo_data):
@@ -221,7 +234,9 @@ def test_every_row_of_every_file_is_in_the_one_schema(demo_data):
             # evaluation rows carry every column but `separator`; training and control rows leave
             # the evaluation-only ones out
             training = {*list(COLUMNS)[:6], "separator"}
-            assert set(r) == (training if r["task"] in ("spelling", "control") else set(COLUMNS) - {"separator"}), (split, r)
+            assert set(r) == (
+                training if r["task"] in ("spelling", "control") else set(COLUMNS) - {"separator"}
+            ), (split, r)
 
 
 def test_every_split_loads_in_one_call_with_the_fixed_features(demo_data, tmp_path):
@@ -237,7 +252,9 @@ def test_every_split_loads_in_one_call_with_the_fixed_features(demo_data, tmp_pa
         assert list(ds) == list(SPLITS)
         for split in SPLITS:
             assert ds[split].features == FEATURES
-            assert ds[split].to_list() == [{c: r.get(c) for c in FEATURES} for r in read_jsonl(demo_data / f"{split}.jsonl")]
+            assert ds[split].to_list() == [
+                {c: r.get(c) for c in FEATURES} for r in read_jsonl(demo_data / f"{split}.jsonl")
+            ]
     assert set(by_card["count_test"]["position"]) == {None}  # null in every count row, still int64
     assert {type(p) for p in by_card["position_test"]["position"]} == {int, type(None)}
     # Without Features the JSON loader types columns from the first file, and no file has every
@@ -262,7 +279,8 @@ def test_the_dataset_card_lists_every_split_with_its_rows(demo_data, tmp_path):
     assert {f["split"]: f["path"] for f in config["data_files"]} == {s: f"{s}.jsonl" for s in SPLITS}
     assert {s["name"]: s["num_examples"] for s in card.data.dataset_info["splits"]} == rows
     assert card.data.license == "cc-by-sa-4.0"
-    info = load_dataset_builder(str(demo_data), cache_dir=str(tmp_path)).info  # what datasets reads from the header
+    # what datasets reads from the header
+    info = load_dataset_builder(str(demo_data), cache_dir=str(tmp_path)).info
     assert info.features == FEATURES and {s: i.num_examples for s, i in info.splits.items()} == rows
     text = card.text
     for split, n in rows.items():
@@ -291,18 +309,32 @@ def test_chat_export_rows_are_the_training_rows_as_messages(tmp_path, demo_data,
     chat = read_jsonl(out / "spelling_train_chat.jsonl")
     assert len(chat) == len(train)
     for r, c in zip(train, chat):  # line N is line N
-        assert c == {"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+        assert c == {
+            "messages": [
+                {"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        }
     for r, c in list(zip(train, chat))[:50]:
         # rendered with the model's chat template, the conversation is the text the trainer teaches
         ex = tokenize_example(qwen_tok, r["question"], r["answer"])
         assistant = c["messages"][1]["content"]
-        assert qwen_tok.decode(ex["input_ids"]) == format_chat(qwen_tok, c["messages"][:1]) + assistant + "<|im_end|>"
+        assert (
+            qwen_tok.decode(ex["input_ids"])
+            == format_chat(qwen_tok, c["messages"][:1]) + assistant + "<|im_end|>"
+        )
     ds = load_dataset(str(out), "chat", cache_dir=str(tmp_path / "cache"))["spelling_train"]
     assert ds.features == CHAT_FEATURES and ds.num_rows == len(train)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows"]["spelling_train_chat.jsonl"] == {"total": len(train)}
-    assert hashlib.sha256((out / "spelling_train_chat.jsonl").read_bytes()).hexdigest() == manifest["sha256"]["spelling_train_chat.jsonl"]
-    assert "| `spelling_train` (config `chat`) | `spelling_train_chat.jsonl` |" in (out / "README.md").read_text()
+    assert (
+        hashlib.sha256((out / "spelling_train_chat.jsonl").read_bytes()).hexdigest()
+        == manifest["sha256"]["spelling_train_chat.jsonl"]
+    )
+    assert (
+        "| `spelling_train` (config `chat`) | `spelling_train_chat.jsonl` |"
+        in (out / "README.md").read_text()
+    )
 
 
 def test_the_schema_table_in_docs_is_the_schema():

@@ -200,7 +200,8 @@ def test_fit_setup_gives_token_batches_and_position_then_count_items(demo_module
     assert len(demo_module.train_examples) == 1200 and demo_module.n_dropped == 0
 
     position, count = demo_module.val_dataloader()
-    assert len(position.dataset) == len(count.dataset) == 80  # val_limit null (the default): every row of each file
+    # val_limit null (the default): every row of each file
+    assert len(position.dataset) == len(count.dataset) == 80
     for loader, task in ((position, "position"), (count, "count")):
         items = [item for b in loader for item in b]
         assert all(isinstance(i, Item) and i.task == task for i in items)
@@ -211,7 +212,9 @@ def test_fit_setup_gives_token_batches_and_position_then_count_items(demo_module
 
 
 def test_an_integer_eval_batch_size_caps_the_loader_batches(demo_data):
-    dm = SpellingDataModule(str(demo_data), "tiny-qwen3", build_profile=None, eval_batch_size=24, val_limit=50)
+    dm = SpellingDataModule(
+        str(demo_data), "tiny-qwen3", build_profile=None, eval_batch_size=24, val_limit=50
+    )
     dm.setup("validate")
     for loader in dm.val_dataloader():
         assert [len(b) for b in loader] == [24, 24, 2]
@@ -298,13 +301,21 @@ def test_training_rows_go_through_datasets_and_nothing_is_written_beside_them(de
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"source": "web"}, r"spelling_train\.jsonl:5: unknown field 'source' \(the data schema's fields: id, task"),
+        (
+            {"source": "web"},
+            r"spelling_train\.jsonl:5: unknown field 'source' \(the data schema's fields: id, task",
+        ),
         ({"word": 7}, r"spelling_train\.jsonl:5: 'word' must be text or null, got int 7"),
-        ({"position": True}, r"spelling_train\.jsonl:5: 'position' must be an integer or null, got bool True"),
+        (
+            {"position": True},
+            r"spelling_train\.jsonl:5: 'position' must be an integer or null, got bool True",
+        ),
     ],
     ids=["unknown-field", "number-as-word", "bool-as-position"],
 )
-def test_a_training_row_outside_the_schema_is_refused_with_file_and_line(demo_data, tmp_path, change, message):
+def test_a_training_row_outside_the_schema_is_refused_with_file_and_line(
+    demo_data, tmp_path, change, message
+):
     data = copy_data(demo_data, tmp_path / "off-schema")
     replace_line(data / "spelling_train.jsonl", 5, read_jsonl(data / "spelling_train.jsonl")[4] | change)
     with pytest.raises(SpellxferError, match=message):
@@ -365,7 +376,7 @@ def test_lightning_reshuffles_each_epoch_and_delivers_items_untouched(demo_modul
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=2, limit_train_batches=2, limit_val_batches=2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    )
     trainer.fit(model, datamodule=demo_module)
 
     # Lightning's set_epoch reached the sampler: each epoch began with that epoch's batch.

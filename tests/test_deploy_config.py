@@ -54,8 +54,15 @@ def test_the_shipped_config_writes_no_default_twice():
 
     cfg = load_config()
     assert cfg == LightningConfig()
-    assert (cfg.serving.model, cfg.deployment.machine, cfg.serving.limits.max_tokens) == ("tiny-qwen3", "L4", 256)
-    assert cfg.jobs.commands["sweep"] == "python -m spellxfer sweep --space configs/sweeps/demo.yaml --study demo"
+    assert (cfg.serving.model, cfg.deployment.machine, cfg.serving.limits.max_tokens) == (
+        "tiny-qwen3",
+        "L4",
+        256,
+    )
+    assert (
+        cfg.jobs.commands["sweep"]
+        == "python -m spellxfer sweep --space configs/sweeps/demo.yaml --study demo"
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,10 +96,17 @@ def test_job_specs_fit_the_real_lightning_sdk_signatures():
         spec = build_job_spec(task, cfg, env=env)
         inspect.signature(Job.run).bind(**spec)  # raises TypeError on any unknown or missing argument
         assert spec["teamspace"] == "me/spellxfer" and spec["studio"] == "spellxfer-dev"
-        assert spec["name"].startswith(f"spellxfer-{task}-") and spec["command"].startswith("python -m spellxfer")
-    fit = build_job_spec("fit", cfg, machine="h100", teamspace="team/x", command="python -m spellxfer fit -c a.yaml",
-                         env=env)  # fmt: skip
-    assert (fit["machine"], fit["teamspace"], fit["command"]) == ("H100", "team/x", "python -m spellxfer fit -c a.yaml")
+        assert spec["name"].startswith(f"spellxfer-{task}-") and spec["command"].startswith(
+            "python -m spellxfer"
+        )
+    fit = build_job_spec(
+        "fit", cfg, machine="h100", teamspace="team/x", command="python -m spellxfer fit -c a.yaml", env=env
+    )
+    assert (fit["machine"], fit["teamspace"], fit["command"]) == (
+        "H100",
+        "team/x",
+        "python -m spellxfer fit -c a.yaml",
+    )
 
     dep = build_deployment_spec(cfg, env=env)
     kwargs = deployment_start_kwargs(dep)
@@ -125,7 +139,9 @@ def test_serve_commands_that_would_expose_the_model_or_the_key_are_refused(comma
     with pytest.raises(SpellxferError, match=error):
         serve_command(command, has_key=has_key, where="--command")
     with pytest.raises(SpellxferError, match="^--command: "):
-        build_job_spec("serve", load_config(), command=command, env={"SPELLXFER_API_KEY": "k"} if has_key else {})
+        build_job_spec(
+            "serve", load_config(), command=command, env={"SPELLXFER_API_KEY": "k"} if has_key else {}
+        )
 
 
 def test_serve_commands_that_are_safe_pass_unchanged():
@@ -137,8 +153,14 @@ def test_serve_commands_that_are_safe_pass_unchanged():
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "spellxfer", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "spellxfer", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_dry_run_prints_the_spec_and_submitting_without_credentials_is_one_error_line(tmp_path):
@@ -150,7 +172,11 @@ def test_dry_run_prints_the_spec_and_submitting_without_credentials_is_one_error
     assert spec["api"] == "Job.run" and spec["machine"] == "A100" and spec["teamspace"] == "me/spellxfer"
 
     p = cli("studio", "submit", "--task", "fit", env=clean)
-    assert p.returncode == 2 and p.stderr.startswith("error: no Lightning credentials") and p.stderr.count("\n") == 1
+    assert (
+        p.returncode == 2
+        and p.stderr.startswith("error: no Lightning credentials")
+        and p.stderr.count("\n") == 1
+    )
 
 
 def test_predict_answer_kind_follows_the_evaluation_templates():

@@ -28,8 +28,22 @@ def smollm2():
 @pytest.fixture(scope="module")
 def smollm2_run(demo_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "base"
-    rc = main(["evaluate", "--model", "smollm2-135m", "--questions", str(demo_data / "position_val.jsonl"),
-               str(demo_data / "count_val.jsonl"), "--limit", "30", "--decoding", "greedy", "--out", str(out)])  # fmt: skip
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            "smollm2-135m",
+            "--questions",
+            str(demo_data / "position_val.jsonl"),
+            str(demo_data / "count_val.jsonl"),
+            "--limit",
+            "30",
+            "--decoding",
+            "greedy",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     return out
 
@@ -46,8 +60,12 @@ def test_predictions_rescore_to_the_reported_accuracy(smollm2_run, demo_data):
         assert metrics[f"{task}_accuracy"] == correct / len(rows)  # exact: no float32 noise (0.1000000015)
         assert metrics[f"{task}_accuracy_n"] == len(rows) == 30
         lo, hi = wilson_interval(correct, len(rows))
-        assert (metrics[f"{task}_accuracy_ci_low"], metrics[f"{task}_accuracy_ci_high"]) == pytest.approx((lo, hi))
-    assert metrics["transfer_score"] == pytest.approx((metrics["position_accuracy"] + metrics["count_accuracy"]) / 2)
+        assert (metrics[f"{task}_accuracy_ci_low"], metrics[f"{task}_accuracy_ci_high"]) == pytest.approx(
+            (lo, hi)
+        )
+    assert metrics["transfer_score"] == pytest.approx(
+        (metrics["position_accuracy"] + metrics["count_accuracy"]) / 2
+    )
     assert metrics["ci_method"] == "wilson"
     # raw replies: real text from the real model, end-of-turn marker kept, prompt not included
     assert all(p["output"].endswith("<|im_end|>") for p in preds if len(p["output"]) < 200)
@@ -60,13 +78,15 @@ def test_predictions_rescore_to_the_reported_accuracy(smollm2_run, demo_data):
         assert p["gold_rank"] == 1 or not p["likelihood_correct"]
     for task in ("position", "count"):
         rows = [p for p in preds if p["task"] == task]
-        assert metrics[f"{task}_likelihood_accuracy"] == pytest.approx(sum(p["likelihood_correct"] for p in rows) / len(rows))
+        assert metrics[f"{task}_likelihood_accuracy"] == pytest.approx(
+            sum(p["likelihood_correct"] for p in rows) / len(rows)
+        )
 
 
 def test_metrics_carry_subtasks_breakdowns_baselines_and_run_info(smollm2_run):
     m = json.loads((smollm2_run / "metrics.json").read_text())
     assert set(m["subtasks"]) == {"position/nth_letter", "position/letter_index", "count/word_length",
-                                  "count/letter_count"}  # fmt: skip
+                                  "count/letter_count"}
     for v in m["subtasks"].values():
         assert 0 <= v["ci_low"] <= v["accuracy"] <= v["ci_high"] <= 1 and 0 < v["majority_baseline"] < 1
     assert m["scoring"] == "both"  # the default: generation and the likelihood probe
@@ -74,9 +94,14 @@ def test_metrics_carry_subtasks_breakdowns_baselines_and_run_info(smollm2_run):
         lk, best = v["likelihood"], v["best_trivial"]
         assert 0 <= lk["ci_low"] <= lk["accuracy"] <= lk["ci_high"] <= 1 and lk["n"] == v["n"]
         assert lk["gold_mean_rank"] >= 1 and lk["gold_mean_logprob"] < 0
-        assert lk["constant_answer"] == (lk["top_answers"][0][1] > 0.5) and sum(x for _, x in lk["top_answers"]) <= 1
+        assert (
+            lk["constant_answer"] == (lk["top_answers"][0][1] > 0.5)
+            and sum(x for _, x in lk["top_answers"]) <= 1
+        )
         assert best["accuracy"] == max(v["trivial_baselines"].values()) >= v["majority_baseline"]
-        assert v["beats_trivial"] == (v["ci_low"] > best["accuracy"]) and lk["beats_trivial"] == (lk["ci_low"] > best["accuracy"])
+        assert v["beats_trivial"] == (v["ci_low"] > best["accuracy"]) and lk["beats_trivial"] == (
+            lk["ci_low"] > best["accuracy"]
+        )
         d = v["diagnostics"]
         assert sum(d["formats"].values()) == v["n"] and 0 <= d["no_answer_rate"] <= 1
     assert "first_letter" in m["subtasks"]["position/nth_letter"]["trivial_baselines"]
@@ -105,22 +130,58 @@ def test_batched_greedy_equals_one_prompt_at_a_time(smollm2, demo_data):
 
 def test_sampling_is_seeded_and_k_samples_use_item_bootstrap(demo_data, tmp_path):
     out = tmp_path / "k2"
-    args = ["evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "count_val.jsonl"), "--limit", "8",
-            "--samples", "2", "--max_new_tokens", "4", "--seed", "7"]  # fmt: skip
+    args = [
+        "evaluate",
+        "--model",
+        "tiny-qwen3",
+        "--questions",
+        str(demo_data / "count_val.jsonl"),
+        "--limit",
+        "8",
+        "--samples",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--seed",
+        "7",
+    ]
     assert main([*args, "--out", str(out)]) == 0
     preds = read_jsonl(out / "predictions.jsonl")
     assert len(preds) == 16 and sorted({p["sample"] for p in preds}) == [0, 1]
     assert json.loads((out / "metrics.json").read_text())["ci_method"] == "item_bootstrap"
     assert main([*args, "--out", str(tmp_path / "again")]) == 0
-    assert [p["output"] for p in read_jsonl(tmp_path / "again" / "predictions.jsonl")] == [p["output"] for p in preds]
+    assert [p["output"] for p in read_jsonl(tmp_path / "again" / "predictions.jsonl")] == [
+        p["output"] for p in preds
+    ]
 
 
 def test_csv_with_other_column_names(tmp_path):
     csv = tmp_path / "mine.csv"
-    csv.write_text("prompt,gold,note\nHow many letters are in 'cat'?,3,x\nHow many r's in 'strawberry'?,3,y\n")
+    csv.write_text(
+        "prompt,gold,note\nHow many letters are in 'cat'?,3,x\nHow many r's in 'strawberry'?,3,y\n"
+    )
     out = tmp_path / "out"
-    rc = main(["evaluate", "--model", "tiny-qwen3", "--questions", str(csv), "--task", "count", "--question_field",
-               "prompt", "--answer_field", "gold", "--decoding", "greedy", "--max_new_tokens", "3", "--out", str(out)])  # fmt: skip
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            "tiny-qwen3",
+            "--questions",
+            str(csv),
+            "--task",
+            "count",
+            "--question_field",
+            "prompt",
+            "--answer_field",
+            "gold",
+            "--decoding",
+            "greedy",
+            "--max_new_tokens",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     preds = read_jsonl(out / "predictions.jsonl")
     assert [(p["task"], p["answer"], p["question"][:9]) for p in preds] == [("count", "3", "How many ")] * 2
@@ -131,7 +192,7 @@ def test_csv_with_other_column_names(tmp_path):
 
 def _rows(correct: list[bool], task="count", sub="word_length") -> list[dict]:
     return [{"file": "/x/count_val.jsonl", "id": f"i{i}", "task": task, "subtask": sub, "correct": c}
-            for i, c in enumerate(correct)]  # fmt: skip
+            for i, c in enumerate(correct)]
 
 
 def test_compare_reports_known_difference(tmp_path):
@@ -147,15 +208,35 @@ def test_compare_reports_known_difference(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["compare", "--base", str(tmp_path / "a"), "--other", str(tmp_path / "b"),
-                 "--out", str(tmp_path / "c.json")]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["groups"]["count"]["diff"] == 0.5
 
 
 def test_compare_to_in_evaluate(smollm2_run, demo_data, tmp_path):
     out = tmp_path / "tiny"
-    assert main(["evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "position_val.jsonl"),
-                 str(demo_data / "count_val.jsonl"), "--limit", "30", "--decoding", "greedy", "--max_new_tokens", "4",
-                 "--out", str(out), "--compare_to", str(smollm2_run)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "tiny-qwen3",
+                "--questions",
+                str(demo_data / "position_val.jsonl"),
+                str(demo_data / "count_val.jsonl"),
+                "--limit",
+                "30",
+                "--decoding",
+                "greedy",
+                "--max_new_tokens",
+                "4",
+                "--out",
+                str(out),
+                "--compare_to",
+                str(smollm2_run),
+            ]
+        )
+        == 0
+    )
     c = json.loads((out / "compare.json").read_text())
     assert c["n_common_items"] == 60 and set(c["groups"]) >= {"position", "count"}
     report = (out / "compare.md").read_text()
@@ -167,7 +248,9 @@ def test_compare_to_in_evaluate(smollm2_run, demo_data, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO
+    )
 
 
 @pytest.mark.parametrize(
@@ -175,7 +258,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     [
         (None, "no such file"),
         ("", "empty"),
-        ('{"task": "count", "question": "How many letters in \'cat\'?", "answer": "three"}\n', ":1: count answer"),
+        (
+            '{"task": "count", "question": "How many letters in \'cat\'?", "answer": "three"}\n',
+            ":1: count answer",
+        ),
         ('{"task": "count", "question": "Q?", "answer": "3"}\n{"task": "count", "question": "Q2?"}\n', ":2:"),
     ],
 )
@@ -191,7 +277,7 @@ def test_bad_question_file_is_one_line_exit_2_no_output(tmp_path, content, expec
 
 def test_unknown_model_fails_before_loading(tmp_path, demo_data):
     p = _cli("evaluate", "--model", "no-such-model", "--questions", str(demo_data / "count_val.jsonl"),
-             "--out", str(tmp_path / "o"))  # fmt: skip
+             "--out", str(tmp_path / "o"))
     assert p.returncode == 2 and "unknown model 'no-such-model'" in p.stderr and not (tmp_path / "o").exists()
 
 

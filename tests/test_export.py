@@ -22,8 +22,14 @@ from spellxfer.tasks.chat import GENERATION_PROMPT_SUFFIX
 
 
 def spellxfer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spellxfer", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "spellxfer", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,7 @@ def ckpt(tmp_path_factory, demo_data):
     """A real checkpoint: 10 LoRA steps of configs/tiny.yaml (lr 1e-3, so B is far from its zero init)."""
     root = tmp_path_factory.mktemp("fit")
     p = spellxfer("fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(root),
-                  "--data.data_dir", str(demo_data), "--trainer.max_steps", "10")  # fmt: skip
+                  "--data.data_dir", str(demo_data), "--trainer.max_steps", "10")
     assert p.returncode == 0, p.stderr
     return root / "last.ckpt"
 
@@ -85,7 +91,13 @@ def test_merged_tokenizer_is_non_thinking_and_generation_config_has_the_sampling
 
     gc = GenerationConfig.from_pretrained(exported / "merged")
     s = default_sampling()
-    assert (gc.do_sample, gc.temperature, gc.top_p, gc.top_k, gc.min_p) == (True, s.temperature, s.top_p, s.top_k, s.min_p)
+    assert (gc.do_sample, gc.temperature, gc.top_p, gc.top_k, gc.min_p) == (
+        True,
+        s.temperature,
+        s.top_p,
+        s.top_k,
+        s.min_p,
+    )
     assert gc.temperature == 0.6 and gc.top_p == 0.95 and gc.top_k == 20
     assert tok.convert_tokens_to_ids("<|im_end|>") in gc.eos_token_id
 
@@ -116,16 +128,35 @@ def test_model_cards_carry_base_data_training_and_the_evaluated_results(ckpt, de
     assert "base_model:" in fit_card and "library_name: peft" in fit_card
     assert "trained on spelling only" in fit_card and "position and count questions only" in fit_card
     assert "`spelling_train.jsonl`" in fit_card and "| lora_r | 4 |" in fit_card and "best-step" in fit_card
-    assert "| max_steps | 10 |" in fit_card and "| steps_trained | 10 |" in fit_card and "| batch_size |" in fit_card
+    assert (
+        "| max_steps | 10 |" in fit_card
+        and "| steps_trained | 10 |" in fit_card
+        and "| batch_size |" in fit_card
+    )
     assert "non-thinking" in fit_card and "Not evaluated" in fit_card
 
     ev = tmp_path / "eval"
-    p = spellxfer("evaluate", "--model", "tiny-qwen3", "--adapter", str(ckpt.parent / "best_adapter"), "--questions",
-                  str(demo_data / "position_test.jsonl"), str(demo_data / "count_test.jsonl"), "--limit", "8",
-                  "--decoding", "greedy", "--out", str(ev))  # fmt: skip
+    p = spellxfer(
+        "evaluate",
+        "--model",
+        "tiny-qwen3",
+        "--adapter",
+        str(ckpt.parent / "best_adapter"),
+        "--questions",
+        str(demo_data / "position_test.jsonl"),
+        str(demo_data / "count_test.jsonl"),
+        "--limit",
+        "8",
+        "--decoding",
+        "greedy",
+        "--out",
+        str(ev),
+    )
     assert p.returncode == 0, p.stderr
     out = tmp_path / "export"
-    p = spellxfer("export", "--ckpt", str(ckpt), "--out", str(out), "--merge", "--dtype", "fp32", "--eval", str(ev))
+    p = spellxfer(
+        "export", "--ckpt", str(ckpt), "--out", str(out), "--merge", "--dtype", "fp32", "--eval", str(ev)
+    )
     assert p.returncode == 0, p.stderr
     metrics = json.loads((ev / "metrics.json").read_text())
     for kind, library in (("adapter", "peft"), ("merged", "transformers")):
@@ -142,5 +173,9 @@ def test_export_eval_that_is_not_an_evaluate_output_is_one_error_line(ckpt, tmp_
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev" / "metrics.json").write_text("{}")
     p = spellxfer("export", "--ckpt", str(ckpt), "--out", str(tmp_path / "x"), "--eval", str(tmp_path / "ev"))
-    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
+    assert (
+        p.returncode == 2
+        and p.stderr.strip().startswith("error:")
+        and len(p.stderr.strip().splitlines()) == 1
+    )
     assert "metrics.json" in p.stderr and not (tmp_path / "x").exists()

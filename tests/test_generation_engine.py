@@ -60,7 +60,8 @@ def test_candidate_distribution_equals_transformers_warpers(s):
     logits = torch.randn(8, vocab) * torch.tensor([0.5, 1, 2, 4, 6, 8, 10, 12])[:, None]
     probs, ids = next_token_probs(logits, s)
     torch.testing.assert_close(dense(probs, ids, vocab), transformers_probs(logits, s), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(8), atol=1e-4, rtol=0)  # float32 sum of 151,936 terms
+    # float32 sum of 151,936 terms
+    torch.testing.assert_close(probs.sum(-1), torch.ones(8), atol=1e-4, rtol=0)
     if s.top_k:
         assert probs.shape == (8, s.top_k)
 
@@ -95,7 +96,11 @@ def tiny():
 
 
 def _questions(demo_data, n=12):
-    return [r["question"] for f in ("position_val.jsonl", "count_val.jsonl") for r in read_jsonl(demo_data / f)[:n]]
+    return [
+        r["question"]
+        for f in ("position_val.jsonl", "count_val.jsonl")
+        for r in read_jsonl(demo_data / f)[:n]
+    ]
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 24])

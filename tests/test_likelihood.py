@@ -50,9 +50,14 @@ def test_probe_equals_each_full_sequence_scored_alone(tiny, demo_data, path):
     items = load_questions([demo_data / "position_val.jsonl", demo_data / "count_val.jsonl"], limit=3)
     convs = [[{"role": "user", "content": it.question}] for it in items]
     prefixes = [ids + plain_token_ids(tok, answer_frame(it.subtask, it.meta))
-                for ids, it in zip(chat_token_ids(tok, convs), items)]  # fmt: skip
-    conts = [[tok(text, add_special_tokens=False)["input_ids"] for _, text in candidate_answers(it.kind, it.answer)]
-             for it in items]  # fmt: skip
+                for ids, it in zip(chat_token_ids(tok, convs), items)]
+    conts = [
+        [
+            tok(text, add_special_tokens=False)["input_ids"]
+            for _, text in candidate_answers(it.kind, it.answer)
+        ]
+        for it in items
+    ]
     # batches of 4 mix prefix lengths and letter / integer candidate sets (31 vs 52, 1–2 fed tokens)
     scores = LikelihoodScorer(model, tok, batch_size=4, path=path).score(prefixes, conts)
     for p, cs, got in zip(prefixes, conts, scores):
@@ -64,7 +69,9 @@ def test_probe_equals_each_full_sequence_scored_alone(tiny, demo_data, path):
 def test_probe_results_follow_the_candidate_rule(tiny, demo_data):
     model, tok = tiny
     items = load_questions([demo_data / "position_val.jsonl"], limit=6)
-    results, prompts, _, scorer = probe_items(model, tok, items, [[{"role": "user", "content": it.question}] for it in items])
+    results, prompts, _, scorer = probe_items(
+        model, tok, items, [[{"role": "user", "content": it.question}] for it in items]
+    )
     assert scorer.path == "static"
     for it, r, prompt in zip(items, results, prompts):
         frame = answer_frame(it.subtask, it.meta)
@@ -74,7 +81,9 @@ def test_probe_results_follow_the_candidate_rule(tiny, demo_data):
             assert r.answer.isalpha() and r.answer.islower() and len(cands) == 52
         else:
             assert 0 <= int(r.answer) <= max(30, int(it.answer)) and len(cands) == max(30, int(it.answer)) + 1
-        assert r.correct == (r.answer == it.answer) and 1 <= r.gold_rank <= (26 if it.kind == "letter" else len(cands))
+        assert r.correct == (r.answer == it.answer) and 1 <= r.gold_rank <= (
+            26 if it.kind == "letter" else len(cands)
+        )
 
 
 def test_a_letter_keeps_its_better_form_and_ranks_count_strictly_better():
@@ -93,16 +102,22 @@ def test_a_letter_keeps_its_better_form_and_ranks_count_strictly_better():
 def test_frames_name_the_word_letter_and_position():
     assert answer_frame("nth_letter", {"word": "cat", "position": 3}) == "The 3rd letter of 'cat' is \""
     assert answer_frame("nth_letter", {"word": "cat", "position": -1}) == "The last letter of 'cat' is \""
-    assert answer_frame("letter_index", {"word": "cat", "letter": "a"}) == "The first 'a' in 'cat' is at position \""
+    assert (
+        answer_frame("letter_index", {"word": "cat", "letter": "a"})
+        == "The first 'a' in 'cat' is at position \""
+    )
     assert answer_frame("word_length", {"word": "cat"}) == "The number of letters in 'cat' is \""
-    assert answer_frame("letter_count", {"word": "cat", "letter": "a"}) == "The number of times 'a' appears in 'cat' is \""
+    assert (
+        answer_frame("letter_count", {"word": "cat", "letter": "a"})
+        == "The number of times 'a' appears in 'cat' is \""
+    )
     assert answer_frame(None, {"word": "cat"}) == answer_frame("word_length", {}) == GENERIC_FRAME
 
 
 def test_trivial_baselines_on_known_answers():
     rows = [{"answer": a, "subtask": "letter_index"} for a in "1112345"] + \
            [{"answer": w[0], "subtask": "nth_letter", "word": w} for w in ("cat", "cow", "dog")] + \
-           [{"answer": "a", "subtask": "nth_letter", "word": "bat"}]  # fmt: skip
+           [{"answer": "a", "subtask": "nth_letter", "word": "bat"}]
     b = trivial_baselines(rows)
     # majority "1" for all 11; best constant per subtask: "1" (3 of 7) + "c" (2 of 4)
     assert b["majority"] == pytest.approx(3 / 11) and b["best_constant"] == pytest.approx(5 / 11)
@@ -110,14 +125,24 @@ def test_trivial_baselines_on_known_answers():
     assert b["always_1"] == pytest.approx((3 + 2) / 11)
     assert best_trivial(b) == {"name": "first_letter", "accuracy": pytest.approx(6 / 11)}
     # a user's file without subtasks: one constant per answer type
-    assert trivial_baselines([{"answer": a} for a in ("3", "3", "4", "x", "y", "x")])["best_constant"] == pytest.approx(4 / 6)
+    assert trivial_baselines([{"answer": a} for a in ("3", "3", "4", "x", "y", "x")])[
+        "best_constant"
+    ] == pytest.approx(4 / 6)
 
 
 def test_reply_formats():
     q = "What is the 3rd letter of the word 'strawberry'? Reply with just the letter."
-    cases = {"R.<|im_end|>": "bare", "**3**": "bare", "The third letter is r.": "sentence",
-             "S-T-R-A-W-B-E-R-R-Y": "letter_by_letter", "1. s\n2. t\n3. r": "letter_by_letter", "'Strawberry'": "echoed",
-             "What is the 3rd letter of the word 'strawberry'?": "echoed", "": "other", "3 3": "other"}  # fmt: skip
+    cases = {
+        "R.<|im_end|>": "bare",
+        "**3**": "bare",
+        "The third letter is r.": "sentence",
+        "S-T-R-A-W-B-E-R-R-Y": "letter_by_letter",
+        "1. s\n2. t\n3. r": "letter_by_letter",
+        "'Strawberry'": "echoed",
+        "What is the 3rd letter of the word 'strawberry'?": "echoed",
+        "": "other",
+        "3 3": "other",
+    }
     assert {reply: reply_format(reply, None, q) for reply in cases} == cases
 
 
@@ -143,19 +168,46 @@ def test_evaluate_both_scorers_on_a_file_from_elsewhere(tmp_path):
     rows = [{"question": "How many letters are in 'cat'?", "answer": 3, "task": "count"},
             {"question": "How many letters are in 'horse'?", "answer": "5", "task": "count"},
             {"question": "Which letter does 'dog' start with?", "answer": "d", "task": "position"},
-            {"question": "Where is the first 'o' in 'dog'?", "answer": "2", "task": "position"}]  # fmt: skip
+            {"question": "Where is the first 'o' in 'dog'?", "answer": "2", "task": "position"}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    assert main(["evaluate", "--model", "tiny-qwen3", "--questions", str(f), "--scoring", "both", "--decoding",
-                 "greedy", "--max_new_tokens", "3", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "tiny-qwen3",
+                "--questions",
+                str(f),
+                "--scoring",
+                "both",
+                "--decoding",
+                "greedy",
+                "--max_new_tokens",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
-    assert m["scoring"] == "both" and m["count_likelihood_accuracy_n"] == 2 == m["position_likelihood_accuracy_n"]
+    assert (
+        m["scoring"] == "both"
+        and m["count_likelihood_accuracy_n"] == 2 == m["position_likelihood_accuracy_n"]
+    )
     for task in ("count", "position"):
         entry = m["files"][str(f)][task]
         assert set(entry["trivial_baselines"]) == {"majority", "best_constant"}
         assert 0 <= entry["likelihood"]["accuracy"] <= 1 and entry["likelihood"]["n"] == 2
         assert entry["best_trivial"]["accuracy"] == max(entry["trivial_baselines"].values())
-        assert set(entry["diagnostics"]["formats"]) == {"bare", "sentence", "letter_by_letter", "echoed", "other"}
+        assert set(entry["diagnostics"]["formats"]) == {
+            "bare",
+            "sentence",
+            "letter_by_letter",
+            "echoed",
+            "other",
+        }
     # position mixes a letter and an integer answer: the best constant per answer type gets both
     assert m["files"][str(f)]["position"]["trivial_baselines"] == {"majority": 0.5, "best_constant": 1.0}
     preds = read_jsonl(out / "predictions.jsonl")
@@ -166,14 +218,22 @@ def test_evaluate_both_scorers_on_a_file_from_elsewhere(tmp_path):
 
 
 def test_likelihood_only_run_compares_on_the_probe(demo_data, tmp_path):
-    args = ["evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "count_val.jsonl"), "--limit", "6"]
+    args = [
+        "evaluate",
+        "--model",
+        "tiny-qwen3",
+        "--questions",
+        str(demo_data / "count_val.jsonl"),
+        "--limit",
+        "6",
+    ]
     assert main([*args, "--scoring", "likelihood", "--out", str(tmp_path / "a")]) == 0
     preds = read_jsonl(tmp_path / "a" / "predictions.jsonl")
     assert len(preds) == 6 and all(p["correct"] is None and p["output"] is None for p in preds)
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert "count_accuracy" not in m and "count_likelihood_accuracy" in m
     assert main([*args, "--scoring", "likelihood", "--shots", "1", "--out", str(tmp_path / "b"),
-                 "--compare_to", str(tmp_path / "a")]) == 0  # fmt: skip
+                 "--compare_to", str(tmp_path / "a")]) == 0
     c = json.loads((tmp_path / "b" / "compare.json").read_text())
     assert c["groups"] == {} and c["likelihood_groups"]["count"]["n"] == 6
 
@@ -184,15 +244,22 @@ def test_few_shot_turns_come_from_the_pool_of_the_same_subtask(demo_data):
     pool_rows = {r["question"]: r for r in read_jsonl(demo_data / "fewshot_pool.jsonl")}
     for it in items[::25]:
         turns = conversation(it, pool, 3)
-        assert [t["role"] for t in turns] == ["user", "assistant"] * 3 + ["user"] and turns[-1]["content"] == it.question
+        assert [t["role"] for t in turns] == ["user", "assistant"] * 3 + ["user"] and turns[-1][
+            "content"
+        ] == it.question
         for q, a in zip(turns[0:6:2], turns[1:6:2]):
-            assert pool_rows[q["content"]]["subtask"] == it.subtask and a["content"] == pool_rows[q["content"]]["answer"]
+            assert (
+                pool_rows[q["content"]]["subtask"] == it.subtask
+                and a["content"] == pool_rows[q["content"]]["answer"]
+            )
         assert turns == conversation(it, pool, 3)  # the same item always gets the same examples
     assert conversation(items[0], None, 0) == [{"role": "user", "content": items[0].question}]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO
+    )
 
 
 def test_a_pool_that_shares_a_word_with_the_questions_is_refused(demo_data, tmp_path):
@@ -200,26 +267,61 @@ def test_a_pool_that_shares_a_word_with_the_questions_is_refused(demo_data, tmp_
     pool = read_jsonl(demo_data / "fewshot_pool.jsonl")
     pool[2] = pool[2] | {"word": test[0]["word"]}
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
-    p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "count_test.jsonl"), "--shots", "2",
-             "--shot_pool", str(tmp_path / "pool.jsonl"), "--out", str(tmp_path / "out"))  # fmt: skip
+    p = _cli(
+        "evaluate",
+        "--model",
+        "tiny-qwen3",
+        "--questions",
+        str(demo_data / "count_test.jsonl"),
+        "--shots",
+        "2",
+        "--shot_pool",
+        str(tmp_path / "pool.jsonl"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert f"pool.jsonl:3: few-shot example word '{test[0]['word']}' is also evaluated" in p.stderr
     assert not (tmp_path / "out").exists()
-    (tmp_path / "q.jsonl").write_text('{"question": "How many letters in \'cat\'?", "answer": 3, "task": "count"}\n')
+    (tmp_path / "q.jsonl").write_text(
+        '{"question": "How many letters in \'cat\'?", "answer": 3, "task": "count"}\n'
+    )
     p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(tmp_path / "q.jsonl"), "--shots", "1",
-             "--out", str(tmp_path / "out"))  # fmt: skip
-    assert p.returncode == 2 and "--shots needs a few-shot pool" in p.stderr and not (tmp_path / "out").exists()
-    p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(tmp_path / "q.jsonl"), "--scoring", "both",
-             "--out", str(tmp_path / "out"))  # fmt: skip
+             "--out", str(tmp_path / "out"))
+    assert (
+        p.returncode == 2 and "--shots needs a few-shot pool" in p.stderr and not (tmp_path / "out").exists()
+    )
+    p = _cli(
+        "evaluate",
+        "--model",
+        "tiny-qwen3",
+        "--questions",
+        str(tmp_path / "q.jsonl"),
+        "--scoring",
+        "both",
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert p.returncode == 0, p.stderr
     (tmp_path / "big.jsonl").write_text('{"question": "How many?", "answer": 5000, "task": "count"}\n')
-    p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(tmp_path / "big.jsonl"), "--scoring", "both",
-             "--out", str(tmp_path / "big"))  # fmt: skip
+    p = _cli(
+        "evaluate",
+        "--model",
+        "tiny-qwen3",
+        "--questions",
+        str(tmp_path / "big.jsonl"),
+        "--scoring",
+        "both",
+        "--out",
+        str(tmp_path / "big"),
+    )
     assert p.returncode == 2 and "big.jsonl:1: answer 5000 is above the likelihood probe's limit" in p.stderr
 
 
 def test_diagnostics_count_every_sample():
-    rows = [{"output": o, "parsed": p} for o, p in (("3", "3"), ("3", "3"), ("I think 4.", "4"), ("hm", None))]
+    rows = [
+        {"output": o, "parsed": p} for o, p in (("3", "3"), ("3", "3"), ("I think 4.", "4"), ("hm", None))
+    ]
     d = answer_diagnostics(rows)
     assert d["no_answer_rate"] == 0.25 and d["top_answers"] == [["3", 0.5], ["4", 0.25]]
     assert d["constant_answer"] is False  # exactly half is not more than half

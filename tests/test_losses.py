@@ -203,7 +203,10 @@ def test_compiled_decoder_layers_give_the_plain_loss_and_gradients(batch):
 
     from spellxfer.models.registry import compile_decoder_layers
 
-    plain = get_peft_model(load_model("tiny-qwen3", seed=1), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    plain = get_peft_model(
+        load_model("tiny-qwen3", seed=1),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
+    )
     with torch.no_grad():
         for name, p in plain.named_parameters():
             if "lora_B" in name:

@@ -31,7 +31,14 @@ def results_table() -> Table:
     for task, subs in (("position", SUBTASKS[:2]), ("count", SUBTASKS[2:])):
         table.add_row(f"[bold]{task}", "0.000 [0.000, 0.324]", "0.125 [0.022, 0.471]", "", "8", "")
         for sub in subs:
-            table.add_row(f"  {sub}", "0.000 [0.000, 0.561] [red]✗[/]", "0.200 [0.036, 0.624] ✗", "9.2", "5", "0.667 majority")
+            table.add_row(
+                f"  {sub}",
+                "0.000 [0.000, 0.561] [red]✗[/]",
+                "0.200 [0.036, 0.624] ✗",
+                "9.2",
+                "5",
+                "0.667 majority",
+            )
     table.add_row("[bold]transfer_score", "0.000", "", "", "", "")
     return table
 
@@ -71,9 +78,29 @@ def test_a_table_that_fits_is_printed_as_rich_lays_it_out():
 def test_evaluate_printed_into_a_pipe_shows_whole_subtask_names(demo_data, tmp_path):
     """The real command, stdout a pipe at 80 columns (what a job's log gets)."""
     questions = [str(demo_data / f) for f in ("position_val.jsonl", "count_val.jsonl")]
-    p = subprocess.run([sys.executable, "-m", "spellxfer", "evaluate", "--model", "tiny-qwen3", "--questions", *questions,
-                        "--out", str(tmp_path / "eval"), "--limit", "8", "--max_new_tokens", "2"],
-                       cwd=REPO, capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spellxfer",
+            "evaluate",
+            "--model",
+            "tiny-qwen3",
+            "--questions",
+            *questions,
+            "--out",
+            str(tmp_path / "eval"),
+            "--limit",
+            "8",
+            "--max_new_tokens",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "80"},
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "…" not in p.stdout
     for name in ("letter_index", "letter_count", "word_length", "transfer_score"):
@@ -108,9 +135,9 @@ def test_the_entry_point_filters_known_warnings_only_while_a_command_runs(monkey
     def command() -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated, use …", FutureWarning,
-                                   "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")  # fmt: skip
+                                   "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
             warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated, use …", FutureWarning,
-                                   "mine.py", 1, module="my_own_code")  # fmt: skip
+                                   "mine.py", 1, module="my_own_code")
             warnings.warn_explicit("a user's own warning", UserWarning, "mine.py", 2, module="my_own_code")
         seen["messages"] = [(str(w.message)[:20], w.filename) for w in caught]
         return 0

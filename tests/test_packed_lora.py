@@ -25,12 +25,22 @@ from spellxfer.training.module import ALL_LINEAR
 from spellxfer.training.packed import KERNELS, PackedLoRA
 
 # (adapter, rank, alpha, target modules, seed): ranks, scales and layer sets all differ
-TRIALS = [("t0000", 4, 8, ALL_LINEAR, 0), ("t0001", 8, 32, ("q_proj", "v_proj"), 1), ("t0002", 2, 4, ALL_LINEAR, 2)]
+TRIALS = [
+    ("t0000", 4, 8, ALL_LINEAR, 0),
+    ("t0001", 8, 32, ("q_proj", "v_proj"), 1),
+    ("t0002", 2, 4, ALL_LINEAR, 2),
+]
 
 
 def config(r: int, alpha: int, targets) -> LoraConfig:
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), task_type="CAUSAL_LM",
-                      bias="none")  # fmt: skip
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(targets),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def frozen_base():
@@ -78,8 +88,11 @@ def test_each_row_trains_through_its_own_adapter_with_the_gradient_it_gets_alone
         hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
         losses, start = [], 0
         for _, n in groups:
-            losses.append(completion_loss_from_hidden(hidden[start : start + n], model.get_output_embeddings().weight,
-                                                      labels[start : start + n]))  # fmt: skip
+            losses.append(
+                completion_loss_from_hidden(
+                    hidden[start : start + n], model.get_output_embeddings().weight, labels[start : start + n]
+                )
+            )
             start += n
         sum(losses).backward()  # one backward for all trials: their adapters' parameters are disjoint
 
@@ -87,7 +100,9 @@ def test_each_row_trains_through_its_own_adapter_with_the_gradient_it_gets_alone
     for (name, r, alpha, targets, seed), (_, n), loss in zip(TRIALS, groups, losses):
         ref = alone(packed, name, r, alpha, targets, seed).train()
         hidden = ref.get_decoder()(input_ids=ids[start : start + n], use_cache=False).last_hidden_state
-        ref_loss = completion_loss_from_hidden(hidden, ref.get_output_embeddings().weight, labels[start : start + n])
+        ref_loss = completion_loss_from_hidden(
+            hidden, ref.get_output_embeddings().weight, labels[start : start + n]
+        )
         ref_loss.backward()
         assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
         ref_grads = [p.grad for p in ref.parameters() if p.requires_grad]
@@ -99,14 +114,19 @@ def test_each_row_trains_through_its_own_adapter_with_the_gradient_it_gets_alone
     # the adapter's update really reaches its rows: without the pack's plan the loss differs
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=ids[:3], use_cache=False).last_hidden_state
-    assert completion_loss_from_hidden(hidden, model.get_output_embeddings().weight, labels[:3]).item() != pytest.approx(
-        losses[0].item(), abs=1e-3)
+    assert completion_loss_from_hidden(
+        hidden, model.get_output_embeddings().weight, labels[:3]
+    ).item() != pytest.approx(losses[0].item(), abs=1e-3)
 
 
 def test_generation_mixes_adapters_in_a_batch_and_gives_each_prompt_its_own_adapters_reply():
     tok = load_tokenizer("tiny-qwen3")
-    questions = ["How many letters are in the word 'apple'?", "What is the 3rd letter of 'banana'?",
-                 "How many times does the letter 'r' appear in 'strawberry'?", "What is the last letter of 'cat'?"]  # fmt: skip
+    questions = [
+        "How many letters are in the word 'apple'?",
+        "What is the 3rd letter of 'banana'?",
+        "How many times does the letter 'r' appear in 'strawberry'?",
+        "What is the last letter of 'cat'?",
+    ]
     packed = packed_model(scale=2.0)
     sampling = Sampling(decoding="greedy", max_new_tokens=6)
     names = [t[0] for t in TRIALS]
@@ -118,25 +138,43 @@ def test_generation_mixes_adapters_in_a_batch_and_gives_each_prompt_its_own_adap
         ref = alone(packed, name, r, alpha, targets, seed).eval()
         own.append(GenerationEngine(ref, tok, sampling, batch_size=len(questions)).generate(questions))
     assert replies == own
-    assert own[0] != own[1] and own[1] != own[2], "the adapters must answer differently for this test to see mix-ups"
+    assert own[0] != own[1] and own[1] != own[2], (
+        "the adapters must answer differently for this test to see mix-ups"
+    )
 
 
 @pytest.mark.parametrize("path", ["static", "eager"])
-def test_the_likelihood_probe_mixes_adapters_in_a_batch_and_ranks_each_items_answers_as_its_adapter_alone(path, monkeypatch):
+def test_the_likelihood_probe_mixes_adapters_in_a_batch_and_ranks_each_items_answers_as_its_adapter_alone(
+    path, monkeypatch
+):
     from spellxfer.evaluation import likelihood
     from spellxfer.evaluation.likelihood import probe_items
     from spellxfer.tasks.questions import Item
 
     if path == "eager":  # the path of models the static decoder cannot run
-        monkeypatch.setattr("spellxfer.models.static_decode.static_decode_unsupported", lambda model: "forced eager")
+        monkeypatch.setattr(
+            "spellxfer.models.static_decode.static_decode_unsupported", lambda model: "forced eager"
+        )
         monkeypatch.setattr(likelihood, "EAGER_MAX_ROWS", 100)  # two or three items per batch
     tok = load_tokenizer("tiny-qwen3")
     rows = [("position", "nth_letter", "letter", "a", {"word": "banana", "position": 2}),
             ("count", "word_length", "integer", "5", {"word": "apple"}),
             ("count", "letter_count", "integer", "3", {"word": "strawberry", "letter": "r"}),
-            ("position", "letter_index", "integer", "1", {"word": "cat", "letter": "c"})]  # fmt: skip
-    items = [Item(id=str(i), file="t.jsonl", line=i + 1, task=t, subtask=sub, kind=kind, answer=a, question=f"q {sub} {m}",
-                  meta=m) for i, (t, sub, kind, a, m) in enumerate(rows)]  # fmt: skip
+            ("position", "letter_index", "integer", "1", {"word": "cat", "letter": "c"})]
+    items = [
+        Item(
+            id=str(i),
+            file="t.jsonl",
+            line=i + 1,
+            task=t,
+            subtask=sub,
+            kind=kind,
+            answer=a,
+            question=f"q {sub} {m}",
+            meta=m,
+        )
+        for i, (t, sub, kind, a, m) in enumerate(rows)
+    ]
     packed = packed_model(scale=2.0)
     names = [t[0] for t in TRIALS]
     # batches of 5 prefixes over 12 (3 adapters × 4 items): each batch mixes two or three adapters
@@ -145,15 +183,25 @@ def test_the_likelihood_probe_mixes_adapters_in_a_batch_and_ranks_each_items_ans
     own = []
     for name, r, alpha, targets, seed in TRIALS:
         ref = alone(packed, name, r, alpha, targets, seed).eval()
-        want, want_prompts, _, _ = probe_items(ref, tok, items, [[{"role": "user", "content": it.question}] for it in items],
-                                               batch_size=4, label=None)  # fmt: skip
+        want, want_prompts, _, _ = probe_items(
+            ref,
+            tok,
+            items,
+            [[{"role": "user", "content": it.question}] for it in items],
+            batch_size=4,
+            label=None,
+        )
         own.append(want)
         assert prompts == want_prompts
     for got, want in zip(results, own):
-        assert [g.answer for g in got] == [w.answer for w in want] and [g.gold_rank for g in got] == [w.gold_rank for w in want]
+        assert [g.answer for g in got] == [w.answer for w in want] and [g.gold_rank for g in got] == [
+            w.gold_rank for w in want
+        ]
         assert [g.gold_logprob for g in got] == pytest.approx([w.gold_logprob for w in want], abs=1e-4)
     logprobs = [[w.gold_logprob for w in want] for want in own]
-    assert logprobs[0] != pytest.approx(logprobs[1], abs=1e-2), "the adapters must differ for this test to see mix-ups"
+    assert logprobs[0] != pytest.approx(logprobs[1], abs=1e-2), (
+        "the adapters must differ for this test to see mix-ups"
+    )
 
 
 def test_a_trials_checkpoint_weights_and_adapter_directory_are_a_fits(tmp_path):
@@ -167,7 +215,11 @@ def test_a_trials_checkpoint_weights_and_adapter_directory_are_a_fits(tmp_path):
     assert all(k.startswith("lm.base_model.model.") and ".default." in k for k in state)
     out = packed.save_adapter(name, tmp_path / "best_adapter")
     saved_config = json.loads((out / "adapter_config.json").read_text())
-    assert (saved_config["r"], saved_config["lora_alpha"], sorted(saved_config["target_modules"])) == (r, alpha, sorted(targets))
+    assert (saved_config["r"], saved_config["lora_alpha"], sorted(saved_config["target_modules"])) == (
+        r,
+        alpha,
+        sorted(targets),
+    )
     saved = load_file(out / "adapter_model.safetensors")
     assert len(saved) == len(state)
     with warnings.catch_warnings():
@@ -207,7 +259,9 @@ def test_a_trials_dropout_masks_are_its_own_whatever_its_pack_mates(checkpointin
     other = torch.randint(0, 150_000, (2, 14))
     labels = own.clone()
     labels[:, :4] = -100
-    dropout = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=list(ALL_LINEAR), task_type="CAUSAL_LM")
+    dropout = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.3, target_modules=list(ALL_LINEAR), task_type="CAUSAL_LM"
+    )
 
     def run(with_mate: bool):
         base = frozen_base().train()
@@ -227,7 +281,9 @@ def test_a_trials_dropout_masks_are_its_own_whatever_its_pack_mates(checkpointin
         with packed.rows(groups):
             hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
             start = ids.shape[0] - 3
-            loss = completion_loss_from_hidden(hidden[start:], model.get_output_embeddings().weight, lab[start:])
+            loss = completion_loss_from_hidden(
+                hidden[start:], model.get_output_embeddings().weight, lab[start:]
+            )
             loss.backward()
         return loss.item(), [p.grad for p in packed.parameters("drop")]
 

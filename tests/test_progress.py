@@ -24,13 +24,18 @@ def test_plain_progress_prints_counts_rate_and_eta_and_honours_its_interval():
         p.update(done, extra="loss 1.2345")
     lines = out.getvalue().splitlines()
     assert len(lines) == 10 and lines[-1].startswith("fit: 10/10 steps (100%) · ")
-    assert "ETA" in lines[4] and "ETA" not in lines[-1] and all(line.endswith("loss 1.2345") for line in lines)
+    assert (
+        "ETA" in lines[4] and "ETA" not in lines[-1] and all(line.endswith("loss 1.2345") for line in lines)
+    )
     # a long interval: the first line and the last only
     out = io.StringIO()
     p = PlainProgress("generating", 100, stream=out, every=3600)
     printed = [p.update(done) for done in range(1, 101)]
     assert printed.count(True) == 2 and printed[0] and printed[-1]
-    assert re.fullmatch(r"generating: 100/100 items \(100%\) · [0-9.]+ items/s · elapsed \d+:\d\d", out.getvalue().splitlines()[-1])
+    assert re.fullmatch(
+        r"generating: 100/100 items \(100%\) · [0-9.]+ items/s · elapsed \d+:\d\d",
+        out.getvalue().splitlines()[-1],
+    )
 
 
 def test_durations_read_as_clock_times():
@@ -57,9 +62,17 @@ class _Line(L.LightningModule):
 def _rich_bar_frames(**limits) -> list[str]:
     """The bar's frames as drawn on a 120-column terminal (rich skips some in between)."""
     out = io.StringIO()
-    bar = StepRichProgressBar(console_kwargs={"file": out, "force_terminal": True, "width": 120, "color_system": None})
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        callbacks=[bar], **limits)  # fmt: skip
+    bar = StepRichProgressBar(
+        console_kwargs={"file": out, "force_terminal": True, "width": 120, "color_system": None}
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[bar],
+        **limits,
+    )
     trainer.fit(_Line())
     frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()).replace("\n", "\r").split("\r")
     return [" ".join(f.split()) for f in frames if f.strip()]

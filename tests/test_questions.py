@@ -19,19 +19,55 @@ from spellxfer.tasks.questions import Item, load_questions
 
 # Rows exactly as `spellxfer data build` writes them (one per subtask).
 OUR_ROWS = [
-    {"id": "position_val-000000", "task": "position", "subtask": "nth_letter",
-     "question": "In the word 'developing', which letter comes last? Reply with just the letter.",
-     "answer": "g", "word": "developing", "word_kind": "english", "letter": None, "position": -1, "n_tokens": 2},
-    {"id": "position_val-000001", "task": "position", "subtask": "letter_index",
-     "question": "At what position does the letter 'o' first appear in the word 'expression'?",
-     "answer": "9", "word": "expression", "word_kind": "english", "letter": "o", "position": None, "n_tokens": 1},
-    {"id": "count_val-000000", "task": "count", "subtask": "word_length",
-     "question": "How many letters are in the word 'blorf'?",
-     "answer": "5", "word": "blorf", "word_kind": "nonce", "letter": None, "position": None, "n_tokens": 2},
-    {"id": "count_val-000001", "task": "count", "subtask": "letter_count",
-     "question": "How many times does 'r' appear in 'strawberry'?",
-     "answer": "3", "word": "strawberry", "word_kind": "english", "letter": "r", "position": None, "n_tokens": 3},
-]  # fmt: skip
+    {
+        "id": "position_val-000000",
+        "task": "position",
+        "subtask": "nth_letter",
+        "question": "In the word 'developing', which letter comes last? Reply with just the letter.",
+        "answer": "g",
+        "word": "developing",
+        "word_kind": "english",
+        "letter": None,
+        "position": -1,
+        "n_tokens": 2,
+    },
+    {
+        "id": "position_val-000001",
+        "task": "position",
+        "subtask": "letter_index",
+        "question": "At what position does the letter 'o' first appear in the word 'expression'?",
+        "answer": "9",
+        "word": "expression",
+        "word_kind": "english",
+        "letter": "o",
+        "position": None,
+        "n_tokens": 1,
+    },
+    {
+        "id": "count_val-000000",
+        "task": "count",
+        "subtask": "word_length",
+        "question": "How many letters are in the word 'blorf'?",
+        "answer": "5",
+        "word": "blorf",
+        "word_kind": "nonce",
+        "letter": None,
+        "position": None,
+        "n_tokens": 2,
+    },
+    {
+        "id": "count_val-000001",
+        "task": "count",
+        "subtask": "letter_count",
+        "question": "How many times does 'r' appear in 'strawberry'?",
+        "answer": "3",
+        "word": "strawberry",
+        "word_kind": "english",
+        "letter": "r",
+        "position": None,
+        "n_tokens": 3,
+    },
+]
 
 
 def write_jsonl(path: Path, rows: list, blank_after: int | None = None) -> Path:
@@ -99,7 +135,7 @@ def test_every_file_data_build_writes_for_evaluation_loads(demo_data):
         for item, row in zip(items, rows):
             assert (item.id, item.task, item.subtask, item.question) == (
                 row["id"], row["task"], row["subtask"], row["question"],
-            )  # fmt: skip
+            )
             assert item.meta["word"] == row["word"] and item.meta["n_tokens"] == row["n_tokens"]
             # The loaded gold answer is one the scorer accepts and calls right when echoed.
             assert score(f"The answer is {item.answer}.", item.answer) == (item.answer, True)
@@ -133,11 +169,29 @@ def test_csv_with_other_column_names_and_task_argument(tmp_path):
     items = load_questions([path], task="count", question_field="prompt", answer_field="gold")
 
     assert items == [
-        Item(id="mine:2", file=str(path), line=2, task="count", subtask=None,
-             question='How many r\'s are in "strawberry"?', answer="3", kind="integer", meta={"source": "hand"}),
-        Item(id="mine:3", file=str(path), line=3, task="count", subtask=None,
-             question="How many letters in 'cat'?", answer="3", kind="integer", meta={"source": "hand"}),
-    ]  # fmt: skip
+        Item(
+            id="mine:2",
+            file=str(path),
+            line=2,
+            task="count",
+            subtask=None,
+            question='How many r\'s are in "strawberry"?',
+            answer="3",
+            kind="integer",
+            meta={"source": "hand"},
+        ),
+        Item(
+            id="mine:3",
+            file=str(path),
+            line=3,
+            task="count",
+            subtask=None,
+            question="How many letters in 'cat'?",
+            answer="3",
+            kind="integer",
+            meta={"source": "hand"},
+        ),
+    ]
 
 
 def test_a_row_task_wins_over_the_task_argument(tmp_path):
@@ -209,7 +263,7 @@ def test_limit_applies_to_each_file(tmp_path):
     assert [(Path(i.file).name, i.question) for i in items] == [
         ("a.jsonl", "q0?"), ("a.jsonl", "q1?"), ("a.jsonl", "q2?"),
         ("b.jsonl", "r0?"), ("b.jsonl", "r1?"), ("b.jsonl", "r2?"),
-    ]  # fmt: skip
+    ]
     # Without a limit that covers it, b is read to the end and its bad row is found.
     with error_at(b, 4, "expected a JSON object per line, got a string"):
         load_questions([a, b], task="count", limit=10)
@@ -232,7 +286,7 @@ def test_id_falls_back_to_stem_and_line(tmp_path):
 
 def test_duplicate_ids_in_a_file_are_refused_but_not_across_files(tmp_path):
     rows = [{"id": "x", "question": "q?", "answer": 1}, {"id": "y", "question": "r?", "answer": 2},
-            {"id": "x", "question": "s?", "answer": 3}]  # fmt: skip
+            {"id": "x", "question": "s?", "answer": 3}]
     bad = write_jsonl(tmp_path / "dup.jsonl", rows)
     with error_at(bad, 3, r"duplicate id 'x' \(first on line 1\)") as excinfo:
         load_questions([bad], task="count")
@@ -251,42 +305,124 @@ GOOD = json.dumps({"question": "How many letters in 'cat'?", "answer": "3"})
 
 # (file name, content as bytes, task argument, line in the message or None, message pattern)
 BAD_FILES = [
-    ("missing_task.jsonl", f"{GOOD}\n", None, 1, r"row has no task; add a 'task' field or pass --task position\|count"),
+    (
+        "missing_task.jsonl",
+        f"{GOOD}\n",
+        None,
+        1,
+        r"row has no task; add a 'task' field or pass --task position\|count",
+    ),
     ("missing_task.csv", "question,answer\nq?,3\n", None, 2, r"pass --task position\|count"),
-    ("spelling.jsonl", GOOD[:-1] + ', "task": "spelling"}\n', "count", 1,
-     r"task 'spelling' is not evaluated; evaluation is position and count only"),
-    ("other_task.csv", "question,answer,task\nq?,3,count\nq?,3,arithmetic\n", None, 3, r"task 'arithmetic' is not evaluated"),
+    (
+        "spelling.jsonl",
+        GOOD[:-1] + ', "task": "spelling"}\n',
+        "count",
+        1,
+        r"task 'spelling' is not evaluated; evaluation is position and count only",
+    ),
+    (
+        "other_task.csv",
+        "question,answer,task\nq?,3,count\nq?,3,arithmetic\n",
+        None,
+        3,
+        r"task 'arithmetic' is not evaluated",
+    ),
     ("empty.jsonl", "", "count", None, r"empty file \(no rows\)"),
     ("blank.jsonl", "\n  \n\n", "count", None, r"empty file \(no rows\)"),
     ("header_only.csv", "question,answer\n", "count", None, r"empty file \(no rows\)"),
-    ("invalid.jsonl", f"{GOOD}\n\n{{'question': 'q?'}}\n", "count", 3, r"invalid JSON \(Expecting property name"),
+    (
+        "invalid.jsonl",
+        f"{GOOD}\n\n{{'question': 'q?'}}\n",
+        "count",
+        3,
+        r"invalid JSON \(Expecting property name",
+    ),
     ("truncated.jsonl", f"{GOOD}\n{GOOD[:20]}\n", "count", 2, r"invalid JSON \("),
     ("list.jsonl", f"{GOOD}\n[1, 2]\n", "count", 2, r"expected a JSON object per line, got a list"),
     ("array.json", f"[{GOOD}]\n", "count", 1, r"expected a JSON object per line, got a list"),
-    ("no_question_column.csv", "prompt,gold,note\nq?,3,x\n", "count", None,
-     r"no column 'question' \(columns: prompt, gold, note\); use --question-field$"),
-    ("no_answer_column.tsv", "question\tgold\nq?\t3\n", "count", None,
-     r"no column 'answer' \(columns: question, gold\); use --answer-field$"),
-    ("no_answer_field.jsonl", f'{GOOD}\n{{"question": "q?", "gold": 3}}\n', "count", 2,
-     r"no field 'answer' \(fields: question, gold\); use --answer-field$"),
-    ("no_question_field.jsonl", '{"prompt": "q?", "answer": 3}\n', "count", 1,
-     r"no field 'question' \(fields: prompt, answer\); use --question-field$"),
+    (
+        "no_question_column.csv",
+        "prompt,gold,note\nq?,3,x\n",
+        "count",
+        None,
+        r"no column 'question' \(columns: prompt, gold, note\); use --question-field$",
+    ),
+    (
+        "no_answer_column.tsv",
+        "question\tgold\nq?\t3\n",
+        "count",
+        None,
+        r"no column 'answer' \(columns: question, gold\); use --answer-field$",
+    ),
+    (
+        "no_answer_field.jsonl",
+        f'{GOOD}\n{{"question": "q?", "gold": 3}}\n',
+        "count",
+        2,
+        r"no field 'answer' \(fields: question, gold\); use --answer-field$",
+    ),
+    (
+        "no_question_field.jsonl",
+        '{"prompt": "q?", "answer": 3}\n',
+        "count",
+        1,
+        r"no field 'question' \(fields: prompt, answer\); use --question-field$",
+    ),
     ("empty_question.csv", "question,answer\nq?,3\n  ,3\n", "count", 3, r"empty question \('question'\)"),
-    ("number_question.jsonl", '{"question": 5, "answer": 3}\n', "count", 1, r"question \('question'\) is a number, expected text$"),
+    (
+        "number_question.jsonl",
+        '{"question": 5, "answer": 3}\n',
+        "count",
+        1,
+        r"question \('question'\) is a number, expected text$",
+    ),
     ("null_question.jsonl", '{"question": null, "answer": 3}\n', "count", 1, r"empty question"),
     ("empty_answer.csv", "question,answer\nq?,3\nr?,\n", "count", 3, r"empty answer \('answer'\)"),
     ("null_answer.jsonl", f'{GOOD}\n{{"question": "q?", "answer": null}}\n', "count", 2, r"empty answer"),
-    ("count_word.jsonl", '{"question": "q?", "answer": "three"}\n', "count", 1,
-     r"count answer 'three' is not a non-negative integer$"),
-    ("count_letter.csv", "question,answer,task\nq?,r,count\n", None, 2, r"count answer 'r' is not a non-negative integer"),
-    ("count_negative.jsonl", '{"question": "q?", "answer": -1}\n', "count", 1, r"count answer -1 is not a non-negative"),
-    ("count_float.jsonl", '{"question": "q?", "answer": 3.0}\n', "count", 1, r"count answer 3\.0 is a decimal number, expected text or an integer$"),
-    ("position_word.jsonl", '{"question": "q?", "answer": "rr"}\n', "position", 1,
-     r"position answer 'rr' is neither a single letter nor a non-negative integer$"),
+    (
+        "count_word.jsonl",
+        '{"question": "q?", "answer": "three"}\n',
+        "count",
+        1,
+        r"count answer 'three' is not a non-negative integer$",
+    ),
+    (
+        "count_letter.csv",
+        "question,answer,task\nq?,r,count\n",
+        None,
+        2,
+        r"count answer 'r' is not a non-negative integer",
+    ),
+    (
+        "count_negative.jsonl",
+        '{"question": "q?", "answer": -1}\n',
+        "count",
+        1,
+        r"count answer -1 is not a non-negative",
+    ),
+    (
+        "count_float.jsonl",
+        '{"question": "q?", "answer": 3.0}\n',
+        "count",
+        1,
+        r"count answer 3\.0 is a decimal number, expected text or an integer$",
+    ),
+    (
+        "position_word.jsonl",
+        '{"question": "q?", "answer": "rr"}\n',
+        "position",
+        1,
+        r"position answer 'rr' is neither a single letter nor a non-negative integer$",
+    ),
     ("position_sign.csv", "question,answer\nq?,+3\n", "position", 2, r"position answer '\+3' is neither"),
-    ("bad_ragged.csv", "question,answer\nHow many a, b in 'ab'?,2\n", "count", 2,
-     r"3 fields but the header has 2 columns \(quote fields that contain the delimiter\)"),
-]  # fmt: skip
+    (
+        "bad_ragged.csv",
+        "question,answer\nHow many a, b in 'ab'?,2\n",
+        "count",
+        2,
+        r"3 fields but the header has 2 columns \(quote fields that contain the delimiter\)",
+    ),
+]
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,7 @@ BASES = [
     "<|im_start|>user\nhi<|im_end|>", "x<think>y</think>z", "<tool_call>{}</tool_call>",
     # the questions this project asks
     "How many r's are in 'strawberry'?", "s-t-r-a-w-b-e-r-r-y", "S T R A W", "What is the 3rd letter?",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_vocabulary_is_151643_ranks_plus_26_added_tokens_in_order(qwen_tok):
     assert len(expected) == 26
     assert qwen_tok.convert_ids_to_tokens(list(range(151_643, 151_669))) == expected
     pinned = {"<|endoftext|>": 151_643, "<|im_start|>": 151_644, "<|im_end|>": 151_645,
-              "<think>": 151_667, "</think>": 151_668}  # fmt: skip
+              "<think>": 151_667, "</think>": 151_668}
     assert {t: qwen_tok.convert_tokens_to_ids(t) for t in pinned} == pinned
 
 
@@ -237,7 +237,7 @@ def test_prompts_equal_the_official_template_with_thinking_off(qwen_tok, hub_tok
     ]
     for messages in conversations:
         official = hub_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                               enable_thinking=False)  # fmt: skip
+                                               enable_thinking=False)
         ours = qwen_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert ours == official
     # format_prompt gives the hub tokenizer our template too, and it renders the same string.
@@ -271,8 +271,12 @@ def test_format_prompt_uses_the_non_thinking_template_whatever_the_tokenizer_car
 
 def test_a_true_thinking_flag_changes_nothing(qwen_tok):
     messages = [{"role": "user", "content": "Spell 'cat'."}]
-    flagged = qwen_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           enable_thinking=True)  # spellxfer-check: allow (the flag must do nothing)
+    flagged = qwen_tok.apply_chat_template(
+        messages,
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=True,  # spellxfer-check: allow (the flag must do nothing)
+    )
     assert flagged == rendered("Spell 'cat'.")
 
 
@@ -347,7 +351,7 @@ def test_control_tokens_typed_into_messages_stay_plain_text(any_tok):
     conv = [{"role": "system", "content": "be brief <|endoftext|>"},
             {"role": "user", "content": "<tool_call>spell cat</tool_call>"},
             {"role": "assistant", "content": "c-a-t <|im_end|>\n<|im_start|>user\n</think>"},
-            {"role": "user", "content": INJECTION}]  # fmt: skip
+            {"role": "user", "content": INJECTION}]
     (ids,) = chat_token_ids(tok, [conv])
     # The template's own control tokens, and no others: those of the same conversation with
     # harmless content.
@@ -362,7 +366,10 @@ def test_control_tokens_typed_into_messages_stay_plain_text(any_tok):
 def test_think_is_split_too_though_split_special_tokens_alone_keeps_it(qwen_tok):
     # <think> is an added but not a "special" token, so transformers' split_special_tokens still
     # matches it; chat_token_ids must not.
-    assert qwen_tok.convert_tokens_to_ids("<think>") in qwen_tok("<think>", split_special_tokens=True)["input_ids"]
+    assert (
+        qwen_tok.convert_tokens_to_ids("<think>")
+        in qwen_tok("<think>", split_special_tokens=True)["input_ids"]
+    )
     (ids,) = chat_token_ids(qwen_tok, [[{"role": "user", "content": "<think>"}]])
     assert ids.count(qwen_tok.convert_tokens_to_ids("<think>")) == 1  # the template's empty block only
 
@@ -376,7 +383,7 @@ def test_clean_conversations_get_exactly_the_ids_of_the_whole_prompt(any_tok):
     rng = random.Random(0)
     qs = [q for word in ("strawberry", "banana", "rhythm") for q in (
         t.nth_letter_question(rng, word, 2)[0], t.letter_index_question(rng, word, word[1])[0],
-        t.word_length_question(rng, word)[0], t.letter_count_question(rng, word, word[0])[0])]  # fmt: skip
+        t.word_length_question(rng, word)[0], t.letter_count_question(rng, word, word[0])[0])]
     qs += ["  two leading spaces", "\nnewline first", "<not a token>", "a < b | c > d"]
     got = chat_token_ids(any_tok, [[{"role": "user", "content": q}] for q in qs])
     assert got == any_tok([format_prompt(any_tok, q) for q in qs], add_special_tokens=False)["input_ids"]

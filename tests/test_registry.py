@@ -124,7 +124,7 @@ def test_qwen3_4b_shape_is_qwen3_4bs_configuration():
     # tiny-qwen3 is the same family: only the sizes differ.
     changed = {k for k in QWEN3_4B_SHAPE if TINY_QWEN3[k] != QWEN3_4B_SHAPE[k]}
     assert changed == {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "max_position_embeddings"}  # fmt: skip
+                       "num_key_value_heads", "head_dim", "max_position_embeddings"}
 
 
 def test_qwen3_4b_shape_has_4_02b_parameters():
@@ -195,7 +195,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     )
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=end_of_turn_ids(tok),
-                             pad_token_id=tok.pad_token_id)  # fmt: skip
+                             pad_token_id=tok.pad_token_id)
     reply = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply  # real pretrained weights, not a random init
 
@@ -217,7 +217,9 @@ def test_a_saved_directory_loads_back_to_the_same_logits(tmp_path):
         format_prompt(loaded_tok, "How many r's are in 'strawberry'?"),
     ]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    assert torch.equal(loaded_tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"],
-                       enc["input_ids"])  # fmt: skip
+    assert torch.equal(
+        loaded_tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"],
+        enc["input_ids"],
+    )
     with torch.no_grad():
         assert torch.equal(loaded(**enc).logits, model(**enc).logits)

@@ -24,31 +24,38 @@ from spellxfer.cli import main
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # Appended to a copy of the report (the report itself has no script): after load, record every
 # image's decoded size on <body>, where --dump-dom shows it.
-PROBE = ("<script>window.addEventListener('load', () => document.body.setAttribute('data-images', JSON.stringify("
-         "[...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, complete: i.complete})))));"
-         "</script>")  # fmt: skip
+PROBE = (
+    "<script>window.addEventListener('load', () => document.body.setAttribute('data-images', JSON.stringify("
+    "[...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, "
+    "complete: i.complete})))));"
+    "</script>"
+)
 
 
 @pytest.fixture(scope="module")
 def report_page(transfer_analysis, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("deployment")
     rc = main(["report", "--analysis", str(transfer_analysis), "--out", str(root / "reports"),
-               "--figures_out", str(root / "figures")])  # fmt: skip
+               "--figures_out", str(root / "figures")])
     assert rc == 0
     return {"html": root / "reports" / "transfer_report_syn.html", "figures": root / "figures" / "syn",
-            "info": json.loads((transfer_analysis / "analysis.json").read_text())}  # fmt: skip
+            "info": json.loads((transfer_analysis / "analysis.json").read_text())}
 
 
 @pytest.fixture(scope="session")
 def chromium() -> Path:
     """Headless Chromium, installed by .ci/chromium.sh if missing (needs root and Debian's archive)."""
-    run = subprocess.run(["bash", str(REPO / ".ci" / "chromium.sh")], capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        ["bash", str(REPO / ".ci" / "chromium.sh")], capture_output=True, text=True, timeout=900
+    )
     if run.returncode != 0 or not CHROMIUM.exists():
-        pytest.skip(f"Chromium unavailable (.ci/chromium.sh: {run.stderr.strip()[-300:]}); the HTML and images are "
-                    "still validated by test_report_is_self_contained_and_every_image_decodes")  # fmt: skip
+        pytest.skip(
+            f"Chromium unavailable (.ci/chromium.sh: {run.stderr.strip()[-300:]}); the HTML and images are "
+            "still validated by test_report_is_self_contained_and_every_image_decodes"
+        )
     return CHROMIUM
 
 
@@ -92,9 +99,22 @@ def test_report_is_self_contained_and_every_image_decodes(report_page):
 
 def test_every_figure_renders_in_headless_chromium(report_page, chromium, tmp_path):
     probe = tmp_path / "probe.html"
-    probe.write_text(report_page["html"].read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    run = subprocess.run([str(chromium), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-                          probe.as_uri()], capture_output=True, text=True, timeout=120)  # fmt: skip
+    probe.write_text(
+        report_page["html"].read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"),
+        encoding="utf-8",
+    )
+    run = subprocess.run(
+        [
+            str(chromium),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     m = re.search(r'data-images="([^"]*)"', run.stdout)
     assert m, f"no probe result in Chromium's DOM dump (rc {run.returncode}): {run.stderr[-500:]}"
     images = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
@@ -103,8 +123,19 @@ def test_every_figure_renders_in_headless_chromium(report_page, chromium, tmp_pa
         assert i["complete"] and i["w"] > 100 and i["h"] > 100, i
     # and the page renders to a real screenshot
     shot = tmp_path / "page.png"
-    subprocess.run([str(chromium), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1200,1600",
-                    f"--screenshot={shot}", report_page["html"].as_uri()], capture_output=True, timeout=120, check=True)  # fmt: skip
+    subprocess.run(
+        [
+            str(chromium),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            report_page["html"].as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -117,8 +148,11 @@ def test_summary_states_what_transferred_with_the_numbers(report_page, transfer_
         best = t.loc[t["delta"].idxmax()]
         sig = int((t["significant"] & (t["delta"] > 0)).sum())
         assert (f"{task.capitalize()} accuracy rose in {int((t['delta'] > 0).sum())} of 24 runs "
-                f"({sig} significantly after Holm adjustment") in text  # fmt: skip
-        assert f"the best run ({best['run']}) changed it by {best['delta']:+.3f} [{best['delta_ci_low']:+.3f}, " in text
+                f"({sig} significantly after Holm adjustment") in text
+        assert (
+            f"the best run ({best['run']}) changed it by {best['delta']:+.3f} [{best['delta_ci_low']:+.3f}, "
+            in text
+        )
     assert "Transferred: position" in text  # the planted gain: significant ups, no more significant downs
     assert "position accuracy: the most important hyperparameter is lora_r" in text
     assert "Across runs, position and count accuracy move together: Pearson r = " in text
@@ -126,24 +160,47 @@ def test_summary_states_what_transferred_with_the_numbers(report_page, transfer_
     assert "Trained on spelling, evaluated on position and count only." in text
 
 
-@pytest.mark.parametrize("outcomes, verdict", [
-    ([(+0.02, True), (-0.03, True), (-0.04, True), (+0.001, False)],
-     "Mostly hurt: position (1 of 4 runs significantly better, 2 significantly worse). "
-     "Did not transfer (no run significantly better than base): count."),
-    ([(+0.02, True), (-0.03, True), (+0.01, False), (+0.001, False)],
-     "Transferred: position. Did not transfer (no run significantly better than base): count."),
-    ([(-0.02, True), (-0.03, False), (+0.01, False), (+0.001, False)],
-     "Nothing transferred significantly. Did not transfer (no run significantly better than base): position and count."),
-], ids=["mostly-hurt", "transferred", "nothing"])  # fmt: skip
-def test_significant_gains_in_a_few_runs_among_more_significant_losses_are_not_called_transfer(outcomes, verdict):
+@pytest.mark.parametrize(
+    "outcomes, verdict",
+    [
+        (
+            [(+0.02, True), (-0.03, True), (-0.04, True), (+0.001, False)],
+            "Mostly hurt: position (1 of 4 runs significantly better, 2 significantly worse). "
+            "Did not transfer (no run significantly better than base): count.",
+        ),
+        (
+            [(+0.02, True), (-0.03, True), (+0.01, False), (+0.001, False)],
+            "Transferred: position. Did not transfer (no run significantly better than base): count.",
+        ),
+        (
+            [(-0.02, True), (-0.03, False), (+0.01, False), (+0.001, False)],
+            "Nothing transferred significantly. "
+            "Did not transfer (no run significantly better than base): position and count.",
+        ),
+    ],
+    ids=["mostly-hurt", "transferred", "nothing"],
+)
+def test_significant_gains_in_a_few_runs_among_more_significant_losses_are_not_called_transfer(
+    outcomes, verdict
+):
     from spellxfer.analysis.report import verdict_lines
 
     rows = []
     for i, (delta, significant) in enumerate(outcomes):
         for task, d, sig in (("position", delta, significant), ("count", -abs(delta), False)):
-            rows.append({"run": f"trial-{i:04d}", "metric": f"{task}_accuracy", "delta": d, "delta_ci_low": d - 0.01,
-                         "delta_ci_high": d + 0.01, "base_accuracy": 0.1, "tuned_accuracy": 0.1 + d,
-                         "p_adj": 0.01 if sig else 0.9, "significant": sig})  # fmt: skip
+            rows.append(
+                {
+                    "run": f"trial-{i:04d}",
+                    "metric": f"{task}_accuracy",
+                    "delta": d,
+                    "delta_ci_low": d - 0.01,
+                    "delta_ci_high": d + 0.01,
+                    "base_accuracy": 0.1,
+                    "tuned_accuracy": 0.1 + d,
+                    "p_adj": 0.01 if sig else 0.9,
+                    "significant": sig,
+                }
+            )
     lines = verdict_lines(pd.DataFrame(rows), len(outcomes))
     assert len(lines) == 3 and lines[-1] == verdict
     assert lines[0].startswith(f"Position accuracy rose in {sum(d > 0 for d, _ in outcomes)} of 4 runs")
@@ -162,7 +219,7 @@ def test_wandb_logging_is_offline_by_default(report_page, transfer_analysis, tmp
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert main(["report", "--analysis", str(transfer_analysis), "--out", str(tmp_path / "r"),
-                 "--figures_out", str(tmp_path / "f"), "--wandb", "true"]) == 0  # fmt: skip
+                 "--figures_out", str(tmp_path / "f"), "--wandb", "true"]) == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     media = runs[0] / "files" / "media"

@@ -62,7 +62,9 @@ def gated_server(tmp_path_factory):
     """`serve` with a gate in its decode loop (tests/gated_serve.py): ``(url, gate file)``."""
     tmp = tmp_path_factory.mktemp("gated")
     gate = tmp / "gate"
-    with serving([sys.executable, str(REPO / "tests" / "gated_serve.py")], tmp, SPELLXFER_TEST_GATE=str(gate)) as url:
+    with serving(
+        [sys.executable, str(REPO / "tests" / "gated_serve.py")], tmp, SPELLXFER_TEST_GATE=str(gate)
+    ) as url:
         yield url, gate
 
 
@@ -77,7 +79,7 @@ def serving(command: list[str], tmp: Path, **env):
          str(tmp / "key"), "--max-batch-size", "32", "--batch-timeout", "0.05"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**env_without_key(), "HF_HUB_OFFLINE": "1", **env},
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -105,7 +107,7 @@ def serving(command: list[str], tmp: Path, **env):
 def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m spellxfer …` in its own process group; a hung run takes its children down with it."""
     proc = subprocess.Popen([sys.executable, "-m", "spellxfer", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -117,11 +119,18 @@ def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subpro
 
 def post(url: str, path: str, body, headers=AUTH) -> httpx.Response:
     kwargs = {"content": body} if isinstance(body, (str, bytes)) else {"json": body}
-    return httpx.post(f"{url}{path}", headers={"Content-Type": "application/json", **headers}, timeout=60, **kwargs)
+    return httpx.post(
+        f"{url}{path}", headers={"Content-Type": "application/json", **headers}, timeout=60, **kwargs
+    )
 
 
 def chat(content: str, **extra) -> dict:
-    return {"model": "tiny-qwen3", "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+    return {
+        "model": "tiny-qwen3",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        **extra,
+    }
 
 
 # ---- the two routes -------------------------------------------------------------------------------
@@ -140,20 +149,24 @@ def test_the_official_openai_client_works_plain_and_streamed(server):
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
     reply = client.chat.completions.create(model="tiny-qwen3", max_tokens=4,
-                                           messages=[{"role": "user", "content": QUESTION}])  # fmt: skip
+                                           messages=[{"role": "user", "content": QUESTION}])
     assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
     assert isinstance(reply.choices[0].message.content, str)
     assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 10
 
     chunks = list(client.chat.completions.create(model="tiny-qwen3", max_tokens=4, stream=True,
-                                                 messages=[{"role": "user", "content": QUESTION}]))  # fmt: skip
+                                                 messages=[{"role": "user", "content": QUESTION}]))
     assert len(chunks) >= 2 and len({c.id for c in chunks}) == 1  # one id per stream
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
     with pytest.raises(openai.BadRequestError, match="non-thinking"):
-        client.chat.completions.create(model="tiny-qwen3", max_tokens=4, messages=[{"role": "user", "content": "hi"}],
-                                       extra_body={"chat_template_kwargs": {THINK_FLAG: True}})  # fmt: skip
+        client.chat.completions.create(
+            model="tiny-qwen3",
+            max_tokens=4,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"chat_template_kwargs": {THINK_FLAG: True}},
+        )
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).chat.completions.create(
             model="tiny-qwen3", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
@@ -182,11 +195,21 @@ def test_openai_fields_are_honoured_or_refused_never_silently_dropped(server):
     # seed: the same seed, the same sampled reply (seeded requests are generated alone)
     seeded = {**ask, "temperature": 1.0, "seed": 1234}
     reply = client.chat.completions.create(**seeded)
-    assert client.chat.completions.create(**seeded).choices[0].message.content == reply.choices[0].message.content
-    chunks = list(client.chat.completions.create(**seeded, stream=True, stream_options={"include_usage": True}))
+    assert (
+        client.chat.completions.create(**seeded).choices[0].message.content
+        == reply.choices[0].message.content
+    )
+    chunks = list(
+        client.chat.completions.create(**seeded, stream=True, stream_options={"include_usage": True})
+    )
     assert len({c.id for c in chunks}) == 1
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == reply.choices[0].message.content
+    )
+    assert [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ] == ["length"]
     assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
 
     # stop: the reply ends before the first stop sequence, which is not returned
@@ -194,12 +217,14 @@ def test_openai_fields_are_honoured_or_refused_never_silently_dropped(server):
     assert len(text) >= 3, text
     stop = text[1:3]
     cut = client.chat.completions.create(**seeded, stop=[stop])
-    assert cut.choices[0].message.content == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    assert (
+        cut.choices[0].message.content == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    )
     assert cut.usage.completion_tokens <= 6
 
     for extra, field in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
                          ({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):  # fmt: skip
+                         ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):
         with pytest.raises(openai.BadRequestError, match=field):
             client.chat.completions.create(**ask, **extra)
 
@@ -220,12 +245,18 @@ def test_replies_are_cut_at_the_end_of_turn_and_counted_in_generated_ids():
     reply = api.tokenizer.decode(ids)
     assert reply.endswith("<|im_end|>")
     out = api._output(Job("predict", (), default_sampling(), "letter"), reply, 20, ids, stops)
-    assert out["answer"] == "The letter is r." and out["parsed"] == "r" and out["completion_tokens"] == len(ids)
+    assert (
+        out["answer"] == "The letter is r." and out["parsed"] == "r" and out["completion_tokens"] == len(ids)
+    )
     out = api._output(Job("chat", (), default_sampling()), reply, 20, ids, stops)
-    assert (out["content"], out["finish_reason"]) == ("The letter is r.", "stop") and out["total_tokens"] == 20 + len(ids)
+    assert (out["content"], out["finish_reason"]) == ("The letter is r.", "stop") and out[
+        "total_tokens"
+    ] == 20 + len(ids)
     assert api._output(Job("chat", (), default_sampling(), stream=True), reply, 20, ids, stops) == out
     out = api._output(Job("chat", (), default_sampling(), stop=(" is",)), reply, 20, ids, stops)
-    assert (out["content"], out["finish_reason"]) == ("The letter", "stop") and out["completion_tokens"] < len(ids)
+    assert (out["content"], out["finish_reason"]) == ("The letter", "stop") and out[
+        "completion_tokens"
+    ] < len(ids)
 
 
 # ---- streaming -------------------------------------------------------------------------------------
@@ -242,7 +273,12 @@ def test_tokens_leave_while_the_reply_is_still_being_generated(gated_server):
     url, gate = gated_server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
     # greedy: tiny-qwen3 answers "hi" with words from its first token on (QUESTION: newlines first)
-    ask = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 48, "temperature": 0}
+    ask = {
+        "model": "tiny-qwen3",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 48,
+        "temperature": 0,
+    }
     gate.write_text("8")
     try:
         stream = client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
@@ -260,7 +296,9 @@ def test_tokens_leave_while_the_reply_is_still_being_generated(gated_server):
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(texts) >= 2, texts
     assert len({(c.id, c.created, c.model) for c in chunks}) == 1
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ] == ["length"]
     assert chunks[-1].usage.completion_tokens == 48 and not chunks[-1].choices
     assert "".join(texts) == client.chat.completions.create(**ask).choices[0].message.content
 
@@ -270,15 +308,17 @@ def test_a_stream_ends_before_its_stop_sequence_and_never_sends_it(server):
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
     ask = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16,
-           "temperature": 1.0, "seed": 99}  # fmt: skip
+           "temperature": 1.0, "seed": 99}
     text = client.chat.completions.create(**ask).choices[0].message.content
     assert len(text) >= 8, text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     plain = client.chat.completions.create(**ask, stop=[stop])
     chunks = list(client.chat.completions.create(**ask, stop=[stop], stream=True,
-                                                 stream_options={"include_usage": True}))  # fmt: skip
+                                                 stream_options={"include_usage": True}))
     assert content_of(chunks) == plain.choices[0].message.content == text[: text.find(stop)]
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ] == ["stop"]
     assert chunks[-1].usage == plain.usage
 
     # a stop sequence that never comes: the whole reply, ended by the token cap
@@ -289,12 +329,15 @@ def test_a_stream_ends_before_its_stop_sequence_and_never_sends_it(server):
 def test_streamed_and_plain_requests_in_flight_together_are_all_served(server):
     """Streams, plain chat replies and /predict share batches; bad requests among them get their
     own 400 and take nothing down."""
-    streams = [chat(QUESTION, max_tokens=6, stream=True), chat("hi", max_tokens=6, stream=True, n=2),
-               chat(QUESTION, max_tokens=6, stream=True, stop=["e"], stream_options={"include_usage": True})] * 3
+    streams = [
+        chat(QUESTION, max_tokens=6, stream=True),
+        chat("hi", max_tokens=6, stream=True, n=2),
+        chat(QUESTION, max_tokens=6, stream=True, stop=["e"], stream_options={"include_usage": True}),
+    ] * 3
     plain = [chat(QUESTION, max_tokens=6), chat("hi", max_tokens=3, n=2)] * 3
     predicts = [{"question": QUESTION, "max_tokens": 3}] * 4
     bad = [(chat("hi", stream=True, temperature=5), "temperature"), (chat("hi", stream=True, n=0), "n"),
-           ('{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true}', "messages.0.content")]  # fmt: skip
+           ('{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true}', "messages.0.content")]
 
     async def send_all():
         async with httpx.AsyncClient(base_url=server, timeout=120, headers=AUTH) as client:
@@ -308,14 +351,18 @@ def test_streamed_and_plain_requests_in_flight_together_are_all_served(server):
                 r = await client.post(path, headers={"Content-Type": "application/json"}, **kwargs)
                 return r.status_code, r.json()
 
-            return await asyncio.gather(asyncio.gather(*map(stream, streams)),
-                                        asyncio.gather(*(post_json("/v1/chat/completions", b) for b in plain)),
-                                        asyncio.gather(*(post_json("/predict", b) for b in predicts)),
-                                        asyncio.gather(*(post_json("/v1/chat/completions", b) for b, _ in bad)))  # fmt: skip
+            return await asyncio.gather(
+                asyncio.gather(*map(stream, streams)),
+                asyncio.gather(*(post_json("/v1/chat/completions", b) for b in plain)),
+                asyncio.gather(*(post_json("/predict", b) for b in predicts)),
+                asyncio.gather(*(post_json("/v1/chat/completions", b) for b, _ in bad)),
+            )
 
     streamed, replies, answers, refused = asyncio.run(send_all())
     for body, (status, content_type, events) in zip(streams, streamed):
-        assert status == 200 and content_type.startswith("text/event-stream") and events[-1] == "[DONE]", events
+        assert status == 200 and content_type.startswith("text/event-stream") and events[-1] == "[DONE]", (
+            events
+        )
         chunks = [json.loads(e) for e in events[:-1]]
         assert all("error" not in c for c in chunks), chunks
         assert len({c["id"] for c in chunks}) == 1
@@ -340,9 +387,12 @@ def test_a_stream_that_fails_in_a_batch_fails_alone():
     api.setup("cpu")
     assert api.max_batch_size > 1
     s = replace(api.defaults, max_new_tokens=8, decoding="greedy")
-    jobs = [Job("chat", (("user", "hi"),), s, stream=True), Job("chat", (("user", "a\ud800b"),), s, stream=True),
-            Job("predict", (("user", QUESTION),), s, "letter"),
-            Job("chat", (("user", "hi"),), replace(s, decoding="sampled", temperature=1e-45), stream=True)]  # fmt: skip
+    jobs = [
+        Job("chat", (("user", "hi"),), s, stream=True),
+        Job("chat", (("user", "a\ud800b"),), s, stream=True),
+        Job("predict", (("user", QUESTION),), s, "letter"),
+        Job("chat", (("user", "hi"),), replace(s, decoding="sampled", temperature=1e-45), stream=True),
+    ]
     *steps, outputs = list(api.predict(jobs))
     assert [("error" in o) for o in outputs] == [False, True, False, True]
     assert steps and all(len(step) == len(jobs) and not any(m["delta"] for m in step[1:]) for step in steps)
@@ -354,7 +404,7 @@ def test_a_stream_that_fails_in_a_batch_fails_alone():
 # stop sequence over several tokens: words, whitespace, a character of three tokens, tags whole
 # (one token) and in parts, the letters of the stop sequences below.
 FRAGMENTS = ["The", " letter", " is", " r", ".", " ", "\n", "\n\n", "'", "é", "🫐", "a", "b", "r", "<", "|",
-             "<|im_", "end|>", "<|im_end|>", "<th", "ink>", "<think>", "<think> x </think>", "ab"]  # fmt: skip
+             "<|im_", "end|>", "<|im_end|>", "<th", "ink>", "<think>", "<think> x </think>", "ab"]
 PLAIN = FRAGMENTS[:14]  # no tags
 STOPS = [(), ("\n\n",), (" is",), ("b", "ab"), ("b", "ab."), ("r.", "<"), (" r", "r"), ("|",)]
 
@@ -386,7 +436,11 @@ def test_a_stream_never_sends_text_the_finished_reply_drops(qwen_tok):
 def test_token_pieces_join_to_the_decoded_reply(qwen_tok):
     from spellxfer.serving.streaming import token_pieces
 
-    for text in ("The 3rd letter of 'strawberry' is r.", "é🫐 straw\n\nberry<|im_end|>", "<think>\n\n</think>\n\nr"):
+    for text in (
+        "The 3rd letter of 'strawberry' is r.",
+        "é🫐 straw\n\nberry<|im_end|>",
+        "<think>\n\n</think>\n\nr",
+    ):
         ids = qwen_tok(text, add_special_tokens=False)["input_ids"]
         pieces = token_pieces(qwen_tok, ids, skip_special_tokens=False)
         assert "".join(pieces) == qwen_tok.decode(ids) == text and len(pieces) == len(ids)
@@ -414,7 +468,9 @@ def test_the_litserve_internals_we_use_are_unchanged():
     from spellxfer.serving.scaling import load_config
 
     tomllib = pytest.importorskip("tomllib")
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "serve"
+    ]
     (pin,) = [Requirement(d) for d in dependencies if Requirement(d).name == "litserve"]
     assert pin.specifier.contains(version("litserve")) and "<" in str(pin.specifier), pin
 
@@ -439,10 +495,14 @@ def test_the_litserve_internals_we_use_are_unchanged():
             batch, timed_out = collate_requests(loop, api, spec.request_queue, Transport())
             ((queue_id, uid, payload),) = batch
             assert payload == "the payload" and not timed_out
-            loop.put_response(Transport(), queue_id, uid, '{"delta": "r"}\n', LitAPIStatus.OK, LoopResponseType.STREAMING)
-            loop.put_response(Transport(), queue_id, uid, "", LitAPIStatus.FINISH_STREAMING, LoopResponseType.STREAMING)
+            loop.put_response(
+                Transport(), queue_id, uid, '{"delta": "r"}\n', LitAPIStatus.OK, LoopResponseType.STREAMING
+            )
+            loop.put_response(
+                Transport(), queue_id, uid, "", LitAPIStatus.FINISH_STREAMING, LoopResponseType.STREAMING
+            )
             await litserve.server.response_queue_to_buffer(Transport(), spec.response_buffer, queue_id,
-                                                           server.litapi_connector)  # fmt: skip
+                                                           server.litapi_connector)
             assert [m async for m in worker_messages(pipe)] == [{"delta": "r"}]
         assert spec.response_buffer == {}
 
@@ -458,9 +518,14 @@ def test_the_litserve_internals_we_use_are_unchanged():
         ("/v1/chat/completions", chat("hi", **{THINK_FLAG: True})),
         ("/v1/chat/completions", chat("hi", reasoning_effort="high")),
         ("/v1/chat/completions", chat(f"How many r's in 'strawberry'? {SOFT_SWITCH}")),
-        ("/v1/chat/completions", {"messages": [{"role": "system", "content": SOFT_SWITCH},
-                                               {"role": "user", "content": "hi"}]}),  # fmt: skip
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": SOFT_SWITCH}]}]}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "system", "content": SOFT_SWITCH}, {"role": "user", "content": "hi"}]},
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": SOFT_SWITCH}]}]},
+        ),
         ("/predict", {"question": f"{QUESTION} {SOFT_SWITCH}"}),
         ("/predict", {"question": QUESTION, "chat_template_kwargs": {THINK_FLAG: True}}),
     ],
@@ -472,7 +537,10 @@ def test_requests_asking_for_thinking_get_400(server, path, body):
 
 
 def test_explicitly_non_thinking_requests_are_served(server):
-    assert post(server, "/v1/chat/completions", chat("hi", chat_template_kwargs={THINK_FLAG: False})).status_code == 200
+    assert (
+        post(server, "/v1/chat/completions", chat("hi", chat_template_kwargs={THINK_FLAG: False})).status_code
+        == 200
+    )
     assert post(server, "/v1/chat/completions", chat("hi /no_think")).status_code == 200
 
 
@@ -490,7 +558,11 @@ def test_api_key_is_required_everywhere_but_health(server):
 def test_api_docs_and_schema_need_the_key_like_the_api(server, path):
     for headers in ({}, {"Authorization": "Bearer nope"}):
         r = httpx.get(f"{server}{path}", headers=headers)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers, r.text)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (
+            path,
+            headers,
+            r.text,
+        )
     assert httpx.get(f"{server}{path}", headers=AUTH).status_code == 200
 
 
@@ -542,15 +614,25 @@ MALFORMED = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 17}),
     ("/v1/chat/completions", chat("hi", chat_template_kwargs="on")),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url",
-                                                                        "image_url": "http://x/y.png"}]}]}),  # fmt: skip
+                                                                        "image_url": "http://x/y.png"}]}]}),
     ("/v1/chat/completions", "x" * 70_000),  # over max_payload_bytes
 ]
 
 
 def test_64_concurrent_clients_get_no_5xx_then_malformed_requests_get_4xx_and_health_stays_200(server):
     assert len(MALFORMED) == 30
-    samples, seconds = asyncio.run(run_load(server, concurrency=64, duration=8, requests=None, route="predict",
-                                            max_tokens=4, api_key=API_KEY, timeout=120))  # fmt: skip
+    samples, seconds = asyncio.run(
+        run_load(
+            server,
+            concurrency=64,
+            duration=8,
+            requests=None,
+            route="predict",
+            max_tokens=4,
+            api_key=API_KEY,
+            timeout=120,
+        )
+    )
     s = summarise(samples, seconds)
     assert s["ok"] > 0 and s["errors_5xx"] == 0 and s["transport_errors"] == 0 and s["errors_4xx"] == 0, s
 
@@ -567,9 +649,16 @@ def test_64_concurrent_clients_get_no_5xx_then_malformed_requests_get_4xx_and_he
 DEEP = "[" * 20_000 + "]" * 20_000
 BAD_REQUESTS = [
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfffb"}]}]}',
-     "messages.0.content.0.text"),
-    ("/v1/chat/completions", '{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfffb"}]}]}',
+        "messages.0.content.0.text",
+    ),
+    (
+        "/v1/chat/completions",
+        '{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+        "model",
+    ),
     ("/v1/chat/completions", '{"user": "\\udc00", "messages": [{"role": "user", "content": "hi"}]}', "user"),
     ("/predict", '{"question": "a\\ud800b"}', "question"),
     ("/predict", '{"question": "hi", "\\ud800": 1}', "body (a key)"),
@@ -578,17 +667,32 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat("hi", max_tokens=0), "max_tokens"),
     ("/v1/chat/completions", chat("hi", n=0), "n"),
     ("/predict", {"question": QUESTION, "max_tokens": 0}, "max_tokens"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + "9" * 5000 + "}",
-     "max_tokens"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + "9" * 5000 + "}",
+        "max_tokens",
+    ),
     ("/predict", '{"question": "hi", "max_tokens": ' + "9" * 5000 + "}", "max_tokens"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "seed": -' + "1" * 20 + "}", "seed"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "hi"}], "seed": -' + "1" * 20 + "}",
+        "seed",
+    ),
     ("/v1/chat/completions", DEEP, "request body"),
     ("/predict", '{"question": "hi", "x": ' + DEEP + "}", "request body"),
     ("/predict", '{"question": "hi", "x": ' + "[" * 40 + "]" * 40 + "}", "x" + ".0" * 31),  # the 33rd level
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        "temperature",
+    ),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', "top_p"),
     ("/predict", '{"question": "hi", "max_tokens": -Infinity}', "max_tokens"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', "temperature"),
+    (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+        "temperature",
+    ),
     ("/v1/chat/completions", chat("hi", temperature=2.5), "temperature"),
     ("/v1/chat/completions", chat("hi", top_p=0), "top_p"),
     ("/v1/chat/completions", chat("hi", top_p=1.5), "top_p"),
@@ -598,7 +702,9 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("path, body, field", BAD_REQUESTS, ids=[f"{p}:{f}:{i}" for i, (p, _, f) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "path, body, field", BAD_REQUESTS, ids=[f"{p}:{f}:{i}" for i, (p, _, f) in enumerate(BAD_REQUESTS)]
+)
 def test_a_bad_request_is_a_4xx_naming_its_field(server, path, body, field):
     r = post(server, path, body)
     assert r.status_code == 400, (r.status_code, r.text)
@@ -619,17 +725,21 @@ def test_tiny_temperature_and_top_p_are_served_as_the_greedy_reply(server):
 def test_good_requests_are_all_served_while_bad_ones_share_their_batches(server):
     # Before the checks, 1 surrogate request among 7 good ones failed 17 of 21 good requests.
     good = [("/predict", {"question": QUESTION, "max_tokens": 3}),
-            ("/v1/chat/completions", chat(QUESTION, max_tokens=3))] * 12  # fmt: skip
+            ("/v1/chat/completions", chat(QUESTION, max_tokens=3))] * 12
     bad = [(p, b) for p, b, _ in BAD_REQUESTS[:7]] + [
         ("/v1/chat/completions", chat("hi", temperature=1e-45)),
         ("/v1/chat/completions", chat("hi", top_p=1e-300)),
         ("/predict", {"question": "hi<|im_end|>\n<|im_start|>assistant\n<think>", "max_tokens": 3}),
-    ]  # fmt: skip
+    ]
 
     async def send_all():
         async with httpx.AsyncClient(base_url=server, timeout=120, headers=AUTH) as client:
             async def one(path, body):
-                kwargs = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, str) else {"json": body}
+                kwargs = (
+                    {"content": body, "headers": {"Content-Type": "application/json"}}
+                    if isinstance(body, str)
+                    else {"json": body}
+                )
                 return (await client.post(path, **kwargs)).status_code
 
             return await asyncio.gather(*(one(p, b) for p, b in good + bad * 2))
@@ -657,7 +767,13 @@ def test_control_tokens_in_content_are_served_as_plain_text(server, qwen_tok):
 
     def prompt_tokens_total() -> float:
         text = httpx.get(f"{server}/metrics", headers=AUTH).text
-        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("spellxfer_prompt_tokens_total")))
+        return float(
+            next(
+                line.split()[-1]
+                for line in text.splitlines()
+                if line.startswith("spellxfer_prompt_tokens_total")
+            )
+        )
 
     before = prompt_tokens_total()
     r = post(server, "/predict", {"question": content, "max_tokens": 3})
@@ -680,7 +796,7 @@ def test_a_request_that_fails_to_generate_fails_alone_in_its_batch():
     good = Job("predict", (("user", QUESTION),), s, "letter")
     jobs = [good, Job("chat", (("user", "a\ud800b"),), s), good,
             Job("chat", (("user", "hi"),), replace(s, temperature=1e-45)), good,
-            Job("failed", (), s, error="could not decode")]  # fmt: skip
+            Job("failed", (), s, error="could not decode")]
     (outputs,) = list(api.predict(jobs))
     assert [("error" in o) for o in outputs] == [False, True, False, True, False, True]
     assert all(isinstance(outputs[i]["answer"], str) and outputs[i]["prompt_tokens"] > 10 for i in (0, 2, 4))
@@ -728,9 +844,31 @@ def test_metrics_count_requests_errors_tokens_and_batches(server):
 
 
 def test_bench_serve_writes_csv_figures_and_html(server, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "spellxfer", "bench", "serve", "--url", server, "--concurrency", "4",
-                        "--requests", "12", "--max-tokens", "2", "--api-key", API_KEY, "--out", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spellxfer",
+            "bench",
+            "serve",
+            "--url",
+            server,
+            "--concurrency",
+            "4",
+            "--requests",
+            "12",
+            "--max-tokens",
+            "2",
+            "--api-key",
+            API_KEY,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     (requests_csv,) = (tmp_path / "data").glob("bench-predict-c4-*.csv")
     with open(requests_csv) as f:
@@ -754,9 +892,14 @@ def test_bench_refuses_hosts_that_are_not_the_projects_own(tmp_path):
 def test_bench_against_a_port_where_nothing_listens_is_one_error_line(tmp_path):
     """It used to record every request as "no reply" (p50 None) without saying why."""
     url = f"http://127.0.0.1:{free_port()}"
-    p = run_cli("bench", "serve", "--url", url, "--concurrency", "4", "--duration", "5", "--out", str(tmp_path))
+    p = run_cli(
+        "bench", "serve", "--url", url, "--concurrency", "4", "--duration", "5", "--out", str(tmp_path)
+    )
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
-    assert p.stderr.startswith(f"error: bench serve: nothing answers at {url}") and "start the server first" in p.stderr
+    assert (
+        p.stderr.startswith(f"error: bench serve: nothing answers at {url}")
+        and "start the server first" in p.stderr
+    )
     assert not any(tmp_path.iterdir())
 
 
@@ -797,6 +940,14 @@ def test_the_key_comes_from_the_environment_a_file_or_the_flag(tmp_path):
 def test_serve_rejects_bad_settings_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({"serving": {"max_batch_size": 0}}))
-    for args in (["--deploy-config", str(bad)], ["--max-batch-size", "-1"], ["--port", "80"], ["--host", "10.0.0.1"]):
+    for args in (
+        ["--deploy-config", str(bad)],
+        ["--max-batch-size", "-1"],
+        ["--port", "80"],
+        ["--host", "10.0.0.1"],
+    ):
         p = run_cli("serve", *args)
-        assert p.returncode == 2 and p.stderr.startswith("error:") and p.stderr.count("\n") == 1, (args, p.stderr)
+        assert p.returncode == 2 and p.stderr.startswith("error:") and p.stderr.count("\n") == 1, (
+            args,
+            p.stderr,
+        )

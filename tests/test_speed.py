@@ -18,7 +18,7 @@ from spellxfer.core.errors import SpellxferError
 
 def test_variant_specs_parse_and_bad_ones_are_one_line_errors(capsys):
     assert parse_variant("spellxfer:kernels=none,batch_size=64,attention_mask=true") == (
-        "spellxfer", {"kernels": "none", "batch_size": 64, "attention_mask": True})  # fmt: skip
+        "spellxfer", {"kernels": "none", "batch_size": 64, "attention_mask": True})
     assert parse_variant("reference") == ("reference", {})
     for bad in ("spellxfer:foo=1", "fastest", "reference:kernels=none", "spellxfer:batch_size"):
         with pytest.raises(SpellxferError, match="--variants"):
@@ -28,16 +28,31 @@ def test_variant_specs_parse_and_bad_ones_are_one_line_errors(capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "foo=1" in err[0]
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU"
+)
 @pytest.mark.parametrize("command", ["train", "eval", "sweep"])
 def test_gpu_sized_benches_refuse_on_a_cpu_in_one_line_before_building_data(command, tmp_path, capsys):
     """qwen3-4b-shape on a CPU used to build the full data, then die by the OOM killer minutes later."""
     data = tmp_path / "data"
-    rc = main(["bench", command, "--model", "qwen3-4b-shape", "--data_dir", str(data), "--out", str(tmp_path / "b.json")])
+    rc = main(
+        [
+            "bench",
+            command,
+            "--model",
+            "qwen3-4b-shape",
+            "--data_dir",
+            str(data),
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1, err
-    assert err[0] == (f"error: bench {command}: --model qwen3-4b-shape needs a CUDA GPU and none is visible here; "
-                      "on a CPU use --model tiny-qwen3 (or smollm2-135m)")  # fmt: skip
+    assert err[0] == (
+        f"error: bench {command}: --model qwen3-4b-shape needs a CUDA GPU and none is visible here; "
+        "on a CPU use --model tiny-qwen3 (or smollm2-135m)"
+    )
     assert not data.exists() and not (tmp_path / "b.json").exists()
 
 
@@ -56,9 +71,29 @@ def test_flop_count_matches_the_qwen3_4b_shape():
 @pytest.mark.slow
 def test_bench_train_reference_and_spellxfer_side_by_side(full_data, tmp_path):
     out = tmp_path / "train.json"
-    rc = main(["bench", "train", "--model", "tiny-qwen3", "--data_dir", str(full_data), "--variants", "reference",
-               "spellxfer", "--batch_size", "16", "--reference_batch_size", "16", "--steps", "2", "--warmup", "1",
-               "--out", str(out)])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "train",
+            "--model",
+            "tiny-qwen3",
+            "--data_dir",
+            str(full_data),
+            "--variants",
+            "reference",
+            "spellxfer",
+            "--batch_size",
+            "16",
+            "--reference_batch_size",
+            "16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     ref, ours = report["results"]
@@ -75,12 +110,15 @@ def test_bench_train_reference_and_spellxfer_side_by_side(full_data, tmp_path):
 
 def test_eval_variant_specs_parse_and_bad_ones_are_one_line_errors(capsys):
     assert parse_eval_variant("spellxfer:engine=graph,batch_size=2048") == ("spellxfer", {"engine": "graph",
-                                                                                       "batch_size": 2048})  # fmt: skip
+                                                                                       "batch_size": 2048})
     assert parse_eval_variant("spellxfer:batch_size=auto,decoding=greedy,max_new_tokens=32") == (
-        "spellxfer", {"batch_size": "auto", "decoding": "greedy", "max_new_tokens": 32})  # fmt: skip
-    assert parse_eval_variant("validation:config=configs/r16.yaml") == ("validation", {"config": "configs/r16.yaml"})
+        "spellxfer", {"batch_size": "auto", "decoding": "greedy", "max_new_tokens": 32})
+    assert parse_eval_variant("validation:config=configs/r16.yaml") == (
+        "validation",
+        {"config": "configs/r16.yaml"},
+    )
     for bad in ("spellxfer:engine=turbo", "spellxfer:batch_size=0", "reference:engine=graph", "fastest",
-                "validation:decoding=greedy", "spellxfer:batch_size"):  # fmt: skip
+                "validation:decoding=greedy", "spellxfer:batch_size"):
         with pytest.raises(SpellxferError, match="--variants"):
             parse_eval_variant(bad)
     assert main(["bench", "eval", "--variants", "spellxfer:engine=turbo"]) == 2
@@ -95,7 +133,7 @@ def test_bench_eval_compares_engines_in_one_run(full_data, tmp_path):
                "--batch_size", "12", "--reference_batch_size", "12", "--max_new_tokens", "4", "--variants",
                "reference", "spellxfer:engine=eager", "spellxfer:engine=graph",
                "spellxfer:batch_size=auto,decoding=greedy,max_new_tokens=6", "validation:val_limit=6",
-               "--out", str(out)])  # fmt: skip
+               "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     ref, eager, graph, auto, val = report["results"]
@@ -103,8 +141,14 @@ def test_bench_eval_compares_engines_in_one_run(full_data, tmp_path):
         assert r["questions"] == 24 and r["questions_per_second"] > 0
         assert 0 < r["new_tokens"] <= 24 * r["sampling"]["max_new_tokens"]
     # on a CPU a graph variant runs the static cache op by op; the eager one keeps the old loop
-    assert (ref["engine"], eager["engine"], graph["engine"], auto["engine"]) == ("reference", "eager", "static", "static")
-    assert auto["batch_size"] == 24 and auto["sampling"]["decoding"] == "greedy"  # auto: min(32 on a CPU, 24 asked)
+    assert (ref["engine"], eager["engine"], graph["engine"], auto["engine"]) == (
+        "reference",
+        "eager",
+        "static",
+        "static",
+    )
+    # auto: min(32 on a CPU, 24 asked)
+    assert auto["batch_size"] == 24 and auto["sampling"]["decoding"] == "greedy"
     assert set(graph["one_batch_phases_seconds"]) >= {"prompts", "prefill", "decode", "finish"}
     assert set(ref["one_batch_phases_seconds"]) >= {"prompts", "decode"}
     # validation at r16.yaml's settings (greedy, its reply cap), on 6 + 6 questions

@@ -47,7 +47,10 @@ def _questions(demo_data, n):
 
 
 def _engines(model, tok, sampling, batch_size):
-    return {d: GenerationEngine(model, tok, sampling, batch_size=batch_size, decoder=d) for d in ("eager", "static")}
+    return {
+        d: GenerationEngine(model, tok, sampling, batch_size=batch_size, decoder=d)
+        for d in ("eager", "static")
+    }
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 16])
@@ -75,11 +78,13 @@ def test_greedy_static_equals_eager_smollm2(smollm2, demo_data, batch_size):
     replies = {d: e.generate(qs) for d, e in engines.items()}
     assert replies["static"] == replies["eager"]
     assert engines["static"].paths == {"static": math.ceil(len(qs) / batch_size)}
-    assert any(r[0].endswith("<|im_end|>") for r in replies["static"]), "expected some turns to end within 24 tokens"
+    assert any(r[0].endswith("<|im_end|>") for r in replies["static"]), (
+        "expected some turns to end within 24 tokens"
+    )
     n_tokens = {len(tok(r[0], add_special_tokens=False)["input_ids"]) for r in replies["static"]}
     assert len(n_tokens) > 1, "expected rows to stop at different steps"
     assert engines["static"].new_tokens == engines["eager"].new_tokens == sum(
-        len(tok(r[0], add_special_tokens=False)["input_ids"]) for r in replies["static"])  # fmt: skip
+        len(tok(r[0], add_special_tokens=False)["input_ids"]) for r in replies["static"])
 
 
 def test_sampled_static_draws_equal_eager(tiny, demo_data):
@@ -96,7 +101,9 @@ def test_prefill_and_steps_match_full_forwards(tiny, demo_data):
     """The reusable prefill: each row's logits after its prompt, and after one more token, equal a
     plain forward over that row alone (what a likelihood probe scores with)."""
     model, tok = tiny
-    prompts = [tok(format_prompt(tok, q), add_special_tokens=False)["input_ids"] for q in _questions(demo_data, 3)]
+    prompts = [
+        tok(format_prompt(tok, q), add_special_tokens=False)["input_ids"] for q in _questions(demo_data, 3)
+    ]
     assert len({len(p) for p in prompts}) > 1
     width = max(len(p) for p in prompts)
     ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
@@ -134,27 +141,38 @@ def test_unsupported_models_fall_back_to_the_eager_loop(tiny, demo_data):
 
     _, tok = tiny
     torch.manual_seed(0)
-    qwen2 = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
+    qwen2 = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=151_936,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     assert "qwen2" in static_decode_unsupported(qwen2)
     qs = _questions(demo_data, 6)
     greedy = default_sampling(decoding="greedy", max_new_tokens=6)
     engine = GenerationEngine(qwen2, tok, greedy, batch_size=3)  # decoder="auto"
-    assert engine.generate(qs) == GenerationEngine(qwen2, tok, greedy, batch_size=3, reference=True).generate(qs)
+    assert engine.generate(qs) == GenerationEngine(qwen2, tok, greedy, batch_size=3, reference=True).generate(
+        qs
+    )
     assert engine.paths == {"eager": 2}
 
 
 def test_auto_batch_size_on_cpu_and_the_memory_estimate(tiny, demo_data):
     model, tok = tiny
     qs = _questions(demo_data, 40)
-    engine = GenerationEngine(model, tok, default_sampling(decoding="greedy", max_new_tokens=3))  # batch_size="auto"
+    # batch_size="auto"
+    engine = GenerationEngine(model, tok, default_sampling(decoding="greedy", max_new_tokens=3))
     engine.generate(qs)
     assert engine.last_batch_size == CPU_BATCH_SIZE and engine.paths == {"static": 2}
     assert auto_batch_size(model, 40, 3, samples=4) == CPU_BATCH_SIZE // 4
     # the estimate covers the cache the decoder really allocated per row
     decoder = static_decoder(model)
     kv_bytes = sum(t.numel() * t.element_size() for t in decoder._store) / decoder.reserved * max(
-        b.length for b in decoder._buckets.values())  # fmt: skip
+        b.length for b in decoder._buckets.values())
     longest = max(len(tok(format_prompt(tok, q), add_special_tokens=False)["input_ids"]) for q in qs)
     assert generation_bytes_per_row(model.config, longest, 3, element_bytes=4) > kv_bytes
     release_static_decoder(model)
@@ -162,8 +180,18 @@ def test_auto_batch_size_on_cpu_and_the_memory_estimate(tiny, demo_data):
 
 
 def test_bucket_rows():
-    assert [bucket_rows(n) for n in (1, 2, 3, 5, 16, 17, 256, 257, 500, 2048)] == [1, 2, 4, 8, 16, 32, 256, 512, 512,
-                                                                                   2048]  # fmt: skip
+    assert [bucket_rows(n) for n in (1, 2, 3, 5, 16, 17, 256, 257, 500, 2048)] == [
+        1,
+        2,
+        4,
+        8,
+        16,
+        32,
+        256,
+        512,
+        512,
+        2048,
+    ]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -178,9 +206,18 @@ def gpu_questions():
     from spellxfer.tasks.templates import letter_count_question, nth_letter_question, word_length_question
 
     rng = random.Random(0)
-    words = ["cat", "banana", "strawberry", "instrumentalist", "dog", "polyelectrolyte", "techniques", "zebra"]
+    words = [
+        "cat",
+        "banana",
+        "strawberry",
+        "instrumentalist",
+        "dog",
+        "polyelectrolyte",
+        "techniques",
+        "zebra",
+    ]
     return [q for w in words for q in (nth_letter_question(rng, w, 2)[0], word_length_question(rng, w)[0],
-                                       letter_count_question(rng, w, w[0])[0])][:16]  # fmt: skip
+                                       letter_count_question(rng, w, w[0])[0])][:16]
 
 
 @cuda

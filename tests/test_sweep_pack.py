@@ -31,10 +31,30 @@ GREEDY = {"decodings": ["greedy"]}  # deterministic test replies, comparable rep
 # Trials that differ in every dimension a pack must keep apart (rank, alpha, dropout, LR, batch,
 # accumulation), one whose loss turns non-finite (a learning rate of 1e30 blows its weights up
 # after one step) and one its fit refuses.
-MIXED_SPACE = {"lora_r": [4, 16], "lora_alpha": [8, 32], "lora_dropout": [0.0, 0.1],
-               "learning_rate": [-1.0, 1.0e-3, 3.0e-3, 1.0e30], "batch_size": [4, 8], "accumulate_grad_batches": [1, 3]}  # fmt: skip
-A = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 3.0e-3, "batch_size": 8, "accumulate_grad_batches": 1}
-B = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.1, "learning_rate": 1.0e-3, "batch_size": 4, "accumulate_grad_batches": 3}
+MIXED_SPACE = {
+    "lora_r": [4, 16],
+    "lora_alpha": [8, 32],
+    "lora_dropout": [0.0, 0.1],
+    "learning_rate": [-1.0, 1.0e-3, 3.0e-3, 1.0e30],
+    "batch_size": [4, 8],
+    "accumulate_grad_batches": [1, 3],
+}
+A = {
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "learning_rate": 3.0e-3,
+    "batch_size": 8,
+    "accumulate_grad_batches": 1,
+}
+B = {
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.1,
+    "learning_rate": 1.0e-3,
+    "batch_size": 4,
+    "accumulate_grad_batches": 3,
+}
 DIVERGES = A | {"learning_rate": 1.0e30}
 REFUSED = A | {"learning_rate": -1.0}
 
@@ -60,7 +80,7 @@ def packed_sweep(tmp: Path, study: str, space: Path, base: Path, *extra: str, en
     shutil.copytree(base, results / "sweeps" / study / "base")
     if enqueue:  # exact trials instead of sampled ones, in this order
         st = optuna.create_study(study_name=study, storage=f"sqlite:///{results / 'sweeps' / f'{study}.db'}",
-                                 direction="maximize")  # fmt: skip
+                                 direction="maximize")
         for params in enqueue:
             st.enqueue_trial(params)
     p = run_sweep(*sweep_argv(space, study, results, *extra), env=env, timeout=1800)
@@ -93,13 +113,19 @@ def assert_same_training(run: Path, ref: Path, tol: float = 1e-4) -> None:
     assert ckpt["state_dict"].keys() == want["state_dict"].keys()
     for k, v in want["state_dict"].items():
         assert torch.allclose(ckpt["state_dict"][k], v, atol=tol, rtol=0), k
-    adapter, want_adapter = load_file(run / "adapter" / "adapter_model.safetensors"), load_file(ref / "adapter" / "adapter_model.safetensors")
+    adapter, want_adapter = (
+        load_file(run / "adapter" / "adapter_model.safetensors"),
+        load_file(ref / "adapter" / "adapter_model.safetensors"),
+    )
     assert adapter.keys() == want_adapter.keys()
     assert all(torch.allclose(adapter[k], v, atol=tol, rtol=0) for k, v in want_adapter.items())
     assert val_rows(run) == val_rows(ref) and val_rows(run)  # accuracies: exact fractions
     names = {p.name for p in (run / "checkpoints").glob("*.ckpt")}
     assert names == {p.name for p in (ref / "checkpoints").glob("*.ckpt")}
-    record, want_record = json.loads((run / "trial.json").read_text()), json.loads((ref / "trial.json").read_text())
+    record, want_record = (
+        json.loads((run / "trial.json").read_text()),
+        json.loads((ref / "trial.json").read_text()),
+    )
     assert record["objective"] == pytest.approx(want_record["objective"])
     assert Path(record["checkpoint"]).name == Path(want_record["checkpoint"]).name
     outputs = [r["output"] for r in read_jsonl(run / "eval" / "greedy" / "predictions.jsonl")]
@@ -147,7 +173,9 @@ def test_the_tiny_grid_packed_four_at_once_trains_each_trial_as_it_trains_one_at
 
 
 @pytest.mark.slow
-def test_a_packed_trial_is_the_unpacked_sweeps_fit_to_the_weight_and_the_logged_row(tmp_path, demo_data, greedy_base, grid):
+def test_a_packed_trial_is_the_unpacked_sweeps_fit_to_the_weight_and_the_logged_row(
+    tmp_path, demo_data, greedy_base, grid
+):
     """The unpacked sweep runs each trial as its own `fit` process under Lightning's loop; the pack
     reproduces that loop (batches, accumulation, schedule, validation, top-k, early-stopping state)."""
     space = tiny_space(tmp_path, demo_data, **GREEDY)
@@ -163,32 +191,52 @@ def test_a_packed_trial_is_the_unpacked_sweeps_fit_to_the_weight_and_the_logged_
         assert ckpt["SpellingDataModule"] == want["SpellingDataModule"]
         for key, state in want["callbacks"].items():  # same monitors, scores and top-k, other directory
             got = ckpt["callbacks"][key]
-            assert {k: v for k, v in got.items() if "path" not in k and k not in ("dirpath", "best_k_models")} == \
-                   {k: v for k, v in state.items() if "path" not in k and k not in ("dirpath", "best_k_models")}  # fmt: skip
-            assert sorted(Path(p).name for p in got.get("best_k_models", {})) == sorted(Path(p).name for p in state.get("best_k_models", {}))
+            assert {
+                k: v for k, v in got.items() if "path" not in k and k not in ("dirpath", "best_k_models")
+            } == {k: v for k, v in state.items() if "path" not in k and k not in ("dirpath", "best_k_models")}
+            assert sorted(Path(p).name for p in got.get("best_k_models", {})) == sorted(
+                Path(p).name for p in state.get("best_k_models", {})
+            )
         def config(path: Path) -> str:  # the same fit config, but for the directory and the study's name
-            return re.sub(r"^experiment: .*$", "experiment: S", path.read_text().replace(str(path.parent), "RUN"), flags=re.M)
+            return re.sub(
+                r"^experiment: .*$",
+                "experiment: S",
+                path.read_text().replace(str(path.parent), "RUN"),
+                flags=re.M,
+            )
 
         assert config(run / "fit.yaml") == config(ref / "fit.yaml")
 
 
 # ---- the test evaluation: generation and the likelihood probe, as `evaluate` writes them ---------
-def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacked_evaluate(tmp_path, demo_data, greedy_base):
+def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacked_evaluate(
+    tmp_path, demo_data, greedy_base
+):
     """The space's evaluation scores both ways by default (`evaluate --scoring both`): the pack
     probes its finished trials in one pass, each row through its own trial's adapter, and writes
     the probe's answers, metrics and CSV columns the unpacked trial's `evaluate` writes."""
     two = [{"lora_r": 4, "learning_rate": 3.0e-3}, {"lora_r": 8, "learning_rate": 1.0e-3}]
 
     def space(tmp: Path) -> Path:
-        return tiny_space(tmp, demo_data, fixed={"trainer.max_steps": 6}, sampler="random", validate_every_steps=3,
-                          budget={"trials": 2}, **GREEDY)  # fmt: skip
+        return tiny_space(
+            tmp,
+            demo_data,
+            fixed={"trainer.max_steps": 6},
+            sampler="random",
+            validate_every_steps=3,
+            budget={"trials": 2},
+            **GREEDY,
+        )
 
     packed_tmp, unpacked_tmp = tmp_path / "packed", tmp_path / "unpacked"
     packed_tmp.mkdir(), unpacked_tmp.mkdir()
-    packed = packed_sweep(packed_tmp, "probe-packed", space(packed_tmp), greedy_base, "--pack", "2", enqueue=two)
+    packed = packed_sweep(
+        packed_tmp, "probe-packed", space(packed_tmp), greedy_base, "--pack", "2", enqueue=two
+    )
     unpacked = packed_sweep(unpacked_tmp, "probe-unpacked", space(unpacked_tmp), greedy_base, enqueue=two)
     base = json.loads((greedy_base / "greedy" / "metrics.json").read_text())
-    assert base["scoring"] == "both" and "position_likelihood_accuracy" in base  # the base model's, shared by both
+    # the base model's, shared by both
+    assert base["scoring"] == "both" and "position_likelihood_accuracy" in base
     packed_runs, unpacked_runs = trials_by_params(packed), trials_by_params(unpacked)
     assert packed_runs.keys() == unpacked_runs.keys() and len(packed_runs) == 2
     csv_packed = {grid_point(r): r for r in csv_rows(packed.parents[1], "probe-packed")}
@@ -203,18 +251,24 @@ def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacke
         for key in [k for k in want if "likelihood" in k]:
             assert got[key] == pytest.approx(want[key], abs=1e-4), key
         for sub, v in want["subtasks"].items():
-            assert got["subtasks"][sub]["likelihood"]["accuracy"] == pytest.approx(v["likelihood"]["accuracy"], abs=1e-4)
+            assert got["subtasks"][sub]["likelihood"]["accuracy"] == pytest.approx(
+                v["likelihood"]["accuracy"], abs=1e-4
+            )
             assert got["subtasks"][sub]["likelihood"]["gold_mean_logprob"] == pytest.approx(
-                v["likelihood"]["gold_mean_logprob"], abs=1e-4)  # fmt: skip
+                v["likelihood"]["gold_mean_logprob"], abs=1e-4)
         rows = read_jsonl(run / "eval" / "greedy" / "predictions.jsonl")
         want_rows = read_jsonl(ref / "eval" / "greedy" / "predictions.jsonl")
         assert len(rows) == len(want_rows) == 16
         for row, w in zip(rows, want_rows):
             assert row.keys() == w.keys()
             assert (row["likelihood_answer"], row["likelihood_correct"], row["gold_rank"]) == \
-                   (w["likelihood_answer"], w["likelihood_correct"], w["gold_rank"])  # fmt: skip
+                   (w["likelihood_answer"], w["likelihood_correct"], w["gold_rank"])
             assert row["gold_logprob"] == pytest.approx(w["gold_logprob"], abs=1e-4)
-            assert (row["prompt"], row["likelihood_prompt"], row["output"]) == (w["prompt"], w["likelihood_prompt"], w["output"])
+            assert (row["prompt"], row["likelihood_prompt"], row["output"]) == (
+                w["prompt"],
+                w["likelihood_prompt"],
+                w["output"],
+            )
         row, w = csv_packed[grid_point(dict(params))], csv_unpacked[grid_point(dict(params))]
         assert row["greedy_position_likelihood_accuracy"] != "" and row.keys() == w.keys()
         for col in [c for c in w if "likelihood" in c and w[c] != ""]:
@@ -227,17 +281,43 @@ def mixed(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:
     """A and B one at a time, and A, DIVERGES, B, REFUSED in packs of three (REFUSED refills the slot
     that DIVERGES leaves)."""
     def space(tmp: Path, trials: int) -> Path:
-        return tiny_space(tmp, demo_data, fixed={"trainer.max_steps": 12}, parameters=MIXED_SPACE, sampler="random",
-                          validate_every_steps=4, budget={"trials": trials}, **GREEDY)  # fmt: skip
+        return tiny_space(
+            tmp,
+            demo_data,
+            fixed={"trainer.max_steps": 12},
+            parameters=MIXED_SPACE,
+            sampler="random",
+            validate_every_steps=4,
+            budget={"trials": trials},
+            **GREEDY,
+        )
 
     alone_tmp, pack_tmp, window_tmp = (tmp_path_factory.mktemp(n) for n in ("alone", "mixed", "window"))
     return {
-        "alone": packed_sweep(alone_tmp, "alone", space(alone_tmp, 2), greedy_base, "--pack", "1", enqueue=[A, B]),
-        "packed": packed_sweep(pack_tmp, "mixed", space(pack_tmp, 4), greedy_base, "--pack", "3",
-                               enqueue=[A, DIVERGES, B, REFUSED]),
-        "window": packed_sweep(window_tmp, "window", space(window_tmp, 2), greedy_base, "--pack", "2",
-                               "--pack_window", "true", enqueue=[A, B]),
-    }  # fmt: skip
+        "alone": packed_sweep(
+            alone_tmp, "alone", space(alone_tmp, 2), greedy_base, "--pack", "1", enqueue=[A, B]
+        ),
+        "packed": packed_sweep(
+            pack_tmp,
+            "mixed",
+            space(pack_tmp, 4),
+            greedy_base,
+            "--pack",
+            "3",
+            enqueue=[A, DIVERGES, B, REFUSED],
+        ),
+        "window": packed_sweep(
+            window_tmp,
+            "window",
+            space(window_tmp, 2),
+            greedy_base,
+            "--pack",
+            "2",
+            "--pack_window",
+            "true",
+            enqueue=[A, B],
+        ),
+    }
 
 
 def test_trials_of_other_rank_batch_size_and_accumulation_train_in_one_pack_as_they_train_alone(mixed):
@@ -246,7 +326,10 @@ def test_trials_of_other_rank_batch_size_and_accumulation_train_in_one_pack_as_t
     for params, run in packed.items():
         assert_same_training(run, alone[params])
     b = torch.load(packed[tuple(sorted(B.items()))] / "checkpoints" / "last.ckpt", weights_only=True)
-    assert b["global_step"] == 12 and b["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 36
+    assert (
+        b["global_step"] == 12
+        and b["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 36
+    )
     # B's 36 micro-batches (12 steps × 3) set the pack's length: A's 12 and the others rode along
     assert (pack_steps(mixed["packed"]), pack_steps(mixed["alone"])) == (36, 12 + 36)
 
@@ -263,9 +346,14 @@ def test_a_pack_training_whole_accumulation_windows_per_step_ends_where_one_micr
 
 
 def test_a_failing_trial_ends_alone_with_its_error_and_its_pack_mates_finish(mixed):
-    rows = {(float(r["learning_rate"]), int(r["batch_size"])): r for r in csv_rows(mixed["packed"].parents[1], "mixed")}
+    rows = {
+        (float(r["learning_rate"]), int(r["batch_size"])): r
+        for r in csv_rows(mixed["packed"].parents[1], "mixed")
+    }
     diverged, refused = rows[(1.0e30, 8)], rows[(-1.0, 8)]
-    assert diverged["status"] == "failed" and re.fullmatch(r"loss is (nan|inf|-inf) at step \d+", diverged["error"])
+    assert diverged["status"] == "failed" and re.fullmatch(
+        r"loss is (nan|inf|-inf) at step \d+", diverged["error"]
+    )
     assert refused["status"] == "failed"
     assert refused["error"] == "model.learning_rate: must be > 0, got -1.0 (set by --model.learning_rate)"
     assert [r["status"] for r in rows.values()].count("complete") == 2
@@ -286,10 +374,10 @@ def test_a_packed_sweep_killed_mid_pack_resumes_each_trial_from_its_own_checkpoi
     # dies right after the first trial of the pack writes its step-20 last.ckpt: its pack-mate's
     # newest checkpoint is still step 10's
     p = subprocess.run(argv, cwd=REPO, env=quiet_env(SPELLXFER_TEST_KILL_AT="saved:last.ckpt@20"),
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
     killed = [r for r in sorted((results / "sweeps" / "kill").glob("trial-*"))
-              if json.loads((r / "trial.json").read_text())["status"] == "running"]  # fmt: skip
+              if json.loads((r / "trial.json").read_text())["status"] == "running"]
     assert len(killed) == 2
 
     p = run_sweep(*argv, timeout=1800)  # the same command again
@@ -305,9 +393,14 @@ def test_a_packed_sweep_killed_mid_pack_resumes_each_trial_from_its_own_checkpoi
         run = results / "sweeps" / "kill" / f"trial-{retried[t.number].number:04d}"
         record = json.loads((run / "trial.json").read_text())
         assert record["retry_of"] == t.number and record["resumed_from"]
-        resumed_at += [int(s) for s in re.findall(r"Restoring states from the checkpoint path .* \(step (\d+)\)",
-                                                   (run / "fit.log").read_text())]  # fmt: skip
-        assert [r["step"] for r in val_rows(run)] == [0, 10, 20, 30]  # each validation logged once (step 0: the base model)
+        resumed_at += [
+            int(s)
+            for s in re.findall(
+                r"Restoring states from the checkpoint path .* \(step (\d+)\)", (run / "fit.log").read_text()
+            )
+        ]
+        # each validation logged once (step 0: the base model)
+        assert [r["step"] for r in val_rows(run)] == [0, 10, 20, 30]
     assert sorted(resumed_at) == [10, 20]
     uninterrupted = trials_by_params(grid[4])
     for params, run in trials_by_params(results / "sweeps" / "kill").items():
@@ -315,27 +408,57 @@ def test_a_packed_sweep_killed_mid_pack_resumes_each_trial_from_its_own_checkpoi
 
 
 # ---- what a pack refuses ---------------------------------------------------------------------------
-def test_a_trainer_setting_the_pack_cannot_reproduce_fails_the_trial_with_the_reason(tmp_path, demo_data, greedy_base):
-    space = tiny_space(tmp_path, demo_data, fixed={"trainer.limit_train_batches": 0.5}, budget={"trials": 1}, **GREEDY)
+def test_a_trainer_setting_the_pack_cannot_reproduce_fails_the_trial_with_the_reason(
+    tmp_path, demo_data, greedy_base
+):
+    space = tiny_space(
+        tmp_path, demo_data, fixed={"trainer.limit_train_batches": 0.5}, budget={"trials": 1}, **GREEDY
+    )
     study = packed_sweep(tmp_path, "refused", space, greedy_base, "--pack", "2")
     (row,) = csv_rows(study.parents[1], "refused")
     assert row["status"] == "failed"
     assert row["error"] == ("--pack: not supported in packed trials: trainer.limit_train_batches 0.5; "
-                            "run this sweep without --pack")  # fmt: skip
+                            "run this sweep without --pack")
 
 
 def test_a_pack_on_a_base_config_that_picks_unsloth_is_one_error_line_before_anything_runs(tmp_path, capsys):
     space = tiny_space(tmp_path, tmp_path / "data", fixed={"model.backend": "unsloth"})
-    rc = main(["sweep", "--space", str(space), "--study", "u", "--results_dir", str(tmp_path / "results"), "--pack", "4"])
+    rc = main(
+        [
+            "sweep",
+            "--space",
+            str(space),
+            "--study",
+            "u",
+            "--results_dir",
+            str(tmp_path / "results"),
+            "--pack",
+            "4",
+        ]
+    )
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("error: --pack:") and "model.backend: hf" in lines[0] and str(space) in lines[0]
+    assert (
+        lines[0].startswith("error: --pack:") and "model.backend: hf" in lines[0] and str(space) in lines[0]
+    )
     assert not (tmp_path / "results").exists()
 
 
 def test_a_pack_with_validation_scoring_both_is_one_error_line_naming_the_option(tmp_path, capsys):
     space = tiny_space(tmp_path, tmp_path / "data", fixed={"model.scoring": "both"})
-    rc = main(["sweep", "--space", str(space), "--study", "s", "--results_dir", str(tmp_path / "results"), "--pack", "2"])
+    rc = main(
+        [
+            "sweep",
+            "--space",
+            str(space),
+            "--study",
+            "s",
+            "--results_dir",
+            str(tmp_path / "results"),
+            "--pack",
+            "2",
+        ]
+    )
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: --pack: model.scoring both") and str(space) in lines[0]
@@ -346,17 +469,45 @@ def test_a_pack_with_validation_scoring_both_is_one_error_line_naming_the_option
 @pytest.mark.slow
 def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_how_long(tmp_path, demo_data):
     out = tmp_path / "sweep.json"
-    args = ["bench", "sweep", "--model", "tiny-qwen3", "--trials", "2", "--max_steps", "4", "--validate_every_steps", "2",
-            "--val_limit", "4", "--eval_limit", "4", "--data_dir", str(demo_data), "--out", str(out)]  # fmt: skip
-    assert main([*args, "--modes", "serial", "pack:2", "--kernel_steps", "1", "--work_dir", str(tmp_path / "w1")]) == 0
+    args = [
+        "bench",
+        "sweep",
+        "--model",
+        "tiny-qwen3",
+        "--trials",
+        "2",
+        "--max_steps",
+        "4",
+        "--validate_every_steps",
+        "2",
+        "--val_limit",
+        "4",
+        "--eval_limit",
+        "4",
+        "--data_dir",
+        str(demo_data),
+        "--out",
+        str(out),
+    ]
+    assert (
+        main(
+            [*args, "--modes", "serial", "pack:2", "--kernel_steps", "1", "--work_dir", str(tmp_path / "w1")]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     modes = {m["spec"]: m for m in report["modes"]}
     assert modes.keys() == {"serial", "pack:2"}
-    assert [m["complete"] for m in modes.values()] == [2, 2] and all(m["exit_code"] == 0 for m in modes.values())
+    assert [m["complete"] for m in modes.values()] == [2, 2] and all(
+        m["exit_code"] == 0 for m in modes.values()
+    )
     assert all(m["makespan_s"] > 0 and m["trials_per_gpu_hour"] > 0 for m in modes.values())
     (stats,) = modes["pack:2"]["pack_stats"]
     assert stats["slots"] == 2 and stats["steps"] > 0 and stats["seconds"]["train"] > 0
-    assert len(report["trials"]) == 2 and {"lora_r", "batch_size", "accumulate_grad_batches"} <= report["trials"][0]["params"].keys()
+    assert (
+        len(report["trials"]) == 2
+        and {"lora_r", "batch_size", "accumulate_grad_batches"} <= report["trials"][0]["params"].keys()
+    )
     assert report["command"].startswith("python -m spellxfer bench sweep") and report["versions"]["torch"]
     assert "pack_vs_serial" in report["summary"]
     kernels = {k["kernel"]: k for k in report["kernels"]}
@@ -364,7 +515,7 @@ def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_h
     assert all(k["ms_per_step"] > 0 and k["max_loss_diff_vs_loop"] < 1e-4 for k in kernels.values())
     # another invocation appends its mode to the same JSON
     assert main([*args, "--modes", "pack:2:concat:window", "--kernel_steps", "0", "--append", "true",
-                 "--work_dir", str(tmp_path / "w2")]) == 0  # fmt: skip
+                 "--work_dir", str(tmp_path / "w2")]) == 0
     report = json.loads(out.read_text())
     assert [m["spec"] for m in report["modes"]] == ["serial", "pack:2", "pack:2:concat:window"]
     assert report["modes"][-1]["complete"] == 2 and report["kernels"] == list(kernels.values())
@@ -378,13 +529,19 @@ def test_a_packed_trials_checkpoint_resumes_in_an_unpacked_fit(tmp_path, demo_da
     space, results = tiny_space(tmp_path, demo_data, **GREEDY), tmp_path / "results"
     shutil.copytree(greedy_base, results / "sweeps" / "mixed-modes" / "base")
     argv = sweep_argv(space, "mixed-modes", results)
-    p = subprocess.run([*argv, "--pack", "2"], cwd=REPO, env=quiet_env(SPELLXFER_TEST_KILL_AT="saved:last.ckpt@20"),
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [*argv, "--pack", "2"],
+        cwd=REPO,
+        env=quiet_env(SPELLXFER_TEST_KILL_AT="saved:last.ckpt@20"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
     p = run_sweep(*argv, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     retries = [r for r in sorted((results / "sweeps" / "mixed-modes").glob("trial-*"))
-               if json.loads((r / "trial.json").read_text())["retry_of"] is not None]  # fmt: skip
+               if json.loads((r / "trial.json").read_text())["retry_of"] is not None]
     assert len(retries) == 2
     for run in retries:
         assert "Restoring states from the checkpoint path" in (run / "fit.log").read_text()

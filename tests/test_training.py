@@ -41,8 +41,19 @@ from spellxfer.training.module import ALL_LINEAR, SpellingLoRAModule
 STEPS = 30  # configs/tiny.yaml: trainer.max_steps; a checkpoint every 10 steps
 FORBIDDEN_METRIC = "val/spelling_accuracy"  # spellxfer-check: allow (the name the whitelist refuses)
 # Third-party lines a fit used to print (library deprecations and tips; spellxfer.core.quiet)
-KNOWN_NOISE = ("LeafSpec", "litlogger", "litmodels", "💡 Tip", "anonymous setting", "git root", "is not empty",
-               "past_key_values", "is_gradient_checkpointing", "not resumable", "Seed set to")  # fmt: skip
+KNOWN_NOISE = (
+    "LeafSpec",
+    "litlogger",
+    "litmodels",
+    "💡 Tip",
+    "anonymous setting",
+    "git root",
+    "is not empty",
+    "past_key_values",
+    "is_gradient_checkpointing",
+    "not resumable",
+    "Seed set to",
+)
 
 
 def quiet_env(**extra: str) -> dict[str, str]:
@@ -52,14 +63,14 @@ def quiet_env(**extra: str) -> dict[str, str]:
 
 def fit_argv(root: Path, data: Path, *extra: str, command: str = "fit") -> list[str]:
     return [sys.executable, "-m", "spellxfer", command, "--config", "configs/tiny.yaml",
-            "--trainer.default_root_dir", str(root), "--data.data_dir", str(data), *extra]  # fmt: skip
+            "--trainer.default_root_dir", str(root), "--data.data_dir", str(data), *extra]
 
 
 def run_fit(
     root: Path, data: Path, *extra: str, command: str = "fit", env=None
 ) -> subprocess.CompletedProcess:
     return subprocess.run(fit_argv(root, data, *extra, command=command), cwd=REPO, capture_output=True,
-                          text=True, env=env or quiet_env(), timeout=300)  # fmt: skip
+                          text=True, env=env or quiet_env(), timeout=300)
 
 
 def load_ckpt(path: Path) -> dict:
@@ -123,7 +134,7 @@ def test_checkpoints_hold_only_the_lora_weights_and_load_weights_only(ref, base_
     # last, two best (save_top_k 2; random tiny-qwen3 scores 0 everywhere, so the ties keep the
     # first two: the base model at step 0, then step 10) and the step checkpoints 10, 20, 30 (keep_last_k 3)
     assert {p.name for p in ckpts} == {"last.ckpt", "best-step0.ckpt", "best-step10.ckpt",
-                                       "step10.ckpt", "step20.ckpt", "step30.ckpt"}  # fmt: skip
+                                       "step10.ckpt", "step20.ckpt", "step30.ckpt"}
     for path in ckpts:
         ckpt = load_ckpt(path)  # weights_only: tensors and plain values, no pickled objects
         state = ckpt["state_dict"]
@@ -138,7 +149,7 @@ def test_best_adapter_is_the_best_checkpoint_as_a_peft_directory(ref, base_model
     last = load_ckpt(ref.root / "last.ckpt")
     # The checkpoint callback that watches the validation metric records which file is best.
     (best_state,) = [s for name, s in last["callbacks"].items()
-                     if name.startswith("ModelCheckpoint{'monitor': 'val/position_accuracy'")]  # fmt: skip
+                     if name.startswith("ModelCheckpoint{'monitor': 'val/position_accuracy'")]
     best = Path(best_state["best_model_path"])
     assert best.parent == ref.root and best.name.startswith("best-step")
 
@@ -185,27 +196,58 @@ def test_the_learning_rate_is_logged_every_log_every_n_steps(ref):
     assert "lr-AdamW" in (ref.root / "training_logs" / "metrics.csv").read_text().splitlines()[0]
 
 
-def test_validation_with_scoring_both_logs_the_likelihood_probe_of_evaluate_beside_generation(tmp_path, demo_data):
+def test_validation_with_scoring_both_logs_the_likelihood_probe_of_evaluate_beside_generation(
+    tmp_path, demo_data
+):
     """--model.scoring both: each validation also logs the probe's accuracies (evaluate's names,
     whitelisted as position / count metrics); at step 0 they are `evaluate --scoring likelihood`
     of the base model on the same validation items. Checkpoints still follow generation."""
     from spellxfer.cli import main
 
     root = tmp_path / "run"
-    p = run_fit(root, demo_data, "--model.scoring", "both", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")
+    p = run_fit(
+        root,
+        demo_data,
+        "--model.scoring",
+        "both",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     val = [r for r in read_jsonl(root / "metrics.jsonl") if "val/position_accuracy" in r]
     assert [r["step"] for r in val] == [0, 2]
     step0 = val[0]
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "position_val.jsonl"),
-                 str(demo_data / "count_val.jsonl"), "--limit", "16", "--scoring", "likelihood", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "tiny-qwen3",
+                "--questions",
+                str(demo_data / "position_val.jsonl"),
+                str(demo_data / "count_val.jsonl"),
+                "--limit",
+                "16",
+                "--scoring",
+                "likelihood",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     for task in ("position", "count"):
-        assert step0[f"val/{task}_likelihood_accuracy"] == pytest.approx(metrics[f"{task}_likelihood_accuracy"], abs=1e-6)
+        assert step0[f"val/{task}_likelihood_accuracy"] == pytest.approx(
+            metrics[f"{task}_likelihood_accuracy"], abs=1e-6
+        )
     for sub, v in metrics["subtasks"].items():
         assert step0[f"val/{sub}_likelihood_accuracy"] == pytest.approx(v["likelihood"]["accuracy"], abs=1e-6)
-    assert not [k for k in step0 if "likelihood" in k and not k.endswith("_likelihood_accuracy")]  # no probe transfer score
+    # no probe transfer score
+    assert not [k for k in step0 if "likelihood" in k and not k.endswith("_likelihood_accuracy")]
     best = torch.load(root / "best-step0.ckpt", weights_only=True)
     assert next(s for s in best["callbacks"].values() if "monitor" in s)["monitor"] == "val/position_accuracy"
 
@@ -235,7 +277,9 @@ def test_logged_steps_and_checkpoint_names_count_the_same_optimizer_steps(ref):
     assert csv_val == val_steps == [0, 10, 20, 30]
     names = {p.name for p in ref.root.glob("*.ckpt")} - {"last.ckpt"}
     named = sorted(int(re.fullmatch(r"(?:best-)?step(\d+)\.ckpt", n).group(1)) for n in names)
-    assert set(named) <= set(val_steps) and named == sorted(load_ckpt(ref.root / n)["global_step"] for n in names)
+    assert set(named) <= set(val_steps) and named == sorted(
+        load_ckpt(ref.root / n)["global_step"] for n in names
+    )
 
 
 def test_the_step_0_checkpoint_is_the_base_model_and_can_be_the_best_adapter(ref):
@@ -265,7 +309,7 @@ def start_fit(root: Path, data: Path, log: Path) -> subprocess.Popen:
     nobody reads would fill up and stall the run."""
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         return subprocess.Popen(fit_argv(root, data), cwd=REPO, env=quiet_env(), stdout=out, stderr=err,
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True)
 
 
 def kill(proc: subprocess.Popen) -> None:
@@ -297,14 +341,21 @@ def wait_for_checkpoint(
 
 def scored_state(root: Path) -> dict:
     """The state of the checkpoint callback that ranks by the validation metric, from last.ckpt."""
-    (state,) = [s for name, s in load_ckpt(root / "last.ckpt")["callbacks"].items()
-                if name.startswith("ModelCheckpoint{'monitor': 'val/") or name.startswith("ModelCheckpoint{'monitor': 'train/")]  # fmt: skip
+    (state,) = [
+        s
+        for name, s in load_ckpt(root / "last.ckpt")["callbacks"].items()
+        if name.startswith("ModelCheckpoint{'monitor': 'val/")
+        or name.startswith("ModelCheckpoint{'monitor': 'train/")
+    ]
     return state
 
 
 def logged_rows(root: Path) -> list[dict]:
     """metrics.jsonl without throughput, the one value that depends on the wall clock."""
-    return [{k: v for k, v in row.items() if k != "train/tokens_per_second"} for row in read_jsonl(root / "metrics.jsonl")]
+    return [
+        {k: v for k, v in row.items() if k != "train/tokens_per_second"}
+        for row in read_jsonl(root / "metrics.jsonl")
+    ]
 
 
 def assert_same_run(run: Path, ref: Path) -> None:
@@ -317,7 +368,9 @@ def assert_same_run(run: Path, ref: Path) -> None:
     assert sorted(p.name for p in run.glob("*.ckpt")) == sorted(p.name for p in ref.glob("*.ckpt"))
     got, want = scored_state(run), scored_state(ref)
     assert Path(got["best_model_path"]).name == Path(want["best_model_path"]).name
-    assert sorted(Path(k).name for k in got["best_k_models"]) == sorted(Path(k).name for k in want["best_k_models"])
+    assert sorted(Path(k).name for k in got["best_k_models"]) == sorted(
+        Path(k).name for k in want["best_k_models"]
+    )
     adapter = load_file(run / "best_adapter" / "adapter_model.safetensors")
     ref_adapter = load_file(ref / "best_adapter" / "adapter_model.safetensors")
     assert adapter.keys() == ref_adapter.keys()
@@ -354,7 +407,7 @@ KILL_CHAIN = [
     ("train_batch@25", 20),             # between checkpoints
     ("validation_batch@30", 20),        # mid-validation (after its first batch)
     ("fit_end@30", 30),                 # all trained and saved, best_adapter/ not yet written
-]  # fmt: skip
+]
 # Random tiny-qwen3 scores 0 at every validation, so ranking by it ties; the training loss at the
 # three validation steps differs, so each validation's checkpoint decision shows in the top-k and
 # best_adapter/ (any distinct scores do: the comparison is with an uninterrupted run).
@@ -424,7 +477,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_newest_complete_last_ckpt(tm
         out = tmp_path / f"saved{attempt}.txt"
         with open(out, "w") as f:
             proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(last), str(1000 * attempt)],
-                                    stdout=f, start_new_session=True)  # fmt: skip
+                                    stdout=f, start_new_session=True)
         deadline = time.monotonic() + 60
         while not out.read_text().strip():  # one complete save by this writer first
             assert proc.poll() is None and time.monotonic() < deadline
@@ -484,7 +537,7 @@ BAD_CONFIGS = {
     "unknown-model": (["--model.model", "no-such-model"], ["model", "no-such-model"]),
     "no-such-checkpoint": (["--ckpt_path", "{tmp}/nope.ckpt"], ["ckpt_path", "{tmp}/nope.ckpt"]),
     "resume-without-a-checkpoint": (["--ckpt_path", "last"], ["ckpt_path", "last.ckpt"]),
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -496,7 +549,7 @@ def bad_config_runs(tmp_path_factory, demo_data) -> dict[str, tuple[subprocess.C
         root = tmp / case
         argv = fit_argv(root, demo_data, *(a.replace("{tmp}", str(tmp)) for a in args))
         procs[case] = (subprocess.Popen(argv, cwd=REPO, env=quiet_env(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True), root)  # fmt: skip
+                                        stderr=subprocess.PIPE, text=True), root)
     runs = {}
     for case, (proc, root) in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -518,12 +571,14 @@ def test_a_config_mistake_is_one_error_line_naming_the_key_before_any_output(cas
 # ---- the metric whitelist ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["train/loss", "val/position_accuracy", "val/count/letter_count_accuracy",
                                   "val/transfer_score", "lr-AdamW", "epoch",
-                                  "val/position_accuracy/dataloader_idx_0"])  # fmt: skip
+                                  "val/position_accuracy/dataloader_idx_0"])
 def test_training_loop_and_position_count_transfer_metrics_are_allowed(name):
     check_metric_name(name)
 
 
-@pytest.mark.parametrize("name", ["val/position_likelihood_accuracy", "val/count/word_length_likelihood_accuracy"])
+@pytest.mark.parametrize(
+    "name", ["val/position_likelihood_accuracy", "val/count/word_length_likelihood_accuracy"]
+)
 def test_the_likelihood_probes_position_and_count_accuracies_are_allowed(name):
     check_metric_name(name)
 
@@ -563,9 +618,13 @@ def test_a_resumed_logger_drops_the_rows_logged_past_the_resume_point(tmp_path):
     resumed.log_metrics({"train/loss": 15.5}, step=15)
     resumed.save()
     assert read_jsonl(jsonl) == [{"step": 5, "train/loss": 5.0}, {"step": 10, "train/loss": 10.0},
-                                 {"step": 15, "train/loss": 15.5}]  # fmt: skip
+                                 {"step": 15, "train/loss": 15.5}]
     with open(logs / "metrics.csv", newline="") as f:  # Lightning restarts the CSV; the kept rows go back in
-        assert [(r["step"], r["train/loss"]) for r in csv.DictReader(f)] == [("5", "5.0"), ("10", "10.0"), ("15", "15.5")]
+        assert [(r["step"], r["train/loss"]) for r in csv.DictReader(f)] == [
+            ("5", "5.0"),
+            ("10", "10.0"),
+            ("15", "15.5"),
+        ]
 
 
 class LeakyModule(SpellingLoRAModule):
@@ -588,7 +647,7 @@ def test_fit_fails_when_a_module_logs_a_forbidden_metric(demo_data, tmp_path, mo
     )
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=logger, log_every_n_steps=1,
                         limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+                        enable_model_summary=False, default_root_dir=tmp_path)
     dm = SpellingDataModule(str(demo_data), "tiny-qwen3", build_profile=None, batch_size=2, train_limit=8)
     with pytest.raises(SpellxferError, match=re.escape(FORBIDDEN_METRIC)):
         trainer.fit(LeakyModule(model="tiny-qwen3", backend="hf", lora_r=2), datamodule=dm)
@@ -609,7 +668,7 @@ def test_validate_on_a_checkpoint_reproduces_the_runs_last_validation(ref, demo_
     last_val = [r for r in read_jsonl(ref.root / "metrics.jsonl") if "val/position_accuracy" in r][-1]
     # greedy generation with the step-30 weights: the fit's validation after its 30th step
     assert {k: v for k, v in row.items() if k.startswith("val/")} == {
-        k: v for k, v in last_val.items() if k.startswith("val/")}  # fmt: skip
+        k: v for k, v in last_val.items() if k.startswith("val/")}
     assert (tmp_path / "v" / "training_logs" / "validate" / "metrics.csv").is_file()
 
 
@@ -617,12 +676,16 @@ def test_a_fit_writing_to_a_file_prints_plain_progress_lines(demo_data, tmp_path
     """stdout is a pipe here, as in a job's log: plain lines (steps out of the total, rate, ETA,
     loss; each validation's accuracies), no ANSI codes."""
     p = run_fit(tmp_path, demo_data, "--trainer.max_steps", "20", "--data.val_limit", "2",
-                env=quiet_env(SPELLXFER_PROGRESS_EVERY="0"))  # fmt: skip
+                env=quiet_env(SPELLXFER_PROGRESS_EVERY="0"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "\x1b[" not in p.stdout
     steps = re.findall(r"^fit: (\d+)/20 steps .* loss [0-9.]+$", p.stdout, flags=re.M)
     assert steps and steps[-1] == "20"
-    assert re.findall(r"^validation at step (\d+): val/position_accuracy", p.stdout, flags=re.M) == ["0", "10", "20"]
+    assert re.findall(r"^validation at step (\d+): val/position_accuracy", p.stdout, flags=re.M) == [
+        "0",
+        "10",
+        "20",
+    ]
 
 
 def test_early_stopping_can_be_switched_off(ref, demo_data, tmp_path):
@@ -631,12 +694,15 @@ def test_early_stopping_can_be_switched_off(ref, demo_data, tmp_path):
     fit runs to max_steps and no checkpoint holds an early-stopping state. On, its state keeps
     Lightning's name, so checkpoints from before `enabled` existed resume with their patience."""
     p = run_fit(tmp_path, demo_data, "--trainer.max_steps", "20", "--data.val_limit", "2",
-                "--early_stopping.patience", "0", "--early_stopping.enabled", "false")  # fmt: skip
+                "--early_stopping.patience", "0", "--early_stopping.enabled", "false")
     assert p.returncode == 0, p.stderr[-2000:]
     last = load_ckpt(tmp_path / "last.ckpt")
     assert last["global_step"] == 20 and "`max_steps=20` reached" in p.stderr
     assert not [k for k in last["callbacks"] if "EarlyStopping" in k]
-    assert "EarlyStopping{'monitor': 'val/position_accuracy', 'mode': 'max'}" in load_ckpt(ref.root / "last.ckpt")["callbacks"]
+    assert (
+        "EarlyStopping{'monitor': 'val/position_accuracy', 'mode': 'max'}"
+        in load_ckpt(ref.root / "last.ckpt")["callbacks"]
+    )
 
 
 def test_model_and_data_seeds_may_differ_and_the_loggers_get_the_whole_config(demo_data, tmp_path):
@@ -646,7 +712,7 @@ def test_model_and_data_seeds_may_differ_and_the_loggers_get_the_whole_config(de
     import yaml
 
     p = run_fit(tmp_path, demo_data, "--model.seed", "1", "--data.seed", "0", "--trainer.max_steps", "2",
-                "--data.val_limit", "2")  # fmt: skip
+                "--data.val_limit", "2")
     assert p.returncode == 0, p.stderr[-2000:]
     hparams = yaml.safe_load((tmp_path / "training_logs" / "hparams.yaml").read_text())
     assert (hparams["seed"], hparams["data"]["seed"]) == (1, 0)
@@ -710,15 +776,24 @@ def test_without_credentials_wandb_writes_an_offline_run_grouped_by_experiment(d
     history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
     logged = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
     # W&B's step axis is the optimizer steps done, as in metrics.jsonl and the checkpoint names
-    axis = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in h.item} for h in history]
+    axis = [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in h.item}
+        for h in history
+    ]
     assert [r["trainer/global_step"] for r in axis if "val/position_accuracy" in r] == [0, 10]
     assert [r["trainer/global_step"] for r in axis if "train/loss" in r] == [5, 10]
     assert {"train/loss", "val/position_accuracy", "val/transfer_score"} <= logged
     assert not [k for k in logged if "spell" in k.lower()]
     # the run config: the module's hparams, the data's and the full resolved config
-    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
-              for item in r.config.update}  # fmt: skip
-    assert config["lora_r"] == config["config"]["model"]["lora_r"] and config["data"]["data_dir"] == str(demo_data)
+    config = {
+        item.key: json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for item in r.config.update
+    }
+    assert config["lora_r"] == config["config"]["model"]["lora_r"] and config["data"]["data_dir"] == str(
+        demo_data
+    )
 
 
 def test_optimizer_and_scheduler_defaults_are_the_modules_signature(capsys):

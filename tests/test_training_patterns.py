@@ -48,7 +48,7 @@ BEFORE = {
              "count_val.jsonl": "95b4bf17701665076a5a44b6cfe0325b3c63c77de4aed37e5e650c27bc4cadbe",
              "count_test.jsonl": "b0b0fa879d14bdc0bb408bd3e0013ffac434de3a682f0e03f93e8739111e3533",
              "fewshot_pool.jsonl": "3f269b975722e83ec35aaf8298c8654ba78c0ca4d03783e3192f5321abe735df"},
-}  # fmt: skip
+}
 
 
 def dm(data, **options) -> SpellingDataModule:
@@ -60,8 +60,10 @@ def selected(data, **options):
 
 
 def without_separator(path) -> bytes:
-    return "".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "separator"}, ensure_ascii=False)
-                   + "\n" for line in path.read_text(encoding="utf-8").splitlines()).encode()  # fmt: skip
+    return "".join(
+        json.dumps({k: v for k, v in json.loads(line).items() if k != "separator"}, ensure_ascii=False) + "\n"
+        for line in path.read_text(encoding="utf-8").splitlines()
+    ).encode()
 
 
 @pytest.mark.parametrize("profile", ["demo", "full"])
@@ -76,7 +78,9 @@ def test_the_default_pattern_trains_on_every_row_in_file_order_byte_for_byte(dem
     rows = read_jsonl(demo_data / "spelling_train.jsonl")
     chosen = selected(demo_data)
     assert chosen["id"][:] == [r["id"] for r in rows]
-    assert chosen["question"][:] == [r["question"] for r in rows] and chosen["answer"][:] == [r["answer"] for r in rows]
+    assert chosen["question"][:] == [r["question"] for r in rows] and chosen["answer"][:] == [
+        r["answer"] for r in rows
+    ]
     module = dm(demo_data, max_length=10_000)
     module.setup("fit")
     expected = tokenize_examples(module.tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows])
@@ -91,7 +95,7 @@ def test_each_variants_preset_trains_on_exactly_its_subtasks(preset, demo_data):
     rows = read_jsonl(demo_data / "spelling_train.jsonl")
     want = {"spell": {"spell"}, "spell+reversed": {"spell", "spell_reversed"},
             "spell+numbered": {"spell", "spell_numbered"}, "spell+inverse": {"spell", "inverse"},
-            "all": {"spell", "spell_reversed", "spell_numbered", "inverse"}}[preset]  # fmt: skip
+            "all": {"spell", "spell_reversed", "spell_numbered", "inverse"}}[preset]
     chosen = selected(demo_data, variants=preset)
     assert chosen["id"][:] == [r["id"] for r in rows if r["subtask"] in want]
     # the capitals form is part of `spell`: every preset keeps it
@@ -118,20 +122,31 @@ def test_distinct_words_takes_n_words_the_same_n_for_the_same_seed(demo_data):
     assert selected(demo_data, distinct_words=50)["word"][:] == words[50]
     assert set(selected(demo_data, distinct_words=50, seed=1)["word"][:]) != set(words[50])
     # after the other options: N words that still have rows
-    assert len(set(selected(demo_data, distinct_words=30, separator="arrows", variants="spell")["word"][:])) == 30
+    assert (
+        len(set(selected(demo_data, distinct_words=30, separator="arrows", variants="spell")["word"][:]))
+        == 30
+    )
 
 
 def test_the_control_has_the_same_words_row_for_row_and_nothing_spelled(demo_data):
     spelling = read_jsonl(demo_data / "spelling_train.jsonl")
     control = read_jsonl(demo_data / "control_train.jsonl")
     assert [r["word"] for r in control] == [r["word"] for r in spelling]
-    assert {r["task"] for r in control} == {"control"} and {r["subtask"] for r in control} == set(CONTROL_SUBTASKS)
+    assert {r["task"] for r in control} == {"control"} and {r["subtask"] for r in control} == set(
+        CONTROL_SUBTASKS
+    )
     for r in control:
         # the answer is the whole word, repeated or in another case: never letter by letter
         assert [t.lower() for t in r["answer"].split(" ")] == [r["word"]] * len(r["answer"].split(" ")), r
-        assert r["answer"] in (r["word"].upper(), r["word"]) if r["subtask"] == "case" else 2 <= len(r["answer"].split(" ")) <= 3
+        assert (
+            r["answer"] in (r["word"].upper(), r["word"])
+            if r["subtask"] == "case"
+            else 2 <= len(r["answer"].split(" ")) <= 3
+        )
     manifest = json.loads((demo_data / "manifest.json").read_text())
-    assert "control" in manifest["control"] and manifest["rows"]["control_train.jsonl"]["total"] == len(spelling)
+    assert "control" in manifest["control"] and manifest["rows"]["control_train.jsonl"]["total"] == len(
+        spelling
+    )
     assert "control" in (demo_data / "README.md").read_text()
     # any pattern's control: the same words, as many rows
     for options in ({}, {"variants": "spell", "distinct_words": 40}, {"separator": "dots"}):
@@ -142,19 +157,28 @@ def test_the_control_has_the_same_words_row_for_row_and_nothing_spelled(demo_dat
 def test_the_control_is_leak_free_and_its_template_words_are_banned_from_evaluation(demo_data):
     templates = " ".join(t for t, _ in CONTROL_REPEAT + CONTROL_CASE)
     assert {w.lower() for w in re.findall(r"[A-Za-z]+", templates)} <= training_template_words()
-    evaluated = {r["word"] for f in ("position_val", "position_test", "count_val", "count_test", "fewshot_pool")
-                 for r in read_jsonl(demo_data / f"{f}.jsonl")}  # fmt: skip
+    evaluated = {
+        r["word"]
+        for f in ("position_val", "position_test", "count_val", "count_test", "fewshot_pool")
+        for r in read_jsonl(demo_data / f"{f}.jsonl")
+    }
     for r in read_jsonl(demo_data / "control_train.jsonl"):
-        assert not {t.lower() for t in re.findall(r"[A-Za-z]+", f"{r['question']} {r['answer']}")} & evaluated, r
+        assert (
+            not {t.lower() for t in re.findall(r"[A-Za-z]+", f"{r['question']} {r['answer']}")} & evaluated
+        ), r
     assert check_data(str(demo_data)) == 0
 
 
 def test_a_selection_that_leaves_no_rows_or_too_few_words_names_the_option(demo_data, tmp_path):
     d = tmp_path / "numbered_only"
     shutil.copytree(demo_data, d)
-    keep = [line for line in (d / "spelling_train.jsonl").read_text().splitlines() if '"spell_numbered"' in line]
+    keep = [
+        line for line in (d / "spelling_train.jsonl").read_text().splitlines() if '"spell_numbered"' in line
+    ]
     (d / "spelling_train.jsonl").write_text("\n".join(keep) + "\n")
-    with pytest.raises(SpellxferError, match=r"--data\.variants spell with --data\.separator any leaves no rows"):
+    with pytest.raises(
+        SpellxferError, match=r"--data\.variants spell with --data\.separator any leaves no rows"
+    ):
         selected(d, variants="spell")
     with pytest.raises(SpellxferError, match=r"--data\.distinct_words 601: the selection has only 600"):
         selected(demo_data, distinct_words=601)
@@ -163,21 +187,43 @@ def test_a_selection_that_leaves_no_rows_or_too_few_words_names_the_option(demo_
 
 
 BAD_FLAGS = {
-    "variants": (["--data.variants", "spell+capitals"], "--data.variants must be one of spell, spell+reversed"),
+    "variants": (
+        ["--data.variants", "spell+capitals"],
+        "--data.variants must be one of spell, spell+reversed",
+    ),
     "separator": (["--data.separator", "pipes"], "--data.separator must be one of any, spaces"),
     "distinct-words-zero": (["--data.distinct_words", "0"], "--data.distinct_words must be null"),
     "train-set": (["--data.train_set", "position"], "--data.train_set must be one of spelling, control"),
-    "distinct-words-too-many": (["--data.distinct_words", "5000"], "--data.distinct_words 5000: the selection has only 600"),
-}  # fmt: skip
+    "distinct-words-too-many": (
+        ["--data.distinct_words", "5000"],
+        "--data.distinct_words 5000: the selection has only 600",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", BAD_FLAGS)
 def test_a_bad_pattern_option_is_one_error_line_and_exit_2(case, demo_data, tmp_path):
     flags, words = BAD_FLAGS[case]
-    p = subprocess.run([sys.executable, "-m", "spellxfer", "fit", "--config", str(REPO / "configs/tiny.yaml"),
-                        "--trainer.default_root_dir", str(tmp_path / "run"), "--data.data_dir", str(demo_data), *flags],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spellxfer",
+            "fit",
+            "--config",
+            str(REPO / "configs/tiny.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--data.data_dir",
+            str(demo_data),
+            *flags,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)},
+    )
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
     assert words in lines[0], lines[0]
@@ -197,29 +243,53 @@ def test_a_sweep_space_varies_the_patterns_and_passes_them_to_fit(tmp_path, monk
 
     monkeypatch.chdir(REPO)
     parameters = {"variants": list(VARIANTS), "separator": ["any", "dots"], "distinct_words": [50, None],
-                  "train_set": ["spelling", "control"], "lora_r": [4]}  # fmt: skip
+                  "train_set": ["spelling", "control"], "lora_r": [4]}
     space = load_space(pattern_space(tmp_path, parameters, {"data.val_limit": 4}))
     assert space.grid_size() == 5 * 2 * 2 * 2
     study = optuna.create_study(direction="maximize", sampler=make_sampler(space, "grid"))
     drawn = []
     study.optimize(lambda t: drawn.append(space.suggest(t)) or 0.0, n_trials=40)
     assert {(d["variants"], d["separator"], d["distinct_words"], d["train_set"]) for d in drawn} == {
-        (v, s, n, t) for v in VARIANTS for s in ("any", "dots") for n in (50, None) for t in ("spelling", "control")}
+        (v, s, n, t)
+        for v in VARIANTS
+        for s in ("any", "dots")
+        for n in (50, None)
+        for t in ("spelling", "control")
+    }
     ctx = type("Ctx", (), {"space": space, "wandb": False, "study": "s"})()
-    argv = fit_argv(ctx, tmp_path / "run", {**drawn[0], "distinct_words": None, "variants": "spell+inverse"}, None, 0)
+    argv = fit_argv(
+        ctx, tmp_path / "run", {**drawn[0], "distinct_words": None, "variants": "spell+inverse"}, None, 0
+    )
     flags = dict(zip(argv[::1], argv[1::1]))
     assert flags["--data.variants"] == "spell+inverse" and flags["--data.distinct_words"] == "null"
     # fixed values too
-    fixed = load_space(pattern_space(tmp_path, {"lora_r": [4]}, {"data.variants": "spell", "data.train_set": "control"}))
+    fixed = load_space(
+        pattern_space(tmp_path, {"lora_r": [4]}, {"data.variants": "spell", "data.train_set": "control"})
+    )
     assert fixed.fixed["data.variants"] == "spell"
 
 
 BAD_PATTERN_SPACES = {
-    "variant-name": ({"variants": ["spell", "capitals"]}, None, "parameters.variants", "'capitals' is not one of"),
-    "variants-range": ({"variants": {"low": 1, "high": 2}}, None, "parameters.variants", "expected a list of values"),
+    "variant-name": (
+        {"variants": ["spell", "capitals"]},
+        None,
+        "parameters.variants",
+        "'capitals' is not one of",
+    ),
+    "variants-range": (
+        {"variants": {"low": 1, "high": 2}},
+        None,
+        "parameters.variants",
+        "expected a list of values",
+    ),
     "distinct-words-zero": ({"distinct_words": [0, None]}, None, "parameters.distinct_words", "≥ 1 or null"),
-    "fixed-separator": ({"lora_r": [4]}, {"data.separator": "pipes"}, "fixed.data.separator", "'pipes' is not one of"),
-}  # fmt: skip
+    "fixed-separator": (
+        {"lora_r": [4]},
+        {"data.separator": "pipes"},
+        "fixed.data.separator",
+        "'pipes' is not one of",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", BAD_PATTERN_SPACES)
