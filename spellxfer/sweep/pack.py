@@ -147,7 +147,7 @@ class Pack:
         log = fit_log(run)
         # the unpacked sweep's fit command, without `python -m spellxfer fit` and --ckpt_path (the
         # pack restores the checkpoint itself)
-        argv = _wandb_beside_others(fit_argv(self.ctx, run, params, None, trial.number)[4:])
+        argv = _wandb_beside_others(fit_argv(self.ctx, run, params, None, trial.number, record["seed"])[4:])
         log(f"$ {command_line(argv + (['--ckpt_path', str(resume)] if resume else []))}  "
             f"(packed: {self.slots} slots, worker {self.worker})")
         slot = None

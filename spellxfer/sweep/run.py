@@ -64,6 +64,10 @@ def sweep(
     pack: int | None = None,
     pack_kernel: Literal["auto", "loop", "concat", "grouped"] = "auto",
     pack_window: bool = False,
+    replicate_configs: str | None = None,
+    replicates: int | None = None,
+    from_study: str | None = None,
+    hours: float | None = None,
 ) -> int:
     """Search hyperparameters with Optuna over real `fit` runs (resumable, parallel, failure-tolerant).
 
@@ -94,6 +98,15 @@ def sweep(
             auto: loop on a CPU, concat on CUDA (docs/performance.md).
         pack_window: Each packed step trains a whole accumulation window of every trial (one
             optimizer step) instead of one micro-batch, so trials of any accumulation keep pace.
+        replicate_configs: More seeds of chosen configurations: auto:K (the best validation
+            objective plus K-1 others spread over its range) or configuration ids (0,7,12); queues
+            the replicates 0..N-1 (--replicates) each lacks, runs only those, and ends.
+        replicates: Seeds per chosen configuration with --replicate_configs (replicate k trains
+            with seed_everything = base seed + k; 0 is the base seed).
+        from_study: With --replicate_configs: take the configurations (ids, params, objectives)
+            from this study of the same storage (e.g. the spelling study, for the control arm).
+        hours: Stop starting trials after this many hours, running ones finish (default: the
+            space file's budget.hours).
     """
     import optuna  # heavy: `sweep --help` imports this module
 
@@ -108,9 +121,21 @@ def sweep(
         ("workers", workers),
         ("heartbeat_s", heartbeat_s),
         ("pack", pack),
+        ("replicates", replicates),
     ):
         if value is not None and value < 1:
             raise SpellxferError(f"--{name} must be ≥ 1, got {value}")
+    if hours is not None and not hours > 0:
+        raise SpellxferError(f"--hours must be a positive number of hours, got {hours}")
+    if replicate_configs is None and (replicates is not None or from_study is not None):
+        option = "--replicates" if replicates is not None else "--from_study"
+        raise SpellxferError(f"{option} needs --replicate_configs (auto:K or configuration ids)")
+    if replicate_configs is not None and replicates is None:
+        raise SpellxferError("--replicate_configs needs --replicates N (seeds per chosen configuration)")
+    if from_study is not None:
+        check_run_name(from_study, "--from_study")
+        if from_study == study:
+            from_study = None  # its own configurations: the plain --replicate_configs
     sampler = sampler or spec.sampler
     spec.check_sampler(sampler)
     pruner = pruner or spec.pruner
@@ -147,9 +172,15 @@ def sweep(
         url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner)
     )
     record_study_settings(main_study, spec, sampler, pruner, n_trials)
+    console = Console()
+    queued = None
+    if replicate_configs is not None:
+        queued = queue_replicates(
+            main_study, spec, replicate_configs, replicates, from_study, storage, results, sweep_dir, console
+        )
+        n_trials = 0  # no new configuration: run the queued replicates, then end
     sweep_dir.mkdir(parents=True, exist_ok=True)  # only once the study opened: a bad --storage leaves nothing
 
-    console = Console()
     test_files = prepare_data_and_base(spec, model, data, sweep_dir, console)
     progress = Progress(
         TextColumn("{task.description}"),
@@ -159,7 +190,7 @@ def sweep(
         console=console,
     )
     overall = progress.add_task(
-        f"study {study} ({sampler}, {pruner} pruner): trials finished", total=n_trials * spec.replicates
+        f"study {study} ({sampler}, {pruner} pruner): trials finished", total=n_trials * spec.replicates if queued is None else queued,
     )
     worker_tasks = [progress.add_task(f"  worker {i}: starting", total=None) for i in range(workers)]
     shown: dict[int, dict] = {i: {} for i in range(workers)}
@@ -185,7 +216,12 @@ def sweep(
         model=model,
         test_files=test_files,
         wandb=wandb_enabled(),
-        over_budget=lambda t: over_budget(t.study, t.number, n_trials),
+        # with --replicate_configs only queued trials run (they carry a config_id; a new draw has none)
+        over_budget=(
+            (lambda t: over_budget(t.study, t.number, n_trials))
+            if queued is None
+            else (lambda t: t.user_attrs.get("config_id") is None)
+        ),
         progress=show,
         gpus=visible_gpus(),
     )
@@ -214,7 +250,9 @@ def sweep(
             overall, completed=sum(r["status"] != "running" and r["retried_as"] is None for r in rows)
         )
 
-    deadline = time.monotonic() + spec.hours * 3600 if spec.hours else None
+    hours = hours or spec.hours
+    # trials start before the deadline only; running ones finish (a pack keeps stepping its own)
+    deadline = time.monotonic() + hours * 3600 if hours else None
     errors: list[BaseException] = []
     kernel = pack_kernel if pack_kernel != "auto" else ("concat" if ctx.gpus else "loop")
 
@@ -285,6 +323,45 @@ def sweep(
     print_table(summary_table(rows, ctx), console)
     console.print(f"wrote {csv_path} ({len(rows)} trials) and {sweep_dir}/trial-*/")
     return 0
+
+
+def queue_replicates(
+    study, spec, replicate_configs: str, n: int, from_study: str | None, storage, results: Path, sweep_dir: Path,
+    console,
+) -> int:
+    """Enqueue the missing replicates of the chosen configurations (:mod:`spellxfer.sweep.replicate`),
+    print the choice, write ``replicate-plan.json``; returns how many trials are queued to run."""
+    import optuna  # heavy: `sweep --help` imports this module
+    from optuna.trial import TrialState  # with optuna
+
+    from spellxfer.sweep.replicate import plan_replicates, write_plan  # optuna: not for `sweep --help`
+
+    optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed and its retry queued first
+    source = study
+    if from_study is not None:
+        path = results / "sweeps" / f"{from_study}.db"
+        if storage is None and not path.is_file():
+            raise SpellxferError(f"--from_study {from_study}: no study database {path}")
+        url = storage_url(storage) if storage else f"sqlite:///{path.resolve()}"
+        try:
+            source = optuna.load_study(study_name=from_study, storage=url)
+        except KeyError:
+            raise SpellxferError(f"--from_study {from_study}: no such study in {_redact(url)}") from None
+    plan = plan_replicates(study, source, replicate_configs, n, [p.name for p in spec.parameters], from_study)
+    plan["study"] = study.study_name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_plan(sweep_dir / "replicate-plan.json", plan)
+    for c in plan["configurations"]:
+        value = f"{spec.objective} {c['objective']:.4f}" if c["objective"] is not None else "no complete replicate 0"
+        todo = ", ".join(map(str, c["enqueued"])) or "none (all present)"
+        console.print(
+            f"configuration {c['config_id']} ({c['role']}, {value}): replicates queued {todo}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    waiting = sum(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    console.print(f"wrote {sweep_dir / 'replicate-plan.json'}; {waiting} queued trial(s) to run", highlight=False)
+    return waiting
 
 
 def _raise_interrupt(signum, frame):

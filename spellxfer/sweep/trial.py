@@ -258,7 +258,9 @@ def fit_argv(
         )
     argv = [sys.executable, "-m", "spellxfer", "fit", *space.fit_args()]
     argv += flags({p.flag: params[p.name] for p in space.parameters})
-    if space.replicates > 1 and seed is not None:  # one seed: the base config's, as without replicates
+    # replicate 0 of a one-seed space keeps the base config's seed (whatever form it takes there),
+    # exactly as without replicates; any other replicate (--replicate_configs) gets its own
+    if seed is not None and (space.replicates > 1 or seed != space.base_seed):
         argv += ["--seed_everything", str(seed)]
     if (interval := space.val_check_interval(params)) is not None:
         argv += ["--trainer.val_check_interval", str(interval)]
