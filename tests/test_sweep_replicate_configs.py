@@ -26,7 +26,10 @@ from spellxfer.sweep.space import load_space
 from spellxfer.sweep.trial import SweepContext, fit_argv
 
 NAMES = ["lora_r", "learning_rate"]  # configs/sweeps/tiny.yaml
-DISTS = {"lora_r": CategoricalDistribution([4, 8]), "learning_rate": CategoricalDistribution([1.0e-3, 3.0e-3])}
+DISTS = {
+    "lora_r": CategoricalDistribution([4, 8]),
+    "learning_rate": CategoricalDistribution([1.0e-3, 3.0e-3]),
+}
 POINTS = [(4, 1.0e-3), (4, 3.0e-3), (8, 1.0e-3), (8, 3.0e-3)]
 
 
@@ -51,13 +54,20 @@ def finished(study, values: list[float | None]) -> None:
     for i, value in enumerate(values):
         r, lr = POINTS[i % 4]
         state = TrialState.COMPLETE if value is not None else TrialState.FAIL
-        study.add_trial(create_trial(params={"lora_r": r, "learning_rate": lr}, distributions=DISTS, value=value,
-                                     state=state, user_attrs={"config_id": i, "replicate": 0}))  # fmt: skip
+        study.add_trial(
+            create_trial(
+                params={"lora_r": r, "learning_rate": lr},
+                distributions=DISTS,
+                value=value,
+                state=state,
+                user_attrs={"config_id": i, "replicate": 0},
+            )
+        )
 
 
 def queued(study) -> list[tuple[int, int]]:
     return sorted((t.user_attrs["config_id"], t.user_attrs["replicate"])
-                  for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING)  # fmt: skip
+                  for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING)
 
 
 def test_auto_picks_the_validation_best_then_others_spread_over_the_objective(tmp_path):
@@ -88,7 +98,7 @@ def test_explicit_ids_queue_only_the_missing_replicates_and_a_second_run_adds_no
     running.set_user_attr("config_id", 1)
     running.set_user_attr("replicate", 1)
     study.add_trial(create_trial(params={"lora_r": 4, "learning_rate": 3.0e-3}, distributions=DISTS,
-                                 state=TrialState.FAIL, user_attrs={"config_id": 1, "replicate": 2}))  # fmt: skip
+                                 state=TrialState.FAIL, user_attrs={"config_id": 1, "replicate": 2}))
     plan = plan_replicates(study, study, "1, 2", 3, NAMES, None)
     assert [c["enqueued"] for c in plan["configurations"]] == [[2], [1, 2]]
     assert queued(study) == [(1, 2), (2, 1), (2, 2)]
@@ -104,26 +114,49 @@ def test_from_study_copies_the_configurations_into_another_study(tmp_path):
     assert [c["config_id"] for c in plan["configurations"]] == [1, 3]
     waiting = [t for t in control.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
     assert sorted((t.user_attrs["config_id"], t.user_attrs["replicate"]) for t in waiting) == [(1, 0), (1, 1),
-                                                                                              (3, 0), (3, 1)]  # fmt: skip
+                                                                                              (3, 0), (3, 1)]
     assert {t.user_attrs["source_study"] for t in waiting} == {"spelling"}
-    assert all(t.system_attrs["fixed_params"] == source.trials[t.user_attrs["config_id"]].params for t in waiting)
+    assert all(
+        t.system_attrs["fixed_params"] == source.trials[t.user_attrs["config_id"]].params for t in waiting
+    )
     assert all(t.user_attrs["replicates_queued"] for t in waiting)  # a replicate 0 queues no seeds of its own
-    assert plan_replicates(control, source, "auto:2", 2, NAMES, "spelling")["configurations"][0]["enqueued"] == []
-    with pytest.raises(SpellxferError, match=r"^--from_study spelling: parameters differ \(missing in spelling: "
-                                             r"lora_alpha; not in this space: learning_rate\)$"):  # fmt: skip
+    assert (
+        plan_replicates(control, source, "auto:2", 2, NAMES, "spelling")["configurations"][0]["enqueued"]
+        == []
+    )
+    with pytest.raises(
+        SpellxferError,
+        match=r"^--from_study spelling: parameters differ \(missing in spelling: "
+        r"lora_alpha; not in this space: learning_rate\)$",
+    ):
         plan_replicates(control, source, "1", 3, ["lora_r", "lora_alpha"], "spelling")
     assert len(queued(control)) == 4  # the refused command queued nothing
 
 
-@pytest.mark.parametrize(("spec", "n", "values", "message"), [
-    ("7", 2, [0.1, 0.2], r"^--replicate_configs: no configuration 7 in the study \(configuration ids: 0, 1\)$"),
-    ("auto", 2, [0.1], r"^--replicate_configs: expected auto:K or a comma list"),
-    ("1,,2", 2, [0.1], r"^--replicate_configs: expected auto:K"),
-    ("auto:0", 2, [0.1], r"^--replicate_configs auto:K needs K ≥ 1"),
-    ("auto:2", 2, [None, None], r"^--replicate_configs auto: the study has no complete trial to select on$"),
-    ("0", 0, [0.1], r"^--replicates must be ≥ 1"),
-])  # fmt: skip
-def test_a_bad_choice_is_one_error_line_naming_the_option_and_queues_nothing(tmp_path, spec, n, values, message):
+@pytest.mark.parametrize(
+    ("spec", "n", "values", "message"),
+    [
+        (
+            "7",
+            2,
+            [0.1, 0.2],
+            r"^--replicate_configs: no configuration 7 in the study \(configuration ids: 0, 1\)$",
+        ),
+        ("auto", 2, [0.1], r"^--replicate_configs: expected auto:K or a comma list"),
+        ("1,,2", 2, [0.1], r"^--replicate_configs: expected auto:K"),
+        ("auto:0", 2, [0.1], r"^--replicate_configs auto:K needs K ≥ 1"),
+        (
+            "auto:2",
+            2,
+            [None, None],
+            r"^--replicate_configs auto: the study has no complete trial to select on$",
+        ),
+        ("0", 0, [0.1], r"^--replicates must be ≥ 1"),
+    ],
+)
+def test_a_bad_choice_is_one_error_line_naming_the_option_and_queues_nothing(
+    tmp_path, spec, n, values, message
+):
     study = new_study(tmp_path, "bad")
     finished(study, values)
     with pytest.raises(SpellxferError, match=message):
@@ -150,8 +183,16 @@ def test_the_command_refuses_a_bad_spec_with_exit_2_before_anything_runs(tmp_pat
 def test_replicate_k_trains_with_its_own_seed_and_replicate_0_with_the_base_config_s(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     space = load_space(tiny_space(tmp_path, tmp_path / "data"))  # replicates: 1, tiny.yaml seed 0
-    ctx = SweepContext(space=space, study="s", sweep_dir=tmp_path, model="tiny-qwen3", test_files=[], wandb=False,
-                       over_budget=lambda t: False, progress=lambda *a, **k: None)  # fmt: skip
+    ctx = SweepContext(
+        space=space,
+        study="s",
+        sweep_dir=tmp_path,
+        model="tiny-qwen3",
+        test_files=[],
+        wandb=False,
+        over_budget=lambda t: False,
+        progress=lambda *a, **k: None,
+    )
     params = {"lora_r": 4, "learning_rate": 1.0e-3}
     assert "--seed_everything" not in fit_argv(ctx, tmp_path, params, None, 0, space.replicate_seed(0))
     argv = fit_argv(ctx, tmp_path, params, None, 1, space.replicate_seed(1))
@@ -161,11 +202,23 @@ def test_replicate_k_trains_with_its_own_seed_and_replicate_0_with_the_base_conf
 @pytest.mark.slow
 def test_phase_2_trains_exactly_the_missing_seed_of_the_selected_configuration(tmp_path, demo_data):
     space = tiny_space(tmp_path, demo_data, fixed={"trainer.max_steps": 10, "data.val_limit": 4},
-                       evaluation={"limit": 4, "max_new_tokens": 2})  # fmt: skip
+                       evaluation={"limit": 4, "max_new_tokens": 2})
     results = tmp_path / "results"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    argv = [sys.executable, "-m", "spellxfer", "sweep", "--space", str(space), "--study", "rep", "--results_dir",
-            str(results), "--heartbeat_s", "1"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "spellxfer",
+        "sweep",
+        "--space",
+        str(space),
+        "--study",
+        "rep",
+        "--results_dir",
+        str(results),
+        "--heartbeat_s",
+        "1",
+    ]
 
     def sweep(*extra: str) -> subprocess.CompletedProcess:
         p = subprocess.run([*argv, *extra], cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
@@ -179,18 +232,27 @@ def test_phase_2_trains_exactly_the_missing_seed_of_the_selected_configuration(t
     best = max(phase1, key=lambda t: (t.value, -t.number))
 
     p = sweep("--replicate_configs", "auto:1", "--replicates", "2")  # phase 2
-    assert f"configuration {best.number} (best, val/transfer_score {best.value:.4f}): replicates queued 1" in p.stdout
+    assert (
+        f"configuration {best.number} (best, val/transfer_score {best.value:.4f}): replicates queued 1"
+        in p.stdout
+    )
     trials = study.get_trials()
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
     new = trials[2]
-    assert (new.user_attrs["config_id"], new.user_attrs["replicate"], new.params) == (best.number, 1, best.params)
+    assert (new.user_attrs["config_id"], new.user_attrs["replicate"], new.params) == (
+        best.number,
+        1,
+        best.params,
+    )
     record = json.loads((results / "sweeps" / "rep" / f"trial-{new.number:04d}" / "trial.json").read_text())
     seed = load_space(space).replicate_seed(1)
     assert record["seed"] == seed == 1
     fit = yaml.safe_load((results / "sweeps" / "rep" / f"trial-{new.number:04d}" / "fit.yaml").read_text())
     assert fit["seed_everything"] == seed  # the seed the fit really ran with
     plan = json.loads((results / "sweeps" / "rep" / "replicate-plan.json").read_text())
-    assert [(c["config_id"], c["role"], c["enqueued"]) for c in plan["configurations"]] == [(best.number, "best", [1])]
+    assert [(c["config_id"], c["role"], c["enqueued"]) for c in plan["configurations"]] == [
+        (best.number, "best", [1])
+    ]
 
     sweep("--replicate_configs", "auto:1", "--replicates", "2")  # again: everything is there
     assert len(study.get_trials()) == 3

@@ -66,7 +66,8 @@ def parse_spec(spec: str) -> tuple[str, int | list[int]]:
     if _IDS.fullmatch(text):
         return "ids", list(dict.fromkeys(int(i) for i in text.split(",")))
     raise SpellxferError(
-        f"--replicate_configs: expected auto:K or a comma list of configuration ids (e.g. 0,7,12), got {spec!r}"
+        "--replicate_configs: expected auto:K or a comma list of configuration ids (e.g. 0,7,12), "
+        f"got {spec!r}"
     )
 
 
@@ -86,7 +87,9 @@ def configurations(study) -> dict[int, Configuration]:
     return found
 
 
-def choose(kind: str, arg, configs: dict[int, Configuration], maximize: bool) -> list[tuple[Configuration, str]]:
+def choose(
+    kind: str, arg, configs: dict[int, Configuration], maximize: bool
+) -> list[tuple[Configuration, str]]:
     """The chosen configurations with their role (``best``, ``spread``, ``chosen``).
 
     ``auto:K``: the best replicate-0 objective among complete configurations (the study's
@@ -171,12 +174,19 @@ def plan_replicates(
         "source_study": source_name or study.study_name,
         "direction": "maximize" if maximize else "minimize",
         "selection": (
-            "auto: the best replicate-0 objective, plus the others at evenly spaced quantiles of their objective"
+            "auto: the best replicate-0 objective, plus the others at evenly spaced quantiles of "
+            "their objective"
             if kind == "auto"
             else "explicit configuration ids"
         ),
         "configurations": [
-            {"config_id": c.config_id, "role": role, "objective": c.objective, "params": c.params, "enqueued": ks}
+            {
+                "config_id": c.config_id,
+                "role": role,
+                "objective": c.objective,
+                "params": c.params,
+                "enqueued": ks,
+            }
             for c, role, ks in queue
         ],
     }

@@ -190,7 +190,8 @@ def sweep(
         console=console,
     )
     overall = progress.add_task(
-        f"study {study} ({sampler}, {pruner} pruner): trials finished", total=n_trials * spec.replicates if queued is None else queued,
+        f"study {study} ({sampler}, {pruner} pruner): trials finished",
+        total=n_trials * spec.replicates if queued is None else queued,
     )
     worker_tasks = [progress.add_task(f"  worker {i}: starting", total=None) for i in range(workers)]
     shown: dict[int, dict] = {i: {} for i in range(workers)}
@@ -326,7 +327,14 @@ def sweep(
 
 
 def queue_replicates(
-    study, spec, replicate_configs: str, n: int, from_study: str | None, storage, results: Path, sweep_dir: Path,
+    study,
+    spec,
+    replicate_configs: str,
+    n: int,
+    from_study: str | None,
+    storage,
+    results: Path,
+    sweep_dir: Path,
     console,
 ) -> int:
     """Enqueue the missing replicates of the chosen configurations (:mod:`spellxfer.sweep.replicate`),
@@ -352,7 +360,11 @@ def queue_replicates(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_plan(sweep_dir / "replicate-plan.json", plan)
     for c in plan["configurations"]:
-        value = f"{spec.objective} {c['objective']:.4f}" if c["objective"] is not None else "no complete replicate 0"
+        value = (
+            f"{spec.objective} {c['objective']:.4f}"
+            if c["objective"] is not None
+            else "no complete replicate 0"
+        )
         todo = ", ".join(map(str, c["enqueued"])) or "none (all present)"
         console.print(
             f"configuration {c['config_id']} ({c['role']}, {value}): replicates queued {todo}",
@@ -360,7 +372,9 @@ def queue_replicates(
             highlight=False,
         )
     waiting = sum(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))
-    console.print(f"wrote {sweep_dir / 'replicate-plan.json'}; {waiting} queued trial(s) to run", highlight=False)
+    console.print(
+        f"wrote {sweep_dir / 'replicate-plan.json'}; {waiting} queued trial(s) to run", highlight=False
+    )
     return waiting
 
 
