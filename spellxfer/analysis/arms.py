@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from spellxfer.analysis.runs import Run
+from spellxfer.analysis.runs import SCORINGS, Run, item_scores, word_of
 from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
 
 ALPHA = 0.05
@@ -85,12 +85,6 @@ def matched_control(selected: list[Run], control: list[Run]) -> tuple[list[Run],
     return [r for r in control if _config_id(r) == _config_id(selected[0])], "configuration id"
 
 
-def _item_scores(rows: list[dict], field: str) -> dict[tuple[str, str], dict]:
-    from spellxfer.analysis.transfer_analysis import item_scores  # one definition of an item
-
-    return item_scores(rows, field)
-
-
 def _group_of(row: dict) -> list[str]:
     return [row["task"]] + ([f"{row['task']}/{row['subtask']}"] if row.get("subtask") else [])
 
@@ -141,8 +135,6 @@ def arm_contrasts(
 
     ``scorings``: arm → the scorings its rows carry (``{"spelling": [...], "control": [...]}``).
     """
-    from spellxfer.analysis.transfer_analysis import SCORINGS, word_of
-
     chosen = [r for r in spelling if _config_id(r) == selected_id]
     matched, how = matched_control(chosen, control) if chosen and control else ([], "none")
     info = {
@@ -157,10 +149,10 @@ def arm_contrasts(
     base_run = chosen[0]
     for scoring in scorings["spelling"]:
         field = SCORINGS[scoring]
-        base = _item_scores(base_run.base_predictions, field)
-        tuned = [_item_scores(r.predictions, field) for r in chosen]
+        base = item_scores(base_run.base_predictions, field)
+        tuned = [item_scores(r.predictions, field) for r in chosen]
         ctl = (
-            [_item_scores(r.predictions, field) for r in matched]
+            [item_scores(r.predictions, field) for r in matched]
             if scoring in scorings.get("control", [])
             else []
         )

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from spellxfer.analysis.columns import check_columns
 from spellxfer.analysis.effects import MIN_RUNS_FOR_INTERVALS
+from spellxfer.core.doctor import wandb_mode
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, atomic_output_dir, check_output_dir, read_json, snippet
 from spellxfer.tasks.names import TASKS
@@ -970,9 +971,7 @@ def log_to_wandb(
 
     The run is offline unless W&B credentials exist.
     """
-    import wandb as wb
-
-    from spellxfer.core.doctor import wandb_mode
+    import wandb as wb  # seconds to import, and only `report --wandb` logs
 
     run = wb.init(
         project=project,

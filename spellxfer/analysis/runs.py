@@ -23,6 +23,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import optuna
+import yaml
+from rich.progress import track
+
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import iter_jsonl, read_json, snippet
 from spellxfer.evaluation.compare import read_predictions
@@ -31,6 +35,29 @@ from spellxfer.tasks.metric_names import check_metric_name
 # Optuna's TrialState names → the statuses trial.json uses.
 OPTUNA_STATUS = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running",
                  "WAITING": "waiting"}
+
+
+SCORINGS = {"generation": "correct", "likelihood": "likelihood_correct"}
+"""Scoring → the verdict field of a predictions.jsonl row: generation (the reply, parsed) is the
+primary score; the likelihood probe is analysed beside it when every row carries its verdict."""
+
+
+def item_scores(rows: list[dict], field: str = "correct") -> dict[tuple[str, str], dict]:
+    """Per item, keyed like compare_predictions (question file name, id): its sample verdicts and row."""
+    items: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        e = items.setdefault((Path(r["file"]).name, r["id"]), {"row": r, "correct": []})
+        e["correct"].append(bool(r[field]))
+    return items
+
+
+def word_of(item: dict, key: tuple[str, str]) -> str:
+    """The cluster an item belongs to: its word, else itself.
+
+    Questions about one word share its difficulty, so they are resampled together.
+    """
+    word = item["row"].get("word")
+    return f"word:{word}" if isinstance(word, str) and word else f"item:{key[0]}:{key[1]}"
 
 
 @dataclass
@@ -124,8 +151,6 @@ def _train_set(d: Path, trial: dict) -> str | None:
     """
     value = (trial.get("params") or {}).get("train_set")
     if value is None and (d / "fit.yaml").is_file():
-        import yaml
-
         try:
             config = yaml.safe_load((d / "fit.yaml").read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
@@ -151,8 +176,6 @@ def _entries_from_dir(d: Path) -> list[tuple[Path, str | None]]:
 
 
 def _entries_from_study(study: str, storage: str, results_dir: Path) -> list[tuple[Path, str | None]]:
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         s = optuna.load_study(study_name=study, storage=storage)
@@ -200,9 +223,7 @@ def _trial_dir(recorded: str | None, study_dir: Path, number: int) -> Path:
 
 
 def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
-    from rich.progress import track
-
-    from spellxfer.training.loggers import steps_trained  # imports lightning: only when used
+    from spellxfer.training.loggers import steps_trained  # loads torch (seconds): not for --help
 
     trials = []
     for d, status in entries:
@@ -304,7 +325,7 @@ def read_curve(path: Path) -> tuple[list[dict], int]:
     there must be what the training logger writes: objects with an integer ``step`` (or null) and
     numeric values (NaN allowed: a diverged loss is logged as NaN).
     """
-    from spellxfer.training.loggers import optimizer_step  # imports lightning: only when used
+    from spellxfer.training.loggers import optimizer_step  # loads torch (seconds): not for --help
 
     if not path.is_file():
         return [], 0

@@ -33,7 +33,7 @@ def recount(model: str | None, rows: list[dict]) -> tuple[dict[tuple[str, str], 
     if not model or not items:
         return {}, info
     try:
-        from spellxfer.models.registry import load_tokenizer
+        from spellxfer.models.registry import load_tokenizer  # torch + transformers: only with a model
 
         tok = load_tokenizer(model)
     except Exception as e:  # an unknown or unreachable tokenizer: the file's counts, said plainly

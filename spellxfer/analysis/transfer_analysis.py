@@ -37,9 +37,9 @@ from rich.progress import track
 from rich.table import Table
 from scipy import stats
 
-from spellxfer.analysis import arms, configs, effects, tokens
+from spellxfer.analysis import arms, configs, effects, figures, tokens
 from spellxfer.analysis.columns import check_columns
-from spellxfer.analysis.runs import Discovery, Run, allowed_metric, discover
+from spellxfer.analysis.runs import SCORINGS, Discovery, Run, allowed_metric, discover, item_scores, word_of
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import (
     atomic_output_dir,
@@ -125,8 +125,6 @@ def analyze(
         "decoding": decoding,
         "name": study or _common_name(found.runs),
     }
-    from spellxfer.analysis import figures  # matplotlib: imported only when drawing
-
     with atomic_output_dir(out, overwrite) as tmp:
         for name in TABLES:
             check_columns(result[name], name).to_csv(tmp / f"{name}.csv", index=False, float_format="%.6g")
@@ -134,11 +132,6 @@ def analyze(
         write_json(tmp / "analysis.json", _jsonable(result["info"]))
     print_summary(result, Path(out))
     return 0
-
-
-SCORINGS = {"generation": "correct", "likelihood": "likelihood_correct"}
-"""Scoring → the verdict field of a predictions.jsonl row: generation (the reply, parsed) is the
-primary score; the likelihood probe is analysed beside it when every row carries its verdict."""
 
 
 def scorings_of(found: Discovery | list[Run]) -> list[str]:
@@ -450,24 +443,6 @@ def selected_by_validation(
     }
 
 
-def item_scores(rows: list[dict], field: str = "correct") -> dict[tuple[str, str], dict]:
-    """Per item, keyed like compare_predictions (question file name, id): its sample verdicts and row."""
-    items: dict[tuple[str, str], dict] = {}
-    for r in rows:
-        e = items.setdefault((Path(r["file"]).name, r["id"]), {"row": r, "correct": []})
-        e["correct"].append(bool(r[field]))
-    return items
-
-
-def word_of(item: dict, key: tuple[str, str]) -> str:
-    """The cluster an item belongs to: its word, else itself.
-
-    Questions about one word share its difficulty, so they are resampled together.
-    """
-    word = item["row"].get("word")
-    return f"word:{word}" if isinstance(word, str) and word else f"item:{key[0]}:{key[1]}"
-
-
 def _clusters(items: dict, keys: list) -> list[str] | None:
     """Word labels for ``keys``, or None when every item has its own word (clustering changes nothing)."""
     words = [word_of(items[k], k) for k in keys]
@@ -646,7 +621,7 @@ def _base_summary(run: Run, scorings: list[str] | None = None) -> dict:
 def _breakdowns(run: Run, n_boot: int, seed: int, token_counts: dict | None = None) -> list[dict]:
     """Base vs fine-tuned accuracy (generation) and the paired delta in every bucket of every breakdown;
     the token-count buckets count with the evaluated model's tokenizer (``token_counts``)."""
-    from spellxfer.evaluation.evaluate import BREAKDOWNS  # the buckets `evaluate` reports
+    from spellxfer.evaluation.evaluate import BREAKDOWNS  # imports torch (seconds): not for --help
 
     base, tuned = item_scores(run.base_predictions), item_scores(run.predictions)
     groups: dict[tuple[str, str, str], list] = defaultdict(list)
