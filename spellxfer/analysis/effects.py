@@ -318,9 +318,8 @@ def _ols_hc3(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Slopes (no intercept), their HC3 t intervals (k × 2) and p-values, by statsmodels OLS."""
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # leverage 1 (a point that alone fixes a slope): nan intervals, said below
+        # leverage 1 (a point that alone fixes a slope) warns and gives nan intervals, said below
+        warnings.simplefilter("ignore")
         fit = sm.OLS(y, sm.add_constant(x, has_constant="add")).fit(cov_type="HC3", use_t=True)
         ci = np.asarray(fit.conf_int(alpha=1 - confidence))[1:]
         p = np.asarray(fit.pvalues)[1:]

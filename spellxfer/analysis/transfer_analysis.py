@@ -495,7 +495,9 @@ def _transfer_ci(
     return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
-# metrics.json fields (the probe contract) copied per subtask into runs.csv when evaluate wrote them
+# Per subtask, what evaluate wrote into metrics.json beside the accuracy (the best trivial baseline,
+# whether the scored accuracy beats it and, for generation, the constant-answer and no-answer rates),
+# copied into runs.csv when present.
 def _baseline_columns(run: Run, scoring: str, group: str) -> dict:
     entry = ((run.metrics or {}).get("subtasks") or {}).get(group)
     if not isinstance(entry, dict):
