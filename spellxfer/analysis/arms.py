@@ -30,17 +30,40 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from spellxfer.analysis.runs import Run
+from spellxfer.analysis.runs import SCORINGS, Run, item_scores, word_of
 from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
 
 ALPHA = 0.05
 CONTRASTS = (("fine-tuned − base", "spelling", "base"), ("fine-tuned − control", "spelling", "control"),
-             ("control − base", "control", "base"))  # fmt: skip
+             ("control − base", "control", "base"))
 """(contrast, the arm of the model compared, its reference)."""
-COLUMNS = ["contrast", "arm", "reference", "scoring", "metric", "endpoint", "config_id", "n_seeds", "control_runs",
-           "tuned_accuracy", "tuned_ci_low", "tuned_ci_high", "reference_accuracy", "best_trivial", "delta",
-           "delta_ci_low", "delta_ci_high", "delta_adj_ci_low", "delta_adj_ci_high", "seeds_same_direction",
-           "p_value", "test", "p_adj", "family", "n_items"]  # fmt: skip
+COLUMNS = [
+    "contrast",
+    "arm",
+    "reference",
+    "scoring",
+    "metric",
+    "endpoint",
+    "config_id",
+    "n_seeds",
+    "control_runs",
+    "tuned_accuracy",
+    "tuned_ci_low",
+    "tuned_ci_high",
+    "reference_accuracy",
+    "best_trivial",
+    "delta",
+    "delta_ci_low",
+    "delta_ci_high",
+    "delta_adj_ci_low",
+    "delta_adj_ci_high",
+    "seeds_same_direction",
+    "p_value",
+    "test",
+    "p_adj",
+    "family",
+    "n_items",
+]
 SUBTASK_GROUPS = ("position/nth_letter", "position/letter_index", "count/word_length", "count/letter_count")
 TOTALS = ("position", "count")
 
@@ -62,12 +85,6 @@ def matched_control(selected: list[Run], control: list[Run]) -> tuple[list[Run],
     return [r for r in control if _config_id(r) == _config_id(selected[0])], "configuration id"
 
 
-def _item_scores(rows: list[dict], field: str) -> dict[tuple[str, str], dict]:
-    from spellxfer.analysis.transfer_analysis import item_scores  # one definition of an item
-
-    return item_scores(rows, field)
-
-
 def _group_of(row: dict) -> list[str]:
     return [row["task"]] + ([f"{row['task']}/{row['subtask']}"] if row.get("subtask") else [])
 
@@ -86,7 +103,10 @@ def _seeds_same_direction(seeds: list[dict], reference: np.ndarray, keys: list, 
 
 
 def _p_value(d: dict, ref: np.ndarray, b: np.ndarray, words: list[str], single: bool) -> tuple[float, str]:
-    """The test of one contrast (see the module docstring): McNemar for two single runs, else a t-test over words."""
+    """The test of one contrast (see the module docstring).
+
+    McNemar for two single runs, else a t-test over words.
+    """
     if single:
         return float(d["mcnemar_p"]), "exact McNemar"
     diffs = pd.Series(b - ref).groupby(np.asarray(words)).mean().to_numpy()
@@ -102,27 +122,40 @@ def _best_trivial(run: Run, group: str) -> float:
     return float(value) if isinstance(value, int | float) else math.nan
 
 
-def arm_contrasts(selected_id, spelling: list[Run], control: list[Run], scorings: dict[str, list[str]],
-                  decoding: str, n_boot: int, seed: int) -> tuple[pd.DataFrame, dict]:  # fmt: skip
+def arm_contrasts(
+    selected_id,
+    spelling: list[Run],
+    control: list[Run],
+    scorings: dict[str, list[str]],
+    decoding: str,
+    n_boot: int,
+    seed: int,
+) -> tuple[pd.DataFrame, dict]:
     """The table of contrasts (``COLUMNS``) and what was compared (``info["control"]``).
 
     ``scorings``: arm → the scorings its rows carry (``{"spelling": [...], "control": [...]}``).
     """
-    from spellxfer.analysis.transfer_analysis import SCORINGS, word_of
-
     chosen = [r for r in spelling if _config_id(r) == selected_id]
     matched, how = matched_control(chosen, control) if chosen and control else ([], "none")
-    info = {"n_runs": len(control), "n_configs": len({config_key(r) for r in control}), "matched_by": how,
-            "matched_runs": [r.name for r in matched]}  # fmt: skip
+    info = {
+        "n_runs": len(control),
+        "n_configs": len({config_key(r) for r in control}),
+        "matched_by": how,
+        "matched_runs": [r.name for r in matched],
+    }
     rows, pairs = [], []
     if not chosen:
         return pd.DataFrame(columns=COLUMNS), info
     base_run = chosen[0]
     for scoring in scorings["spelling"]:
         field = SCORINGS[scoring]
-        base = _item_scores(base_run.base_predictions, field)
-        tuned = [_item_scores(r.predictions, field) for r in chosen]
-        ctl = [_item_scores(r.predictions, field) for r in matched] if scoring in scorings.get("control", []) else []
+        base = item_scores(base_run.base_predictions, field)
+        tuned = [item_scores(r.predictions, field) for r in chosen]
+        ctl = (
+            [item_scores(r.predictions, field) for r in matched]
+            if scoring in scorings.get("control", [])
+            else []
+        )
         groups: dict[str, list] = {}
         for key, item in base.items():
             for g in _group_of(item["row"]):
@@ -141,20 +174,46 @@ def arm_contrasts(selected_id, spelling: list[Run], control: list[Run], scorings
                 b = _pooled(seeds, keys)
                 words = [word_of(base[k], k) for k in keys]
                 d = paired_comparison(ref, b, n_boot=n_boot, seed=seed, clusters=words)
-                p_value, test = _p_value(d, ref, b, words, single=len(seeds) == 1 and (reference == "base" or len(ctl) == 1))
-                acc = accuracy_summary([[v for s in seeds for v in s[k]["correct"]] for k in keys], n_boot=n_boot,
-                                       seed=seed, clusters=words)  # fmt: skip
-                family = (f"{decoding}/{scoring}/{endpoint}/control vs base" if arm == "control" else
-                          f"{decoding}/{scoring}/{endpoint}/validation-selected vs base and control")  # fmt: skip
-                rows.append({"contrast": contrast, "arm": arm, "reference": reference, "scoring": scoring,
-                             "metric": metric, "endpoint": endpoint, "config_id": selected_id, "n_seeds": len(seeds),
-                             "control_runs": " ".join(r.name for r in matched) or None,
-                             "tuned_accuracy": acc["accuracy"], "tuned_ci_low": acc["ci_low"],
-                             "tuned_ci_high": acc["ci_high"], "reference_accuracy": d["acc_a"],
-                             "best_trivial": _best_trivial(base_run, group), "delta": d["diff"],
-                             "delta_ci_low": d["ci_low"], "delta_ci_high": d["ci_high"],
-                             "seeds_same_direction": _seeds_same_direction(seeds, ref, keys, d["diff"]),
-                             "p_value": p_value, "test": test, "family": family, "n_items": d["n"]})  # fmt: skip
+                p_value, test = _p_value(
+                    d, ref, b, words, single=len(seeds) == 1 and (reference == "base" or len(ctl) == 1)
+                )
+                acc = accuracy_summary(
+                    [[v for s in seeds for v in s[k]["correct"]] for k in keys],
+                    n_boot=n_boot,
+                    seed=seed,
+                    clusters=words,
+                )
+                family = (
+                    f"{decoding}/{scoring}/{endpoint}/control vs base"
+                    if arm == "control"
+                    else f"{decoding}/{scoring}/{endpoint}/validation-selected vs base and control"
+                )
+                rows.append(
+                    {
+                        "contrast": contrast,
+                        "arm": arm,
+                        "reference": reference,
+                        "scoring": scoring,
+                        "metric": metric,
+                        "endpoint": endpoint,
+                        "config_id": selected_id,
+                        "n_seeds": len(seeds),
+                        "control_runs": " ".join(r.name for r in matched) or None,
+                        "tuned_accuracy": acc["accuracy"],
+                        "tuned_ci_low": acc["ci_low"],
+                        "tuned_ci_high": acc["ci_high"],
+                        "reference_accuracy": d["acc_a"],
+                        "best_trivial": _best_trivial(base_run, group),
+                        "delta": d["diff"],
+                        "delta_ci_low": d["ci_low"],
+                        "delta_ci_high": d["ci_high"],
+                        "seeds_same_direction": _seeds_same_direction(seeds, ref, keys, d["diff"]),
+                        "p_value": p_value,
+                        "test": test,
+                        "family": family,
+                        "n_items": d["n"],
+                    }
+                )
                 pairs.append((ref, b, words))
     out = pd.DataFrame(rows, columns=COLUMNS)
     for _, g in out.groupby("family", sort=False):
@@ -170,10 +229,15 @@ def arm_contrasts(selected_id, spelling: list[Run], control: list[Run], scorings
 def _spelled_shift(runs: list[Run], group: str) -> bool | None:
     """Whether the replies turned into spelled-out words: ``spelled`` is the most common reply format
     of the fine-tuned runs (summed over seeds) and not of the base model; None without formats."""
+
     def formats(metrics: dict | None) -> Counter | None:
         entry = ((metrics or {}).get("subtasks") or {}).get(group)
         f = ((entry or {}).get("diagnostics") or {}).get("formats") if isinstance(entry, dict) else None
-        return Counter({k: v for k, v in f.items() if isinstance(v, int | float)}) if isinstance(f, dict) else None
+        return (
+            Counter({k: v for k, v in f.items() if isinstance(v, int | float)})
+            if isinstance(f, dict)
+            else None
+        )
 
     base = formats(runs[0].base_metrics)
     tuned = [formats(r.metrics) for r in runs]
@@ -201,8 +265,9 @@ def _any(values: list[bool | None]) -> bool | None:
     return True if True in values else None if None in values else False
 
 
-def decisions(table: pd.DataFrame, selected_id, spelling: list[Run], control: list[Run],
-              scorings: list[str]) -> list[dict]:  # fmt: skip
+def decisions(
+    table: pd.DataFrame, selected_id, spelling: list[Run], control: list[Run], scorings: list[str]
+) -> list[dict]:
     """Per subtask, the pre-registered decision with the evidence it read (docs/results.md)."""
     chosen = [r for r in spelling if _config_id(r) == selected_id]
     matched = matched_control(chosen, control)[0] if chosen and control else []
@@ -211,8 +276,14 @@ def decisions(table: pd.DataFrame, selected_id, spelling: list[Run], control: li
         metric = f"{group}_accuracy"
         missing: list[str] = []
         if not chosen:
-            out.append({"subtask": group.split("/")[1], "metric": metric, "decision":
-                        "undetermined: no validation objective to select a configuration", "evidence": {}})  # fmt: skip
+            out.append(
+                {
+                    "subtask": group.split("/")[1],
+                    "metric": metric,
+                    "decision": "undetermined: no validation objective to select a configuration",
+                    "evidence": {},
+                }
+            )
             continue
         if not control:
             missing.append("no control runs (--control_runs)")
@@ -222,31 +293,53 @@ def decisions(table: pd.DataFrame, selected_id, spelling: list[Run], control: li
             missing.append("no likelihood probe verdicts")
 
         def row(contrast: str, scoring: str, metric: str = metric) -> pd.Series | None:
-            g = table[(table["contrast"] == contrast) & (table["scoring"] == scoring) & (table["metric"] == metric)]
+            g = table[
+                (table["contrast"] == contrast) & (table["scoring"] == scoring) & (table["metric"] == metric)
+            ]
             return g.iloc[0] if len(g) else None
 
         evidence, per_scoring = {}, []
         for scoring in ("generation", "likelihood"):
             vs_base, vs_control = row("fine-tuned − base", scoring), row("fine-tuned − control", scoring)
-            trivial = None if vs_base is None or pd.isna(vs_base["best_trivial"]) else \
-                bool(vs_base["tuned_ci_low"] > vs_base["best_trivial"])  # fmt: skip
-            seeds = None if vs_base is None else bool(vs_base["seeds_same_direction"]) and vs_base["delta"] > 0
-            conds = {"above_base": _above(vs_base), "above_control": _above(vs_control),
-                     "above_best_trivial": trivial, "every_seed_above_base": seeds}  # fmt: skip
-            evidence[scoring] = conds | {"delta_vs_base": None if vs_base is None else float(vs_base["delta"]),
-                                         "delta_vs_control": None if vs_control is None else float(vs_control["delta"])}  # fmt: skip
+            trivial = (
+                None
+                if vs_base is None or pd.isna(vs_base["best_trivial"])
+                else bool(vs_base["tuned_ci_low"] > vs_base["best_trivial"])
+            )
+            seeds = (
+                None if vs_base is None else bool(vs_base["seeds_same_direction"]) and vs_base["delta"] > 0
+            )
+            conds = {
+                "above_base": _above(vs_base),
+                "above_control": _above(vs_control),
+                "above_best_trivial": trivial,
+                "every_seed_above_base": seeds,
+            }
+            evidence[scoring] = conds | {
+                "delta_vs_base": None if vs_base is None else float(vs_base["delta"]),
+                "delta_vs_control": None if vs_control is None else float(vs_control["delta"]),
+            }
             per_scoring.append(_all(list(conds.values())))
-        if row("fine-tuned − base", "generation") is not None and evidence["generation"]["above_best_trivial"] is None:
+        if (
+            row("fine-tuned − base", "generation") is not None
+            and evidence["generation"]["above_best_trivial"] is None
+        ):
             missing.append("no best trivial baseline (the base model's metrics.json)")
         transfer = _any(per_scoring)
         gen_below = _below(row("fine-tuned − base", "generation"))
         probe = row("fine-tuned − base", "likelihood")
-        probe_not_below = None if probe is None or pd.isna(probe["delta_adj_ci_high"]) else \
-            bool(probe["delta_adj_ci_high"] >= 0)  # fmt: skip
+        probe_not_below = (
+            None
+            if probe is None or pd.isna(probe["delta_adj_ci_high"])
+            else bool(probe["delta_adj_ci_high"] >= 0)
+        )
         spelled = _spelled_shift(chosen, group)
         interference = _any([_all([gen_below, probe_not_below]), spelled])
-        evidence["format"] = {"generation_below_base": gen_below, "probe_not_below_base": probe_not_below,
-                              "replies_turned_spelled": spelled}  # fmt: skip
+        evidence["format"] = {
+            "generation_below_base": gen_below,
+            "probe_not_below_base": probe_not_below,
+            "replies_turned_spelled": spelled,
+        }
         if spelled is None:
             missing.append("no reply-format diagnostics (metrics.json formats)")
         if transfer:
@@ -259,6 +352,13 @@ def decisions(table: pd.DataFrame, selected_id, spelling: list[Run], control: li
             decision = "undetermined: " + "; ".join(missing or ["an unknown condition"])
         else:
             decision = "no effect"
-        out.append({"subtask": group.split("/")[1], "metric": metric, "decision": decision, "evidence": evidence,
-                    "missing": missing})  # fmt: skip
+        out.append(
+            {
+                "subtask": group.split("/")[1],
+                "metric": metric,
+                "decision": decision,
+                "evidence": evidence,
+                "missing": missing,
+            }
+        )
     return out

@@ -20,22 +20,94 @@ from spellxfer.core.errors import SpellxferError
 from spellxfer.tasks.metric_names import check_metric_name
 
 IDENTIFIERS = frozenset(
-    {"rank", "run", "trial", "study", "run_dir", "status", "reason", "objective_name", "kind", "hyperparameter",
-     "value", "scale", "method", "breakdown", "bucket", "quantity", "n", "n_runs", "n_items", "significant",
-     "scoring", "endpoint", "family", "config_id", "replicate", "seed", "n_seeds", "n_configs", "steps_trained",
-     "runs", "test", "ci_method", "reference", "arm", "contrast", "seeds_same_direction", "control_runs"}
-)  # fmt: skip
+    {
+        "rank",
+        "run",
+        "trial",
+        "study",
+        "run_dir",
+        "status",
+        "reason",
+        "objective_name",
+        "kind",
+        "hyperparameter",
+        "value",
+        "scale",
+        "method",
+        "breakdown",
+        "bucket",
+        "quantity",
+        "n",
+        "n_runs",
+        "n_items",
+        "significant",
+        "scoring",
+        "endpoint",
+        "family",
+        "config_id",
+        "replicate",
+        "seed",
+        "n_seeds",
+        "n_configs",
+        "steps_trained",
+        "runs",
+        "test",
+        "ci_method",
+        "reference",
+        "arm",
+        "contrast",
+        "seeds_same_direction",
+        "control_runs",
+    }
+)
 STATISTICS = frozenset(
-    {"estimate", "ci_low", "ci_high", "p_value", "p_adj", "mcnemar_p", "base_accuracy", "base_ci_low",
-     "base_ci_high", "tuned_accuracy", "tuned_ci_low", "tuned_ci_high", "delta", "delta_ci_low",
-     "delta_ci_high", "slope", "slope_ci_low", "slope_ci_high", "importance", "tuned_seed_sd", "delta_seed_sd",
-     "reference_accuracy", "delta_adj_ci_low", "delta_adj_ci_high", "best_trivial"}
-)  # fmt: skip
+    {
+        "estimate",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "p_adj",
+        "mcnemar_p",
+        "base_accuracy",
+        "base_ci_low",
+        "base_ci_high",
+        "tuned_accuracy",
+        "tuned_ci_low",
+        "tuned_ci_high",
+        "delta",
+        "delta_ci_low",
+        "delta_ci_high",
+        "slope",
+        "slope_ci_low",
+        "slope_ci_high",
+        "importance",
+        "tuned_seed_sd",
+        "delta_seed_sd",
+        "reference_accuracy",
+        "delta_adj_ci_low",
+        "delta_adj_ci_high",
+        "best_trivial",
+    }
+)
 METRIC_VALUE_COLUMNS = ("metric", "x_metric", "y_metric")
 # Suffixes a metric column may carry, longest first so `_delta_ci_low` wins over `_ci_low`.
-METRIC_SUFFIXES = ("_delta_ci_low", "_delta_ci_high", "_constant_answer", "_no_answer_rate", "_beats_trivial",
-                   "_best_trivial", "_mcnemar_p", "_seed_sd", "_ci_low", "_ci_high", "_p_adj", "_delta", "_base", "_n",
-                   "")  # fmt: skip
+METRIC_SUFFIXES = (
+    "_delta_ci_low",
+    "_delta_ci_high",
+    "_constant_answer",
+    "_no_answer_rate",
+    "_beats_trivial",
+    "_best_trivial",
+    "_mcnemar_p",
+    "_seed_sd",
+    "_ci_low",
+    "_ci_high",
+    "_p_adj",
+    "_delta",
+    "_base",
+    "_n",
+    "",
+)
 
 
 def check_columns(table: pd.DataFrame, name: str) -> pd.DataFrame:

@@ -44,8 +44,14 @@ def config_table(runs: pd.DataFrame) -> pd.DataFrame:
     params = [c for c in runs.columns if c.startswith("params.")]
     rows = []
     for (scoring, config_id), g in runs.groupby(["scoring", "config_id"], sort=True):
-        row = {"scoring": scoring, "config_id": int(config_id), "run": config_label(config_id), "n_seeds": len(g),
-               "runs": " ".join(g["run"]), "trial": int(g["trial"].min()) if g["trial"].notna().any() else None}  # fmt: skip
+        row = {
+            "scoring": scoring,
+            "config_id": int(config_id),
+            "run": config_label(config_id),
+            "n_seeds": len(g),
+            "runs": " ".join(g["run"]),
+            "trial": int(g["trial"].min()) if g["trial"].notna().any() else None,
+        }
         row |= {c: g[c].mean() for c in value_cols + objective_cols}
         row |= {f"{m}_seed_sd": g[m].std(ddof=1) if len(g) > 1 else math.nan for m in metrics}
         row |= {"steps_trained": g["steps_trained"].mean() if g["steps_trained"].notna().any() else math.nan}
@@ -59,27 +65,50 @@ def _seed_test(deltas: np.ndarray, run_rows: pd.DataFrame) -> dict:
     if len(deltas) >= 2 and np.std(deltas) > 0:
         t = stats.ttest_1samp(deltas, 0.0)
         ci = t.confidence_interval(confidence_level=0.95)
-        return {"delta_ci_low": float(ci.low), "delta_ci_high": float(ci.high), "p_value": float(t.pvalue),
-                "test": f"one-sample t-test across {len(deltas)} seeds", "ci_method": "t interval across seeds"}  # fmt: skip
+        return {
+            "delta_ci_low": float(ci.low),
+            "delta_ci_high": float(ci.high),
+            "p_value": float(t.pvalue),
+            "test": f"one-sample t-test across {len(deltas)} seeds",
+            "ci_method": "t interval across seeds",
+        }
     # one seed, or seeds that agree exactly (nothing to learn from their spread): the item-level test
     first = run_rows.iloc[0]
-    return {"delta_ci_low": float(first["delta_ci_low"]), "delta_ci_high": float(first["delta_ci_high"]),
-            "p_value": float(first["mcnemar_p"]), "test": "exact McNemar (one run)",
-            "ci_method": "paired bootstrap over words"}  # fmt: skip
+    return {
+        "delta_ci_low": float(first["delta_ci_low"]),
+        "delta_ci_high": float(first["delta_ci_high"]),
+        "p_value": float(first["mcnemar_p"]),
+        "test": "exact McNemar (one run)",
+        "ci_method": "paired bootstrap over words",
+    }
 
 
 def config_effects(per_run: pd.DataFrame, decoding: str) -> pd.DataFrame:
-    """Per (scoring, configuration, endpoint): mean delta over seeds, interval, test, Holm p (see module docstring)."""
+    """Per (scoring, configuration, endpoint): mean delta over seeds, interval, test, Holm p.
+
+    The tests and families are described in the module docstring.
+    """
     tested = per_run[per_run["endpoint"].isin(["primary", "secondary"])]
     rows = []
     for (scoring, config_id, metric), g in tested.groupby(["scoring", "config_id", "metric"], sort=True):
         deltas = g["delta"].to_numpy(float)
-        rows.append({"scoring": scoring, "config_id": int(config_id), "run": config_label(config_id), "metric": metric,
-                     "endpoint": endpoint_of(metric), "n_seeds": len(g), "base_accuracy": float(g["base_accuracy"].mean()),
-                     "tuned_accuracy": float(g["tuned_accuracy"].mean()),
-                     "tuned_seed_sd": float(g["tuned_accuracy"].std(ddof=1)) if len(g) > 1 else math.nan,
-                     "delta": float(deltas.mean()), "delta_seed_sd": float(deltas.std(ddof=1)) if len(g) > 1 else math.nan,
-                     **_seed_test(deltas, g), "n_items": int(g["n_items"].median())})  # fmt: skip
+        rows.append(
+            {
+                "scoring": scoring,
+                "config_id": int(config_id),
+                "run": config_label(config_id),
+                "metric": metric,
+                "endpoint": endpoint_of(metric),
+                "n_seeds": len(g),
+                "base_accuracy": float(g["base_accuracy"].mean()),
+                "tuned_accuracy": float(g["tuned_accuracy"].mean()),
+                "tuned_seed_sd": float(g["tuned_accuracy"].std(ddof=1)) if len(g) > 1 else math.nan,
+                "delta": float(deltas.mean()),
+                "delta_seed_sd": float(deltas.std(ddof=1)) if len(g) > 1 else math.nan,
+                **_seed_test(deltas, g),
+                "n_items": int(g["n_items"].median()),
+            }
+        )
     out = pd.DataFrame(rows)
     if out.empty:
         return out
@@ -103,9 +132,22 @@ def selected_family(effects: pd.DataFrame, config_id: int, decoding: str) -> lis
     for (scoring, endpoint), g in mine.groupby(["scoring", "endpoint"]):
         adj = holm(g["p_value"].tolist())
         for (_, r), p in zip(g.iterrows(), adj):
-            out.append({"scoring": scoring, "metric": r["metric"], "endpoint": endpoint, "n_seeds": int(r["n_seeds"]),
-                        "base_accuracy": r["base_accuracy"], "tuned_accuracy": r["tuned_accuracy"], "delta": r["delta"],
-                        "delta_ci_low": r["delta_ci_low"], "delta_ci_high": r["delta_ci_high"], "p_value": r["p_value"],
-                        "test": r["test"], "p_adj": p, "significant": bool(p <= ALPHA),
-                        "family": f"{decoding}/{scoring}/{endpoint}/validation-selected"})  # fmt: skip
+            out.append(
+                {
+                    "scoring": scoring,
+                    "metric": r["metric"],
+                    "endpoint": endpoint,
+                    "n_seeds": int(r["n_seeds"]),
+                    "base_accuracy": r["base_accuracy"],
+                    "tuned_accuracy": r["tuned_accuracy"],
+                    "delta": r["delta"],
+                    "delta_ci_low": r["delta_ci_low"],
+                    "delta_ci_high": r["delta_ci_high"],
+                    "p_value": r["p_value"],
+                    "test": r["test"],
+                    "p_adj": p,
+                    "significant": bool(p <= ALPHA),
+                    "family": f"{decoding}/{scoring}/{endpoint}/validation-selected",
+                }
+            )
     return out

@@ -47,9 +47,29 @@ SUMMARY = ("transfer_score",)
 """Reported, never tested: the mean of the two totals."""
 # hyperparameter_effects.csv: marginal means and importance rows share these columns (blank where n/a),
 # and keep them when a sweep has nothing to estimate (one run, or no hyperparameter that varies).
-COLUMNS = ["kind", "scoring", "hyperparameter", "reference", "value", "metric", "endpoint", "scale", "estimate", "ci_low",
-           "ci_high", "slope", "slope_ci_low", "slope_ci_high", "p_value", "p_adj", "family", "rank", "n_configs",
-           "n_runs", "method"]  # fmt: skip
+COLUMNS = [
+    "kind",
+    "scoring",
+    "hyperparameter",
+    "reference",
+    "value",
+    "metric",
+    "endpoint",
+    "scale",
+    "estimate",
+    "ci_low",
+    "ci_high",
+    "slope",
+    "slope_ci_low",
+    "slope_ci_high",
+    "p_value",
+    "p_adj",
+    "family",
+    "rank",
+    "n_configs",
+    "n_runs",
+    "method",
+]
 MAX_LEVELS = 6  # more distinct values than this → quartile bins
 REFERENCE = {"variants": "spell", "separator": "any"}
 """Text training patterns → the reference level their treatment-coded dummies are measured against
@@ -76,12 +96,17 @@ def endpoint_of(metric: str) -> str:
 
 def metrics_of(table: pd.DataFrame) -> list[str]:
     """The endpoints a table carries, primary (subtasks) first, then the totals and transfer_score."""
-    subtasks = sorted(c for c in table.columns if "/" in c and c.endswith("_accuracy") and not c.startswith(("val/", "test/")))
+    subtasks = sorted(
+        c
+        for c in table.columns
+        if "/" in c and c.endswith("_accuracy") and not c.startswith(("val/", "test/"))
+    )
     return [*subtasks, *(m for m in (*SECONDARY, *SUMMARY) if m in table.columns)]
 
 
-def bootstrap_ci(statistic, columns: list[np.ndarray], n_boot: int, seed: int,
-                 confidence: float = 0.95) -> tuple[float, float]:  # fmt: skip
+def bootstrap_ci(
+    statistic, columns: list[np.ndarray], n_boot: int, seed: int, confidence: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of ``statistic(*columns)`` when units (rows, shared by all columns) are resampled.
 
     ``scipy.stats.bootstrap`` with ``paired=True``: ``statistic`` is vectorised over the last
@@ -93,9 +118,16 @@ def bootstrap_ci(statistic, columns: list[np.ndarray], n_boot: int, seed: int,
         return (math.nan, math.nan)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns about nan endpoints; handled below
-        res = stats.bootstrap(columns, lambda *c, axis=-1: statistic(*c), paired=True, vectorized=True,
-                              n_resamples=n_boot, confidence_level=confidence, method="percentile",
-                              rng=np.random.default_rng(seed))  # fmt: skip
+        res = stats.bootstrap(
+            columns,
+            lambda *c, axis=-1: statistic(*c),
+            paired=True,
+            vectorized=True,
+            n_resamples=n_boot,
+            confidence_level=confidence,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
     low, high = res.confidence_interval
     if np.isfinite(low) and np.isfinite(high):
         return (float(low), float(high))
@@ -122,28 +154,50 @@ def _spearman(x, y):
 
 
 def correlations(units: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
-    """Position vs count across configurations: accuracies and base → fine-tuned deltas, Pearson and Spearman."""
+    """Position vs count across configurations: accuracies and base → fine-tuned deltas.
+
+    Both Pearson and Spearman correlations, each with its interval and p-value.
+    """
     rows = []
     for quantity, suffix in (("accuracy", ""), ("delta", "_delta")):
         x = units[f"position_accuracy{suffix}"].to_numpy(float)
         y = units[f"count_accuracy{suffix}"].to_numpy(float)
-        for method, stat, test in (("pearson", _pearson, stats.pearsonr), ("spearman", _spearman, stats.spearmanr)):
+        for method, stat, test in (
+            ("pearson", _pearson, stats.pearsonr),
+            ("spearman", _spearman, stats.spearmanr),
+        ):
             defined = len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0
             r, p = (float(v) for v in test(x, y)) if defined else (math.nan, math.nan)
             low, high = bootstrap_ci(stat, [x, y], n_boot, seed) if defined else (math.nan, math.nan)
-            rows.append({"x_metric": "position_accuracy", "y_metric": "count_accuracy", "quantity": quantity,
-                         "method": method, "estimate": r, "ci_low": low, "ci_high": high, "p_value": p,
-                         "n_configs": len(x), "n_runs": int(units["n_seeds"].sum()) if "n_seeds" in units else len(x)})  # fmt: skip
+            rows.append(
+                {
+                    "x_metric": "position_accuracy",
+                    "y_metric": "count_accuracy",
+                    "quantity": quantity,
+                    "method": method,
+                    "estimate": r,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "p_value": p,
+                    "n_configs": len(x),
+                    "n_runs": int(units["n_seeds"].sum()) if "n_seeds" in units else len(x),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def hyperparameters(units: pd.DataFrame) -> list[str]:
     """The ``params.*`` columns that vary across configurations (a constant cannot have an effect)."""
-    return [c for c in units.columns if c.startswith("params.") and units[c].astype(str).nunique(dropna=True) >= 2]
+    return [
+        c for c in units.columns if c.startswith("params.") and units[c].astype(str).nunique(dropna=True) >= 2
+    ]
 
 
 def _levels(values: pd.Series) -> pd.Series:
-    """One label per configuration: the value itself, or its quartile bin for a many-valued numeric hyperparameter."""
+    """One label per configuration: the value itself.
+
+    A numeric hyperparameter with many values is binned into quartiles instead.
+    """
     numeric = pd.to_numeric(values, errors="coerce")
     if numeric.notna().all() and numeric.nunique() > MAX_LEVELS:
         bins = pd.qcut(numeric, 4, duplicates="drop")
@@ -157,7 +211,9 @@ def _fmt_value(v) -> str:
 
 def _level_order(labels: pd.Series, values: pd.Series) -> list[str]:
     """Levels sorted by the hyperparameter's value (numerically when it is a number)."""
-    first = pd.DataFrame({"label": labels, "v": pd.to_numeric(values, errors="coerce"), "s": values.astype(str)})
+    first = pd.DataFrame(
+        {"label": labels, "v": pd.to_numeric(values, errors="coerce"), "s": values.astype(str)}
+    )
     first = first.groupby("label", sort=False).min(numeric_only=False)
     key = "v" if first["v"].notna().all() else "s"
     return list(first.sort_values(key).index)
@@ -167,10 +223,14 @@ def _n_runs(group: pd.DataFrame) -> int:
     return int(group["n_seeds"].sum()) if "n_seeds" in group else len(group)
 
 
-def marginal_means(units: pd.DataFrame, n_boot: int, seed: int, scoring: str = "generation",
-                   all_words: int = ALL_WORDS) -> pd.DataFrame:  # fmt: skip
-    """Mean of each metric per hyperparameter value, with a bootstrap interval over the configurations at that value
-    (``distinct_words`` null counted as ``all_words``)."""
+def marginal_means(
+    units: pd.DataFrame, n_boot: int, seed: int, scoring: str = "generation", all_words: int = ALL_WORDS
+) -> pd.DataFrame:
+    """Mean of each metric per hyperparameter value.
+
+    Each mean carries a bootstrap interval over the configurations at that value
+    (``distinct_words`` null counted as ``all_words``).
+    """
     units = with_all_words(units, all_words)
     rows = []
     for col in hyperparameters(units):
@@ -181,20 +241,42 @@ def marginal_means(units: pd.DataFrame, n_boot: int, seed: int, scoring: str = "
             for metric in metrics_of(units):
                 y = group[metric].to_numpy(float)
                 low, high = bootstrap_ci(_mean, [y], n_boot, seed)
-                rows.append({"kind": "marginal_mean", "scoring": scoring, "hyperparameter": col.removeprefix("params."),
-                             "value": level, "metric": metric, "endpoint": endpoint_of(metric),
-                             "estimate": float(y.mean()), "ci_low": low, "ci_high": high, "n_configs": len(y),
-                             "n_runs": _n_runs(group),
-                             "method": f"mean over configurations; percentile bootstrap over configurations ({n_boot})"})  # fmt: skip
+                rows.append(
+                    {
+                        "kind": "marginal_mean",
+                        "scoring": scoring,
+                        "hyperparameter": col.removeprefix("params."),
+                        "value": level,
+                        "metric": metric,
+                        "endpoint": endpoint_of(metric),
+                        "estimate": float(y.mean()),
+                        "ci_low": low,
+                        "ci_high": high,
+                        "n_configs": len(y),
+                        "n_runs": _n_runs(group),
+                        "method": (
+                            f"mean over configurations; percentile bootstrap over configurations ({n_boot})"
+                        ),
+                    }
+                )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-LOG_SCALE = {"learning_rate", "lora_r", "lora_alpha", "batch_size", "accumulate_grad_batches", "max_steps",
-             "distinct_words"}  # fmt: skip
+LOG_SCALE = {
+    "learning_rate",
+    "lora_r",
+    "lora_alpha",
+    "batch_size",
+    "accumulate_grad_batches",
+    "max_steps",
+    "distinct_words",
+}
 """Hyperparameters searched on doubling grids: effects are reported per doubling, whatever the range."""
 MIN_RUNS_FOR_INTERVALS = 5
 """Fewer configurations than this: a regression across them cannot give a meaningful interval (HC3
 needs each point's leverage below 1), so importance intervals are left empty (nan)."""
+
+
 def _design(units: pd.DataFrame) -> tuple[list[str], np.ndarray, list[str], list[str | None]]:
     """Regression columns: names, matrix (configurations × regressors), scales and references.
 
@@ -231,10 +313,13 @@ def _design(units: pd.DataFrame) -> tuple[list[str], np.ndarray, list[str], list
     return names, (np.column_stack(cols) if cols else np.empty((len(units), 0))), scales, refs
 
 
-def _ols_hc3(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ols_hc3(
+    x: np.ndarray, y: np.ndarray, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Slopes (no intercept), their HC3 t intervals (k × 2) and p-values, by statsmodels OLS."""
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # leverage 1 (a point that alone fixes a slope): nan intervals, said below
+        # leverage 1 (a point that alone fixes a slope) warns and gives nan intervals, said below
+        warnings.simplefilter("ignore")
         fit = sm.OLS(y, sm.add_constant(x, has_constant="add")).fit(cov_type="HC3", use_t=True)
         ci = np.asarray(fit.conf_int(alpha=1 - confidence))[1:]
         p = np.asarray(fit.pvalues)[1:]
@@ -242,15 +327,24 @@ def _ols_hc3(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> tuple[np
 
 
 def importance(units: pd.DataFrame, scoring: str = "generation", all_words: int = ALL_WORDS) -> pd.DataFrame:
-    """Regression importance ranking of the hyperparameters and training patterns, per metric (see module docstring)."""
+    """Regression importance ranking of the hyperparameters and training patterns, per metric.
+
+    The model and its assumptions are in the module docstring.
+    """
     names, x, scales, refs = _design(with_all_words(units, all_words))
     if not names:
         return pd.DataFrame(columns=COLUMNS)
     n, p = x.shape
     joint = n >= p + 3
-    method = ("joint OLS on all numeric hyperparameters and training-pattern dummies" if joint
-              else "one-variable OLS regressions (too few configurations for a joint fit)")  # fmt: skip
-    method += "; HC3 robust standard errors, t intervals (statsmodels); Holm across the slopes of one endpoint and scoring"
+    method = (
+        "joint OLS on all numeric hyperparameters and training-pattern dummies"
+        if joint
+        else "one-variable OLS regressions (too few configurations for a joint fit)"
+    )
+    method += (
+        "; HC3 robust standard errors, t intervals (statsmodels); "
+        "Holm across the slopes of one endpoint and scoring"
+    )
     sd = x.std(axis=0, ddof=1)
     rows = []
     for metric in metrics_of(units):
@@ -267,16 +361,34 @@ def importance(units: pd.DataFrame, scoring: str = "generation", all_words: int 
         order = np.argsort(-np.abs(est * sd))
         for rank, j in enumerate(order, 1):
             lo, hi = ci[j]
-            rows.append({"kind": "importance", "scoring": scoring, "hyperparameter": names[j], "reference": refs[j],
-                         "metric": metric, "endpoint": endpoint_of(metric), "scale": scales[j],
-                         "estimate": float(est[j] * sd[j]), "ci_low": float(lo * sd[j]), "ci_high": float(hi * sd[j]),
-                         "slope": float(est[j]), "slope_ci_low": float(lo), "slope_ci_high": float(hi),
-                         "p_value": float(pv[j]), "rank": rank, "n_configs": n, "n_runs": _n_runs(units),
-                         "method": method})  # fmt: skip
+            rows.append(
+                {
+                    "kind": "importance",
+                    "scoring": scoring,
+                    "hyperparameter": names[j],
+                    "reference": refs[j],
+                    "metric": metric,
+                    "endpoint": endpoint_of(metric),
+                    "scale": scales[j],
+                    "estimate": float(est[j] * sd[j]),
+                    "ci_low": float(lo * sd[j]),
+                    "ci_high": float(hi * sd[j]),
+                    "slope": float(est[j]),
+                    "slope_ci_low": float(lo),
+                    "slope_ci_high": float(hi),
+                    "p_value": float(pv[j]),
+                    "rank": rank,
+                    "n_configs": n,
+                    "n_runs": _n_runs(units),
+                    "method": method,
+                }
+            )
     out = pd.DataFrame(rows, columns=COLUMNS)
     out["family"] = out["family"].astype(object)
     # the pre-registered family: the slopes of one endpoint under one scoring
-    for metric, g in out[out["endpoint"].isin(["primary", "secondary"]) & out["p_value"].notna()].groupby("metric"):
+    for metric, g in out[out["endpoint"].isin(["primary", "secondary"]) & out["p_value"].notna()].groupby(
+        "metric"
+    ):
         out.loc[g.index, "p_adj"] = holm(g["p_value"].clip(0, 1).tolist())
         out.loc[g.index, "family"] = f"{scoring}/slopes/{metric}"
     return out

@@ -23,6 +23,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import optuna
+import yaml
+from rich.progress import track
+
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import iter_jsonl, read_json, snippet
 from spellxfer.evaluation.compare import read_predictions
@@ -30,7 +34,30 @@ from spellxfer.tasks.metric_names import check_metric_name
 
 # Optuna's TrialState names → the statuses trial.json uses.
 OPTUNA_STATUS = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned", "RUNNING": "running",
-                 "WAITING": "waiting"}  # fmt: skip
+                 "WAITING": "waiting"}
+
+
+SCORINGS = {"generation": "correct", "likelihood": "likelihood_correct"}
+"""Scoring → the verdict field of a predictions.jsonl row: generation (the reply, parsed) is the
+primary score; the likelihood probe is analysed beside it when every row carries its verdict."""
+
+
+def item_scores(rows: list[dict], field: str = "correct") -> dict[tuple[str, str], dict]:
+    """Per item, keyed like compare_predictions (question file name, id): its sample verdicts and row."""
+    items: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        e = items.setdefault((Path(r["file"]).name, r["id"]), {"row": r, "correct": []})
+        e["correct"].append(bool(r[field]))
+    return items
+
+
+def word_of(item: dict, key: tuple[str, str]) -> str:
+    """The cluster an item belongs to: its word, else itself.
+
+    Questions about one word share its difficulty, so they are resampled together.
+    """
+    word = item["row"].get("word")
+    return f"word:{word}" if isinstance(word, str) and word else f"item:{key[0]}:{key[1]}"
 
 
 @dataclass
@@ -68,20 +95,25 @@ class Discovery:
     skipped: list[dict]
     """``{"trial", "status", "reason"}`` for every trial that is not analysed."""
     omitted_metric_entries: int = 0
-    """How many non-whitelisted metric entries (key in a logged row) were dropped from ``metrics.jsonl`` files."""
+    """How many non-whitelisted metric entries were dropped from ``metrics.jsonl`` files.
+
+    An entry is one key in one logged row.
+    """
     control: list[Run] = field(default_factory=list)
     """The control arm's complete runs (``arm == "control"``), named ``control/<trial>``."""
 
 
 def discover(runs: list[str] | None, study: str | None, storage: str | None, results_dir: str,
-             decoding: str, control_runs: list[str] | None = None) -> Discovery:  # fmt: skip
+             decoding: str, control_runs: list[str] | None = None) -> Discovery:
     """Trial directories from ``--runs`` (trial or study directories) or from an Optuna study, and the
     control arm's from ``--control_runs`` (plus any of the former that trained on the control file)."""
     if bool(runs) == bool(study):
         raise SpellxferError("give either --runs DIR … or --study NAME --storage URL (exactly one of them)")
     if study:
         if not storage:
-            raise SpellxferError(f"--study {study} needs --storage URL (e.g. sqlite:///{results_dir}/sweeps/{study}.db)")
+            raise SpellxferError(
+                f"--study {study} needs --storage URL (e.g. sqlite:///{results_dir}/sweeps/{study}.db)"
+            )
         entries = _entries_from_study(study, storage, Path(results_dir))
     else:
         entries = [e for d in runs for e in _entries_from_dir(Path(d))]
@@ -89,14 +121,18 @@ def discover(runs: list[str] | None, study: str | None, storage: str | None, res
     control = [r for r in found.runs if r.arm == "control"]
     found.runs = [r for r in found.runs if r.arm == "spelling"]
     if not found.runs:
-        raise SpellxferError("every analysed run trained on the control file (train_set control): give the spelling "
-                             "arm's runs with --runs and the control arm's with --control_runs")  # fmt: skip
+        raise SpellxferError(
+            "every analysed run trained on the control file (train_set control): give the spelling "
+            "arm's runs with --runs and the control arm's with --control_runs"
+        )
     if control_runs:
         ctl = _load([e for d in control_runs for e in _entries_from_dir(Path(d))], decoding)
         for run in ctl.runs:
             if run.arm != "control" and _train_set(run.directory, run.trial) == "spelling":
-                raise SpellxferError(f"--control_runs: {run.directory} trained on train_set spelling (its params or "
-                                     "fit.yaml say so), not on the control file; pass it with --runs")  # fmt: skip
+                raise SpellxferError(
+                    f"--control_runs: {run.directory} trained on train_set spelling (its params or "
+                    "fit.yaml say so), not on the control file; pass it with --runs"
+                )
             run.arm = "control"
         control += ctl.runs
         found.skipped += [s | {"trial": f"control/{s['trial']}"} for s in ctl.skipped]
@@ -108,16 +144,19 @@ def discover(runs: list[str] | None, study: str | None, storage: str | None, res
 
 
 def _train_set(d: Path, trial: dict) -> str | None:
-    """The training file a trial used: its ``params.train_set`` when searched, else its ``fit.yaml``'s
-    ``data.train_set`` (the config the fit ran), else None (not recorded: the spelling file, fit's default)."""
+    """The training file a trial used.
+
+    Its ``params.train_set`` when searched, else its ``fit.yaml``'s ``data.train_set`` (the config
+    the fit ran), else None (not recorded: the spelling file, fit's default).
+    """
     value = (trial.get("params") or {}).get("train_set")
     if value is None and (d / "fit.yaml").is_file():
-        import yaml
-
         try:
             config = yaml.safe_load((d / "fit.yaml").read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            raise SpellxferError(f"{d / 'fit.yaml'}: not readable YAML ({' '.join(str(e).split())[:200]})") from None
+            raise SpellxferError(
+                f"{d / 'fit.yaml'}: not readable YAML ({' '.join(str(e).split())[:200]})"
+            ) from None
         data = config.get("data") if isinstance(config, dict) else None
         value = data.get("train_set") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None
@@ -129,22 +168,26 @@ def _entries_from_dir(d: Path) -> list[tuple[Path, str | None]]:
         return [(d, None)]
     trials = sorted(p for p in d.glob("trial-*") if p.is_dir()) if d.is_dir() else []
     if not trials:
-        raise SpellxferError(f"--runs {d}: neither a trial directory (with trial.json) nor a study directory "
-                             "(with trial-NNNN/ subdirectories)")  # fmt: skip
+        raise SpellxferError(
+            f"--runs {d}: neither a trial directory (with trial.json) nor a study directory "
+            "(with trial-NNNN/ subdirectories)"
+        )
     return [(t, None) for t in trials]
 
 
 def _entries_from_study(study: str, storage: str, results_dir: Path) -> list[tuple[Path, str | None]]:
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         s = optuna.load_study(study_name=study, storage=storage)
     except KeyError:
-        raise SpellxferError(f"--study {study}: no such study in --storage {storage}; run "
-                             f"`spellxfer sweep --study {study}` first (or check the name)") from None
+        raise SpellxferError(
+            f"--study {study}: no such study in --storage {storage}; run "
+            f"`spellxfer sweep --study {study}` first (or check the name)"
+        ) from None
     except Exception as e:  # SQLAlchemy / RDB errors: a bad URL or an unreadable database
-        raise SpellxferError(f"--storage {storage}: cannot open the Optuna storage ({type(e).__name__}: {e})") from None
+        raise SpellxferError(
+            f"--storage {storage}: cannot open the Optuna storage ({type(e).__name__}: {e})"
+        ) from None
     study_dir = results_dir / "sweeps" / study
     entries, missing = [], []
     for t in s.get_trials(deepcopy=False):
@@ -154,14 +197,16 @@ def _entries_from_study(study: str, storage: str, results_dir: Path) -> list[tup
             missing.append(run_dir)
         entries.append((run_dir, status))
     if not entries:
-        raise SpellxferError(f"--study {study} in {storage} has no trials yet; run `spellxfer sweep --study {study}` first")
+        raise SpellxferError(
+            f"--study {study} in {storage} has no trials yet; run `spellxfer sweep --study {study}` first"
+        )
     if missing:
         raise SpellxferError(
-            f"--study {study}: {len(missing)} complete trial(s) have no directory here (first: {missing[0]}); "
-            f"analyze reads each one's trial.json, metrics.jsonl and eval/<decoding>/predictions.jsonl and the "
-            f"study's base/<decoding>/predictions.jsonl under {study_dir}: copy the sweep's directory there "
-            f"(or pass --results_dir), or use --runs DIR"
-        )  # fmt: skip
+            f"--study {study}: {len(missing)} complete trial(s) have no directory here (first: "
+            f"{missing[0]}); analyze reads each one's trial.json, metrics.jsonl and "
+            "eval/<decoding>/predictions.jsonl and the study's base/<decoding>/predictions.jsonl under "
+            f"{study_dir}: copy the sweep's directory there (or pass --results_dir), or use --runs DIR"
+        )
     return entries
 
 
@@ -178,9 +223,7 @@ def _trial_dir(recorded: str | None, study_dir: Path, number: int) -> Path:
 
 
 def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
-    from rich.progress import track
-
-    from spellxfer.training.loggers import steps_trained  # imports lightning: only when used
+    from spellxfer.training.loggers import steps_trained  # loads torch (seconds): not for --help
 
     trials = []
     for d, status in entries:
@@ -203,18 +246,32 @@ def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
         base_dir = d.parent / "base" / decoding
         if base_dir not in bases:
             if not (base_dir / "predictions.jsonl").is_file():
-                raise SpellxferError(f"{d}: the study has no base-model evaluation ({base_dir}/predictions.jsonl)")
+                raise SpellxferError(
+                    f"{d}: the study has no base-model evaluation ({base_dir}/predictions.jsonl)"
+                )
             bases[base_dir] = (read_predictions(base_dir), _read_metrics(base_dir))
         curve, n_omitted = read_curve(d / "metrics.jsonl")
         omitted += n_omitted
-        runs.append(Run(name=label, directory=d, trial=trial, params=dict(trial.get("params") or {}),
-                        predictions=read_predictions(eval_dir), base_predictions=bases[base_dir][0], curve=curve,
-                        metrics=_read_metrics(eval_dir), base_metrics=bases[base_dir][1],
-                        steps_trained=steps_trained(d / "metrics.jsonl"),
-                        arm="control" if _train_set(d, trial) == "control" else "spelling"))  # fmt: skip
+        runs.append(
+            Run(
+                name=label,
+                directory=d,
+                trial=trial,
+                params=dict(trial.get("params") or {}),
+                predictions=read_predictions(eval_dir),
+                base_predictions=bases[base_dir][0],
+                curve=curve,
+                metrics=_read_metrics(eval_dir),
+                base_metrics=bases[base_dir][1],
+                steps_trained=steps_trained(d / "metrics.jsonl"),
+                arm="control" if _train_set(d, trial) == "control" else "spelling",
+            )
+        )
     if not runs:
-        raise SpellxferError(f"no complete trial with an eval/{decoding}/ evaluation among {len(trials)} trial(s) "
-                             f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})")  # fmt: skip
+        raise SpellxferError(
+            f"no complete trial with an eval/{decoding}/ evaluation among {len(trials)} trial(s) "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))})"
+        )
     return Discovery(runs=runs, status_counts=dict(counts), skipped=skipped, omitted_metric_entries=omitted)
 
 
@@ -249,8 +306,10 @@ def _read_trial(d: Path) -> dict:
             raise SpellxferError(f"{f}: {key} {snippet(trial[key])} is not {expected}")
     for name, value in (trial.get("params") or {}).items():
         if not _is_param_value(value):
-            raise SpellxferError(f"{f}: params.{name} {snippet(value)} is not a hyperparameter value "
-                                 "(text, true/false, or a finite number)")  # fmt: skip
+            raise SpellxferError(
+                f"{f}: params.{name} {snippet(value)} is not a hyperparameter value "
+                "(text, true/false, or a finite number)"
+            )
     return trial
 
 
@@ -266,7 +325,7 @@ def read_curve(path: Path) -> tuple[list[dict], int]:
     there must be what the training logger writes: objects with an integer ``step`` (or null) and
     numeric values (NaN allowed: a diverged loss is logged as NaN).
     """
-    from spellxfer.training.loggers import optimizer_step  # imports lightning: only when used
+    from spellxfer.training.loggers import optimizer_step  # loads torch (seconds): not for --help
 
     if not path.is_file():
         return [], 0
@@ -323,7 +382,10 @@ _TRIAL_FIELDS = (
 
 
 def allowed_metric(name: str) -> bool:
-    """Whether the training whitelist allows ``name`` (a training-loop or position / count / transfer metric)."""
+    """Whether the training whitelist allows ``name``.
+
+    Allowed are the training-loop metrics and the position / count / transfer metrics.
+    """
     try:
         check_metric_name(name)
     except SpellxferError:

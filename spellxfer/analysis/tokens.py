@@ -24,12 +24,16 @@ def recount(model: str | None, rows: list[dict]) -> tuple[dict[tuple[str, str], 
         word, question = r.get("word"), r.get("question")
         if isinstance(word, str) and word and isinstance(question, str) and f" '{word}'" in question:
             items.setdefault((Path(r["file"]).name, r["id"]), (question, word, r.get("n_tokens")))
-    info = {"tokenizer": model, "source": "question file (Qwen3 tokenizer, from the data build)", "n_items": len(items),
-            "agreement_with_file": None}  # fmt: skip
+    info = {
+        "tokenizer": model,
+        "source": "question file (Qwen3 tokenizer, from the data build)",
+        "n_items": len(items),
+        "agreement_with_file": None,
+    }
     if not model or not items:
         return {}, info
     try:
-        from spellxfer.models.registry import load_tokenizer
+        from spellxfer.models.registry import load_tokenizer  # torch + transformers: only with a model
 
         tok = load_tokenizer(model)
     except Exception as e:  # an unknown or unreachable tokenizer: the file's counts, said plainly
@@ -45,6 +49,8 @@ def recount(model: str | None, rows: list[dict]) -> tuple[dict[tuple[str, str], 
         end = start + len(word)
         counts[key] = sum(1 for s, e in offsets if s < end and e > start)
     given = [(counts[k], items[k][2]) for k in keys if isinstance(items[k][2], int)]
-    info |= {"source": f"recounted with the {model} tokenizer",
-             "agreement_with_file": sum(a == b for a, b in given) / len(given) if given else None}  # fmt: skip
+    info |= {
+        "source": f"recounted with the {model} tokenizer",
+        "agreement_with_file": sum(a == b for a, b in given) / len(given) if given else None,
+    }
     return counts, info

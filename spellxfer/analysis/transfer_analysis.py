@@ -16,8 +16,9 @@ The plan is fixed before any number is seen (docs/transfer_learning.md, "Statist
 endpoints are the subtasks, secondary the two task totals, transfer_score is reported and never
 tested; Holm families per decoding × scoring (primary, secondary), the validation-selected
 configuration as its own family, its contrasts with the base and the control as one more, the
-slopes of each endpoint as one more each; ``analysis.json`` declares them. Holm needs no assumption about how the tests depend on each other — they do,
-since every run answers the same items.
+slopes of each endpoint as one more each; ``analysis.json`` declares them. Holm needs no
+assumption about how the tests depend on each other — they do, since every run answers the same
+items.
 
 Trained on spelling, evaluated on position and count only.
 """
@@ -36,9 +37,9 @@ from rich.progress import track
 from rich.table import Table
 from scipy import stats
 
-from spellxfer.analysis import arms, configs, effects, tokens
+from spellxfer.analysis import arms, configs, effects, figures, tokens
 from spellxfer.analysis.columns import check_columns
-from spellxfer.analysis.runs import Discovery, Run, allowed_metric, discover
+from spellxfer.analysis.runs import SCORINGS, Discovery, Run, allowed_metric, discover, item_scores, word_of
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import (
     atomic_output_dir,
@@ -54,9 +55,9 @@ from spellxfer.tasks.names import TASKS
 console = Console()
 # Per task: test accuracy with its interval, the paired change from base with its interval, Holm p.
 TASK_COLUMNS = [f"{t}_accuracy{s}" for t in TASKS
-                for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low", "_delta_ci_high", "_p_adj")]  # fmt: skip
+                for s in ("", "_ci_low", "_ci_high", "_delta", "_delta_ci_low", "_delta_ci_high", "_p_adj")]
 TABLES = ("runs", "per_run_deltas", "config_effects", "metric_correlations", "top_transfer_configs",
-          "hyperparameter_effects", "breakdowns", "arm_contrasts")  # fmt: skip
+          "hyperparameter_effects", "breakdowns", "arm_contrasts")
 
 
 def analyze(
@@ -106,17 +107,24 @@ def analyze(
         all_words: Training words that distinct_words null (every word) stands for in the slopes
             (22,873: the full build with seed 0).
     """
-    for flag, value, low in (("top", top, 1), ("n_boot", n_boot, 1), ("seed", seed, 0), ("all_words", all_words, 1)):
+    for flag, value, low in (
+        ("top", top, 1),
+        ("n_boot", n_boot, 1),
+        ("seed", seed, 0),
+        ("all_words", all_words, 1),
+    ):
         if value < low:
             raise SpellxferError(f"--{flag} must be ≥ {low}, got {value}")
     check_output_dir(out, overwrite)
     found = discover(runs, study, storage, results_dir, decoding, control_runs)
-    result = analyse(found, n_boot=n_boot, seed=seed, top=top, decoding=decoding, scoring=scoring, all_words=all_words)
-    result["info"] |= {"source": {"runs": runs, "study": study, "storage": storage, "control_runs": control_runs},
-                       "decoding": decoding,
-                       "name": study or _common_name(found.runs)}  # fmt: skip
-    from spellxfer.analysis import figures  # matplotlib: imported only when drawing
-
+    result = analyse(
+        found, n_boot=n_boot, seed=seed, top=top, decoding=decoding, scoring=scoring, all_words=all_words
+    )
+    result["info"] |= {
+        "source": {"runs": runs, "study": study, "storage": storage, "control_runs": control_runs},
+        "decoding": decoding,
+        "name": study or _common_name(found.runs),
+    }
     with atomic_output_dir(out, overwrite) as tmp:
         for name in TABLES:
             check_columns(result[name], name).to_csv(tmp / f"{name}.csv", index=False, float_format="%.6g")
@@ -126,29 +134,39 @@ def analyze(
     return 0
 
 
-SCORINGS = {"generation": "correct", "likelihood": "likelihood_correct"}
-"""Scoring → the verdict field of a predictions.jsonl row: generation (the reply, parsed) is the
-primary score; the likelihood probe is analysed beside it when every row carries its verdict."""
-
-
 def scorings_of(found: Discovery | list[Run]) -> list[str]:
     """``generation``, plus ``likelihood`` when the base model's and every run's rows have its verdict."""
     runs = found.runs if isinstance(found, Discovery) else found
     rows = [r for run in runs for r in (*run.predictions, *run.base_predictions)]
-    return ["generation"] + (["likelihood"] if rows and all(isinstance(r.get("likelihood_correct"), bool) for r in rows)
-                             else [])  # fmt: skip
+    return ["generation"] + (
+        ["likelihood"] if rows and all(isinstance(r.get("likelihood_correct"), bool) for r in rows) else []
+    )
 
 
-def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, decoding: str = "sampled",
-            scoring: str = "auto", all_words: int = effects.ALL_WORDS) -> dict:  # fmt: skip
-    """Every table of the analysis (pandas DataFrames) plus ``info`` (methods, families, counts, base accuracy)."""
+def analyse(
+    found: Discovery,
+    n_boot: int = 2000,
+    seed: int = 0,
+    top: int = 10,
+    decoding: str = "sampled",
+    scoring: str = "auto",
+    all_words: int = effects.ALL_WORDS,
+) -> dict:
+    """Every table of the analysis (pandas DataFrames) plus ``info``.
+
+    ``info`` holds the methods, the test families, counts and the base model's accuracy.
+    """
     available = scorings_of(found)
     if scoring == "both" and "likelihood" not in available:
-        raise SpellxferError(f"--scoring {scoring}: some prediction rows have no likelihood_correct (evaluate them "
-                             "with --scoring both or likelihood), so only generation can be analysed")  # fmt: skip
+        raise SpellxferError(
+            f"--scoring {scoring}: some prediction rows have no likelihood_correct (evaluate them "
+            "with --scoring both or likelihood), so only generation can be analysed"
+        )
     scorings = ["generation"] if scoring == "generation" else available
     model = next((r.trial.get("model") for r in found.runs if r.trial.get("model")), None)
-    token_counts, token_info = tokens.recount(model, [row for r in found.runs[:1] for row in r.base_predictions])
+    token_counts, token_info = tokens.recount(
+        model, [row for r in found.runs[:1] for row in r.base_predictions]
+    )
     run_rows, delta_rows, breakdown_rows = [], [], []
     for run in track(found.runs, description="comparing runs with the base model", transient=True):
         for scoring in scorings:
@@ -173,7 +191,9 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
         if effects.endpoint_of(metric) == "summary":
             continue
         p_adj = per_run[per_run["metric"] == metric].set_index(["run", "scoring"])["p_adj"]
-        table[f"{metric}_p_adj"] = [p_adj.get((r, s), math.nan) for r, s in zip(table["run"], table["scoring"])]
+        table[f"{metric}_p_adj"] = [
+            p_adj.get((r, s), math.nan) for r, s in zip(table["run"], table["scoring"])
+        ]
     # the control arm is labelled in runs.csv and per_run_deltas.csv and compared in arm_contrasts.csv;
     # everything that selects, ranks or fits across configurations sees the spelling arm only
     control_table = table[table["arm"] == "control"]
@@ -185,23 +205,45 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
     hp_parts, corr_parts = [], []
     for scoring in scorings:
         units = config_rows[config_rows["scoring"] == scoring]
-        hp_parts += [effects.marginal_means(units, n_boot, seed, scoring, all_words),
-                     effects.importance(units, scoring, all_words)]
+        hp_parts += [
+            effects.marginal_means(units, n_boot, seed, scoring, all_words),
+            effects.importance(units, scoring, all_words),
+        ]
         corr_parts.append(effects.correlations(units, n_boot, seed).assign(scoring=scoring))
     hp_parts = [h for h in hp_parts if len(h)]
     hp = pd.concat(hp_parts, ignore_index=True) if hp_parts else pd.DataFrame(columns=effects.COLUMNS)
+    importance_method = (
+        hp["method"].iloc[-1] if (hp["kind"] == "importance").any() else "no numeric hyperparameter varies"
+    )
     generation = table[table["scoring"] == "generation"]
     objective_cols = [c for c in table.columns if c.startswith(("val/", "test/"))]
-    top_cols = ["run", "trial", "config_id", "replicate", "transfer_score", "transfer_score_ci_low",
-                "transfer_score_ci_high", *objective_cols, *TASK_COLUMNS,
-                *[c for c in table.columns if c.startswith("params.")], "steps_trained", "run_dir"]  # fmt: skip
+    top_cols = [
+        "run",
+        "trial",
+        "config_id",
+        "replicate",
+        "transfer_score",
+        "transfer_score_ci_low",
+        "transfer_score_ci_high",
+        *objective_cols,
+        *TASK_COLUMNS,
+        *[c for c in table.columns if c.startswith("params.")],
+        "steps_trained",
+        "run_dir",
+    ]
     top_configs = generation.sort_values("transfer_score", ascending=False, kind="stable").head(top)[top_cols]
     top_configs.insert(0, "rank", range(1, len(top_configs) + 1))
     selected = selected_by_validation(generation, objective_cols, config_rows, effect_rows, decoding)
     selected_id = selected["config_id"] if selected else None
-    contrasts, control_info = arms.arm_contrasts(selected_id, found.runs, found.control,
-                                                 {"spelling": scorings, "control": control_scorings}, decoding, n_boot,
-                                                 seed)  # fmt: skip
+    contrasts, control_info = arms.arm_contrasts(
+        selected_id,
+        found.runs,
+        found.control,
+        {"spelling": scorings, "control": control_scorings},
+        decoding,
+        n_boot,
+        seed,
+    )
     decided = arms.decisions(contrasts, selected_id, found.runs, found.control, scorings)
     n_seeds = config_rows[config_rows["scoring"] == "generation"]["n_seeds"]
     info = {
@@ -213,9 +255,11 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
         "skipped": found.skipped,
         "omitted_metric_entries": found.omitted_metric_entries,
         "base": _base_summary(found.runs[0], scorings),
-        "endpoints": {"primary": [m for m in effects.metrics_of(table) if effects.endpoint_of(m) == "primary"],
-                      "secondary": [m for m in effects.SECONDARY if m in table],
-                      "summary (not tested)": list(effects.SUMMARY)},  # fmt: skip
+        "endpoints": {
+            "primary": [m for m in effects.metrics_of(table) if effects.endpoint_of(m) == "primary"],
+            "secondary": [m for m in effects.SECONDARY if m in table],
+            "summary (not tested)": list(effects.SUMMARY),
+        },
         "families": _families(effect_rows, hp, selected, decoding, contrasts),
         "control": control_info | {"scorings": control_scorings},
         "decisions": decided,
@@ -223,81 +267,149 @@ def analyse(found: Discovery, n_boot: int = 2000, seed: int = 0, top: int = 10, 
         "n_boot": n_boot,
         "seed": seed,
         "methods": {
-            "accuracy_interval": "Wilson 95% (one sample per item) or item bootstrap (K samples per item); a "
-                                 "bootstrap over words instead when several questions share a word",
-            "delta": "fine-tuned − base on the same items; paired percentile bootstrap 95% interval resampling "
-                     f"words (scipy.stats.bootstrap, {n_boot} resamples); exact McNemar test",
-            "configurations": "runs sharing a config_id are the seeds of one configuration: means over seeds, "
-                              "between-seed SD; with ≥ 2 seeds a configuration's delta is tested with a one-sample "
-                              "t-test across its seeds (t interval), with one seed by its run's McNemar test",
-            "multiple_comparisons": "Holm step-down (statsmodels multipletests; family-wise error rate 5%) within "
-                                    "pre-specified families: per decoding × scoring, the primary endpoints (the "
-                                    "subtasks) of all configurations form one family and the secondary endpoints "
-                                    "(position and count totals) another; the validation-selected configuration "
-                                    "is its own family; its contrasts with the base and the control (primary "
-                                    "endpoints × the two contrasts) are one family per scoring, the secondary "
-                                    "endpoints another, control − base another; the slopes of ONE endpoint "
-                                    "and scoring form one family (the pre-registered one)",
-            "arm_contrasts": "the validation-selected configuration (mean over its seeds per question) − the base "
-                             "and − the control trained with the same configuration (mean over its seeds), and the "
-                             "control − the base; paired over the same questions, percentile bootstrap resampling "
-                             f"words ({n_boot} resamples), exact McNemar on each question's majority verdict; "
-                             "delta_adj_ci: the family's simultaneous (Bonferroni) interval",
-            "decision_rule": "per subtask, docs/results.md 'Pre-registration': transfer when, for generation or the "
-                             "probe, both adjusted intervals (vs base, vs control) lie above 0, the accuracy interval "
-                             "lies above the best trivial baseline and every seed is above the base; format "
-                             "interference when generation falls below the base (adjusted interval below 0) while the "
-                             "probe does not, or 'spelled' becomes the most common reply format; else no effect; "
-                             "undetermined: <what is missing> when an input is absent",
-            "transfer_score": "mean of position and count accuracy (reported, not tested); interval by "
-                              f"bootstrapping words ({n_boot} resamples)",
-            "across_configurations": f"percentile bootstrap over configurations, {n_boot} resamples, seed {seed}",
-            "importance": "regression (not fANOVA): " + (hp["method"].iloc[-1] if (hp["kind"] == "importance").any()
-                                                         else "no numeric hyperparameter varies"),
-            "breakdowns": "per run: paired bootstrap over words of the delta within each bucket; 'all runs': mean "
-                          "over runs with a percentile bootstrap over runs; descriptive (not adjusted, not tested); "
-                          f"token counts: {token_info['source']}",
+            "accuracy_interval": (
+                "Wilson 95% (one sample per item) or item bootstrap (K samples per item); a bootstrap over "
+                "words instead when several questions share a word"
+            ),
+            "delta": (
+                "fine-tuned − base on the same items; paired percentile bootstrap 95% interval resampling "
+                f"words (scipy.stats.bootstrap, {n_boot} resamples); exact McNemar test"
+            ),
+            "configurations": (
+                "runs sharing a config_id are the seeds of one configuration: means over seeds, "
+                "between-seed SD; with ≥ 2 seeds a configuration's delta is tested with a one-sample "
+                "t-test across its seeds (t interval), with one seed by its run's McNemar test"
+            ),
+            "multiple_comparisons": (
+                "Holm step-down (statsmodels multipletests; family-wise error rate 5%) within pre-specified "
+                "families: per decoding × scoring, the primary endpoints (the subtasks) of all "
+                "configurations form one family and the secondary endpoints (position and count totals) "
+                "another; the validation-selected configuration is its own family; its contrasts with the "
+                "base and the control (primary endpoints × the two contrasts) are one family per scoring, "
+                "the secondary endpoints another, control − base another; the slopes of ONE endpoint and "
+                "scoring form one family (the pre-registered one)"
+            ),
+            "arm_contrasts": (
+                "the validation-selected configuration (mean over its seeds per question) − the base "
+                "and − the control trained with the same configuration (mean over its seeds), and the "
+                "control − the base; paired over the same questions, percentile bootstrap resampling words "
+                f"({n_boot} resamples), exact McNemar on each question's majority verdict; delta_adj_ci: "
+                "the family's simultaneous (Bonferroni) interval"
+            ),
+            "decision_rule": (
+                "per subtask, docs/results.md 'Pre-registration': transfer when, for generation or the "
+                "probe, both adjusted intervals (vs base, vs control) lie above 0, the accuracy interval "
+                "lies above the best trivial baseline and every seed is above the base; format interference "
+                "when generation falls below the base (adjusted interval below 0) while the probe does not, "
+                "or 'spelled' becomes the most common reply format; else no effect; undetermined: <what is "
+                "missing> when an input is absent"
+            ),
+            "transfer_score": (
+                "mean of position and count accuracy (reported, not tested); interval by bootstrapping "
+                f"words ({n_boot} resamples)"
+            ),
+            "across_configurations": (
+                f"percentile bootstrap over configurations, {n_boot} resamples, seed {seed}"
+            ),
+            "importance": "regression (not fANOVA): " + importance_method,
+            "breakdowns": (
+                "per run: paired bootstrap over words of the delta within each bucket; 'all runs': mean "
+                "over runs with a percentile bootstrap over runs; descriptive (not adjusted, not tested); "
+                f"token counts: {token_info['source']}"
+            ),
         },
         "provenance": {"packages": package_versions(), "git_commit": git_commit()},
         "selected_by_validation": selected,
     }
-    return {"runs": pd.concat([table, control_table], ignore_index=True), "per_run_deltas": per_run, "config_effects": effect_rows,
-            "metric_correlations": pd.concat(corr_parts, ignore_index=True), "top_transfer_configs": top_configs,
-            "hyperparameter_effects": hp, "breakdowns": breakdowns, "configs": config_rows, "arm_contrasts": contrasts,
-            "info": info}  # fmt: skip
+    return {
+        "runs": pd.concat([table, control_table], ignore_index=True),
+        "per_run_deltas": per_run,
+        "config_effects": effect_rows,
+        "metric_correlations": pd.concat(corr_parts, ignore_index=True),
+        "top_transfer_configs": top_configs,
+        "hyperparameter_effects": hp,
+        "breakdowns": breakdowns,
+        "configs": config_rows,
+        "arm_contrasts": contrasts,
+        "info": info,
+    }
 
 
-def _families(effect_rows: pd.DataFrame, hp: pd.DataFrame, selected: dict | None, decoding: str,
-              contrasts: pd.DataFrame | None = None) -> list[dict]:  # fmt: skip
+def _families(
+    effect_rows: pd.DataFrame,
+    hp: pd.DataFrame,
+    selected: dict | None,
+    decoding: str,
+    contrasts: pd.DataFrame | None = None,
+) -> list[dict]:
     """The multiple-comparison families, declared in analysis.json: name, endpoints, size, method."""
     out = []
     if len(effect_rows):
         for name, g in effect_rows.groupby("family", sort=False):
-            out.append({"name": name, "scoring": g["scoring"].iloc[0], "endpoint": g["endpoint"].iloc[0],
-                        "metrics": sorted(g["metric"].unique()), "n_tests": len(g), "method": "Holm",
-                        "unit": "configuration"})  # fmt: skip
+            out.append(
+                {
+                    "name": name,
+                    "scoring": g["scoring"].iloc[0],
+                    "endpoint": g["endpoint"].iloc[0],
+                    "metrics": sorted(g["metric"].unique()),
+                    "n_tests": len(g),
+                    "method": "Holm",
+                    "unit": "configuration",
+                }
+            )
     if selected:
         for e in selected["endpoints"]:
             if not any(f["name"] == e["family"] for f in out):
                 n = sum(x["family"] == e["family"] for x in selected["endpoints"])
-                out.append({"name": e["family"], "scoring": e["scoring"], "endpoint": e["endpoint"],
-                            "metrics": sorted({x["metric"] for x in selected["endpoints"] if x["family"] == e["family"]}),
-                            "n_tests": n, "method": "Holm", "unit": "the validation-selected configuration"})  # fmt: skip
+                out.append(
+                    {
+                        "name": e["family"],
+                        "scoring": e["scoring"],
+                        "endpoint": e["endpoint"],
+                        "metrics": sorted(
+                            {x["metric"] for x in selected["endpoints"] if x["family"] == e["family"]}
+                        ),
+                        "n_tests": n,
+                        "method": "Holm",
+                        "unit": "the validation-selected configuration",
+                    }
+                )
     if len(hp) and "family" in hp and hp["family"].notna().any():
         for name, g in hp[hp["family"].notna()].groupby("family", sort=False):
-            out.append({"name": f"{decoding}/{name}", "scoring": g["scoring"].iloc[0], "endpoint": g["endpoint"].iloc[0],
-                        "metrics": sorted(g["metric"].unique()), "n_tests": len(g), "method": "Holm",
-                        "unit": "hyperparameter and training-pattern slopes of one endpoint"})  # fmt: skip
+            out.append(
+                {
+                    "name": f"{decoding}/{name}",
+                    "scoring": g["scoring"].iloc[0],
+                    "endpoint": g["endpoint"].iloc[0],
+                    "metrics": sorted(g["metric"].unique()),
+                    "n_tests": len(g),
+                    "method": "Holm",
+                    "unit": "hyperparameter and training-pattern slopes of one endpoint",
+                }
+            )
     if contrasts is not None and len(contrasts):
         for name, g in contrasts.groupby("family", sort=False):
-            out.append({"name": name, "scoring": g["scoring"].iloc[0], "endpoint": g["endpoint"].iloc[0],
-                        "metrics": sorted(g["metric"].unique()), "n_tests": len(g), "method": "Holm",
-                        "unit": " and ".join(sorted(g["contrast"].unique()))})  # fmt: skip
+            out.append(
+                {
+                    "name": name,
+                    "scoring": g["scoring"].iloc[0],
+                    "endpoint": g["endpoint"].iloc[0],
+                    "metrics": sorted(g["metric"].unique()),
+                    "n_tests": len(g),
+                    "method": "Holm",
+                    "unit": " and ".join(sorted(g["contrast"].unique())),
+                }
+            )
     return out
 
 
-def selected_by_validation(table: pd.DataFrame, objective_cols: list[str], config_rows: pd.DataFrame,
-                           effect_rows: pd.DataFrame, decoding: str = "sampled") -> dict | None:  # fmt: skip
+def selected_by_validation(
+    table: pd.DataFrame,
+    objective_cols: list[str],
+    config_rows: pd.DataFrame,
+    effect_rows: pd.DataFrame,
+    decoding: str = "sampled",
+) -> dict | None:
     """The configuration a sweep would ship: the best validation objective (mean over its seeds; ties
     to the lower configuration id, as Optuna's ``best_trial``), with its test numbers. Its test
     results are an honest estimate, tested as their own Holm family; the top of
@@ -312,29 +424,23 @@ def selected_by_validation(table: pd.DataFrame, objective_cols: list[str], confi
     best = runs.iloc[0]
     keys = ["transfer_score", "transfer_score_ci_low", "transfer_score_ci_high", *TASK_COLUMNS]
     one_seed = int(best_cfg["n_seeds"]) == 1
-    values = {k: float(best[k]) for k in keys if k in best and pd.notna(best[k])} if one_seed else \
-        {k: float(best_cfg[k]) for k in keys if k in best_cfg and pd.notna(best_cfg[k])}  # fmt: skip
-    return {"run": str(best["run"]) if one_seed else str(best_cfg["run"]), "config_id": int(best_cfg["config_id"]),
-            "n_seeds": int(best_cfg["n_seeds"]),
-            "runs": str(best_cfg["runs"]).split(), "objective": col, "objective_value": float(best_cfg[col]),
-            "tied_runs": int((cfg[col] == best_cfg[col]).sum()),
-            "test_rank": int((cfg["transfer_score"] > best_cfg["transfer_score"]).sum()) + 1,
-            "endpoints": configs.selected_family(effect_rows, int(best_cfg["config_id"]), decoding), **values}  # fmt: skip
-
-
-def item_scores(rows: list[dict], field: str = "correct") -> dict[tuple[str, str], dict]:
-    """Per item, keyed like compare_predictions (question file name, id): its sample verdicts and row."""
-    items: dict[tuple[str, str], dict] = {}
-    for r in rows:
-        e = items.setdefault((Path(r["file"]).name, r["id"]), {"row": r, "correct": []})
-        e["correct"].append(bool(r[field]))
-    return items
-
-
-def word_of(item: dict, key: tuple[str, str]) -> str:
-    """The cluster an item belongs to: its word (questions about one word share its difficulty), else itself."""
-    word = item["row"].get("word")
-    return f"word:{word}" if isinstance(word, str) and word else f"item:{key[0]}:{key[1]}"
+    values = (
+        {k: float(best[k]) for k in keys if k in best and pd.notna(best[k])}
+        if one_seed
+        else {k: float(best_cfg[k]) for k in keys if k in best_cfg and pd.notna(best_cfg[k])}
+    )
+    return {
+        "run": str(best["run"]) if one_seed else str(best_cfg["run"]),
+        "config_id": int(best_cfg["config_id"]),
+        "n_seeds": int(best_cfg["n_seeds"]),
+        "runs": str(best_cfg["runs"]).split(),
+        "objective": col,
+        "objective_value": float(best_cfg[col]),
+        "tied_runs": int((cfg[col] == best_cfg[col]).sum()),
+        "test_rank": int((cfg["transfer_score"] > best_cfg["transfer_score"]).sum()) + 1,
+        "endpoints": configs.selected_family(effect_rows, int(best_cfg["config_id"]), decoding),
+        **values,
+    }
 
 
 def _clusters(items: dict, keys: list) -> list[str] | None:
@@ -351,16 +457,23 @@ def _groups(items: dict) -> dict[str, list]:
         groups[row["task"]].append(key)
         if row.get("subtask"):
             groups[f"{row['task']}/{row['subtask']}"].append(key)
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0].split("/")[0] != "position", "/" in kv[0], kv[0])))
+    return dict(
+        sorted(groups.items(), key=lambda kv: (kv[0].split("/")[0] != "position", "/" in kv[0], kv[0]))
+    )
 
 
-def _transfer_ci(items: dict, pos: list, cnt: list, n_boot: int, seed: int, base: dict | None = None) -> tuple[float, float]:
+def _transfer_ci(
+    items: dict, pos: list, cnt: list, n_boot: int, seed: int, base: dict | None = None
+) -> tuple[float, float]:
     """Percentile interval of (position accuracy + count accuracy) / 2 (or of its delta, with
     ``base``) when words are resampled: a word's position and count questions move together."""
     if not pos or not cnt:
         return (math.nan, math.nan)
-    value = (lambda k: np.mean(items[k]["correct"])) if base is None else \
-        (lambda k: np.mean(items[k]["correct"]) - np.mean(base[k]["correct"]))  # fmt: skip
+    value = (
+        (lambda k: np.mean(items[k]["correct"]))
+        if base is None
+        else (lambda k: np.mean(items[k]["correct"]) - np.mean(base[k]["correct"]))
+    )
     words = sorted({word_of(items[k], k) for k in (*pos, *cnt)})
     index = {w: i for i, w in enumerate(words)}
     arrays = np.zeros((4, len(words)))
@@ -370,13 +483,21 @@ def _transfer_ci(items: dict, pos: list, cnt: list, n_boot: int, seed: int, base
             arrays[row + 1, index[word_of(items[k], k)]] += 1
     if len(words) < 2:
         return (math.nan, math.nan)
-    res = stats.bootstrap(tuple(arrays), lambda ps, pn, cs, cn, axis=-1: (ps.sum(axis) / pn.sum(axis) + cs.sum(axis) / cn.sum(axis)) / 2,
-                          paired=True, vectorized=True, n_resamples=n_boot, method="percentile",
-                          rng=np.random.default_rng(seed))  # fmt: skip
+    res = stats.bootstrap(
+        tuple(arrays),
+        lambda ps, pn, cs, cn, axis=-1: (ps.sum(axis) / pn.sum(axis) + cs.sum(axis) / cn.sum(axis)) / 2,
+        paired=True,
+        vectorized=True,
+        n_resamples=n_boot,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
-# metrics.json fields (the probe contract) copied per subtask into runs.csv when evaluate wrote them
+# Per subtask, what evaluate wrote into metrics.json beside the accuracy (the best trivial baseline,
+# whether the scored accuracy beats it and, for generation, the constant-answer and no-answer rates),
+# copied into runs.csv when present.
 def _baseline_columns(run: Run, scoring: str, group: str) -> dict:
     entry = ((run.metrics or {}).get("subtasks") or {}).get(group)
     if not isinstance(entry, dict):
@@ -388,7 +509,10 @@ def _baseline_columns(run: Run, scoring: str, group: str) -> dict:
     m = f"{group}_accuracy"
     out = {f"{m}_best_trivial": trivial.get("accuracy"), f"{m}_beats_trivial": scored.get("beats_trivial")}
     if scoring == "generation":
-        out |= {f"{m}_constant_answer": diag.get("constant_answer"), f"{m}_no_answer_rate": diag.get("no_answer_rate")}
+        out |= {
+            f"{m}_constant_answer": diag.get("constant_answer"),
+            f"{m}_no_answer_rate": diag.get("no_answer_rate"),
+        }
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -396,33 +520,75 @@ def _compare_run(run: Run, scoring: str, n_boot: int, seed: int) -> tuple[dict, 
     """One row of runs.csv for one scoring (accuracies, deltas, params) and the run's per-group delta rows."""
     field = SCORINGS[scoring]
     base, tuned = item_scores(run.base_predictions, field), item_scores(run.predictions, field)
-    row = {"run": run.name, "arm": run.arm, "scoring": scoring, "trial": run.trial.get("number"),
-           "study": run.trial.get("study"),
-           "config_id": run.trial.get("config_id", run.trial.get("number")), "replicate": run.trial.get("replicate", 0),
-           "seed": run.trial.get("seed"), "steps_trained": run.steps_trained, "run_dir": str(run.directory)}  # fmt: skip
+    row = {
+        "run": run.name,
+        "arm": run.arm,
+        "scoring": scoring,
+        "trial": run.trial.get("number"),
+        "study": run.trial.get("study"),
+        "config_id": run.trial.get("config_id", run.trial.get("number")),
+        "replicate": run.trial.get("replicate", 0),
+        "seed": run.trial.get("seed"),
+        "steps_trained": run.steps_trained,
+        "run_dir": str(run.directory),
+    }
     deltas = []
     groups = _groups(tuned)
     for group, keys in groups.items():
         m = f"{group}_accuracy"
-        s = accuracy_summary([tuned[k]["correct"] for k in keys], n_boot=n_boot, seed=seed, clusters=_clusters(tuned, keys))
+        s = accuracy_summary(
+            [tuned[k]["correct"] for k in keys], n_boot=n_boot, seed=seed, clusters=_clusters(tuned, keys)
+        )
         common = [k for k in keys if k in base]
-        d = paired_comparison([np.mean(base[k]["correct"]) for k in common], [np.mean(tuned[k]["correct"]) for k in common],
-                              n_boot=n_boot, seed=seed, clusters=_clusters(tuned, common)) if common else None  # fmt: skip
-        row |= {m: s["accuracy"], f"{m}_ci_low": s["ci_low"], f"{m}_ci_high": s["ci_high"], f"{m}_n": s["n"],
-                f"{m}_base": d["acc_a"] if d else math.nan, f"{m}_delta": d["diff"] if d else math.nan,
-                f"{m}_delta_ci_low": d["ci_low"] if d else math.nan, f"{m}_delta_ci_high": d["ci_high"] if d else math.nan,
-                f"{m}_mcnemar_p": d["mcnemar_p"] if d else math.nan} | _baseline_columns(run, scoring, group)  # fmt: skip
+        d = (
+            paired_comparison(
+                [np.mean(base[k]["correct"]) for k in common],
+                [np.mean(tuned[k]["correct"]) for k in common],
+                n_boot=n_boot,
+                seed=seed,
+                clusters=_clusters(tuned, common),
+            )
+            if common
+            else None
+        )
+        row |= {
+            m: s["accuracy"],
+            f"{m}_ci_low": s["ci_low"],
+            f"{m}_ci_high": s["ci_high"],
+            f"{m}_n": s["n"],
+            f"{m}_base": d["acc_a"] if d else math.nan,
+            f"{m}_delta": d["diff"] if d else math.nan,
+            f"{m}_delta_ci_low": d["ci_low"] if d else math.nan,
+            f"{m}_delta_ci_high": d["ci_high"] if d else math.nan,
+            f"{m}_mcnemar_p": d["mcnemar_p"] if d else math.nan,
+        } | _baseline_columns(run, scoring, group)
         if d:
-            deltas.append({"run": run.name, "arm": run.arm, "scoring": scoring, "config_id": row["config_id"], "metric": m,
-                           "endpoint": effects.endpoint_of(m), "base_accuracy": d["acc_a"], "tuned_accuracy": d["acc_b"],
-                           "delta": d["diff"], "delta_ci_low": d["ci_low"], "delta_ci_high": d["ci_high"],
-                           "mcnemar_p": d["mcnemar_p"], "n_items": d["n"]})  # fmt: skip
+            deltas.append(
+                {
+                    "run": run.name,
+                    "arm": run.arm,
+                    "scoring": scoring,
+                    "config_id": row["config_id"],
+                    "metric": m,
+                    "endpoint": effects.endpoint_of(m),
+                    "base_accuracy": d["acc_a"],
+                    "tuned_accuracy": d["acc_b"],
+                    "delta": d["diff"],
+                    "delta_ci_low": d["ci_low"],
+                    "delta_ci_high": d["ci_high"],
+                    "mcnemar_p": d["mcnemar_p"],
+                    "n_items": d["n"],
+                }
+            )
     pos, cnt = groups.get("position", []), groups.get("count", [])
     row["transfer_score"] = (row.get("position_accuracy", math.nan) + row.get("count_accuracy", math.nan)) / 2
     row["transfer_score_ci_low"], row["transfer_score_ci_high"] = _transfer_ci(tuned, pos, cnt, n_boot, seed)
-    row["transfer_score_delta"] = (row.get("position_accuracy_delta", math.nan) + row.get("count_accuracy_delta", math.nan)) / 2
+    row["transfer_score_delta"] = (
+        row.get("position_accuracy_delta", math.nan) + row.get("count_accuracy_delta", math.nan)
+    ) / 2
     row["transfer_score_delta_ci_low"], row["transfer_score_delta_ci_high"] = _transfer_ci(
-        tuned, [k for k in pos if k in base], [k for k in cnt if k in base], n_boot, seed, base)
+        tuned, [k for k in pos if k in base], [k for k in cnt if k in base], n_boot, seed, base
+    )
     name = run.trial.get("objective_name")
     if name and allowed_metric(name) and run.trial.get("objective") is not None:
         row[name] = run.trial["objective"]
@@ -434,7 +600,7 @@ def _base_summary(run: Run, scorings: list[str] | None = None) -> dict:
     """The base model's test accuracy per task and subtask (and probe accuracy), with the best trivial
     baseline of each subtask when its metrics.json has one."""
     out: dict = {}
-    subtasks = ((run.base_metrics or {}).get("subtasks") or {})
+    subtasks = (run.base_metrics or {}).get("subtasks") or {}
     for scoring in scorings or ["generation"]:
         items = item_scores(run.base_predictions, SCORINGS[scoring])
         for group, keys in _groups(items).items():
@@ -444,7 +610,11 @@ def _base_summary(run: Run, scorings: list[str] | None = None) -> dict:
             entry = subtasks.get(group)
             if isinstance(entry, dict) and isinstance(entry.get("best_trivial"), dict):
                 out[key]["best_trivial"] = entry["best_trivial"]
-            if scoring == "generation" and isinstance(entry, dict) and isinstance(entry.get("diagnostics"), dict):
+            if (
+                scoring == "generation"
+                and isinstance(entry, dict)
+                and isinstance(entry.get("diagnostics"), dict)
+            ):
                 out[key]["constant_answer"] = entry["diagnostics"].get("constant_answer")
                 out[key]["no_answer_rate"] = entry["diagnostics"].get("no_answer_rate")
     return out
@@ -453,7 +623,7 @@ def _base_summary(run: Run, scorings: list[str] | None = None) -> dict:
 def _breakdowns(run: Run, n_boot: int, seed: int, token_counts: dict | None = None) -> list[dict]:
     """Base vs fine-tuned accuracy (generation) and the paired delta in every bucket of every breakdown;
     the token-count buckets count with the evaluated model's tokenizer (``token_counts``)."""
-    from spellxfer.evaluation.evaluate import BREAKDOWNS  # the buckets `evaluate` reports
+    from spellxfer.evaluation.evaluate import BREAKDOWNS  # imports torch (seconds): not for --help
 
     base, tuned = item_scores(run.base_predictions), item_scores(run.predictions)
     groups: dict[tuple[str, str, str], list] = defaultdict(list)
@@ -469,13 +639,32 @@ def _breakdowns(run: Run, n_boot: int, seed: int, token_counts: dict | None = No
     for (name, task, bucket), keys in sorted(groups.items()):
         a = accuracy_summary([base[k]["correct"] for k in keys], n_boot=n_boot, seed=seed)
         b = accuracy_summary([tuned[k]["correct"] for k in keys], n_boot=n_boot, seed=seed)
-        d = paired_comparison([np.mean(base[k]["correct"]) for k in keys], [np.mean(tuned[k]["correct"]) for k in keys],
-                              n_boot=n_boot, seed=seed, clusters=_clusters(base, keys))  # fmt: skip
-        out.append({"run": run.name, "breakdown": name, "bucket": bucket, "metric": f"{task}_accuracy", "n_items": len(keys),
-                    "base_accuracy": a["accuracy"], "base_ci_low": a["ci_low"], "base_ci_high": a["ci_high"],
-                    "tuned_accuracy": b["accuracy"], "tuned_ci_low": b["ci_low"], "tuned_ci_high": b["ci_high"],
-                    "delta": d["diff"], "delta_ci_low": d["ci_low"], "delta_ci_high": d["ci_high"],
-                    "mcnemar_p": d["mcnemar_p"]})  # fmt: skip
+        d = paired_comparison(
+            [np.mean(base[k]["correct"]) for k in keys],
+            [np.mean(tuned[k]["correct"]) for k in keys],
+            n_boot=n_boot,
+            seed=seed,
+            clusters=_clusters(base, keys),
+        )
+        out.append(
+            {
+                "run": run.name,
+                "breakdown": name,
+                "bucket": bucket,
+                "metric": f"{task}_accuracy",
+                "n_items": len(keys),
+                "base_accuracy": a["accuracy"],
+                "base_ci_low": a["ci_low"],
+                "base_ci_high": a["ci_high"],
+                "tuned_accuracy": b["accuracy"],
+                "tuned_ci_low": b["ci_low"],
+                "tuned_ci_high": b["ci_high"],
+                "delta": d["diff"],
+                "delta_ci_low": d["ci_low"],
+                "delta_ci_high": d["ci_high"],
+                "mcnemar_p": d["mcnemar_p"],
+            }
+        )
     return out
 
 
@@ -483,17 +672,28 @@ def _pooled_breakdowns(per_run: pd.DataFrame, n_boot: int, seed: int) -> pd.Data
     """``run = "all runs"``: mean over runs of each bucket's accuracies and delta, bootstrap over runs."""
     rows = []
     for (name, metric, bucket), g in per_run.groupby(["breakdown", "metric", "bucket"], sort=False):
-        row = {"run": "all runs", "breakdown": name, "bucket": bucket, "metric": metric, "n_items": int(g["n_items"].median()),
-               "n_runs": len(g)}  # fmt: skip
+        row = {
+            "run": "all runs",
+            "breakdown": name,
+            "bucket": bucket,
+            "metric": metric,
+            "n_items": int(g["n_items"].median()),
+            "n_runs": len(g),
+        }
         # one base model per study: the same numbers in every run of it (averaged across studies)
         row |= {c: g[c].mean() for c in ("base_accuracy", "base_ci_low", "base_ci_high")}
         for col, prefix in (("tuned_accuracy", "tuned"), ("delta", "delta")):
             y = g[col].to_numpy(float)
             row[col] = float(y.mean())
             if len(g) == 1:  # one run: its own interval (over items) is the only one there is
-                row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = g[f"{prefix}_ci_low"].iloc[0], g[f"{prefix}_ci_high"].iloc[0]
+                row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = (
+                    g[f"{prefix}_ci_low"].iloc[0],
+                    g[f"{prefix}_ci_high"].iloc[0],
+                )
             else:
-                row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = effects.bootstrap_ci(effects._mean, [y], n_boot, seed)
+                row[f"{prefix}_ci_low"], row[f"{prefix}_ci_high"] = effects.bootstrap_ci(
+                    effects._mean, [y], n_boot, seed
+                )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -518,16 +718,29 @@ def _jsonable(obj):
 
 def print_summary(result: dict, out: Path) -> None:
     info, table = result["info"], result["top_transfer_configs"]
-    t = Table(title=f"top configurations by test transfer_score ({info['n_runs']} complete runs; "
-                    f"not analysed: {len(info['skipped'])})")  # fmt: skip
+    t = Table(
+        title=(
+            f"top configurations by test transfer_score ({info['n_runs']} complete runs; not analysed: "
+            f"{len(info['skipped'])})"
+        )
+    )
     for col in ("rank", "run", "transfer_score", "Δ position [95% CI]", "Δ count [95% CI]"):
         t.add_column(col, justify="left" if col == "run" else "right")
     for _, r in table.head(5).iterrows():
-        t.add_row(str(r["rank"]), r["run"], f"{r['transfer_score']:.3f}",
-                  *[f"{r[f'{k}_accuracy_delta']:+.3f} [{r[f'{k}_accuracy_delta_ci_low']:+.3f}, "
-                    f"{r[f'{k}_accuracy_delta_ci_high']:+.3f}]" for k in TASKS])  # fmt: skip
+        t.add_row(
+            str(r["rank"]),
+            r["run"],
+            f"{r['transfer_score']:.3f}",
+            *[
+                f"{r[f'{k}_accuracy_delta']:+.3f} [{r[f'{k}_accuracy_delta_ci_low']:+.3f}, "
+                f"{r[f'{k}_accuracy_delta_ci_high']:+.3f}]"
+                for k in TASKS
+            ],
+        )
     print_table(t, console)
     if sel := info.get("selected_by_validation"):
-        console.print(f"selected by {sel['objective']} (the unbiased pick): {sel['run']}, test transfer_score "
-                      f"{sel['transfer_score']:.3f}, rank {sel['test_rank']} of {info['n_runs']} on the test set")
+        console.print(
+            f"selected by {sel['objective']} (the unbiased pick): {sel['run']}, test transfer_score "
+            f"{sel['transfer_score']:.3f}, rank {sel['test_rank']} of {info['n_runs']} on the test set"
+        )
     console.print(f"wrote {', '.join(f'{n}.csv' for n in TABLES)}, figures/ and analysis.json to {out}")
