@@ -36,6 +36,7 @@ demo: setup
 		--out $(DEMO)/tuned --compare_to $(DEMO)/base
 
 test: setup
+	$(VENV)/bin/ruff check spellxfer tests tools
 	$(VENV)/bin/lint-imports
 	$(PY) tools/policy_check.py
 	$(PY) -m pytest -q --timeout 900

@@ -71,13 +71,13 @@ ALLOW_FILE_LINES = 10  # the file marker must sit at the top, where a reader see
 SUFFIXES = frozenset(
     {".py", ".yaml", ".yml", ".toml", ".json", ".md", ".rst", ".txt", ".cfg", ".ini", ".jinja", ".j2",
      ".ipynb", ".sh"}
-)  # fmt: skip
+)
 # Only used when walking a tree without git; in a checkout, .gitignore decides (a results file
 # someone committed on purpose is part of the repo and is checked).
 SKIP_DIRS = frozenset(
     {".venv", "venv", ".git", "__pycache__", "node_modules", "build", "dist", "checkpoints", "results",
      "wandb", "lightning_logs", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".tox"}
-)  # fmt: skip
+)
 
 # --- thinking-on -------------------------------------------------------------------------------
 # The flag as a kwarg (`=`), a dict/YAML/JSON key (`:`), a subscript (`["…"] =`) or an annotation.
@@ -236,7 +236,7 @@ RULES: tuple[Rule, ...] = (
          "use the base or Instruct model", _thinking_model),
     Rule("spelling-metric", "spelling accuracy must not be measured or reported; "
          "only position, count and transfer metrics are", _spelling_metric),
-)  # fmt: skip
+)
 
 
 def scan_text(text: str, path: str = "<text>", suffix: str = ".py") -> list[Violation]:
@@ -342,7 +342,7 @@ def check(paths: list[str] | None = None, root: str = ".") -> int:
             Text(f"policy check: {len(violations)} violation(s) in {n_files} file(s), "
                  f"{len(files)} file(s) scanned", style="bold red"),
             soft_wrap=True,
-        )  # fmt: skip
+        )
         return 1
     console.print(Text(f"policy check: clean, {len(files)} file(s) scanned", style="green"), soft_wrap=True)
     return 0
