@@ -223,7 +223,9 @@ def _one_line_errors(run, help_hint: str) -> int:
 
 # Options that take several values in the usual Unix form (`--questions a.jsonl b.csv`).
 # jsonargparse reads list options as one JSON/YAML value, so these are folded into one first.
-MULTI_VALUE_FLAGS = ("--questions", "--paths", "--runs", "--control_runs", "--variants", "--modes")
+MULTI_VALUE_FLAGS = (
+    "--questions", "--paths", "--runs", "--control_runs", "--variants", "--modes", "--devices"
+)
 # Switches that read naturally without a value (`export --merge`, `studio submit --dry-run`,
 # `doctor --import-check`); jsonargparse wants `--merge true`, so a bare one gets its `true` here
 # (an explicit value is kept).

@@ -1,6 +1,7 @@
 """``spellxfer bench train``: real tokens per second of the training path, beside a plain reference.
 
-One process, one card, the same spelling rows (the ``full`` build's length mix) for every variant:
+The same spelling rows (the ``full`` build's length mix) for every variant, one card each unless
+``--devices`` asks for more:
 
 * ``reference`` — a plain transformers + PEFT training loop, the usual starting point: random batches of
   ``reference_batch_size`` rows, right-padded, ``model(..., labels=...).loss`` (full-vocabulary
@@ -15,6 +16,11 @@ A variant can carry overrides, ``NAME:key=value,key=value`` — ``batch_size``, 
 switches ``attention_mask=true`` (pass the padding mask as before), ``peft_input_cast=true``
 (leave PEFT's float32 input cast on) and ``cudnn_attention=true`` (let SDPA use cuDNN), which is
 how docs/performance.md measures what each optimisation buys, one at a time.
+
+``--devices 1 2`` measures every ``spellxfer`` variant on one device and on two (the same
+Trainer with ``strategy="ddp"``, ``batch_size`` rows per device: a global batch of
+``batch_size × devices``), side by side in one JSON; tokens/s is then summed over the ranks.
+The reference loop is single-device and runs with ``devices 1`` only.
 
 Throughput counts real (non-pad) tokens only, over ``steps`` optimizer steps after ``warmup``
 steps, with the GPU synchronised at both ends. MFU counts the useful work of a LoRA step,
@@ -223,9 +229,15 @@ def run_spellxfer(
     device: torch.device,
     batch_size: int,
     profile: bool = False,
+    devices: int = 1,
     **overrides,
 ) -> dict:
-    """The real LightningModule + DataModule under a Lightning Trainer, timed by a callback."""
+    """The real LightningModule + DataModule under a Lightning Trainer, timed by a callback.
+
+    With ``devices`` > 1 the Trainer runs DDP (Lightning relaunches this command once per extra
+    rank); the result counts the tokens of every rank over the slowest rank's time, and its
+    ``rank`` tells the caller whether it is rank 0, the one that reports.
+    """
     attention_mask = overrides.pop("attention_mask", False)
     peft_input_cast = overrides.pop("peft_input_cast", False)
     cudnn_attention = overrides.pop("cudnn_attention", False)
@@ -248,7 +260,10 @@ def run_spellxfer(
     timer = _StepTimer(warmup, steps, device, profile)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
+        devices=devices,
+        # the length-grouped sampler shards batches over ranks itself (SpellingDataModule)
+        strategy="ddp" if devices > 1 else "auto",
+        use_distributed_sampler=False,
         max_steps=warmup + steps + profile,
         logger=False,
         enable_checkpointing=False,
@@ -266,6 +281,7 @@ def run_spellxfer(
         "config": module.lm.config,
         "kernels": module.kernels_applied,
         "backend": module.resolved_backend,
+        "rank": trainer.global_rank,
     }
     del trainer, module, data
     return result
@@ -312,6 +328,12 @@ class _StepTimer(Callback):
             raise SpellxferError("bench train: the run ended before the warmup steps were over")
         if not self.seconds:
             self._stop_clock()
+        if trainer.world_size > 1:
+            # every rank's tokens, over the slowest rank's time: the global batch's throughput
+            counts = torch.tensor([self.real, self.padded], dtype=torch.float64, device=pl_module.device)
+            self.real, self.padded = (int(x) for x in trainer.strategy.reduce(counts, reduce_op="sum"))
+            seconds = torch.tensor([self.seconds], dtype=torch.float64, device=pl_module.device)
+            self.seconds = float(trainer.strategy.all_gather(seconds).max())
 
     def _stop_clock(self):
         _sync(self.device)
@@ -330,8 +352,10 @@ def run_variant(
     seed: int,
     device: torch.device,
     profile: bool = False,
+    devices: int = 1,
 ) -> dict:
-    """Measure one variant; the GPU's peak memory counter is reset first and freed after."""
+    """Measure one variant on ``devices`` devices; the GPU's peak memory counter is reset first and
+    freed after (rank 0's card under DDP)."""
     name, overrides = parse_variant(spec)
     gc.collect()
     if device.type == "cuda":
@@ -355,13 +379,14 @@ def run_variant(
             r = run_spellxfer(
                 model,
                 data_dir,
-                (warmup + steps + profile) * bs,
+                (warmup + steps + profile) * bs * devices,  # each rank trains on its own batches
                 steps,
                 warmup,
                 seed,
                 device,
                 bs,
                 profile=profile,
+                devices=devices,
                 **overrides,
             )
     except torch.OutOfMemoryError as e:  # a finding, not a crash: the table says which setting does not fit
@@ -369,7 +394,13 @@ def run_variant(
     except Exception as e:  # e.g. a kernel that fails to build: record it, measure the other variants
         traceback.print_exc()
         r = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "config": None}
-    r.update(variant=spec, batch_size=bs, wall_seconds=time.perf_counter() - t_start)
+    r.update(
+        variant=spec,
+        devices=devices,
+        batch_size=bs,  # per device
+        global_batch_size=bs * devices,
+        wall_seconds=time.perf_counter() - t_start,
+    )
     r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     gc.collect()
     if device.type == "cuda":
@@ -387,9 +418,10 @@ def bench_train(
     warmup: int = 5,
     seed: int = 0,
     profile: bool = False,
+    devices: list[int] = [1],  # noqa: B006  (jsonargparse needs a literal default)
     out: str | None = None,
 ) -> int:
-    """Training throughput: the plain transformers + PEFT loop beside spellxfer's fit, one card, one run.
+    """Training throughput: the plain transformers + PEFT loop beside spellxfer's fit, in one run.
 
     Prints real tokens/s, MFU, peak GPU memory and each variant's ratio to the first; writes JSON
     (default results/bench/train-<model>.json). Trained on spelling, evaluated on position and
@@ -400,13 +432,15 @@ def bench_train(
         data_dir: A ``data build`` directory; its spelling rows give the length mix (built with
             ``--profile full`` if absent).
         variants: ``reference`` / ``spellxfer``, each optionally ``:key=value,…`` (see docs/performance.md).
-        batch_size: Rows per step for spellxfer variants.
+        batch_size: Rows per step and device for spellxfer variants (global batch: × devices).
         reference_batch_size: Rows per step for the reference (64: its best setting on an H100).
         steps: Timed optimizer steps per variant.
         warmup: Untimed steps first (CUDA context, kernel autotuning, allocator growth).
         seed: Seed for the row order and the random-weight model.
         profile: Also profile the last timed step of each spellxfer variant and print its
             costliest operations.
+        devices: Device counts to measure each spellxfer variant on (``1 2``: one device, then
+            two under DDP, one row each); the reference runs on one device only.
         out: JSON output path.
     """
     check_model_name(model)
@@ -417,7 +451,18 @@ def bench_train(
         )
     for spec in variants:  # validate every spec before any work
         parse_variant(spec)
-    specs = list(variants)
+    if not devices or min(devices) < 1 or len(set(devices)) != len(devices):
+        raise SpellxferError(f"bench train: --devices must be distinct counts ≥ 1, got {devices}")
+    if torch.cuda.is_available() and max(devices) > torch.cuda.device_count():
+        raise SpellxferError(
+            f"bench train: --devices {max(devices)} but {torch.cuda.device_count()} GPU(s) are visible"
+        )
+    # (variant, devices) pairs: every variant on each count, the single-device reference once
+    runs = [
+        (spec, n) for n in devices for spec in variants if n == 1 or parse_variant(spec)[0] != "reference"
+    ]
+    if not runs:
+        raise SpellxferError("bench train: the reference runs on one device; add 1 to --devices")
     data = Path(data_dir)
     if not (data / "spelling_train.jsonl").is_file():
         build(str(data), profile="full", seed=0)
@@ -434,6 +479,7 @@ def bench_train(
         warmup=warmup,
         seed=seed,
         profile=profile,
+        devices=devices,
         out=out,
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -460,32 +506,39 @@ def bench_train(
             json.dump(report, f, indent=2, default=str)
         return report
 
-    if len(specs) > 1:
+    if len(runs) > 1:
         # Each variant in a fresh process: kernel patches (Liger swaps module classes globally),
         # cuDNN plan caches and allocator state cannot leak from one measurement into the next.
         results: list[dict] = []
-        for spec in specs:
+        for spec, n in runs:
             one = _run_isolated(
-                spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile
+                spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile, n
             )
             results.append(one["results"][0])
             report = write(results, one["matmul_flops_per_second"], one["supervised_fraction"])
             print(
-                f"{spec}: {results[-1].get('tokens_per_second')} real tokens/s (written to {out_path})",
+                f"{spec} on {n} device(s): {results[-1].get('tokens_per_second')} real tokens/s "
+                f"(written to {out_path})",
                 flush=True,
             )
     else:
+        ((spec, n),) = runs
         rate, supervised, results = _measure(
-            specs[0], model, data, batch_size, reference_batch_size, steps, warmup, seed, profile, device
+            spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile, device, n
         )
+        if results[0].pop("rank", 0):
+            return 0  # a DDP rank Lightning launched: rank 0 reports for all of them
         report = write(results, rate, supervised)
     _print_table(report, "real tokens/s", "tokens_per_second")
     print(f"wrote {out_path}")
     return 0
 
 
-def _measure(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile, device):
-    """One variant in this process: (matmul FLOP/s, supervised fraction, [result])."""
+def _measure(
+    spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile, device, devices=1
+):
+    """One variant in this process (and the ranks DDP launches): (matmul FLOP/s, supervised
+    fraction, [result])."""
     bs = max(batch_size, reference_batch_size, parse_variant(spec)[1].get("batch_size", 0))
     examples = _examples(data, model, (warmup + steps + 1) * bs, seed)
     supervised = sum(sum(t != -100 for t in e["labels"]) for e in examples) / sum(
@@ -494,7 +547,18 @@ def _measure(spec, model, data, batch_size, reference_batch_size, steps, warmup,
     rate = matmul_rate(device)
     print(f"bench train: {spec} …", flush=True)
     r = run_variant(
-        spec, model, data, examples, steps, warmup, batch_size, reference_batch_size, seed, device, profile
+        spec,
+        model,
+        data,
+        examples,
+        steps,
+        warmup,
+        batch_size,
+        reference_batch_size,
+        seed,
+        device,
+        profile,
+        devices,
     )
     config = r.pop("config")
     if "failed" in r:
@@ -503,13 +567,16 @@ def _measure(spec, model, data, batch_size, reference_batch_size, steps, warmup,
         return rate, supervised, [r]
     r["tokens_per_second"] = r["real_tokens"] / r["seconds"]
     r["padding_fraction"] = 1 - r["real_tokens"] / r["padded_tokens"]
-    useful = r["tokens_per_second"] * flops_per_token(config, supervised)
+    # per device: the summed rate of `devices` cards against one card's peak, shared out
+    useful = r["tokens_per_second"] * flops_per_token(config, supervised) / devices
     r["mfu_vs_matmul"] = useful / rate
     r["mfu_vs_peak"] = useful / H100_BF16_PEAK if device.type == "cuda" else None
     return rate, supervised, [r]
 
 
-def _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile) -> dict:
+def _run_isolated(
+    spec, model, data, batch_size, reference_batch_size, steps, warmup, seed, profile, devices
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "one.json"
         cmd = [
@@ -536,6 +603,8 @@ def _run_isolated(spec, model, data, batch_size, reference_batch_size, steps, wa
             str(seed),
             "--profile",
             str(profile).lower(),
+            "--devices",
+            str(devices),
             "--out",
             str(out),
         ]
@@ -629,11 +698,12 @@ def command_line(command: list[str], **args) -> str:
 def _print_table(report: dict, rate_label: str, key: str) -> None:
     table = Table(title=f"{report['model']} on {report['device']} ({report['date']})")
     table.add_column("variant")
-    for col in ("batch", rate_label, "× first", "MFU (peak)", "MFU (matmul)", "peak GiB"):
+    for col in ("devices", "batch", rate_label, "× first", "MFU (peak)", "MFU (matmul)", "peak GiB"):
         table.add_column(col, justify="right")
     for r in report["results"]:
         table.add_row(
             r["variant"],
+            str(r.get("devices", 1)),
             str(r["batch_size"]),
             f"{r[key]:,.0f}",
             f"{r['ratio_to_first']:.2f}",

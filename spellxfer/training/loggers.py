@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from spellxfer.core.doctor import wandb_mode
 from spellxfer.core.outputs import atomic_file
@@ -35,6 +36,9 @@ class WhitelistedCSVLogger(CSVLogger):
     def _jsonl(self) -> Path:
         return Path(self.jsonl_path) if self.jsonl_path else Path(self.log_dir) / "metrics.jsonl"
 
+    # Rank 0 only, as Lightning's own log_metrics: under DDP every rank calls the logger, and each
+    # would append its own copy of every row to the JSONL.
+    @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         check_metrics(metrics)
         super().log_metrics(metrics, step)
@@ -43,6 +47,7 @@ class WhitelistedCSVLogger(CSVLogger):
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
+    @rank_zero_only
     def discard_from(self, global_step: int) -> None:
         """Keep only the rows of the first ``global_step`` optimizer steps (on a resume from a
         checkpoint written after that many).
