@@ -114,7 +114,8 @@ TEMPLATE_DEFAULT_ON = re.compile(
 # `load(…)`): the first operand is what gets installed. An inline template string starts with
 # `{`, so its `<think>` tags are never read as a name.
 CHAT_TEMPLATE_SET = re.compile(
-    r"(?<![A-Za-z0-9])chat_template(?:_name)?\\?[\"']?\s*(?:=(?!=)|:)\s*(?:[\w.]+\()?\\?[\"']?(?P<name>[\w./-]+)",
+    r"(?<![A-Za-z0-9])chat_template(?:_name)?"
+    r"\\?[\"']?\s*(?:=(?!=)|:)\s*(?:[\w.]+\()?\\?[\"']?(?P<name>[\w./-]+)",
     re.IGNORECASE,
 )
 NEGATED_THINK = re.compile(r"(?:non|no|without|disabled?|strip(?:ped)?|skip)[_-]?think", re.IGNORECASE)

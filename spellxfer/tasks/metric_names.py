@@ -17,7 +17,10 @@ _SPLIT = r"(?:train|val|test)"
 _SUBTASK = r"[a-z][a-z0-9_]*"
 ALLOWED = (
     # training-loop metrics
-    re.compile(rf"^(?:{_SPLIT}/)?(?:loss|real_tokens|tokens_per_second|grad_norm|lr|learning_rate)(?:_step|_epoch)?$"),
+    re.compile(
+        rf"^(?:{_SPLIT}/)?"
+        r"(?:loss|real_tokens|tokens_per_second|grad_norm|lr|learning_rate)(?:_step|_epoch)?$"
+    ),
     re.compile(r"^(?:lr-[A-Za-z0-9_]+(?:/pg\d+)?(?:-momentum)?|step|epoch|global_step|trainer/global_step)$"),
     # position / count / transfer metrics, overall and per subtask
     # generation accuracy, and the likelihood probe's
