@@ -73,16 +73,12 @@ def config_key(run: Run) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in run.params.items() if k != "train_set"))
 
 
-def _config_id(run: Run):
-    return run.trial.get("config_id", run.trial.get("number"))
-
-
 def matched_control(selected: list[Run], control: list[Run]) -> tuple[list[Run], str]:
     """The control runs trained with the selected configuration, and how they were matched."""
     key = config_key(selected[0])
     if key:
         return [r for r in control if config_key(r) == key], "configuration parameters"
-    return [r for r in control if _config_id(r) == _config_id(selected[0])], "configuration id"
+    return [r for r in control if r.config_id == selected[0].config_id], "configuration id"
 
 
 def _group_of(row: dict) -> list[str]:
@@ -135,7 +131,7 @@ def arm_contrasts(
 
     ``scorings``: arm → the scorings its rows carry (``{"spelling": [...], "control": [...]}``).
     """
-    chosen = [r for r in spelling if _config_id(r) == selected_id]
+    chosen = [r for r in spelling if r.config_id == selected_id]
     matched, how = matched_control(chosen, control) if chosen and control else ([], "none")
     info = {
         "n_runs": len(control),
@@ -269,7 +265,7 @@ def decisions(
     table: pd.DataFrame, selected_id, spelling: list[Run], control: list[Run], scorings: list[str]
 ) -> list[dict]:
     """Per subtask, the pre-registered decision with the evidence it read (docs/results.md)."""
-    chosen = [r for r in spelling if _config_id(r) == selected_id]
+    chosen = [r for r in spelling if r.config_id == selected_id]
     matched = matched_control(chosen, control)[0] if chosen and control else []
     out = []
     for group in SUBTASK_GROUPS:

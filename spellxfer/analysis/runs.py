@@ -86,6 +86,11 @@ class Run:
     arm: str = "spelling"
     """``spelling`` or ``control`` (the non-spelling control arm): see the module docstring."""
 
+    @property
+    def config_id(self):
+        """The configuration this run is a seed of (a trial from before replicates is its own)."""
+        return self.trial.get("config_id", self.trial.get("number"))
+
 
 @dataclass
 class Discovery:

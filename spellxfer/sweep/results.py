@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from rich.table import Table
 
 from spellxfer.core.outputs import atomic_file
+from spellxfer.sweep.replicate import config_id, replicate
 from spellxfer.sweep.trial import SweepContext, write_trial_json
 from spellxfer.tasks.names import TASKS
 from spellxfer.training.loggers import steps_trained
@@ -60,9 +61,9 @@ def trial_rows(study: optuna.Study, ctx: SweepContext) -> list[dict]:
             "study": ctx.study,
             "number": t.number,
             "status": STATUS[t.state],
-            "config_id": t.user_attrs.get("config_id", t.number),
-            "replicate": t.user_attrs.get("replicate", 0),
-            "seed": ctx.space.replicate_seed(int(t.user_attrs.get("replicate", 0))),
+            "config_id": config_id(t),
+            "replicate": replicate(t),
+            "seed": ctx.space.replicate_seed(replicate(t)),
         }
         row |= {p.name: t.params.get(p.name) for p in ctx.space.parameters}
         row |= {
