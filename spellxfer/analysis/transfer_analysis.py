@@ -343,63 +343,34 @@ def _families(
     contrasts: pd.DataFrame | None = None,
 ) -> list[dict]:
     """The multiple-comparison families, declared in analysis.json: name, endpoints, size, method."""
+
+    def family(name: str, g: pd.DataFrame, unit: str) -> dict:
+        return {
+            "name": name,
+            "scoring": g["scoring"].iloc[0],
+            "endpoint": g["endpoint"].iloc[0],
+            "metrics": sorted(g["metric"].unique()),
+            "n_tests": len(g),
+            "method": "Holm",
+            "unit": unit,
+        }
+
     out = []
     if len(effect_rows):
         for name, g in effect_rows.groupby("family", sort=False):
-            out.append(
-                {
-                    "name": name,
-                    "scoring": g["scoring"].iloc[0],
-                    "endpoint": g["endpoint"].iloc[0],
-                    "metrics": sorted(g["metric"].unique()),
-                    "n_tests": len(g),
-                    "method": "Holm",
-                    "unit": "configuration",
-                }
-            )
+            out.append(family(name, g, "configuration"))
     if selected:
-        for e in selected["endpoints"]:
-            if not any(f["name"] == e["family"] for f in out):
-                n = sum(x["family"] == e["family"] for x in selected["endpoints"])
-                out.append(
-                    {
-                        "name": e["family"],
-                        "scoring": e["scoring"],
-                        "endpoint": e["endpoint"],
-                        "metrics": sorted(
-                            {x["metric"] for x in selected["endpoints"] if x["family"] == e["family"]}
-                        ),
-                        "n_tests": n,
-                        "method": "Holm",
-                        "unit": "the validation-selected configuration",
-                    }
-                )
+        rows = pd.DataFrame(selected["endpoints"])
+        for name, g in rows.groupby("family", sort=False) if len(rows) else ():
+            if not any(f["name"] == name for f in out):
+                out.append(family(name, g, "the validation-selected configuration"))
     if len(hp) and "family" in hp and hp["family"].notna().any():
         for name, g in hp[hp["family"].notna()].groupby("family", sort=False):
-            out.append(
-                {
-                    "name": f"{decoding}/{name}",
-                    "scoring": g["scoring"].iloc[0],
-                    "endpoint": g["endpoint"].iloc[0],
-                    "metrics": sorted(g["metric"].unique()),
-                    "n_tests": len(g),
-                    "method": "Holm",
-                    "unit": "hyperparameter and training-pattern slopes of one endpoint",
-                }
-            )
+            unit = "hyperparameter and training-pattern slopes of one endpoint"
+            out.append(family(f"{decoding}/{name}", g, unit))
     if contrasts is not None and len(contrasts):
         for name, g in contrasts.groupby("family", sort=False):
-            out.append(
-                {
-                    "name": name,
-                    "scoring": g["scoring"].iloc[0],
-                    "endpoint": g["endpoint"].iloc[0],
-                    "metrics": sorted(g["metric"].unique()),
-                    "n_tests": len(g),
-                    "method": "Holm",
-                    "unit": " and ".join(sorted(g["contrast"].unique())),
-                }
-            )
+            out.append(family(name, g, " and ".join(sorted(g["contrast"].unique()))))
     return out
 
 
