@@ -513,12 +513,15 @@ def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_h
     kernels = {k["kernel"]: k for k in report["kernels"]}
     assert kernels.keys() == {"loop", "concat", "grouped"}
     assert all(k["ms_per_step"] > 0 and k["max_loss_diff_vs_loop"] < 1e-4 for k in kernels.values())
-    # another invocation appends its mode to the same JSON
-    assert main([*args, "--modes", "pack:2:concat:window", "--kernel_steps", "0", "--append", "true",
-                 "--work_dir", str(tmp_path / "w2")]) == 0
+    assert "pending_modes" not in report  # the JSON written after the first mode was replaced
+    # another invocation appends its modes to the same JSON (written after each mode, once in all)
+    more = ["--modes", "pack:2:concat:window", "serial@1", "--kernel_steps", "0", "--append", "true"]
+    assert main([*args, *more, "--work_dir", str(tmp_path / "w2")]) == 0
     report = json.loads(out.read_text())
-    assert [m["spec"] for m in report["modes"]] == ["serial", "pack:2", "pack:2:concat:window"]
-    assert report["modes"][-1]["complete"] == 2 and report["kernels"] == list(kernels.values())
+    assert [m["spec"] for m in report["modes"]] == ["serial", "pack:2", "pack:2:concat:window", "serial@1"]
+    assert report["modes"][2]["complete"] == 2 and report["kernels"] == list(kernels.values())
+    assert report["modes"][3]["trials"] == 1 and len(report["commands"]) == 2
+    assert "pending_modes" not in report
 
 
 @pytest.mark.slow

@@ -405,6 +405,48 @@ def bench_sweep(
         cuda,
     )
     out_path = Path(out) if out else bench_dir(device) / f"sweep-{model}.json"
+    command = command_line(
+        ["bench", "sweep"],
+        model=model,
+        trials=trials,
+        max_steps=max_steps,
+        validate_every_steps=validate_every_steps,
+        val_limit=val_limit,
+        eval_limit=eval_limit,
+        modes=modes,
+        space=space,
+        base=base,
+        data_dir=data_dir,
+        gradient_checkpointing=gradient_checkpointing,
+        kernel_steps=kernel_steps,
+        seed=seed,
+        out=out,
+        append=append or None,
+    )
+    # an appended file's modes as they were before this invocation (its own partial writes replace
+    # them, so they are read once)
+    previous = json.loads(out_path.read_text()) if append and out_path.is_file() else None
+
+    def report_of(results: list[dict], kernels: list[dict]) -> dict:
+        report = {
+            "kind": "sweep",
+            "model": model,
+            "date": time.strftime("%Y-%m-%d"),
+            **run_environment(device),
+            "command": command,
+            "settings": {k: v for k, v in spec.items() if k != "parameters"},
+            "trials": draws,
+            "modes": results,
+            "kernels": kernels,
+        }
+        if previous is not None:
+            specs = {r["spec"] for r in results}
+            report["modes"] = [r for r in previous.get("modes", []) if r["spec"] not in specs] + results
+            report["commands"] = [*previous.get("commands", [previous.get("command")]), command]
+            report["kernels"] = kernels or previous.get("kernels", [])
+        report["summary"] = summarise(report["modes"])
+        return report
+
     tmp = tempfile.TemporaryDirectory(prefix="spellxfer-bench-sweep-") if work_dir is None else None
     work = Path(work_dir) if work_dir else Path(tmp.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -437,48 +479,17 @@ def bench_sweep(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    command = command_line(
-        ["bench", "sweep"],
-        model=model,
-        trials=trials,
-        max_steps=max_steps,
-        validate_every_steps=validate_every_steps,
-        val_limit=val_limit,
-        eval_limit=eval_limit,
-        modes=modes,
-        space=space,
-        base=base,
-        data_dir=data_dir,
-        gradient_checkpointing=gradient_checkpointing,
-        kernel_steps=kernel_steps,
-        seed=seed,
-        out=out,
-        append=append or None,
-    )
-    report = {
-        "kind": "sweep",
-        "model": model,
-        "date": time.strftime("%Y-%m-%d"),
-        **run_environment(device),
-        "command": command,
-        "settings": {k: v for k, v in spec.items() if k != "parameters"},
-        "trials": draws,
-        "modes": results,
-        "kernels": kernels,
-    }
-    if append and out_path.is_file():
-        previous = json.loads(out_path.read_text())
-        specs = {r["spec"] for r in results}
-        report["modes"] = [r for r in previous.get("modes", []) if r["spec"] not in specs] + results
-        report["commands"] = [*previous.get("commands", [previous.get("command")]), command]
-        report["kernels"] = kernels or previous.get("kernels", [])
-    report["summary"] = summarise(report["modes"])
-    print_report(report)
+    print_report(write_report(report_of(results, kernels), out_path))
+    print(f"wrote {out_path}")
+    return 0
+
+
+def write_report(report: dict, out_path: Path) -> dict:
+    """Write ``report`` as JSON to ``out_path`` (atomically); returns it."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_path) as f:
         json.dump(report, f, indent=2, default=str)
-    print(f"wrote {out_path}")
-    return 0
+    return report
 
 
 def summarise(modes: list[dict]) -> dict:
