@@ -14,8 +14,6 @@ from collections import Counter
 from functools import lru_cache
 from importlib.metadata import version
 
-import wordfreq
-
 ENGLISH_LIST_SIZE = 100_000
 EVAL_LIST_SIZE = 150_000
 SPACE_MARKER = "Ġ"  # byte-level BPE's rendering of a leading space
@@ -29,6 +27,10 @@ MAX_EVAL_LEN = 20
 
 @lru_cache(maxsize=4)
 def _wordfreq_list(n: int) -> tuple[str, ...]:
+    # lazy: only building the data reads the word lists; training, evaluation and benches load this
+    # module through the data package on machines that carry built data but not wordfreq
+    import wordfreq
+
     return tuple(wordfreq.top_n_list("en", n))
 
 
