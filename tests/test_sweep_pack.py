@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 from test_sweep import TINY_GRID, csv_rows, grid_point, load, quiet_env, run_sweep, sweep_argv, tiny_space
 
+import spellxfer.bench.sweep as bench_sweep_module
 from spellxfer.cli import main
 
 GREEDY = {"decodings": ["greedy"]}  # deterministic test replies, comparable reply for reply
@@ -292,7 +293,9 @@ def mixed(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:
             **GREEDY,
         )
 
-    alone_tmp, pack_tmp, window_tmp = (tmp_path_factory.mktemp(n) for n in ("alone", "mixed", "window"))
+    alone_tmp, pack_tmp, window_tmp, oom_tmp = (
+        tmp_path_factory.mktemp(n) for n in ("alone", "mixed", "window", "oom")
+    )
     return {
         "alone": packed_sweep(
             alone_tmp, "alone", space(alone_tmp, 2), greedy_base, "--pack", "1", enqueue=[A, B]
@@ -315,6 +318,19 @@ def mixed(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:
             "2",
             "--pack_window",
             "true",
+            enqueue=[A, B],
+        ),
+        # the same windows on a "card" where a pass of more than 2 micro-batches runs out of memory
+        "window_oom": packed_sweep(
+            oom_tmp,
+            "window-oom",
+            space(oom_tmp, 2),
+            greedy_base,
+            "--pack",
+            "2",
+            "--pack_window",
+            "true",
+            env=quiet_env(SPELLXFER_TEST_OOM_ABOVE="2"),
             enqueue=[A, B],
         ),
     }
@@ -343,6 +359,20 @@ def test_a_pack_training_whole_accumulation_windows_per_step_ends_where_one_micr
         assert_same_training(run, alone[params])
         assert_rows_close(read_jsonl(run / "metrics.jsonl"), read_jsonl(alone[params] / "metrics.jsonl"))
     assert pack_steps(mixed["window"]) == 12
+
+
+def test_a_packed_pass_that_runs_out_of_memory_is_redone_in_parts_and_trains_as_one_pass_does(mixed):
+    """Each window step holds A's micro-batch and B's three, one pass of four; the simulated card
+    holds two. The pass is redone in parts (B's dropout seeds and accumulation kept), nothing fails,
+    and both trials end where they end alone."""
+    oom, alone = trials_by_params(mixed["window_oom"]), trials_by_params(mixed["alone"])
+    assert oom.keys() == alone.keys()
+    for params, run in oom.items():
+        assert_same_training(run, alone[params])
+        assert_rows_close(read_jsonl(run / "metrics.jsonl"), read_jsonl(alone[params] / "metrics.jsonl"))
+        assert "ran out of memory; passes now hold up to" in (run / "fit.log").read_text()
+    (stats,) = [json.loads(p.read_text()) for p in (mixed["window_oom"] / "pack-stats").glob("*.json")]
+    assert stats["steps"] == 12 and stats["split_passes"] >= 1 and stats["pass_tokens"] > 0
 
 
 def test_a_failing_trial_ends_alone_with_its_error_and_its_pack_mates_finish(mixed):
@@ -467,7 +497,9 @@ def test_a_pack_with_validation_scoring_both_is_one_error_line_naming_the_option
 
 # ---- bench sweep -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_how_long(tmp_path, demo_data):
+def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_how_long(
+    tmp_path, demo_data, monkeypatch
+):
     out = tmp_path / "sweep.json"
     args = [
         "bench",
@@ -514,14 +546,22 @@ def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_h
     assert kernels.keys() == {"loop", "concat", "grouped"}
     assert all(k["ms_per_step"] > 0 and k["max_loss_diff_vs_loop"] < 1e-4 for k in kernels.values())
     assert "pending_modes" not in report  # the JSON written after the first mode was replaced
-    # another invocation appends its modes to the same JSON (written after each mode, once in all)
+    # another invocation appends its modes to the same JSON, written after each mode: one cut short
+    # (a command time limit) before its last mode keeps the modes it finished and names the rest
+    real_run_mode = bench_sweep_module.run_mode
+
+    def cut_before_serial(mode, *a, **kw):
+        if mode["spec"] == "serial@1":
+            raise KeyboardInterrupt
+        return real_run_mode(mode, *a, **kw)
+
+    monkeypatch.setattr(bench_sweep_module, "run_mode", cut_before_serial)
     more = ["--modes", "pack:2:concat:window", "serial@1", "--kernel_steps", "0", "--append", "true"]
-    assert main([*args, *more, "--work_dir", str(tmp_path / "w2")]) == 0
+    assert main([*args, *more, "--work_dir", str(tmp_path / "w2")]) == 130  # "interrupted"
     report = json.loads(out.read_text())
-    assert [m["spec"] for m in report["modes"]] == ["serial", "pack:2", "pack:2:concat:window", "serial@1"]
+    assert [m["spec"] for m in report["modes"]] == ["serial", "pack:2", "pack:2:concat:window"]
+    assert report["pending_modes"] == ["serial@1"] and len(report["commands"]) == 2
     assert report["modes"][2]["complete"] == 2 and report["kernels"] == list(kernels.values())
-    assert report["modes"][3]["trials"] == 1 and len(report["commands"]) == 2
-    assert "pending_modes" not in report
 
 
 @pytest.mark.slow

@@ -469,7 +469,12 @@ def bench_sweep(
         model_name, data = base_settings(loaded)
         print(f"bench sweep: preparing the data and the base model's evaluation in {work} …", flush=True)
         prepare_data_and_base(loaded, model_name, data, work / "base-study", Console(quiet=True))
-        results = [run_mode(m, spec, work, work / "base-study" / "base", trials, cuda) for m in parsed]
+        results = []
+        for m in parsed:  # the JSON after every mode, so a run cut short keeps the modes it finished
+            results.append(run_mode(m, spec, work, work / "base-study" / "base", trials, cuda))
+            if len(results) < len(parsed):
+                pending = [m["spec"] for m in parsed[len(results) :]]
+                write_report({**report_of(results, []), "pending_modes": pending}, out_path)
         biggest = max((m["pack"] for m in parsed if m["pack"]), default=min(trials, 4))
         kernels = (
             kernel_bench(model, [d["params"] for d in draws[:biggest]], kernel_steps, device, seed)

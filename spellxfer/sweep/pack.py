@@ -16,19 +16,22 @@ Lifecycle of a pack (one per sweep worker; each worker a device):
    in one generation pass, their prompts mixed in one batch with per-row adapters; each then logs,
    early-stops, writes its checkpoints and reports to the pruner as its fit would.
 4. **Finish.** A trial at ``max_steps`` or stopped early exports its best adapter; the trials that
-   finish together are evaluated on the test sets in one pass per decoding (and one likelihood
-   probe pass when the space's scoring asks for it, :func:`probe_packed`), written as
-   ``evaluate`` writes them (``eval/<decoding>/``, paired against the base model), and told to
-   Optuna; their slots refill from step 1.
+   finish together are evaluated on the test sets in groups of about :data:`EVALUATION_ROWS` test
+   rows (a full test set: one trial per group), one pass per decoding (and one likelihood probe
+   pass when the space's scoring asks for it, :func:`probe_packed`), written as ``evaluate``
+   writes them (``eval/<decoding>/``, paired against the base model), and each group is told to
+   Optuna as soon as it is scored; their slots refill from step 1.
 
 A trial that fails — a config value its fit refuses, a non-finite loss or gradient, an exception in
 its own step, validation or evaluation — ends alone: it is recorded as failed with its error, its
 adapter leaves the pack and the step is redone without it, so its pack-mates' numbers are what
-they would have been without it. An error of the shared forward (out of memory) fails the trials
-in it. Ctrl-C or SIGTERM stops the pack between steps and queues its trials for retry; a killed
+they would have been without it. A training pass that runs out of memory is redone in parts of
+half its padded tokens (and later passes keep that limit), so a full card slows the pack instead of
+failing it; only a trial whose single micro-batch does not fit beside its pack-mates fails, alone.
+Ctrl-C or SIGTERM stops the pack between steps and queues its trials for retry; a killed
 pack's trials go stale and are retried, each resuming from its own ``last.ckpt``.
-``<study>/pack-stats/<host>-<pid>-<worker>.json`` records each pack's steps, seconds per phase and
-peak device memory. Trained on spelling, evaluated on position and count only.
+``<study>/pack-stats/<host>-<pid>-<worker>.json`` records each pack's steps, split passes, seconds per
+phase and peak device memory. Trained on spelling, evaluated on position and count only.
 """
 
 from __future__ import annotations
@@ -122,6 +125,12 @@ class Pack:
         self.data_cache: dict = {}
         self.steps = 0
         self.peak_memory = 0
+        self._items: list | None = None
+        self.pass_tokens: int | None = None
+        """Padded tokens per training pass: None (all micro-batches in one) until a pass runs out of
+        memory (:meth:`_train`)."""
+        self.splits = 0
+        """Training passes that ran out of memory and were redone in parts."""
         self.seconds: Counter[str] = Counter()
         """Wall seconds per phase: ``start`` (trial setup), ``train``, ``validate``, ``evaluate``."""
 
@@ -250,62 +259,110 @@ class Pack:
             )
 
     def _train(self, live: list[Slot], batches: dict) -> tuple[list[Slot], list[list[float]]]:
-        """Forward and backward of every live trial's micro-batches in one pass. A trial whose loss
-        is not finite (or raises) fails and the pass is redone without it, so no backward ever
-        runs through its rows; one whose gradient is not finite fails before its optimizer steps.
+        """Forward and backward of every live trial's micro-batches, in as few passes as fit the
+        card: one pass for all of them until a pass runs out of memory; from then on a pass holds
+        consecutive micro-batches up to :attr:`pass_tokens` padded tokens (half the failed pass's),
+        and the failed pass is redone in parts. Gradients come from ``torch.autograd.grad`` and are
+        added to the trials' ``.grad`` only once a pass has succeeded, so a pass that fails leaves
+        nothing behind and the parts add up to the one-pass gradients (up to rounding). A trial
+        whose loss is not finite (or raises) fails and its pass is redone without it, so no backward
+        ever runs through its rows; one whose gradient is not finite fails before its optimizer
+        steps; one whose single micro-batch does not fit the card beside the pack fails alone.
         Returns the trials that trained and each one's micro-batch losses."""
-        while live:
-            flat = [(s, b) for s in live for b in batches[s.number]]  # a trial's micro-batches side by side
-            ids, labels = _pad_and_stack([b for _, b in flat], self.tokenizer.pad_token_id, self.device)
-            seeds = [seed for s in live for seed in s.packed.dropout_seeds()]
-            groups = [(s.packed.name, *b["input_ids"].shape, seed) for (s, b), seed in zip(flat, seeds)]
-            decoder, head = decoder_and_head(self.lora.model)
-            with self.lora.rows(groups):
-                with self._mixed_precision():
-                    # attention_mask=None as in training_step: right padding, causal attention
-                    hidden = decoder(input_ids=ids, attention_mask=None, use_cache=False).last_hidden_state
-                    losses, failed, start = [], {}, 0
-                    for (s, _), (_, n, _, _) in zip(flat, groups):
-                        try:
-                            losses.append(
-                                completion_loss_from_hidden(
-                                    hidden[start : start + n], head.weight, labels[start : start + n]
-                                )
-                            )
-                        except ValueError as e:
-                            failed.setdefault(s.number, (s, _reason(e)))
-                        start += n
-                if not failed:
-                    flat_values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for all
-                    for (s, _), v in zip(flat, flat_values):
-                        if not math.isfinite(v):
-                            failed.setdefault(
-                                s.number, (s, f"loss is {v} at step {s.packed.global_step + 1}")
-                            )
-                if failed:
-                    del hidden, losses
-                    for s, why in failed.values():
-                        self.fail(s, why)
-                    live = [s for s in live if s in self.active]
+        for s in live:
+            if s.packed.starts_window:
+                s.packed.zero_grad()
+        todo = [(s, b, seed) for s in live for b, seed in zip(batches[s.number], s.packed.dropout_seeds())]
+        values: dict[int, list[float]] = {s.number: [] for s in live}
+        while todo := [t for t in todo if t[0] in self.active]:
+            part = self._next_pass(todo)
+            out_of_memory = None
+            try:
+                failed = self._pass(part, values)
+            except torch.OutOfMemoryError as e:
+                out_of_memory, failed = _reason(e), {}
+            if out_of_memory is not None:  # outside the handler: its traceback no longer holds the pass
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if len(part) == 1:
+                    s, b, _ = part[0]
+                    self.fail(
+                        s,
+                        f"out of memory in one micro-batch of {tuple(b['input_ids'].shape)} tokens beside "
+                        f"{len(self.active) - 1} pack-mates ({out_of_memory})",
+                    )
                     continue
-                for s in live:
-                    if s.packed.starts_window:
-                        s.packed.zero_grad()
-                # Lightning divides each micro-batch's loss by the accumulation window before backward
-                total = sum(loss / s.packed.accumulate for loss, (s, _) in zip(losses, flat))
-                total.backward()
-            stepping = [s for s in live if s.packed.steps_now]
-            if stepping:
-                finite = torch.stack([s.packed.grads_finite().to(self.device) for s in stepping]).tolist()
-                for s, ok in zip(stepping, finite):
-                    if not ok:
-                        self.fail(s, f"non-finite gradient at step {s.packed.global_step + 1}")
-            values = {s.number: [] for s in live}
-            for (s, _), v in zip(flat, flat_values):
-                values[s.number].append(v)
-            kept = [s for s in live if s in self.active]
-            return kept, [values[s.number] for s in kept]
-        return [], []
+                self.pass_tokens, self.splits = max(1, _padded_tokens(part) // 2), self.splits + 1
+                for s in self.active:
+                    s.packed.log(
+                        f"a packed pass of {len(part)} micro-batches ({_padded_tokens(part)} padded tokens) "
+                        f"ran out of memory; passes now hold up to {self.pass_tokens} ({out_of_memory})"
+                    )
+                continue
+            for s, why in failed.values():
+                self.fail(s, why)
+            if not failed:
+                todo = todo[len(part) :]
+        stepping = [s for s in live if s in self.active and s.packed.steps_now]
+        if stepping:
+            finite = torch.stack([s.packed.grads_finite().to(self.device) for s in stepping]).tolist()
+            for s, ok in zip(stepping, finite):
+                if not ok:
+                    self.fail(s, f"non-finite gradient at step {s.packed.global_step + 1}")
+        kept = [s for s in live if s in self.active]
+        return kept, [values[s.number] for s in kept]
+
+    def _next_pass(self, todo: list[tuple]) -> list[tuple]:
+        """The next pass: ``todo``'s leading micro-batches within :attr:`pass_tokens` (at least one)."""
+        if self.pass_tokens is None:
+            return todo
+        n = 1
+        while n < len(todo) and _padded_tokens(todo[: n + 1]) <= self.pass_tokens:
+            n += 1
+        return todo[:n]
+
+    def _pass(self, part: list[tuple], values: dict[int, list[float]]) -> dict[int, tuple]:
+        """One forward and backward of ``part`` ((slot, micro-batch, dropout seed) triples): its
+        losses go to ``values`` and its gradients onto the trials' ``.grad``, unless a loss is not
+        finite: then nothing is added and the failing trials are returned ({number: (slot, why)})."""
+        out_of_memory_for_tests(len(part))
+        ids, labels = _pad_and_stack([b for _, b, _ in part], self.tokenizer.pad_token_id, self.device)
+        groups = [(s.packed.name, *b["input_ids"].shape, seed) for s, b, seed in part]
+        decoder, head = decoder_and_head(self.lora.model)
+        failed: dict[int, tuple] = {}
+        with self.lora.rows(groups):
+            with self._mixed_precision():
+                # attention_mask=None as in training_step: right padding, causal attention
+                hidden = decoder(input_ids=ids, attention_mask=None, use_cache=False).last_hidden_state
+                losses, start = [], 0
+                for (s, _, _), (_, n, _, _) in zip(part, groups):
+                    try:
+                        losses.append(
+                            completion_loss_from_hidden(
+                                hidden[start : start + n], head.weight, labels[start : start + n]
+                            )
+                        )
+                    except ValueError as e:
+                        failed.setdefault(s.number, (s, _reason(e)))
+                    start += n
+            if failed:
+                return failed
+            part_values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for all
+            for (s, _, _), v in zip(part, part_values):
+                if not math.isfinite(v):
+                    failed.setdefault(s.number, (s, f"loss is {v} at step {s.packed.global_step + 1}"))
+            if failed:
+                return failed
+            # Lightning divides each micro-batch's loss by the accumulation window before backward
+            total = sum(loss / s.packed.accumulate for loss, (s, _, _) in zip(losses, part))
+            params = [p for s in {s.number: s for s, _, _ in part}.values() for p in s.packed.params]
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        for (s, _, _), v in zip(part, part_values):
+            values[s.number].append(v)
+        return {}
 
     def _mixed_precision(self):
         """bf16 autocast on CUDA, as ``SpellingLoRAModule._mixed_precision``; nothing on a CPU."""
@@ -372,19 +429,30 @@ class Pack:
                 ready.append(s)
             except Exception as e:
                 self.fail(s, e)
-        if ready:
-            self.evaluate(ready)
-        for s in ready:
-            if s in self.active:
-                record_outcome(s.trial, self.ctx, s.run)
-                self._end(s, "complete")
+        # in groups of about EVALUATION_ROWS test rows, each told to Optuna as soon as it is scored:
+        # a full test set is one trial per group, so a stopped pack loses at most one evaluation
+        size = max(1, -(-EVALUATION_ROWS // max(1, len(self._test_items()))))
+        for i in range(0, len(ready), size):
+            group = ready[i : i + size]
+            self.evaluate(group)
+            for s in group:
+                if s in self.active:
+                    record_outcome(s.trial, self.ctx, s.run)
+                    self._end(s, "complete")
+
+    def _test_items(self) -> list:
+        """The test questions every trial is evaluated on (read once)."""
+        if self._items is None:
+            limit = self.ctx.space.evaluation.get("limit")
+            self._items = load_questions(self.ctx.test_files, limit=limit)
+        return self._items
 
     def evaluate(self, slots: list[Slot]) -> None:
         """The test evaluation of finished trials (``evaluate --adapter`` of each, with the space's
         ``evaluation:`` flags): the likelihood probe once for all of them when the scoring asks for
         it (it does not depend on the decoding), then one generation pass per decoding."""
         flags = {k: v for k, v in self.ctx.space.evaluation.items() if v is not None}
-        items = load_questions(self.ctx.test_files, limit=flags.get("limit"))
+        items = self._test_items()
         # the exact generation prompts, the same for every trial and decoding
         chat_prompts = [
             format_chat(self.tokenizer, [{"role": "user", "content": it.question}]) for it in items
@@ -522,6 +590,8 @@ class Pack:
             "window": self.window,
             "device": str(self.device),
             "steps": self.steps,
+            "split_passes": self.splits,
+            "pass_tokens": self.pass_tokens,
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
             "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None,
         }
@@ -564,6 +634,28 @@ class Pack:
     def _tell(self, trial, state, value=None) -> None:
         frozen = self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         self.after_trial(self.study, frozen)
+
+
+EVALUATION_ROWS = 4096
+"""Test rows per packed evaluation group: small test sets share passes across trials, a full one
+(10,400 questions) is evaluated one trial at a time (:meth:`Pack.finish`)."""
+
+
+def _padded_tokens(part: list[tuple]) -> int:
+    """The tokens of one pass over ``part``'s micro-batches: their rows × the longest row."""
+    return sum(b["input_ids"].shape[0] for _, b, _ in part) * max(b["input_ids"].shape[1] for _, b, _ in part)
+
+
+OOM_ENV = "SPELLXFER_TEST_OOM_ABOVE"
+
+
+def out_of_memory_for_tests(micro_batches: int) -> None:
+    """Test hook: a pass of more than ``$SPELLXFER_TEST_OOM_ABOVE`` micro-batches raises
+    ``torch.OutOfMemoryError``, as a full card does, so the CPU tests reach the split passes.
+    Unset — always, outside the tests — it does nothing."""
+    limit = os.environ.get(OOM_ENV)
+    if limit and micro_batches > int(limit):
+        raise torch.OutOfMemoryError(f"{OOM_ENV}={limit}: a pass of {micro_batches} micro-batches")
 
 
 def run_pack(
