@@ -4,6 +4,8 @@ and the import-linter layers contract names every subpackage in the documented o
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO
@@ -78,3 +80,23 @@ def test_shipped_configs_come_from_the_package_never_from_beside_the_source(monk
     assert configs.shipped("tiny.yaml") == configs.Path("configs/tiny.yaml")
     assert configs.config_path("configs/tiny.yaml") == configs.Path("configs/tiny.yaml")
     assert not configs.config_path("configs/tiny.yaml").exists()  # not found next to spellxfer/
+
+
+def test_training_sweeps_evaluation_and_benches_load_without_the_data_builders_and_servers_packages():
+    """A GPU machine that is given built data runs fit, sweep, evaluate and bench without wordfreq
+    (the word lists, read only by `data build`) or the serving stack (FastAPI, LitServe): those are
+    imported where they are used, not by the modules these commands load."""
+    code = (
+        "import sys\n"
+        "for m in ('wordfreq', 'fastapi', 'litserve', 'starlette', 'uvicorn'): sys.modules[m] = None\n"
+        "import spellxfer.training.cli, spellxfer.sweep.run, spellxfer.sweep.pack\n"
+        "import spellxfer.evaluation.evaluate, spellxfer.bench.sweep, spellxfer.bench.train\n"
+        "import spellxfer.data.words as w\n"
+        "try:\n"
+        "    w.english_words()\n"
+        "except ImportError:\n"
+        "    print('word lists need wordfreq')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "word lists need wordfreq"
