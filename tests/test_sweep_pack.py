@@ -213,9 +213,12 @@ def test_a_packed_trial_is_the_unpacked_sweeps_fit_to_the_weight_and_the_logged_
 def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacked_evaluate(
     tmp_path, demo_data, greedy_base
 ):
-    """The space's evaluation scores both ways by default (`evaluate --scoring both`): the pack
-    probes its finished trials in one pass, each row through its own trial's adapter, and writes
-    the probe's answers, metrics and CSV columns the unpacked trial's `evaluate` writes."""
+    """The space's evaluation scores both ways by default (`evaluate --scoring both`). By default
+    (`--pack_evaluation exact`) the pack runs `evaluate`'s own code on each finished trial: the
+    same predictions and metrics as the unpacked trial's `evaluate` process, to the last digit.
+    With `--pack_evaluation packed` it probes its finished trials in one pass, each row through
+    its own trial's adapter, and writes the probe's answers, metrics and CSV columns the unpacked
+    trial's `evaluate` writes (to float rounding)."""
     two = [{"lora_r": 4, "learning_rate": 3.0e-3}, {"lora_r": 8, "learning_rate": 1.0e-3}]
 
     def space(tmp: Path) -> Path:
@@ -229,12 +232,36 @@ def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacke
             **GREEDY,
         )
 
-    packed_tmp, unpacked_tmp = tmp_path / "packed", tmp_path / "unpacked"
-    packed_tmp.mkdir(), unpacked_tmp.mkdir()
+    packed_tmp, unpacked_tmp, exact_tmp = tmp_path / "packed", tmp_path / "unpacked", tmp_path / "exact"
+    packed_tmp.mkdir(), unpacked_tmp.mkdir(), exact_tmp.mkdir()
     packed = packed_sweep(
-        packed_tmp, "probe-packed", space(packed_tmp), greedy_base, "--pack", "2", enqueue=two
+        packed_tmp,
+        "probe-packed",
+        space(packed_tmp),
+        greedy_base,
+        "--pack",
+        "2",
+        "--pack_evaluation",
+        "packed",
+        enqueue=two,
     )
     unpacked = packed_sweep(unpacked_tmp, "probe-unpacked", space(unpacked_tmp), greedy_base, enqueue=two)
+    exact = packed_sweep(exact_tmp, "probe-exact", space(exact_tmp), greedy_base, "--pack", "2", enqueue=two)
+    exact_runs = trials_by_params(exact)
+    for params, ref in trials_by_params(unpacked).items():
+        run = exact_runs[params]
+        got = json.loads((run / "eval" / "greedy" / "metrics.json").read_text())
+        want = json.loads((ref / "eval" / "greedy" / "metrics.json").read_text())
+        assert {k: v for k, v in got.items() if k != "run"} == {k: v for k, v in want.items() if k != "run"}
+        assert got["run"]["adapter"] == str(run / "adapter")
+        assert got["run"]["batch_size"] == want["run"]["batch_size"]
+        assert read_jsonl(run / "eval" / "greedy" / "predictions.jsonl") == read_jsonl(
+            ref / "eval" / "greedy" / "predictions.jsonl"
+        )
+        compare = json.loads((run / "eval" / "greedy" / "compare.json").read_text())
+        want_compare = json.loads((ref / "eval" / "greedy" / "compare.json").read_text())
+        for key in ("n_common_items", "method", "groups", "likelihood_groups"):
+            assert compare[key] == want_compare[key], key
     base = json.loads((greedy_base / "greedy" / "metrics.json").read_text())
     # the base model's, shared by both
     assert base["scoring"] == "both" and "position_likelihood_accuracy" in base

@@ -36,6 +36,7 @@ phase and peak device memory. Trained on spelling, evaluated on position and cou
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -45,7 +46,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from optuna.trial import TrialState
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, atomic_output_dir, package_versions, write_json, write_jsonl
 from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
+from spellxfer.evaluation.evaluate import evaluate as evaluate_command
 from spellxfer.evaluation.evaluate import resolve_scoring, score_items, summarise
 from spellxfer.evaluation.likelihood import candidate_answers, probe_items
 from spellxfer.models.generation import GenerationEngine, default_sampling
@@ -112,9 +114,9 @@ class Pack:
     """
 
     def __init__(self, ctx: SweepContext, study, worker: int, slots: int, kernel: str, after_trial: Callable,
-                 window: bool = False):
+                 window: bool = False, evaluation: str = "exact"):
         self.ctx, self.study, self.worker, self.slots, self.kernel = ctx, study, worker, slots, kernel
-        self.window = window
+        self.window, self.evaluation = window, evaluation
         self.after_trial = after_trial
         self.active: list[Slot] = []
         self.lora: PackedLoRA | None = None
@@ -429,16 +431,52 @@ class Pack:
                 ready.append(s)
             except Exception as e:
                 self.fail(s, e)
-        # in groups of about EVALUATION_ROWS test rows, each told to Optuna as soon as it is scored:
-        # a full test set is one trial per group, so a stopped pack loses at most one evaluation
-        size = max(1, -(-EVALUATION_ROWS // max(1, len(self._test_items()))))
+        # exact: one trial at a time; packed: groups of about EVALUATION_ROWS test rows. Each group
+        # is told to Optuna as soon as it is scored, so a stopped pack loses one group's scoring
+        size = 1
+        if self.evaluation == "packed":
+            size = max(1, -(-EVALUATION_ROWS // max(1, len(self._test_items()))))
         for i in range(0, len(ready), size):
             group = ready[i : i + size]
-            self.evaluate(group)
+            if self.evaluation == "exact":
+                self.evaluate_exact(group[0])
+            else:
+                self.evaluate(group)
             for s in group:
                 if s in self.active:
                     record_outcome(s.trial, self.ctx, s.run)
                     self._end(s, "complete")
+
+    def evaluate_exact(self, s: Slot) -> None:
+        """The test evaluation of finished trial ``s`` as its unpacked sweep runs it — ``evaluate
+        --adapter <run>/adapter --compare_to <base>`` with the space's ``evaluation:`` flags, once
+        per decoding — but in this process (no interpreter start): the same code, the same model
+        construction (bf16 base + PEFT adapter on CUDA), the same batches, so its numbers are the
+        unpacked sweep's and differ from the base model's only by what the adapter changes."""
+        flags = {k: v for k, v in self.ctx.space.evaluation.items() if v is not None}
+        for decoding in self.ctx.space.decodings:
+            if s not in self.active:
+                return
+            self.ctx.progress(self.worker, trial=s.number, phase=f"evaluate ({decoding})")
+            try:
+                with open(s.run / "eval.log", "a", encoding="utf-8") as log:
+                    with redirect_stdout(log), redirect_stderr(log):
+                        evaluate_command(
+                            model=self.ctx.model,
+                            questions=[str(p) for p in self.ctx.test_files],
+                            out=str(s.run / "eval" / decoding),
+                            adapter=str(s.run / "adapter"),
+                            decoding=decoding,
+                            compare_to=str(self.ctx.base_dir(decoding)),
+                            overwrite=True,
+                            **flags,
+                        )
+            except Exception as e:
+                self.fail(s, f"evaluate ({decoding}): {_reason(e)}")
+            finally:
+                gc.collect()  # the evaluation's model copy and its caches, before the pack goes on
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     def _test_items(self) -> list:
         """The test questions every trial is evaluated on (read once)."""
@@ -669,10 +707,11 @@ def run_pack(
     heartbeat_s: int,
     kernel: str = "loop",
     window: bool = False,
+    evaluation: str = "exact",
 ) -> Pack:
     """Run trials of ``study`` in one pack of ``slots`` until the budget is spent (see the module
     docstring); returns the pack (its step count and peak memory, for the bench)."""
-    pack = Pack(ctx, study, worker, slots, kernel, after_trial, window)
+    pack = Pack(ctx, study, worker, slots, kernel, after_trial, window, evaluation)
     beat = threading.Event()
     heart = threading.Thread(
         target=_heartbeat, args=(study, pack, heartbeat_s, beat), daemon=True, name=f"pack-{worker}-heartbeat"

@@ -64,6 +64,7 @@ def sweep(
     pack: int | None = None,
     pack_kernel: Literal["auto", "loop", "concat", "grouped"] = "auto",
     pack_window: bool = False,
+    pack_evaluation: Literal["exact", "packed"] = "exact",
     replicate_configs: str | None = None,
     replicates: int | None = None,
     from_study: str | None = None,
@@ -98,6 +99,11 @@ def sweep(
             auto: loop on a CPU, concat on CUDA (docs/performance.md).
         pack_window: Each packed step trains a whole accumulation window of every trial (one
             optimizer step) instead of one micro-batch, so trials of any accumulation keep pace.
+        pack_evaluation: How packed trials get their test scores: exact (each finished trial's
+            adapter through `evaluate`'s own code, in this process: the numbers of the unpacked
+            sweep and of the base model's evaluation) or packed (several trials' prompts mixed in
+            one generation pass: faster on small test sets, but its numerics are not the base's,
+            so a trial's paired difference from the base includes that; docs/training.md).
         replicate_configs: More seeds of chosen configurations: auto:K (the best validation
             objective plus K-1 others spread over its range) or configuration ids (0,7,12); queues
             the replicates 0..N-1 (--replicates) each lacks, runs only those, and ends.
@@ -140,6 +146,8 @@ def sweep(
     spec.check_sampler(sampler)
     pruner = pruner or spec.pruner
     pack = pack or spec.pack
+    if pack_evaluation not in ("exact", "packed"):
+        raise SpellxferError(f"--pack_evaluation must be exact or packed, got {pack_evaluation!r}")
     if pack_kernel not in ("auto", "loop", "concat", "grouped"):
         raise SpellxferError(f"--pack_kernel must be auto, loop, concat or grouped, got {pack_kernel!r}")
     n_trials = trials or spec.trials
@@ -264,7 +272,10 @@ def sweep(
             st = open_study(
                 url, study, spec.objective, heartbeat_s, make_sampler(spec, sampler), make_pruner(pruner)
             )
-            run_pack(ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel, pack_window)
+            run_pack(
+                ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel, pack_window,
+                pack_evaluation,
+            )
         except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
             errors.append(e)
             ctx.stop.set()
