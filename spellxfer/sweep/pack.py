@@ -15,12 +15,15 @@ Lifecycle of a pack (one per sweep worker; each worker a device):
    does (:mod:`spellxfer.training.step_zero`). Trials due for validation after a step are scored
    in one generation pass, their prompts mixed in one batch with per-row adapters; each then logs,
    early-stops, writes its checkpoints and reports to the pruner as its fit would.
-4. **Finish.** A trial at ``max_steps`` or stopped early exports its best adapter; the trials that
-   finish together are evaluated on the test sets in groups of about :data:`EVALUATION_ROWS` test
-   rows (a full test set: one trial per group), one pass per decoding (and one likelihood probe
-   pass when the space's scoring asks for it, :func:`probe_packed`), written as ``evaluate``
-   writes them (``eval/<decoding>/``, paired against the base model), and each group is told to
-   Optuna as soon as it is scored; their slots refill from step 1.
+4. **Finish.** A trial at ``max_steps`` or stopped early exports its best adapter and is scored on
+   the test sets: by default (``--pack_evaluation exact``, :meth:`Pack.evaluate_exact`) through
+   ``evaluate``'s own function in this process, as the unpacked sweep's ``evaluate`` process
+   scores it; with ``packed``, the trials that finish together in groups of about
+   :data:`EVALUATION_ROWS` test rows, one pass per decoding through the pack's model (and one
+   likelihood probe pass when the space's scoring asks for it, :func:`probe_packed`). Either way
+   the results are written as ``evaluate`` writes them (``eval/<decoding>/``, paired against the
+   base model) and each trial (or group) is told to Optuna as soon as it is scored; their slots
+   refill from step 1.
 
 A trial that fails — a config value its fit refuses, a non-finite loss or gradient, an exception in
 its own step, validation or evaluation — ends alone: it is recorded as failed with its error, its
