@@ -72,6 +72,7 @@ from spellxfer.sweep.trial import (
     OverBudget,
     SweepContext,
     begin_trial,
+    evaluation_args,
     fit_argv,
     record_outcome,
     study_relative,
@@ -453,10 +454,9 @@ class Pack:
     def evaluate_exact(self, s: Slot) -> None:
         """The test evaluation of finished trial ``s`` as its unpacked sweep runs it — ``evaluate
         --adapter <run>/adapter --compare_to <base>`` with the space's ``evaluation:`` flags, once
-        per decoding — but in this process (no interpreter start): the same code, the same model
-        construction (bf16 base + PEFT adapter on CUDA), the same batches, so its numbers are the
-        unpacked sweep's and differ from the base model's only by what the adapter changes."""
-        flags = {k: v for k, v in self.ctx.space.evaluation.items() if v is not None}
+        per decoding — but in this process (no interpreter start): the same code and the same model
+        construction (bf16 base + PEFT adapter on CUDA) as the unpacked sweep's and the base
+        model's evaluations (:func:`~spellxfer.sweep.trial.evaluation_args`)."""
         for decoding in self.ctx.space.decodings:
             if s not in self.active:
                 return
@@ -464,16 +464,7 @@ class Pack:
             try:
                 with open(s.run / "eval.log", "a", encoding="utf-8") as log:
                     with redirect_stdout(log), redirect_stderr(log):
-                        evaluate_command(
-                            model=self.ctx.model,
-                            questions=[str(p) for p in self.ctx.test_files],
-                            out=str(s.run / "eval" / decoding),
-                            adapter=str(s.run / "adapter"),
-                            decoding=decoding,
-                            compare_to=str(self.ctx.base_dir(decoding)),
-                            overwrite=True,
-                            **flags,
-                        )
+                        evaluate_command(**evaluation_args(self.ctx, s.run, decoding))
             except Exception as e:
                 self.fail(s, f"evaluate ({decoding}): {_reason(e)}")
             finally:

@@ -76,9 +76,6 @@ class SweepContext:
     def base_dir(self, decoding: str) -> Path:
         return self.sweep_dir / "base" / decoding
 
-    def eval_flags(self) -> list[str]:
-        return [a for k, v in self.space.evaluation.items() if v is not None for a in (f"--{k}", str(v))]
-
     def env(self, worker: int) -> dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.gpus:  # one GPU per worker, round robin: W > GPUs puts several small trials on one GPU
@@ -411,29 +408,29 @@ def best_checkpoint(ckpt_dir: Path, objective: str) -> tuple[float, Path] | None
     return None
 
 
+def evaluation_args(ctx: SweepContext, run: Path, decoding: str) -> dict:
+    """The ``evaluate`` arguments that score a trial's adapter on the test files with the space's
+    ``evaluation:`` flags, paired against the base model: the unpacked sweep passes them to an
+    ``evaluate`` process, a pack to the same function in its own process."""
+    return {
+        "model": ctx.model,
+        "adapter": str(run / "adapter"),
+        "questions": [str(p) for p in ctx.test_files],
+        "decoding": decoding,
+        **{k: v for k, v in ctx.space.evaluation.items() if v is not None},
+        "out": str(run / "eval" / decoding),
+        "overwrite": True,
+        "compare_to": str(ctx.base_dir(decoding)),
+    }
+
+
 def evaluate_trial(ctx: SweepContext, run: Path, decoding: str, env) -> None:
     """``evaluate`` the trial's adapter on the test files, paired against the base model."""
-    argv = [
-        sys.executable,
-        "-m",
-        "spellxfer",
-        "evaluate",
-        "--model",
-        ctx.model,
-        "--adapter",
-        str(run / "adapter"),
-        "--questions",
-        *map(str, ctx.test_files),
-        "--decoding",
-        decoding,
-        *ctx.eval_flags(),
-        "--out",
-        str(run / "eval" / decoding),
-        "--overwrite",
-        "true",
-        "--compare_to",
-        str(ctx.base_dir(decoding)),
-    ]
+    argv = [sys.executable, "-m", "spellxfer", "evaluate"]
+    for key, value in evaluation_args(ctx, run, decoding).items():
+        if isinstance(value, bool):
+            value = str(value).lower()  # jsonargparse's true / false
+        argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
     rc = run_child(argv, run / "eval.log", env, ctx)
     if rc != 0:
         raise TrialFailed(f"evaluate ({decoding}): {last_error(run / 'eval.log', rc)}")
