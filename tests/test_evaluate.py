@@ -290,3 +290,35 @@ def test_sampling_defaults_are_the_users_and_the_docs_say_so():
         assert row in guide
     with pytest.raises(Exception, match="top_p"):
         Sampling(top_p=1.5)
+
+
+def test_evaluate_in_process_leaves_no_model_behind(demo_data, tmp_path):
+    """A pack scores trial after trial with ``evaluate`` in its own process: each call's model, with
+    its KV cache and graphs, must be freed when the call returns, or the card fills (it did: the
+    static decoder's registry kept every evaluated model alive)."""
+    import gc
+    import warnings
+
+    from transformers import PreTrainedModel
+
+    from spellxfer.evaluation.evaluate import evaluate
+
+    def live_models() -> set[int]:
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated reduce_op warns
+            warnings.simplefilter("ignore", FutureWarning)
+            return {id(o) for o in gc.get_objects() if isinstance(o, PreTrainedModel)}
+
+    before = live_models()
+    for decoding in ("greedy", "sampled"):
+        rc = evaluate(
+            model="tiny-qwen3",
+            questions=[str(demo_data / "position_val.jsonl"), str(demo_data / "count_val.jsonl")],
+            out=str(tmp_path / decoding),
+            limit=6,
+            decoding=decoding,
+            scoring="both",
+        )
+        assert rc == 0
+        assert (tmp_path / decoding / "predictions.jsonl").exists()
+    assert live_models() - before == set()

@@ -198,7 +198,10 @@ class StaticDecoder:
 
     def __init__(self, model):
         base = _base(model)
-        self.model, self.base = model, base
+        # weakly: :data:`_DECODERS` keys decoders by their model weakly, and a decoder that held its
+        # model would keep it alive, and its weights, cache and graphs with it, for the life of the
+        # process (a pack that evaluates trial after trial in its own process ran out of memory)
+        self._model, self._base = weakref.ref(model), weakref.ref(base)
         self.body = base.get_decoder()
         self.head = base.get_output_embeddings()
         cfg = base.config
@@ -215,6 +218,16 @@ class StaticDecoder:
         self._buckets: dict[tuple, _Bucket] = {}
         self._pool = None
         self._fingerprint = None
+
+    @property
+    def model(self):
+        """The model (None once it is gone)."""
+        return self._model()
+
+    @property
+    def base(self):
+        """The model under its PEFT wrapper, or the model itself."""
+        return self._base()
 
     # ---- memory ---------------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> None:
