@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import optuna
@@ -215,7 +217,8 @@ def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacke
 ):
     """The space's evaluation scores both ways by default (`evaluate --scoring both`). By default
     (`--pack_evaluation exact`) the pack runs `evaluate`'s own code on each finished trial: the
-    same predictions and metrics as the unpacked trial's `evaluate` process, to the last digit.
+    same predictions and metrics as the unpacked trial's `evaluate` process, to the last digit;
+    with `--pack_scorers 2` that `evaluate` process itself scores them while the pack trains on.
     With `--pack_evaluation packed` it probes its finished trials in one pass, each row through
     its own trial's adapter, and writes the probe's answers, metrics and CSV columns the unpacked
     trial's `evaluate` writes (to float rounding)."""
@@ -247,9 +250,21 @@ def test_a_packed_trials_test_evaluation_has_the_likelihood_probe_of_its_unpacke
     )
     unpacked = packed_sweep(unpacked_tmp, "probe-unpacked", space(unpacked_tmp), greedy_base, enqueue=two)
     exact = packed_sweep(exact_tmp, "probe-exact", space(exact_tmp), greedy_base, "--pack", "2", enqueue=two)
-    exact_runs = trials_by_params(exact)
-    for params, ref in trials_by_params(unpacked).items():
-        run = exact_runs[params]
+    scorers_tmp = tmp_path / "scorers"
+    scorers_tmp.mkdir()
+    scorers = packed_sweep(
+        scorers_tmp, "probe-scorers", space(scorers_tmp), greedy_base, "--pack", "2", "--pack_scorers", "2",
+        enqueue=two,
+    )
+    [stats] = [json.loads(p.read_text()) for p in (scorers / "pack-stats").glob("*.json")]
+    assert stats["scorers"] == 2 and stats["scored_in_background"] == 2
+    in_pack = [json.loads(p.read_text()) for p in (exact / "pack-stats").glob("*.json")]
+    assert [st["scored_in_background"] for st in in_pack] == [0]
+    exact_runs, scorer_runs = trials_by_params(exact), trials_by_params(scorers)
+    assert len(scorer_runs) == 2
+    unpacked_pairs = trials_by_params(unpacked).items()
+    pairs = [(ref, runs[params]) for runs in (exact_runs, scorer_runs) for params, ref in unpacked_pairs]
+    for ref, run in pairs:
         got = json.loads((run / "eval" / "greedy" / "metrics.json").read_text())
         want = json.loads((ref / "eval" / "greedy" / "metrics.json").read_text())
         assert {k: v for k, v in got.items() if k != "run"} == {k: v for k, v in want.items() if k != "run"}
@@ -402,6 +417,34 @@ def test_a_packed_pass_that_runs_out_of_memory_is_redone_in_parts_and_trains_as_
     assert stats["steps"] == 12 and stats["split_passes"] >= 1 and stats["pass_tokens"] > 0
 
 
+def test_a_validation_pass_that_runs_out_of_memory_is_retried_in_small_batches_then_fails_its_trials_alone(
+    tmp_path, demo_data, greedy_base
+):
+    """A validation pass that runs out of memory (simulated: the card holds a validation of one
+    trial) is retried once in batches of 64 prompts; when that fails too, the pass's trials fail
+    with the reason and the sweep goes on to its end instead of stopping (it used to stop)."""
+    two = [{"lora_r": 4, "learning_rate": 3.0e-3}, {"lora_r": 8, "learning_rate": 1.0e-3}]
+    space = tiny_space(
+        tmp_path, demo_data, fixed={"trainer.max_steps": 6}, sampler="random", validate_every_steps=3,
+        budget={"trials": 2}, **GREEDY,
+    )
+    study = packed_sweep(
+        tmp_path, "val-oom", space, greedy_base, "--pack", "2",
+        env=quiet_env(SPELLXFER_TEST_VALIDATION_OOM_ABOVE="1"), enqueue=two,
+    )
+    runs = sorted(study.glob("trial-*"))
+    assert len(runs) == 2
+    for run in runs:
+        record = json.loads((run / "trial.json").read_text())
+        assert record["status"] == "failed"
+        assert record["error"].startswith("out of memory in validation beside 0 pack-mates (")
+        log = (run / "fit.log").read_text()
+        assert "a validation of 2 trials ran out of memory (batches: auto)" in log
+        assert "a validation of 2 trials ran out of memory (batches: 64)" in log
+        assert not (run / "adapter").exists()
+    assert {t.state for t in load(tmp_path / "results", "val-oom").get_trials()} == {TrialState.FAIL}
+
+
 def test_a_failing_trial_ends_alone_with_its_error_and_its_pack_mates_finish(mixed):
     rows = {
         (float(r["learning_rate"]), int(r["batch_size"])): r
@@ -462,6 +505,53 @@ def test_a_packed_sweep_killed_mid_pack_resumes_each_trial_from_its_own_checkpoi
     uninterrupted = trials_by_params(grid[4])
     for params, run in trials_by_params(results / "sweeps" / "kill").items():
         assert_same_training(run, uninterrupted[params])
+
+
+def test_a_packed_sweep_interrupted_while_scorers_run_queues_their_trials_and_the_rerun_finishes_each_once(
+    tmp_path, demo_data, greedy_base
+):
+    """With `--pack_scorers`, finished trials are scored by `evaluate` processes beside the pack.
+    Ctrl-C while one runs stops it (no process is left, no eval directory half-written), records
+    its trial as interrupted and queues it; the same command again scores each trial exactly once."""
+    space = tiny_space(
+        tmp_path, demo_data, fixed={"trainer.max_steps": 6}, sampler="random", validate_every_steps=3,
+        budget={"trials": 2}, **GREEDY,
+    )
+    results = tmp_path / "results"
+    study_dir = results / "sweeps" / "scorers"
+    shutil.copytree(greedy_base, study_dir / "base")
+    argv = sweep_argv(space, "scorers", results, "--pack", "2", "--pack_scorers", "2")
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env=quiet_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None and not any(
+                "spellxfer evaluate" in p.read_text() for p in study_dir.glob("trial-*/eval.log")
+            ):
+                time.sleep(0.05)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=300) == 130
+        finally:
+            proc.kill()
+    scored = [r for r in sorted(study_dir.glob("trial-*")) if (r / "eval.log").exists()]
+    interrupted = [r for r in scored if json.loads((r / "trial.json").read_text())["status"] == "failed"]
+    assert interrupted
+    for run in interrupted:
+        record = json.loads((run / "trial.json").read_text())
+        assert record["error"] == "interrupted (Ctrl-C or SIGTERM); retried on the next run"
+        assert not (run / "eval" / "greedy" / "metrics.json").exists()
+    assert subprocess.run(["pgrep", "-f", str(study_dir)], capture_output=True).returncode == 1
+
+    p = run_sweep(*argv, timeout=1800)  # the same command again
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    trials = load(results, "scorers").get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 2 and len({tuple(sorted(t.params.items())) for t in complete}) == 2
+    retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+    assert {int(r.name.split("-")[1]) for r in interrupted} <= retried
+    for t in complete:
+        run = study_dir / f"trial-{t.number:04d}"
+        assert json.loads((run / "eval" / "greedy" / "metrics.json").read_text())["scoring"] == "both"
 
 
 # ---- what a pack refuses ---------------------------------------------------------------------------

@@ -171,16 +171,21 @@ def auto_batch_size(model, prompt_tokens: int, new_tokens: int, samples: int = 1
                     cap: int = AUTO_MAX_BATCH_SIZE) -> int:
     """Questions per generation batch chosen from free device memory, at most ``cap`` rows.
 
-    On CUDA: :data:`AUTO_MEMORY_FRACTION` of the free memory (plus what PyTorch's allocator holds
-    unused) over :func:`generation_bytes_per_row` for the longest prompt, rounded down to a
+    On CUDA: :data:`AUTO_MEMORY_FRACTION` of the free memory (within this process's memory
+    fraction, if one is set; plus what PyTorch's allocator holds unused) over
+    :func:`generation_bytes_per_row` for the longest prompt, rounded down to a
     captured batch shape (so a full batch pads no rows), divided by ``samples`` (each question's
     samples are rows of one batch). On a CPU: :data:`CPU_BATCH_SIZE`.
     """
     param = next(model.parameters())
     if param.device.type != "cuda":
         return max(1, min(CPU_BATCH_SIZE, cap) // samples)
-    free, _ = torch.cuda.mem_get_info(param.device)
-    free += torch.cuda.memory_reserved(param.device) - torch.cuda.memory_allocated(param.device)
+    free, total = torch.cuda.mem_get_info(param.device)
+    reserved = torch.cuda.memory_reserved(param.device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:  # a process capped below the card (a pack beside its scoring processes)
+        free = min(free, max(0, int(total * fraction(param.device)) - reserved))
+    free += reserved - torch.cuda.memory_allocated(param.device)
     config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     element = 2 if param.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda") else 4
     per_row = generation_bytes_per_row(config, prompt_tokens, new_tokens, element)

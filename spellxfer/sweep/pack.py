@@ -49,6 +49,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +71,12 @@ from spellxfer.models.registry import apply_fused_kernels, load_tokenizer
 from spellxfer.models.static_decode import bucket_rows, static_decode_unsupported, static_decoder
 from spellxfer.sweep.run import plan
 from spellxfer.sweep.trial import (
+    Interrupted,
     OverBudget,
     SweepContext,
+    TrialFailed,
     begin_trial,
+    evaluate_trial,
     evaluation_args,
     fit_argv,
     record_outcome,
@@ -115,14 +120,27 @@ class Pack:
         window: Each step trains a whole accumulation window of every trial (its next optimizer
             step) instead of one micro-batch, so trials of any accumulation keep pace; a step's
             rows are then every trial's effective batch.
+        evaluation: ``exact`` (each finished trial through ``evaluate``'s own code) or ``packed``
+            (finished trials' prompts mixed in one generation pass; see the module docstring).
+        scorers: With ``exact``: 0 scores each finished trial in this process while the pack
+            waits; N > 0 runs up to N ``evaluate`` processes at once (the unpacked sweep's own
+            command) while the pack trains on — each loads its own copy of the base model.
     """
 
     def __init__(self, ctx: SweepContext, study, worker: int, slots: int, kernel: str, after_trial: Callable,
-                 window: bool = False, evaluation: str = "exact"):
+                 window: bool = False, evaluation: str = "exact", scorers: int = 0):
         self.ctx, self.study, self.worker, self.slots, self.kernel = ctx, study, worker, slots, kernel
         self.window, self.evaluation = window, evaluation
         self.after_trial = after_trial
         self.active: list[Slot] = []
+        self.scorers = scorers
+        self._scorer_pool = (
+            ThreadPoolExecutor(scorers, thread_name_prefix=f"pack-{worker}-scorer") if scorers else None
+        )
+        self.scoring: list[tuple[Future, Slot]] = []
+        """Finished trials being scored by ``evaluate`` processes (``scorers`` > 0): out of the pack's
+        slots, still running in the study. Rebound, never mutated, so the heartbeat thread can read it."""
+        self.scored_in_background = 0
         self.lora: PackedLoRA | None = None
         self.shared: dict | None = None
         self.device = torch.device("cpu")
@@ -197,6 +215,10 @@ class Pack:
             self.device = torch.device("cuda", self.worker % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            if self.scorers:  # the scorers' `evaluate` processes need room the pack's allocator would hold
+                torch.cuda.set_per_process_memory_fraction(
+                    max(0.5, 1 - SCORER_MEMORY_FRACTION * self.scorers), self.device
+                )
         base = load_base(hp)
         base.train()
         if hp.gradient_checkpointing:
@@ -387,12 +409,10 @@ class Pack:
             sampling = default_sampling(decoding=decoding, max_new_tokens=max_new, seed=seed)
             items = [s.packed.val_items() for s in slots]
             self.ctx.progress(self.worker, phase=f"validate {len(slots)} trials")
-            replies, _ = self.generate(
-                [s.packed.name for s in slots],
-                [[it.question for it in its] for its in items],
-                sampling,
-                "auto",
-            )
+            questions = [[it.question for it in its] for its in items]
+            replies = self._validation_replies(slots, questions, sampling)
+            if replies is None:
+                continue
             for s, its, outs in zip(slots, items, replies):
                 try:
                     values = s.packed.after_validation(
@@ -408,6 +428,26 @@ class Pack:
                     self._end(s, "pruned")
                 except Exception as e:
                     self.fail(s, e)
+
+    def _validation_replies(self, slots: list[Slot], questions: list[list[str]], sampling):
+        """The replies of one validation pass; a pass that runs out of memory is retried once in
+        batches of :data:`VALIDATION_RETRY_ROWS`, and if that fails too its trials fail (their
+        pack-mates go on) and None is returned."""
+        names, error = [s.packed.name for s in slots], None
+        for batch_size in ("auto", VALIDATION_RETRY_ROWS):
+            try:
+                out_of_memory_for_tests(len(slots), VALIDATION_OOM_ENV)
+                return self.generate(names, questions, sampling, batch_size)[0]
+            except torch.OutOfMemoryError as e:
+                error = _reason(e)
+            if self.device.type == "cuda":  # outside the handler: its traceback no longer holds the pass
+                torch.cuda.empty_cache()
+            for s in slots:
+                s.packed.log(f"a validation of {len(slots)} trials ran out of memory (batches: {batch_size})")
+        mates = len(self.active) - len(slots)
+        for s in slots:
+            self.fail(s, f"out of memory in validation beside {mates} pack-mates ({error})")
+        return None
 
     def _report(self, s: Slot, values: dict) -> None:
         objective = self.ctx.space.objective
@@ -442,6 +482,9 @@ class Pack:
             size = max(1, -(-EVALUATION_ROWS // max(1, len(self._test_items()))))
         for i in range(0, len(ready), size):
             group = ready[i : i + size]
+            if self.evaluation == "exact" and self._scorer_pool is not None:
+                self._score_in_background(group[0])
+                continue
             if self.evaluation == "exact":
                 self.evaluate_exact(group[0])
             else:
@@ -471,6 +514,50 @@ class Pack:
                 gc.collect()  # the evaluation's model copy and its caches, before the pack goes on
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+
+    def _score_in_background(self, s: Slot) -> None:
+        """Hand finished trial ``s`` to a scorer: its slot and adapter leave the pack at once (the
+        next trial takes them), its trial stays running until :meth:`collect_scored` tells it."""
+        self.active.remove(s)
+        if self.lora is not None:
+            self.lora.remove(s.packed.name)
+        s.packed.log(f"test scoring by an `evaluate` process ({', '.join(self.ctx.space.decodings)})")
+        future = self._scorer_pool.submit(self._score_process, s, self.ctx.env(self.worker))
+        self.scoring = [*self.scoring, (future, s)]
+
+    def _score_process(self, s: Slot, env: dict) -> None:
+        """In a scorer thread: ``evaluate`` of ``s``'s adapter per decoding, each a process of its
+        own, as the unpacked sweep runs it (:func:`~spellxfer.sweep.trial.evaluate_trial`)."""
+        for decoding in self.ctx.space.decodings:
+            evaluate_trial(self.ctx, s.run, decoding, env)
+
+    def collect_scored(self, wait: float = 0.0) -> None:
+        """Tell Optuna the trials whose scoring processes have ended (waiting up to ``wait`` seconds
+        for the first): complete with their scores, failed with the process's error, or queued for
+        retry when the sweep was interrupted."""
+        if not self.scoring:
+            return
+        if wait:
+            futures_wait([f for f, _ in self.scoring], timeout=wait, return_when=FIRST_COMPLETED)
+        ended = [(f, s) for f, s in self.scoring if f.done()]
+        if not ended:
+            return
+        self.scoring = [(f, s) for f, s in self.scoring if not f.done()]
+        for future, s in ended:
+            self.scored_in_background += 1
+            error = future.exception()
+            if isinstance(error, Interrupted):
+                s.trial.set_user_attr("interrupted", True)
+                self._end(s, "failed", "interrupted (Ctrl-C or SIGTERM); retried on the next run")
+            elif error is not None:
+                self._end(s, "failed", str(error) if isinstance(error, TrialFailed) else _reason(error))
+            else:
+                try:
+                    record_outcome(s.trial, self.ctx, s.run)
+                except Exception as e:
+                    self._end(s, "failed", _reason(e))
+                    continue
+                self._end(s, "complete")
 
     def _test_items(self) -> list:
         """The test questions every trial is evaluated on (read once)."""
@@ -623,6 +710,8 @@ class Pack:
             "device": str(self.device),
             "steps": self.steps,
             "split_passes": self.splits,
+            "scorers": self.scorers,
+            "scored_in_background": self.scored_in_background,
             "pass_tokens": self.pass_tokens,
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
             "peak_memory_gib": round(self.peak_memory / 2**30, 2) if self.device.type == "cuda" else None,
@@ -634,12 +723,23 @@ class Pack:
             self._end(s, "failed", _reason(error) if isinstance(error, BaseException) else str(error))
 
     def interrupt(self) -> None:
-        """Ctrl-C or SIGTERM: every active trial is queued for retry, as the unpacked sweep does."""
+        """Ctrl-C or SIGTERM: every active trial is queued for retry, as the unpacked sweep does,
+        and so is every trial still being scored (its ``evaluate`` process is stopped)."""
         for s in list(self.active):
             s.trial.set_user_attr("interrupted", True)
             self._end(s, "failed", "interrupted (Ctrl-C or SIGTERM); retried on the next run")
+        if self.scoring:
+            self.ctx.stop.set()  # the scorer threads stop their processes within half a second
+            futures_wait([f for f, _ in self.scoring])
+            self.collect_scored()
+
+    def close(self) -> None:
+        """Stop the scorer threads (none is running once the pack has ended or been interrupted)."""
+        if self._scorer_pool is not None:
+            self._scorer_pool.shutdown(wait=True)
 
     def _end(self, s: Slot, status: str, error: str | None = None, log=None) -> None:
+        """Record ``s``'s end (``trial.json``, its log) and tell Optuna; its slot and adapter leave."""
         if s in self.active:
             self.active.remove(s)
         if s.packed is not None:
@@ -668,6 +768,11 @@ class Pack:
         self.after_trial(self.study, frozen)
 
 
+SCORER_MEMORY_FRACTION = 0.1
+"""The share of the card each ``--pack_scorers`` process is left (the pack caps itself at the rest,
+at least half; a pass beyond its cap is split like one beyond the card). An ``evaluate`` of
+SmolLM2-135M-Instruct at its 2,048-row cap needs about 7 GiB, a tenth of an 80 GB card."""
+
 EVALUATION_ROWS = 4096
 """Test rows per packed evaluation group: small test sets share passes across trials, a full one
 (10,400 questions) is evaluated one trial at a time (:meth:`Pack.finish`)."""
@@ -679,15 +784,19 @@ def _padded_tokens(part: list[tuple]) -> int:
 
 
 OOM_ENV = "SPELLXFER_TEST_OOM_ABOVE"
+VALIDATION_OOM_ENV = "SPELLXFER_TEST_VALIDATION_OOM_ABOVE"
+VALIDATION_RETRY_ROWS = 64
+"""Prompts per batch when a validation pass is retried after running out of memory."""
 
 
-def out_of_memory_for_tests(micro_batches: int) -> None:
-    """Test hook: a pass of more than ``$SPELLXFER_TEST_OOM_ABOVE`` micro-batches raises
-    ``torch.OutOfMemoryError``, as a full card does, so the CPU tests reach the split passes.
-    Unset — always, outside the tests — it does nothing."""
-    limit = os.environ.get(OOM_ENV)
-    if limit and micro_batches > int(limit):
-        raise torch.OutOfMemoryError(f"{OOM_ENV}={limit}: a pass of {micro_batches} micro-batches")
+def out_of_memory_for_tests(n: int, env: str = OOM_ENV) -> None:
+    """Test hook: a pass of more than ``$SPELLXFER_TEST_OOM_ABOVE`` micro-batches (with ``env``
+    :data:`VALIDATION_OOM_ENV`: a validation pass of more than that many trials) raises
+    ``torch.OutOfMemoryError``, as a full card does, so the CPU tests reach the split passes and
+    the failed validations. Unset — always, outside the tests — it does nothing."""
+    limit = os.environ.get(env)
+    if limit and n > int(limit):
+        raise torch.OutOfMemoryError(f"{env}={limit}: a pass of {n}")
 
 
 def run_pack(
@@ -702,10 +811,11 @@ def run_pack(
     kernel: str = "loop",
     window: bool = False,
     evaluation: str = "exact",
+    scorers: int = 0,
 ) -> Pack:
     """Run trials of ``study`` in one pack of ``slots`` until the budget is spent (see the module
     docstring); returns the pack (its step count and peak memory, for the bench)."""
-    pack = Pack(ctx, study, worker, slots, kernel, after_trial, window, evaluation)
+    pack = Pack(ctx, study, worker, slots, kernel, after_trial, window, evaluation, scorers)
     beat = threading.Event()
     heart = threading.Thread(
         target=_heartbeat, args=(study, pack, heartbeat_s, beat), daemon=True, name=f"pack-{worker}-heartbeat"
@@ -725,8 +835,13 @@ def run_pack(
                 if plan(study, n_trials) != "run":
                     break
                 pack.start(study.ask())
+            pack.collect_scored()
             if pack.active:
                 pack.step()
+                continue
+            if pack.scoring:  # nothing to train: wait for a scorer (its trial may free the budget)
+                ctx.progress(worker, trial="-", phase=f"scoring {len(pack.scoring)} trials")
+                pack.collect_scored(wait=min(heartbeat_s, 5))
                 continue
             step = plan(study, n_trials)
             if step == "done" or (deadline is not None and time.monotonic() >= deadline):
@@ -735,8 +850,9 @@ def run_pack(
             ctx.stop.wait(min(heartbeat_s, 5))  # another worker's trial runs; if it dies, its retry is ours
         ctx.progress(worker, trial="-", phase="done")
     finally:
-        if pack.active:
+        if pack.active or pack.scoring:
             pack.interrupt()
+        pack.close()
         beat.set()
         heart.join(5)
         with atomic_file(
@@ -807,7 +923,7 @@ def probe_packed(lora: PackedLoRA, tokenizer, names: list[str], items, batch_siz
 def _heartbeat(study, pack: Pack, every: int, stop: threading.Event) -> None:
     """Keep the pack's running trials alive in the storage while the pack runs."""
     while not stop.wait(every):
-        for s in list(pack.active):
+        for s in [*pack.active, *(s for _, s in pack.scoring)]:
             _beat(study, s.trial)
 
 

@@ -49,6 +49,9 @@ from spellxfer.core.outputs import check_run_name
 from spellxfer.core.tables import print_table
 
 MAX_RETRIES = 10  # retries of one trial whose worker keeps dying (a preemption loop, not a bug in the trial)
+INTERRUPT_GRACE_S = 30
+"""Seconds Ctrl-C or SIGTERM waits for the workers to stop their children and record their trials
+as interrupted (a second Ctrl-C stops at once)."""
 
 
 def sweep(
@@ -65,6 +68,7 @@ def sweep(
     pack_kernel: Literal["auto", "loop", "concat", "grouped"] = "auto",
     pack_window: bool = False,
     pack_evaluation: Literal["exact", "packed"] = "exact",
+    pack_scorers: int = 0,
     replicate_configs: str | None = None,
     replicates: int | None = None,
     from_study: str | None = None,
@@ -104,6 +108,10 @@ def sweep(
             sweep and of the base model's evaluation) or packed (several trials' prompts mixed in
             one generation pass: faster on small test sets, but its numerics are not the base's,
             so a trial's paired difference from the base includes that; docs/training.md).
+        pack_scorers: With --pack_evaluation exact: 0 scores each finished trial in the pack's own
+            process while its pack-mates wait; N > 0 scores up to N finished trials at once, each
+            by the unpacked sweep's `evaluate` process, while the pack trains on (the same
+            numbers; each process loads its own copy of the base model: for small models).
         replicate_configs: More seeds of chosen configurations: auto:K (the best validation
             objective plus K-1 others spread over its range) or configuration ids (0,7,12); queues
             the replicates 0..N-1 (--replicates) each lacks, runs only those, and ends.
@@ -148,6 +156,10 @@ def sweep(
     pack = pack or spec.pack
     if pack_evaluation not in ("exact", "packed"):
         raise SpellxferError(f"--pack_evaluation must be exact or packed, got {pack_evaluation!r}")
+    if pack_scorers < 0:
+        raise SpellxferError(f"--pack_scorers must be ≥ 0, got {pack_scorers}")
+    if pack_scorers and pack_evaluation != "exact":
+        raise SpellxferError("--pack_scorers needs --pack_evaluation exact (packed scoring runs in the pack)")
     if pack_kernel not in ("auto", "loop", "concat", "grouped"):
         raise SpellxferError(f"--pack_kernel must be auto, loop, concat or grouped, got {pack_kernel!r}")
     n_trials = trials or spec.trials
@@ -274,7 +286,7 @@ def sweep(
             )
             run_pack(
                 ctx, st, index, pack, n_trials, after_trial, deadline, heartbeat_s, kernel, pack_window,
-                pack_evaluation,
+                pack_evaluation, pack_scorers,
             )
         except BaseException as e:  # a bug: stop everyone and re-raise it in the main thread
             errors.append(e)
@@ -307,8 +319,20 @@ def sweep(
 
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # preemption usually starts with SIGTERM
     target = work_packed if pack else work
+    # Each worker sets its event as its last act, and the main thread waits on the events, not on
+    # Thread.join: a join that Ctrl-C interrupts can leave a running thread marked stopped (seen on
+    # Python 3.11), and the process then exited while its workers were still recording their
+    # interrupted trials, which stayed `running` until their heartbeats went stale.
+    finished = [threading.Event() for _ in range(workers)]
+
+    def worker(index: int) -> None:
+        try:
+            target(index)
+        finally:
+            finished[index].set()
+
     threads = [
-        threading.Thread(target=target, args=(i,), name=f"sweep-worker-{i}", daemon=True)
+        threading.Thread(target=worker, args=(i,), name=f"sweep-worker-{i}", daemon=True)
         for i in range(workers)
     ]
     try:
@@ -318,13 +342,14 @@ def sweep(
             for t in threads:
                 t.start()
             try:
-                while any(t.is_alive() for t in threads):
-                    for t in threads:
-                        t.join(0.5)
+                for done in finished:
+                    while not done.wait(0.5):
+                        pass
             except KeyboardInterrupt:
                 ctx.stop.set()  # workers kill their children; interrupted trials are queued for retry
-                for t in threads:
-                    t.join(30)
+                until = time.monotonic() + INTERRUPT_GRACE_S
+                for done in finished:
+                    done.wait(max(0.0, until - time.monotonic()))
                 raise
     finally:
         signal.signal(signal.SIGTERM, previous_term)
