@@ -18,9 +18,11 @@ Lifecycle of a pack (one per sweep worker; each worker a device):
 4. **Finish.** A trial at ``max_steps`` or stopped early exports its best adapter and is scored on
    the test sets: by default (``--pack_evaluation exact``, :meth:`Pack.evaluate_exact`) through
    ``evaluate``'s own function in this process, as the unpacked sweep's ``evaluate`` process
-   scores it; with ``packed``, the trials that finish together in groups of about
-   :data:`EVALUATION_ROWS` test rows, one pass per decoding through the pack's model (and one
-   likelihood probe pass when the space's scoring asks for it, :func:`probe_packed`). Either way
+   scores it, while the pack waits (with ``--pack_scorers N``: by up to N such ``evaluate``
+   processes at once, while the pack trains the next trials in the freed slots); with
+   ``packed``, the trials that finish together in groups of about :data:`EVALUATION_ROWS` test
+   rows, one pass per decoding through the pack's model (and one likelihood probe pass when the
+   space's scoring asks for it, :func:`probe_packed`). Either way
    the results are written as ``evaluate`` writes them (``eval/<decoding>/``, paired against the
    base model) and each trial (or group) is told to Optuna as soon as it is scored; their slots
    refill from step 1.
