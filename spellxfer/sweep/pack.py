@@ -552,7 +552,7 @@ class Pack:
                 s.trial.set_user_attr("interrupted", True)
                 self._end(s, "failed", "interrupted (Ctrl-C or SIGTERM); retried on the next run")
             elif error is not None:
-                self._end(s, "failed", str(error) if isinstance(error, TrialFailed) else _reason(error))
+                self._end(s, "failed", _reason(error))
             else:
                 try:
                     record_outcome(s.trial, self.ctx, s.run)
@@ -971,6 +971,6 @@ def _wandb_beside_others(argv: list[str]) -> list[str]:
 def _reason(e: BaseException | str) -> str:
     if isinstance(e, str):
         return e
-    if isinstance(e, SpellxferError | TrialError):
+    if isinstance(e, SpellxferError | TrialError | TrialFailed):  # messages of our own
         return str(e)
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]

@@ -343,8 +343,7 @@ def sweep(
                 t.start()
             try:
                 for done in finished:
-                    while not done.wait(0.5):
-                        pass
+                    done.wait()  # Ctrl-C interrupts the wait (a lock acquire, on POSIX)
             except KeyboardInterrupt:
                 ctx.stop.set()  # workers kill their children; interrupted trials are queued for retry
                 until = time.monotonic() + INTERRUPT_GRACE_S
