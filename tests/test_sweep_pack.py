@@ -674,11 +674,16 @@ def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_h
 
     monkeypatch.setattr(bench_sweep_module, "run_mode", cut_before_serial)
     more = ["--modes", "pack:2:concat:window", "serial@1", "--kernel_steps", "0", "--append", "true"]
+    more += ["--pack_scorers", "1"]
     assert main([*args, *more, "--work_dir", str(tmp_path / "w2")]) == 130  # "interrupted"
     report = json.loads(out.read_text())
     assert [m["spec"] for m in report["modes"]] == ["serial", "pack:2", "pack:2:concat:window"]
     assert report["pending_modes"] == ["serial@1"] and len(report["commands"]) == 2
     assert report["modes"][2]["complete"] == 2 and report["kernels"] == list(kernels.values())
+    # its pack scored its finished trials in an evaluate process beside it
+    (scored,) = report["modes"][2]["pack_stats"]
+    assert report["modes"][2]["pack_scorers"] == 1 and scored["scored_in_background"] == 2
+    assert "--pack_scorers 1" in report["commands"][1]
 
 
 @pytest.mark.slow

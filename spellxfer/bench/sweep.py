@@ -175,8 +175,11 @@ class MemoryPoll:
             self._stop.wait(1.0)
 
 
-def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int, cuda: bool) -> dict:
-    """One mode's sweep in its own process; returns its measurements."""
+def run_mode(
+    mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int, cuda: bool, pack_scorers: int = 0
+) -> dict:
+    """One mode's sweep in its own process; returns its measurements (a pack scores finished trials
+    in ``pack_scorers`` evaluate processes beside it, ``sweep --pack_scorers``)."""
     slug = re.sub(r"[^a-z0-9]+", "-", mode["spec"])
     results = work / slug
     if results.exists():
@@ -212,6 +215,8 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
             mode["kernel"],
             "--pack_window",
             str(mode["window"]).lower(),
+            "--pack_scorers",
+            str(pack_scorers),
         ]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     print(f"bench sweep: {mode['spec']} ({trials} trials) …", flush=True)
@@ -228,6 +233,7 @@ def run_mode(mode: dict, space: dict, work: Path, base_eval: Path, n_trials: int
     out = {
         **{k: mode[k] for k in ("spec", "mode", "workers", "pack", "kernel", "window")},
         "trials": trials,
+        "pack_scorers": pack_scorers if mode["pack"] is not None else None,
         "exit_code": rc,
         "makespan_s": round(makespan, 1),
         "complete": len(done),
@@ -341,6 +347,7 @@ def bench_sweep(
     data_dir: str = "results/data/full",
     gradient_checkpointing: Literal["auto", "true", "false"] = "auto",
     kernel_steps: int = 5,
+    pack_scorers: int = 0,
     seed: int = 0,
     out: str | None = None,
     append: bool = False,
@@ -366,6 +373,8 @@ def bench_sweep(
         data_dir: A data build directory (built with the full profile if absent).
         gradient_checkpointing: true, false, or auto (on for packs, off otherwise).
         kernel_steps: Timed steps per kernel in the kernel comparison (0: skip it).
+        pack_scorers: Evaluate processes that score a pack's finished trials beside it
+            (``sweep --pack_scorers``; 0: the pack scores them itself).
         seed: The sampler's seed (which trials are drawn) and the model's.
         out: JSON output path.
         append: Merge into an existing JSON at the output path (a mode measured again replaces its entry).
@@ -385,6 +394,8 @@ def bench_sweep(
             raise SpellxferError(f"bench sweep: --{name} must be ≥ 1, got {value}")
     if kernel_steps < 0:
         raise SpellxferError(f"bench sweep: --kernel_steps must be ≥ 0, got {kernel_steps}")
+    if pack_scorers < 0:
+        raise SpellxferError(f"bench sweep: --pack_scorers must be ≥ 0, got {pack_scorers}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     base = str(config_path(base or ("configs/r16.yaml" if cuda else "configs/tiny.yaml")))
@@ -419,6 +430,7 @@ def bench_sweep(
         data_dir=data_dir,
         gradient_checkpointing=gradient_checkpointing,
         kernel_steps=kernel_steps,
+        pack_scorers=pack_scorers or None,
         seed=seed,
         out=out,
         append=append or None,
@@ -471,7 +483,7 @@ def bench_sweep(
         prepare_data_and_base(loaded, model_name, data, work / "base-study", Console(quiet=True))
         results = []
         for m in parsed:  # the JSON after every mode, so a run cut short keeps the modes it finished
-            results.append(run_mode(m, spec, work, work / "base-study" / "base", trials, cuda))
+            results.append(run_mode(m, spec, work, work / "base-study" / "base", trials, cuda, pack_scorers))
             if len(results) < len(parsed):
                 pending = [m["spec"] for m in parsed[len(results) :]]
                 write_report({**report_of(results, []), "pending_modes": pending}, out_path)
