@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -247,9 +248,10 @@ def test_compare_to_in_evaluate(smollm2_run, demo_data, tmp_path):
     assert c["groups"]["position"]["acc_a"] == pytest.approx(base["position_accuracy"])
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "spellxfer", *args], capture_output=True, text=True, cwd=REPO, env=env
     )
 
 
@@ -322,3 +324,15 @@ def test_evaluate_in_process_leaves_no_model_behind(demo_data, tmp_path):
         assert rc == 0
         assert (tmp_path / decoding / "predictions.jsonl").exists()
     assert live_models() - before == set()
+
+
+@pytest.mark.parametrize("share", ["2", "0", "half"])
+def test_a_bad_memory_share_is_one_line_exit_2_naming_the_variable(tmp_path, demo_data, share):
+    """A pack hands its scorer processes their share of the card in SPELLXFER_CUDA_MEMORY_FRACTION;
+    a value outside (0, 1] is refused before a model loads, naming the variable."""
+    p = _cli("evaluate", "--model", "tiny-qwen3", "--questions", str(demo_data / "count_val.jsonl"),
+             "--out", str(tmp_path / "o"), "--limit", "2",
+             env_extra={"SPELLXFER_CUDA_MEMORY_FRACTION": share})
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert f"SPELLXFER_CUDA_MEMORY_FRACTION='{share}'" in p.stderr and not (tmp_path / "o").exists()

@@ -713,3 +713,25 @@ def test_a_packed_trials_checkpoint_resumes_in_an_unpacked_fit(tmp_path, demo_da
     uninterrupted = trials_by_params(grid[4])
     for params, run in trials_by_params(results / "sweeps" / "mixed-modes").items():
         assert_same_training(run, uninterrupted[params])
+
+
+def test_scorers_beside_a_pack_get_a_share_of_the_card_sized_by_the_model():
+    """Each `--pack_scorers` process is left a share of the card from the model's size (at least a
+    tenth), the pack keeps the rest, and no more scorers run than leave the pack half the card: on
+    2026-12-06 two scorers of a 4B-shaped model, sized from the card's free memory, ran an 80 GB
+    H100 out of memory beside the pack."""
+    from spellxfer.sweep.pack import PACK_MIN_FRACTION, SCORER_MEMORY_FRACTION, scorer_plan
+
+    card = 79 * 2**30
+    # SmolLM2-135M (0.27 GB of bf16 weights): a tenth each, all four run, the pack keeps 60%
+    scorers, share, pack = scorer_plan(4, 270_000_000, card)
+    assert (scorers, share) == (4, SCORER_MEMORY_FRACTION) and pack == pytest.approx(0.6)
+    # Qwen3-4B (8.05 GB): each scorer needs its weights and room to generate, so only two fit
+    scorers, share, pack = scorer_plan(4, 8_050_000_000, card)
+    assert scorers == 2 and 8_050_000_000 < share * card < 16 * 2**30
+    assert pack == pytest.approx(1 - 2 * share) and pack >= PACK_MIN_FRACTION
+    # a model whose scorer needs more than half the card: none beside the pack
+    none_fit = scorer_plan(2, 40 * 2**30, card)
+    assert none_fit[0] == 0 and none_fit[2] == 1  # the pack scores in its own process, on the whole card
+    # fewer requested than fit: as requested
+    assert scorer_plan(1, 8_050_000_000, card)[0] == 1

@@ -50,6 +50,7 @@ from spellxfer.evaluation.metrics import TransferAccuracy
 from spellxfer.evaluation.stats import accuracy_summary
 from spellxfer.models.generation import (
     GenerationEngine,
+    apply_memory_fraction,
     default_sampling,
     timed_generate,
 )
@@ -311,6 +312,7 @@ def load_adapter(lm, adapter: Path, model: str):
 def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
     """Model (+ optional LoRA adapter) and tokenizer, on the requested device, ready to generate."""
     device = resolve_device(device)
+    apply_memory_fraction(device)  # a pack's scorer: the share of the card the pack left it
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     with console.status(f"loading {model}" + (f" + adapter {adapter}" if adapter else "")):
         try:

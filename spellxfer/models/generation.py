@@ -12,6 +12,7 @@ static KV cache (:mod:`spellxfer.models.static_decode`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -165,6 +166,33 @@ def generation_bytes_per_row(config, prompt_tokens: int, new_tokens: int, elemen
     prefill = prompt_tokens * ((6 * h + 3 * i + 3 * q + 2 * kv) * element_bytes + 8 * h)
     logits = 2 * config.vocab_size * element_bytes
     return cache + prefill + logits
+
+
+MEMORY_FRACTION_ENV = "SPELLXFER_CUDA_MEMORY_FRACTION"
+"""The share of the card a process may allocate (a pack's ``--pack_scorers`` processes are given
+theirs); :func:`auto_batch_size` sizes batches within it."""
+
+
+def apply_memory_fraction(device: str | torch.device) -> float | None:
+    """Cap this process's CUDA allocations at :data:`MEMORY_FRACTION_ENV` of ``device``'s memory
+    when that variable is set (a value outside (0, 1] is a one-line error naming it); returns the
+    share, or None where it is unset or ``device`` is not CUDA."""
+    raw = os.environ.get(MEMORY_FRACTION_ENV)
+    if raw is None or raw == "":
+        return None
+    try:
+        share = float(raw)
+    except ValueError:
+        share = float("nan")
+    if not 0 < share <= 1:
+        raise SpellxferError(f"{MEMORY_FRACTION_ENV}={raw!r}: must be a share of the card in (0, 1]")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    # an index: torch refuses a bare "cuda" here
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(share, index)
+    return share
 
 
 def auto_batch_size(model, prompt_tokens: int, new_tokens: int, samples: int = 1,

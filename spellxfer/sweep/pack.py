@@ -67,7 +67,7 @@ from spellxfer.evaluation.compare import compare_predictions, comparison_markdow
 from spellxfer.evaluation.evaluate import evaluate as evaluate_command
 from spellxfer.evaluation.evaluate import resolve_scoring, score_items, summarise
 from spellxfer.evaluation.likelihood import candidate_answers, probe_items
-from spellxfer.models.generation import GenerationEngine, default_sampling
+from spellxfer.models.generation import MEMORY_FRACTION_ENV, GenerationEngine, default_sampling
 from spellxfer.models.losses import IGNORE_INDEX, completion_loss_from_hidden, decoder_and_head
 from spellxfer.models.registry import apply_fused_kernels, load_tokenizer
 from spellxfer.models.static_decode import bucket_rows, static_decode_unsupported, static_decoder
@@ -143,6 +143,8 @@ class Pack:
         """Finished trials being scored by ``evaluate`` processes (``scorers`` > 0): out of the pack's
         slots, still running in the study. Rebound, never mutated, so the heartbeat thread can read it."""
         self.scored_in_background = 0
+        self.scorer_fraction: float | None = None
+        """Each scorer's share of the card (set on CUDA once the base is loaded)."""
         self.lora: PackedLoRA | None = None
         self.shared: dict | None = None
         self.device = torch.device("cpu")
@@ -217,11 +219,9 @@ class Pack:
             self.device = torch.device("cuda", self.worker % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            if self.scorers:  # the scorers' `evaluate` processes need room the pack's allocator would hold
-                torch.cuda.set_per_process_memory_fraction(
-                    max(0.5, 1 - SCORER_MEMORY_FRACTION * self.scorers), self.device
-                )
         base = load_base(hp)
+        if self.device.type == "cuda" and self.scorers:
+            self._share_card(base)
         base.train()
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -517,6 +517,29 @@ class Pack:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
+    def _share_card(self, base) -> None:
+        """Leave each scorer process its share of the card (:func:`scorer_plan`, from the base
+        model's size) and cap the pack at the rest; fewer scorers where the pack would keep less
+        than half the card (none: trials are scored in this process)."""
+        weights = sum(p.numel() * p.element_size() for p in base.parameters())
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        scorers, self.scorer_fraction, pack_fraction = scorer_plan(self.scorers, weights, total)
+        if scorers < self.scorers:
+            print(
+                f"--pack_scorers {self.scorers}: each scorer needs {self.scorer_fraction:.0%} of the card "
+                f"for a {weights / 2**30:.1f} GiB model, so {scorers} run beside the pack"
+                + ("" if scorers else " (trials are scored in the pack's process)"),
+                file=sys.stderr,
+                flush=True,
+            )
+            self._scorer_pool.shutdown(wait=False)
+            name = f"pack-{self.worker}-scorer"
+            self._scorer_pool = ThreadPoolExecutor(scorers, thread_name_prefix=name) if scorers else None
+            self.scorers = scorers
+            self.scorer_fraction = self.scorer_fraction if scorers else None
+        if scorers:  # the scorers' `evaluate` processes need room the pack's allocator would hold
+            torch.cuda.set_per_process_memory_fraction(pack_fraction, self.device)
+
     def _score_in_background(self, s: Slot) -> None:
         """Hand finished trial ``s`` to a scorer: its slot and adapter leave the pack at once (the
         next trial takes them), its trial stays running until :meth:`collect_scored` tells it."""
@@ -524,7 +547,10 @@ class Pack:
         if self.lora is not None:
             self.lora.remove(s.packed.name)
         s.packed.log(f"test scoring by an `evaluate` process ({', '.join(self.ctx.space.decodings)})")
-        future = self._scorer_pool.submit(self._score_process, s, self.ctx.env(self.worker))
+        env = self.ctx.env(self.worker)
+        if self.scorer_fraction is not None:  # evaluate caps itself there (apply_memory_fraction)
+            env[MEMORY_FRACTION_ENV] = f"{self.scorer_fraction:.4f}"
+        future = self._scorer_pool.submit(self._score_process, s, env)
         self.scoring = [*self.scoring, (future, s)]
 
     def _score_process(self, s: Slot, env: dict) -> None:
@@ -771,9 +797,31 @@ class Pack:
 
 
 SCORER_MEMORY_FRACTION = 0.1
-"""The share of the card each ``--pack_scorers`` process is left (the pack caps itself at the rest,
-at least half; a pass beyond its cap is split like one beyond the card). An ``evaluate`` of
-SmolLM2-135M-Instruct at its 2,048-row cap needs about 7 GiB, a tenth of an 80 GB card."""
+"""The least share of the card each ``--pack_scorers`` process is left (the pack caps itself at the
+rest, at least :data:`PACK_MIN_FRACTION`; a pass beyond its cap is split like one beyond the card).
+An ``evaluate`` of SmolLM2-135M-Instruct at its 2,048-row cap needs about 7 GiB, a tenth of an
+80 GB card; a larger model's scorer gets :data:`SCORER_WEIGHTS_FACTOR` × its weights +
+:data:`SCORER_HEADROOM_BYTES` (:func:`scorer_plan`)."""
+
+SCORER_WEIGHTS_FACTOR = 1.5
+SCORER_HEADROOM_BYTES = 2 * 2**30
+"""A scorer's room beyond its weights: the generation batch (sized within the share by
+``auto_batch_size``), CUDA graphs and the allocator's slack. Qwen3-4B (8.0 GB of bf16 weights):
+14.1 GiB, 18% of an 80 GB card. On 2026-12-06 two Qwen3-4B-shaped scorers sized from the card's
+free memory took ~17 GiB each and ran out of memory beside a 48–50 GiB pack."""
+
+PACK_MIN_FRACTION = 0.5
+"""The least share of the card a pack keeps for itself beside its scorers."""
+
+
+def scorer_plan(requested: int, weights_bytes: int, total_bytes: int) -> tuple[int, float, float]:
+    """``(scorers, share of each, pack's share)`` for ``requested`` scorers of a model with
+    ``weights_bytes`` of weights on a card of ``total_bytes``: as many as leave the pack at least
+    :data:`PACK_MIN_FRACTION`."""
+    need = weights_bytes * SCORER_WEIGHTS_FACTOR + SCORER_HEADROOM_BYTES
+    share = max(SCORER_MEMORY_FRACTION, need / total_bytes)
+    scorers = min(requested, int((1 - PACK_MIN_FRACTION + 1e-9) / share))
+    return scorers, share, max(PACK_MIN_FRACTION, 1 - scorers * share)
 
 EVALUATION_ROWS = 4096
 """Test rows per packed evaluation group: small test sets share passes across trials, a full one
