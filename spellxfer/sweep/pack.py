@@ -136,9 +136,7 @@ class Pack:
         self.after_trial = after_trial
         self.active: list[Slot] = []
         self.scorers = scorers
-        self._scorer_pool = (
-            ThreadPoolExecutor(scorers, thread_name_prefix=f"pack-{worker}-scorer") if scorers else None
-        )
+        self._scorer_pool = self._new_scorer_pool()
         self.scoring: list[tuple[Future, Slot]] = []
         """Finished trials being scored by ``evaluate`` processes (``scorers`` > 0): out of the pack's
         slots, still running in the study. Rebound, never mutated, so the heartbeat thread can read it."""
@@ -517,26 +515,30 @@ class Pack:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
+    def _new_scorer_pool(self) -> ThreadPoolExecutor | None:
+        """The threads that wait on ``self.scorers`` scoring processes (None for none)."""
+        name = f"pack-{self.worker}-scorer"
+        return ThreadPoolExecutor(self.scorers, thread_name_prefix=name) if self.scorers else None
+
     def _share_card(self, base) -> None:
         """Leave each scorer process its share of the card (:func:`scorer_plan`, from the base
         model's size) and cap the pack at the rest; fewer scorers where the pack would keep less
         than half the card (none: trials are scored in this process)."""
         weights = sum(p.numel() * p.element_size() for p in base.parameters())
         total = torch.cuda.get_device_properties(self.device).total_memory
-        scorers, self.scorer_fraction, pack_fraction = scorer_plan(self.scorers, weights, total)
+        scorers, share, pack_fraction = scorer_plan(self.scorers, weights, total)
         if scorers < self.scorers:
             print(
-                f"--pack_scorers {self.scorers}: each scorer needs {self.scorer_fraction:.0%} of the card "
+                f"--pack_scorers {self.scorers}: each scorer needs {share:.0%} of the card "
                 f"for a {weights / 2**30:.1f} GiB model, so {scorers} run beside the pack"
                 + ("" if scorers else " (trials are scored in the pack's process)"),
                 file=sys.stderr,
                 flush=True,
             )
             self._scorer_pool.shutdown(wait=False)
-            name = f"pack-{self.worker}-scorer"
-            self._scorer_pool = ThreadPoolExecutor(scorers, thread_name_prefix=name) if scorers else None
             self.scorers = scorers
-            self.scorer_fraction = self.scorer_fraction if scorers else None
+            self._scorer_pool = self._new_scorer_pool()
+        self.scorer_fraction = share if scorers else None
         if scorers:  # the scorers' `evaluate` processes need room the pack's allocator would hold
             torch.cuda.set_per_process_memory_fraction(pack_fraction, self.device)
 
@@ -806,8 +808,8 @@ An ``evaluate`` of SmolLM2-135M-Instruct at its 2,048-row cap needs about 7 GiB,
 SCORER_WEIGHTS_FACTOR = 1.5
 SCORER_HEADROOM_BYTES = 2 * 2**30
 """A scorer's room beyond its weights: the generation batch (sized within the share by
-``auto_batch_size``), CUDA graphs and the allocator's slack. Qwen3-4B (8.0 GB of bf16 weights):
-14.1 GiB, 18% of an 80 GB card. On 2026-12-06 two Qwen3-4B-shaped scorers sized from the card's
+``auto_batch_size``), CUDA graphs and the allocator's slack. Qwen3-4B (8.05 GB of bf16 weights):
+13.2 GiB, 17% of an 80 GB card. On 2026-12-06 two Qwen3-4B-shaped scorers sized from the card's
 free memory took ~17 GiB each and ran out of memory beside a 48–50 GiB pack."""
 
 PACK_MIN_FRACTION = 0.5
