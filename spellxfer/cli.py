@@ -74,6 +74,8 @@ COMMANDS: dict = {
     "evaluate": "spellxfer.evaluation.evaluate:evaluate",
     "compare": "spellxfer.evaluation.compare:compare",
     "sweep": "spellxfer.sweep.run:sweep",
+    "study": {"_help": "Maintain a sweep's Optuna study: rebuild its database from the trial directories.",
+              "restore": "spellxfer.sweep.restore:restore"},
     "analyze": "spellxfer.analysis.transfer_analysis:analyze",
     "report": "spellxfer.analysis.report:report",
     "export": "spellxfer.serving.export:export",
@@ -97,7 +99,7 @@ COMMANDS: dict = {
 # Command groups that need packages outside the core install: (commands, import names, extra).
 # A GPU box with only the training stack keeps every other command.
 OPTIONAL_GROUPS = (
-    (("sweep", "bench sweep"), ("optuna",), None),
+    (("sweep", "bench sweep", "study restore"), ("optuna",), None),
     (("analyze", "report"), ("pandas", "matplotlib"), None),
     (("export", "serve", "bench serve"), ("litserve", "fastapi", "prometheus_client", "httpx"), "serve"),
     (("studio",), ("lightning_sdk", "pydantic"), "studio"),

@@ -447,3 +447,31 @@ def test_several_samples_per_item_weigh_items_equally_and_bootstrap_items(tmp_pa
         row["count_accuracy_ci_low"],
         row["count_accuracy_ci_high"],
     ) == pytest.approx((expected["accuracy"], expected["ci_low"], expected["ci_high"]), abs=1e-5)
+
+
+def test_a_study_committed_with_gzipped_predictions_analyses_to_the_same_numbers(tmp_path, capsys):
+    import gzip
+
+    from synthetic_sweep import make_sweep
+
+    plain, packed = tmp_path / "plain" / "sweeps" / "z", tmp_path / "packed" / "sweeps" / "z"
+    make_sweep(plain, n_trials=4, n_items=60, decoding="greedy")
+    shutil.copytree(plain, packed)
+    files = sorted(packed.rglob("predictions.jsonl"))
+    assert len(files) == 5  # the base model's and each of the 4 trials'
+    for f in files:  # as a committed study keeps them: predictions.jsonl.gz only
+        f.with_suffix(".jsonl.gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    args = ["analyze", "--decoding", "greedy", "--n_boot", "200"]
+    assert main([*args, "--runs", str(plain), "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--runs", str(packed), "--out", str(tmp_path / "b")]) == 0
+    a, b = (_csv(tmp_path / d, "runs").drop(columns="run_dir") for d in "ab")
+    assert len(a) == 4 and a["position_accuracy"].notna().all()
+    pd.testing.assert_frame_equal(a, b)
+
+    damaged = packed / "trial-0001" / "eval" / "greedy" / "predictions.jsonl.gz"
+    damaged.write_bytes(damaged.read_bytes()[:200])  # cut off mid-stream
+    capsys.readouterr()
+    assert main([*args, "--runs", str(packed), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{damaged}: not a readable gzip file" in err.replace("\n", "") and not (tmp_path / "c").exists()

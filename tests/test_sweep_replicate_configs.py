@@ -256,3 +256,95 @@ def test_phase_2_trains_exactly_the_missing_seed_of_the_selected_configuration(t
 
     sweep("--replicate_configs", "auto:1", "--replicates", "2")  # again: everything is there
     assert len(study.get_trials()) == 3
+
+
+def trial_dirs(root: Path, records: list[dict]) -> Path:
+    """Trial directories as `sweep` leaves them (trial.json, eval/sampled/metrics.json), no database."""
+    study_dir = root / "sweeps" / "lost"
+    for rec in records:
+        d = study_dir / f"trial-{rec['number']:04d}"
+        (d / "eval" / "sampled").mkdir(parents=True)
+        (d / "trial.json").write_text(json.dumps({"study": "lost", **rec}))
+        if rec["status"] == "complete":
+            metrics = {"position_accuracy": rec["objective"], "count_accuracy": 0.1, "transfer_score": 0.2}
+            (d / "eval" / "sampled" / "metrics.json").write_text(json.dumps(metrics))
+    return study_dir
+
+
+def test_a_lost_study_database_is_rebuilt_from_the_trial_directories_and_plans_the_same_replicates(
+    tmp_path, capsys
+):
+    values = [0.30, 0.10, None, 0.55, 0.20, 0.40, 0.05, 0.25]
+    records = [
+        {
+            "number": i,
+            "status": "complete" if v is not None else "failed",
+            "params": {"lora_r": POINTS[i % 4][0], "learning_rate": POINTS[i % 4][1]},
+            "config_id": i,
+            "replicate": 0,
+            "seed": 0,
+            "objective": v,
+            "error": None if v is not None else "out of memory",
+        }
+        for i, v in enumerate(values)
+    ]
+    records.append({**records[3], "number": 8, "status": "running", "objective": None, "replicate": 1})
+    study_dir = trial_dirs(tmp_path, records)
+    space = str(REPO / "configs/sweeps/tiny.yaml")
+    assert main(["study", "restore", "--study_dir", str(study_dir), "--space", space]) == 0
+
+    restored = optuna.load_study(study_name="lost", storage=f"sqlite:///{tmp_path / 'sweeps' / 'lost.db'}")
+    trials = restored.get_trials(deepcopy=False)
+    assert [t.number for t in trials] == list(range(9))  # numbers kept: a new trial gets trial-0009
+    assert [t.value for t in trials[:8]] == values
+    complete, failed = TrialState.COMPLETE, TrialState.FAIL
+    assert [t.state for t in trials] == [complete] * 2 + [failed] + [complete] * 5 + [failed]
+    assert trials[2].user_attrs["error"] == "out of memory"
+    assert "status running" in trials[8].user_attrs["error"]  # was running when the database was lost
+    assert (trials[8].user_attrs["config_id"], trials[8].user_attrs["replicate"]) == (3, 1)
+    assert trials[3].user_attrs["run_dir"] == "trial-0003"
+    assert trials[3].user_attrs["test_sampled"]["position_accuracy"] == 0.55
+    assert restored.user_attrs["objective"] == "val/transfer_score"
+
+    original = new_study(tmp_path, "p1")
+    finished(original, values)
+    def choice(study):
+        plan = plan_replicates(study, study, "auto:3", 3, NAMES, None)["configurations"]
+        return [(c["config_id"], c["role"], c["objective"], c["params"]) for c in plan]
+
+    assert choice(restored) == choice(original) == [
+        (3, "best", 0.55, {"lora_r": 8, "learning_rate": 3.0e-3}),
+        (6, "spread", 0.05, {"lora_r": 8, "learning_rate": 1.0e-3}),
+        (5, "spread", 0.40, {"lora_r": 4, "learning_rate": 3.0e-3}),
+    ]
+
+    # into a database that already holds the study: refused, nothing added
+    capsys.readouterr()
+    before = len(restored.get_trials(deepcopy=False))  # 9 restored + the replicates just queued
+    assert main(["study", "restore", "--study_dir", str(study_dir), "--space", space]) == 2
+    assert "already has trials" in capsys.readouterr().err
+    assert len(restored.get_trials(deepcopy=False)) == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda recs: recs.pop(1), "without gaps (Optuna numbers trials in order); missing 1"),
+        (lambda recs: recs[0]["params"].update(lora_r=64), "lora_r 64 is not a value of the space file"),
+        (lambda recs: recs[0].update(objective=None), "status complete without a numeric objective"),
+    ],
+)
+def test_restoring_from_bad_trial_directories_is_one_line_exit_2_and_writes_no_database(
+    tmp_path, capsys, change, message
+):
+    records = [
+        {"number": i, "status": "complete", "params": {"lora_r": r, "learning_rate": lr}, "objective": i / 10}
+        for i, (r, lr) in enumerate(POINTS)
+    ]
+    change(records)
+    study_dir = trial_dirs(tmp_path, records)
+    space = str(REPO / "configs/sweeps/tiny.yaml")
+    assert main(["study", "restore", "--study_dir", str(study_dir), "--space", space]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "sweeps" / "lost.db").exists()  # every directory is checked before writing

@@ -29,7 +29,7 @@ from rich.progress import track
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import iter_jsonl, read_json, snippet
-from spellxfer.evaluation.compare import read_predictions
+from spellxfer.evaluation.compare import predictions_file, read_predictions
 from spellxfer.tasks.metric_names import check_metric_name
 
 # Optuna's TrialState names → the statuses trial.json uses.
@@ -240,7 +240,7 @@ def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
     for d, status, trial in track(trials, description="reading trials", transient=True):
         label = f"{trial.get('study')}/{d.name}" if several_studies else d.name
         eval_dir = d / "eval" / decoding
-        if status == "complete" and not (eval_dir / "predictions.jsonl").is_file():
+        if status == "complete" and not predictions_file(eval_dir).is_file():
             status, reason = "complete_without_eval", f"no {eval_dir}/predictions.jsonl"
         else:
             reason = trial.get("error") or f"status {status}"
@@ -250,7 +250,7 @@ def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
             continue
         base_dir = d.parent / "base" / decoding
         if base_dir not in bases:
-            if not (base_dir / "predictions.jsonl").is_file():
+            if not predictions_file(base_dir).is_file():
                 raise SpellxferError(
                     f"{d}: the study has no base-model evaluation ({base_dir}/predictions.jsonl)"
                 )

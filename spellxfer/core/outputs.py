@@ -8,6 +8,7 @@ which turn every way such a file can be bad into one ``error:`` line.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -215,7 +217,8 @@ def _has_lone_surrogate(value) -> bool:
 
 def iter_jsonl(path: Path, allow_nan: bool = False) -> Iterator[tuple[int, object]]:
     """``(line number, parsed value)`` for each non-blank line of a JSONL file (UTF-8, a leading
-    byte order mark allowed). Callers check the values' shape.
+    byte order mark allowed; gzip-compressed when its name ends in ``.gz``, as committed
+    predictions are). Callers check the values' shape.
 
     Raises:
         SpellxferError: one line naming the file, and the line where there is one: missing,
@@ -225,7 +228,7 @@ def iter_jsonl(path: Path, allow_nan: bool = False) -> Iterator[tuple[int, objec
     path = Path(path)
     _regular_file(path)
     try:
-        f = open(path, "rb")
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     except FileNotFoundError:
         raise SpellxferError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -234,7 +237,7 @@ def iter_jsonl(path: Path, allow_nan: bool = False) -> Iterator[tuple[int, objec
         raise SpellxferError(f"{path}: cannot read ({e.strerror})") from None
     with f:
         line = 0
-        while raw := f.readline(MAX_JSONL_LINE_BYTES + 1):
+        while raw := _readline(f, path, line):
             line += 1
             if len(raw) > MAX_JSONL_LINE_BYTES:
                 raise SpellxferError(f"{path}:{line}: line longer than {MAX_JSONL_LINE_BYTES // 2**20} MiB")
@@ -245,6 +248,15 @@ def iter_jsonl(path: Path, allow_nan: bool = False) -> Iterator[tuple[int, objec
                                      f"{e.start + 1}); save the file as UTF-8") from None
             if text.strip():
                 yield line, parse_json(text, f"{path}:{line}", allow_nan=allow_nan)
+
+
+def _readline(f, path: Path, line: int) -> bytes:
+    """The next line (at most one byte over the limit); a damaged gzip stream is one line naming
+    the file and the last good line."""
+    try:
+        return f.readline(MAX_JSONL_LINE_BYTES + 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise SpellxferError(f"{path}: not a readable gzip file after line {line} ({e})") from None
 
 
 def read_json(path: Path, allow_nan: bool = False):

@@ -152,9 +152,18 @@ def compare(base: str, other: str, out: str | None = None) -> int:
     return 0
 
 
+def predictions_file(d: Path) -> Path:
+    """``d/predictions.jsonl``, or the ``predictions.jsonl.gz`` beside it when only that exists (a
+    committed study keeps its predictions compressed); the plain name when neither does."""
+    plain = d / "predictions.jsonl"
+    packed = d / "predictions.jsonl.gz"
+    return packed if not plain.is_file() and packed.is_file() else plain
+
+
 def read_predictions(d: Path) -> list[dict]:
-    """Rows of ``d/predictions.jsonl``, checked the way :func:`compare_predictions` and ``analyze``
-    use them; a missing file or a bad line is a one-line user error naming ``file:line``.
+    """Rows of ``d/predictions.jsonl`` (or ``.jsonl.gz``: :func:`predictions_file`), checked the
+    way :func:`compare_predictions` and ``analyze`` use them; a missing file or a bad line is a
+    one-line user error naming ``file:line``.
 
     Each row is an object with text ``file``, a text or integer ``id``, ``task`` position or count,
     ``subtask`` text or null, ``correct`` true or false (null in a ``--scoring likelihood`` run,
@@ -165,7 +174,7 @@ def read_predictions(d: Path) -> list[dict]:
     """
     if not d.is_dir():
         raise SpellxferError(f"{d}: no such directory (expected an evaluate output directory)")
-    f = d / "predictions.jsonl"
+    f = predictions_file(d)
     if not f.is_file():
         raise SpellxferError(f"{d}: no predictions.jsonl (expected an evaluate output directory)")
     rows, seen, tasks = [], {}, {}
