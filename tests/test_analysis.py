@@ -7,6 +7,7 @@ by SLOPE per doubling of lora_r, and position and count share a latent per-run s
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import shutil
 
@@ -449,29 +450,43 @@ def test_several_samples_per_item_weigh_items_equally_and_bootstrap_items(tmp_pa
     ) == pytest.approx((expected["accuracy"], expected["ci_low"], expected["ci_high"]), abs=1e-5)
 
 
-def test_a_study_committed_with_gzipped_predictions_analyses_to_the_same_numbers(tmp_path, capsys):
+def test_a_study_committed_with_compressed_compacted_predictions_analyses_to_the_same_numbers(
+    tmp_path, capsys
+):
     import gzip
 
+    from compact_predictions import DROPPED, compact
     from synthetic_sweep import make_sweep
 
-    plain, packed = tmp_path / "plain" / "sweeps" / "z", tmp_path / "packed" / "sweeps" / "z"
+    plain = tmp_path / "plain" / "sweeps" / "z"
     make_sweep(plain, n_trials=4, n_items=60, decoding="greedy")
+    for f in plain.rglob("predictions.jsonl"):  # rows as evaluate writes them, with the rendered prompts
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        extra = {"prompt": "<|im_start|>user\n…", "likelihood_prompt": "…", "gold_logprob": -1.5}
+        f.write_text("".join(json.dumps(r | extra) + "\n" for r in rows))
+    packed, compacted = (tmp_path / d / "sweeps" / "z" for d in ("packed", "compacted"))
     shutil.copytree(plain, packed)
+    shutil.copytree(plain, compacted)
     files = sorted(packed.rglob("predictions.jsonl"))
     assert len(files) == 5  # the base model's and each of the 4 trials'
-    for f in files:  # as a committed study keeps them: predictions.jsonl.gz only
+    for f in files:  # gzip as it came off the GPU box
         f.with_suffix(".jsonl.gz").write_bytes(gzip.compress(f.read_bytes()))
         f.unlink()
+    for f in sorted(compacted.rglob("predictions.jsonl")):  # as committed: xz, without DROPPED
+        out = compact(f)
+        assert out.suffix == ".xz" and not f.exists()
+        assert not set(DROPPED) & set(json.loads(lzma.open(out).readline()))
     args = ["analyze", "--decoding", "greedy", "--n_boot", "200"]
-    assert main([*args, "--runs", str(plain), "--out", str(tmp_path / "a")]) == 0
-    assert main([*args, "--runs", str(packed), "--out", str(tmp_path / "b")]) == 0
-    a, b = (_csv(tmp_path / d, "runs").drop(columns="run_dir") for d in "ab")
+    for d, study in (("a", plain), ("b", packed), ("c", compacted)):
+        assert main([*args, "--runs", str(study), "--out", str(tmp_path / d)]) == 0
+    a, b, c = (_csv(tmp_path / d, "runs").drop(columns="run_dir") for d in "abc")
     assert len(a) == 4 and a["position_accuracy"].notna().all()
     pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a, c)
 
-    damaged = packed / "trial-0001" / "eval" / "greedy" / "predictions.jsonl.gz"
+    damaged = compacted / "trial-0001" / "eval" / "greedy" / "predictions.jsonl.xz"
     damaged.write_bytes(damaged.read_bytes()[:200])  # cut off mid-stream
     capsys.readouterr()
-    assert main([*args, "--runs", str(packed), "--out", str(tmp_path / "c")]) == 2
+    assert main([*args, "--runs", str(compacted), "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
-    assert f"{damaged}: not a readable gzip file" in err.replace("\n", "") and not (tmp_path / "c").exists()
+    assert f"{damaged}: not a readable xz file" in err.replace("\n", "") and not (tmp_path / "d").exists()

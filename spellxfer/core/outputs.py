@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import math
 import os
 import re
@@ -217,8 +218,8 @@ def _has_lone_surrogate(value) -> bool:
 
 def iter_jsonl(path: Path, allow_nan: bool = False) -> Iterator[tuple[int, object]]:
     """``(line number, parsed value)`` for each non-blank line of a JSONL file (UTF-8, a leading
-    byte order mark allowed; gzip-compressed when its name ends in ``.gz``, as committed
-    predictions are). Callers check the values' shape.
+    byte order mark allowed; gzip- or xz-compressed when its name ends in ``.gz`` or ``.xz``, as
+    committed predictions are). Callers check the values' shape.
 
     Raises:
         SpellxferError: one line naming the file, and the line where there is one: missing,
@@ -228,7 +229,7 @@ def iter_jsonl(path: Path, allow_nan: bool = False) -> Iterator[tuple[int, objec
     path = Path(path)
     _regular_file(path)
     try:
-        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+        f = OPENERS.get(path.suffix, open)(path, "rb")
     except FileNotFoundError:
         raise SpellxferError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -250,13 +251,18 @@ def iter_jsonl(path: Path, allow_nan: bool = False) -> Iterator[tuple[int, objec
                 yield line, parse_json(text, f"{path}:{line}", allow_nan=allow_nan)
 
 
+OPENERS = {".gz": gzip.open, ".xz": lzma.open}
+"""Compressed JSONL by file suffix (committed predictions); anything else is read as it is."""
+
+
 def _readline(f, path: Path, line: int) -> bytes:
-    """The next line (at most one byte over the limit); a damaged gzip stream is one line naming
-    the file and the last good line."""
+    """The next line (at most one byte over the limit); a damaged compressed stream is one line
+    naming the file and the last good line."""
     try:
         return f.readline(MAX_JSONL_LINE_BYTES + 1)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise SpellxferError(f"{path}: not a readable gzip file after line {line} ({e})") from None
+    except (gzip.BadGzipFile, lzma.LZMAError, EOFError, zlib.error) as e:
+        kind = path.suffix.lstrip(".")
+        raise SpellxferError(f"{path}: not a readable {kind} file after line {line} ({e})") from None
 
 
 def read_json(path: Path, allow_nan: bool = False):

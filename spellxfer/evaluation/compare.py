@@ -153,15 +153,17 @@ def compare(base: str, other: str, out: str | None = None) -> int:
 
 
 def predictions_file(d: Path) -> Path:
-    """``d/predictions.jsonl``, or the ``predictions.jsonl.gz`` beside it when only that exists (a
-    committed study keeps its predictions compressed); the plain name when neither does."""
+    """``d/predictions.jsonl``, else a compressed ``predictions.jsonl.xz`` or ``.gz`` beside it (a
+    committed study keeps its predictions compressed); the plain name when there is none."""
     plain = d / "predictions.jsonl"
-    packed = d / "predictions.jsonl.gz"
-    return packed if not plain.is_file() and packed.is_file() else plain
+    for f in (plain, d / "predictions.jsonl.xz", d / "predictions.jsonl.gz"):
+        if f.is_file():
+            return f
+    return plain
 
 
 def read_predictions(d: Path) -> list[dict]:
-    """Rows of ``d/predictions.jsonl`` (or ``.jsonl.gz``: :func:`predictions_file`), checked the
+    """Rows of ``d/predictions.jsonl`` (or compressed: :func:`predictions_file`), checked the
     way :func:`compare_predictions` and ``analyze`` use them; a missing file or a bad line is a
     one-line user error naming ``file:line``.
 
