@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The GPU-box side of tools/gpu_box/prepare.sh (developer tool): run from the checkout's root on an
+# offline GPU box, with the prepared .whl/ and .gpx/ beside it and OUT set to a folder the caller
+# collects afterwards. This is how the H100 runs of the transfer study and of `bench sweep` in
+# docs/results.md and docs/performance.md were made. Usage: bash .gpx/run.sh STEP...
+#   gguf          join the GGUF parts .gpx/gguf.a? carried by earlier calls (kept in $S)
+#   bench:MODEL   bench sweep (env MODES, SCORERS, TRIALS, STEPS, VAL_EVERY, VAL_LIMIT, EVAL_LIMIT, BENCH_S)
+#   studystart    the study's three phases (phase 1, phase 2 replicates, the control arm) in a
+#                 detached process, each until done or STUDY_END (epoch seconds) - 75 s
+#   wait:N        follow it for up to N s (or until it ends), then snap
+#   snap          the study without weights ($OUT/study.txz.a?, 15 MiB parts; databases copied
+#                 consistently into db-snapshot/; new predictions compacted first)
+# The study starts from the tree's results/smollm2-study (phase 1 and its restored .db), copied
+# to $S/study: each call may copy the tree again, which must not overwrite a running study's files.
+# Trained on spelling, evaluated on position and count only.
+set -uo pipefail
+S=/tmp/sx
+mkdir -p "$S" "$OUT"
+export PYTHONUNBUFFERED=1 SPELLXFER_CACHE=$S/cache SPELLXFER_GIT_COMMIT=${COMMIT:-unknown}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled SPELLXFER_PROGRESS_EVERY=${PROGRESS_EVERY:-30}
+if [ ! -f "$S/.site" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$S/site" .whl/*.whl || exit 3
+  touch "$S/.site"
+fi
+if [ -f .gpx/bundle.tar.xz ] && [ ! -f "$S/.bundle" ]; then tar -xJf .gpx/bundle.tar.xz -C "$S" && touch "$S/.bundle"; fi
+for part in .gpx/gguf.a?; do [ -f "$part" ] && cp "$part" "$S/"; done
+export PYTHONPATH=$S/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+mkdir -p results/data && ln -sfn "$S/data/full" results/data/full
+R=$S/study  # a copy: each call re-copies the tree, which must not overwrite a running study's files
+[ -d "$R" ] || cp -r results/smollm2-study "$R"
+
+left() { echo $(( ${STUDY_END:-0} - $(date +%s) )); }
+
+run_until_end() {  # run "$@" until it ends, or SIGINT at STUDY_END - 75 s and SIGKILL 45 s later
+  local t; t=$(( $(left) - 75 ))
+  if [ "$t" -lt 120 ]; then echo "skip (only $(left) s left): $*"; return 0; fi
+  echo "== $(date +%T) run for ≤ ${t}s: $*"
+  timeout -s INT -k 45 "$t" "$@"
+  echo "== $(date +%T) rc=$?"
+}
+
+complete_count() {  # complete trials of study $1 in the study's own database
+  python3 - "$1" <<'EOF'
+import sys, pathlib, optuna
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+name = sys.argv[1]
+db = pathlib.Path("/tmp/sx/study/sweeps") / f"{name}.db"
+if not db.is_file():
+    print(0); raise SystemExit
+s = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+print(sum(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials))
+EOF
+}
+
+pack_study() {
+  local common=(--results_dir "$R" --pack 16 --pack_window true --pack_scorers "${SCORERS:-4}")
+  run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study.yaml --study smollm2-study "${common[@]}"
+  echo "phase 1 complete: $(complete_count smollm2-study)"
+  run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study.yaml --study smollm2-study \
+    "${common[@]}" --replicate_configs auto:5 --replicates 3
+  echo "phase 1+2 complete: $(complete_count smollm2-study)"
+  local plan=$R/sweeps/smollm2-study/replicate-plan.json
+  if [ -f "$plan" ]; then
+    local ids; ids=$(python3 -c "import json,sys; print(','.join(str(c['config_id']) for c in json.load(open(sys.argv[1]))['configurations']))" "$plan")
+    echo "control ids: $ids"
+    run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study_control.yaml \
+      --study smollm2-study-control "${common[@]}" --from_study smollm2-study --replicate_configs "$ids" --replicates 3
+    echo "control complete: $(complete_count smollm2-study-control)"
+  fi
+  echo "== $(date +%T) phases done"
+}
+
+snapshot() {  # the study without weights (consistent copies of its databases), in 15 MiB parts
+  rm -rf "$S/snap" && mkdir -p "$S/snap/db-snapshot"
+  for db in "$R"/sweeps/*.db; do
+    [ -f "$db" ] && python3 -c "import sqlite3,sys; a=sqlite3.connect(sys.argv[1]); b=sqlite3.connect(sys.argv[2]); a.backup(b); b.close()" "$db" "$S/snap/db-snapshot/$(basename "$db")"
+  done
+  local skip=()  # while the study runs, its predictions are being written: leave them out
+  if [ -f "$S/study.pid" ] && kill -0 "$(cat "$S/study.pid")" 2>/dev/null; then
+    skip=(--exclude='predictions*'); echo "study still running: snapshot without predictions"
+  else
+    for d in "$R"/sweeps/*/; do python3 tools/compact_predictions.py "$d" | tail -1; done
+  fi
+  tar --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.pt' --exclude='sweeps/*.db' "${skip[@]}" \
+    -cf - -C "$R" . -C "$S/snap" db-snapshot | xz -T8 -1 | split -b 15M - "$OUT/study.txz."
+  cp "$S/study.log" "$OUT/" 2>/dev/null
+  ls -la "$OUT"
+}
+
+for step in "$@"; do
+  case "$step" in
+    gguf)
+      mkdir -p "$S/cache/assets"
+      cat "$S"/gguf.a? > "$S/cache/assets/SmolLM2-135M-Instruct.Q4_1.gguf"
+      sha256sum "$S/cache/assets/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+    bench:*)
+      m=${step#bench:}
+      mkdir -p "$S/res"
+      # shellcheck disable=SC2086
+      timeout -s INT -k 30 "${BENCH_S:-500}" python3 -m spellxfer bench sweep --model "$m" \
+        --trials "${TRIALS:-16}" --max_steps "${STEPS:-25}" --validate_every_steps "${VAL_EVERY:-25}" \
+        --val_limit "${VAL_LIMIT:-100}" --eval_limit "${EVAL_LIMIT:-100}" --kernel_steps 0 \
+        --modes ${MODES:-pack:16} --pack_scorers "${SCORERS:-0}" --append true \
+        --out "$S/res/sweep-$m.json" --work_dir "$S/bw-$m" 2>&1 | tail -c 20000
+      cp "$S/res/sweep-$m.json" "$OUT/" ;;
+    studystart)  # the phases in their own process session: they run on between calls while the machine is held
+      if [ -f "$S/study.pid" ] && kill -0 "$(cat "$S/study.pid")" 2>/dev/null; then echo "already running"; continue; fi
+      STUDY_END=$STUDY_END setsid nohup bash .gpx/run.sh phases > "$S/study.log" 2>&1 < /dev/null &
+      echo $! > "$S/study.pid"; echo "started $(cat "$S/study.pid") until $(date -d @"$STUDY_END" +%T)" ;;
+    phases) pack_study ;;
+    snap) snapshot ;;
+    wait:*)  # follow the detached study for up to N s (or until it ends), then snapshot
+      n=${step#wait:}; t0=$(date +%s)
+      while kill -0 "$(cat "$S/study.pid")" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$n" ]; do sleep 10; done
+      grep -E "^==|complete|control ids|Traceback|Error|error" "$S/study.log" | tail -40
+      tail -c 5000 "$S/study.log"
+      nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+      snapshot ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
