@@ -91,3 +91,16 @@ def test_the_rich_bar_shows_the_epoch_when_epochs_bound_the_fit():
     frames = _rich_bar_frames(max_epochs=2)  # 16 batches an epoch, no step limit
     assert frames[0].startswith("epoch 1/2 · step 0/32 0/32 ")
     assert frames[-1].startswith("epoch 2/2 · step 32/32 ━") and " 32/32 " in frames[-1]
+
+
+def test_a_loop_writing_to_a_file_prints_plain_progress_lines_and_yields_every_item(monkeypatch):
+    from spellxfer.core.progress import tracked
+
+    monkeypatch.setenv("SPELLXFER_PROGRESS_EVERY", "0")  # a line per item
+    log = io.StringIO()  # not a terminal, as a job's log file
+    items = tracked(iter("abc"), "comparing runs with the base model", "runs", stream=log)
+    assert list(items) == ["a", "b", "c"]
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("comparing runs with the base model: 0/3 runs (0%)")
+    assert lines[-1].startswith("comparing runs with the base model: 3/3 runs (100%)")
+    assert len(lines) == 4 and "\x1b[" not in log.getvalue()  # no ANSI codes in a file

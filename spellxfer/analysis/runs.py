@@ -25,10 +25,10 @@ from pathlib import Path
 
 import optuna
 import yaml
-from rich.progress import track
 
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import iter_jsonl, read_json, snippet
+from spellxfer.core.progress import tracked
 from spellxfer.evaluation.compare import predictions_file, read_predictions
 from spellxfer.tasks.metric_names import check_metric_name
 
@@ -237,7 +237,7 @@ def _load(entries: list[tuple[Path, str | None]], decoding: str) -> Discovery:
     several_studies = len({t.get("study") for _, s, t in trials if s == "complete"}) > 1
     counts: Counter = Counter()
     skipped, runs, omitted, bases = [], [], 0, {}
-    for d, status, trial in track(trials, description="reading trials", transient=True):
+    for d, status, trial in tracked(trials, "reading trials", "trials"):
         label = f"{trial.get('study')}/{d.name}" if several_studies else d.name
         eval_dir = d / "eval" / decoding
         if status == "complete" and not predictions_file(eval_dir).is_file():

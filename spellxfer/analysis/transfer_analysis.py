@@ -33,7 +33,6 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 from scipy import stats
 
@@ -48,6 +47,7 @@ from spellxfer.core.outputs import (
     package_versions,
     write_json,
 )
+from spellxfer.core.progress import tracked
 from spellxfer.core.tables import print_table
 from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
 from spellxfer.tasks.names import TASKS
@@ -168,14 +168,14 @@ def analyse(
         model, [row for r in found.runs[:1] for row in r.base_predictions]
     )
     run_rows, delta_rows, breakdown_rows = [], [], []
-    for run in track(found.runs, description="comparing runs with the base model", transient=True):
+    for run in tracked(found.runs, "comparing runs with the base model", "runs"):
         for scoring in scorings:
             row, deltas = _compare_run(run, scoring, n_boot, seed)
             run_rows.append(row)
             delta_rows += deltas
         breakdown_rows += _breakdowns(run, n_boot, seed, token_counts)
     control_scorings = [s for s in scorings_of(found.control) if s in scorings] if found.control else []
-    for run in track(found.control, description="comparing control runs with the base model", transient=True):
+    for run in tracked(found.control, "comparing control runs with the base model", "runs"):
         for scoring in control_scorings:
             row, deltas = _compare_run(run, scoring, n_boot, seed)
             run_rows.append(row)

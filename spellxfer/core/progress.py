@@ -86,3 +86,21 @@ class PlainProgress:
         if extra:
             parts.append(extra)
         return " · ".join(parts)
+
+
+def tracked(items, description: str, unit: str = "items", stream=None):
+    """Yield ``items`` with a live Rich bar on a terminal, else :class:`PlainProgress` lines (at
+    the start, every :func:`every_s` seconds and at the end) on ``stream`` (default stdout), so a
+    long loop also shows progress when its output goes to a file."""
+    items = list(items)
+    stream = stream or sys.stdout
+    if is_terminal(stream):
+        from rich.progress import track
+
+        yield from track(items, description=description, transient=True)
+        return
+    progress = PlainProgress(description, len(items), unit, stream=stream)
+    progress.update(0)
+    for done, item in enumerate(items, 1):
+        yield item
+        progress.update(done)
