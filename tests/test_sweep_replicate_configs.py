@@ -288,6 +288,7 @@ def test_a_lost_study_database_is_rebuilt_from_the_trial_directories_and_plans_t
         }
         for i, v in enumerate(values)
     ]
+    records[3] |= {"duration_s": 12.5, "checkpoint": "/box/sweeps/lost/trial-0003/checkpoints/best.ckpt"}
     records.append({**records[3], "number": 8, "status": "running", "objective": None, "replicate": 1})
     study_dir = trial_dirs(tmp_path, records)
     space = str(REPO / "configs/sweeps/tiny.yaml")
@@ -303,6 +304,8 @@ def test_a_lost_study_database_is_rebuilt_from_the_trial_directories_and_plans_t
     assert "status running" in trials[8].user_attrs["error"]  # was running when the database was lost
     assert (trials[8].user_attrs["config_id"], trials[8].user_attrs["replicate"]) == (3, 1)
     assert trials[3].user_attrs["run_dir"] == "trial-0003"
+    assert trials[3].user_attrs["checkpoint"] == "trial-0003/checkpoints/best.ckpt"  # study-relative
+    assert trials[3].duration.total_seconds() == 12.5  # the CSV's duration_s
     assert trials[3].user_attrs["test_sampled"]["position_accuracy"] == 0.55
     assert restored.user_attrs["objective"] == "val/transfer_score"
 

@@ -9,16 +9,18 @@ plans phase 2 from the restored objectives; ``--from_study`` reads it for a cont
 ``analyze --study`` reads it.
 
 What comes back: every trial's number, state, parameters (with the space file's distributions),
-objective, ``config_id``, ``replicate``, ``run_dir`` and test scores. What does not: timings,
-heartbeats and the sampler's state (a random or grid sampler needs none; TPE relearns from the
-restored trials). A trial that was still running when the database was lost is restored as
-failed with the reason, so its number is kept and a later trial never reuses its directory.
+objective, ``config_id``, ``replicate``, ``run_dir``, checkpoint, duration (ending at its
+``trial.json``'s time) and test scores. What does not: heartbeats and the sampler's state (a random
+or grid sampler needs none; TPE relearns from the restored trials). A trial that was still running
+when the database was lost is restored as failed with the reason, so its number is kept and a later
+trial never reuses its directory.
 Trained on spelling, evaluated on position and count only.
 """
 
 from __future__ import annotations
 
 import warnings
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from rich.console import Console
@@ -151,10 +153,18 @@ def _trial(path: Path, rec: dict, distributions: dict, spec, root: Path):
             m = read_json(metrics)
             scores = {k: m.get(k) for k in ("position_accuracy", "count_accuracy", "transfer_score")}
             attrs[f"test_{decoding}"] = {k: v for k, v in scores.items() if isinstance(v, int | float)}
-    return create_trial(
+    checkpoint = rec.get("checkpoint")
+    if isinstance(checkpoint, str) and f"/{path.parent.name}/" in checkpoint:  # as the sweep stores it
+        attrs["checkpoint"] = path.parent.name + "/" + checkpoint.split(f"/{path.parent.name}/", 1)[1]
+    trial = create_trial(
         params=params,
         distributions=distributions,
         value=float(value) if state == TrialState.COMPLETE else None,
         state=state,
         user_attrs=attrs,
     )
+    duration = rec.get("duration_s")
+    if isinstance(duration, int | float) and duration >= 0:  # the CSV's duration_s: the end less its length
+        end = datetime.fromtimestamp(path.stat().st_mtime)
+        trial.datetime_complete, trial.datetime_start = end, end - timedelta(seconds=duration)
+    return trial
