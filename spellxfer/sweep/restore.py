@@ -28,9 +28,11 @@ from rich.console import Console
 from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import read_json
 from spellxfer.sweep.space import Parameter, load_space
-from spellxfer.training.loggers import steps_trained
+from spellxfer.sweep.trial import outcome_attrs
 
 console = Console(stderr=True, highlight=False)
+
+HEARTBEAT_S = 30  # sweep's default --heartbeat_s: the study's storage is opened as the sweep opens it
 
 STATES = {"complete": "COMPLETE", "pruned": "PRUNED", "failed": "FAIL"}
 """trial.json status → Optuna state; any other status (running, interrupted) is restored as FAIL."""
@@ -57,11 +59,12 @@ def restore(study_dir: str, space: str, study: str | None = None, storage: str |
     spec = load_space(space)
     distributions = {p.name: _distribution(p) for p in spec.parameters}
     url = storage_url(storage) if storage else f"sqlite:///{(root.parent / f'{name}.db').resolve()}"
-    trials = [_trial(path, rec, distributions, spec, root) for path, rec in records]  # every check first
+    trials = [_trial(path, rec, distributions, spec) for path, rec in records]  # every check first
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # the sweep's storage settings use Optuna's experimental heartbeats
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        st = open_study(url, name, spec.objective, 30, optuna.samplers.RandomSampler(seed=spec.seed), None)
+        sampler = optuna.samplers.RandomSampler(seed=spec.seed)
+        st = open_study(url, name, spec.objective, HEARTBEAT_S, sampler, None)
     if st.get_trials(deepcopy=False):
         raise SpellxferError(f"study {name} in {url} already has trials; restore into a new database")
     for t in trials:
@@ -120,7 +123,7 @@ def _allowed(dist, value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and dist.low <= value <= dist.high
 
 
-def _trial(path: Path, rec: dict, distributions: dict, spec, root: Path):
+def _trial(path: Path, rec: dict, distributions: dict, spec):
     """One trial.json as an Optuna FrozenTrial to add; a value outside the space is an error."""
     from optuna.trial import TrialState, create_trial
 
@@ -143,16 +146,9 @@ def _trial(path: Path, rec: dict, distributions: dict, spec, root: Path):
         "run_dir": path.parent.name,
         "restored": True,
     }
-    if (path.parent / "metrics.jsonl").is_file():
-        attrs["steps_trained"] = steps_trained(path.parent / "metrics.jsonl")
+    attrs |= outcome_attrs(path.parent, spec.decodings)  # as the sweep records a finished trial
     if state == TrialState.FAIL:
         attrs["error"] = rec.get("error") or f"status {status} when the study database was lost"
-    for decoding in spec.decodings:
-        metrics = path.parent / "eval" / decoding / "metrics.json"
-        if metrics.is_file():
-            m = read_json(metrics)
-            scores = {k: m.get(k) for k in ("position_accuracy", "count_accuracy", "transfer_score")}
-            attrs[f"test_{decoding}"] = {k: v for k, v in scores.items() if isinstance(v, int | float)}
     checkpoint = rec.get("checkpoint")
     if isinstance(checkpoint, str) and f"/{path.parent.name}/" in checkpoint:  # as the sweep stores it
         attrs["checkpoint"] = path.parent.name + "/" + checkpoint.split(f"/{path.parent.name}/", 1)[1]

@@ -195,19 +195,25 @@ def study_relative(ctx: SweepContext, path: Path) -> str:
 
 
 def record_outcome(trial: optuna.Trial, ctx: SweepContext, run: Path) -> None:
-    """What a finished trial did, in the study itself (beside trial.json and the CSV): the
-    optimizer steps it trained (early stopping ends some before max_steps) and its test scores per
-    decoding — position and count accuracies and the transfer score — from ``eval/<decoding>/``."""
-    trial.set_user_attr("steps_trained", steps_trained(run / "metrics.jsonl"))
-    for decoding in ctx.space.decodings:
+    """What a finished trial did, in the study itself (beside trial.json and the CSV):
+    :func:`outcome_attrs` of its directory."""
+    for key, value in outcome_attrs(run, ctx.space.decodings).items():
+        trial.set_user_attr(key, value)
+
+
+def outcome_attrs(run: Path, decodings) -> dict:
+    """A finished trial's outcome as the study records it, read from its directory: the optimizer
+    steps it trained (early stopping ends some before max_steps) and its test scores per decoding
+    — position and count accuracies and the transfer score — from ``eval/<decoding>/``."""
+    attrs = {"steps_trained": steps_trained(run / "metrics.jsonl")}
+    for decoding in decodings:
         try:
             metrics = json.loads((run / "eval" / decoding / "metrics.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         scores = {k: metrics.get(k) for k in ("position_accuracy", "count_accuracy", "transfer_score")}
-        trial.set_user_attr(
-            f"test_{decoding}", {k: v for k, v in scores.items() if isinstance(v, int | float)}
-        )
+        attrs[f"test_{decoding}"] = {k: v for k, v in scores.items() if isinstance(v, int | float)}
+    return attrs
 
 
 def prepare_run_dir(run: Path, previous: Path | None) -> Path | None:

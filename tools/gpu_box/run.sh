@@ -42,11 +42,11 @@ run_until_end() {  # run "$@" until it ends, or SIGINT at STUDY_END - 75 s and S
 }
 
 complete_count() {  # complete trials of study $1 in the study's own database
-  python3 - "$1" <<'EOF'
+  python3 - "$1" "$R" <<'EOF'
 import sys, pathlib, optuna
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 name = sys.argv[1]
-db = pathlib.Path("/tmp/sx/study/sweeps") / f"{name}.db"
+db = pathlib.Path(sys.argv[2]) / "sweeps" / f"{name}.db"
 if not db.is_file():
     print(0); raise SystemExit
 s = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
