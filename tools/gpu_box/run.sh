@@ -6,10 +6,12 @@
 #   gguf          join the GGUF parts .gpx/gguf.a? carried by earlier calls (kept in $S)
 #   bench:MODEL   bench sweep (env MODES, SCORERS, TRIALS, STEPS, VAL_EVERY, VAL_LIMIT, EVAL_LIMIT, BENCH_S)
 #   studystart    the study's three phases (phase 1, phase 2 replicates, the control arm) in a
-#                 detached process, each until done or STUDY_END (epoch seconds) - 75 s
+#                 detached process, each until done or STUDY_END (epoch seconds) - 75 s; once
+#                 phase 1 is done and phase 2 planned, phase 2 and the control arm run side by side
 #   wait:N        follow it for up to N s (or until it ends), then snap
 #   snap          the study without weights ($OUT/study.txz.a?, 15 MiB parts; databases copied
-#                 consistently into db-snapshot/; new predictions compacted first)
+#                 consistently into db-snapshot/; new predictions compacted first): only files
+#                 newer than the tree's copy, so unpack it over the tree's results/smollm2-study
 # The study starts from the tree's results/smollm2-study (phase 1 and its restored .db), copied
 # to $S/study: each call may copy the tree again, which must not overwrite a running study's files.
 # Trained on spelling, evaluated on position and count only.
@@ -29,7 +31,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 cat "$OUT/gpu.txt"
 mkdir -p results/data && ln -sfn "$S/data/full" results/data/full
 R=$S/study  # a copy: each call re-copies the tree, which must not overwrite a running study's files
-[ -d "$R" ] || cp -r results/smollm2-study "$R"
+# the tree's copy: a snapshot returns only what is newer than it (the tree has the rest)
+[ -d "$R" ] || { cp -r results/smollm2-study "$R" && sleep 1 && touch "$S/.copied"; }
 
 left() { echo $(( ${STUDY_END:-0} - $(date +%s) )); }
 
@@ -54,16 +57,35 @@ print(sum(t.state == optuna.trial.TrialState.COMPLETE for t in s.trials))
 EOF
 }
 
+plan_ids() {  # the configuration ids of phase 2's replicate plan ($1), comma-separated
+  python3 -c "import json,sys; print(','.join(str(c['config_id']) for c in json.load(open(sys.argv[1]))['configurations']))" "$1"
+}
+
 pack_study() {
   local common=(--results_dir "$R" --pack 16 --pack_window true --pack_scorers "${SCORERS:-4}")
+  local plan=$R/sweeps/smollm2-study/replicate-plan.json
+  if [ -f "$plan" ]; then  # phase 1 done and phase 2 planned: phase 2 and the control arm at once
+    local ids; ids=$(plan_ids "$plan")
+    echo "control ids: $ids (phase 2 and the control arm run side by side; control log: control.log)"
+    run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study_control.yaml \
+      --study smollm2-study-control "${common[@]}" --from_study smollm2-study --replicate_configs "$ids" \
+      --replicates 3 > "$S/control.log" 2>&1 &
+    sleep 30  # the control reads phase 1's database once, before phase 2 writes to it
+    run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study.yaml --study smollm2-study \
+      "${common[@]}" --replicate_configs auto:5 --replicates 3
+    wait
+    echo "phase 1+2 complete: $(complete_count smollm2-study)"
+    echo "control complete: $(complete_count smollm2-study-control)"
+    echo "== $(date +%T) phases done"
+    return
+  fi
   run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study.yaml --study smollm2-study "${common[@]}"
   echo "phase 1 complete: $(complete_count smollm2-study)"
   run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study.yaml --study smollm2-study \
     "${common[@]}" --replicate_configs auto:5 --replicates 3
   echo "phase 1+2 complete: $(complete_count smollm2-study)"
-  local plan=$R/sweeps/smollm2-study/replicate-plan.json
   if [ -f "$plan" ]; then
-    local ids; ids=$(python3 -c "import json,sys; print(','.join(str(c['config_id']) for c in json.load(open(sys.argv[1]))['configurations']))" "$plan")
+    local ids; ids=$(plan_ids "$plan")
     echo "control ids: $ids"
     run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study_control.yaml \
       --study smollm2-study-control "${common[@]}" --from_study smollm2-study --replicate_configs "$ids" --replicates 3
@@ -79,13 +101,18 @@ snapshot() {  # the study without weights (consistent copies of its databases), 
   done
   local skip=()  # while the study runs, its predictions are being written: leave them out
   if [ -f "$S/study.pid" ] && kill -0 "$(cat "$S/study.pid")" 2>/dev/null; then
-    skip=(--exclude='predictions*'); echo "study still running: snapshot without predictions"
-  else
-    for d in "$R"/sweeps/*/; do python3 tools/compact_predictions.py "$d" | tail -1; done
+    skip=(! -name 'predictions*'); echo "study still running: snapshot without predictions"
+  else  # one process per run directory: xz -9 of ~50 runs one after another takes minutes
+    find "$R"/sweeps -name 'predictions.jsonl' -o -name 'predictions.jsonl.gz' | xargs -r -n 1 dirname \
+      | xargs -r -P 16 -n 1 python3 tools/compact_predictions.py | tail -3
   fi
-  tar --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.pt' --exclude='sweeps/*.db' "${skip[@]}" \
-    -cf - -C "$R" . -C "$S/snap" db-snapshot | xz -T8 -1 | split -b 15M - "$OUT/study.txz."
-  cp "$S/study.log" "$OUT/" 2>/dev/null
+  local newer=()  # only what changed since the tree's copy (when known)
+  [ -f "$S/.copied" ] && newer=(-newer "$S/.copied")
+  (cd "$R" && find . -type f "${newer[@]}" ! -name '*.safetensors' ! -name '*.ckpt' ! -name '*.pt' \
+    ! -path './sweeps/*.db' ! -name '*.db-journal' "${skip[@]}") > "$S/snap.files"
+  echo "snapshot: $(wc -l < "$S/snap.files") files"
+  tar -cf - -C "$R" -T "$S/snap.files" -C "$S/snap" db-snapshot | xz -T8 -1 | split -b 15M - "$OUT/study.txz."
+  cp "$S/study.log" "$S/control.log" "$OUT/" 2>/dev/null
   ls -la "$OUT"
 }
 
@@ -115,7 +142,8 @@ for step in "$@"; do
       n=${step#wait:}; t0=$(date +%s)
       while kill -0 "$(cat "$S/study.pid")" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$n" ]; do sleep 10; done
       grep -E "^==|complete|control ids|Traceback|Error|error" "$S/study.log" | tail -40
-      tail -c 5000 "$S/study.log"
+      tail -c 4000 "$S/study.log"
+      [ -f "$S/control.log" ] && grep -E "^==|Traceback|Error|error" "$S/control.log" | tail -10 && tail -c 2500 "$S/control.log"
       nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
       snapshot ;;
     *) echo "unknown step $step"; exit 2 ;;
