@@ -8,6 +8,7 @@
 #   studystart    the study's three phases (phase 1, phase 2 replicates, the control arm) in a
 #                 detached process, each until done or STUDY_END (epoch seconds) - 75 s; once
 #                 phase 1 is done and phase 2 planned, phase 2 and the control arm run side by side
+#                 (PARALLEL=0: one after the other, so that the first finishes sooner)
 #   wait:N        follow it for up to N s (or until it ends), then snap
 #   snap          the study without weights ($OUT/study.txz.a?, 15 MiB parts; databases copied
 #                 consistently into db-snapshot/; new predictions compacted first): only files
@@ -64,7 +65,7 @@ plan_ids() {  # the configuration ids of phase 2's replicate plan ($1), comma-se
 pack_study() {
   local common=(--results_dir "$R" --pack 16 --pack_window true --pack_scorers "${SCORERS:-4}")
   local plan=$R/sweeps/smollm2-study/replicate-plan.json
-  if [ -f "$plan" ]; then  # phase 1 done and phase 2 planned: phase 2 and the control arm at once
+  if [ -f "$plan" ] && [ "${PARALLEL:-1}" = 1 ]; then  # phase 2 planned: it and the control arm at once
     local ids; ids=$(plan_ids "$plan")
     echo "control ids: $ids (phase 2 and the control arm run side by side; control log: control.log)"
     run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study_control.yaml \
