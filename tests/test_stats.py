@@ -272,3 +272,45 @@ def test_clusters_of_identical_items_widen_the_interval_by_about_the_square_root
 def test_clusters_must_label_every_item():
     with pytest.raises(ValueError, match="one label per item"):
         paired_comparison([0, 1, 1], [1, 1, 0], clusters=["a", "b"])
+
+
+def test_the_cluster_bootstrap_interval_is_scipys_percentile_bootstrap_of_the_same_ratio():
+    # bootstrap_sums draws resample counts itself (once per units × n_boot × seed, then reused);
+    # with many resamples its interval must agree with scipy.stats.bootstrap's on the same statistic
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(3)
+    words = rng.integers(0, 150, size=600)
+    correct = (rng.random(600) < 0.3 + 0.4 * (words % 2)).astype(float)
+    ours = accuracy_summary(correct[:, None], n_boot=20_000, seed=1, clusters=words)
+    _, index = np.unique(words, return_inverse=True)
+    sums, counts = np.bincount(index, weights=correct), np.bincount(index).astype(float)
+    ref = sps.bootstrap(
+        (sums, counts), lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), paired=True, vectorized=True,
+        n_resamples=20_000, method="percentile", rng=np.random.default_rng(2),
+    ).confidence_interval
+    assert ours["ci_low"] == pytest.approx(ref.low, abs=0.006)
+    assert ours["ci_high"] == pytest.approx(ref.high, abs=0.006)
+    assert ours["ci_low"] < correct.mean() < ours["ci_high"]
+
+
+def test_reused_resample_counts_give_the_interval_drawn_afresh_bit_for_bit(monkeypatch):
+    from spellxfer.evaluation import stats as st
+
+    rng = np.random.default_rng(4)
+    a, b = rng.integers(0, 2, 500).astype(float), rng.integers(0, 2, 500).astype(float)
+    words = rng.integers(0, 200, 500)
+    st._resample_cache.clear()
+    first = paired_comparison(a, b, n_boot=3000, seed=7, clusters=words)
+    assert st._resample_cache  # kept for the next bootstrap of as many words
+    again = paired_comparison(a, b, n_boot=3000, seed=7, clusters=words)
+    monkeypatch.setattr(st, "_RESAMPLE_CACHE_ELEMENTS", 0)  # too large to keep: drawn block by block
+    monkeypatch.setattr(st, "_BOOTSTRAP_BLOCK_ELEMENTS", 1_000)
+    st._resample_cache.clear()
+    fresh = paired_comparison(a, b, n_boot=3000, seed=7, clusters=words)
+    assert not st._resample_cache
+    for key in ("ci_low", "ci_high"):
+        assert first[key] == again[key]
+        assert fresh[key] == first[key]  # smaller blocks draw the same stream, row after row
+    counts = np.vstack(list(st._resample_counts(200, 50, 0)))
+    assert counts.shape == (50, 200) and (counts.sum(axis=1) == 200).all()  # each resample draws 200

@@ -34,7 +34,6 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
-from scipy import stats
 
 from spellxfer.analysis import arms, configs, effects, figures, tokens
 from spellxfer.analysis.columns import check_columns
@@ -49,7 +48,13 @@ from spellxfer.core.outputs import (
 )
 from spellxfer.core.progress import tracked
 from spellxfer.core.tables import print_table
-from spellxfer.evaluation.stats import accuracy_summary, holm, paired_comparison
+from spellxfer.evaluation.stats import (
+    accuracy_summary,
+    bootstrap_sums,
+    holm,
+    paired_comparison,
+    percentile_interval,
+)
 from spellxfer.tasks.names import TASKS
 
 console = Console()
@@ -273,7 +278,7 @@ def analyse(
             ),
             "delta": (
                 "fine-tuned − base on the same items; paired percentile bootstrap 95% interval resampling "
-                f"words (scipy.stats.bootstrap, {n_boot} resamples); exact McNemar test"
+                f"words ({n_boot} resamples, spellxfer.evaluation.stats.bootstrap_sums); exact McNemar test"
             ),
             "configurations": (
                 "runs sharing a config_id are the seeds of one configuration: means over seeds, "
@@ -454,16 +459,8 @@ def _transfer_ci(
             arrays[row + 1, index[word_of(items[k], k)]] += 1
     if len(words) < 2:
         return (math.nan, math.nan)
-    res = stats.bootstrap(
-        tuple(arrays),
-        lambda ps, pn, cs, cn, axis=-1: (ps.sum(axis) / pn.sum(axis) + cs.sum(axis) / cn.sum(axis)) / 2,
-        paired=True,
-        vectorized=True,
-        n_resamples=n_boot,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
+    ps, pn, cs, cn = bootstrap_sums(arrays.T, n_boot, seed).T
+    return percentile_interval((ps / pn + cs / cn) / 2, 0.95)
 
 
 # Per subtask, what evaluate wrote into metrics.json beside the accuracy (the best trivial baseline,

@@ -15,11 +15,16 @@ Every accuracy spellxfer reports is a mean of correct/incorrect verdicts, one or
   bootstraps resample whole words instead of items (``analyze`` does; ``evaluate`` keeps the
   item-level intervals of its own files).
 
-Resampling is ``scipy.stats.bootstrap`` (percentile method), adjustment is statsmodels'
-``multipletests`` (``holm``) and scipy's ``false_discovery_control`` (``benjamini_hochberg``),
-for several such comparisons (one per task or per model) so that the family as a whole keeps its
-error rate. All resampling draws from ``np.random.default_rng(seed)``: the same inputs and seed
-give the same interval, bit for bit.
+Resampling is a percentile bootstrap (``bootstrap_sums`` and ``percentile_interval``, what
+``scipy.stats.bootstrap(method="percentile")`` computes): a resample is a vector of draw counts,
+one per unit, so every statistic here is a ratio of sums, one matrix product per bootstrap. The
+counts depend only on the number of units, ``n_boot`` and the seed, and ``analyze`` bootstraps
+the same words thousands of times, so they are drawn once and reused (scipy drew them again for
+each of those calls, ~70% of an analysis's time). Adjustment is statsmodels' ``multipletests``
+(``holm``) and scipy's ``false_discovery_control`` (``benjamini_hochberg``), for several such
+comparisons (one per task or per model) so that the family as a whole keeps its error rate. All
+resampling draws from ``np.random.default_rng(seed)``: the same inputs and seed give the same
+interval, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ import numpy as np
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-# scipy.stats.bootstrap draws its resamples in batches of at most this many item indices (8 bytes
-# each, so ~80 MB per batch): 5000 resamples of a 50 000-item evaluation would otherwise need 2 GB at once.
+# Resamples are drawn in blocks of at most this many draws (8-byte indices while drawn, ~80 MB):
+# 5000 resamples of a 50 000-item evaluation would otherwise need 2 GB at once.
 _BOOTSTRAP_BLOCK_ELEMENTS = 10_000_000
+# Draw-count matrices kept for reuse (float32, 4 bytes an element: ~480 MB in all at most); a
+# larger one is drawn again block by block on each use.
+_RESAMPLE_CACHE_ELEMENTS = 120_000_000
+_resample_cache: dict[tuple[int, int, int], list[np.ndarray]] = {}
 
 
 def wilson_interval(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -239,14 +248,56 @@ def _percentile_bootstrap_mean(
         labels, index = np.unique(np.asarray(clusters), return_inverse=True)
         sums = np.bincount(index, weights=values, minlength=len(labels))
         counts = np.bincount(index, minlength=len(labels)).astype(float)
-    if len(sums) == 1:  # scipy needs two units to resample; one unit's mean is all there is
+    if len(sums) == 1:  # one unit: its mean is all there is to resample
         return (float(values.mean()), float(values.mean()))
-    result = stats.bootstrap(
-        (sums, counts), lambda s, c, axis=-1: s.sum(axis=axis) / c.sum(axis=axis), paired=True,
-        vectorized=True, n_resamples=n_boot, batch=max(1, _BOOTSTRAP_BLOCK_ELEMENTS // len(sums)),
-        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
-    )
-    return (float(result.confidence_interval.low), float(result.confidence_interval.high))
+    resampled = bootstrap_sums(np.column_stack([sums, counts]), n_boot, seed)
+    return percentile_interval(resampled[:, 0] / resampled[:, 1], confidence)
+
+
+def bootstrap_sums(columns: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """Each column's sum over resampled units: ``n_boot × k`` for ``columns`` of ``units × k``.
+
+    A resample draws ``units`` units with replacement (``np.random.default_rng(seed)``, in blocks
+    of :data:`_BOOTSTRAP_BLOCK_ELEMENTS` draws) and weighs each by how often it was drawn; a unit's
+    columns stay together, so several columns give a paired (or clustered) bootstrap.
+    """
+    columns = np.asarray(columns, dtype=np.float32)
+    out = np.empty((n_boot, columns.shape[1]))
+    start = 0
+    for weights in _resample_counts(columns.shape[0], n_boot, seed):
+        out[start : start + len(weights)] = weights @ columns
+        start += len(weights)
+    return out
+
+
+def percentile_interval(statistics: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile bootstrap interval of ``statistics`` (one value per resample)."""
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(statistics, [tail, 100 - tail])
+    return (float(low), float(high))
+
+
+def _resample_counts(n: int, n_boot: int, seed: int):
+    """Blocks of the ``n_boot × n`` draw counts (float32): row b, column j is how often resample b
+    drew unit j. Kept for the next call with the same ``(n, n_boot, seed)`` when small enough."""
+    key = (n, n_boot, seed)
+    if key in _resample_cache:
+        yield from _resample_cache[key]
+        return
+    keep = n * n_boot <= _RESAMPLE_CACHE_ELEMENTS
+    blocks, rng, rows = [], np.random.default_rng(seed), max(1, _BOOTSTRAP_BLOCK_ELEMENTS // n)
+    for start in range(0, n_boot, rows):
+        r = min(rows, n_boot - start)
+        drawn = rng.integers(0, n, size=(r, n)) + np.arange(r)[:, None] * n
+        block = np.bincount(drawn.ravel(), minlength=r * n).reshape(r, n).astype(np.float32)
+        if keep:
+            blocks.append(block)
+        yield block
+    if keep:
+        while _resample_cache and sum(b.size for v in _resample_cache.values() for b in v) + n * n_boot \
+                > _RESAMPLE_CACHE_ELEMENTS:
+            _resample_cache.pop(next(iter(_resample_cache)))  # the oldest first
+        _resample_cache[key] = blocks
 
 
 def _as_items(correct_by_item: Sequence[Sequence[bool]] | np.ndarray) -> list[np.ndarray]:
