@@ -223,3 +223,20 @@ def test_a_saved_directory_loads_back_to_the_same_logits(tmp_path):
     )
     with torch.no_grad():
         assert torch.equal(loaded(**enc).logits, model(**enc).logits)
+
+
+def test_random_weight_models_are_built_in_the_asked_dtype_not_cast_from_float32(monkeypatch):
+    # qwen3-4b-shape built in float32 and then cast needed 16 GB on the card at once, and a pack's
+    # scoring process (13 GiB share on an H100) failed every trial on it; each layer's weights must
+    # come into being in bf16, and the default dtype must be float32 again afterwards
+    created = []
+    init = torch.nn.Linear.reset_parameters
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: (created.append(self.weight.dtype),
+                                                                           init(self))[1])
+    model = load_model("tiny-qwen3", dtype=torch.bfloat16)
+    assert created and set(created) == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
+    created.clear()
+    assert {p.dtype for p in load_model("tiny-qwen3").parameters()} == {torch.float32}
+    assert set(created) == {torch.float32}
