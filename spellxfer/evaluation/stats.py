@@ -20,7 +20,7 @@ Resampling is a percentile bootstrap (``bootstrap_sums`` and ``percentile_interv
 one per unit, so every statistic here is a ratio of sums, one matrix product per bootstrap. The
 counts depend only on the number of units, ``n_boot`` and the seed, and ``analyze`` bootstraps
 the same words thousands of times, so they are drawn once and reused (scipy drew them again for
-each of those calls, ~70% of an analysis's time). Adjustment is statsmodels' ``multipletests``
+each of those calls: about two thirds of an analysis's time). Adjustment is statsmodels' ``multipletests``
 (``holm``) and scipy's ``false_discovery_control`` (``benjamini_hochberg``), for several such
 comparisons (one per task or per model) so that the family as a whole keeps its error rate. All
 resampling draws from ``np.random.default_rng(seed)``: the same inputs and seed give the same
