@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
 from spellxfer.core.assets import cache_dir, ensure_asset
 from spellxfer.core.errors import SpellxferError
@@ -99,17 +99,13 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     if name in ("tiny-qwen3", "qwen3-4b-shape"):
         cfg = Qwen3Config(**(TINY_QWEN3 if name == "tiny-qwen3" else QWEN3_4B_SHAPE))
         devices = [device] if torch.device(device).type == "cuda" else []
-        previous = torch.get_default_dtype()
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            # built in its own dtype: built in float32 and cast, qwen3-4b-shape needed 16 GB on the
-            # card at once, more than a pack's scoring process is given (H100, 2026-12-06)
-            torch.set_default_dtype(dtype)
-            try:
-                with torch.device(device):
-                    model = Qwen3ForCausalLM(cfg)
-            finally:
-                torch.set_default_dtype(previous)
+            # built in its own dtype (from_config sets it while building): built in float32 and
+            # cast, qwen3-4b-shape needed 16 GB on the card at once, more than a pack's scoring
+            # process is given (H100, 2026-12-06)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         model.generation_config.pad_token_id = 151_643
         return model.eval()
     if name == "smollm2-135m":

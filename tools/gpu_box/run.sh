@@ -65,33 +65,30 @@ plan_ids() {  # the configuration ids of phase 2's replicate plan ($1), comma-se
 pack_study() {
   local common=(--results_dir "$R" --pack 16 --pack_window true --pack_scorers "${SCORERS:-4}")
   local plan=$R/sweeps/smollm2-study/replicate-plan.json
-  if [ -f "$plan" ] && [ "${PARALLEL:-1}" = 1 ]; then  # phase 2 planned: it and the control arm at once
-    local ids; ids=$(plan_ids "$plan")
-    echo "control ids: $ids (phase 2 and the control arm run side by side; control log: control.log)"
-    run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study_control.yaml \
-      --study smollm2-study-control "${common[@]}" --from_study smollm2-study --replicate_configs "$ids" \
-      --replicates 3 > "$S/control.log" 2>&1 &
-    sleep 30  # the control reads phase 1's database once, before phase 2 writes to it
+  phase() {  # the spelling study's sweep, with any extra flags (phase 2's)
     run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study.yaml --study smollm2-study \
-      "${common[@]}" --replicate_configs auto:5 --replicates 3
-    wait
-    echo "phase 1+2 complete: $(complete_count smollm2-study)"
-    echo "control complete: $(complete_count smollm2-study-control)"
-    echo "== $(date +%T) phases done"
-    return
-  fi
-  run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study.yaml --study smollm2-study "${common[@]}"
-  echo "phase 1 complete: $(complete_count smollm2-study)"
-  run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study.yaml --study smollm2-study \
-    "${common[@]}" --replicate_configs auto:5 --replicates 3
-  echo "phase 1+2 complete: $(complete_count smollm2-study)"
-  if [ -f "$plan" ]; then
+      "${common[@]}" "$@"
+  }
+  control() {  # the control arm: phase 2's five configurations, seeds 0-2, on the control file
     local ids; ids=$(plan_ids "$plan")
     echo "control ids: $ids"
     run_until_end python3 -m spellxfer sweep --space configs/sweeps/smollm2_study_control.yaml \
       --study smollm2-study-control "${common[@]}" --from_study smollm2-study --replicate_configs "$ids" --replicates 3
-    echo "control complete: $(complete_count smollm2-study-control)"
+  }
+  if [ -f "$plan" ] && [ "${PARALLEL:-1}" = 1 ]; then  # phase 2 planned: it and the control arm at once
+    echo "phase 2 and the control arm side by side (control log: control.log)"
+    control > "$S/control.log" 2>&1 &
+    sleep 30  # the control reads phase 1's database once, before phase 2 writes to it
+    phase --replicate_configs auto:5 --replicates 3
+    wait
+  else
+    phase
+    echo "phase 1 complete: $(complete_count smollm2-study)"
+    phase --replicate_configs auto:5 --replicates 3
+    [ -f "$plan" ] && control
   fi
+  echo "phase 1+2 complete: $(complete_count smollm2-study)"
+  echo "control complete: $(complete_count smollm2-study-control)"
   echo "== $(date +%T) phases done"
 }
 
