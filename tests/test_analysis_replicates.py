@@ -303,3 +303,57 @@ def test_scoring_both_without_probe_verdicts_is_one_error_line(synthetic_sweep, 
         err.startswith("error: --scoring both: some prediction rows have no likelihood_correct")
         and not out.exists()
     )
+
+
+def _two_phase_study(root):
+    """Four configurations (ids 0, 3, 6, 9) of which only 0 and 3 keep their seeds 1 and 2, as a
+    two-phase study leaves them. First seeds: 0 and 3 tie at 0.30 (the lower id wins), 6 at 0.25,
+    9 at 0.20; config 3's later seeds score 0.40, config 0's 0.10, so by the mean over seeds
+    config 3 (0.367) beats config 0 (0.167) and the single-seed ones."""
+    import shutil
+
+    study = root / "sweeps" / "two-phase"
+    make_replicate_sweep(study, n_configs=4, seeds=3, n_words=60)
+    for number in (7, 8, 10, 11):  # replicates 1, 2 of configurations 6 and 9
+        shutil.rmtree(study / f"trial-{number:04d}")
+    objectives = {0: 0.30, 1: 0.10, 2: 0.10, 3: 0.30, 4: 0.40, 5: 0.40, 6: 0.25, 9: 0.20}
+    for number, value in objectives.items():
+        path = study / f"trial-{number:04d}" / "trial.json"
+        trial = json.loads(path.read_text())
+        path.write_text(json.dumps(trial | {"objective": value}))
+    return study
+
+
+@pytest.mark.parametrize(
+    ("flag", "rule", "config_id", "value"),
+    [
+        (None, "first_seed", 0, 0.30),  # auto: unequal seed counts, so the first seed decides
+        ("first_seed", "first_seed", 0, 0.30),
+        ("seed_mean", "seed_mean", 3, 0.40 * 2 / 3 + 0.10),
+    ],
+)
+def test_a_two_phase_study_selects_on_the_first_seed_unless_told_to_average_seeds(
+    tmp_path, flag, rule, config_id, value
+):
+    study = _two_phase_study(tmp_path)
+    out = tmp_path / "analysis"
+    args = ["analyze", "--runs", str(study), "--decoding", "greedy", "--out", str(out), "--n_boot", "200"]
+    assert main(args + (["--selection", flag] if flag else [])) == 0
+    sel = json.loads((out / "analysis.json").read_text())["selected_by_validation"]
+    assert (sel["selection"], sel["config_id"], sel["n_seeds"]) == (rule, config_id, 3)
+    assert sel["objective_value"] == pytest.approx(value)
+    assert sel["tied_runs"] == (2 if rule == "first_seed" else 1)
+    other = {"first_seed": 3, "seed_mean": 0}[rule]  # what the other rule would have chosen
+    assert sel["other_selection"]["config_id"] == other
+    # the selected configuration's contrasts are its own family, over its three seeds
+    tested = [e for e in sel["endpoints"] if e["scoring"] == "generation" and e["endpoint"] == "primary"]
+    assert {e["n_seeds"] for e in tested} == {3}
+
+
+def test_an_unknown_selection_rule_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    study = _two_phase_study(tmp_path)
+    out = tmp_path / "analysis"
+    code = main(["analyze", "--runs", str(study), "--decoding", "greedy", "--out", str(out),
+                 "--selection", "best_test"])
+    assert code == 2 and not out.exists()
+    assert "selection" in capsys.readouterr().err

@@ -485,10 +485,22 @@ def _selected_line(sel: dict) -> str:
         ]
     family = "its own Holm family: " if ends else "test "
     return (
-        f"Selected by validation ({sel['objective']} {sel['objective_value']:.3f}{ties}): "
+        f"Selected by validation ({sel['objective']} {sel['objective_value']:.3f}{ties}{_rule(sel)}): "
         f"{sel['run']}{seeds}, "
         f"rank {sel['test_rank']} on the test set; {family}" + ", ".join(parts) + "."
     )
+
+
+def _rule(sel: dict) -> str:
+    """How the configuration was chosen, and what the other rule would have chosen where they differ."""
+    if "selection" not in sel:
+        return ""
+    rule = {"first_seed": "; on its first seed", "seed_mean": "; mean over seeds"}[sel["selection"]]
+    other = sel.get("other_selection") or {}
+    if other.get("config_id") is not None and other["config_id"] != sel["config_id"]:
+        name = {"first_seed": "first seed", "seed_mean": "mean over seeds"}[other["selection"]]
+        rule += f"; by {name} it would be config-{other['config_id']:04d}"
+    return rule
 
 
 def _correlation_line(corr: pd.DataFrame, unit: str = "runs") -> str:

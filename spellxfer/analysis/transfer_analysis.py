@@ -79,6 +79,7 @@ def analyze(
     overwrite: bool = False,
     control_runs: list[str] | None = None,
     all_words: int = effects.ALL_WORDS,
+    selection: Literal["auto", "first_seed", "seed_mean"] = "auto",
 ) -> int:
     """Analyse a sweep: which training patterns transfer to position and count, with intervals.
 
@@ -111,6 +112,11 @@ def analyze(
             Never candidates for selection; labelled control in every table.
         all_words: Training words that distinct_words null (every word) stands for in the slopes
             (22,873: the full build with seed 0).
+        selection: How the validation-selected configuration is chosen: seed_mean (the best
+            validation objective averaged over its seeds), first_seed (the best of its first seed,
+            replicate 0: how a two-phase study chose the configuration it then replicated), or auto
+            (first_seed when configurations have unequal numbers of seeds, else seed_mean). Ties go
+            to the lower configuration id.
     """
     for flag, value, low in (
         ("top", top, 1),
@@ -123,7 +129,8 @@ def analyze(
     check_output_dir(out, overwrite)
     found = discover(runs, study, storage, results_dir, decoding, control_runs)
     result = analyse(
-        found, n_boot=n_boot, seed=seed, top=top, decoding=decoding, scoring=scoring, all_words=all_words
+        found, n_boot=n_boot, seed=seed, top=top, decoding=decoding, scoring=scoring, all_words=all_words,
+        selection=selection,
     )
     result["info"] |= {
         "source": {"runs": runs, "study": study, "storage": storage, "control_runs": control_runs},
@@ -156,6 +163,7 @@ def analyse(
     decoding: str = "sampled",
     scoring: str = "auto",
     all_words: int = effects.ALL_WORDS,
+    selection: str = "auto",
 ) -> dict:
     """Every table of the analysis (pandas DataFrames) plus ``info``.
 
@@ -238,7 +246,9 @@ def analyse(
     ]
     top_configs = generation.sort_values("transfer_score", ascending=False, kind="stable").head(top)[top_cols]
     top_configs.insert(0, "rank", range(1, len(top_configs) + 1))
-    selected = selected_by_validation(generation, objective_cols, config_rows, effect_rows, decoding)
+    selected = selected_by_validation(
+        generation, objective_cols, config_rows, effect_rows, decoding, selection
+    )
     selected_id = selected["config_id"] if selected else None
     contrasts, control_info = arms.arm_contrasts(
         selected_id,
@@ -379,23 +389,54 @@ def _families(
     return out
 
 
+SELECTIONS = {
+    "seed_mean": "the best validation objective averaged over the configuration's seeds",
+    "first_seed": (
+        "the best validation objective of the configuration's first seed (replicate 0), the seeds "
+        "after it reported as they come out: how a two-phase study chose what it replicated"
+    ),
+}
+
+
 def selected_by_validation(
     table: pd.DataFrame,
     objective_cols: list[str],
     config_rows: pd.DataFrame,
     effect_rows: pd.DataFrame,
     decoding: str = "sampled",
+    selection: str = "auto",
 ) -> dict | None:
-    """The configuration a sweep would ship: the best validation objective (mean over its seeds; ties
-    to the lower configuration id, as Optuna's ``best_trial``), with its test numbers. Its test
-    results are an honest estimate, tested as their own Holm family; the top of
+    """The configuration a sweep would ship: the best validation objective (ties to the lower
+    configuration id, as Optuna's ``best_trial``), with its test numbers (the mean over its seeds).
+    ``selection`` (``SELECTIONS``): ``seed_mean``, ``first_seed``, or ``auto``: ``first_seed`` when
+    configurations have unequal numbers of seeds (a mean of three seeds against single seeds is not
+    like for like; a two-phase study picked on the first seed, then replicated), else ``seed_mean``.
+    Its test results are an honest estimate, tested as their own Holm family; the top of
     ``top_transfer_configs`` is chosen on the test set itself and so is optimistic."""
+    if selection not in ("auto", *SELECTIONS):
+        raise SpellxferError(f"--selection must be auto, first_seed or seed_mean, got {selection!r}")
     col = next((c for c in objective_cols if c.startswith("val/")), None)
     cfg = config_rows[config_rows["scoring"] == "generation"]
     if col is None or col not in cfg or cfg[col].isna().all():
         return None
-    ranked = cfg.dropna(subset=[col]).sort_values([col, "config_id"], ascending=[False, True], kind="stable")
-    best_cfg = ranked.iloc[0]
+
+    def scores(rule: str) -> pd.Series:  # the objective each configuration is ranked by
+        if rule == "seed_mean":
+            return cfg.dropna(subset=[col]).set_index("config_id")[col]
+        order = [c for c in ("replicate", "trial") if c in table]
+        first = table.dropna(subset=[col]).sort_values(order, kind="stable").groupby("config_id").head(1)
+        return first.set_index("config_id")[col]
+
+    def best_of(ranked: pd.Series):
+        top = ranked[ranked == ranked.max()]
+        return min(top.index)
+
+    unequal = cfg["n_seeds"].nunique() > 1
+    rule = selection if selection != "auto" else ("first_seed" if unequal else "seed_mean")
+    ranked = scores(rule)
+    best_id = best_of(ranked)
+    other = "seed_mean" if rule == "first_seed" else "first_seed"
+    best_cfg = cfg[cfg["config_id"] == best_id].iloc[0]
     runs = table[table["config_id"] == best_cfg["config_id"]].sort_values("trial", kind="stable")
     best = runs.iloc[0]
     keys = ["transfer_score", "transfer_score_ci_low", "transfer_score_ci_high", *TASK_COLUMNS]
@@ -411,8 +452,12 @@ def selected_by_validation(
         "n_seeds": int(best_cfg["n_seeds"]),
         "runs": str(best_cfg["runs"]).split(),
         "objective": col,
-        "objective_value": float(best_cfg[col]),
-        "tied_runs": int((cfg[col] == best_cfg[col]).sum()),
+        "selection": rule,
+        "selection_rule": SELECTIONS[rule],
+        "objective_value": float(ranked[best_id]),
+        "objective_seed_mean": float(best_cfg[col]),
+        "tied_runs": int((ranked == ranked[best_id]).sum()),
+        "other_selection": {"selection": other, "config_id": int(best_of(scores(other)))},
         "test_rank": int((cfg["transfer_score"] > best_cfg["transfer_score"]).sum()) + 1,
         "endpoints": configs.selected_family(effect_rows, int(best_cfg["config_id"]), decoding),
         **values,
@@ -708,7 +753,9 @@ def print_summary(result: dict, out: Path) -> None:
     print_table(t, console)
     if sel := info.get("selected_by_validation"):
         console.print(
-            f"selected by {sel['objective']} (the unbiased pick): {sel['run']}, test transfer_score "
-            f"{sel['transfer_score']:.3f}, rank {sel['test_rank']} of {info['n_runs']} on the test set"
+            f"selected by {sel['objective']} ({sel.get('selection', 'seed_mean')}, the unbiased pick): "
+            f"{sel['run']}, test transfer_score "
+            f"{sel['transfer_score']:.3f}, rank {sel['test_rank']} of {info['n_configs']} configurations "
+            "on the test set"
         )
     console.print(f"wrote {', '.join(f'{n}.csv' for n in TABLES)}, figures/ and analysis.json to {out}")
