@@ -753,7 +753,7 @@ def print_summary(result: dict, out: Path) -> None:
     print_table(t, console)
     if sel := info.get("selected_by_validation"):
         console.print(
-            f"selected by {sel['objective']} ({sel.get('selection', 'seed_mean')}, the unbiased pick): "
+            f"selected by {sel['objective']} ({sel['selection']}, the unbiased pick): "
             f"{sel['run']}, test transfer_score "
             f"{sel['transfer_score']:.3f}, rank {sel['test_rank']} of {info['n_configs']} configurations "
             "on the test set"
