@@ -4,7 +4,9 @@
 # collects afterwards. This is how the H100 runs of the transfer study and of `bench sweep` in
 # docs/results.md and docs/performance.md were made. Usage: bash .gpx/run.sh STEP...
 #   gguf          join the GGUF parts .gpx/gguf.a? carried by earlier calls (kept in $S)
-#   bench:MODEL   bench sweep (env MODES, SCORERS, TRIALS, STEPS, VAL_EVERY, VAL_LIMIT, EVAL_LIMIT, BENCH_S)
+#   bench:MODEL   bench sweep (env MODES, SCORERS, TRIALS, STEPS, VAL_EVERY, VAL_LIMIT, EVAL_LIMIT, BENCH_S, TAG)
+#   benchstart:MODEL  the same in a detached process (runs on between calls while the machine is
+#                 held: one invocation may outlast a call's limit); benchwait:N follows it
 #   studystart    the study's three phases (phase 1, phase 2 replicates, the control arm) in a
 #                 detached process, each until done or STUDY_END (epoch seconds) - 75 s; once
 #                 phase 1 is done and phase 2 planned, phase 2 and the control arm run side by side
@@ -114,6 +116,18 @@ snapshot() {  # the study without weights (consistent copies of its databases), 
   ls -la "$OUT"
 }
 
+bench_sweep() {  # bench sweep of model $1 (env MODES, SCORERS, TRIALS, STEPS, VAL_EVERY, VAL_LIMIT,
+  # EVAL_LIMIT, BENCH_S; TAG names another JSON, e.g. a variant that would replace a mode's row)
+  local m=$1
+  mkdir -p "$S/res"
+  # shellcheck disable=SC2086
+  timeout -s INT -k 30 "${BENCH_S:-500}" python3 -m spellxfer bench sweep --model "$m" \
+    --trials "${TRIALS:-16}" --max_steps "${STEPS:-25}" --validate_every_steps "${VAL_EVERY:-25}" \
+    --val_limit "${VAL_LIMIT:-100}" --eval_limit "${EVAL_LIMIT:-100}" --kernel_steps 0 \
+    --modes ${MODES:-pack:16} --pack_scorers "${SCORERS:-0}" --append true \
+    --out "$S/res/sweep-$m${TAG:-}.json" --work_dir "$S/bw-$m${TAG:-}"
+}
+
 for step in "$@"; do
   case "$step" in
     gguf)
@@ -121,15 +135,22 @@ for step in "$@"; do
       cat "$S"/gguf.a? > "$S/cache/assets/SmolLM2-135M-Instruct.Q4_1.gguf"
       sha256sum "$S/cache/assets/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
     bench:*)
-      m=${step#bench:}
-      mkdir -p "$S/res"
-      # shellcheck disable=SC2086
-      timeout -s INT -k 30 "${BENCH_S:-500}" python3 -m spellxfer bench sweep --model "$m" \
-        --trials "${TRIALS:-16}" --max_steps "${STEPS:-25}" --validate_every_steps "${VAL_EVERY:-25}" \
-        --val_limit "${VAL_LIMIT:-100}" --eval_limit "${EVAL_LIMIT:-100}" --kernel_steps 0 \
-        --modes ${MODES:-pack:16} --pack_scorers "${SCORERS:-0}" --append true \
-        --out "$S/res/sweep-$m.json" --work_dir "$S/bw-$m" 2>&1 | tail -c 20000
-      cp "$S/res/sweep-$m.json" "$OUT/" ;;
+      bench_sweep "${step#bench:}" 2>&1 | tail -c 20000
+      cp "$S"/res/sweep-*.json "$OUT/" ;;
+    benchstart:*)  # bench:MODEL in its own process session, to follow with benchwait:N
+      if [ -f "$S/bench.pid" ] && kill -0 "$(cat "$S/bench.pid")" 2>/dev/null; then echo "already running"; continue; fi
+      m=${step#benchstart:}
+      MODES="${MODES:-}" SCORERS="${SCORERS:-}" TAG="${TAG:-}" BENCH_S="${BENCH_S:-}" \
+        setsid nohup bash .gpx/run.sh "benchrun:$m" > "$S/bench-$m${TAG:-}.log" 2>&1 < /dev/null &
+      echo $! > "$S/bench.pid"; echo "started bench $m$TAG: $(cat "$S/bench.pid")" ;;
+    benchrun:*) bench_sweep "${step#benchrun:}"; echo "== $(date +%T) bench rc=$?" ;;
+    benchwait:*)  # follow the detached bench for up to N s (or until it ends), then bring back JSON and logs
+      n=${step#benchwait:}; t0=$(date +%s)
+      while kill -0 "$(cat "$S/bench.pid")" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$n" ]; do sleep 5; done
+      kill -0 "$(cat "$S/bench.pid")" 2>/dev/null && echo "bench still running"
+      for f in "$S"/bench-*.log; do echo "### $f"; grep -E "^==|Traceback|Error|makespan|complete" "$f" | tail -20; tail -c 3000 "$f"; done
+      nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+      cp "$S"/bench-*.log "$OUT/"; cp "$S"/res/sweep-*.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
     studystart)  # the phases in their own process session: they run on between calls while the machine is held
       if [ -f "$S/study.pid" ] && kill -0 "$(cat "$S/study.pid")" 2>/dev/null; then echo "already running"; continue; fi
       STUDY_END=$STUDY_END setsid nohup bash .gpx/run.sh phases > "$S/study.log" 2>&1 < /dev/null &
