@@ -142,7 +142,7 @@ for step in "$@"; do
       m=${step#benchstart:}
       MODES="${MODES:-}" SCORERS="${SCORERS:-}" TAG="${TAG:-}" BENCH_S="${BENCH_S:-}" \
         setsid nohup bash .gpx/run.sh "benchrun:$m" > "$S/bench-$m${TAG:-}.log" 2>&1 < /dev/null &
-      echo $! > "$S/bench.pid"; echo "started bench $m$TAG: $(cat "$S/bench.pid")" ;;
+      echo $! > "$S/bench.pid"; echo "started bench $m${TAG:-}: $(cat "$S/bench.pid")" ;;
     benchrun:*) bench_sweep "${step#benchrun:}"; echo "== $(date +%T) bench rc=$?" ;;
     benchwait:*)  # follow the detached bench for up to N s (or until it ends), then bring back JSON and logs
       n=${step#benchwait:}; t0=$(date +%s)
