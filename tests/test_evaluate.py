@@ -116,6 +116,9 @@ def test_metrics_carry_subtasks_breakdowns_baselines_and_run_info(smollm2_run):
     assert not {"temperature", "top_p", "top_k", "min_p"} & set(run["sampling"])
     # timing is recorded, not judged: speed belongs to `bench eval`, not to a test on a shared machine
     assert run["seconds"] > 0 and run["items_per_second"] > 0 and run["n_items"] == 60
+    # the call's parts: loading, generation and the probe all lie within its wall time
+    parts = run["load_seconds"] + run["seconds"] + run["likelihood"]["seconds"]
+    assert 0 < run["load_seconds"] and parts <= run["wall_seconds"] + 0.02  # each rounded to 0.01 s
     # only position / count metrics: no key anywhere mentions spelling
     assert "spell" not in json.dumps({k: v for k, v in m.items() if k != "run"})
 

@@ -653,6 +653,11 @@ def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_h
     assert all(m["makespan_s"] > 0 and m["trials_per_gpu_hour"] > 0 for m in modes.values())
     (stats,) = modes["pack:2"]["pack_stats"]
     assert stats["slots"] == 2 and stats["steps"] > 0 and stats["seconds"]["train"] > 0
+    # where the test evaluations' time went, from each trial's evaluate record (one decoding each)
+    for m in modes.values():
+        ev = m["evaluation_seconds"]
+        assert ev["evaluations"] == 2 and ev["load_s"] > 0 and ev["generate_s"] > 0
+        assert ev["load_s"] + ev["generate_s"] + ev["probe_s"] <= ev["wall_s"] + 0.1
     assert (
         len(report["trials"]) == 2
         and {"lora_r", "batch_size", "accumulate_grad_batches"} <= report["trials"][0]["params"].keys()

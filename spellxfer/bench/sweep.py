@@ -248,12 +248,36 @@ def run_mode(
         out["peak_memory_gib"] = round(max(memory.peak_mib.values(), default=0) / 1024, 1)
     else:
         out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
+    evaluation = evaluation_seconds(results / "sweeps" / "bench")
+    if evaluation:
+        out["evaluation_seconds"] = evaluation
     stats = [json.loads(p.read_text()) for p in (results / "sweeps" / "bench" / "pack-stats").glob("*.json")]
     if stats:
         out["pack_stats"] = stats
     if rc != 0:
         out["log_tail"] = log.read_text(errors="replace")[-2000:]
     return out
+
+
+def evaluation_seconds(study: Path) -> dict | None:
+    """Where the mode's test evaluations spent their time, summed over its trials' ``eval/*/
+    metrics.json`` (``evaluate``'s own record): the whole calls, loading the model and adapter,
+    generation and the likelihood probe. A packed evaluation's passes are shared by its group, so
+    each of its trials carries the group's seconds. None where no trial was evaluated."""
+    runs = [json.loads(p.read_text())["run"] for p in sorted(study.glob("trial-*/eval/*/metrics.json"))]
+    if not runs:
+        return None
+
+    def total(get) -> float:
+        return round(sum(get(r) or 0.0 for r in runs), 1)
+
+    return {
+        "evaluations": len(runs),
+        "wall_s": total(lambda r: r.get("wall_seconds")),
+        "load_s": total(lambda r: r.get("load_seconds")),
+        "generate_s": total(lambda r: r.get("seconds")),
+        "probe_s": total(lambda r: (r.get("likelihood") or {}).get("seconds")),
+    }
 
 
 def _csv(path: Path) -> list[dict]:

@@ -14,6 +14,7 @@ Evaluation is position and count only; the model was (at most) trained on spelli
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -139,6 +140,7 @@ def evaluate(
         shot_pool: The few-shot examples' question file; default: fewshot_pool.jsonl beside the
             first question file (``data build`` writes it, disjoint from every split).
     """
+    t_start = time.perf_counter()
     # Everything a user can get wrong is checked before the model loads.
     check_output_dir(out, overwrite)
     items = load_questions(questions, task=task, question_field=question_field, answer_field=answer_field,
@@ -164,7 +166,9 @@ def evaluate(
     conversations = [fewshot.conversation(it, pool, shots) for it in items]
     device = resolve_device(device)
 
+    t_load = time.perf_counter()
     lm, tokenizer = load_for_generation(model, adapter, device)
+    load_seconds = time.perf_counter() - t_load
     replies, seconds, engine = None, 0.0, None
     if scoring != "likelihood":
         engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size or "auto")
@@ -194,6 +198,9 @@ def evaluate(
         "n_items": len(items),
         "seconds": round(seconds, 2),
         "items_per_second": round(len(items) / seconds, 2) if seconds else None,
+        # where a run's time goes beside generation (the probe's is under "likelihood"): the
+        # tokenizer and model (adapter included), and the whole call up to writing its files
+        "load_seconds": round(load_seconds, 2),
         "likelihood": {"path": scorer.path, "batch_size": scorer.last_batch_size,
                        "seconds": round(probe_seconds, 2),
                        "items_per_second": round(len(items) / probe_seconds, 2) if probe_seconds else None}
@@ -203,12 +210,14 @@ def evaluate(
         "policy": "trained on spelling only; evaluated on position and count only",
     }
     comparison = None
+    if compare_to is not None:
+        comparison = compare_predictions(read_predictions(Path(compare_to)), predictions,
+                                         base_name=str(compare_to), other_name=str(out))
+    metrics["run"]["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     with atomic_output_dir(out, overwrite) as tmp:
         write_jsonl(tmp / "predictions.jsonl", predictions)
         write_json(tmp / "metrics.json", metrics)
-        if compare_to is not None:
-            comparison = compare_predictions(read_predictions(Path(compare_to)), predictions,
-                                             base_name=str(compare_to), other_name=str(out))
+        if comparison is not None:
             write_json(tmp / "compare.json", comparison)
             (tmp / "compare.md").write_text(comparison_markdown(comparison), encoding="utf-8")
     print_summary(metrics, Path(out))

@@ -696,6 +696,9 @@ class Pack:
             "n_items": len(items),
             "seconds": round(seconds, 2),
             "items_per_second": round(len(items) * n_trials / seconds, 2) if seconds else None,
+            # evaluate's timings: nothing is loaded (the pack's model), and the shared passes
+            "load_seconds": 0.0,
+            "wall_seconds": round(seconds + probe_seconds, 2),
             "likelihood": {
                 "path": scorer.path,
                 "batch_size": scorer.last_batch_size,
