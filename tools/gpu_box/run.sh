@@ -100,7 +100,7 @@ snapshot() {  # the study without weights (consistent copies of its databases), 
     [ -f "$db" ] && python3 -c "import sqlite3,sys; a=sqlite3.connect(sys.argv[1]); b=sqlite3.connect(sys.argv[2]); a.backup(b); b.close()" "$db" "$S/snap/db-snapshot/$(basename "$db")"
   done
   local skip=()  # while the study runs, its predictions are being written: leave them out
-  if [ -f "$S/study.pid" ] && kill -0 "$(cat "$S/study.pid")" 2>/dev/null; then
+  if running "$S/study.pid"; then
     skip=(! -name 'predictions*'); echo "study still running: snapshot without predictions"
   else  # one process per run directory: xz -9 of ~50 runs one after another takes minutes
     find "$R"/sweeps -name 'predictions.jsonl' -o -name 'predictions.jsonl.gz' | xargs -r -n 1 dirname \
@@ -114,6 +114,13 @@ snapshot() {  # the study without weights (consistent copies of its databases), 
   tar -cf - -C "$R" -T "$S/snap.files" -C "$S/snap" db-snapshot | xz -T8 -1 | split -b 15M - "$OUT/study.txz."
   cp "$S/study.log" "$S/control.log" "$OUT/" 2>/dev/null
   ls -la "$OUT"
+}
+
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }  # the process in pid file $1 is alive
+
+follow() {  # wait while the process in pid file $1 runs, for at most $2 s
+  local t0; t0=$(date +%s)
+  while running "$1" && [ $(( $(date +%s) - t0 )) -lt "$2" ]; do sleep 5; done
 }
 
 bench_sweep() {  # bench sweep of model $1 (env MODES, SCORERS, TRIALS, STEPS, VAL_EVERY, VAL_LIMIT,
@@ -138,28 +145,25 @@ for step in "$@"; do
       bench_sweep "${step#bench:}" 2>&1 | tail -c 20000
       cp "$S"/res/sweep-*.json "$OUT/" ;;
     benchstart:*)  # bench:MODEL in its own process session, to follow with benchwait:N
-      if [ -f "$S/bench.pid" ] && kill -0 "$(cat "$S/bench.pid")" 2>/dev/null; then echo "already running"; continue; fi
-      m=${step#benchstart:}
-      MODES="${MODES:-}" SCORERS="${SCORERS:-}" TAG="${TAG:-}" BENCH_S="${BENCH_S:-}" \
-        setsid nohup bash .gpx/run.sh "benchrun:$m" > "$S/bench-$m${TAG:-}.log" 2>&1 < /dev/null &
+      if running "$S/bench.pid"; then echo "already running"; continue; fi
+      m=${step#benchstart:}  # MODES, SCORERS, TAG, BENCH_S … reach it from this script's environment
+      setsid nohup bash .gpx/run.sh "benchrun:$m" > "$S/bench-$m${TAG:-}.log" 2>&1 < /dev/null &
       echo $! > "$S/bench.pid"; echo "started bench $m${TAG:-}: $(cat "$S/bench.pid")" ;;
     benchrun:*) bench_sweep "${step#benchrun:}"; echo "== $(date +%T) bench rc=$?" ;;
     benchwait:*)  # follow the detached bench for up to N s (or until it ends), then bring back JSON and logs
-      n=${step#benchwait:}; t0=$(date +%s)
-      while kill -0 "$(cat "$S/bench.pid")" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$n" ]; do sleep 5; done
-      kill -0 "$(cat "$S/bench.pid")" 2>/dev/null && echo "bench still running"
+      follow "$S/bench.pid" "${step#benchwait:}"
+      running "$S/bench.pid" && echo "bench still running"
       for f in "$S"/bench-*.log; do echo "### $f"; grep -E "^==|Traceback|Error|makespan|complete" "$f" | tail -20; tail -c 3000 "$f"; done
       nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
       cp "$S"/bench-*.log "$OUT/"; cp "$S"/res/sweep-*.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
     studystart)  # the phases in their own process session: they run on between calls while the machine is held
-      if [ -f "$S/study.pid" ] && kill -0 "$(cat "$S/study.pid")" 2>/dev/null; then echo "already running"; continue; fi
+      if running "$S/study.pid"; then echo "already running"; continue; fi
       STUDY_END=$STUDY_END setsid nohup bash .gpx/run.sh phases > "$S/study.log" 2>&1 < /dev/null &
       echo $! > "$S/study.pid"; echo "started $(cat "$S/study.pid") until $(date -d @"$STUDY_END" +%T)" ;;
     phases) pack_study ;;
     snap) snapshot ;;
     wait:*)  # follow the detached study for up to N s (or until it ends), then snapshot
-      n=${step#wait:}; t0=$(date +%s)
-      while kill -0 "$(cat "$S/study.pid")" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$n" ]; do sleep 10; done
+      follow "$S/study.pid" "${step#wait:}"
       grep -E "^==|complete|control ids|Traceback|Error|error" "$S/study.log" | tail -40
       tail -c 4000 "$S/study.log"
       [ -f "$S/control.log" ] && grep -E "^==|Traceback|Error|error" "$S/control.log" | tail -10 && tail -c 2500 "$S/control.log"
