@@ -119,6 +119,7 @@ def test_metrics_carry_subtasks_breakdowns_baselines_and_run_info(smollm2_run):
     # the call's parts: loading, generation and the probe all lie within its wall time
     parts = run["load_seconds"] + run["seconds"] + run["likelihood"]["seconds"]
     assert 0 < run["load_seconds"] and parts <= run["wall_seconds"] + 0.02  # each rounded to 0.01 s
+    assert run["kept_base_model"] is False  # built for this call (a pack's later calls reuse theirs)
     # only position / count metrics: no key anywhere mentions spelling
     assert "spell" not in json.dumps({k: v for k, v in m.items() if k != "run"})
 
@@ -339,3 +340,67 @@ def test_a_bad_memory_share_is_one_line_exit_2_naming_the_variable(tmp_path, dem
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert f"SPELLXFER_CUDA_MEMORY_FRACTION='{share}'" in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_kept_base_model_scores_each_adapter_as_a_fresh_load_does(demo_data, tmp_path, monkeypatch):
+    """A pack scores trial after trial in its own process with one kept base model
+    (``keeping_base_models``): each call puts its adapter on and takes it off again, so replies and
+    probe answers are those of a separate load — for adapters of other ranks and target modules, for
+    the base alone between them, and after an adapter that failed half-loaded (the kept model is
+    dropped then, not reused)."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import spellxfer.evaluation.evaluate as ev
+    from spellxfer.models.registry import load_model
+
+    def adapter(name: str, r: int, targets: list[str], seed: int) -> str:
+        torch.manual_seed(seed)  # nonzero B as well: an adapter that changes the replies
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+        get_peft_model(load_model("tiny-qwen3"), config).save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    a = adapter("a", 4, ["q_proj", "v_proj"], 1)
+    b = adapter("b", 8, ["q_proj", "k_proj", "gate_proj"], 2)
+    broken = tmp_path / "broken"  # its config says rank 8, its tensors are rank 4: PEFT fails mid-load
+    shutil.copytree(a, broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps(config | {"r": 8}))
+
+    kept_flags = []
+
+    def scores(tag: str, adapters: list) -> list[list[tuple]]:
+        out = []
+        for i, ad in enumerate(adapters):
+            d = tmp_path / f"{tag}{i}"
+            questions = [str(demo_data / "position_val.jsonl"), str(demo_data / "count_val.jsonl")]
+            kwargs = dict(model="tiny-qwen3", questions=questions, out=str(d), adapter=ad, limit=4,
+                          decoding="greedy", scoring="both")
+            if ad == str(broken):
+                with pytest.raises(ev.SpellxferError, match="cannot load onto tiny-qwen3"):
+                    ev.evaluate(**kwargs)
+                continue
+            assert ev.evaluate(**kwargs) == 0
+            rows = read_jsonl(d / "predictions.jsonl")
+            kept_flags.append(json.loads((d / "metrics.json").read_text())["run"]["kept_base_model"])
+            out.append([(p["output"], p["likelihood_answer"], p["gold_logprob"]) for p in rows])
+        return out
+
+    fresh = scores("fresh", [None, a, b])
+    assert fresh[0] != fresh[1] != fresh[2]  # each adapter changes what the model says
+
+    loads = []
+    load_model_once = ev.load_model
+    monkeypatch.setattr(ev, "load_model", lambda *a, **kw: loads.append(a) or load_model_once(*a, **kw))
+    with ev.keeping_base_models():
+        kept = scores("kept", [None, a, b, None, a])
+        assert kept == [fresh[0], fresh[1], fresh[2], fresh[0], fresh[1]]
+        assert len(loads) == 1  # one base model for all five calls
+        assert kept_flags[3:] == [False, True, True, True, True]  # and each records it
+        after_failure = scores("after", [str(broken), b, a])
+        assert after_failure == [fresh[2], fresh[1]]
+        assert len(loads) == 2  # the half-wrapped model was dropped and built again
+    scores("outside", [a])
+    assert len(loads) == 3  # outside the block nothing is kept

@@ -658,6 +658,9 @@ def test_bench_sweep_runs_the_same_trials_one_at_a_time_and_packed_and_records_h
         ev = m["evaluation_seconds"]
         assert ev["evaluations"] == 2 and ev["load_s"] > 0 and ev["generate_s"] > 0
         assert ev["load_s"] + ev["generate_s"] + ev["probe_s"] <= ev["wall_s"] + 0.1
+    # a pack's in-process scoring builds the base model once: its second trial finds it kept
+    assert modes["serial"]["evaluation_seconds"]["kept_base_model"] == 0
+    assert modes["pack:2"]["evaluation_seconds"]["kept_base_model"] == 1
     assert (
         len(report["trials"]) == 2
         and {"lora_r", "batch_size", "accumulate_grad_batches"} <= report["trials"][0]["params"].keys()

@@ -261,7 +261,8 @@ def run_mode(
 
 def evaluation_seconds(study: Path) -> dict | None:
     """Where the mode's test evaluations spent their time, summed over its trials' ``eval/*/
-    metrics.json`` (``evaluate``'s own record): the whole calls, loading the model and adapter,
+    metrics.json`` (``evaluate``'s own record): the whole calls, loading the model and adapter
+    (the longest one, and how many calls found the base model kept by a pack's earlier call),
     generation and the likelihood probe. A packed evaluation's passes are shared by its group, so
     each of its trials carries the group's seconds. None where no trial was evaluated."""
     runs = [json.loads(p.read_text())["run"] for p in sorted(study.glob("trial-*/eval/*/metrics.json"))]
@@ -275,6 +276,8 @@ def evaluation_seconds(study: Path) -> dict | None:
         "evaluations": len(runs),
         "wall_s": total(lambda r: r.get("wall_seconds")),
         "load_s": total(lambda r: r.get("load_seconds")),
+        "load_s_max": round(max(r.get("load_seconds") or 0.0 for r in runs), 1),
+        "kept_base_model": sum(bool(r.get("kept_base_model")) for r in runs),
         "generate_s": total(lambda r: r.get("seconds")),
         "probe_s": total(lambda r: (r.get("likelihood") or {}).get("seconds")),
     }

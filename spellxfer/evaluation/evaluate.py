@@ -14,9 +14,12 @@ Evaluation is position and count only; the model was (at most) trained on spelli
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +65,7 @@ from spellxfer.models.registry import (
     load_model,
     load_tokenizer,
 )
+from spellxfer.models.static_decode import release_static_decoder
 from spellxfer.tasks.buckets import length_bucket, token_bucket
 from spellxfer.tasks.chat import format_chat
 from spellxfer.tasks.names import TASKS
@@ -167,48 +171,51 @@ def evaluate(
     device = resolve_device(device)
 
     t_load = time.perf_counter()
-    lm, tokenizer = load_for_generation(model, adapter, device)
-    load_seconds = time.perf_counter() - t_load
-    replies, seconds, engine = None, 0.0, None
-    if scoring != "likelihood":
-        engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size or "auto")
-        replies, seconds = timed_generate(engine, [it.question for it in items], label=f"evaluating {model}",
-                                          conversations=conversations)
-    probe, probe_prompts, probe_seconds, scorer = None, None, 0.0, None
-    if scoring != "generation":
-        probe, probe_prompts, probe_seconds, scorer = probe_items(lm, tokenizer, items, conversations,
-                                                                  batch_size=batch_size or "auto",
-                                                                  label=f"probing {model}")
+    with loaded_for_generation(model, adapter, device) as (lm, tokenizer, kept_base):
+        load_seconds = time.perf_counter() - t_load
+        replies, seconds, engine = None, 0.0, None
+        if scoring != "likelihood":
+            engine = GenerationEngine(lm, tokenizer, sampling, batch_size=batch_size or "auto")
+            replies, seconds = timed_generate(engine, [it.question for it in items],
+                                              label=f"evaluating {model}", conversations=conversations)
+        probe, probe_prompts, probe_seconds, scorer = None, None, 0.0, None
+        if scoring != "generation":
+            probe, probe_prompts, probe_seconds, scorer = probe_items(lm, tokenizer, items, conversations,
+                                                                      batch_size=batch_size or "auto",
+                                                                      label=f"probing {model}")
 
-    prompts = [format_chat(tokenizer, c) for c in conversations]
-    predictions = list(score_items(items, replies, prompts, probe, probe_prompts))
-    metrics = summarise(items, predictions, probe)
-    metrics["scoring"] = scoring
-    metrics["run"] = {
-        "model": model,
-        "adapter": adapter,
-        "scoring": scoring,
-        "shots": shots,
-        "shot_pool": pool_path,
-        "sampling": sampling.record(),
-        "batch_size": engine.last_batch_size if engine else None,
-        "decoder": engine.resolve_path(next(lm.parameters()).device) if engine else None,
-        "questions": list(questions),
-        "limit": limit,
-        "n_items": len(items),
-        "seconds": round(seconds, 2),
-        "items_per_second": round(len(items) / seconds, 2) if seconds else None,
-        # where a run's time goes beside generation (the probe's is under "likelihood"): the
-        # tokenizer and model (adapter included), and the whole call up to writing its files
-        "load_seconds": round(load_seconds, 2),
-        "likelihood": {"path": scorer.path, "batch_size": scorer.last_batch_size,
-                       "seconds": round(probe_seconds, 2),
-                       "items_per_second": round(len(items) / probe_seconds, 2) if probe_seconds else None}
-        if scorer else None,
-        "device": str(next(lm.parameters()).device),
-        "versions": package_versions(),
-        "policy": "trained on spelling only; evaluated on position and count only",
-    }
+        prompts = [format_chat(tokenizer, c) for c in conversations]
+        predictions = list(score_items(items, replies, prompts, probe, probe_prompts))
+        metrics = summarise(items, predictions, probe)
+        metrics["scoring"] = scoring
+        metrics["run"] = {
+            "model": model,
+            "adapter": adapter,
+            "scoring": scoring,
+            "shots": shots,
+            "shot_pool": pool_path,
+            "sampling": sampling.record(),
+            "batch_size": engine.last_batch_size if engine else None,
+            "decoder": engine.resolve_path(next(lm.parameters()).device) if engine else None,
+            "questions": list(questions),
+            "limit": limit,
+            "n_items": len(items),
+            "seconds": round(seconds, 2),
+            "items_per_second": round(len(items) / seconds, 2) if seconds else None,
+            # where a run's time goes beside generation (the probe's is under "likelihood"): the
+            # tokenizer and model (adapter included), and the whole call up to writing its files
+            "load_seconds": round(load_seconds, 2),
+            "kept_base_model": kept_base,  # the base came loaded from an earlier call (keeping_base_models)
+            "likelihood": {
+                "path": scorer.path,
+                "batch_size": scorer.last_batch_size,
+                "seconds": round(probe_seconds, 2),
+                "items_per_second": round(len(items) / probe_seconds, 2) if probe_seconds else None,
+            } if scorer else None,
+            "device": str(next(lm.parameters()).device),
+            "versions": package_versions(),
+            "policy": "trained on spelling only; evaluated on position and count only",
+        }
     comparison = None
     if compare_to is not None:
         comparison = compare_predictions(read_predictions(Path(compare_to)), predictions,
@@ -318,24 +325,80 @@ def load_adapter(lm, adapter: Path, model: str):
     return peft_model.eval()
 
 
+_KEPT = threading.local()
+"""``models``, while :func:`keeping_base_models` is open in this thread (a sweep's workers are
+threads, each its own pack): loaded base models and their tokenizers by (model, device)."""
+
+
+def _kept() -> dict | None:
+    return getattr(_KEPT, "models", None)
+
+
+@contextmanager
+def keeping_base_models() -> Iterator[None]:
+    """Within this block, ``evaluate`` calls in this process load each base model once and keep
+    it (on its device) for the next call, which puts its own adapter on it and takes it off again
+    when it returns: a pack scores trial after trial this way instead of building the model for
+    each. The numbers are those of a fresh load (tests/test_evaluate.py checks predictions and
+    probe scores against separate loads); the cost is the kept model's memory between calls."""
+    outer, _KEPT.models = _kept(), {}
+    try:
+        yield
+    finally:
+        _KEPT.models = outer
+
+
 def load_for_generation(model: str, adapter: str | None, device: str = "auto"):
     """Model (+ optional LoRA adapter) and tokenizer, on the requested device, ready to generate."""
     device = resolve_device(device)
     apply_memory_fraction(device)  # a pack's scorer: the share of the card the pack left it
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     with console.status(f"loading {model}" + (f" + adapter {adapter}" if adapter else "")):
-        try:
-            tokenizer = load_tokenizer(model)
-            lm = load_model(model, dtype=dtype, device=device)
-        except (OSError, ValueError) as e:
-            if model in EMBEDDED:
-                raise  # our own models: a failure here is a bug, not the user's input
-            msg = " ".join(str(e).split())
-            raise SpellxferError(f"--model {model}: cannot load a model there "
-                                 f"({type(e).__name__}: {msg[:300]})") from None
+        lm, tokenizer = _load_base(model, device)
         if adapter is not None:
             lm = load_adapter(lm, Path(adapter), model)
         apply_fused_kernels(lm)  # Liger's RMSNorm / SwiGLU / RoPE on CUDA when installed
+    return lm, tokenizer
+
+
+@contextmanager
+def loaded_for_generation(model: str, adapter: str | None, device: str = "auto"):
+    """:func:`load_for_generation` for one ``evaluate`` call: the model, the tokenizer, and whether
+    the base model was kept from an earlier call. Inside :func:`keeping_base_models` the base model
+    is the kept one, and the adapter comes off it on the way out; a call that fails
+    (here or in its caller) drops the kept model instead, since PEFT may have left it half-wrapped."""
+    device = resolve_device(device)
+    kept = _kept() is not None and (model, device) in _kept()
+    try:
+        lm, tokenizer = load_for_generation(model, adapter, device)
+        yield lm, tokenizer, kept
+    except BaseException:
+        if _kept() is not None:
+            _kept().pop((model, device), None)
+        raise
+    if _kept() is not None and adapter is not None:
+        release_static_decoder(lm)  # its graphs were captured through this adapter's layers
+        with warnings.catch_warnings():  # PEFT calling transformers' deprecated name
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
+            lm.unload()  # PEFT's: every LoRA layer back to its base layer, nothing merged
+
+
+def _load_base(model: str, device: str):
+    """The base model and tokenizer (the kept ones inside :func:`keeping_base_models`)."""
+    kept = _kept()
+    if kept is not None and (model, device) in kept:
+        return kept[(model, device)]
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        tokenizer = load_tokenizer(model)
+        lm = load_model(model, dtype=dtype, device=device)
+    except (OSError, ValueError) as e:
+        if model in EMBEDDED:
+            raise  # our own models: a failure here is a bug, not the user's input
+        msg = " ".join(str(e).split())
+        raise SpellxferError(f"--model {model}: cannot load a model there "
+                             f"({type(e).__name__}: {msg[:300]})") from None
+    if kept is not None:
+        kept[(model, device)] = lm, tokenizer
     return lm, tokenizer
 
 

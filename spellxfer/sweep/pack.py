@@ -65,7 +65,7 @@ from spellxfer.core.errors import SpellxferError
 from spellxfer.core.outputs import atomic_file, atomic_output_dir, package_versions, write_json, write_jsonl
 from spellxfer.evaluation.compare import compare_predictions, comparison_markdown, read_predictions
 from spellxfer.evaluation.evaluate import evaluate as evaluate_command
-from spellxfer.evaluation.evaluate import resolve_scoring, score_items, summarise
+from spellxfer.evaluation.evaluate import keeping_base_models, resolve_scoring, score_items, summarise
 from spellxfer.evaluation.likelihood import candidate_answers, probe_items
 from spellxfer.models.generation import MEMORY_FRACTION_ENV, GenerationEngine, default_sampling
 from spellxfer.models.losses import IGNORE_INDEX, completion_loss_from_hidden, decoder_and_head
@@ -877,32 +877,34 @@ def run_pack(
     )
     heart.start()
     try:
-        while not ctx.stop.is_set():
-            if len(pack.active) < slots:
-                for s in list(pack.active):  # fresh beats first: the pack's own trials are alive
-                    _beat(study, s.trial)
-                optuna.storages.fail_stale_trials(study)
-            while (
-                len(pack.active) < slots
-                and not ctx.stop.is_set()
-                and (deadline is None or time.monotonic() < deadline)
-            ):
-                if plan(study, n_trials) != "run":
+        with keeping_base_models():  # exact scoring: one base model for all its evaluate calls
+            while not ctx.stop.is_set():
+                if len(pack.active) < slots:
+                    for s in list(pack.active):  # fresh beats first: the pack's own trials are alive
+                        _beat(study, s.trial)
+                    optuna.storages.fail_stale_trials(study)
+                while (
+                    len(pack.active) < slots
+                    and not ctx.stop.is_set()
+                    and (deadline is None or time.monotonic() < deadline)
+                ):
+                    if plan(study, n_trials) != "run":
+                        break
+                    pack.start(study.ask())
+                pack.collect_scored()
+                if pack.active:
+                    pack.step()
+                    continue
+                if pack.scoring:  # nothing to train: wait for a scorer (its trial may free the budget)
+                    ctx.progress(worker, trial="-", phase=f"scoring {len(pack.scoring)} trials")
+                    pack.collect_scored(wait=min(heartbeat_s, 5))
+                    continue
+                step = plan(study, n_trials)
+                if step == "done" or (deadline is not None and time.monotonic() >= deadline):
                     break
-                pack.start(study.ask())
-            pack.collect_scored()
-            if pack.active:
-                pack.step()
-                continue
-            if pack.scoring:  # nothing to train: wait for a scorer (its trial may free the budget)
-                ctx.progress(worker, trial="-", phase=f"scoring {len(pack.scoring)} trials")
-                pack.collect_scored(wait=min(heartbeat_s, 5))
-                continue
-            step = plan(study, n_trials)
-            if step == "done" or (deadline is not None and time.monotonic() >= deadline):
-                break
-            ctx.progress(worker, trial="-", phase="waiting for the other workers' trials")
-            ctx.stop.wait(min(heartbeat_s, 5))  # another worker's trial runs; if it dies, its retry is ours
+                ctx.progress(worker, trial="-", phase="waiting for the other workers' trials")
+                # another worker's trial runs; if it dies, its retry is ours
+                ctx.stop.wait(min(heartbeat_s, 5))
         ctx.progress(worker, trial="-", phase="done")
     finally:
         if pack.active or pack.scoring:
