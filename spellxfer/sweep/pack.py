@@ -18,8 +18,9 @@ Lifecycle of a pack (one per sweep worker; each worker a device):
 4. **Finish.** A trial at ``max_steps`` or stopped early exports its best adapter and is scored on
    the test sets: by default (``--pack_evaluation exact``, :meth:`Pack.evaluate_exact`) through
    ``evaluate``'s own function in this process, as the unpacked sweep's ``evaluate`` process
-   scores it, while the pack waits (with ``--pack_scorers N``: by up to N such ``evaluate``
-   processes at once, while the pack trains the next trials in the freed slots); with
+   scores it, on one base model kept for all of them (:func:`keeping_base_models`), while the
+   pack waits (with ``--pack_scorers N``: by up to N such ``evaluate`` processes at once, while
+   the pack trains the next trials in the freed slots); with
    ``packed``, the trials that finish together in groups of about :data:`EVALUATION_ROWS` test
    rows, one pass per decoding through the pack's model (and one likelihood probe pass when the
    space's scoring asks for it, :func:`probe_packed`). Either way
@@ -698,6 +699,7 @@ class Pack:
             "items_per_second": round(len(items) * n_trials / seconds, 2) if seconds else None,
             # evaluate's timings: nothing is loaded (the pack's model), and the shared passes
             "load_seconds": 0.0,
+            "kept_base_model": True,  # the pack's own, already loaded
             "wall_seconds": round(seconds + probe_seconds, 2),
             "likelihood": {
                 "path": scorer.path,
