@@ -352,8 +352,10 @@ def test_a_kept_base_model_scores_each_adapter_as_a_fresh_load_does(demo_data, t
 
     import torch
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
 
     import spellxfer.evaluation.evaluate as ev
+    from spellxfer.models import static_decode
     from spellxfer.models.registry import load_model
 
     def adapter(name: str, r: int, targets: list[str], seed: int) -> str:
@@ -399,6 +401,9 @@ def test_a_kept_base_model_scores_each_adapter_as_a_fresh_load_does(demo_data, t
         assert kept == [fresh[0], fresh[1], fresh[2], fresh[0], fresh[1]]
         assert len(loads) == 1  # one base model for all five calls
         assert kept_flags[3:] == [False, True, True, True, True]  # and each records it
+        (base, _tokenizer), = ev._kept().values()
+        assert not any(isinstance(m, LoraLayer) for m in base.modules())  # each adapter came off
+        assert base not in static_decode._DECODERS  # and the decoder's cache and graphs went
         after_failure = scores("after", [str(broken), b, a])
         assert after_failure == [fresh[2], fresh[1]]
         assert len(loads) == 2  # the half-wrapped model was dropped and built again

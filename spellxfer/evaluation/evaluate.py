@@ -375,11 +375,14 @@ def loaded_for_generation(model: str, adapter: str | None, device: str = "auto")
         if _kept() is not None:
             _kept().pop((model, device), None)
         raise
-    if _kept() is not None and adapter is not None:
-        release_static_decoder(lm)  # its graphs were captured through this adapter's layers
-        with warnings.catch_warnings():  # PEFT calling transformers' deprecated name
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
-            lm.unload()  # PEFT's: every LoRA layer back to its base layer, nothing merged
+    if _kept() is not None:
+        # only the weights stay: the decoder's cache and graphs (captured through this call's
+        # adapter layers, if any) would hold card memory between calls
+        release_static_decoder(lm)
+        if adapter is not None:
+            with warnings.catch_warnings():  # PEFT calling transformers' deprecated name
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
+                lm.unload()  # PEFT's: every LoRA layer back to its base layer, nothing merged
 
 
 def _load_base(model: str, device: str):
