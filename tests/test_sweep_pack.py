@@ -146,6 +146,38 @@ def assert_rows_close(rows: list[dict], ref: list[dict]) -> None:
                 assert row[k] == pytest.approx(v, rel=1e-5), (k, row, want)
 
 
+def test_a_packs_trials_load_one_tokenizer_and_tokenize_their_data_once(tmp_path, demo_data, monkeypatch):
+    """Loading Qwen3's tokenizer was most of a packed trial's start: trials of one pack share it."""
+    import spellxfer.training.datamodule as datamodule
+    from spellxfer.training.packed_trial import PackedTrial
+
+    real, loads = datamodule.load_tokenizer, []
+
+    def counting(name):
+        loads.append(name)
+        return real(name)
+
+    monkeypatch.setattr(datamodule, "load_tokenizer", counting)
+
+    cache, trials = {}, []
+    for i, batch_size in enumerate((4, 8)):
+        run = tmp_path / f"t{i}"
+        argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--data.data_dir", str(demo_data),
+                "--data.batch_size", str(batch_size), "--trainer.default_root_dir", str(run),
+                "--trainer.logger", "false"]
+        trial = PackedTrial(f"t{i}", argv, run, None, lambda line: None)
+        trial.setup_data(cache)
+        trials.append(trial)
+    a, b = trials
+    assert loads == ["tiny-qwen3"]
+    assert a.dm.tokenizer is b.dm.tokenizer and a.dm.train_examples is b.dm.train_examples
+    # each trial still batches its own way, padded with the shared tokenizer's pad id
+    assert a.num_batches > b.num_batches > 0
+    batch = next(iter(b.dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == b.dm.tokenizer.pad_token_id).all()
+
+
 # ---- the tiny grid: four at once against one at a time --------------------------------------------
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, demo_data, greedy_base) -> dict[str, Path]:

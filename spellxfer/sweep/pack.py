@@ -231,6 +231,7 @@ class Pack:
             torch.backends.cuda.enable_cudnn_sdp(SpellingLoRAModule.cudnn_attention)
         self.lora = PackedLoRA(base, kernel=self.kernel)
         self.tokenizer = load_tokenizer(hp.model)
+        self.data_cache[("tokenizer", hp.model)] = self.tokenizer  # the trials' data modules use it too
 
     def _numbers(self) -> str:
         return ",".join(str(s.number) for s in self.active) or "-"

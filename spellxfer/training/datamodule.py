@@ -390,6 +390,11 @@ class SpellingDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.model_name)
         return self._tokenizer
 
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        """Use an already loaded ``load_tokenizer(model_name)`` (a pack shares one across its trials)."""
+        self._tokenizer = tokenizer
+
     @property
     def pattern(self) -> tuple:
         """What decides which training rows :meth:`setup` selects besides the files and limits (the

@@ -215,8 +215,13 @@ class PackedTrial:
         }
 
     def setup_data(self, cache: dict) -> None:
-        """Read and tokenize the data once per pack for all trials with the same data settings."""
+        """Read and tokenize the data once per pack for all trials with the same data settings, with
+        one tokenizer per model name (loading Qwen3's is most of a trial's start)."""
         dm = self.dm
+        tokenizer = ("tokenizer", dm.model_name)
+        if tokenizer in cache:
+            dm.tokenizer = cache[tokenizer]
+        cache[tokenizer] = dm.tokenizer
         key = (str(dm.data_dir), dm.model_name, dm.max_length, tuple(sorted(dm.limits.items())), dm.pattern)
         if key in cache:
             dm.train_examples, dm.eval_items, dm.n_dropped = cache[key]
