@@ -560,7 +560,12 @@ def test_a_packed_sweep_interrupted_while_scorers_run_queues_their_trials_and_th
         ).returncode == 0
 
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(argv, cwd=REPO, env=quiet_env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=quiet_env(), stdout=log, stderr=subprocess.STDOUT,
+            # Ctrl-C at a terminal: a test run started in the background (`cmd &` without job
+            # control) ignores SIGINT, the sweep would inherit that, and Python keeps it ignored
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             while proc.poll() is None and not scoring_now():
                 time.sleep(0.05)
