@@ -67,8 +67,7 @@ def collect(import_check: bool = False) -> list[tuple[str, str, str]]:
         row = _imported_row(name) if import_check else _located_row(name)
         rows.append(row)
         if name == "torch" and row[2] == "ok":
-            # with --import_check, torch's own view from the module the check just imported
-            rows += _torch_cuda_rows(sys.modules["torch"]) if import_check else _driver_cuda_rows(row[1])
+            rows += _torch_cuda_rows() if import_check else _driver_cuda_rows(row[1])
     for name in OPTIONAL_GPU:
         rows.append(_optional_row(name))
     rows.append(_wandb_row())
@@ -223,9 +222,11 @@ def _driver_cuda_rows(torch_version: str) -> list[tuple[str, str, str]]:
     return _gpu_rows(built, gpus)
 
 
-def _torch_cuda_rows(torch) -> list[tuple[str, str, str]]:
-    """--import_check only: the CUDA view of ``torch``, the module :func:`_imported_row` imported
-    (which needs its CUDA runtime to load); core never imports torch itself."""
+def _torch_cuda_rows() -> list[tuple[str, str, str]]:
+    # --import_check only: torch's own view, which needs its CUDA runtime to load. The import
+    # contract names this one exception to "core is torch-free" (pyproject.toml).
+    import torch
+
     built = torch.version.cuda  # None for a CPU wheel
     if not torch.cuda.is_available():
         why = (
