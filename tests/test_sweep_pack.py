@@ -553,12 +553,6 @@ def test_a_packed_sweep_interrupted_while_scorers_run_queues_their_trials_and_th
     study_dir = results / "sweeps" / "scorers"
     shutil.copytree(greedy_base, study_dir / "base")
     argv = sweep_argv(space, "scorers", results, "--pack", "2", "--pack_scorers", "2")
-    def scoring_now() -> bool:  # an `evaluate` process of this study is alive (its sweep waits on it)
-        logged = any("spellxfer evaluate" in p.read_text() for p in study_dir.glob("trial-*/eval.log"))
-        return logged and subprocess.run(
-            ["pgrep", "-f", f"spellxfer evaluate .*{study_dir}"], capture_output=True
-        ).returncode == 0
-
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(
             argv, cwd=REPO, env=quiet_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -567,7 +561,9 @@ def test_a_packed_sweep_interrupted_while_scorers_run_queues_their_trials_and_th
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
-            while proc.poll() is None and not scoring_now():
+            while proc.poll() is None and not any(
+                "spellxfer evaluate" in p.read_text() for p in study_dir.glob("trial-*/eval.log")
+            ):
                 time.sleep(0.05)
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             proc.send_signal(signal.SIGINT)
